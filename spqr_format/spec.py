@@ -1,0 +1,132 @@
+"""Constants of the .spqr file format: the single source of truth for SPEC.md.
+
+Every number here is normative and appears in SPEC.md; ``tests/test_spec_tables.py`` checks
+that the tables in SPEC.md and these values agree. Nothing in this module does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+
+SPEC_VERSION = "1.0"
+
+# C-2.1: eight bytes, PNG-style: a high-bit byte catches 7-bit transfers, CR LF catches
+# newline translation, 0x1A stops `type` on Windows.
+MAGIC = b"\x89SPQR\r\n\x1a"
+
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+
+FIXED_HEADER_SIZE = 64
+TENSOR_RECORD_SIZE = 160
+SECTION_RECORD_SIZE = 32
+
+# Offset of the header CRC field inside the fixed header (C-2.3).
+HEADER_CRC_OFFSET = 56
+
+DEFAULT_ALIGNMENT = 64
+MIN_ALIGNMENT = 64
+MAX_ALIGNMENT = 1 << 16
+
+# Caps (C-2.9). A file that exceeds any of them is refused before anything is allocated.
+MAX_HEADER_LENGTH = 256 << 20  # bytes of header region
+MAX_TENSOR_COUNT = 1 << 20
+MAX_SECTIONS_PER_TENSOR = 16
+MAX_NAME_LENGTH = 1024  # bytes of UTF-8
+MAX_METADATA_LENGTH = 64 << 20  # bytes of JSON
+MAX_METADATA_DEPTH = 32
+MAX_NDIM = 8
+MAX_DIM = 1 << 40
+MAX_ELEMENTS = 1 << 48
+MAX_GROUP_SIZE = 1 << 24
+MAX_OUTLIER_ENTRIES = (1 << 32) - 1  # row offsets are u32
+
+# Packed rows (C-5.2): every packed row holds a whole number of 128-element chunks, so a
+# row starts on a 16-byte boundary and a GPU thread can load 16-byte vectors.
+PACK_CHUNK_ELEMENTS = 128
+
+# Outlier entries (C-6.2).
+OUTLIER_SKIP_VALUE = 0xFFFF  # value bits of a skip entry
+OUTLIER_MAX_DELTA = 0xFFFF
+
+
+class DType(enum.IntEnum):
+    """Element type of a decoded tensor (C-3.3)."""
+
+    FLOAT32 = 1
+    FLOAT16 = 2
+    BFLOAT16 = 3
+
+
+DTYPE_NAMES = {DType.FLOAT32: "float32", DType.FLOAT16: "float16", DType.BFLOAT16: "bfloat16"}
+DTYPE_SIZES = {DType.FLOAT32: 4, DType.FLOAT16: 2, DType.BFLOAT16: 2}
+DTYPE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+class Encoding(enum.IntEnum):
+    """Tensor encodings (C-3.4). Values are never reused."""
+
+    RAW = 1
+    BILEVEL = 2
+    CHANNEL_MIXED = 3  # reserved for CMPQ; no v1.0 decoder reads it
+
+
+ENCODING_NAMES = {
+    Encoding.RAW: "raw",
+    Encoding.BILEVEL: "bilevel",
+    Encoding.CHANNEL_MIXED: "channel_mixed",
+}
+
+# Encoding versions a v1.0 reader understands (C-3.5).
+ENCODING_VERSIONS = {Encoding.RAW: (1,), Encoding.BILEVEL: (1,)}
+
+
+class Role(enum.IntEnum):
+    """What a section holds (C-2.7). Sections of one tensor appear in increasing role order."""
+
+    DATA = 1  # raw: the elements
+    CODES = 2  # bilevel: packed weight codes
+    STATS = 3  # bilevel: first-level statistics (packed codes, or fp16 pairs)
+    STATS2 = 4  # bilevel: second-level statistics, fp16
+    PERM = 5  # bilevel: u32 input permutation
+    OUTLIER_ROWS = 6  # bilevel: u32 row offsets into the outlier entries
+    OUTLIER_ENTRIES = 7  # bilevel: u32 (delta, fp16 value) entries
+
+
+ROLE_NAMES = {
+    Role.DATA: "data",
+    Role.CODES: "codes",
+    Role.STATS: "stats",
+    Role.STATS2: "stats2",
+    Role.PERM: "perm",
+    Role.OUTLIER_ROWS: "outlier_rows",
+    Role.OUTLIER_ENTRIES: "outlier_entries",
+}
+
+
+class Feature(enum.IntFlag):
+    """Required-feature bits (C-2.5). v1.0 defines none; a reader refuses any bit it does not know."""
+
+    NONE = 0
+
+
+KNOWN_FEATURES = 0
+
+# Bilevel parameter flags (C-5.1).
+BILEVEL_FLAG_PERM = 1
+BILEVEL_FLAG_OUTLIERS = 2
+BILEVEL_KNOWN_FLAGS = BILEVEL_FLAG_PERM | BILEVEL_FLAG_OUTLIERS
+
+MIN_BITS = 1
+MAX_BITS = 8
+
+
+def align_up(value: int, alignment: int) -> int:
+    """Smallest multiple of ``alignment`` that is >= ``value`` (alignment a power of two)."""
+    return (value + alignment - 1) & ~(alignment - 1)
+
+
+def packed_row_words(count: int, bits: int) -> int:
+    """32-bit words of one packed row of ``count`` elements of ``bits`` bits (C-5.2)."""
+    chunks = -(-count // PACK_CHUNK_ELEMENTS)
+    return chunks * (PACK_CHUNK_ELEMENTS // 32) * bits
