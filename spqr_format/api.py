@@ -1,0 +1,411 @@
+"""Public API: open, read, decode, verify and write .spqr files.
+
+This layer joins the container (bytes, sections, checksums) and the codec (what the sections
+mean). It checks every tensor's section layout against its encoding when a file is opened,
+so that by the time a caller touches data, every offset and length has been validated.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from spqr_format import spec
+from spqr_format.codec import reference
+from spqr_format.codec.bilevel import (
+    BilevelHeader,
+    BilevelTensor,
+    PackedBilevel,
+    section_layout,
+)
+from spqr_format.codec.packing import pack
+from spqr_format.container import ContainerReader, ContainerWriter, TensorEntry
+from spqr_format.errors import (
+    BadFieldError,
+    BadInputError,
+    BadLayoutError,
+    DigestMismatchError,
+    SpqrError,
+    UnknownEncodingError,
+    UnsupportedEncodingVersionError,
+)
+from spqr_format.spec import DType, Encoding, Role
+
+DTypeLike = DType | str | None
+
+
+def as_dtype(dtype: DTypeLike, default: DType) -> DType:
+    """Accept a DType, its name ('float16', 'bf16', 'fp32', ...) or None (= ``default``)."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, DType):
+        return dtype
+    aliases = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16",
+               "half": "float16", "bf16": "bfloat16"}
+    name = aliases.get(str(dtype).lower(), str(dtype).lower())
+    if name not in spec.DTYPE_BY_NAME:
+        raise BadInputError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    return spec.DTYPE_BY_NAME[name]
+
+
+@dataclass
+class RawTensor:
+    """A tensor stored as it is (encoding ``raw``). bf16 data is held as uint16 bit patterns."""
+
+    dtype: DType
+    data: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> RawTensor:
+        """float32 / float16 arrays; for bf16 build ``RawTensor(DType.BFLOAT16, uint16_bits)``."""
+        kinds = {np.dtype(np.float32): DType.FLOAT32, np.dtype(np.float16): DType.FLOAT16}
+        if array.dtype not in kinds:
+            raise BadInputError(
+                f"raw tensors are float32 or float16 arrays (or bf16 bits via RawTensor), "
+                f"got {array.dtype}"
+            )
+        return cls(kinds[array.dtype], array)
+
+
+_STORAGE = {DType.FLOAT32: "<f4", DType.FLOAT16: "<f2", DType.BFLOAT16: "<u2"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says about one tensor; computing it reads no tensor data."""
+
+    name: str
+    encoding: str
+    encoding_version: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int  # sum of section lengths
+    bits_per_weight: float  # 8 * nbytes / elements (SPEC section 8)
+    outlier_count: int
+    params: dict = field(default_factory=dict)
+
+    @property
+    def elements(self) -> int:
+        return int(np.prod(self.shape, dtype=object)) if self.shape else 1
+
+    @property
+    def outlier_fraction(self) -> float:
+        return self.outlier_count / self.elements if self.elements else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "encoding": self.encoding,
+            "encoding_version": self.encoding_version,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "bytes": self.nbytes,
+            "bits_per_weight": self.bits_per_weight,
+            "outlier_count": self.outlier_count,
+            "outlier_fraction": self.outlier_fraction,
+            "params": self.params,
+        }
+
+
+def _check_supported(entry: TensorEntry) -> Encoding:
+    try:
+        enc = Encoding(entry.encoding)
+    except ValueError:
+        raise UnknownEncodingError(f"encoding id {entry.encoding} is not defined by SPEC 1.0") from None
+    if enc not in spec.ENCODING_VERSIONS:
+        raise UnknownEncodingError(
+            f"encoding {spec.ENCODING_NAMES[enc]!r} (id {int(enc)}) is reserved and not implemented"
+        )
+    if entry.encoding_version not in spec.ENCODING_VERSIONS[enc]:
+        raise UnsupportedEncodingVersionError(
+            f"{spec.ENCODING_NAMES[enc]} version {entry.encoding_version} not implemented "
+            f"(known: {spec.ENCODING_VERSIONS[enc]})"
+        )
+    return enc
+
+
+def _expected_layout(entry: TensorEntry) -> list[tuple[Role, int]]:
+    enc = _check_supported(entry)
+    if enc == Encoding.RAW:
+        if any(entry.params):
+            raise BadFieldError("raw tensors have all-zero params (C-4.1)", field="params")
+        count = int(np.prod(entry.shape, dtype=object)) if entry.shape else 1
+        return [(Role.DATA, count * spec.DTYPE_SIZES[DType(entry.dtype)])]
+    return section_layout(entry.shape, BilevelHeader.from_bytes(entry.params))
+
+
+def _check_layout(entry: TensorEntry) -> None:
+    expected = _expected_layout(entry)
+    found = [(s.role, s.length) for s in entry.sections]
+    if [(int(r), n) for r, n in expected] != found:
+        def show(items):
+            return ", ".join(f"{spec.ROLE_NAMES.get(r, r)}:{n}" for r, n in items)
+        raise BadLayoutError(f"sections [{show(found)}] but the encoding needs [{show(expected)}]")
+
+
+class SpqrFile:
+    """An open .spqr file: header validated at open, tensors read lazily from a mmap.
+
+    >>> with spqr_format.open("model.spqr") as f:          # doctest: +SKIP
+    ...     w = f.decode("model.layers.0.mlp.down_proj.weight", "float16")
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._reader = ContainerReader(self.path)
+        self._entries = {e.name: e for e in self._reader.tensors}
+        self._layout_errors: dict[str, SpqrError] = {}
+        try:
+            for entry in self._reader.tensors:
+                try:
+                    _check_layout(entry)
+                except (UnknownEncodingError, UnsupportedEncodingVersionError) as err:
+                    # C-3.4: the other tensors stay readable; this one fails when asked for.
+                    self._layout_errors[entry.name] = err.with_context(
+                        path=self.path, tensor=entry.name
+                    )
+                except SpqrError as err:
+                    raise err.with_context(path=self.path, tensor=entry.name) from None
+        except BaseException:
+            self._reader.close()
+            raise
+
+    # -- header-only queries ------------------------------------------------------------
+    @property
+    def version(self) -> tuple[int, int]:
+        return self._reader.version
+
+    @property
+    def metadata(self) -> dict:
+        return self._reader.metadata
+
+    @property
+    def file_size(self) -> int:
+        return self._reader.file_size
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, name: str) -> TensorEntry:
+        return self._reader.entry(name)
+
+    def info(self, name: str) -> TensorInfo:
+        entry = self.entry(name)
+        nbytes = sum(s.length for s in entry.sections)
+        count = int(np.prod(entry.shape, dtype=object)) if entry.shape else 1
+        params: dict = {}
+        outliers = 0
+        enc_name = spec.ENCODING_NAMES.get(entry.encoding, f"unknown({entry.encoding})")
+        if entry.encoding == Encoding.BILEVEL and name not in self._layout_errors:
+            header = BilevelHeader.from_bytes(entry.params)
+            p = header.params
+            params = {
+                "bits": p.bits,
+                "group_size": p.group_size,
+                "stats_bits": p.stats_bits,
+                "stats_group_size": p.stats_group_size,
+                "permutation": header.has_perm,
+                "outlier_entries": header.outlier_entry_count,
+            }
+            outliers = header.outlier_count
+        return TensorInfo(
+            name=name,
+            encoding=enc_name,
+            encoding_version=entry.encoding_version,
+            dtype=spec.DTYPE_NAMES.get(entry.dtype, str(entry.dtype)),
+            shape=tuple(entry.shape),
+            nbytes=nbytes,
+            bits_per_weight=8.0 * nbytes / count if count else 0.0,
+            outlier_count=outliers,
+            params=params,
+        )
+
+    def infos(self) -> list[TensorInfo]:
+        return [self.info(n) for n in self._entries]
+
+    # -- data access ---------------------------------------------------------------------
+    def read(self, name: str, *, verify_crc: bool = True) -> RawTensor | PackedBilevel:
+        """The tensor in its physical form, as zero-copy views of the file (C-2.8a: CRCs
+        checked unless ``verify_crc=False``)."""
+        entry = self.entry(name)
+        if name in self._layout_errors:
+            raise self._layout_errors[name]
+        try:
+            sections = {
+                Role(s.role): self._reader.section_bytes(entry, s.role, verify_crc=verify_crc)
+                for s in entry.sections
+            }
+            dtype = DType(entry.dtype)
+            if entry.encoding == Encoding.RAW:
+                data = np.frombuffer(sections[Role.DATA], dtype=_STORAGE[dtype])
+                return RawTensor(dtype, data.reshape(entry.shape))
+            header = BilevelHeader.from_bytes(entry.params)
+            return PackedBilevel.from_sections(entry.shape, header, sections, dtype)
+        except SpqrError as err:
+            raise err.with_context(path=self.path, tensor=name) from None
+
+    def decode(
+        self,
+        name: str,
+        dtype: DTypeLike = None,
+        *,
+        verify_crc: bool = True,
+        verify_digest: bool = False,
+    ) -> np.ndarray:
+        """Dense weights in ``dtype`` (default: the tensor's own). bf16 comes back as uint16
+        bit patterns, since numpy has no bfloat16."""
+        tensor = self.read(name, verify_crc=verify_crc)
+        entry = self.entry(name)
+        own = DType(entry.dtype)
+        out_dtype = as_dtype(dtype, own)
+        try:
+            if isinstance(tensor, RawTensor):
+                out = convert(tensor.data, tensor.dtype, out_dtype)
+                own_bytes = tensor.data
+            else:
+                out = reference.decode_bilevel(tensor, out_dtype)
+                own_bytes = out if out_dtype == own else None
+            if verify_digest:
+                if own_bytes is None:
+                    own_bytes = reference.decode_bilevel(tensor, own, validate=False)
+                if reference.tensor_digest(own_bytes) != entry.digest:
+                    raise DigestMismatchError(
+                        "decoded weights do not match the stored SHA-256 digest (C-2.12)"
+                    )
+        except SpqrError as err:
+            raise err.with_context(path=self.path, tensor=name) from None
+        return out
+
+    def verify(self, name: str) -> None:
+        """Check CRCs, data-dependent validity and the decoded digest of one tensor; raises
+        an SpqrError (see ``errors.INTEGRITY_ERRORS``) on failure."""
+        self.decode(name, None, verify_crc=True, verify_digest=True)
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> SpqrFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_file(path: str | os.PathLike[str]) -> SpqrFile:
+    """Open a .spqr file (validates the whole header; reads no tensor data)."""
+    return SpqrFile(path)
+
+
+def convert(data: np.ndarray, src: DType, dst: DType) -> np.ndarray:
+    """Convert stored elements between float dtypes with round-to-nearest-even (C-7.5)."""
+    if src == dst:
+        return np.array(data, copy=True)
+    as_f32 = (
+        (data.astype(np.uint32) << 16).view(np.float32) if src == DType.BFLOAT16
+        else data.astype(np.float32)
+    )
+    if dst == DType.FLOAT32:
+        return as_f32
+    if dst == DType.FLOAT16:
+        return as_f32.astype(np.float16)
+    return reference.f32_to_bf16_bits(as_f32)
+
+
+TensorLike = np.ndarray | RawTensor | BilevelTensor | PackedBilevel
+
+
+class SpqrWriter:
+    """Streaming, atomic writer: tensors are added one at a time and only the final
+    ``close()`` makes the file appear (temp file + fsync + rename). Identical input gives
+    identical bytes."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        metadata: Mapping | None = None,
+        alignment: int = spec.DEFAULT_ALIGNMENT,
+    ) -> None:
+        self.path = os.fspath(path)
+        self._writer = ContainerWriter(self.path, metadata=dict(metadata or {}), alignment=alignment)
+
+    def add(self, name: str, tensor: TensorLike) -> None:
+        try:
+            if isinstance(tensor, np.ndarray):
+                tensor = RawTensor.from_array(tensor)
+            if isinstance(tensor, RawTensor):
+                data = np.ascontiguousarray(tensor.data, dtype=_STORAGE[tensor.dtype])
+                self._writer.add_tensor(
+                    name,
+                    encoding=int(Encoding.RAW),
+                    encoding_version=1,
+                    dtype=int(tensor.dtype),
+                    shape=tuple(data.shape),
+                    params=bytes(40),
+                    sections=[(int(Role.DATA), data)],
+                    digest=reference.tensor_digest(data),
+                )
+                return
+            packed = pack(tensor) if isinstance(tensor, BilevelTensor) else tensor
+            decoded = reference.decode_bilevel(packed, packed.dtype)
+            self._writer.add_tensor(
+                name,
+                encoding=int(Encoding.BILEVEL),
+                encoding_version=1,
+                dtype=int(packed.dtype),
+                shape=tuple(packed.shape),
+                params=packed.header.to_bytes(),
+                sections=[(int(r), np.ascontiguousarray(a)) for r, a in packed.sections()],
+                digest=reference.tensor_digest(decoded),
+            )
+        except SpqrError as err:
+            raise err.with_context(path=self.path, tensor=name) from None
+
+    def set_metadata(self, metadata: Mapping) -> None:
+        self._writer.set_metadata(dict(metadata))
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+    def __enter__(self) -> SpqrWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, TensorLike] | Iterable[tuple[str, TensorLike]],
+    *,
+    metadata: Mapping | None = None,
+    alignment: int = spec.DEFAULT_ALIGNMENT,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Write tensors to ``path`` atomically. numpy float16/float32 arrays are stored ``raw``;
+    ``BilevelTensor`` / ``PackedBilevel`` as ``bilevel``."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    with SpqrWriter(path, metadata=metadata, alignment=alignment) as writer:
+        for name, tensor in items:
+            writer.add(name, tensor)
+            if progress is not None:
+                progress(name)

@@ -1,0 +1,294 @@
+"""Shared quantization arithmetic of the encoders: min-max statistics, bilevel statistics, codes.
+
+One implementation, used by RTN (:mod:`rtn`) and by the GPTQ/SpQR solver (:mod:`gptq`); the two
+differ only in *which* weights they hand in and when. Everything here is consistent with the
+normative decode arithmetic of SPEC C-7:
+
+- first-level statistics are min-max: ``s = (max - min) / (2^b - 1)``, ``z = -min / s`` in code
+  units (not rounded, as SpQR);
+- statistics are quantized *first* (fp16, or the second level of C-7.1), and codes are then
+  chosen against the exact decoded ``s`` and ``z`` computed with the decoder's f32 operations, so
+  the encoder's reconstruction equals the decoder's bit for bit.
+
+All arrays are numpy; f32 arithmetic is done with numpy f32 operations, which are single IEEE
+operations with round-to-nearest-even and are never fused, exactly as C-7 requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spqr_format.codec.bilevel import BilevelParams
+
+F16_MAX = 65504.0
+# Largest |zero| (in code units) we let a first-level fit produce. fp16 spacing at 1024 is 1 code
+# unit, so the zero's rounding error is at most half a code step, i.e. ~2^-11 of the group's
+# magnitude: as precise as an fp16 weight. Groups whose range is narrower than that relative to
+# their offset (near-constant groups far from 0) are widened; without this, z = -min/s overflows
+# fp16 for a group like [1.0, 1.0001].
+ZERO_LIMIT = 1024.0
+
+
+def minmax_stats(
+    w: np.ndarray, bits: int, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """First-level min-max statistics over the last axis of ``w`` (``[..., g]``).
+
+    ``mask`` (same shape, True = take part) excludes weights (outliers) from the fit. Returns f32
+    ``(scale, zero)`` of shape ``w.shape[:-1]``. Degenerate groups (no weights, or all equal to
+    ``c``) get a range that includes 0 and ``c``, so ``c`` and 0 are both exactly representable
+    up to the fp16 rounding of the scale; an all-zero group gets ``s = 0, z = 0`` (decodes to 0).
+    """
+    maxq = float((1 << bits) - 1)
+    w = np.asarray(w, dtype=np.float32)
+    if mask is None:
+        lo = w.min(axis=-1)
+        hi = w.max(axis=-1)
+    else:
+        lo = np.where(mask, w, np.inf).min(axis=-1)
+        hi = np.where(mask, w, -np.inf).max(axis=-1)
+        empty = ~mask.any(axis=-1)
+        lo = np.where(empty, 0.0, lo)
+        hi = np.where(empty, 0.0, hi)
+    lo = lo.astype(np.float64)
+    hi = hi.astype(np.float64)
+    # Degenerate range: include 0 so the constant is the top or bottom of the grid.
+    deg = hi <= lo
+    lo = np.where(deg, np.minimum(lo, 0.0), lo)
+    hi = np.where(deg, np.maximum(hi, 0.0), hi)
+    # Narrow range far from zero: widen symmetrically until |z| <= ZERO_LIMIT (see above).
+    rng = hi - lo
+    need = np.maximum(np.abs(lo), np.abs(hi)) * maxq / ZERO_LIMIT
+    pad = np.where(rng < need, (need - rng) / 2.0, 0.0)
+    lo = lo - pad
+    hi = hi + pad
+    rng = hi - lo
+    scale = rng / maxq
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zero = np.where(scale > 0, -lo / np.where(scale > 0, scale, 1.0), 0.0)
+    scale = np.minimum(scale, F16_MAX)
+    return scale.astype(np.float32), zero.astype(np.float32)
+
+
+def f16_round(x: np.ndarray) -> np.ndarray:
+    """Round to fp16 (nearest-even), clipping to the finite range so statistics stay finite."""
+    return np.clip(np.asarray(x, dtype=np.float32), -F16_MAX, F16_MAX).astype(np.float16)
+
+
+@dataclass
+class QuantizedStats:
+    """Statistics of some (row, group) cells after quantization.
+
+    ``scale``, ``zero``: decoded f32 values (exactly what a decoder computes, C-7.1).
+    ``stats``: what :class:`BilevelTensor` stores (fp16 pairs or uint8 code pairs), ``[m, K, 2]``.
+    ``stats2``: ``[T, K, 4]`` fp16 second-level records, or None with fp16 statistics.
+    """
+
+    scale: np.ndarray
+    zero: np.ndarray
+    stats: np.ndarray
+    stats2: np.ndarray | None
+
+
+def _second_level(x: np.ndarray, sbits: int, tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize ``x[m, K]`` (f32) in tiles of ``tile`` rows with ``sbits`` bits (C-7.1).
+
+    Returns ``(codes uint8 [m, K], step f16 [T, K], base f16 [T, K])``. base = min, step =
+    (max - min)/(2^sb - 1), both rounded to fp16 first; codes are then the nearest in *decoded*
+    value ``base + step * q`` (f32 product, then f32 sum).
+    """
+    m, k = x.shape
+    t = -(-m // tile)
+    pad = t * tile - m
+    # Pad the last, shorter tile with copies of its own first row: min/max are unchanged.
+    xp = x if pad == 0 else np.concatenate([x, np.repeat(x[(t - 1) * tile : (t - 1) * tile + 1], pad, 0)])
+    xt = xp.reshape(t, tile, k)
+    lo = xt.min(axis=1)
+    hi = xt.max(axis=1)
+    qmax = float((1 << sbits) - 1)
+    base = f16_round(lo)
+    step = f16_round((hi.astype(np.float64) - lo.astype(np.float64)) / qmax)
+    base32 = np.repeat(base.astype(np.float32), tile, axis=0)[:m]
+    step32 = np.repeat(step.astype(np.float32), tile, axis=0)[:m]
+    codes = nearest_code(x, base32, step32, int(qmax))
+    return codes, step, base
+
+
+def nearest_code(x: np.ndarray, base: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
+    """The code ``q`` in ``0..qmax`` whose decoded ``base + step*q`` (f32) is nearest to ``x``.
+
+    Ties go to the lower code, so the choice is deterministic. ``step == 0`` gives code 0.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q0 = np.rint((x - base) / np.where(step > 0, step, np.float32(1)))
+    q0 = np.where(step > 0, q0, 0)
+    q0 = np.clip(q0, 0, qmax).astype(np.int32)
+    best_q = q0
+    best_d = np.abs((base + step * q0.astype(np.float32)) - x)
+    # Division and rounding can be one code off the nearest decoded value; check both neighbours.
+    for off in (-1, 1):
+        q = np.clip(q0 + off, 0, qmax)
+        d = np.abs((base + step * q.astype(np.float32)) - x)
+        better = (d < best_d) | ((d == best_d) & (q < best_q))
+        best_q = np.where(better, q, best_q)
+        best_d = np.where(better, d, best_d)
+    return best_q.astype(np.uint8)
+
+
+def quantize_stats(scale: np.ndarray, zero: np.ndarray, params: BilevelParams) -> QuantizedStats:
+    """Quantize first-level statistics ``scale, zero [m, K]`` (f32) per ``params``.
+
+    With ``stats_bits == 0`` they are rounded to fp16; otherwise each (tile of S rows, group) is
+    min-max quantized with ``stats_bits`` bits (C-7.1), scales and zeros independently (as SpQR).
+    """
+    scale = np.asarray(scale, dtype=np.float32)
+    zero = np.asarray(zero, dtype=np.float32)
+    if params.stats_bits == 0:
+        s16 = f16_round(scale)
+        z16 = f16_round(zero)
+        return QuantizedStats(
+            scale=s16.astype(np.float32),
+            zero=z16.astype(np.float32),
+            stats=np.stack([s16, z16], axis=-1),
+            stats2=None,
+        )
+    sb, tile = params.stats_bits, params.stats_group_size
+    qs, s_step, s_base = _second_level(scale, sb, tile)
+    qz, z_step, z_base = _second_level(zero, sb, tile)
+    m = scale.shape[0]
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return np.repeat(a.astype(np.float32), tile, axis=0)[:m]
+
+    # C-7.1 exactly: product rounded to f32, then sum rounded to f32.
+    dec_s = rows(s_base) + rows(s_step) * qs.astype(np.float32)
+    dec_z = rows(z_base) + rows(z_step) * qz.astype(np.float32)
+    return QuantizedStats(
+        scale=dec_s,
+        zero=dec_z,
+        stats=np.stack([qs, qz], axis=-1),
+        stats2=np.stack([s_step, s_base, z_step, z_base], axis=-1),
+    )
+
+
+def dequant(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """Decoded dense value ``s * (f32(q) - z)`` (C-7.2); ``scale``/``zero`` broadcast against q."""
+    return scale * (q.astype(np.float32) - zero)
+
+
+def choose_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    """The code nearest in *decoded* value to each weight, given decoded f32 ``scale, zero``.
+
+    ``scale``/``zero`` broadcast against ``w``. Starts from ``clamp(round(w/s + z))`` and checks
+    the neighbouring codes, because the f32 decode ``s*(q - z)`` can make a neighbour nearer.
+    With ``s == 0`` every code decodes to 0 and the code nearest ``z`` is stored.
+    """
+    maxq = (1 << bits) - 1
+    w = np.asarray(w, dtype=np.float32)
+    s = np.asarray(scale, dtype=np.float32)
+    z = np.asarray(zero, dtype=np.float32)
+    pos = s > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q0 = np.rint(np.where(pos, w / np.where(pos, s, np.float32(1)), np.float32(0)) + z)
+    q0 = np.clip(q0, 0, maxq).astype(np.int32)
+    best_q = q0
+    best_d = np.abs(dequant(q0, s, z) - w)
+    for off in (-1, 1):
+        q = np.clip(q0 + off, 0, maxq)
+        d = np.abs(dequant(q, s, z) - w)
+        better = (d < best_d) | ((d == best_d) & (q < best_q))
+        best_q = np.where(better, q, best_q)
+        best_d = np.where(better, d, best_d)
+    return best_q.astype(np.uint8)
+
+
+def check_weight(weight: object, name: str | None) -> np.ndarray:
+    """Validate an encoder's weight input and return it as a C-contiguous f32 copy.
+
+    2-D, non-empty, floating point (f16, f32, f64; bf16 weights arrive widened to f32), every
+    value finite and within the fp16 range (outliers and statistics are stored in fp16).
+    """
+    from spqr_format.errors import BadInputError
+
+    if not isinstance(weight, np.ndarray):
+        raise BadInputError(f"weight must be a numpy array, got {type(weight).__name__}", tensor=name)
+    if weight.ndim != 2:
+        raise BadInputError(f"weight must be 2-D, got shape {weight.shape}", tensor=name)
+    if weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise BadInputError(f"weight is empty (shape {weight.shape})", tensor=name)
+    if weight.dtype not in (np.float16, np.float32, np.float64):
+        raise BadInputError(
+            f"weight dtype must be float16/float32/float64, got {weight.dtype}", tensor=name
+        )
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    finite = np.isfinite(w)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        raise BadInputError(
+            f"weight has {int((~finite).sum())} non-finite values (first at {tuple(int(i) for i in bad)})",
+            tensor=name,
+        )
+    peak = float(np.abs(w).max())
+    if peak > F16_MAX:
+        raise BadInputError(
+            f"weight magnitude {peak:g} exceeds the fp16 range used for statistics and outliers",
+            tensor=name,
+        )
+    return w
+
+
+def check_params(
+    bits: int, group_size: int, stats_bits: int, stats_group_size: int, name: str | None
+) -> BilevelParams:
+    """Build and validate :class:`BilevelParams`, reporting problems as BadInputError."""
+    from spqr_format.errors import BadInputError, SpqrError
+
+    for label, v in (
+        ("bits", bits),
+        ("group_size", group_size),
+        ("stats_bits", stats_bits),
+        ("stats_group_size", stats_group_size),
+    ):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise BadInputError(f"{label} must be an integer, got {v!r}", tensor=name)
+    params = BilevelParams(int(bits), int(group_size), int(stats_bits), int(stats_group_size))
+    try:
+        params.validate()
+    except SpqrError as e:
+        raise BadInputError(e.message, tensor=name, field=e.field) from None
+    return params
+
+
+def decode_logical(t) -> np.ndarray:
+    """Decode a :class:`BilevelTensor` to f32 ``[m, n]`` in original column order (SPEC C-7).
+
+    A small numpy decoder of the logical form for encoder reports and tests; the normative
+    reference decoder of packed tensors is :mod:`spqr_format.codec.reference`.
+    """
+    m, n = t.shape
+    p = t.params
+    g = p.group_size
+    G = -(-n // g)
+    if p.stats_bits == 0:
+        s = t.stats[..., 0].astype(np.float32)
+        z = t.stats[..., 1].astype(np.float32)
+    else:
+        S = p.stats_group_size
+        r2 = np.repeat(t.stats2.astype(np.float32), S, axis=0)[:m]  # [m, G, 4]
+        s = r2[..., 1] + r2[..., 0] * t.stats[..., 0].astype(np.float32)
+        z = r2[..., 3] + r2[..., 2] * t.stats[..., 1].astype(np.float32)
+    col_group = np.arange(n) // g
+    assert s.shape == (m, G)
+    v = dequant(t.codes, s[:, col_group], z[:, col_group])
+    if t.outliers is not None and len(t.outliers):
+        v[t.outliers.rows.astype(np.int64), t.outliers.cols.astype(np.int64)] = t.outliers.values.astype(
+            np.float32
+        )
+    if t.perm is not None:
+        out = np.empty_like(v)
+        out[:, t.perm.astype(np.int64)] = v
+        v = out
+    return v

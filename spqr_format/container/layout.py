@@ -1,0 +1,415 @@
+"""Binary layout of the .spqr container (SPEC section 2): structs, records and shared rules.
+
+This module is the one place that knows the byte positions of the fixed header, the tensor
+records and the section records, and the rules that both the reader and the writer apply
+(names, shapes, metadata, caps). The reader raises the errors of this module as they are; the
+writer turns them into :class:`~spqr_format.errors.BadInputError` so that it can never produce
+a file the reader would refuse. Nothing here knows about quantization or does file I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from spqr_format import spec
+from spqr_format.errors import (
+    BadFieldError,
+    BadMetadataError,
+    BadNameError,
+    LimitError,
+)
+
+# C-2.2: magic, version_major, version_minor, alignment, required_features, tensor_count,
+# section_count, string_table_length, metadata_length, data_offset, header_crc32, reserved.
+FIXED_HEADER = struct.Struct("<8sHHIQIIQQQII")
+# C-2.4: name_offset, name_length, encoding, encoding_version, dtype, ndim, reserved,
+# first_section, section_count, dims[8], digest[32], params[40].
+TENSOR_RECORD = struct.Struct("<IIHHBBHII8Q32s40s")
+# C-2.5: offset, length, crc32, role, reserved (u16), reserved (u64).
+SECTION_RECORD = struct.Struct("<QQIHHQ")
+
+assert FIXED_HEADER.size == spec.FIXED_HEADER_SIZE
+assert TENSOR_RECORD.size == spec.TENSOR_RECORD_SIZE
+assert SECTION_RECORD.size == spec.SECTION_RECORD_SIZE
+
+DIGEST_SIZE = 32
+PARAMS_SIZE = 40
+U16_MAX = 0xFFFF
+U32_MAX = 0xFFFFFFFF
+
+# C-2.11: top-level metadata keys are namespaced ("model.architecture").
+METADATA_KEY_RE = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)+")
+# A JSON string token (RFC 8259), unrolled so that matching is linear and never backtracks.
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
+_EMPTY_PAIR_RE = re.compile(r"\{\}|\[\]")
+# C-2.10: U+0000..U+001F and U+007F are not allowed in names.
+_NAME_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class SectionInfo:
+    """One section of a tensor: role (C-2.7), absolute offset, byte length and CRC-32."""
+
+    role: int
+    offset: int
+    length: int
+    crc32: int
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """What the container says about one tensor. ``params`` is opaque here (the codec's)."""
+
+    index: int
+    name: str
+    encoding: int
+    encoding_version: int
+    dtype: int
+    shape: tuple[int, ...]
+    digest: bytes
+    params: bytes
+    sections: tuple[SectionInfo, ...]
+
+    @property
+    def roles(self) -> tuple[int, ...]:
+        return tuple(s.role for s in self.sections)
+
+    def section(self, role: int) -> SectionInfo | None:
+        for s in self.sections:
+            if s.role == role:
+                return s
+        return None
+
+
+@dataclass(frozen=True)
+class FixedHeader:
+    """The 64-byte fixed header (C-2.2), fields as stored."""
+
+    magic: bytes
+    version_major: int
+    version_minor: int
+    alignment: int
+    required_features: int
+    tensor_count: int
+    section_count: int
+    string_table_length: int
+    metadata_length: int
+    data_offset: int
+    header_crc32: int
+    reserved: int
+
+    def pack(self) -> bytes:
+        return FIXED_HEADER.pack(
+            self.magic,
+            self.version_major,
+            self.version_minor,
+            self.alignment,
+            self.required_features,
+            self.tensor_count,
+            self.section_count,
+            self.string_table_length,
+            self.metadata_length,
+            self.data_offset,
+            self.header_crc32,
+            self.reserved,
+        )
+
+    @classmethod
+    def unpack(cls, buf: Any) -> FixedHeader:
+        return cls(*FIXED_HEADER.unpack_from(buf, 0))
+
+
+def pack_tensor_record(
+    *,
+    name_offset: int,
+    name_length: int,
+    encoding: int,
+    encoding_version: int,
+    dtype: int,
+    shape: tuple[int, ...],
+    first_section: int,
+    section_count: int,
+    digest: bytes,
+    params: bytes,
+) -> bytes:
+    # C-3.2: unused dims entries are zero; reserved u16 is zero (C-1.5).
+    dims = tuple(shape) + (0,) * (spec.MAX_NDIM - len(shape))
+    return TENSOR_RECORD.pack(
+        name_offset,
+        name_length,
+        encoding,
+        encoding_version,
+        dtype,
+        len(shape),
+        0,
+        first_section,
+        section_count,
+        *dims,
+        digest,
+        params,
+    )
+
+
+def unpack_tensor_record(buf: Any, offset: int) -> tuple:
+    """(name_offset, name_length, encoding, encoding_version, dtype, ndim, reserved,
+    first_section, section_count, dims[8] tuple, digest, params)."""
+    f = TENSOR_RECORD.unpack_from(buf, offset)
+    return (*f[:9], tuple(f[9:17]), f[17], f[18])
+
+
+def pack_section_record(*, offset: int, length: int, crc32: int, role: int) -> bytes:
+    return SECTION_RECORD.pack(offset, length, crc32, role, 0, 0)
+
+
+def unpack_section_record(buf: Any, offset: int) -> tuple[int, int, int, int, int, int]:
+    """(offset, length, crc32, role, reserved16, reserved64)."""
+    return SECTION_RECORD.unpack_from(buf, offset)
+
+
+def header_crc(buf: Any, header_length: int) -> int:
+    """C-2.3: CRC-32 of ``buf[0:header_length]`` with bytes 56..59 taken as zero (no copy)."""
+    mv = memoryview(buf)
+    try:
+        crc = zlib.crc32(mv[: spec.HEADER_CRC_OFFSET])
+        crc = zlib.crc32(b"\0\0\0\0", crc)
+        return zlib.crc32(mv[spec.HEADER_CRC_OFFSET + 4 : header_length], crc)
+    finally:
+        mv.release()
+
+
+def check_alignment(alignment: int) -> None:
+    """C-2.8: a power of two, 64 <= a <= 65536 (E_BAD_FIELD)."""
+    if (
+        not spec.MIN_ALIGNMENT <= alignment <= spec.MAX_ALIGNMENT
+        or alignment & (alignment - 1) != 0
+    ):
+        raise BadFieldError(
+            f"alignment must be a power of two in [{spec.MIN_ALIGNMENT}, "
+            f"{spec.MAX_ALIGNMENT}], got {alignment}",
+            field="alignment",
+        )
+
+
+def header_length(
+    tensor_count: int, section_count: int, string_table_length: int, metadata_length: int
+) -> int:
+    """C-2.2 header_length, after checking every cap of C-2.9 on its terms (E_LIMIT).
+
+    Each term is compared with its cap before anything is summed, so that the arithmetic
+    stays within 64 bits for a reader written in C (C-1.4).
+    """
+    if tensor_count > spec.MAX_TENSOR_COUNT:
+        raise LimitError(
+            f"tensor_count {tensor_count} exceeds {spec.MAX_TENSOR_COUNT}", field="tensor_count"
+        )
+    if section_count > spec.MAX_SECTIONS_PER_TENSOR * tensor_count:
+        raise LimitError(
+            f"section_count {section_count} exceeds 16 x tensor_count ({tensor_count})",
+            field="section_count",
+        )
+    if metadata_length > spec.MAX_METADATA_LENGTH:
+        raise LimitError(
+            f"metadata_length {metadata_length} exceeds {spec.MAX_METADATA_LENGTH}",
+            field="metadata_length",
+        )
+    if string_table_length > spec.MAX_HEADER_LENGTH:
+        raise LimitError(
+            f"string_table_length {string_table_length} exceeds the header cap",
+            field="string_table_length",
+        )
+    total = (
+        spec.FIXED_HEADER_SIZE
+        + spec.TENSOR_RECORD_SIZE * tensor_count
+        + spec.SECTION_RECORD_SIZE * section_count
+        + string_table_length
+        + metadata_length
+    )
+    if total > spec.MAX_HEADER_LENGTH:
+        raise LimitError(
+            f"header_length {total} exceeds {spec.MAX_HEADER_LENGTH}", field="header_length"
+        )
+    return total
+
+
+def check_name(raw: bytes) -> str:
+    """C-2.10: a name is UTF-8, 1..1024 bytes, without C0 controls or DEL (E_BAD_NAME)."""
+    if not 1 <= len(raw) <= spec.MAX_NAME_LENGTH:
+        raise BadNameError(
+            f"a name is 1..{spec.MAX_NAME_LENGTH} bytes of UTF-8, got {len(raw)} bytes",
+            field="name",
+        )
+    try:
+        # Python's strict UTF-8 codec rejects overlong forms, surrogates and > U+10FFFF.
+        name = raw.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise BadNameError(f"name is not valid UTF-8 ({exc.reason})", field="name") from None
+    bad = _NAME_CONTROL_RE.search(name)
+    if bad is not None:
+        raise BadNameError(
+            f"name {name!r} contains control character U+{ord(bad.group()):04X}", field="name"
+        )
+    return name
+
+
+def element_count(shape: tuple[int, ...]) -> int:
+    """C-3.1 / C-2.9: element count of a shape, refusing shapes over the caps.
+
+    ndim > 8 is E_BAD_FIELD (the tensor record's ndim rule, see the report on C-2.9), a dim
+    over 2^40 or a count over 2^48 is E_LIMIT. A zero dim makes the count 0 whatever the other
+    dims are; every partial product is checked against the cap, so the arithmetic is bounded.
+    """
+    if len(shape) > spec.MAX_NDIM:
+        raise BadFieldError(f"ndim {len(shape)} exceeds {spec.MAX_NDIM}", field="ndim")
+    for i, d in enumerate(shape):
+        if d < 0:
+            raise BadFieldError(f"dims[{i}] is negative ({d})", field=f"dims[{i}]")
+        if d > spec.MAX_DIM:
+            raise LimitError(f"dims[{i}] = {d} exceeds 2^40", field=f"dims[{i}]")
+    if 0 in shape:
+        return 0
+    count = 1
+    for d in shape:
+        count *= d
+        if count > spec.MAX_ELEMENTS:
+            raise LimitError(f"shape {tuple(shape)} has more than 2^48 elements", field="dims")
+    return count
+
+
+def normalize_shape(shape: Any) -> tuple[int, ...]:
+    """A shape given by a caller as a tuple of Python ints (accepts numpy integers)."""
+    try:
+        return tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise BadFieldError(f"shape must be a sequence of integers, got {shape!r}") from None
+
+
+# --- metadata (C-2.11) -----------------------------------------------------------------------
+
+
+def _bracket_depth_ok(text: str, limit: int) -> bool:
+    """True when no bracket nesting in ``text`` (outside JSON strings) is deeper than ``limit``.
+
+    Runs before json parses anything, without recursion: strings are removed, then only the
+    brackets are kept, then each round deletes every innermost ``{}`` / ``[]`` pair, which
+    lowers the maximum depth of well-nested text by exactly one. Text that is not empty after
+    ``limit`` rounds is either too deep or unbalanced; both are invalid metadata.
+    """
+    brackets = _NOT_BRACKET_RE.sub("", _JSON_STRING_RE.sub("", text))
+    for _ in range(limit):
+        if not brackets:
+            return True
+        reduced = _EMPTY_PAIR_RE.sub("", brackets)
+        if reduced == brackets:
+            return False  # unbalanced: no empty pair left but brackets remain
+        brackets = reduced
+    return not brackets
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise BadMetadataError(f"duplicate key {key!r}", field="metadata")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadMetadataError(f"{name} is not JSON (RFC 8259)", field="metadata")
+
+
+def check_metadata_keys(obj: Any) -> None:
+    """C-2.11: the top level is an object and its keys are namespaced (E_BAD_METADATA)."""
+    if not isinstance(obj, dict):
+        raise BadMetadataError(
+            f"top level must be an object, got {type(obj).__name__}", field="metadata"
+        )
+    for key in obj:
+        if not isinstance(key, str) or not METADATA_KEY_RE.fullmatch(key):
+            raise BadMetadataError(
+                f"top-level key {key!r} is not namespaced ([a-z0-9_]+(.[a-z0-9_]+)+)",
+                field="metadata",
+            )
+
+
+def parse_metadata(raw: bytes | memoryview) -> dict[str, Any]:
+    """Parse and check the metadata bytes (C-2.11); every failure is E_BAD_METADATA."""
+    if len(raw) == 0:
+        return {}
+    try:
+        text = bytes(raw).decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise BadMetadataError(f"not UTF-8 ({exc.reason})", field="metadata") from None
+    if not _bracket_depth_ok(text, spec.MAX_METADATA_DEPTH):
+        raise BadMetadataError(
+            f"nesting deeper than {spec.MAX_METADATA_DEPTH} or unbalanced brackets",
+            field="metadata",
+        )
+    try:
+        obj = json.loads(
+            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
+    except BadMetadataError:
+        raise
+    except RecursionError:  # cannot happen after the depth scan; kept as a safety net
+        raise BadMetadataError("nesting too deep", field="metadata") from None
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise BadMetadataError(f"invalid JSON: {exc}", field="metadata") from None
+    check_metadata_keys(obj)
+    return obj
+
+
+def _check_python_metadata(obj: Any) -> None:
+    """Depth and key types of a metadata value given by a caller, iteratively (no recursion).
+
+    Counts depth the way the reader's bracket scan does (the top-level object is depth 1), and
+    stops descending past the cap, so self-referencing containers end as "too deep".
+    """
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = value.values()
+            for key in value:
+                if not isinstance(key, str):
+                    raise BadMetadataError(f"key {key!r} is not a string", field="metadata")
+        elif isinstance(value, (list, tuple)):
+            children = value
+        else:
+            continue
+        if depth > spec.MAX_METADATA_DEPTH:
+            raise BadMetadataError(
+                f"nesting deeper than {spec.MAX_METADATA_DEPTH}", field="metadata"
+            )
+        stack.extend((child, depth + 1) for child in children)
+
+
+def encode_metadata(obj: dict[str, Any] | None) -> bytes:
+    """Canonical metadata bytes (C-2.11 SHOULD): sorted keys, no white space, ASCII only.
+
+    ``None`` and ``{}`` give ``b""`` (metadata_length 0). The result is parsed back with
+    :func:`parse_metadata`, so what a writer stores is exactly what a reader accepts.
+    """
+    if obj is None or (isinstance(obj, dict) and not obj):
+        return b""
+    check_metadata_keys(obj)
+    _check_python_metadata(obj)
+    try:
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise BadMetadataError(f"not JSON-serializable: {exc}", field="metadata") from None
+    raw = text.encode("ascii")
+    if len(raw) > spec.MAX_METADATA_LENGTH:
+        raise LimitError(
+            f"metadata is {len(raw)} bytes, over {spec.MAX_METADATA_LENGTH}",
+            field="metadata_length",
+        )
+    parse_metadata(raw)
+    return raw
