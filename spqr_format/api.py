@@ -43,8 +43,14 @@ def as_dtype(dtype: DTypeLike, default: DType) -> DType:
         return default
     if isinstance(dtype, DType):
         return dtype
-    aliases = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16",
-               "half": "float16", "bf16": "bfloat16"}
+    aliases = {
+        "fp32": "float32",
+        "f32": "float32",
+        "fp16": "float16",
+        "f16": "float16",
+        "half": "float16",
+        "bf16": "bfloat16",
+    }
     name = aliases.get(str(dtype).lower(), str(dtype).lower())
     if name not in spec.DTYPE_BY_NAME:
         raise BadInputError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
@@ -118,7 +124,9 @@ def _check_supported(entry: TensorEntry) -> Encoding:
     try:
         enc = Encoding(entry.encoding)
     except ValueError:
-        raise UnknownEncodingError(f"encoding id {entry.encoding} is not defined by SPEC 1.0") from None
+        raise UnknownEncodingError(
+            f"encoding id {entry.encoding} is not defined by SPEC 1.0"
+        ) from None
     if enc not in spec.ENCODING_VERSIONS:
         raise UnknownEncodingError(
             f"encoding {spec.ENCODING_NAMES[enc]!r} (id {int(enc)}) is reserved and not implemented"
@@ -145,8 +153,10 @@ def _check_layout(entry: TensorEntry) -> None:
     expected = _expected_layout(entry)
     found = [(s.role, s.length) for s in entry.sections]
     if [(int(r), n) for r, n in expected] != found:
+
         def show(items):
             return ", ".join(f"{spec.ROLE_NAMES.get(r, r)}:{n}" for r, n in items)
+
         raise BadLayoutError(f"sections [{show(found)}] but the encoding needs [{show(expected)}]")
 
 
@@ -314,7 +324,8 @@ def convert(data: np.ndarray, src: DType, dst: DType) -> np.ndarray:
     if src == dst:
         return np.array(data, copy=True)
     as_f32 = (
-        (data.astype(np.uint32) << 16).view(np.float32) if src == DType.BFLOAT16
+        (data.astype(np.uint32) << 16).view(np.float32)
+        if src == DType.BFLOAT16
         else data.astype(np.float32)
     )
     if dst == DType.FLOAT32:
@@ -340,7 +351,9 @@ class SpqrWriter:
         alignment: int = spec.DEFAULT_ALIGNMENT,
     ) -> None:
         self.path = os.fspath(path)
-        self._writer = ContainerWriter(self.path, metadata=dict(metadata or {}), alignment=alignment)
+        self._writer = ContainerWriter(
+            self.path, metadata=dict(metadata or {}), alignment=alignment
+        )
 
     def add(self, name: str, tensor: TensorLike) -> None:
         try:

@@ -74,29 +74,80 @@ def main() -> None:
 # --------------------------------------------------------------------------------------
 @main.command()
 @click.argument("input_path", metavar="IN.safetensors", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Output .spqr file (written atomically).")
-@click.option("--method", type=click.Choice(["rtn"]), default="rtn", show_default=True,
-              help="Encoder. rtn: round-to-nearest min-max.")
-@click.option("--bits", type=click.IntRange(1, 8), default=3, show_default=True,
-              help="Bits per weight code.")
-@click.option("--group-size", type=click.IntRange(1, spec.MAX_GROUP_SIZE), default=16,
-              show_default=True, help="Input columns per first-level statistics group.")
-@click.option("--stats-bits", type=click.IntRange(0, 8), default=3, show_default=True,
-              help="Bits of the quantized scales and zeros; 0 stores them in fp16.")
-@click.option("--stats-group-size", type=click.IntRange(1, spec.MAX_GROUP_SIZE), default=16,
-              show_default=True, help="Rows per second-level statistics group.")
-@click.option("--outlier-fraction", type=click.FloatRange(0.0, 0.5), default=0.0,
-              show_default=True, help="Fraction of weights kept exactly in fp16 (e.g. 0.01).")
-@click.option("--keep-dense", "keep_dense", multiple=True, metavar="GLOB",
-              help="Tensors to store unquantized (repeatable; replaces the default "
-                   f"{', '.join(DEFAULT_KEEP_DENSE)}). 1-D tensors are always kept dense.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False),
-              help="Also write the per-tensor report as JSON.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output .spqr file (written atomically).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["rtn"]),
+    default="rtn",
+    show_default=True,
+    help="Encoder. rtn: round-to-nearest min-max.",
+)
+@click.option(
+    "--bits", type=click.IntRange(1, 8), default=3, show_default=True, help="Bits per weight code."
+)
+@click.option(
+    "--group-size",
+    type=click.IntRange(1, spec.MAX_GROUP_SIZE),
+    default=16,
+    show_default=True,
+    help="Input columns per first-level statistics group.",
+)
+@click.option(
+    "--stats-bits",
+    type=click.IntRange(0, 8),
+    default=3,
+    show_default=True,
+    help="Bits of the quantized scales and zeros; 0 stores them in fp16.",
+)
+@click.option(
+    "--stats-group-size",
+    type=click.IntRange(1, spec.MAX_GROUP_SIZE),
+    default=16,
+    show_default=True,
+    help="Rows per second-level statistics group.",
+)
+@click.option(
+    "--outlier-fraction",
+    type=click.FloatRange(0.0, 0.5),
+    default=0.0,
+    show_default=True,
+    help="Fraction of weights kept exactly in fp16 (e.g. 0.01).",
+)
+@click.option(
+    "--keep-dense",
+    "keep_dense",
+    multiple=True,
+    metavar="GLOB",
+    help="Tensors to store unquantized (repeatable; replaces the default "
+    f"{', '.join(DEFAULT_KEEP_DENSE)}). 1-D tensors are always kept dense.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the per-tensor report as JSON.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No table on stdout.")
 @handle_errors
-def encode(input_path, output, method, bits, group_size, stats_bits, stats_group_size,
-           outlier_fraction, keep_dense, report_path, quiet):
+def encode(
+    input_path,
+    output,
+    method,
+    bits,
+    group_size,
+    stats_bits,
+    stats_group_size,
+    outlier_fraction,
+    keep_dense,
+    report_path,
+    quiet,
+):
     """Quantize the 2-D weights of a safetensors file into a .spqr file.
 
     Tensors matching --keep-dense and all tensors that are not 2-D are stored as they are
@@ -129,9 +180,10 @@ def encode(input_path, output, method, bits, group_size, stats_bits, stats_group
         }
         if src.metadata:
             metadata["model.safetensors_metadata"] = dict(src.metadata)
-        with api.SpqrWriter(output, metadata=metadata) as writer, _progress(
-            src.names(), "encoding"
-        ) as names:
+        with (
+            api.SpqrWriter(output, metadata=metadata) as writer,
+            _progress(src.names(), "encoding") as names,
+        ):
             for name in names:
                 st = src.get(name)
                 if st.dtype not in ("float32", "float16", "bfloat16"):
@@ -170,9 +222,17 @@ def encode(input_path, output, method, bits, group_size, stats_bits, stats_group
     if not quiet:
         _print_table(
             ["tensor", "shape", "encoding", "bits/w", "outliers %", "rel. error"],
-            [[r["name"], "x".join(map(str, r["shape"])), r["encoding"], f"{r['bits_per_weight']:.3f}",
-              f"{100 * r['outlier_fraction']:.3f}", f"{r['relative_weight_error']:.4g}"]
-             for r in rows],
+            [
+                [
+                    r["name"],
+                    "x".join(map(str, r["shape"])),
+                    r["encoding"],
+                    f"{r['bits_per_weight']:.3f}",
+                    f"{100 * r['outlier_fraction']:.3f}",
+                    f"{r['relative_weight_error']:.4g}",
+                ]
+                for r in rows
+            ],
         )
 
 
@@ -197,18 +257,20 @@ def _quant_row(name: str, weight: np.ndarray, tensor) -> dict:
     denom = float(np.linalg.norm(weight))
     err = float(np.linalg.norm(decoded - weight)) / denom if denom else 0.0
     nbytes = sum(a.nbytes for _, a in packed.sections())
-    return _row(name, weight.shape, "bilevel", 8 * nbytes / weight.size,
-                packed.header.outlier_count, err)
+    return _row(
+        name, weight.shape, "bilevel", 8 * nbytes / weight.size, packed.header.outlier_count, err
+    )
 
 
 def _print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False))
     click.echo(line)
     click.echo("  ".join("-" * w for w in widths))
     for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)))
 
 
 # --------------------------------------------------------------------------------------
@@ -251,9 +313,18 @@ def info(path, as_json, show_metadata):
             return
         _print_table(
             ["tensor", "shape", "encoding", "dtype", "bits/w", "outliers %", "bytes"],
-            [[i.name, "x".join(map(str, i.shape)) or "scalar", _enc_label(i), i.dtype,
-              f"{i.bits_per_weight:.3f}", f"{100 * i.outlier_fraction:.3f}", str(i.nbytes)]
-             for i in infos],
+            [
+                [
+                    i.name,
+                    "x".join(map(str, i.shape)) or "scalar",
+                    _enc_label(i),
+                    i.dtype,
+                    f"{i.bits_per_weight:.3f}",
+                    f"{100 * i.outlier_fraction:.3f}",
+                    str(i.nbytes),
+                ]
+                for i in infos
+            ],
         )
         click.echo(
             f"\n{summary['tensor_count']} tensors, {summary['elements']:,} weights, "
@@ -322,13 +393,27 @@ def verify(path, as_json):
 # --------------------------------------------------------------------------------------
 @main.command()
 @click.argument("path", metavar="FILE.spqr", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Output .safetensors file (written atomically).")
-@click.option("--dtype", type=click.Choice(["original", "float16", "bfloat16", "float32"]),
-              default="original", show_default=True,
-              help="dtype of the dense weights; 'original' keeps each tensor's own.")
-@click.option("--tensor", "only", multiple=True, metavar="NAME",
-              help="Decode only these tensors (repeatable).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output .safetensors file (written atomically).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["original", "float16", "bfloat16", "float32"]),
+    default="original",
+    show_default=True,
+    help="dtype of the dense weights; 'original' keeps each tensor's own.",
+)
+@click.option(
+    "--tensor",
+    "only",
+    multiple=True,
+    metavar="NAME",
+    help="Decode only these tensors (repeatable).",
+)
 @handle_errors
 def decode(path, output, dtype, only):
     """Decode a .spqr file to dense weights in a safetensors file.

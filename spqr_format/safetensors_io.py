@@ -69,7 +69,8 @@ class SafetensorsFile:
         (hlen,) = struct.unpack_from("<Q", self._mm, 0)
         if hlen > MAX_HEADER or 8 + hlen > size:
             raise BadInputError(
-                f"not a safetensors file (header length {hlen} for a {size}-byte file)", path=self.path
+                f"not a safetensors file (header length {hlen} for a {size}-byte file)",
+                path=self.path,
             )
         try:
             header = json.loads(bytes(self._mm[8 : 8 + hlen]).decode("utf-8"))
@@ -86,12 +87,19 @@ class SafetensorsFile:
                 shape = tuple(int(d) for d in info["shape"])
                 begin, end = (int(v) for v in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as exc:
-                raise BadInputError(f"malformed header entry: {exc}", path=self.path, tensor=name)
+                raise BadInputError(
+                    f"malformed header entry: {exc}", path=self.path, tensor=name
+                ) from None
             if st_dtype not in _ST_DTYPES:
                 raise BadInputError(f"unsupported dtype {st_dtype}", path=self.path, tensor=name)
             itemsize = np.dtype(_ST_DTYPES[st_dtype][0]).itemsize
             count = int(np.prod(shape, dtype=object)) if shape else 1
-            if begin < 0 or end < begin or self._base + end > size or end - begin != count * itemsize:
+            if (
+                begin < 0
+                or end < begin
+                or self._base + end > size
+                or end - begin != count * itemsize
+            ):
                 raise BadInputError(
                     f"data_offsets [{begin}, {end}) do not match shape {shape} x {st_dtype} "
                     f"within a {size}-byte file",

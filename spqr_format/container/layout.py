@@ -17,6 +17,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from spqr_format import spec
 from spqr_format.errors import (
     BadFieldError,
@@ -41,14 +43,10 @@ assert SECTION_RECORD.size == spec.SECTION_RECORD_SIZE
 DIGEST_SIZE = 32
 PARAMS_SIZE = 40
 U16_MAX = 0xFFFF
-U32_MAX = 0xFFFFFFFF
 
 # C-2.11: top-level metadata keys are namespaced ("model.architecture").
 METADATA_KEY_RE = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)+")
-# A JSON string token (RFC 8259), unrolled so that matching is linear and never backtracks.
-_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
-_EMPTY_PAIR_RE = re.compile(r"\{\}|\[\]")
+_DEPTH_CHUNK = 1 << 20
 # C-2.10: U+0000..U+001F and U+007F are not allowed in names.
 _NAME_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -293,23 +291,41 @@ def normalize_shape(shape: Any) -> tuple[int, ...]:
 # --- metadata (C-2.11) -----------------------------------------------------------------------
 
 
-def _bracket_depth_ok(text: str, limit: int) -> bool:
-    """True when no bracket nesting in ``text`` (outside JSON strings) is deeper than ``limit``.
+def _bracket_depth_ok(raw: bytes, limit: int) -> bool:
+    """True when no bracket nesting in ``raw`` (outside JSON strings) is deeper than ``limit``.
 
-    Runs before json parses anything, without recursion: strings are removed, then only the
-    brackets are kept, then each round deletes every innermost ``{}`` / ``[]`` pair, which
-    lowers the maximum depth of well-nested text by exactly one. Text that is not empty after
-    ``limit`` rounds is either too deep or unbalanced; both are invalid metadata.
+    Runs before json parses anything, in linear time, without recursion and in bounded
+    memory, so that deep input can neither exhaust the stack nor take long. Works on UTF-8
+    bytes (multi-byte sequences contain no ASCII byte): a quote preceded by an even run of
+    backslashes opens or closes a string, and brackets outside strings change the depth. Up to
+    the first syntax error this classification is exact, so json can never recurse deeper than
+    what is measured here; text whose depth goes negative is unbalanced and refused too.
     """
-    brackets = _NOT_BRACKET_RE.sub("", _JSON_STRING_RE.sub("", text))
-    for _ in range(limit):
-        if not brackets:
-            return True
-        reduced = _EMPTY_PAIR_RE.sub("", brackets)
-        if reduced == brackets:
-            return False  # unbalanced: no empty pair left but brackets remain
-        brackets = reduced
-    return not brackets
+    depth = in_string = run = 0  # carried across chunks; run = trailing backslashes
+    data = np.frombuffer(raw, dtype=np.uint8)
+    for start in range(0, len(data), _DEPTH_CHUNK):
+        b = data[start : start + _DEPTH_CHUNK]
+        quote = b == 0x22
+        backslash = b == 0x5C
+        if run or backslash.any():
+            idx = np.arange(len(b), dtype=np.int32)
+            # last[i]: index of the last non-backslash at or before i (-1 - run when none).
+            last = np.maximum.accumulate(np.where(backslash, np.int32(-1 - run), idx))
+            before = np.concatenate((np.array([-1 - run], np.int32), last[:-1]))
+            quote &= (idx - before) % 2 == 1  # an even run of backslashes before the quote
+            run = len(b) - 1 - int(last[-1])
+        else:
+            run = 0
+        # opens - closes outside strings; "[" 0x5B, "{" 0x7B, "]" 0x5D, "}" 0x7D
+        step = ((b == 0x5B) | (b == 0x7B)).view(np.int8) - ((b == 0x5D) | (b == 0x7D)).view(np.int8)
+        inside = np.bitwise_xor.accumulate(quote) ^ bool(in_string)
+        step[inside] = 0
+        running = np.cumsum(step, dtype=np.int32)
+        if depth + int(running.max()) > limit or depth + int(running.min()) < 0:
+            return False
+        depth += int(running[-1])
+        in_string = int(inside[-1])
+    return True
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -343,11 +359,12 @@ def parse_metadata(raw: bytes | memoryview) -> dict[str, Any]:
     """Parse and check the metadata bytes (C-2.11); every failure is E_BAD_METADATA."""
     if len(raw) == 0:
         return {}
+    raw = bytes(raw)
     try:
-        text = bytes(raw).decode("utf-8", errors="strict")
+        text = raw.decode("utf-8", errors="strict")
     except UnicodeDecodeError as exc:
         raise BadMetadataError(f"not UTF-8 ({exc.reason})", field="metadata") from None
-    if not _bracket_depth_ok(text, spec.MAX_METADATA_DEPTH):
+    if not _bracket_depth_ok(raw, spec.MAX_METADATA_DEPTH):
         raise BadMetadataError(
             f"nesting deeper than {spec.MAX_METADATA_DEPTH} or unbalanced brackets",
             field="metadata",
@@ -402,7 +419,9 @@ def encode_metadata(obj: dict[str, Any] | None) -> bytes:
     check_metadata_keys(obj)
     _check_python_metadata(obj)
     try:
-        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        text = json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        )
     except (TypeError, ValueError) as exc:
         raise BadMetadataError(f"not JSON-serializable: {exc}", field="metadata") from None
     raw = text.encode("ascii")

@@ -1,0 +1,165 @@
+"""The `spqr` command line, end to end, through click's runner."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from spqr_format import api
+from spqr_format.cli import main
+from spqr_format.safetensors_io import SafetensorsFile, write_safetensors
+
+SAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "tiny-llama.safetensors"
+SPQR3 = ["--bits", "3", "--group-size", "16", "--stats-bits", "3", "--stats-group-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("cli") / "tiny.spqr"
+    result = CliRunner().invoke(
+        main, ["encode", str(SAMPLE), "-o", str(out), *SPQR3, "--outlier-fraction", "0.01"]
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_encode_quantizes_linear_weights_and_keeps_the_rest_dense(encoded):
+    with api.open_file(encoded) as f, SafetensorsFile(SAMPLE) as src:
+        assert f.names() == src.names()
+        infos = {i.name: i for i in f.infos()}
+    q = infos["model.layers.0.mlp.down_proj.weight"]
+    assert q.encoding == "bilevel" and q.params["bits"] == 3 and q.params["stats_bits"] == 3
+    assert 0.005 < q.outlier_fraction < 0.015
+    # SPEC section 8, written out for this 128 x 352 tensor (rows pad to 128 elements).
+    m, n, groups, tiles = 128, 352, 22, 8
+    bits = (
+        32 * m * -(-n // 128) * 4 * 3  # codes
+        + 32 * m * -(-2 * groups // 128) * 4 * 3  # stats codes
+        + 64 * tiles * groups  # stats2
+        + 32 * q.params["outlier_entries"]
+        + 32 * (m + 1)  # outlier stream
+    )
+    assert q.bits_per_weight == bits / (m * n)
+    assert infos["model.embed_tokens.weight"].encoding == "raw"
+    assert infos["model.norm.weight"].encoding == "raw"
+    assert infos["model.norm.weight"].dtype == "float32"
+
+
+def test_encode_is_deterministic(encoded, tmp_path):
+    again = tmp_path / "again.spqr"
+    result = run(
+        "encode", str(SAMPLE), "-o", str(again), *SPQR3, "--outlier-fraction", "0.01", "-q"
+    )
+    assert result.exit_code == 0, result.output
+    assert again.read_bytes() == encoded.read_bytes()
+
+
+def test_info_table_and_json(encoded):
+    result = run("info", str(encoded))
+    assert result.exit_code == 0
+    assert "model.layers.1.mlp.up_proj.weight" in result.output
+    assert "bilevel w3 g16 s3x16" in result.output
+    result = run("info", str(encoded), "--json", "--metadata")
+    assert result.exit_code == 0
+    doc = json.loads(result.output)
+    assert doc["tensor_count"] == 21 and doc["version"] == "1.0"
+    assert doc["metadata"]["encoder.method"] == "rtn"
+    assert {t["name"] for t in doc["tensors"]} >= {"lm_head.weight"}
+
+
+def test_verify_passes_on_intact_file_and_fails_with_exit_1_on_damage(encoded, tmp_path):
+    result = run("verify", str(encoded))
+    assert result.exit_code == 0, result.output
+    assert "21 of 21 tensors verified" in result.output
+    damaged = tmp_path / "damaged.spqr"
+    data = bytearray(encoded.read_bytes())
+    data[-5] ^= 0x01  # inside the last section: a CRC failure, not a structural one
+    damaged.write_bytes(bytes(data))
+    result = run("verify", str(damaged))
+    assert result.exit_code == 1, result.output
+    assert "E_SECTION_CRC" in result.output
+
+
+def test_decode_round_trips_raw_tensors_exactly_and_bilevel_close(encoded, tmp_path):
+    out = tmp_path / "dense.safetensors"
+    result = run("decode", str(encoded), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    with SafetensorsFile(out) as dense, SafetensorsFile(SAMPLE) as src, api.open_file(encoded) as f:
+        for name in src.names():
+            a, b = dense.get(name), src.get(name)
+            assert a.dtype == b.dtype and a.shape == b.shape
+            if f.info(name).encoding == "raw":
+                assert np.array_equal(a.data, b.data)
+            else:
+                assert np.array_equal(a.data, f.decode(name))
+                rel = np.linalg.norm(a.to_float32() - b.to_float32()) / np.linalg.norm(
+                    b.to_float32()
+                )
+                assert rel < 0.25
+
+
+def test_decode_to_other_dtype_and_single_tensor(encoded, tmp_path):
+    out = tmp_path / "one.safetensors"
+    name = "model.layers.0.self_attn.q_proj.weight"
+    result = run("decode", str(encoded), "-o", str(out), "--dtype", "float32", "--tensor", name)
+    assert result.exit_code == 0, result.output
+    with SafetensorsFile(out) as dense, api.open_file(encoded) as f:
+        assert dense.names() == [name]
+        assert np.array_equal(dense.get(name).data, f.decode(name, "float32"))
+
+
+def test_bad_input_gives_one_line_error_and_exit_2(tmp_path):
+    junk = tmp_path / "junk.spqr"
+    junk.write_bytes(b"not a spqr file at all, just text" * 3)
+    for cmd in ("info", "verify"):
+        result = run(cmd, str(junk))
+        assert result.exit_code == 2
+        assert "E_BAD_MAGIC" in result.output and "Traceback" not in result.output
+    result = run("info", str(tmp_path / "missing.spqr"))
+    assert result.exit_code == 2 and "E_IO" in result.output
+
+
+def test_decode_unknown_tensor_writes_nothing(encoded, tmp_path):
+    out = tmp_path / "x.safetensors"
+    result = run("decode", str(encoded), "-o", str(out), "--tensor", "nope")
+    assert result.exit_code == 2 and "E_NOT_FOUND" in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_encode_rejects_nan_weights_and_leaves_no_output(tmp_path):
+    src = tmp_path / "nan.safetensors"
+    w = np.ones((8, 32), np.float32)
+    w[3, 5] = np.nan
+    write_safetensors(src, {"layer.weight": ("float32", w)})
+    out = tmp_path / "out.spqr"
+    result = run("encode", str(src), "-o", str(out), *SPQR3)
+    assert result.exit_code == 2, result.output
+    assert "layer.weight" in result.output
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
+
+
+def test_encode_does_not_touch_existing_output_on_failure(tmp_path, encoded):
+    out = tmp_path / "keep.spqr"
+    shutil.copy(encoded, out)
+    before = out.read_bytes()
+    src = tmp_path / "bad.safetensors"
+    src.write_bytes(b"\xff" * 16)
+    result = run("encode", str(src), "-o", str(out), *SPQR3)
+    assert result.exit_code == 2
+    assert out.read_bytes() == before
+
+
+def test_usage_errors_exit_2():
+    assert run("encode").exit_code == 2
+    assert run("info", "--bogus").exit_code == 2
+    assert run("--help").exit_code == 0
