@@ -298,7 +298,7 @@ def info(path, as_json, show_metadata):
         q_elems = sum(i.elements for i in quant)
         summary = {
             "file": path,
-            "version": "%d.%d" % f.version,
+            "version": "{}.{}".format(*f.version),
             "file_size": f.file_size,
             "tensor_count": len(infos),
             "elements": total_elems,
