@@ -163,3 +163,63 @@ def test_usage_errors_exit_2():
     assert run("encode").exit_code == 2
     assert run("info", "--bogus").exit_code == 2
     assert run("--help").exit_code == 0
+
+
+def _sparse_multi_gib_file(path: pathlib.Path, tensors: int = 20) -> int:
+    """A valid header for ``tensors`` 8-bit 28672 x 8192 bilevel tensors (4.7 GB of sections),
+    written as a sparse file: no section byte is ever written."""
+    from spqr_format import spec
+    from spqr_format.codec.bilevel import BilevelHeader, BilevelParams, section_layout
+    from spqr_format.container import layout
+
+    m, n = 28672, 8192
+    header = BilevelHeader(BilevelParams(8, 16, 3, 16), False, False, 0, 0)
+    sections = section_layout((m, n), header)
+    names = [f"model.layers.{i}.mlp.down_proj.weight".encode() for i in range(tensors)]
+    hlen = 64 + 160 * tensors + 32 * tensors * len(sections) + sum(map(len, names))
+    offset = data_offset = spec.align_up(hlen, 64)
+    trecs, srecs, name_off = b"", b"", 0
+    for i, name in enumerate(names):
+        trecs += layout.pack_tensor_record(
+            name_offset=name_off,
+            name_length=len(name),
+            encoding=2,
+            encoding_version=1,
+            dtype=2,
+            shape=(m, n),
+            first_section=i * len(sections),
+            section_count=len(sections),
+            digest=bytes(32),
+            params=header.to_bytes(),
+        )
+        name_off += len(name)
+        for role, length in sections:
+            offset = spec.align_up(offset, 64)
+            srecs += layout.pack_section_record(offset=offset, length=length, crc32=0, role=role)
+            offset += length
+    fixed = layout.FixedHeader(
+        spec.MAGIC, 1, 0, 64, 0, tensors, tensors * len(sections), name_off, 0, data_offset, 0, 0
+    )
+    buf = bytearray(fixed.pack() + trecs + srecs + b"".join(names))
+    crc = layout.header_crc(buf, hlen)
+    buf[56:60] = crc.to_bytes(4, "little")
+    with open(path, "wb") as f:
+        f.write(bytes(buf) + bytes(data_offset - hlen))
+        f.truncate(offset)
+    return offset
+
+
+def test_info_on_a_multi_gib_file_reads_only_the_header(tmp_path):
+    import time
+
+    path = tmp_path / "big.spqr"
+    size = _sparse_multi_gib_file(path)
+    assert size > 4 << 30
+    start = time.perf_counter()
+    result = run("info", str(path), "--json")
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["file_size"] == size and doc["tensor_count"] == 20
+    assert abs(doc["bits_per_weight_quantized"] - (8 + 6 / 16 + 64 / 256)) < 1e-9
+    assert elapsed < 1.0
