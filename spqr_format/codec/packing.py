@@ -66,13 +66,16 @@ def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
         raise BadInputError(f"a value is >= 2**{bits}", field="values")
     words_per_row = spec.packed_row_words(count, bits)
     padded = words_per_row * 32 // bits  # elements per padded row, a multiple of 128
-    src = np.zeros((m, padded), dtype=np.uint32)
-    src[:, :count] = values
+    if padded == count:
+        src = np.ascontiguousarray(values)
+    else:
+        src = np.zeros((m, padded), dtype=np.uint8)
+        src[:, :count] = values
     blocks = src.reshape(-1, _BLOCK)  # [m * padded/32, 32]
     out = np.zeros((blocks.shape[0], bits), dtype=np.uint32)
     for e in range(_BLOCK):
         word, shift = divmod(e * bits, 32)
-        col = blocks[:, e]
+        col = blocks[:, e].astype(np.uint32)
         # uint32 shifts drop the bits that do not fit; those go to the next word.
         out[:, word] |= col << np.uint32(shift)
         if shift + bits > 32:  # element straddles two words (C-5.2 example, w = 3, e = 10)
@@ -108,7 +111,8 @@ def unpack_rows(words: np.ndarray, bits: int, count: int) -> np.ndarray:
         if shift + bits > 32:
             v = v | (blocks[:, word + 1] << np.uint32(32 - shift))
         out[:, e] = v & mask
-    return out.reshape(m, -1)[:, :count]
+    rows = out.reshape(m, w * 32 // bits)
+    return rows if rows.shape[1] == count else np.ascontiguousarray(rows[:, :count])
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +184,9 @@ def check_packed_structure(p: PackedBilevel) -> BilevelGeometry:
     def arr(a, name: str, kind_size: tuple[str, int], shape: tuple[int, ...]) -> None:
         if not isinstance(a, np.ndarray) or (a.dtype.kind, a.dtype.itemsize) != kind_size:
             got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
-            raise BadInputError(f"{name} must be a u{8 * kind_size[1]} array, got {got}", field=name)
+            raise BadInputError(
+                f"{name} must be a u{8 * kind_size[1]} array, got {got}", field=name
+            )
         if not a.dtype.isnative:
             raise BadInputError(f"{name} must be in native byte order", field=name)
         if a.shape != shape:
@@ -202,7 +208,9 @@ def check_packed_structure(p: PackedBilevel) -> BilevelGeometry:
         arr(p.outlier_rows, "outlier_rows", ("u", 4), (m + 1,))
         arr(p.outlier_entries, "outlier_entries", ("u", 4), (h.outlier_entry_count,))
     elif p.outlier_rows is not None or p.outlier_entries is not None:
-        raise BadInputError("outlier arrays are given but the outliers flag is clear", field="outliers")
+        raise BadInputError(
+            "outlier arrays are given but the outliers flag is clear", field="outliers"
+        )
     if h.has_outliers != (h.outlier_entry_count > 0):
         raise BadFieldError(
             "outlier_entry_count must be > 0 exactly when the outliers flag is set",
@@ -256,7 +264,9 @@ def pack(t: BilevelTensor) -> PackedBilevel:
             )
         # C-5.5: element 2k is the scale code and 2k+1 the zero code of group k.
         packed_stats = pack_rows(stats.reshape(m, 2 * geo.groups), params.stats_bits)
-        s2 = _expect_array(t.stats2, "stats2", np.float16, (geo.tiles, geo.groups, 4), BadInputError)
+        s2 = _expect_array(
+            t.stats2, "stats2", np.float16, (geo.tiles, geo.groups, 4), BadInputError
+        )
         packed_stats2 = np.ascontiguousarray(s2).view(np.uint16).copy()
         check_finite_f16(packed_stats2, "stats2", BadInputError)
 
