@@ -115,7 +115,8 @@ Decoding, by C-5 .. C-7:
 ]
 ```
 
-All ten values are exact in float16, so a float16 decode gives the same numbers. The digest in the tensor record is the SHA-256 of
+All ten values are exact in float16, so a float16 decode gives the same numbers. The digest
+in the tensor record is the SHA-256 of
 the 40 float32 bytes above: `{entry.digest.hex()}`.
 """
 

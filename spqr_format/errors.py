@@ -71,7 +71,9 @@ UnsupportedVersionError = _make("E_UNSUPPORTED_VERSION", "Container major versio
 HeaderCrcError = _make("E_HEADER_CRC", "The header CRC does not match.")
 LimitError = _make("E_LIMIT", "A count or size exceeds a cap, or would overflow.")
 BadFieldError = _make("E_BAD_FIELD", "A field holds a value outside its allowed set.")
-UnknownFeatureError = _make("E_UNKNOWN_FEATURE", "A required feature the reader does not implement.")
+UnknownFeatureError = _make(
+    "E_UNKNOWN_FEATURE", "A required feature the reader does not implement."
+)
 BadNameError = _make("E_BAD_NAME", "A tensor name is invalid.")
 DuplicateNameError = _make("E_DUPLICATE_NAME", "Two tensors share a name.")
 BadMetadataError = _make("E_BAD_METADATA", "The metadata JSON breaks SPEC C-2.11.")

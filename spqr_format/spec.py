@@ -105,7 +105,7 @@ ROLE_NAMES = {
 
 
 class Feature(enum.IntFlag):
-    """Required-feature bits (C-2.5). v1.0 defines none; a reader refuses any bit it does not know."""
+    """Required-feature bits (C-2.5). v1.0 defines none; a reader refuses unknown bits."""
 
     NONE = 0
 

@@ -62,7 +62,8 @@ class BilevelParams:
                 )
             if not 1 <= self.stats_group_size <= spec.MAX_GROUP_SIZE:
                 raise BadFieldError(
-                    f"stats_group_size must be 1..{spec.MAX_GROUP_SIZE}, got {self.stats_group_size}",
+                    f"stats_group_size must be 1..{spec.MAX_GROUP_SIZE}, "
+                    f"got {self.stats_group_size}",
                     field="params.stats_group_size",
                 )
 
@@ -109,11 +110,14 @@ class BilevelHeader:
         has_outliers = bool(flags & spec.BILEVEL_FLAG_OUTLIERS)
         if has_outliers != (e > 0):
             raise BadFieldError(
-                f"outlier_entry_count is {e} but the outliers flag is {'set' if has_outliers else 'clear'}",
+                f"outlier_entry_count is {e} but the outliers flag is "
+                f"{'set' if has_outliers else 'clear'}",
                 field="params.outlier_entry_count",
             )
         if e > spec.MAX_OUTLIER_ENTRIES:
-            raise LimitError(f"{e} outlier entries exceed the cap", field="params.outlier_entry_count")
+            raise LimitError(
+                f"{e} outlier entries exceed the cap", field="params.outlier_entry_count"
+            )
         if k > e:
             raise BadFieldError(
                 f"outlier_count {k} exceeds outlier_entry_count {e}", field="params.outlier_count"
@@ -218,7 +222,8 @@ class PackedBilevel:
     """Physical form of a bilevel tensor: the sections as typed arrays (SPEC C-5.3 .. C-6.2).
 
     ``codes``  uint32 [m, code_row_words]
-    ``stats``  stats_bits == 0: uint16 [m, G, 2] (f16 bit patterns); else uint32 [m, stats_row_words]
+    ``stats``  stats_bits == 0: uint16 [m, G, 2] (f16 bit patterns);
+               else uint32 [m, stats_row_words]
     ``stats2`` uint16 [T, G, 4] (f16 bit patterns) or None
     ``perm``   uint32 [n] or None
     ``outlier_rows`` uint32 [m + 1] or None; ``outlier_entries`` uint32 [E] or None
