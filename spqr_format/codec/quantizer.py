@@ -16,8 +16,10 @@ operations with round-to-nearest-even and are never fused, exactly as C-7 requir
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from spqr_format.codec.bilevel import BilevelParams
@@ -92,7 +94,9 @@ class QuantizedStats:
     stats2: np.ndarray | None
 
 
-def _second_level(x: np.ndarray, sbits: int, tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _second_level(
+    x: np.ndarray, sbits: int, tile: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize ``x[m, K]`` (f32) in tiles of ``tile`` rows with ``sbits`` bits (C-7.1).
 
     Returns ``(codes uint8 [m, K], step f16 [T, K], base f16 [T, K])``. base = min, step =
@@ -103,7 +107,11 @@ def _second_level(x: np.ndarray, sbits: int, tile: int) -> tuple[np.ndarray, np.
     t = -(-m // tile)
     pad = t * tile - m
     # Pad the last, shorter tile with copies of its own first row: min/max are unchanged.
-    xp = x if pad == 0 else np.concatenate([x, np.repeat(x[(t - 1) * tile : (t - 1) * tile + 1], pad, 0)])
+    xp = (
+        x
+        if pad == 0
+        else np.concatenate([x, np.repeat(x[(t - 1) * tile : (t - 1) * tile + 1], pad, 0)])
+    )
     xt = xp.reshape(t, tile, k)
     lo = xt.min(axis=1)
     hi = xt.max(axis=1)
@@ -179,30 +187,64 @@ def dequant(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
     return scale * (q.astype(np.float32) - zero)
 
 
+@numba.njit(cache=True, inline="always")
+def f16_round_scalar(x):  # pragma: no cover - compiled
+    """f32 ``x`` rounded to the nearest fp16 value (ties to even), clipped to the finite range."""
+    ax = abs(np.float64(x))
+    if ax >= 65504.0:
+        return np.float32(65504.0) if x > 0 else np.float32(-65504.0)
+    if ax < 6.103515625e-05:  # below 2^-14: fp16 subnormals, spacing 2^-24
+        ulp = 5.960464477539063e-08
+    else:
+        _, e = math.frexp(ax)
+        ulp = math.ldexp(1.0, e - 11)
+    return np.float32(np.rint(np.float64(x) / ulp) * ulp)
+
+
+@numba.njit(cache=True, inline="always")
+def code_scalar(x, s, z, maxq):  # pragma: no cover - compiled
+    """Nearest code in decoded value ``s * (q - z)`` (f32, C-7.2); ties to the lower code."""
+    if s > np.float32(0):
+        t = x / s + z
+    else:
+        t = z
+    t = min(max(t, np.float32(0)), np.float32(maxq))
+    q0 = int(np.floor(t + np.float32(0.5)))
+    best = 0
+    bd = np.float32(np.inf)
+    for q in range(max(q0 - 1, 0), min(q0 + 1, maxq) + 1):
+        d = abs(s * (np.float32(q) - z) - x)
+        if d < bd:
+            bd = d
+            best = q
+    return best
+
+
+@numba.njit(cache=True, parallel=True)
+def _codes_rows(w, s, z, maxq):  # pragma: no cover - compiled
+    # w [R, C] f32; s, z [R] f32.
+    R, C = w.shape
+    out = np.empty((R, C), dtype=np.uint8)
+    for r in numba.prange(R):
+        for c in range(C):
+            out[r, c] = code_scalar(w[r, c], s[r], z[r], maxq)
+    return out
+
+
 def choose_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
     """The code nearest in *decoded* value to each weight, given decoded f32 ``scale, zero``.
 
-    ``scale``/``zero`` broadcast against ``w``. Starts from ``clamp(round(w/s + z))`` and checks
-    the neighbouring codes, because the f32 decode ``s*(q - z)`` can make a neighbour nearer.
+    ``w`` is ``[..., C]``; ``scale``/``zero`` have shape ``w.shape[:-1]`` (one pair per row of
+    ``C`` weights). Starts from ``clamp(round(w/s + z))`` and checks the neighbouring codes,
+    because the f32 decode ``s*(q - z)`` can make a neighbour nearer; ties go to the lower code.
     With ``s == 0`` every code decodes to 0 and the code nearest ``z`` is stored.
     """
-    maxq = (1 << bits) - 1
     w = np.asarray(w, dtype=np.float32)
-    s = np.asarray(scale, dtype=np.float32)
-    z = np.asarray(zero, dtype=np.float32)
-    pos = s > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q0 = np.rint(np.where(pos, w / np.where(pos, s, np.float32(1)), np.float32(0)) + z)
-    q0 = np.clip(q0, 0, maxq).astype(np.int32)
-    best_q = q0
-    best_d = np.abs(dequant(q0, s, z) - w)
-    for off in (-1, 1):
-        q = np.clip(q0 + off, 0, maxq)
-        d = np.abs(dequant(q, s, z) - w)
-        better = (d < best_d) | ((d == best_d) & (q < best_q))
-        best_q = np.where(better, q, best_q)
-        best_d = np.where(better, d, best_d)
-    return best_q.astype(np.uint8)
+    lead = w.shape[:-1]
+    w2 = np.ascontiguousarray(w.reshape(-1, w.shape[-1]))
+    s = np.ascontiguousarray(np.broadcast_to(scale, lead), dtype=np.float32).reshape(-1)
+    z = np.ascontiguousarray(np.broadcast_to(zero, lead), dtype=np.float32).reshape(-1)
+    return _codes_rows(w2, s, z, (1 << bits) - 1).reshape(w.shape)
 
 
 def check_weight(weight: object, name: str | None) -> np.ndarray:
@@ -214,7 +256,9 @@ def check_weight(weight: object, name: str | None) -> np.ndarray:
     from spqr_format.errors import BadInputError
 
     if not isinstance(weight, np.ndarray):
-        raise BadInputError(f"weight must be a numpy array, got {type(weight).__name__}", tensor=name)
+        raise BadInputError(
+            f"weight must be a numpy array, got {type(weight).__name__}", tensor=name
+        )
     if weight.ndim != 2:
         raise BadInputError(f"weight must be 2-D, got shape {weight.shape}", tensor=name)
     if weight.shape[0] < 1 or weight.shape[1] < 1:
@@ -223,12 +267,13 @@ def check_weight(weight: object, name: str | None) -> np.ndarray:
         raise BadInputError(
             f"weight dtype must be float16/float32/float64, got {weight.dtype}", tensor=name
         )
-    w = np.ascontiguousarray(weight, dtype=np.float32)
+    # Always a copy: the solver updates its weights in place and must not touch the caller's.
+    w = np.array(weight, dtype=np.float32, order="C", copy=True)
     finite = np.isfinite(w)
     if not finite.all():
-        bad = np.argwhere(~finite)[0]
+        bad = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise BadInputError(
-            f"weight has {int((~finite).sum())} non-finite values (first at {tuple(int(i) for i in bad)})",
+            f"weight has {int((~finite).sum())} non-finite values (first at {bad})",
             tensor=name,
         )
     peak = float(np.abs(w).max())
@@ -284,8 +329,8 @@ def decode_logical(t) -> np.ndarray:
     assert s.shape == (m, G)
     v = dequant(t.codes, s[:, col_group], z[:, col_group])
     if t.outliers is not None and len(t.outliers):
-        v[t.outliers.rows.astype(np.int64), t.outliers.cols.astype(np.int64)] = t.outliers.values.astype(
-            np.float32
+        v[t.outliers.rows.astype(np.int64), t.outliers.cols.astype(np.int64)] = (
+            t.outliers.values.astype(np.float32)
         )
     if t.perm is not None:
         out = np.empty_like(v)

@@ -88,7 +88,9 @@ def encode_rtn(
         raise BadInputError(f"unknown dtype {dtype!r}", tensor=name) from None
     frac = float(outlier_fraction)
     if not 0.0 <= frac < 1.0:
-        raise BadInputError(f"outlier_fraction must be in [0, 1), got {outlier_fraction!r}", tensor=name)
+        raise BadInputError(
+            f"outlier_fraction must be in [0, 1), got {outlier_fraction!r}", tensor=name
+        )
 
     m, n = w.shape
     g = params.group_size
@@ -99,9 +101,12 @@ def encode_rtn(
     out_mask = None
     k = int(np.floor(frac * m * n))
     if k > 0:
-        cnt = valid.sum(axis=-1, keepdims=True)
-        mean = np.where(valid, wg, 0).sum(axis=-1, keepdims=True, dtype=np.float64) / cnt
-        score = np.where(valid, np.abs(wg - mean), -1.0)  # padding never selected
+        # f32 scores; padding (zeros, only in the last group) is excluded from mean and choice.
+        cnt = valid[0].sum(axis=-1).astype(np.float32)[None, :, None]
+        mean = (wg.sum(axis=-1, keepdims=True, dtype=np.float64) / cnt).astype(np.float32)
+        score = np.abs(wg - mean)
+        if wg.shape[1] * wg.shape[2] != n:
+            score[:, -1, n - (G - 1) * wg.shape[2] :] = -1.0  # padding never selected
         out_mask = select_top(score, k)
         keep = valid & ~out_mask
 
@@ -112,7 +117,7 @@ def encode_rtn(
     if out_mask is not None:
         # The dense code at an outlier is the code nearest the stored fp16 value (SPEC section 6).
         target = np.where(out_mask, wg.astype(np.float16).astype(np.float32), wg)
-    codes = choose_codes(target, qs.scale[..., None], qs.zero[..., None], params.bits)
+    codes = choose_codes(target, qs.scale, qs.zero, params.bits)
     codes = np.ascontiguousarray(codes.reshape(m, G * wg.shape[2])[:, :n])
 
     outliers = None

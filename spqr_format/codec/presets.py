@@ -1,0 +1,294 @@
+"""Encoder configurations (presets plus overrides) and the one entry point ``encode_tensor``.
+
+RTN, GPTQ and SpQR are configurations of one encoder, all producing the ``bilevel`` encoding:
+
+| preset | method | bits | g | stats | perm | outliers | percdamp |
+|---|---|---|---|---|---|---|---|
+| spqr-3bit | gptq | 3 | 16 | 3-bit, S=16 | act_order | tau 0.2, leave-one-out | 1.0 |
+| spqr-4bit | gptq | 4 | 16 | 3-bit, S=16 | act_order | tau 0.2, leave-one-out | 1.0 |
+| gptq-4bit-g128 | gptq | 4 | 128 | fp16 | act_order | none | 0.01 |
+| gptq-3bit-g128 | gptq | 3 | 128 | fp16 | act_order | none | 0.01 |
+| rtn-4bit-g128 | rtn | 4 | 128 | fp16 | none | none | - |
+| rtn-3bit-g16-bilevel | rtn | 3 | 16 | 3-bit, S=16 | none | none | - |
+
+SpQR settings follow the reference README (tau 0.2, percdamp 1.0, act_order); GPTQ's follow the
+GPTQ paper (percdamp 0.01, act_order as in SPEC section 8's worked example).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from spqr_format import spec
+from spqr_format.codec.bilevel import BilevelTensor
+from spqr_format.codec.gptq import PERM_ORDERS, encode_gptq
+from spqr_format.codec.hessian import validate_hessian
+from spqr_format.codec.quantizer import check_params, decode_logical
+from spqr_format.codec.rtn import encode_rtn
+from spqr_format.errors import BadInputError
+from spqr_format.spec import DType
+
+CONFIG_VERSION = 1
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Every knob of the encoder. ``preset`` names the preset it came from (None = custom).
+
+    ``outlier_threshold``: SpQR's tau (gptq only; None = off). ``outlier_budget``: fraction of
+    weights kept as outliers at most (gptq: a cap on tau's outliers, or on its own the largest
+    errors; rtn: exactly this fraction, by magnitude).
+    """
+
+    method: str = "gptq"
+    bits: int = 3
+    group_size: int = 16
+    stats_bits: int = 3
+    stats_group_size: int = 16
+    perm_order: str = "act_order"
+    percdamp: float = 1.0
+    block_size: int = 128
+    outlier_threshold: float | None = 0.2
+    outlier_budget: float | None = None
+    leave_one_out: bool = True
+    preset: str | None = None
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        def bad(field: str, msg: str) -> BadInputError:
+            return BadInputError(f"encoder config: {field} {msg}", field=f"config.{field}")
+
+        if self.version != CONFIG_VERSION:
+            raise bad("version", f"must be {CONFIG_VERSION}, got {self.version!r}")
+        if self.method not in METHODS:
+            raise bad("method", f"must be one of {METHODS}, got {self.method!r}")
+        check_params(self.bits, self.group_size, self.stats_bits, self.stats_group_size, None)
+        if self.perm_order not in PERM_ORDERS:
+            raise bad("perm_order", f"must be one of {PERM_ORDERS}, got {self.perm_order!r}")
+        if self.method == "rtn" and self.perm_order != "identity":
+            raise bad("perm_order", "must be identity for rtn (no Hessian to order by)")
+        pd = self.percdamp
+        if (
+            isinstance(pd, bool)
+            or not isinstance(pd, (int, float))
+            or not (math.isfinite(pd) and pd >= 0)
+        ):
+            raise bad("percdamp", f"must be a finite number >= 0, got {pd!r}")
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise bad("block_size", f"must be a positive integer, got {bs!r}")
+        tau = self.outlier_threshold
+        if tau is not None:
+            if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+                raise bad("outlier_threshold", f"must be > 0 or null, got {tau!r}")
+            if self.method == "rtn":
+                raise bad("outlier_threshold", "needs a Hessian; use outlier_budget with rtn")
+        b = self.outlier_budget
+        if b is not None and (
+            isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1
+        ):
+            raise bad("outlier_budget", f"must be a fraction in [0, 1) or null, got {b!r}")
+        if not isinstance(self.leave_one_out, bool):
+            raise bad("leave_one_out", f"must be true or false, got {self.leave_one_out!r}")
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise bad("preset", f"must be a string or null, got {self.preset!r}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every field (for the file's ``encoder.settings`` metadata)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not be ignored)."""
+        if not isinstance(d, dict):
+            raise BadInputError(f"encoder config must be an object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise BadInputError(f"encoder config: unknown keys {unknown}", field="config")
+        return cls(**d)
+
+    def with_overrides(self, **overrides) -> EncoderConfig:
+        """A validated copy with some knobs changed (the ``preset`` name is kept)."""
+        return EncoderConfig.from_dict({**self.to_dict(), **overrides})
+
+
+_SPQR = dict(
+    method="gptq", group_size=16, stats_bits=3, stats_group_size=16, perm_order="act_order",
+    percdamp=1.0, outlier_threshold=0.2, leave_one_out=True,
+)  # fmt: skip
+_GPTQ = dict(
+    method="gptq", group_size=128, stats_bits=0, stats_group_size=0, perm_order="act_order",
+    percdamp=0.01, outlier_threshold=None,
+)  # fmt: skip
+_RTN = dict(method="rtn", perm_order="identity", outlier_threshold=None, percdamp=0.0)
+
+PRESETS: dict[str, EncoderConfig] = {
+    "spqr-3bit": EncoderConfig(**_SPQR, bits=3, preset="spqr-3bit"),
+    "spqr-4bit": EncoderConfig(**_SPQR, bits=4, preset="spqr-4bit"),
+    "gptq-4bit-g128": EncoderConfig(**_GPTQ, bits=4, preset="gptq-4bit-g128"),
+    "gptq-3bit-g128": EncoderConfig(**_GPTQ, bits=3, preset="gptq-3bit-g128"),
+    "rtn-4bit-g128": EncoderConfig(
+        **_RTN, bits=4, group_size=128, stats_bits=0, stats_group_size=0, preset="rtn-4bit-g128"
+    ),
+    "rtn-3bit-g16-bilevel": EncoderConfig(
+        **_RTN,
+        bits=3,
+        group_size=16,
+        stats_bits=3,
+        stats_group_size=16,
+        preset="rtn-3bit-g16-bilevel",
+    ),  # fmt: skip
+}
+
+
+def get_preset(name: str, **overrides) -> EncoderConfig:
+    """The preset ``name`` with ``overrides`` applied (validated)."""
+    if name not in PRESETS:
+        raise BadInputError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name].with_overrides(**overrides) if overrides else PRESETS[name]
+
+
+def outlier_entry_count(t: BilevelTensor) -> int:
+    """Entries ``E`` of the outlier stream (outliers plus skips, SPEC C-6.3)."""
+    o = t.outliers
+    if o is None or len(o) == 0:
+        return 0
+    rows = o.rows.astype(np.int64)
+    cols = o.cols.astype(np.int64)
+    prev = np.empty_like(cols)
+    prev[0] = -1
+    prev[1:] = np.where(rows[1:] == rows[:-1], cols[:-1], -1)  # running column per row
+    gap = cols - prev
+    skips = (gap - 1) // spec.OUTLIER_MAX_DELTA  # skips while the gap exceeds 65535
+    return int(len(o) + skips.sum())
+
+
+def section_bits(t: BilevelTensor) -> dict[str, int]:
+    """Exact size in bits of each section of ``t`` (SPEC section 8)."""
+    m, n = t.shape
+    p = t.params
+    G = -(-n // p.group_size)
+    out = {"codes": 32 * m * spec.packed_row_words(n, p.bits)}
+    if p.stats_bits == 0:
+        out["stats"] = 32 * m * G
+    else:
+        out["stats"] = 32 * m * spec.packed_row_words(2 * G, p.stats_bits)
+        out["stats2"] = 64 * (-(-m // p.stats_group_size)) * G
+    if t.perm is not None:
+        out["perm"] = 32 * n
+    e = outlier_entry_count(t)
+    if e:
+        out["outliers"] = 32 * e + 32 * (m + 1)
+    return out
+
+
+def bits_per_weight(t: BilevelTensor) -> float:
+    """Bits per weight of ``t`` by SPEC section 8: all section bits over ``m * n``."""
+    m, n = t.shape
+    return sum(section_bits(t).values()) / (m * n)
+
+
+def relative_output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
+    """``tr((W-Q) H (W-Q)^T) / tr(W H W^T)``, f32 GEMMs in row chunks, f64 sums."""
+    h32 = np.asarray(h, dtype=np.float32)
+    num = den = 0.0
+    m = w.shape[0]
+    step = max(1, (32 << 20) // (4 * max(w.shape[1], 1)))
+    for r0 in range(0, m, step):
+        wc = np.asarray(w[r0 : r0 + step], dtype=np.float32)
+        dc = wc - np.asarray(q[r0 : r0 + step], dtype=np.float32)
+        num += float(np.einsum("ij,ij->", dc @ h32, dc, dtype=np.float64))
+        den += float(np.einsum("ij,ij->", wc @ h32, wc, dtype=np.float64))
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def _default_dtype(weight: np.ndarray) -> DType:
+    return DType.FLOAT16 if getattr(weight, "dtype", None) == np.float16 else DType.FLOAT32
+
+
+def encode_tensor(
+    weight: np.ndarray,
+    config: EncoderConfig,
+    hessian: np.ndarray | None = None,
+    name: str | None = None,
+    *,
+    dtype: DType | None = None,
+    info: dict | None = None,
+) -> tuple[BilevelTensor, dict]:
+    """Encode one weight ``[m, n]`` per ``config``; returns the tensor and its report.
+
+    ``dtype``: the tensor's decode dtype (default: float16 for fp16 weights, else float32; pass
+    BFLOAT16 for bf16 weights widened to f32). A ``gptq`` config without a Hessian falls back to
+    RTN with the same parameters, with a ``RuntimeWarning`` and ``report["fallback"] = True``.
+    ``info`` receives solver timings (kept out of the report so reports stay deterministic).
+    Report keys: method, preset, fallback, warning, shape, bits_per_weight, outliers,
+    outlier_percent, relative_weight_error, relative_output_error (None without a Hessian).
+    """
+    if not isinstance(config, EncoderConfig):
+        raise BadInputError(
+            f"config must be an EncoderConfig, got {type(config).__name__}", tensor=name
+        )
+    dt = _default_dtype(weight) if dtype is None else dtype
+    warning = None
+    method = config.method
+    if method == "gptq" and hessian is None:
+        warning = (
+            f"tensor {name or '?'}: no Hessian, encoded with RTN "
+            f"({config.bits}-bit, g{config.group_size}) instead of {config.preset or 'gptq'}"
+        )
+        warnings.warn(warning, RuntimeWarning, stacklevel=2)
+        method = "rtn"
+    common = dict(
+        bits=config.bits,
+        group_size=config.group_size,
+        stats_bits=config.stats_bits,
+        stats_group_size=config.stats_group_size,
+        dtype=dt,
+        name=name,
+    )
+    if method == "rtn":
+        if hessian is not None and isinstance(weight, np.ndarray) and weight.ndim == 2:
+            hessian = validate_hessian(hessian, weight.shape[1], name=name)
+        t = encode_rtn(weight, outlier_fraction=config.outlier_budget or 0.0, **common)
+    else:
+        t = encode_gptq(
+            weight,
+            hessian,
+            perm_order=config.perm_order,
+            percdamp=config.percdamp,
+            block_size=config.block_size,
+            outlier_threshold=config.outlier_threshold,
+            outlier_budget=config.outlier_budget,
+            leave_one_out=config.leave_one_out,
+            info=info,
+            **common,
+        )
+    w = np.asarray(weight, dtype=np.float32)
+    q = decode_logical(t)
+    d = q - w
+    wn = float(np.sqrt(np.einsum("ij,ij->", w, w, dtype=np.float64)))  # f64 sums, no f64 copy
+    dn = float(np.sqrt(np.einsum("ij,ij->", d, d, dtype=np.float64)))
+    del d
+    k = len(t.outliers) if t.outliers is not None else 0
+    report = {
+        "method": method,
+        "preset": config.preset,
+        "fallback": warning is not None,
+        "warning": warning,
+        "shape": list(t.shape),
+        "bits_per_weight": bits_per_weight(t),
+        "outliers": k,
+        "outlier_percent": 100.0 * k / (t.shape[0] * t.shape[1]),
+        "relative_weight_error": dn / wn if wn > 0 else (0.0 if dn == 0 else math.inf),
+        "relative_output_error": (
+            relative_output_error(w, q, hessian) if hessian is not None else None
+        ),
+    }
+    return t, report
