@@ -1,4 +1,4 @@
-"""The ``spqr`` command line: encode, decode, info, verify.
+"""The ``spqr`` command line: encode, calibrate, info, verify, decode.
 
 Exit codes (every command): 0 success, 1 verification failed (``verify`` found damaged or
 mismatching data), 2 bad usage or bad input (unreadable or invalid files, bad options).
@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 
 import click
-import numpy as np
 
 from spqr_format import __version__, api, spec
 from spqr_format.errors import INTEGRITY_ERRORS, BadInputError, SpqrError
@@ -58,8 +57,7 @@ def main() -> None:
 
     \b
     Quick start:
-      spqr encode model.safetensors -o model.spqr --method rtn --bits 3 \\
-           --group-size 16 --stats-bits 3 --stats-group-size 16
+      spqr encode model.safetensors -o model.spqr --outlier-fraction 0.01
       spqr info model.spqr
       spqr verify model.spqr
       spqr decode model.spqr -o dense.safetensors --dtype float16
@@ -72,6 +70,18 @@ def main() -> None:
 # --------------------------------------------------------------------------------------
 # encode
 # --------------------------------------------------------------------------------------
+PRESET_NAMES = (
+    "spqr-3bit",
+    "spqr-4bit",
+    "gptq-4bit-g128",
+    "gptq-3bit-g128",
+    "rtn-4bit-g128",
+    "rtn-3bit-g16-bilevel",
+)
+# Without --preset: SpQR's 3-bit layout with round-to-nearest (needs no calibration).
+DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
+
+
 @main.command()
 @click.argument("input_path", metavar="IN.safetensors", type=click.Path(dir_okay=False))
 @click.option(
@@ -82,42 +92,59 @@ def main() -> None:
     help="Output .spqr file (written atomically).",
 )
 @click.option(
-    "--method",
-    type=click.Choice(["rtn"]),
-    default="rtn",
-    show_default=True,
-    help="Encoder. rtn: round-to-nearest min-max.",
+    "--preset",
+    type=click.Choice(PRESET_NAMES),
+    help="A named configuration; the options below override its knobs. "
+    "Default: rtn-3bit-g16-bilevel.",
 )
 @click.option(
-    "--bits", type=click.IntRange(1, 8), default=3, show_default=True, help="Bits per weight code."
+    "--hessians",
+    "hessian_path",
+    type=click.Path(dir_okay=False),
+    help="Hessians from `spqr calibrate` (needed by gptq/spqr presets; tensors "
+    "without one fall back to RTN with a warning).",
 )
+@click.option(
+    "--method",
+    type=click.Choice(["rtn", "gptq"]),
+    help="rtn: round-to-nearest; gptq: Hessian-aware solver (SpQR with outliers).",
+)
+@click.option("--bits", type=click.IntRange(1, 8), help="Bits per weight code.")
 @click.option(
     "--group-size",
     type=click.IntRange(1, spec.MAX_GROUP_SIZE),
-    default=16,
-    show_default=True,
     help="Input columns per first-level statistics group.",
 )
 @click.option(
     "--stats-bits",
     type=click.IntRange(0, 8),
-    default=3,
-    show_default=True,
     help="Bits of the quantized scales and zeros; 0 stores them in fp16.",
 )
 @click.option(
     "--stats-group-size",
     type=click.IntRange(1, spec.MAX_GROUP_SIZE),
-    default=16,
-    show_default=True,
     help="Rows per second-level statistics group.",
 )
 @click.option(
     "--outlier-fraction",
-    type=click.FloatRange(0.0, 0.5),
-    default=0.0,
-    show_default=True,
-    help="Fraction of weights kept exactly in fp16 (e.g. 0.01).",
+    type=click.FloatRange(0.0, 0.5, max_open=True),
+    help="Outlier budget: at most this fraction of weights kept in fp16 (rtn: "
+    "exactly this fraction, largest magnitudes).",
+)
+@click.option(
+    "--outlier-threshold",
+    type=click.FloatRange(0.0, min_open=True),
+    help="SpQR's tau (gptq): keep weights whose Hessian-normalised error exceeds "
+    "tau x the layer mean. Lower = more outliers.",
+)
+@click.option("--no-outliers", is_flag=True, help="Turn outliers off (threshold and budget).")
+@click.option(
+    "--perm-order",
+    type=click.Choice(["identity", "act_order"]),
+    help="Column order of the gptq solver; act_order stores a permutation.",
+)
+@click.option(
+    "--percdamp", type=click.FloatRange(0.0), help="Hessian damping, relative to the mean diagonal."
 )
 @click.option(
     "--keep-dense",
@@ -125,7 +152,7 @@ def main() -> None:
     multiple=True,
     metavar="GLOB",
     help="Tensors to store unquantized (repeatable; replaces the default "
-    f"{', '.join(DEFAULT_KEEP_DENSE)}). 1-D tensors are always kept dense.",
+    f"{', '.join(DEFAULT_KEEP_DENSE)}). Tensors that are not 2-D always stay dense.",
 )
 @click.option(
     "--report",
@@ -138,128 +165,236 @@ def main() -> None:
 def encode(
     input_path,
     output,
+    preset,
+    hessian_path,
     method,
     bits,
     group_size,
     stats_bits,
     stats_group_size,
     outlier_fraction,
+    outlier_threshold,
+    no_outliers,
+    perm_order,
+    percdamp,
     keep_dense,
     report_path,
     quiet,
 ):
     """Quantize the 2-D weights of a safetensors file into a .spqr file.
 
-    Tensors matching --keep-dense and all tensors that are not 2-D are stored as they are
-    (encoding raw); the rest are quantized (encoding bilevel).
+    Tensors matching --keep-dense, and all tensors that are not 2-D, are stored as they are
+    (encoding raw); the rest are quantized (encoding bilevel). The report gives, per tensor,
+    bits/weight (SPEC section 8), outlier %, relative weight error and, with Hessians, the
+    relative output error tr((W-Q) H (W-Q)^T) / tr(W H W^T).
 
     \b
-    Example (SpQR-like 3-bit, 16x16 bilevel statistics, 1% outliers):
-      spqr encode model.safetensors -o model.spqr --bits 3 --group-size 16 \\
-           --stats-bits 3 --stats-group-size 16 --outlier-fraction 0.01
+    Examples:
+      spqr encode model.safetensors -o model.spqr                 # RTN, SpQR 3-bit layout
+      spqr calibrate acts.safetensors -o H.safetensors
+      spqr encode model.safetensors --hessians H.safetensors --preset spqr-3bit -o model.spqr
+      spqr encode model.safetensors --preset gptq-4bit-g128 --hessians H.safetensors \\
+           --perm-order identity -o model.spqr
     """
-    from spqr_format.codec.rtn import encode_rtn
+    import warnings
+
+    from spqr_format.codec.presets import EncoderConfig, encode_tensor, get_preset
     from spqr_format.safetensors_io import SafetensorsFile
 
+    overrides = {
+        k: v
+        for k, v in dict(
+            method=method, bits=bits, group_size=group_size, stats_bits=stats_bits,
+            stats_group_size=stats_group_size, outlier_budget=outlier_fraction,
+            outlier_threshold=outlier_threshold, perm_order=perm_order, percdamp=percdamp,
+        ).items()
+        if v is not None
+    }  # fmt: skip
+    if no_outliers:
+        overrides.update(outlier_budget=None, outlier_threshold=None)
+    if stats_bits == 0:
+        overrides["stats_group_size"] = 0
+    base = get_preset(preset or DEFAULT_CONFIG["preset"])
+    if stats_bits and stats_group_size is None and base.stats_group_size == 0:
+        overrides["stats_group_size"] = 16  # turning bilevel statistics on: SpQR's tile height
+    if overrides.get("method") == "rtn":
+        overrides.setdefault("perm_order", "identity")
+        overrides.setdefault("outlier_threshold", None)
+    config: EncoderConfig = base.with_overrides(**overrides)
     patterns = keep_dense or DEFAULT_KEEP_DENSE
-    settings = {
-        "bits": bits,
-        "group_size": group_size,
-        "stats_bits": stats_bits,
-        "stats_group_size": stats_group_size if stats_bits else 0,
-        "outlier_fraction": outlier_fraction,
-        "keep_dense": list(patterns),
-    }
-    rows = []
-    with SafetensorsFile(input_path) as src:
-        metadata = {
-            "provenance.tool": "spqr-format",
-            "provenance.tool_version": __version__,
-            "encoder.method": method,
-            "encoder.settings": settings,
-        }
-        if src.metadata:
-            metadata["model.safetensors_metadata"] = dict(src.metadata)
-        with (
-            api.SpqrWriter(output, metadata=metadata) as writer,
-            _progress(src.names(), "encoding") as names,
-        ):
-            for name in names:
-                st = src.get(name)
-                if st.dtype not in ("float32", "float16", "bfloat16"):
-                    raise BadInputError(
-                        f"dtype {st.dtype} cannot be stored: .spqr holds float32, float16 and "
-                        "bfloat16 tensors (SPEC C-3.3)",
-                        path=input_path,
-                        tensor=name,
+    hessians = SafetensorsFile(hessian_path) if hessian_path else None
+    rows, notices = [], []
+    try:
+        with SafetensorsFile(input_path) as src:
+            metadata = {
+                "provenance.tool": "spqr-format",
+                "provenance.tool_version": __version__,
+                "encoder.method": config.method,
+                "encoder.preset": config.preset,
+                "encoder.settings": config.to_dict(),
+                "encoder.keep_dense": list(patterns),
+            }
+            if src.metadata:
+                metadata["model.safetensors_metadata"] = dict(src.metadata)
+            with (
+                api.SpqrWriter(output, metadata=metadata) as writer,
+                _progress(src.names(), "encoding") as names,
+            ):
+                for name in names:
+                    st = src.get(name)
+                    if st.dtype not in ("float32", "float16", "bfloat16"):
+                        raise BadInputError(
+                            f"dtype {st.dtype} cannot be stored: .spqr holds float32, float16 "
+                            "and bfloat16 tensors (SPEC C-3.3)",
+                            path=input_path,
+                            tensor=name,
+                        )
+                    dtype = spec.DTYPE_BY_NAME[st.dtype]
+                    quantize = len(st.shape) == 2 and not any(
+                        fnmatch.fnmatchcase(name, p) for p in patterns
                     )
-                dtype = spec.DTYPE_BY_NAME[st.dtype]
-                quantize = len(st.shape) == 2 and not any(
-                    fnmatch.fnmatchcase(name, p) for p in patterns
-                )
-                if not quantize:
-                    writer.add(name, api.RawTensor(dtype, st.data))
-                    rows.append(_row(name, st.shape, "raw", 8 * spec.DTYPE_SIZES[dtype], 0, 0.0))
-                    continue
-                weight = st.to_float32()
-                tensor = encode_rtn(
-                    weight,
-                    bits=bits,
-                    group_size=group_size,
-                    stats_bits=stats_bits,
-                    stats_group_size=stats_group_size if stats_bits else 0,
-                    outlier_fraction=outlier_fraction,
-                    dtype=dtype,
-                    name=name,
-                )
-                writer.add(name, tensor)
-                rows.append(_quant_row(name, weight, tensor))
-            metadata["encoder.report"] = rows
-            writer.set_metadata(metadata)
+                    if not quantize:
+                        writer.add(name, api.RawTensor(dtype, st.data))
+                        rows.append(_dense_row(name, st.shape, dtype))
+                        continue
+                    hessian = _hessian_for(hessians, name, hessian_path)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        tensor, report = encode_tensor(
+                            st.to_float32(), config, hessian, name, dtype=dtype
+                        )
+                    notices.extend(str(w.message) for w in caught)
+                    writer.add(name, tensor)
+                    rows.append({"name": name, "encoding": "bilevel", **report})
+                metadata["encoder.report"] = rows
+                writer.set_metadata(metadata)
+    finally:
+        if hessians is not None:
+            hessians.close()
+    for notice in dict.fromkeys(notices):
+        click.echo(f"warning: {notice}", err=True)
     if report_path:
-        with open(report_path, "w") as f:
-            json.dump({"settings": settings, "tensors": rows}, f, indent=2)
+        _write_json_atomic(report_path, {"settings": config.to_dict(), "tensors": rows})
     if not quiet:
         _print_table(
-            ["tensor", "shape", "encoding", "bits/w", "outliers %", "rel. error"],
+            ["tensor", "shape", "encoding", "bits/w", "outliers %", "rel. W err", "rel. out err"],
             [
                 [
                     r["name"],
                     "x".join(map(str, r["shape"])),
                     r["encoding"],
                     f"{r['bits_per_weight']:.3f}",
-                    f"{100 * r['outlier_fraction']:.3f}",
+                    f"{r['outlier_percent']:.3f}",
                     f"{r['relative_weight_error']:.4g}",
+                    "-"
+                    if r["relative_output_error"] is None
+                    else f"{r['relative_output_error']:.4g}",
                 ]
                 for r in rows
             ],
         )
 
 
-def _row(name, shape, encoding, bpw, outliers, rel_error) -> dict:
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+def _hessian_for(hessians, name: str, path: str | None):
+    """The Hessian of tensor ``name`` (read lazily from the mmap'd file) or None."""
+    if hessians is None or name not in hessians.names():
+        return None
+    h = hessians.get(name)
+    if h.dtype not in ("float32", "float64") or len(h.shape) != 2:
+        raise BadInputError(
+            f"Hessian must be a 2-D float32/float64 matrix, got {h.dtype}{list(h.shape)}",
+            path=path,
+            tensor=name,
+        )
+    return h.data
+
+
+def _dense_row(name: str, shape, dtype) -> dict:
     return {
         "name": name,
+        "encoding": "raw",
         "shape": list(shape),
-        "encoding": encoding,
-        "bits_per_weight": float(bpw),
-        "outlier_fraction": outliers / count if count else 0.0,
-        "relative_weight_error": float(rel_error),
+        "bits_per_weight": float(8 * spec.DTYPE_SIZES[dtype]),
+        "outliers": 0,
+        "outlier_percent": 0.0,
+        "relative_weight_error": 0.0,
+        "relative_output_error": None,
     }
 
 
-def _quant_row(name: str, weight: np.ndarray, tensor) -> dict:
-    from spqr_format.codec.packing import pack
-    from spqr_format.codec.reference import decode_bilevel
+def _write_json_atomic(path: str, doc: dict) -> None:
+    import os
+    import tempfile
 
-    packed = pack(tensor)
-    decoded = decode_bilevel(packed, spec.DType.FLOAT32)
-    denom = float(np.linalg.norm(weight))
-    err = float(np.linalg.norm(decoded - weight)) / denom if denom else 0.0
-    nbytes = sum(a.nbytes for _, a in packed.sections())
-    return _row(
-        name, weight.shape, "bilevel", 8 * nbytes / weight.size, packed.header.outlier_count, err
-    )
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------
+# calibrate
+# --------------------------------------------------------------------------------------
+@main.command()
+@click.argument(
+    "inputs",
+    metavar="ACTIVATIONS.safetensors...",
+    nargs=-1,
+    required=True,
+    type=click.Path(dir_okay=False),
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output Hessian file (safetensors, written atomically).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float64", "float32"]),
+    default="float64",
+    show_default=True,
+    help="Storage dtype of the Hessians.",
+)
+@handle_errors
+def calibrate(inputs, output, dtype):
+    """Accumulate layer Hessians H = (2/N) sum x x^T from recorded input activations.
+
+    Each activation tensor is named after the weight it feeds (for example
+    model.layers.0.mlp.down_proj.weight) and has shape [..., in_features]; every row is one
+    token. Batches accumulate: the same name in several files, or NAME::k for several batches
+    in one file. Accumulation is float64 and streams, one tensor at a time.
+
+    \b
+    Example:
+      spqr calibrate acts-0.safetensors acts-1.safetensors -o H.safetensors
+      spqr encode model.safetensors --hessians H.safetensors --preset spqr-3bit -o m.spqr
+    """
+    from spqr_format.codec.hessian import HessianAccumulator, save_hessians
+    from spqr_format.safetensors_io import SafetensorsFile
+
+    accumulators: dict[str, HessianAccumulator] = {}
+    for path in inputs:
+        with SafetensorsFile(path) as src, _progress(src.names(), f"reading {path}") as names:
+            for key in names:
+                name = key.split("::", 1)[0]
+                acc = accumulators.setdefault(name, HessianAccumulator(name=name))
+                try:
+                    acc.add(src.get(key).to_float32())
+                except SpqrError as err:
+                    raise err.with_context(path=path) from None
+    save_hessians(output, accumulators, dtype=dtype)
+    for name, acc in accumulators.items():
+        click.echo(f"{name}: {acc.in_features}x{acc.in_features} from {acc.tokens} tokens")
 
 
 def _print_table(headers: list[str], rows: list[list[str]]) -> None:

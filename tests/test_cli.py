@@ -223,3 +223,71 @@ def test_info_on_a_multi_gib_file_reads_only_the_header(tmp_path):
     assert doc["file_size"] == size and doc["tensor_count"] == 20
     assert abs(doc["bits_per_weight_quantized"] - (8 + 6 / 16 + 64 / 256)) < 1e-9
     assert elapsed < 1.0
+
+
+def _activations(path: pathlib.Path, names_in: dict[str, int], tokens: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, n in names_in.items():
+        x = rng.standard_normal((tokens, n)).astype(np.float32)
+        x[:, :4] *= 8.0  # a few high-magnitude input features, as in real LLM activations
+        tensors[name] = ("float32", x)
+    write_safetensors(path, tensors)
+
+
+def test_calibrate_then_spqr_preset_encodes_with_outliers_and_output_error(tmp_path):
+    src = tmp_path / "model.safetensors"
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_t(4, size=(64, 96)).astype(np.float32)
+    w2 = rng.standard_t(4, size=(32, 64)).astype(np.float32)
+    write_safetensors(src, {"a.weight": ("float16", w1.astype(np.float16)),
+                            "b.weight": ("float32", w2)})  # fmt: skip
+    _activations(tmp_path / "acts0.safetensors", {"a.weight": 96}, 200, 0)
+    _activations(tmp_path / "acts1.safetensors", {"a.weight": 96}, 100, 1)
+    hess = tmp_path / "H.safetensors"
+    result = run("calibrate", str(tmp_path / "acts0.safetensors"),
+                 str(tmp_path / "acts1.safetensors"), "-o", str(hess))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "a.weight: 96x96 from 300 tokens" in result.output
+    out, report = tmp_path / "m.spqr", tmp_path / "r.json"
+    result = run("encode", str(src), "-o", str(out), "--hessians", str(hess),
+                 "--preset", "spqr-3bit", "--report", str(report))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # b.weight has no Hessian: RTN fallback, with a warning naming it
+    assert "warning:" in result.output and "b.weight" in result.output
+    doc = json.loads(report.read_text())
+    rows = {r["name"]: r for r in doc["tensors"]}
+    assert doc["settings"]["preset"] == "spqr-3bit"
+    assert rows["a.weight"]["method"] == "gptq" and rows["a.weight"]["outliers"] > 0
+    assert 0 < rows["a.weight"]["relative_output_error"] < 0.1
+    assert rows["b.weight"]["fallback"] is True and rows["b.weight"]["method"] == "rtn"
+    with api.open_file(out) as f:
+        assert f.info("a.weight").params["permutation"]  # act_order
+        assert f.metadata["encoder.preset"] == "spqr-3bit"
+        f.verify("a.weight")
+        f.verify("b.weight")
+
+
+def test_preset_overrides_are_recorded(tmp_path):
+    out = tmp_path / "o.spqr"
+    result = run("encode", str(SAMPLE), "-o", str(out), "--preset", "rtn-4bit-g128",
+                 "--group-size", "64", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with api.open_file(out) as f:
+        settings = f.metadata["encoder.settings"]
+        assert settings["preset"] == "rtn-4bit-g128" and settings["group_size"] == 64
+        p = f.info("model.layers.0.mlp.up_proj.weight").params
+        assert (p["bits"], p["group_size"], p["stats_bits"]) == (4, 64, 0)
+
+
+def test_hessian_shape_mismatch_names_the_tensor(tmp_path):
+    src = tmp_path / "model.safetensors"
+    write_safetensors(src, {"a.weight": ("float32", np.ones((8, 32), np.float32))})
+    _activations(tmp_path / "acts.safetensors", {"a.weight": 16}, 50, 0)
+    hess = tmp_path / "H.safetensors"
+    assert run("calibrate", str(tmp_path / "acts.safetensors"), "-o", str(hess)).exit_code == 0
+    out = tmp_path / "m.spqr"
+    result = run("encode", str(src), "-o", str(out), "--hessians", str(hess), "--preset",
+                 "gptq-4bit-g128")  # fmt: skip
+    assert result.exit_code == 2 and "a.weight" in result.output
+    assert not out.exists()
