@@ -323,21 +323,10 @@ def _dense_row(name: str, shape, dtype) -> dict:
 
 
 def _write_json_atomic(path: str, doc: dict) -> None:
-    import os
-    import tempfile
+    from spqr_format.atomic import atomic_output
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path, "w") as f:
+        json.dump(doc, f, indent=2)
 
 
 # --------------------------------------------------------------------------------------

@@ -12,12 +12,12 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from spqr_format.atomic import commit, create_temp_beside, remove_quietly
 from spqr_format.errors import BadInputError, IoError
 
 # safetensors dtype name -> (numpy storage dtype, our dtype name)
@@ -169,11 +169,8 @@ class SafetensorsWriter:
             header["__metadata__"] = dict(metadata)
         blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
         blob += b" " * (-len(blob) % 8)  # the buffer starts 8-byte aligned, as safetensors does
-        directory = os.path.dirname(os.path.abspath(self.path))
         try:
-            fd, self._tmp = tempfile.mkstemp(
-                prefix="." + os.path.basename(self.path) + ".tmp-", dir=directory
-            )
+            fd, self._tmp = create_temp_beside(self.path)
         except OSError as exc:
             raise IoError(f"cannot create a file next to it: {exc}", path=self.path) from exc
         self._file = os.fdopen(fd, "wb")
@@ -204,13 +201,12 @@ class SafetensorsWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self._tmp, self.path)
+        commit(self._tmp, self.path)
 
     def abort(self) -> None:
         if not self._file.closed:
             self._file.close()
-        if os.path.exists(self._tmp):
-            os.unlink(self._tmp)
+        remove_quietly(self._tmp)
 
     def __enter__(self) -> SafetensorsWriter:
         return self

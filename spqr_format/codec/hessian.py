@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 
 import numpy as np
 
+from spqr_format.atomic import atomic_output
 from spqr_format.errors import BadInputError, IoError
 
 # Rows converted to f64 at a time: bounds the temporary copy at 64 MiB for n = 4096 (tokens x n).
@@ -192,30 +192,8 @@ def save_hessians(
     info = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "tokens": tokens}
     meta = {META_KEY: json.dumps(info, sort_keys=True, separators=(",", ":"))}
     data = save(tensors, metadata=meta)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-hessians-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    # Make the rename itself durable.
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with atomic_output(path) as f:
+        f.write(data)
 
 
 def load_hessians(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

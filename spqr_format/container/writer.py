@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import operator
 import os
-import secrets
 import struct
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from spqr_format import spec
+from spqr_format.atomic import commit, create_temp_beside, remove_quietly
 from spqr_format.container.layout import (
     DIGEST_SIZE,
     PARAMS_SIZE,
@@ -63,22 +63,13 @@ _VALID_ROLES = frozenset(int(r) for r in spec.Role)
 _VALID_DTYPES = frozenset(int(d) for d in spec.DType)
 
 
-def _remove_quietly(path: str | None) -> None:
-    if path is None:
-        return
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def _discard_spool(spool: Any, path: str) -> None:
     """Close and delete the spool (also run by weakref.finalize if a writer is dropped)."""
     try:
         spool.close()
     except OSError:
         pass
-    _remove_quietly(path)
+    remove_quietly(path)
 
 
 def _write_all(fd: int, data: Any, offset: int) -> None:
@@ -119,18 +110,6 @@ def _copy_fd(src: int, dst: int, src_off: int, dst_off: int, count: int) -> None
             raise OSError(errno.EIO, "spool file is shorter than the data written to it")
         _write_all(dst, chunk, dst_off + done)
         done += len(chunk)
-
-
-def _fsync_dir(path: str) -> None:
-    # Makes the rename durable. Not every platform can open a directory; skip there.
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _byte_view(buf: Any) -> memoryview:
@@ -435,17 +414,6 @@ class ContainerWriter:
         struct.pack_into("<I", header, spec.HEADER_CRC_OFFSET, crc)
         return bytes(header)
 
-    def _create_temp(self) -> tuple[int, str]:
-        # Not mkstemp: that creates mode 0600; this honours the umask like a plain open().
-        for _ in range(16):
-            path = os.path.join(self._dir, f".{self._base}.tmp-{secrets.token_hex(8)}")
-            try:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-                return os.open(path, flags, 0o666), path
-            except FileExistsError:
-                continue
-        raise OSError(errno.EEXIST, "cannot find a free temporary file name")
-
     def close(self) -> None:
         """Write the file and put it in place atomically. A second call does nothing."""
         if self._state == "closed":
@@ -455,7 +423,7 @@ class ContainerWriter:
         done = False
         try:
             header = self._header()
-            fd, tmp_path = self._create_temp()
+            fd, tmp_path = create_temp_beside(self.path)
             try:
                 _write_all(fd, header, 0)
                 self._spool.flush()
@@ -463,14 +431,13 @@ class ContainerWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp_path, self.path)
+            commit(tmp_path, self.path)
             tmp_path = None
             done = True
-            _fsync_dir(self._dir)
         except OSError as exc:
             raise IoError(f"cannot write: {exc.strerror or exc}", path=self.path) from exc
         finally:
-            _remove_quietly(tmp_path)
+            remove_quietly(tmp_path)
             self._finalizer()
             self._state = "closed" if done else "aborted"
 
