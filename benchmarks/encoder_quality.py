@@ -31,8 +31,9 @@ import warnings
 import numpy as np
 
 from spqr_format.codec.hessian import HessianAccumulator
+from spqr_format.codec.packing import pack
 from spqr_format.codec.presets import PRESETS, encode_tensor, get_preset
-from spqr_format.codec.quantizer import decode_logical
+from spqr_format.codec.reference import decode_bilevel_f32
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
 
@@ -210,7 +211,7 @@ def evaluate(layers, rows):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 t, rep = encode_tensor(w, cfg, hc, name=name)
-            d = w - decode_logical(t)
+            d = w - decode_bilevel_f32(pack(t))
             num_c += _trace(d, hc)
             den_c += _trace(w, hc)
             num_t += _trace(d, ht)

@@ -20,16 +20,17 @@ from spqr_format.codec.hessian import (
     save_hessians,
     validate_hessian,
 )
+from spqr_format.codec.packing import pack
 from spqr_format.codec.presets import (
     PRESETS,
     EncoderConfig,
     bits_per_weight,
     encode_tensor,
     get_preset,
-    outlier_entry_count,
     relative_output_error,
 )
-from spqr_format.codec.quantizer import decode_logical, f16_round_scalar
+from spqr_format.codec.quantizer import f16_round_scalar
+from spqr_format.codec.reference import decode_bilevel_f32
 from spqr_format.errors import BadInputError, IoError
 
 
@@ -100,7 +101,7 @@ def test_reconstruction_is_the_decode_and_deterministic():
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(a.outliers.rows, b.outliers.rows)
     np.testing.assert_array_equal(a.outliers.values, b.outliers.values)
-    dec = decode_logical(a)
+    dec = decode_bilevel_f32(pack(a))
     np.testing.assert_array_equal(info["reconstruction_permuted"], dec[:, a.perm.astype(np.int64)])
     assert int(a.codes.max()) < 8 and int(a.stats.max()) < 8
     assert np.isfinite(a.stats2.astype(np.float32)).all()
@@ -129,7 +130,7 @@ def test_outliers_on_beat_off_and_spqr_beats_rtn():
     assert r_off["relative_output_error"] < r_rtn["relative_output_error"]
     # The report's output error is the decoded tensor's.
     assert r_on["relative_output_error"] == pytest.approx(
-        out_err(w, decode_logical(on), h), rel=1e-3
+        out_err(w, decode_bilevel_f32(pack(on)), h), rel=1e-3
     )
     # n = 256: 2G = 32 statistics codes still take a whole 128-element packed row (C-5.5).
     assert r_rtn["bits_per_weight"] == 3 + 12 * 32 / 256 + 64 * 8 * 16 / (128 * 256)
@@ -149,7 +150,9 @@ def test_outlier_budget_caps_count():
         w, h, bits=3, group_size=16, perm_order="act_order", percdamp=1.0,
         outlier_threshold=0.2, outlier_budget=0.005,
     )  # fmt: skip
-    assert out_err(w, decode_logical(capped), h) < out_err(w, decode_logical(base), h)
+    assert out_err(w, decode_bilevel_f32(pack(capped)), h) < out_err(
+        w, decode_bilevel_f32(pack(base)), h
+    )
 
 
 def test_act_order_perm_and_decode_approximates_w():
@@ -158,7 +161,7 @@ def test_act_order_perm_and_decode_approximates_w():
     assert t.perm.dtype == np.uint32
     np.testing.assert_array_equal(np.sort(t.perm), np.arange(96))
     np.testing.assert_array_equal(t.perm, np.argsort(-np.diag(h), kind="stable"))
-    dec = decode_logical(t)
+    dec = decode_bilevel_f32(pack(t))
     assert np.linalg.norm(dec - w) / np.linalg.norm(w) < 0.2
     assert out_err(w, dec, h) < 0.02
 
@@ -175,7 +178,7 @@ def test_dead_columns_and_awkward_shapes():
     ):
         info: dict = {}
         t = encode_gptq(w, h, perm_order="act_order", **kw, info=info)
-        dec = decode_logical(t)
+        dec = decode_bilevel_f32(pack(t))
         assert info["dead_columns"] == 2
         # Dead columns are zeroed (GPTQ): they decode to the code nearest 0.
         dd = dec[:, [5, 40]]
@@ -226,7 +229,7 @@ def test_non_psd_hessian_is_damped_with_warning():
         info: dict = {}
         t = encode_gptq(w, h, bits=4, group_size=8, percdamp=0.0, info=info)
     assert info["extra_damping"] > 0
-    assert np.isfinite(decode_logical(t)).all()
+    assert np.isfinite(decode_bilevel_f32(pack(t))).all()
 
 
 def test_f16_rounding_and_loo_scores():
@@ -274,7 +277,7 @@ def test_gptq_property(m, n, bits, g, sb, tau, order, seed):
         perm_order=order, outlier_threshold=tau, block_size=8, info=info,
     )  # fmt: skip
     assert int(t.codes.max()) < 2**bits
-    dec = decode_logical(t)
+    dec = decode_bilevel_f32(pack(t))
     assert np.isfinite(dec).all()
     perm = np.arange(n) if t.perm is None else t.perm.astype(np.int64)
     np.testing.assert_array_equal(info["reconstruction_permuted"], dec[:, perm])
@@ -372,10 +375,16 @@ def test_presets_valid_and_round_trip():
 
 
 def _blank(shape, params, perm, outliers=None):
+    """A valid all-zero tensor of this geometry (section sizes do not depend on values)."""
     m, n = shape
     g = -(-n // params.group_size)
+    if params.stats_bits:
+        tiles = -(-m // params.stats_group_size)
+        stats, stats2 = np.zeros((m, g, 2), np.uint8), np.zeros((tiles, g, 4), np.float16)
+    else:
+        stats, stats2 = np.zeros((m, g, 2), np.float16), None
     return BilevelTensor(
-        shape, params, np.zeros(shape, np.uint8), np.zeros((m, g, 2), np.uint8), None,
+        shape, params, np.zeros(shape, np.uint8), stats, stats2,
         None if not perm else np.arange(n, dtype=np.uint32), outliers,
     )  # fmt: skip
 
@@ -405,7 +414,7 @@ def test_outlier_entry_count_counts_skips():
     t = _blank((2, 300000), BilevelParams(3, 300000), False, o)
     # row 0: 65534 (delta 65535), 65535 (delta 1), 200000 (gap 134465: two skips); row 1:
     # 65535 (gap 65536: one skip).
-    assert outlier_entry_count(t) == 4 + 2 + 1
+    assert pack(t).header.outlier_entry_count == 4 + 2 + 1
 
 
 def test_encode_tensor_fallback_and_report():
@@ -421,23 +430,25 @@ def test_encode_tensor_fallback_and_report():
     assert set(r) >= {
         "bits_per_weight", "outlier_percent", "relative_weight_error", "relative_output_error",
     }  # fmt: skip
-    assert r["relative_output_error"] == pytest.approx(out_err(w, decode_logical(t), h), rel=1e-4)
+    assert r["relative_output_error"] == pytest.approx(
+        out_err(w, decode_bilevel_f32(pack(t)), h), rel=1e-4
+    )
     assert relative_output_error(w, w, h) == 0.0
     with pytest.raises(BadInputError, match="x"):
         encode_tensor(w, PRESETS["rtn-4bit-g128"], h[:3, :3], name="x")
 
 
-def test_gptq_tensor_decodes_identically_with_reference_decoder():
-    ref = pytest.importorskip("spqr_format.codec.reference")
-    if not hasattr(ref, "dequantize"):
-        pytest.skip("reference decoder has no dequantize yet")
-    from spqr_format.spec import DType
+def test_gptq_output_decodes_identically_in_reference_and_spec_model():
+    """Real SpQR encoder output (perm, outliers, bilevel stats) through both decoders."""
+    import spec_model
 
     w, h = make_problem(40, 300, seed=11)
     t, _ = encode_tensor(w, PRESETS["spqr-3bit"], h)
     assert t.perm is not None and len(t.outliers) > 0
-    got = np.asarray(ref.dequantize(t, DType.FLOAT32))
-    np.testing.assert_array_equal(got, decode_logical(t))
+    packed = pack(t)
+    np.testing.assert_array_equal(
+        decode_bilevel_f32(packed).view(np.uint32), spec_model.decode_f32(packed).view(np.uint32)
+    )
 
 
 def test_inverse_cholesky_upper_factor():
@@ -456,7 +467,7 @@ def test_all_zero_hessian_warns_and_zeroes():
     w, _ = make_problem(8, 32)
     with pytest.warns(RuntimeWarning, match="all zero"):
         t = encode_gptq(w, np.zeros((32, 32)), bits=4, group_size=16, name="z")
-    assert np.abs(decode_logical(t)).max() < 1e-3
+    assert np.abs(decode_bilevel_f32(pack(t))).max() < 1e-3
 
 
 def test_rtn_config_with_budget_and_hessian_report():

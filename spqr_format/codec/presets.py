@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from spqr_format import spec
-from spqr_format.codec.bilevel import BilevelTensor
+from spqr_format.codec.bilevel import BilevelTensor, PackedBilevel
 from spqr_format.codec.gptq import PERM_ORDERS, encode_gptq
 from spqr_format.codec.hessian import validate_hessian
-from spqr_format.codec.quantizer import check_params, decode_logical
+from spqr_format.codec.packing import pack
+from spqr_format.codec.quantizer import check_params
+from spqr_format.codec.reference import decode_bilevel_f32
 from spqr_format.codec.rtn import encode_rtn
 from spqr_format.errors import BadInputError
 from spqr_format.spec import DType
@@ -155,41 +157,13 @@ def get_preset(name: str, **overrides) -> EncoderConfig:
     return PRESETS[name].with_overrides(**overrides) if overrides else PRESETS[name]
 
 
-def outlier_entry_count(t: BilevelTensor) -> int:
-    """Entries ``E`` of the outlier stream (outliers plus skips, SPEC C-6.3)."""
-    o = t.outliers
-    if o is None or len(o) == 0:
-        return 0
-    rows = o.rows.astype(np.int64)
-    cols = o.cols.astype(np.int64)
-    prev = np.empty_like(cols)
-    prev[0] = -1
-    prev[1:] = np.where(rows[1:] == rows[:-1], cols[:-1], -1)  # running column per row
-    gap = cols - prev
-    skips = (gap - 1) // spec.OUTLIER_MAX_DELTA  # skips while the gap exceeds 65535
-    return int(len(o) + skips.sum())
+def section_bits(t: BilevelTensor | PackedBilevel) -> dict[str, int]:
+    """Exact size in bits of each section of ``t`` (SPEC section 8), from its packed form."""
+    packed = pack(t) if isinstance(t, BilevelTensor) else t
+    return {spec.ROLE_NAMES[role]: 8 * a.nbytes for role, a in packed.sections()}
 
 
-def section_bits(t: BilevelTensor) -> dict[str, int]:
-    """Exact size in bits of each section of ``t`` (SPEC section 8)."""
-    m, n = t.shape
-    p = t.params
-    G = -(-n // p.group_size)
-    out = {"codes": 32 * m * spec.packed_row_words(n, p.bits)}
-    if p.stats_bits == 0:
-        out["stats"] = 32 * m * G
-    else:
-        out["stats"] = 32 * m * spec.packed_row_words(2 * G, p.stats_bits)
-        out["stats2"] = 64 * (-(-m // p.stats_group_size)) * G
-    if t.perm is not None:
-        out["perm"] = 32 * n
-    e = outlier_entry_count(t)
-    if e:
-        out["outliers"] = 32 * e + 32 * (m + 1)
-    return out
-
-
-def bits_per_weight(t: BilevelTensor) -> float:
+def bits_per_weight(t: BilevelTensor | PackedBilevel) -> float:
     """Bits per weight of ``t`` by SPEC section 8: all section bits over ``m * n``."""
     m, n = t.shape
     return sum(section_bits(t).values()) / (m * n)
@@ -271,7 +245,8 @@ def encode_tensor(
             **common,
         )
     w = np.asarray(weight, dtype=np.float32)
-    q = decode_logical(t)
+    packed = pack(t)  # reports measure exactly what the file will hold and decode to
+    q = decode_bilevel_f32(packed, validate=False)
     d = q - w
     wn = float(np.sqrt(np.einsum("ij,ij->", w, w, dtype=np.float64)))  # f64 sums, no f64 copy
     dn = float(np.sqrt(np.einsum("ij,ij->", d, d, dtype=np.float64)))
@@ -283,7 +258,7 @@ def encode_tensor(
         "fallback": warning is not None,
         "warning": warning,
         "shape": list(t.shape),
-        "bits_per_weight": bits_per_weight(t),
+        "bits_per_weight": bits_per_weight(packed),
         "outliers": k,
         "outlier_percent": 100.0 * k / (t.shape[0] * t.shape[1]),
         "relative_weight_error": dn / wn if wn > 0 else (0.0 if dn == 0 else math.inf),

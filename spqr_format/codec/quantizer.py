@@ -305,35 +305,3 @@ def check_params(
     except SpqrError as e:
         raise BadInputError(e.message, tensor=name, field=e.field) from None
     return params
-
-
-def decode_logical(t) -> np.ndarray:
-    """Decode a :class:`BilevelTensor` to f32 ``[m, n]`` in original column order (SPEC C-7).
-
-    A small numpy decoder of the logical form for encoder reports and tests; the normative
-    reference decoder of packed tensors is :mod:`spqr_format.codec.reference`.
-    """
-    m, n = t.shape
-    p = t.params
-    g = p.group_size
-    G = -(-n // g)
-    if p.stats_bits == 0:
-        s = t.stats[..., 0].astype(np.float32)
-        z = t.stats[..., 1].astype(np.float32)
-    else:
-        S = p.stats_group_size
-        r2 = np.repeat(t.stats2.astype(np.float32), S, axis=0)[:m]  # [m, G, 4]
-        s = r2[..., 1] + r2[..., 0] * t.stats[..., 0].astype(np.float32)
-        z = r2[..., 3] + r2[..., 2] * t.stats[..., 1].astype(np.float32)
-    col_group = np.arange(n) // g
-    assert s.shape == (m, G)
-    v = dequant(t.codes, s[:, col_group], z[:, col_group])
-    if t.outliers is not None and len(t.outliers):
-        v[t.outliers.rows.astype(np.int64), t.outliers.cols.astype(np.int64)] = (
-            t.outliers.values.astype(np.float32)
-        )
-    if t.perm is not None:
-        out = np.empty_like(v)
-        out[:, t.perm.astype(np.int64)] = v
-        v = out
-    return v
