@@ -291,3 +291,20 @@ def test_hessian_shape_mismatch_names_the_tensor(tmp_path):
                  "gptq-4bit-g128")  # fmt: skip
     assert result.exit_code == 2 and "a.weight" in result.output
     assert not out.exists()
+
+
+def test_spqr_preset_encode_is_byte_identical_across_runs(tmp_path):
+    src = tmp_path / "model.safetensors"
+    w = np.random.default_rng(3).standard_t(4, size=(48, 80)).astype(np.float16)
+    write_safetensors(src, {"a.weight": ("float16", w)})
+    _activations(tmp_path / "acts.safetensors", {"a.weight": 80}, 120, 0)
+    hess = tmp_path / "H.safetensors"
+    assert run("calibrate", str(tmp_path / "acts.safetensors"), "-o", str(hess)).exit_code == 0
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"m{i}.spqr"
+        args = ["encode", str(src), "-o", str(out), "--hessians", str(hess), "--preset",
+                "spqr-3bit", "-q"]  # fmt: skip
+        assert run(*args).exit_code == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
