@@ -360,7 +360,8 @@ class SpqrWriter:
             if isinstance(tensor, np.ndarray):
                 tensor = RawTensor.from_array(tensor)
             if isinstance(tensor, RawTensor):
-                data = np.ascontiguousarray(tensor.data, dtype=_STORAGE[tensor.dtype])
+                # np.require keeps 0-d arrays 0-d (ascontiguousarray makes them 1-d).
+                data = np.require(tensor.data, dtype=_STORAGE[tensor.dtype], requirements="C")
                 self._writer.add_tensor(
                     name,
                     encoding=int(Encoding.RAW),

@@ -399,8 +399,10 @@ def decode_raw(
 def tensor_digest(decoded: np.ndarray) -> bytes:
     """SHA-256 of the elements, C order, little-endian (C-2.12). bf16 as uint16 bit patterns."""
     a = np.asarray(decoded)
-    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-    return hashlib.sha256(memoryview(a).cast("B")).digest()
+    # np.require, not ascontiguousarray: that turns a 0-d array into 1-d. reshape(-1) + a
+    # uint8 view also serves zero-size arrays, which memoryview.cast refuses.
+    a = np.require(a, dtype=a.dtype.newbyteorder("<"), requirements="C")
+    return hashlib.sha256(a.reshape(-1).view(np.uint8)).digest()
 
 
 def f32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
