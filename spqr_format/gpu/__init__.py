@@ -1,0 +1,42 @@
+"""GPU decoder and fused matvec/matmul for ``bilevel`` tensors.
+
+The kernels are plain CUDA C (``kernels/spqr_kernels.cu``, documented in
+``kernels/spqr_gpu.h``) and have no Python dependency. This package adds:
+
+* :class:`GpuTensor` (CuPy): upload a tensor's sections, ``dequantize``, ``matvec``, ``matmul``;
+* :mod:`spqr_format.gpu.nn` (torch): ``SpQRLinear`` and ``replace_linear``.
+
+Importing this package needs neither CuPy nor torch; using :class:`GpuTensor` needs CuPy and a
+CUDA device, and raises ImportError with an explanation otherwise.
+"""
+
+from __future__ import annotations
+
+from spqr_format.gpu._kernels import KERNEL_DIR, KERNEL_SOURCE, all_kernel_names, matvec_supported
+
+__all__ = [
+    "GpuTensor",
+    "KERNEL_DIR",
+    "KERNEL_SOURCE",
+    "all_kernel_names",
+    "available",
+    "matvec_supported",
+]
+
+
+def available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def __getattr__(name: str):
+    if name == "GpuTensor":
+        from spqr_format.gpu.tensor import GpuTensor
+
+        return GpuTensor
+    raise AttributeError(f"module 'spqr_format.gpu' has no attribute {name!r}")

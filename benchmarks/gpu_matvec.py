@@ -1,0 +1,281 @@
+"""Benchmark of the fused SpQR matvec/matmul kernels against cuBLAS fp16 on the same GPU.
+
+For each shape (out x in) and batch: the time of one call, measured as CUDA-graph replays of
+back-to-back calls that rotate through >= --rotate-gib of weight copies (so L2, 60 MiB on an
+H200, stays cold); GB/s of compressed bytes read; % of the streaming-read bandwidth measured
+in the same run; speedup over cuBLAS fp16 (torch ``F.linear`` on fp16 weight copies, also
+rotated and graphed). Also the dequantize kernel's bandwidth. Writes JSON and, when
+matplotlib is available, a plot of speedup vs batch per shape.
+
+    python benchmarks/gpu_matvec.py --out results.json --plot speedup.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cupy as cp  # noqa: E402
+
+from spqr_format.gpu import GpuTensor  # noqa: E402
+from spqr_format.gpu.synth import random_packed  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
+BATCHES = [1, 4, 16, 64]
+
+_READ_SRC = r"""
+extern "C" __global__ void stream_read(const uint4* __restrict__ p, long long n, unsigned* out) {
+  unsigned acc = 0;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    uint4 v = __ldcs(p + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) out[0] = acc;  // keeps the loads alive
+}
+"""
+
+
+def _time_graph(record, reps: int, stream) -> list[float]:
+    """Capture ``record()`` into a graph on ``stream`` and time ``reps`` replays (ms each)."""
+    with stream:
+        record()  # warm-up outside capture (compilation, handles)
+        stream.synchronize()
+        stream.begin_capture()
+        record()
+        graph = stream.end_capture()
+    graph.launch(stream)
+    stream.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record(stream)
+        graph.launch(stream)
+        b.record(stream)
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b))
+    return times
+
+
+def streaming_read_gbs(gib: float, stream) -> float:
+    n16 = int(gib * (1 << 30)) // 16
+    buf = cp.random.randint(0, 2**31, size=n16 * 4, dtype=np.int32).view(np.uint32)
+    out = cp.zeros(1, dtype=np.uint32)
+    k = cp.RawKernel(_READ_SRC, "stream_read")
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+
+    def rec():
+        k((sms * 8,), (512,), (buf, np.int64(n16), out))
+
+    t = statistics.median(_time_graph(rec, 30, stream))
+    return n16 * 16 / (t * 1e-3) / 1e9
+
+
+def _clone(g: GpuTensor) -> GpuTensor:
+    import dataclasses
+
+    kw = {
+        f.name: (
+            getattr(g, f.name).copy()
+            if isinstance(getattr(g, f.name), cp.ndarray)
+            else getattr(g, f.name)
+        )
+        for f in dataclasses.fields(g)
+    }
+    return GpuTensor(**kw)
+
+
+def bench_shape(m, n, batches, rotate_bytes, reps, stream, torch, args) -> list[dict]:
+    t0 = time.time()
+    p = random_packed(
+        m,
+        n,
+        bits=args.bits,
+        group_size=args.group_size,
+        stats_bits=args.stats_bits,
+        stats_group_size=args.stats_group_size,
+        outlier_fraction=args.outliers,
+        seed=m + n,
+    )
+    g0 = GpuTensor.from_packed(p, validate=False)
+    ncopy = max(2, math.ceil(rotate_bytes / g0.nbytes))
+    copies = [g0] + [_clone(g0) for _ in range(ncopy - 1)]
+    # the copies were made on CuPy's default stream; `stream` does not wait for it
+    cp.cuda.Device().synchronize()
+    comp_bytes = g0.nbytes
+    rows = []
+    # dequantize bandwidth (bytes read + fp16 written), rotating the compressed copies
+    wout = cp.empty((m, n), dtype=cp.float16)
+
+    def rec_deq():
+        for c in copies:
+            c.dequantize_into(wout.data.ptr, n, 1)
+
+    td = statistics.median(_time_graph(rec_deq, reps, stream)) / ncopy
+    deq_gbs = (comp_bytes + 2 * m * n) / (td * 1e-3) / 1e9
+
+    wcopies = None
+    if torch is not None:
+        nw = max(2, math.ceil(rotate_bytes / (2 * m * n)))
+        w_fp16 = torch.randn(m, n, device="cuda", dtype=torch.float16) * 0.02
+        wcopies = [w_fp16] + [w_fp16.clone() for _ in range(nw - 1)]
+
+    for batch in batches:
+        x = cp.asarray(np.random.default_rng(batch).standard_normal((batch, n)), dtype=cp.float16)
+        y = cp.empty((batch, m), dtype=cp.float16)
+        ws = cp.empty(g0.workspace_bytes(batch) // 4, dtype=cp.float32)
+        cp.cuda.Device().synchronize()
+
+        def rec(cs=copies, x=x, y=y, ws=ws, batch=batch):
+            for c in cs:
+                c.matmul_into(x.data.ptr, n, 1, y.data.ptr, m, 1, batch, ws.data.ptr)
+
+        t = statistics.median(_time_graph(rec, reps, stream)) / ncopy
+        hot = statistics.median(_time_graph(lambda: rec([g0] * ncopy), reps, stream)) / ncopy
+        row = dict(
+            shape=[m, n],
+            batch=batch,
+            us=t * 1e3,
+            us_l2_hot=hot * 1e3,
+            compressed_bytes=comp_bytes,
+            bits_per_weight=8 * comp_bytes / (m * n),
+            gbs=comp_bytes / (t * 1e-3) / 1e9,
+            copies=ncopy,
+            dequant_us=td * 1e3,
+            dequant_gbs=deq_gbs,
+        )
+        if wcopies is not None:
+            xt = torch.randn(batch, n, device="cuda", dtype=torch.float16)
+            for w in wcopies:  # warm-up (cuBLAS handle, heuristics)
+                torch.nn.functional.linear(xt, w)
+            torch.cuda.synchronize()
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                for w in wcopies:
+                    torch.nn.functional.linear(xt, w)
+            gr.replay()
+            torch.cuda.synchronize()
+            tt = []
+            for _ in range(reps):
+                a = torch.cuda.Event(enable_timing=True)
+                b = torch.cuda.Event(enable_timing=True)
+                a.record()
+                gr.replay()
+                b.record()
+                b.synchronize()
+                tt.append(a.elapsed_time(b))
+            tc = statistics.median(tt) / len(wcopies)
+            row["cublas_us"] = tc * 1e3
+            row["cublas_gbs"] = 2 * m * n / (tc * 1e-3) / 1e9
+            row["speedup"] = tc / t
+            del gr
+        rows.append(row)
+    copies.clear()
+    wcopies = None
+    cp.get_default_memory_pool().free_all_blocks()
+    if torch is not None:
+        torch.cuda.empty_cache()
+    print(f"# shape {m}x{n} done in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="gpu_matvec.json")
+    ap.add_argument("--plot", default=None, help="PNG path (needs matplotlib)")
+    ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x28672")
+    ap.add_argument("--batches", default=None, help="e.g. 1,4,16,64")
+    ap.add_argument("--rotate-gib", type=float, default=1.0)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=16)
+    ap.add_argument("--stats-bits", type=int, default=3)
+    ap.add_argument("--stats-group-size", type=int, default=16)
+    ap.add_argument("--outliers", type=float, default=0.01)
+    ap.add_argument("--no-torch", action="store_true")
+    args = ap.parse_args(argv)
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else BATCHES
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch  # noqa: F811
+        except ImportError:
+            print("# torch not available: no cuBLAS baseline", file=sys.stderr)
+    stream = cp.cuda.Stream(non_blocking=False)
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    read_gbs = streaming_read_gbs(2.0, stream)
+    rows = []
+    for m, n in shapes:
+        rows += bench_shape(
+            m, n, batches, args.rotate_gib * (1 << 30), args.reps, stream, torch, args
+        )
+    for r in rows:
+        r["pct_stream_read"] = 100 * r["gbs"] / read_gbs
+        r["dequant_pct_stream_read"] = 100 * r["dequant_gbs"] / read_gbs
+    result = dict(
+        device=props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+        streaming_read_gbs=read_gbs,
+        config=dict(
+            bits=args.bits,
+            group_size=args.group_size,
+            stats_bits=args.stats_bits,
+            stats_group_size=args.stats_group_size,
+            outlier_fraction=args.outliers,
+            perm=True,
+            rotate_gib=args.rotate_gib,
+        ),
+        results=rows,
+    )
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"device {result['device']}, streaming read {read_gbs:.0f} GB/s")
+    hdr = (
+        f"{'shape':>12} {'b':>3} {'us':>8} {'GB/s':>7} {'%read':>6} {'cuBLAS us':>9} {'speedup':>7}"
+    )
+    print(hdr + f" {'L2hot us':>8} {'deq us':>7} {'deq %':>6}")
+    for r in rows:
+        print(
+            f"{r['shape'][0]:>5}x{r['shape'][1]:<6} {r['batch']:>3} {r['us']:8.1f} "
+            f"{r['gbs']:7.0f} {r['pct_stream_read']:6.1f} {r.get('cublas_us', float('nan')):9.1f} "
+            f"{r.get('speedup', float('nan')):7.2f} {r['us_l2_hot']:8.1f} {r['dequant_us']:7.1f} "
+            f"{r['dequant_pct_stream_read']:6.1f}"
+        )
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("# matplotlib not available: no plot", file=sys.stderr)
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for m, n in shapes:
+                rs = [r for r in rows if r["shape"] == [m, n] and "speedup" in r]
+                ax.plot(
+                    [r["batch"] for r in rs], [r["speedup"] for r in rs], "o-", label=f"{m}x{n}"
+                )
+            ax.set_xscale("log", base=2)
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xlabel("batch")
+            ax.set_ylabel("speedup over cuBLAS fp16")
+            ax.set_title(f"SpQR fused kernels, {result['device']}")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(args.plot, dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

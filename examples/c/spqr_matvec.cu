@@ -1,0 +1,116 @@
+// spqr_matvec.cu -- embedding proof: read one bilevel tensor from a .spqr file with a C reader,
+// upload its sections unchanged, run the fused matvec (spqr_gpu.h level 2) and print a
+// checksum.  No Python.  Build (see Makefile):
+//
+//   nvcc -O2 -std=c++17 -arch=sm_80 -I ../../spqr_format/gpu/kernels \
+//        spqr_matvec.cu spqr_reader.c ../../spqr_format/gpu/kernels/spqr_host.cu -o spqr_matvec
+//
+// Usage: spqr_matvec FILE.spqr [TENSOR_NAME] [SEED]
+// The input x (f16, length n) is generated from SEED by the LCG below; tests/test_gpu_c_example.py
+// generates the same x in Python and compares y bit for bit (same kernels, same launch).
+
+#include <cuda_runtime.h>
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "spqr_gpu.h"
+#include "spqr_reader.h"
+
+#define CHECK(call)                                                                   \
+  do {                                                                                \
+    cudaError_t e_ = (call);                                                          \
+    if (e_ != cudaSuccess) {                                                          \
+      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      return 2;                                                                       \
+    }                                                                                 \
+  } while (0)
+
+// x[j]: sign and mantissa random, exponent 13..15 (|x| in [0.25, 2)), as f16 bits.
+static void make_x(uint16_t* x, int64_t n, uint64_t seed) {
+  uint64_t s = seed;
+  for (int64_t j = 0; j < n; ++j) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    uint32_t r = (uint32_t)(s >> 33);
+    x[j] = (uint16_t)(((r >> 30) & 1u) << 15 | (13u + (r >> 10) % 3u) << 10 | (r & 0x3FFu));
+  }
+}
+
+static int upload(const void* host, size_t len, void** dev) {
+  *dev = NULL;
+  if (!host) return 0;
+  if (cudaMalloc(dev, len ? len : 16) != cudaSuccess) return -1;
+  return cudaMemcpy(*dev, host, len, cudaMemcpyHostToDevice) == cudaSuccess ? 0 : -1;
+}
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    fprintf(stderr, "usage: %s FILE.spqr [TENSOR_NAME] [SEED]\n", argv[0]);
+    return 1;
+  }
+  const char* name = argc > 2 && argv[2][0] ? argv[2] : NULL;
+  uint64_t seed = argc > 3 ? strtoull(argv[3], NULL, 10) : 1;
+  spqr_host_bilevel h;
+  char err[256];
+  if (spqr_read_bilevel(argv[1], name, &h, err, sizeof err)) {
+    fprintf(stderr, "%s\n", err);
+    return 1;
+  }
+  void *codes, *stats, *stats2, *perm, *orows, *oents;
+  if (upload(h.codes, h.codes_len, &codes) || upload(h.stats, h.stats_len, &stats) ||
+      upload(h.stats2, h.stats2_len, &stats2) || upload(h.perm, h.perm_len, &perm) ||
+      upload(h.orows, h.orows_len, &orows) || upload(h.oents, h.oents_len, &oents)) {
+    fprintf(stderr, "upload failed\n");
+    return 2;
+  }
+  spqr_bilevel t;
+  t.codes = (const uint32_t*)codes;
+  t.stats = (const uint32_t*)stats;
+  t.stats2 = (const uint16_t*)stats2;
+  t.perm = (const uint32_t*)perm;
+  t.orows = (const uint32_t*)orows;
+  t.oents = (const uint32_t*)oents;
+  t.m = h.m;
+  t.n = h.n;
+  t.bits = h.bits;
+  t.stats_bits = h.stats_bits;
+  t.group_size = h.group_size;
+  t.stats_group_size = h.stats_group_size;
+
+  uint16_t* x = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)h.n);
+  uint16_t* y = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)h.m);
+  make_x(x, h.n, seed);
+  void *dx, *dy, *ws = NULL;
+  CHECK(cudaMalloc(&dx, sizeof(uint16_t) * (size_t)h.n));
+  CHECK(cudaMalloc(&dy, sizeof(uint16_t) * (size_t)h.m));
+  CHECK(cudaMemcpy(dx, x, sizeof(uint16_t) * (size_t)h.n, cudaMemcpyHostToDevice));
+  cudaStream_t stream;
+  CHECK(cudaStreamCreate(&stream));
+  int rc;
+  if (spqr_matvec_supported(&t)) {
+    CHECK(cudaMalloc(&ws, spqr_matvec_workspace_bytes(&t, 1)));
+    rc = spqr_matvec(&t, dx, h.n, SPQR_DTYPE_F16, dy, h.m, SPQR_DTYPE_F16, 1, ws, stream);
+  } else {
+    fprintf(stderr, "no fused kernel for bits=%d group_size=%d\n", h.bits, h.group_size);
+    return 3;
+  }
+  CHECK((cudaError_t)rc);
+  CHECK(cudaStreamSynchronize(stream));
+  CHECK(cudaMemcpy(y, dy, sizeof(uint16_t) * (size_t)h.m, cudaMemcpyDeviceToHost));
+  // FNV-1a over the f16 bit patterns of y, and their sum as floats
+  uint64_t hash = 1469598103934665603ull;
+  double sum = 0;
+  for (int64_t i = 0; i < h.m; ++i) {
+    hash = (hash ^ (y[i] & 0xFFu)) * 1099511628211ull;
+    hash = (hash ^ (y[i] >> 8)) * 1099511628211ull;
+    uint32_t e = (y[i] >> 10) & 0x1Fu, mnt = y[i] & 0x3FFu;
+    double v = e == 0 ? mnt * (1.0 / (1 << 24)) : (1024 + mnt) * (double)(1ull << e) / (1ull << 25);
+    sum += (y[i] >> 15) ? -v : v;
+  }
+  printf("m=%lld n=%lld bits=%d stats_bits=%d\n", (long long)h.m, (long long)h.n, h.bits,
+         h.stats_bits);
+  printf("checksum fnv1a=%016llx sum=%.17g\n", (unsigned long long)hash, sum);
+  spqr_free_bilevel(&h);
+  return 0;
+}

@@ -1,0 +1,152 @@
+"""Kernel selection and launch geometry for ``kernels/spqr_kernels.cu`` (no CuPy at import).
+
+This module is the single place that knows which specialisations exist; the compile test
+(``tests/test_kernels_compile.py``) compiles exactly :func:`all_kernel_names`, and
+``spqr_host.cu`` mirrors :func:`matvec_geometry` for C users.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).parent / "kernels"
+KERNEL_SOURCE = KERNEL_DIR / "spqr_kernels.cu"
+HEADER = KERNEL_DIR / "spqr_gpu.h"
+HOST_SOURCE = KERNEL_DIR / "spqr_host.cu"
+
+# Options shared by nvcc (compile test, C example) and NVRTC (CuPy).  No fast math: the matvec
+# kernels rely on f32 subnormals, the dequantizer on IEEE rounding.
+COMPILE_OPTIONS = ("--std=c++17",)
+# Experiments only: extra -D options (e.g. "-DSPQR_NB1_R=2 -DSPQR_DENSE_UNROLL=1").
+EXTRA_DEFINES = tuple(shlex.split(os.environ.get("SPQR_GPU_DEFINES", "")))
+_DEFS = dict(d[2:].partition("=")[::2] for d in EXTRA_DEFINES if d.startswith("-D"))
+
+MATVEC_BITS = (2, 3, 4, 8)  # bit widths with a fused matvec kernel
+DEQUANT_BITS = (2, 3, 4, 8)  # specialised dequantizers; others use the generic one (B = 0)
+NB_CHOICES = (1, 2, 4)  # batch columns per block (larger batches: several slices of 4)
+ROWS_PER_BLOCK = {1: int(_DEFS.get("SPQR_NB1_R") or 4), 2: 4, 4: 4}
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+OUT_NAMES = {0: "f32", 1: "f16", 2: "bf16"}
+
+log = logging.getLogger("spqr_format.gpu")
+
+
+def stats_tag(stats_bits: int) -> str:
+    return "q" if stats_bits else "h"
+
+
+def matvec_supported(bits: int, group_size: int) -> bool:
+    """Whether a fused matvec kernel exists (else: dequantize + cuBLAS)."""
+    return bits in MATVEC_BITS and group_size % 16 == 0
+
+
+def pick_nb(batch: int) -> int:
+    for nb in NB_CHOICES:
+        if batch <= nb:
+            return nb
+    return NB_CHOICES[-1]
+
+
+def matvec_name(bits: int, stats_bits: int, nb: int) -> str:
+    return f"spqr_matvec_b{bits}_{stats_tag(stats_bits)}_nb{nb}"
+
+
+def dequant_name(bits: int, stats_bits: int, out_code: int) -> str:
+    b = bits if bits in DEQUANT_BITS else 0
+    return f"spqr_dequant_b{b}_{stats_tag(stats_bits)}_{OUT_NAMES[out_code]}"
+
+
+def dequant_row_name(bits: int, stats_bits: int, out_code: int) -> str:
+    b = bits if bits in DEQUANT_BITS else 0
+    return f"spqr_dequant_row_b{b}_{stats_tag(stats_bits)}_{OUT_NAMES[out_code]}"
+
+
+def dequant_row_geometry(n: int) -> int:
+    """Threads per block of the whole-row dequantizer (one block per row)."""
+    return max(32, min(256, 32 * -(-nsub_of(n) // 32)))
+
+
+def dequant_outliers_name(out_code: int) -> str:
+    return f"spqr_dequant_outliers_{OUT_NAMES[out_code]}"
+
+
+def all_kernel_names() -> list[str]:
+    """Every entry point the Python layer can launch."""
+    names = ["spqr_prepare_x", "spqr_mv1_finish"]
+    for b in MATVEC_BITS:
+        for sb in (0, 3):
+            for nb in NB_CHOICES:
+                names.append(matvec_name(b, sb, nb))
+            names.append(mv1_name(b, sb))
+            names.append(mv1_name(b, sb, tall=True))
+    for b in (0, *DEQUANT_BITS):
+        for sb in (0, 3):
+            for oc in OUT_NAMES:
+                names.append(dequant_name(b if b else 1, sb, oc))
+                names.append(dequant_row_name(b if b else 1, sb, oc))
+    for oc in OUT_NAMES:
+        names.append(dequant_outliers_name(oc))
+    return sorted(set(names))
+
+
+def nsub_of(n: int) -> int:
+    return -(-n // 32)
+
+
+def mv1_splits(n: int) -> int:
+    """Column splits of the batch-1 row-sweep kernel (256 sub-chunks = 8192 columns each)."""
+    return -(-nsub_of(n) // 256)
+
+
+def workspace_floats(n: int, batch: int, m: int = 0) -> tuple[int, int, int]:
+    """(ldxs, ldx16, total f32 count) of the matvec workspace for ``batch`` vectors.
+
+    Layout: xs [batch][ldxs], x16 [batch][ldx16], then (batch 1 only) part [splits][m].
+    """
+    ns = nsub_of(n)
+    ldxs, ldx16 = 32 * ns, 2 * ns
+    extra = mv1_splits(n) * m if batch == 1 else 0
+    return ldxs, ldx16, batch * (ldxs + ldx16) + extra
+
+
+def mv1_name(bits: int, stats_bits: int, tall: bool = False) -> str:
+    return f"spqr_mv1{'r16' if tall else ''}_b{bits}_{stats_tag(stats_bits)}"
+
+
+MV1_ROWS = int(_DEFS.get("SPQR_MV1_RB") or 8)  # rows per block of spqr_mv1_*
+MV1_TALL_ROWS = 16  # rows per block of spqr_mv1r16_*
+MV1_TALL_MIN_THREADS = 100_000  # H100 measurement: below this many threads 8 rows is faster
+
+
+def mv1_plan(m: int, n: int) -> tuple[bool, int, int, int]:
+    """(tall, rows per block, column splits, threads per block) of the batch-1 kernel."""
+    nsplit = mv1_splits(n)
+    threads = 32 * -(-min(nsub_of(n), 256) // 32)
+    tall = -(-m // MV1_TALL_ROWS) * nsplit * threads >= MV1_TALL_MIN_THREADS
+    return tall, (MV1_TALL_ROWS if tall else MV1_ROWS), nsplit, threads
+
+
+def matvec_geometry(
+    m: int, n: int, batch: int, sm_count: int = 132, outliers: bool = False
+) -> tuple[int, tuple[int, int], int]:
+    """(nb, grid, block) of the matvec launch.
+
+    R rows per block; W dense warps per block split the columns of those rows, plus one warp
+    for the outlier corrections when the tensor has outliers. W is chosen so that about 16
+    warps per multiprocessor exist in all (enough loads in flight), at most 8 and at most one
+    warp per 32 sub-chunks of a row: tall matrices get W = 1, short ones up to 8.
+    """
+    nb = pick_nb(batch)
+    r = ROWS_PER_BLOCK[nb]
+    row_groups = -(-m // r)
+    slices = -(-batch // nb)
+    want = -(-(WARPS_PER_SM * sm_count) // (row_groups * slices))
+    warps = max(1, min(8, want, -(-nsub_of(n) // 32)))
+    grid = (row_groups, slices)
+    return nb, grid, 32 * (warps + (1 if outliers else 0))
+
+
+WARPS_PER_SM = int(_DEFS.get("SPQR_WARPS_PER_SM") or 16)

@@ -1,0 +1,147 @@
+/* spqr_gpu.h -- C interface of the spqr-format GPU kernels (spqr_kernels.cu, spqr_host.cu).
+ *
+ * Two levels, use either:
+ *
+ *  1. The kernels themselves (spqr_kernels.cu): `extern "C" __global__` entry points, compiled by
+ *     nvcc or NVRTC, launched with <<<>>> or cuLaunchKernel by name.  No host code, no headers.
+ *  2. Host launchers (spqr_host.cu, nvcc only): `spqr_matvec`, `spqr_dequantize`, ... that pick
+ *     the specialisation and launch geometry for you on a given stream.
+ *
+ * Data: the sections of one `bilevel` tensor (SPEC.md sections 5-6) copied to device memory
+ * byte for byte, unchanged (no repack).  Every section pointer must be 16-byte aligned
+ * (cudaMalloc gives 256; a .spqr file aligns sections to >= 64 bytes, so a mapped file region
+ * registered with cudaHostRegister also works).  The kernels do NOT validate the data: run the
+ * checks of SPEC C-5.7, C-5.8, C-6.1, C-6.2 (perm is a permutation, outlier columns < n,
+ * R[m] = E, ...) before upload, as `spqr_format.codec.reference.validate_packed` does; invalid
+ * data can make a kernel read out of bounds.
+ *
+ * Sizes: m, n >= 1, n < 2^31, m * ceil(n/32) < 2^62.  bits b in 1..8, group size g >= 1,
+ * stats_bits sb in 0..8 (0 = fp16 statistics), stats_group_size S >= 1 when sb > 0.
+ * Derived: G = ceil(n/g), code_row_words = ceil(n/128)*4*b,
+ *          stats_row_words = ceil(2G/128)*4*sb (0 when sb = 0), nsub = ceil(n/32).
+ *
+ * Numerics:
+ *  - dequantize is bit-exact with SPEC section 7 (f32 ops without contraction, then RNE to
+ *    f16/bf16).  The kernels must be compiled WITHOUT -ftz / --use_fast_math (matvec relies on
+ *    f32 subnormals, see spqr_kernels.cu).
+ *  - matvec/matmul accumulate in f32; y differs from the f64 product of the decoded f32 W and x
+ *    by f32 rounding of the per-group sums (see tests/test_gpu_kernels.py for the bound used)
+ *    plus the final rounding of y to f16/bf16.
+ *
+ * Dtype codes (in_dtype / out_dtype): 0 = f32, 1 = f16, 2 = bf16 (SPQR_OUT_* below).
+ * All launches are asynchronous on the stream given; nothing synchronises the device.
+ */
+#ifndef SPQR_GPU_H
+#define SPQR_GPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SPQR_DTYPE_F32 0
+#define SPQR_DTYPE_F16 1
+#define SPQR_DTYPE_BF16 2
+
+/* ------------------------------------------------------------------------------------------
+ * Level 1: kernels (spqr_kernels.cu).  Pointers that a tensor lacks are NULL.
+ *
+ * spqr_prepare_x(x, ldx, in_dtype, perm, bits, n, xs, ldxs, x16, ldx16, nbatch)
+ *   Gathers and scales the input for the matvec kernels.
+ *   x      [nbatch][ldx] f16/bf16 (in_dtype 1/2), row b is input vector b, original column order
+ *   perm   u32[n] or NULL;  bits = b of the tensor (x' depends on it)
+ *   xs     f32 workspace [nbatch][ldxs], ldxs = 32*nsub (16-byte aligned)
+ *   x16    f32 workspace [nbatch][ldx16], ldx16 = 2*nsub
+ *   grid (ceil(32*nsub / 256), nbatch), block 256 (one thread per element), no dynamic
+ *   shared memory.
+ *
+ * spqr_matvec_b{B}_{h|q}_nb{NB}(codes, stats, stats2, orows, oents, xs, ldxs, x16, ldx16,
+ *                               y, ldy, out_dtype, m, n, g, S, sb, G, code_row_words,
+ *                               stats_row_words, nbatch)
+ *   y[b][i] = sum_j W[i,j] x[b][j] for b < nbatch (needs spqr_prepare_x first, same stream).
+ *   B in {2,3,4,8} (bits), h = fp16 statistics (sb = 0), q = packed statistics (sb 1..8),
+ *   NB in {1,2,4}: batch columns per block (grid.y slices cover any nbatch).  Requires
+ *   g % 16 == 0.
+ *   codes u32 [m][code_row_words]; stats u32 (sb=0: [m*G] f16 pairs; sb>0: [m][stats_row_words]);
+ *   stats2 u16 [T][G][4] or NULL; orows u32[m+1] / oents u32[E] or both NULL (no outliers);
+ *   y [nbatch][ldy] f16/bf16 (out_dtype 1/2).  S = stats_group_size (any value when sb = 0).
+ *   Launch: R = 4 rows per block (SPQR_NB1_R, default 4, for NB = 1); NB = 1, 2 or 4 by batch;
+ *           grid (ceil(m/R), ceil(nbatch/NB)); block 32*(W + o) threads where o = 1 when the
+ *           tensor has outliers (that warp computes the outlier corrections) and W, the warps
+ *           splitting the columns, is any value in 1..8 (the launchers use
+ *           W = clamp(ceil(16*SMs / (ceil(m/R)*ceil(nbatch/NB))), 1, min(8, ceil(nsub/32))));
+ *           no dynamic shared memory (static <= 1.2 KiB).
+ *
+ * spqr_mv1_b{B}_{h|q} / spqr_mv1r16_b{B}_{h|q}(codes, stats, stats2, orows, oents, xs, x16,
+ *                     part, y, out_dtype, m, n, g, S, sb, G, code_row_words, stats_row_words)
+ *   Batch-1 matvec (the fast path for nbatch = 1; needs spqr_prepare_x with nbatch = 1 first).
+ *   Each thread owns one 32-column sub-chunk of a column split of 256 sub-chunks (8192
+ *   columns) and sweeps RB rows (mv1: 8, mv1r16: 16); the block's split-0 warps add the
+ *   outlier corrections.  Launchers use mv1r16 when ceil(m/16)*nsplit*threads >= 100000.
+ *   nsplit = ceil(nsub / 256).  nsplit == 1: writes y[row] (f16/bf16) directly.  nsplit > 1:
+ *   writes f32 partial sums part[split][m] (workspace after x16) and spqr_mv1_finish(part,
+ *   nsplit, y, out_dtype, m) (grid ceil(m/256), block 256) adds them and rounds y.
+ *   Launch: grid (ceil(m/RB), nsplit), block 32*ceil(min(nsub,256)/32), no dynamic smem.
+ *   Same B / h|q specialisations and g % 16 == 0 requirement as spqr_matvec_*.
+ *
+ * spqr_dequant_b{B}_{h|q}_{f32|f16|bf16}(codes, stats, stats2, perm, out, ldo, m, n, bits, g,
+ *                                        S, sb, G, code_row_words, stats_row_words)
+ *   Dense part of the decode: out[i][perm[j]] = s*(q-z) (C-7.1, C-7.2, C-7.4), out row stride
+ *   ldo elements.  B in {2,3,4,8} specialised, B = 0 generic (bits given at run time, any 1..8).
+ *   Any g.  grid ceil(m*nsub / 256), block 256 (one thread per 32-column sub-chunk of a row).
+ *
+ * spqr_dequant_row_b{B}_{h|q}_{f32|f16|bf16}(codes, stats, stats2, perm, orows, oents, out, ldo,
+ *                                            n, bits, g, S, sb, G, code_row_words,
+ *                                            stats_row_words)
+ *   Whole decode of one row per block (dense values, permutation and outliers assembled in
+ *   shared memory, then coalesced 16-byte stores when out + row*ldo is 16-byte aligned).
+ *   grid m, block 32*clamp(ceil(nsub/32), 1, 8), dynamic shared memory n * sizeof(element)
+ *   (raise cudaFuncAttributeMaxDynamicSharedMemorySize above 48 KiB); use the flat kernels
+ *   below when that exceeds the device's opt-in limit.
+ *
+ * spqr_dequant_outliers_{f32|f16|bf16}(orows, oents, perm, out, ldo, m)
+ *   Outlier pass (C-7.3): overwrites the outlier positions.  Launch after the dense pass on
+ *   the same stream.  grid ceil(m/8), block 256 (one warp per row).
+ * ------------------------------------------------------------------------------------------ */
+
+/* ------------------------------------------------------------------------------------------
+ * Level 2: host launchers (spqr_host.cu; link it, or compile it with your program by nvcc).
+ * ------------------------------------------------------------------------------------------ */
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One bilevel tensor on the device: section pointers and the parameters of its record. */
+typedef struct spqr_bilevel {
+  const uint32_t *codes;      /* section `codes`                                        */
+  const uint32_t *stats;      /* section `stats` (sb = 0: f16 pairs viewed as u32)      */
+  const uint16_t *stats2;     /* section `stats2` or NULL                               */
+  const uint32_t *perm;       /* section `perm` or NULL                                 */
+  const uint32_t *orows;      /* section `outlier_rows` or NULL                         */
+  const uint32_t *oents;      /* section `outlier_entries` or NULL                      */
+  int64_t m, n;               /* dims[0], dims[1]                                       */
+  int32_t bits, stats_bits;   /* params: b, sb                                          */
+  int32_t group_size;         /* g                                                      */
+  int32_t stats_group_size;   /* S (0 when sb = 0)                                      */
+} spqr_bilevel;
+
+/* Bytes of f32 workspace spqr_matvec needs for `batch` input vectors (16-byte aligned):
+ * 4 * (batch * 34 * nsub + (batch == 1 ? ceil(nsub/256) * m : 0)). */
+size_t spqr_matvec_workspace_bytes(const spqr_bilevel *t, int batch);
+
+/* 1 when spqr_matvec has a fused kernel for this tensor (bits in {2,3,4,8}, g % 16 == 0);
+ * otherwise spqr_matvec returns cudaErrorNotSupported and the caller dequantizes + GEMMs. */
+int spqr_matvec_supported(const spqr_bilevel *t);
+
+/* Y[b][:] = W X[b][:] for b < batch (batch >= 1; X rows of ldx elements, Y rows of ldy).
+ * x and y are f16 or bf16 (dtype codes).  workspace: spqr_matvec_workspace_bytes(t, batch).
+ * Returns the launch error (cudaGetLastError after the launches) as an int (cudaError_t). */
+int spqr_matvec(const spqr_bilevel *t, const void *x, int64_t ldx, int in_dtype, void *y,
+                int64_t ldy, int out_dtype, int batch, void *workspace, void *stream);
+
+/* out[m][ldo] = decoded W (f32/f16/bf16 by out_dtype), bit-exact with SPEC section 7. */
+int spqr_dequantize(const spqr_bilevel *t, void *out, int64_t ldo, int out_dtype, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SPQR_GPU_H */

@@ -1,0 +1,1018 @@
+// spqr_kernels.cu -- GPU decoder and fused matvec for the .spqr `bilevel` encoding.
+//
+// Plain CUDA C++ device code, no Python and no host code: it compiles with nvcc (-c / --cubin)
+// and with NVRTC (CuPy RawModule).  Every entry point is an `extern "C" __global__` kernel whose
+// arguments and launch contract are documented in spqr_gpu.h.  The physical layout it reads is
+// SPEC.md sections 5 and 6, unchanged (no repack at load time).
+//
+// Arithmetic:
+//   * dequantize reproduces SPEC section 7 bit for bit: every f32 operation is an explicit
+//     PTX mul.rn / add.rn / sub.rn.f32 (no contraction, no flush to zero), then round to nearest even with `cvt.rn.f16.f32` / `cvt.rn.bf16.f32`
+//     (what __float2half_rn / __float2bfloat16_rn compile to).
+//   * matvec uses y_i = sum_k s_ik * (sum_{j in k} q_ij x_j - z_ik * sum_{j in k} x_j) in f32
+//     (per 16-column half-block), i.e. a different but mathematically equal order; outliers are
+//     applied as + (o - w_dense(i,c)) * x_p[c] with w_dense computed exactly as in SPEC C-7.2.
+//
+// Codes -> f32 without integer->float conversions: an element of B bits that sits at bit
+// position p (p + B <= 23) of a 32-bit window is turned into the f32 *subnormal* q * 2^(p-149)
+// by one AND; the prepared input x' = x_p * 2^(87-p) makes the exact product q * x_p * 2^-62,
+// which the caller scales back by 2^62.  The FMA that consumes the subnormal is inline PTX
+// `fma.rn.f32` (no .ftz), so this holds under -ftz=true / fast math too.
+
+// No headers: f16/bf16 conversions are PTX `cvt` instructions (sm_80+), so NVRTC needs no include
+// path and the file has no dependency beyond the compiler.
+
+// Tuning knobs (defaults are what the Python layer and spqr_host.cu assume; SPQR_NB1_R must
+// match the rows per block the launcher uses).
+#ifndef SPQR_NB1_R
+#define SPQR_NB1_R 4
+#endif
+#ifndef SPQR_DENSE_UNROLL
+#define SPQR_DENSE_UNROLL 2
+#endif
+#ifndef SPQR_MV1_RB
+#define SPQR_MV1_RB 8
+#endif
+#ifndef SPQR_MV1_RU
+#define SPQR_MV1_RU 4
+#endif
+#ifndef SPQR_MV1_MINB
+#define SPQR_MV1_MINB 2
+#endif
+#ifndef SPQR_OUTLIER_U
+#define SPQR_OUTLIER_U 8
+#endif
+#define SPQR_PRAGMA_(x) _Pragma(#x)
+#define SPQR_PRAGMA(x) SPQR_PRAGMA_(x)
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define SPQR_OUT_F32 0
+#define SPQR_OUT_F16 1
+#define SPQR_OUT_BF16 2
+
+namespace spqr {
+
+__device__ __forceinline__ float f16_bits_to_f32(u32 bits) {
+  float f;
+  unsigned short h = (unsigned short)(bits & 0xFFFFu);
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+// IEEE f32 operations with round-to-nearest-even that keep subnormals whatever the compile
+// flags: CuPy always passes -ftz=true to NVRTC, which would turn __fmul_rn into mul.rn.ftz.
+// Inline PTX without `.ftz` is exact SPEC C-7.1/7.2 arithmetic under any flags.
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float add_rn(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float sub_rn(float a, float b) {
+  float r;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+// a * b + c with subnormal operands honoured (the matvec's code decode relies on it).
+__device__ __forceinline__ float fma_keep_subnormal(float a, float b, float c) {
+  float r;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+  return r;
+}
+
+__device__ __forceinline__ float bf16_bits_to_f32(u32 bits) {
+  return __uint_as_float((bits & 0xFFFFu) << 16);
+}
+
+// Round to nearest even; beyond the largest finite value -> infinity (SPEC C-7.5).
+__device__ __forceinline__ u32 f32_to_f16_bits(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+__device__ __forceinline__ u32 f32_to_bf16_bits(float f) {
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+// float with the given biased exponent and zero mantissa: 2^(e - 127), exact.
+__device__ __forceinline__ float pow2f(int e) { return __int_as_float((e + 127) << 23); }
+
+// Statistics (s, z) of row `row`, column group `k` (SPEC C-7.1), exact.
+// fp16 statistics: `stats` is u32 [m * G] (low half = scale, high half = zero).
+// packed statistics: `stats` is u32 [m * stats_row_words], `stats2` is u16 [T, G, 4].
+template <bool PACKED>
+__device__ __forceinline__ void load_stats(const u32* __restrict__ stats,
+                                           const u16* __restrict__ stats2, i64 row, i64 tile,
+                                           int k, int G, i64 stats_row_words, int sb, float& s,
+                                           float& z) {
+  if (!PACKED) {
+    u32 pr = __ldg(stats + row * (i64)G + k);
+    s = f16_bits_to_f32(pr);
+    z = f16_bits_to_f32(pr >> 16);
+  } else {
+    const u32* srow = stats + row * stats_row_words;
+    u32 bit = (u32)k * (u32)(2 * sb);
+    u32 wi = bit >> 5, sh = bit & 31u;
+    u32 lo = __ldg(srow + wi);
+    u32 hi = (sh + 2u * (u32)sb > 32u) ? __ldg(srow + wi + 1) : 0u;
+    u32 v = __funnelshift_r(lo, hi, sh);
+    u32 smask = (1u << sb) - 1u;
+    float qs = (float)(v & smask);
+    float qz = (float)((v >> sb) & smask);
+    uint2 rec = __ldg(reinterpret_cast<const uint2*>(stats2) + (tile * (i64)G + k));
+    float ss = f16_bits_to_f32(rec.x), sbase = f16_bits_to_f32(rec.x >> 16);
+    float zs = f16_bits_to_f32(rec.y), zbase = f16_bits_to_f32(rec.y >> 16);
+    s = add_rn(sbase, mul_rn(ss, qs));
+    z = add_rn(zbase, mul_rn(zs, qz));
+  }
+}
+
+// Code of row `row`, stored column `col` with runtime bit width (any B in 1..8).
+__device__ __forceinline__ u32 load_code(const u32* __restrict__ codes, i64 row,
+                                         i64 code_row_words, i64 col, int B) {
+  const u32* crow = codes + row * code_row_words;
+  i64 bit = col * (i64)B;
+  i64 wi = bit >> 5;
+  u32 sh = (u32)(bit & 31);
+  u32 lo = __ldg(crow + wi);
+  u32 hi = (sh + (u32)B > 32u) ? __ldg(crow + wi + 1) : 0u;
+  return __funnelshift_r(lo, hi, sh) & ((1u << B) - 1u);
+}
+
+// Load the B words (32 elements) of one sub-chunk with the widest aligned vector loads.
+template <int B>
+__device__ __forceinline__ void load_subchunk(const u32* __restrict__ p, u32 (&w)[B]) {
+  if (B % 4 == 0) {
+#pragma unroll
+    for (int v = 0; v < B / 4; ++v) {
+      uint4 t = __ldg(reinterpret_cast<const uint4*>(p) + v);
+      w[4 * v] = t.x;
+      w[4 * v + 1] = t.y;
+      w[4 * v + 2] = t.z;
+      w[4 * v + 3] = t.w;
+    }
+  } else if (B % 2 == 0) {
+#pragma unroll
+    for (int v = 0; v < B / 2; ++v) {
+      uint2 t = __ldg(reinterpret_cast<const uint2*>(p) + v);
+      w[2 * v] = t.x;
+      w[2 * v + 1] = t.y;
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < B; ++v) w[v] = __ldg(p + v);
+  }
+}
+
+// Element e (0..31) of a sub-chunk held in w[0..B): as the raw integer code.
+template <int B>
+__device__ __forceinline__ u32 code_of(const u32 (&w)[B], int e) {
+  const int bit = e * B, wi = bit >> 5, sh = bit & 31;
+  u32 lo = w[wi];
+  u32 hi = (wi + 1 < B) ? w[wi + 1] : 0u;
+  u32 v = sh ? __funnelshift_r(lo, hi, sh) : lo;
+  return v & ((1u << B) - 1u);
+}
+
+// The 23-bit windows of a sub-chunk: window t holds elements t*EPW .. t*EPW+EPW-1 at bit
+// positions 0, B, 2B, ... (one funnel shift per window instead of one per element).
+template <int B>
+struct Windows {
+  static constexpr int EPW = 23 / B;
+  static constexpr int N = (32 + EPW - 1) / EPW;
+  u32 v[N];
+  __device__ __forceinline__ void load(const u32 (&w)[B]) {
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+      const int st = t * EPW * B, wi = st >> 5, sh = st & 31;
+      const u32 lo = w[wi];
+      const u32 hi = (wi + 1 < B) ? w[wi + 1] : 0u;
+      v[t] = sh ? __funnelshift_r(lo, hi, sh) : lo;
+    }
+  }
+  // element e as the f32 subnormal q * 2^(p(e) - 149)
+  __device__ __forceinline__ float subnormal(int e) const {
+    const int p = (e % EPW) * B;
+    return __uint_as_float(v[e / EPW] & (((1u << B) - 1u) << p));
+  }
+};
+
+// floor(a / g) for g % 16 == 0; a shift when g is a power of two (the usual group sizes).
+__device__ __forceinline__ u32 div_group(u64 a, int g) {
+  if ((g & (g - 1)) == 0) return (u32)(a >> (__ffs(g) - 1));
+  return (u32)(a / (u64)g);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ void store_out(u16* y, i64 idx, float v, int out_dtype) {
+  y[idx] = (u16)(out_dtype == SPQR_OUT_BF16 ? f32_to_bf16_bits(v) : f32_to_f16_bits(v));
+}
+
+// ------------------------------------------------------------------------------------------
+// Input preparation: x' = gathered, scaled input; X16 = sums of 16-column half-blocks.
+// ------------------------------------------------------------------------------------------
+__device__ __forceinline__ void prepare_x(const u16* __restrict__ x, i64 ldx, int in_dtype,
+                                          const u32* __restrict__ perm, int B, i64 n, i64 nsub,
+                                          float* __restrict__ xs, i64 ldxs,
+                                          float* __restrict__ x16, i64 ldx16, int nbatch) {
+  // One thread per element j < 32 * nsub; the 16 lanes of a half-block sum it by shuffles.
+  const int b = blockIdx.y;
+  const i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= nbatch || (j & ~(i64)31) >= 32 * nsub) return;  // whole warps leave together
+  const int EPW = 23 / B;
+  float v = 0.f;
+  if (j < n) {
+    const i64 src = perm ? (i64)__ldg(perm + j) : j;
+    const u32 bits = __ldg(x + (i64)b * ldx + src);
+    v = (in_dtype == SPQR_OUT_BF16) ? bf16_bits_to_f32(bits) : f16_bits_to_f32(bits);
+  }
+  const int p = ((int)(j & 31) % EPW) * B;
+  xs[(i64)b * ldxs + j] = v * pow2f(87 - p);  // exact power-of-two scaling
+  float sum = v;
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if ((threadIdx.x & 15) == 0) x16[(i64)b * ldx16 + (j >> 4)] = sum;
+}
+
+// ------------------------------------------------------------------------------------------
+// Outlier stream of rows [row0, row0 + nrows) (nrows <= NR), walked by one warp in passes of
+// 32*U entries: the rows' entries are contiguous (C-6.1), so one running prefix sum of the
+// deltas serves all rows; base[r] (the sum before row r's first entry) turns it into columns.
+// All entry loads of a pass are issued before the scans, and f() is called for U entries per
+// lane back to back so that its loads overlap too.  f(r, col, value_bits, active).
+// ------------------------------------------------------------------------------------------
+template <int NR, int U, typename F>
+__device__ __forceinline__ void scan_outliers(const u32* __restrict__ orows,
+                                              const u32* __restrict__ oents, i64 row0, int nrows,
+                                              F&& f) {
+  const int lane = threadIdx.x & 31;
+  u32 start[NR + 1];
+#pragma unroll
+  for (int r = 0; r <= NR; ++r) start[r] = __ldg(orows + row0 + min(r, nrows));
+  const u32 e_end = start[NR];
+  u64 base[NR];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) base[r] = 0;
+  u64 carry = 0;
+  for (u32 cb = start[0]; cb < e_end; cb += 32 * U) {
+    u32 ent[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const u32 e = cb + 32 * u + lane;
+      ent[u] = e < e_end ? __ldg(oents + e) : 0xFFFF0000u;  // past the end: delta 0, skip
+    }
+    i64 col[U];
+    int rsel[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      u32 cs = ent[u] & 0xFFFFu;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const u32 t = __shfl_up_sync(0xffffffffu, cs, o);
+        if (lane >= o) cs += t;
+      }
+      const u64 incl = carry + cs;
+      carry += __shfl_sync(0xffffffffu, cs, 31);
+      const i64 chunk = (i64)cb + 32 * u;
+      const u32 lo = (u32)incl, hi = (u32)(incl >> 32);
+#pragma unroll
+      for (int r = 1; r < NR; ++r) {  // row r starts inside this chunk: its base is known now
+        const i64 idx = (i64)start[r] - 1 - chunk;
+        if (idx >= 0 && idx < 32) {
+          const u32 blo = __shfl_sync(0xffffffffu, lo, (int)idx);
+          const u32 bhi = __shfl_sync(0xffffffffu, hi, (int)idx);
+          base[r] = ((u64)bhi << 32) | blo;
+        }
+      }
+      const u32 e = (u32)chunk + lane;
+      int r = 0;
+      u64 b = base[0];
+#pragma unroll
+      for (int rr = 1; rr < NR; ++rr)
+        if (e >= start[rr]) {
+          r = rr;
+          b = base[rr];
+        }
+      rsel[u] = r;
+      col[u] = (i64)(incl - b) - 1;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const u32 val = ent[u] >> 16;
+      const bool act = val != 0xFFFFu;
+      f(rsel[u], act ? col[u] : 0, val, act);
+    }
+  }
+}
+
+// Outlier corrections of the block's rows (run by the block's last warp, concurrently with the
+// dense warps): sum over outliers (i, c) of (o - w_dense(i, c)) * x_p[c], w_dense exact (C-7.2).
+template <int B, bool PACKED, int R, int NB>
+__device__ __forceinline__ void outlier_corrections(
+    const u32* __restrict__ codes, const u32* __restrict__ stats, const u16* __restrict__ stats2,
+    const u32* __restrict__ orows, const u32* __restrict__ oents, const float* const (&xcol)[NB],
+    i64 row0, i64 m, int g, int S, int sb, int G, i64 code_row_words, i64 stats_row_words,
+    float (&corr)[R][NB]) {
+  constexpr int EPW = 23 / B;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < NB; ++c) corr[r][c] = 0.f;
+  const int nrows = (int)min((i64)R, m - row0);
+  scan_outliers<R, SPQR_OUTLIER_U>(orows, oents, row0, nrows, [&](int r, i64 col, u32 val, bool act) {
+    const i64 row = min(row0 + r, m - 1);  // lanes past the end may name a row >= m
+    const u32 q = load_code(codes, row, code_row_words, col, B);
+    float s_, z_;
+    load_stats<PACKED>(stats, stats2, row, PACKED ? row / S : 0, (int)div_group(col, g), G,
+                       stats_row_words, sb, s_, z_);
+    const float wd = mul_rn(s_, sub_rn((float)q, z_));
+    const float d = act ? f16_bits_to_f32(val) - wd : 0.f;
+    const int p = ((int)(col & 31) % EPW) * B;
+    const float unscale = pow2f(p - 87);
+#pragma unroll
+    for (int c = 0; c < NB; ++c) {
+      const float t = d * (__ldg(xcol[c] + col) * unscale);
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) corr[rr][c] += (rr == r) ? t : 0.f;
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Fused matvec / small-batch matmul (SIMT): R rows per block, NB batch columns per block.
+// ------------------------------------------------------------------------------------------
+template <int B, bool PACKED, int R, int NB>
+__device__ __forceinline__ void matvec(const u32* __restrict__ codes, const u32* __restrict__ stats,
+                                       const u16* __restrict__ stats2,
+                                       const u32* __restrict__ orows,
+                                       const u32* __restrict__ oents,
+                                       const float* __restrict__ xs, i64 ldxs,
+                                       const float* __restrict__ x16, i64 ldx16,
+                                       u16* __restrict__ y, i64 ldy, int out_dtype, i64 m, i64 n,
+                                       int g, int S, int sb, int G, i64 code_row_words,
+                                       i64 stats_row_words, int nbatch) {
+    const i64 row0 = (i64)blockIdx.x * R;
+  const int b0 = blockIdx.y * NB;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  // With outliers the last warp of the block computes their corrections (concurrently).
+  const int ndense = orows != nullptr ? nwarps - 1 : nwarps;
+  const i64 nsub = (n + 31) >> 5;
+
+  i64 rows[R], tiles[R];
+  const u32* crow[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    rows[r] = min(row0 + r, m - 1);
+    tiles[r] = PACKED ? rows[r] / S : 0;
+    crow[r] = codes + rows[r] * code_row_words;
+  }
+  const float* xcol[NB];
+  const float* x16col[NB];
+#pragma unroll
+  for (int c = 0; c < NB; ++c) {
+    int bc = min(b0 + c, nbatch - 1);
+    xcol[c] = xs + (i64)bc * ldxs;
+    x16col[c] = x16 + (i64)bc * ldx16;
+  }
+
+  float tot[R][NB];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < NB; ++c) tot[r][c] = 0.f;
+
+  const float two62 = pow2f(62);
+
+  if (warp == ndense) {
+    outlier_corrections<B, PACKED, R, NB>(codes, stats, stats2, orows, oents, xcol, row0, m, g,
+                                          S, sb, G, code_row_words, stats_row_words, tot);
+  } else {
+  SPQR_PRAGMA(unroll SPQR_DENSE_UNROLL)
+  for (i64 s = threadIdx.x; s < nsub; s += 32 * ndense) {
+    u32 w[R][B];
+#pragma unroll
+    for (int r = 0; r < R; ++r) load_subchunk<B>(crow[r] + s * B, w[r]);
+
+    const u32 j0 = (u32)(s * 32);
+    const int k0 = (int)div_group(j0, g);
+    const int k1 = min((int)div_group(j0 + 16u, g), G - 1);
+    float sc[R][2], zc[R][2];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      load_stats<PACKED>(stats, stats2, rows[r], tiles[r], k0, G, stats_row_words, sb, sc[r][0],
+                         zc[r][0]);
+      if (k1 != k0) {
+        load_stats<PACKED>(stats, stats2, rows[r], tiles[r], k1, G, stats_row_words, sb,
+                           sc[r][1], zc[r][1]);
+      } else {
+        sc[r][1] = sc[r][0];
+        zc[r][1] = zc[r][0];
+      }
+    }
+
+    Windows<B> win[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) win[r].load(w[r]);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float acc[R][NB];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < NB; ++c) acc[r][c] = 0.f;
+#pragma unroll
+      for (int q8 = 0; q8 < 2; ++q8) {
+        const int e0 = h * 16 + q8 * 8;
+        float qf[R][8];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) qf[r][e] = win[r].subnormal(e0 + e);
+#pragma unroll
+        for (int c = 0; c < NB; ++c) {
+          const float4* xp = reinterpret_cast<const float4*>(xcol[c] + s * 32 + e0);
+          float4 xa = __ldg(xp), xb = __ldg(xp + 1);
+          float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[r][c] = fma_keep_subnormal(qf[r][e], xv[e], acc[r][c]);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < NB; ++c) {
+        float xsum = __ldg(x16col[c] + 2 * s + h);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          tot[r][c] += sc[r][h] * fmaf(acc[r][c], two62, -zc[r][h] * xsum);
+      }
+    }
+  }
+
+  }  // dense warps
+
+  // Block reduction: dense warps 0..W-1 and, when there are outliers, the extra warp W that
+  // computed the outlier corrections; red[w][r][c].
+  __shared__ float red[9][R][NB];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < NB; ++c) {
+      const float v = warp_sum(tot[r][c]);
+      if (lane == 0) red[warp][r][c] = v;
+    }
+  __syncthreads();
+  if (threadIdx.x < R * NB) {
+    const int r = threadIdx.x / NB, c = threadIdx.x % NB;
+    const i64 row = row0 + r;
+    if (row < m && b0 + c < nbatch) {
+      float v = 0.f;
+      for (int w2 = 0; w2 < nwarps; ++w2) v += red[w2][r][c];
+      store_out(y, (i64)(b0 + c) * ldy + row, v, out_dtype);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Batch-1 "row sweep" matvec.  Each thread owns one 32-column sub-chunk of a column split of
+// up to 256 sub-chunks (8192 columns) and sweeps RB rows: its x' values, group indices and
+// (packed statistics) stats2 records stay in registers across rows, and RU rows' loads are in
+// flight together.  Per-split row sums go to part[split][row]; spqr_mv1_finish adds the splits
+// and the outlier corrections and rounds y.
+// ------------------------------------------------------------------------------------------
+template <int B, bool PACKED, int RB, int RU>
+__device__ __forceinline__ void mv1_sweep(const u32* __restrict__ codes,
+                                          const u32* __restrict__ stats,
+                                          const u16* __restrict__ stats2,
+                                          const u32* __restrict__ orows,
+                                          const u32* __restrict__ oents,
+                                          const float* __restrict__ xs,
+                                          const float* __restrict__ x16,
+                                          float* __restrict__ part, u16* __restrict__ y,
+                                          int out_dtype, i64 m, i64 n, int g, int S, int sb,
+                                          int G, i64 code_row_words, i64 stats_row_words) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const i64 nsub = (n + 31) >> 5;
+  const i64 s = (i64)blockIdx.y * 256 + threadIdx.x;  // this thread's sub-chunk
+  const bool active = s < nsub;
+  const i64 row0 = (i64)blockIdx.x * RB;
+  const float two62 = pow2f(62);
+
+  float xv[32];
+  float xh0 = 0.f, xh1 = 0.f;
+  int k0 = 0, k1 = 0;
+  if (active) {
+    const float4* xp = reinterpret_cast<const float4*>(xs + s * 32);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const float4 t = __ldg(xp + q);
+      xv[4 * q] = t.x;
+      xv[4 * q + 1] = t.y;
+      xv[4 * q + 2] = t.z;
+      xv[4 * q + 3] = t.w;
+    }
+    xh0 = __ldg(x16 + 2 * s);
+    xh1 = __ldg(x16 + 2 * s + 1);
+    k0 = (int)div_group((u64)s * 32, g);
+    k1 = min((int)div_group((u64)s * 32 + 16, g), G - 1);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 32; ++e) xv[e] = 0.f;
+  }
+  // packed statistics: the bits of (qs, qz) of groups k0..k1 sit at the same offset in every
+  // row: bit0 .. bit0 + (k1 - k0 + 1) * 2sb
+  const u32 bit0 = (u32)k0 * (u32)(2 * sb);
+  const u32 swi = bit0 >> 5, ssh = bit0 & 31u;
+  const bool two_words = ssh + (u32)((k1 - k0 + 1) * 2 * sb) > 32u;
+  const u32 smask = (1u << sb) - 1u;
+  const int kshift = (k1 - k0) * 2 * sb;
+
+  // stats2 records of (tile, k0) and (tile, k1), reloaded when the tile changes
+  i64 tile = -1, tile_end = 0;
+  float ss0 = 0.f, sb0 = 0.f, zs0 = 0.f, zb0 = 0.f, ss1 = 0.f, sb1 = 0.f, zs1 = 0.f, zb1 = 0.f;
+
+  float acc[RB];
+#pragma unroll
+  for (int r = 0; r < RB; ++r) acc[r] = 0.f;
+
+#pragma unroll
+  for (int rg = 0; rg < RB; rg += RU) {
+    u32 w[RU][B];
+    u32 st[RU][2];
+#pragma unroll
+    for (int u = 0; u < RU; ++u) {
+      const i64 row = min(row0 + rg + u, m - 1);
+      if (active) {
+        load_subchunk<B>(codes + row * code_row_words + s * B, w[u]);
+        if (PACKED) {
+          const u32* srow = stats + row * stats_row_words + swi;
+          st[u][0] = __ldg(srow);
+          st[u][1] = two_words ? __ldg(srow + 1) : 0u;
+        } else {
+          st[u][0] = __ldg(stats + row * (i64)G + k0);
+          st[u][1] = __ldg(stats + row * (i64)G + k1);
+        }
+      } else {
+#pragma unroll
+        for (int b = 0; b < B; ++b) w[u][b] = 0u;
+        st[u][0] = st[u][1] = 0u;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < RU; ++u) {
+      const i64 row = min(row0 + rg + u, m - 1);
+      float s0, z0, s1, z1;
+      if (PACKED) {
+        if (row >= tile_end) {  // uniform across the block: all threads sweep the same rows
+          tile = row / S;
+          tile_end = (tile + 1) * (i64)S;
+          if (active) {
+            const uint2 r0 = __ldg(reinterpret_cast<const uint2*>(stats2) + (tile * G + k0));
+            const uint2 r1 = __ldg(reinterpret_cast<const uint2*>(stats2) + (tile * G + k1));
+            ss0 = f16_bits_to_f32(r0.x);
+            sb0 = f16_bits_to_f32(r0.x >> 16);
+            zs0 = f16_bits_to_f32(r0.y);
+            zb0 = f16_bits_to_f32(r0.y >> 16);
+            ss1 = f16_bits_to_f32(r1.x);
+            sb1 = f16_bits_to_f32(r1.x >> 16);
+            zs1 = f16_bits_to_f32(r1.y);
+            zb1 = f16_bits_to_f32(r1.y >> 16);
+          }
+        }
+        const u32 v = __funnelshift_r(st[u][0], st[u][1], ssh);
+        s0 = add_rn(sb0, mul_rn(ss0, (float)(v & smask)));
+        z0 = add_rn(zb0, mul_rn(zs0, (float)((v >> sb) & smask)));
+        const u32 v1 = v >> kshift;
+        s1 = add_rn(sb1, mul_rn(ss1, (float)(v1 & smask)));
+        z1 = add_rn(zb1, mul_rn(zs1, (float)((v1 >> sb) & smask)));
+      } else {
+        s0 = f16_bits_to_f32(st[u][0]);
+        z0 = f16_bits_to_f32(st[u][0] >> 16);
+        s1 = f16_bits_to_f32(st[u][1]);
+        z1 = f16_bits_to_f32(st[u][1] >> 16);
+      }
+      Windows<B> win;
+      win.load(w[u]);
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;  // two chains per half
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        a0 = fma_keep_subnormal(win.subnormal(e), xv[e], a0);
+        a1 = fma_keep_subnormal(win.subnormal(e + 8), xv[e + 8], a1);
+        a2 = fma_keep_subnormal(win.subnormal(e + 16), xv[e + 16], a2);
+        a3 = fma_keep_subnormal(win.subnormal(e + 24), xv[e + 24], a3);
+      }
+      acc[rg + u] += s0 * fmaf(a0 + a1, two62, -z0 * xh0) + s1 * fmaf(a2 + a3, two62, -z1 * xh1);
+    }
+  }
+
+  __shared__ float red[8][RB];
+#pragma unroll
+  for (int r = 0; r < RB; ++r) {
+    const float v = warp_sum(acc[r]);
+    if (lane == 0) red[warp][r] = v;
+  }
+  __syncthreads();
+  // Row r of the block is finished by warp r % nwarps: outlier corrections (split 0 only; the
+  // codes and statistics they need were just streamed by this block, so they are L2 hits),
+  // then y directly when there is one split, else part[split][row].
+  const int nwarps = blockDim.x >> 5;
+  for (int r = warp; r < RB; r += nwarps) {
+    const i64 row = row0 + r;
+    if (row >= m) break;
+    float v = 0.f;
+    if (orows != nullptr && blockIdx.y == 0) {
+      const i64 tile_r = PACKED ? row / S : 0;
+      constexpr int EPW = 23 / B;
+      scan_outliers<1, 4>(orows, oents, row, 1, [&](int, i64 col, u32 val, bool act) {
+        const u32 q = load_code(codes, row, code_row_words, col, B);
+        float s_, z_;
+        load_stats<PACKED>(stats, stats2, row, tile_r, (int)div_group(col, g), G,
+                           stats_row_words, sb, s_, z_);
+        const float wd = mul_rn(s_, sub_rn((float)q, z_));
+        const float d = act ? f16_bits_to_f32(val) - wd : 0.f;
+        const int p = ((int)(col & 31) % EPW) * B;
+        v = fmaf(d, __ldg(xs + col) * pow2f(p - 87), v);
+      });
+      v = warp_sum(v);
+    }
+    if (lane == 0) {
+      for (int w2 = 0; w2 < nwarps; ++w2) v += red[w2][r];
+      if (gridDim.y == 1)
+        store_out(y, row, v, out_dtype);
+      else
+        part[(i64)blockIdx.y * m + row] = v;
+    }
+  }
+}
+
+// y[row] = sum of the splits' partial sums (outliers already added by split 0), rounded.
+// One thread per row; only launched when there is more than one split.
+__device__ __forceinline__ void mv1_finish(const float* __restrict__ part, int nsplit,
+                                           u16* __restrict__ y, int out_dtype, i64 m) {
+  const i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (row >= m) return;
+  float v = 0.f;
+  for (int sp = 0; sp < nsplit; ++sp) v += __ldg(part + (i64)sp * m + row);
+  store_out(y, row, v, out_dtype);
+}
+
+// ------------------------------------------------------------------------------------------
+// Dequantize (bit-exact, SPEC section 7). One thread per (row, 32-column sub-chunk).
+// B == 0: runtime bit width (any 1..8). OUT: SPQR_OUT_*.
+// ------------------------------------------------------------------------------------------
+template <int OUT>
+__device__ __forceinline__ void write_elem(void* out, i64 idx, float v) {
+  if (OUT == SPQR_OUT_F32)
+    reinterpret_cast<float*>(out)[idx] = v;
+  else if (OUT == SPQR_OUT_F16)
+    reinterpret_cast<u16*>(out)[idx] = (u16)f32_to_f16_bits(v);
+  else
+    reinterpret_cast<u16*>(out)[idx] = (u16)f32_to_bf16_bits(v);
+}
+
+template <int OUT>
+__device__ __forceinline__ u32 out_bits(float v) {
+  if (OUT == SPQR_OUT_F16) return f32_to_f16_bits(v);
+  return f32_to_bf16_bits(v);
+}
+
+// The exact values v (C-7.1, C-7.2) of the 32 stored columns j0 .. j0+31 of one row; entries
+// past n are 0.  B == 0: bit width `bits` at run time.
+template <int B, bool PACKED>
+__device__ __forceinline__ void decode_subchunk(const u32* __restrict__ codes,
+                                                const u32* __restrict__ stats,
+                                                const u16* __restrict__ stats2, i64 row, i64 tile,
+                                                i64 j0, int nvalid, int bits, int g, int sb, int G,
+                                                i64 code_row_words, i64 stats_row_words,
+                                                float (&v)[32]) {
+  int k = (int)(j0 / g);
+  i64 next = (i64)(k + 1) * g;  // first column of the next group
+  float sc, zc;
+  load_stats<PACKED>(stats, stats2, row, tile, k, G, stats_row_words, sb, sc, zc);
+  if (B > 0) {
+    constexpr int BB = B > 0 ? B : 1;
+    u32 w[BB];
+    load_subchunk<BB>(codes + row * code_row_words + (j0 >> 5) * BB, w);
+#pragma unroll
+    for (int e = 0; e < 32; ++e) {
+      if (j0 + e == next && e < nvalid) {
+        ++k;
+        next += g;
+        load_stats<PACKED>(stats, stats2, row, tile, k, G, stats_row_words, sb, sc, zc);
+      }
+      v[e] = mul_rn(sc, sub_rn((float)code_of<BB>(w, e), zc));
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 32; ++e) {
+      if (e < nvalid) {
+        if (j0 + e == next) {
+          ++k;
+          next += g;
+          load_stats<PACKED>(stats, stats2, row, tile, k, G, stats_row_words, sb, sc, zc);
+        }
+        const float q = (float)load_code(codes, row, code_row_words, j0 + e, bits);
+        v[e] = mul_rn(sc, sub_rn(q, zc));
+      } else {
+        v[e] = 0.f;
+      }
+    }
+  }
+}
+
+// Dense pass, one thread per (row, 32-column sub-chunk); writes out[row][perm[j]] directly
+// (vector stores without perm; scattered stores with it).
+template <int B, bool PACKED, int OUT>
+__device__ __forceinline__ void dequant(const u32* __restrict__ codes,
+                                        const u32* __restrict__ stats,
+                                        const u16* __restrict__ stats2,
+                                        const u32* __restrict__ perm, void* __restrict__ out,
+                                        i64 ldo, i64 m, i64 n, int bits, int g, int S, int sb,
+                                        int G, i64 code_row_words, i64 stats_row_words) {
+  const i64 nsub = (n + 31) >> 5;
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= m * nsub) return;
+  const i64 row = idx / nsub, s = idx - row * nsub;
+  const i64 tile = PACKED ? row / S : 0;
+  const i64 j0 = s * 32;
+  const int nvalid = (int)min((i64)32, n - j0);
+  float v[32];
+  decode_subchunk<B, PACKED>(codes, stats, stats2, row, tile, j0, nvalid, bits, g, sb, G,
+                             code_row_words, stats_row_words, v);
+
+  const i64 obase = row * ldo;
+  if (perm == nullptr && nvalid == 32 && OUT != SPQR_OUT_F32 && ((obase + j0) & 7) == 0) {
+    uint4* dst = reinterpret_cast<uint4*>(reinterpret_cast<u16*>(out) + obase + j0);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      uint4 t;
+      t.x = out_bits<OUT>(v[8 * q + 0]) | (out_bits<OUT>(v[8 * q + 1]) << 16);
+      t.y = out_bits<OUT>(v[8 * q + 2]) | (out_bits<OUT>(v[8 * q + 3]) << 16);
+      t.z = out_bits<OUT>(v[8 * q + 4]) | (out_bits<OUT>(v[8 * q + 5]) << 16);
+      t.w = out_bits<OUT>(v[8 * q + 6]) | (out_bits<OUT>(v[8 * q + 7]) << 16);
+      dst[q] = t;
+    }
+  } else if (perm == nullptr && nvalid == 32 && OUT == SPQR_OUT_F32 && ((obase + j0) & 3) == 0) {
+    float4* dst = reinterpret_cast<float4*>(reinterpret_cast<float*>(out) + obase + j0);
+#pragma unroll
+    for (int q = 0; q < 8; ++q)
+      dst[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 32; ++e) {
+      if (e < nvalid) {
+        const i64 j = j0 + e;
+        const i64 col = perm ? (i64)__ldg(perm + j) : j;
+        write_elem<OUT>(out, obase + col, v[e]);
+      }
+    }
+  }
+}
+
+// Whole-row pass: one block per row; the row is assembled in shared memory (dense values at
+// perm[j], then outliers), then written with coalesced 16-byte stores.  Needs
+// n * sizeof(out element) bytes of dynamic shared memory.
+template <int B, bool PACKED, int OUT>
+__device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
+                                            const u32* __restrict__ stats,
+                                            const u16* __restrict__ stats2,
+                                            const u32* __restrict__ perm,
+                                            const u32* __restrict__ orows,
+                                            const u32* __restrict__ oents,
+                                            void* __restrict__ out, i64 ldo, i64 n, int bits,
+                                            int g, int S, int sb, int G, i64 code_row_words,
+                                            i64 stats_row_words) {
+  extern __shared__ uint4 smem_raw[];
+  constexpr int ESZ = OUT == SPQR_OUT_F32 ? 4 : 2;
+  const i64 row = blockIdx.x;
+  const i64 tile = PACKED ? row / S : 0;
+  const i64 nsub = (n + 31) >> 5;
+  for (i64 s = threadIdx.x; s < nsub; s += blockDim.x) {
+    const i64 j0 = s * 32;
+    const int nvalid = (int)min((i64)32, n - j0);
+    float v[32];
+    decode_subchunk<B, PACKED>(codes, stats, stats2, row, tile, j0, nvalid, bits, g, sb, G,
+                               code_row_words, stats_row_words, v);
+    if (perm != nullptr && nvalid == 32) {
+      const uint4* pv = reinterpret_cast<const uint4*>(perm + j0);  // 128-byte aligned
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const uint4 pq = __ldg(pv + q);
+        write_elem<OUT>(smem_raw, pq.x, v[4 * q]);
+        write_elem<OUT>(smem_raw, pq.y, v[4 * q + 1]);
+        write_elem<OUT>(smem_raw, pq.z, v[4 * q + 2]);
+        write_elem<OUT>(smem_raw, pq.w, v[4 * q + 3]);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 32; ++e) {
+        if (e < nvalid) {
+          const i64 j = j0 + e;
+          const i64 col = perm ? (i64)__ldg(perm + j) : j;
+          write_elem<OUT>(smem_raw, col, v[e]);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (orows != nullptr && threadIdx.x < 32) {
+    scan_outliers<1, 8>(orows, oents, row, 1, [&](int, i64 col, u32 val, bool act) {
+      if (act) write_elem<OUT>(smem_raw, perm ? (i64)__ldg(perm + col) : col, f16_bits_to_f32(val));
+    });
+  }
+  __syncthreads();
+  const i64 bytes = n * ESZ;
+  char* dst = reinterpret_cast<char*>(out) + row * ldo * ESZ;
+  const char* src = reinterpret_cast<const char*>(smem_raw);
+  if ((reinterpret_cast<u64>(dst) & 15) == 0) {
+    const i64 nvec = bytes >> 4;
+    for (i64 t = threadIdx.x; t < nvec; t += blockDim.x)
+      reinterpret_cast<uint4*>(dst)[t] = reinterpret_cast<const uint4*>(src)[t];
+    for (i64 t = (nvec << 4) + threadIdx.x; t < bytes; t += blockDim.x) dst[t] = src[t];
+  } else {
+    for (i64 t = threadIdx.x; t < bytes / ESZ; t += blockDim.x) {
+      if (ESZ == 4)
+        reinterpret_cast<u32*>(dst)[t] = reinterpret_cast<const u32*>(src)[t];
+      else
+        reinterpret_cast<u16*>(dst)[t] = reinterpret_cast<const u16*>(src)[t];
+    }
+  }
+}
+
+// Outlier pass of dequantize: one warp per row overwrites W[i, perm[c]] = f32(o) (C-7.3).
+template <int OUT>
+__device__ __forceinline__ void dequant_outliers(const u32* __restrict__ orows,
+                                                 const u32* __restrict__ oents,
+                                                 const u32* __restrict__ perm,
+                                                 void* __restrict__ out, i64 ldo, i64 m) {
+  const int lane = threadIdx.x & 31;
+  const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  if (row >= m) return;
+  const u32 e_begin = __ldg(orows + row), e_end = __ldg(orows + row + 1);
+  i64 colbase = -1;
+  for (u32 base = e_begin; base < e_end; base += 32) {
+    const u32 e = base + lane;
+    const bool valid = e < e_end;
+    const u32 ent = valid ? __ldg(oents + e) : 0u;
+    u32 cs = ent & 0xFFFFu;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      u32 t = __shfl_up_sync(0xffffffffu, cs, o);
+      if (lane >= o) cs += t;
+    }
+    const i64 col = colbase + (i64)cs;
+    colbase += (i64)__shfl_sync(0xffffffffu, cs, 31);
+    const u32 val = ent >> 16;
+    if (valid && val != 0xFFFFu) {
+      const i64 oc = perm ? (i64)__ldg(perm + col) : col;
+      write_elem<OUT>(out, row * ldo + oc, f16_bits_to_f32(val));
+    }
+  }
+}
+
+}  // namespace spqr
+
+// ==========================================================================================
+// extern "C" entry points (see spqr_gpu.h for the argument meaning and launch contract).
+// ==========================================================================================
+
+extern "C" __global__ void spqr_prepare_x(const u16* __restrict__ x, i64 ldx, int in_dtype,
+                                          const u32* __restrict__ perm, int bits, i64 n,
+                                          float* __restrict__ xs, i64 ldxs,
+                                          float* __restrict__ x16, i64 ldx16, int nbatch) {
+  spqr::prepare_x(x, ldx, in_dtype, perm, bits, n, (n + 31) >> 5, xs, ldxs, x16, ldx16, nbatch);
+}
+
+#define SPQR_MATVEC_ENTRY(B, SNAME, PACKED, R, NB, MINB)                                             \
+  extern "C" __global__ void __launch_bounds__(288, MINB)                                     \
+      spqr_matvec_b##B##_##SNAME##_nb##NB(                                                    \
+          const u32* __restrict__ codes, const u32* __restrict__ stats,                        \
+          const u16* __restrict__ stats2, const u32* __restrict__ orows,                       \
+          const u32* __restrict__ oents, const float* __restrict__ xs, i64 ldxs,               \
+          const float* __restrict__ x16, i64 ldx16, u16* __restrict__ y, i64 ldy,              \
+          int out_dtype, i64 m, i64 n, int g, int S, int sb, int G, i64 code_row_words,        \
+          i64 stats_row_words, int nbatch) {                                                   \
+    spqr::matvec<B, PACKED, R, NB>(codes, stats, stats2, orows, oents, xs, ldxs, x16, ldx16,  \
+                                   y, ldy, out_dtype, m, n, g, S, sb, G, code_row_words,       \
+                                   stats_row_words, nbatch);                                   \
+  }
+
+#define SPQR_MV1_ENTRY_RB(B, SNAME, PACKED, PFX, RB, RU)                                        \
+  extern "C" __global__ void __launch_bounds__(256, SPQR_MV1_MINB) PFX##_b##B##_##SNAME(        \
+      const u32* __restrict__ codes, const u32* __restrict__ stats,                            \
+      const u16* __restrict__ stats2, const u32* __restrict__ orows,                           \
+      const u32* __restrict__ oents, const float* __restrict__ xs,                             \
+      const float* __restrict__ x16, float* __restrict__ part, u16* __restrict__ y,            \
+      int out_dtype, i64 m, i64 n, int g, int S, int sb, int G, i64 code_row_words,            \
+      i64 stats_row_words) {                                                                   \
+    spqr::mv1_sweep<B, PACKED, RB, RU>(codes, stats, stats2, orows, oents, xs, x16, part, y,   \
+                                       out_dtype, m, n, g, S, sb, G, code_row_words,           \
+                                       stats_row_words);                                       \
+  }
+
+// Two row-sweep heights: 8 rows (small matrices: more blocks) and 16 rows with 8 rows' loads in
+// flight (large matrices: x' and reductions amortised over more rows).
+#define SPQR_MV1_ENTRY(B, SNAME, PACKED)                                    \
+  SPQR_MV1_ENTRY_RB(B, SNAME, PACKED, spqr_mv1, SPQR_MV1_RB, SPQR_MV1_RU)  \
+  SPQR_MV1_ENTRY_RB(B, SNAME, PACKED, spqr_mv1r16, 16, 8)
+
+extern "C" __global__ void spqr_mv1_finish(const float* __restrict__ part, int nsplit,
+                                           u16* __restrict__ y, int out_dtype, i64 m) {
+  spqr::mv1_finish(part, nsplit, y, out_dtype, m);
+}
+
+// Rows per block for each batch width: keeps accumulators + decoded codes in registers.
+#define SPQR_MATVEC_ALL_NB(B, SNAME, PACKED)  \
+  SPQR_MATVEC_ENTRY(B, SNAME, PACKED, SPQR_NB1_R, 1, SPQR_NB1_MINB)   \
+  SPQR_MATVEC_ENTRY(B, SNAME, PACKED, 4, 2, 1)   \
+  SPQR_MATVEC_ENTRY(B, SNAME, PACKED, 4, 4, 1)
+// NB = 8 (R = 2) measured 3x slower per column than NB = 4 on an H100 (x' traffic, 154
+// registers): batches > 4 run as several slices of 4 columns instead.
+
+#define SPQR_MATVEC_ALL(B)         \
+  SPQR_MATVEC_ALL_NB(B, h, false) \
+  SPQR_MATVEC_ALL_NB(B, q, true)  \
+  SPQR_MV1_ENTRY(B, h, false)     \
+  SPQR_MV1_ENTRY(B, q, true)
+
+// Register cap of the batch-1 kernels (__launch_bounds__ min blocks of 288 threads).
+#ifndef SPQR_NB1_MINB
+#define SPQR_NB1_MINB 1
+#endif
+
+// SPQR_FAST_BUILD (experiments only): just the 3-bit kernels, for quick NVRTC builds.
+#ifndef SPQR_FAST_BUILD
+SPQR_MATVEC_ALL(2)
+SPQR_MATVEC_ALL(4)
+SPQR_MATVEC_ALL(8)
+#endif
+SPQR_MATVEC_ALL(3)
+
+#define SPQR_DEQUANT_ENTRY(B, SNAME, PACKED, ONAME, OUT)                                      \
+  extern "C" __global__ void __launch_bounds__(256) spqr_dequant_b##B##_##SNAME##_##ONAME(   \
+      const u32* __restrict__ codes, const u32* __restrict__ stats,                           \
+      const u16* __restrict__ stats2, const u32* __restrict__ perm, void* __restrict__ out,   \
+      i64 ldo, i64 m, i64 n, int bits, int g, int S, int sb, int G, i64 code_row_words,       \
+      i64 stats_row_words) {                                                                  \
+    spqr::dequant<B, PACKED, OUT>(codes, stats, stats2, perm, out, ldo, m, n, bits, g, S, sb, \
+                                  G, code_row_words, stats_row_words);                        \
+  }
+
+#define SPQR_DEQUANT_ROW_ENTRY(B, SNAME, PACKED, ONAME, OUT)                                  \
+  extern "C" __global__ void __launch_bounds__(256, 2) spqr_dequant_row_b##B##_##SNAME##_##ONAME( \
+      const u32* __restrict__ codes, const u32* __restrict__ stats,                           \
+      const u16* __restrict__ stats2, const u32* __restrict__ perm,                           \
+      const u32* __restrict__ orows, const u32* __restrict__ oents, void* __restrict__ out,   \
+      i64 ldo, i64 n, int bits, int g, int S, int sb, int G, i64 code_row_words,              \
+      i64 stats_row_words) {                                                                  \
+    spqr::dequant_row<B, PACKED, OUT>(codes, stats, stats2, perm, orows, oents, out, ldo, n,  \
+                                      bits, g, S, sb, G, code_row_words, stats_row_words);    \
+  }
+
+#define SPQR_DEQUANT_ALL_OUT(B, SNAME, PACKED)                 \
+  SPQR_DEQUANT_ENTRY(B, SNAME, PACKED, f32, SPQR_OUT_F32)     \
+  SPQR_DEQUANT_ENTRY(B, SNAME, PACKED, f16, SPQR_OUT_F16)     \
+  SPQR_DEQUANT_ENTRY(B, SNAME, PACKED, bf16, SPQR_OUT_BF16)     \
+  SPQR_DEQUANT_ROW_ENTRY(B, SNAME, PACKED, f32, SPQR_OUT_F32)  \
+  SPQR_DEQUANT_ROW_ENTRY(B, SNAME, PACKED, f16, SPQR_OUT_F16)  \
+  SPQR_DEQUANT_ROW_ENTRY(B, SNAME, PACKED, bf16, SPQR_OUT_BF16)
+
+#define SPQR_DEQUANT_ALL(B)             \
+  SPQR_DEQUANT_ALL_OUT(B, h, false)     \
+  SPQR_DEQUANT_ALL_OUT(B, q, true)
+
+#ifndef SPQR_FAST_BUILD
+SPQR_DEQUANT_ALL(0)
+SPQR_DEQUANT_ALL(2)
+SPQR_DEQUANT_ALL(4)
+SPQR_DEQUANT_ALL(8)
+#endif
+SPQR_DEQUANT_ALL(3)
+
+#define SPQR_DEQUANT_OUTLIERS_ENTRY(ONAME, OUT)                                               \
+  extern "C" __global__ void spqr_dequant_outliers_##ONAME(                                   \
+      const u32* __restrict__ orows, const u32* __restrict__ oents,                           \
+      const u32* __restrict__ perm, void* __restrict__ out, i64 ldo, i64 m) {                 \
+    spqr::dequant_outliers<OUT>(orows, oents, perm, out, ldo, m);                             \
+  }
+
+SPQR_DEQUANT_OUTLIERS_ENTRY(f32, SPQR_OUT_F32)
+SPQR_DEQUANT_OUTLIERS_ENTRY(f16, SPQR_OUT_F16)
+SPQR_DEQUANT_OUTLIERS_ENTRY(bf16, SPQR_OUT_BF16)

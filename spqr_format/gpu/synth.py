@@ -1,0 +1,90 @@
+"""Fast random ``PackedBilevel`` tensors built directly in packed form (numpy only).
+
+For benchmarks and large GPU tests: no encoder, no per-element packing loop. The result is a
+valid tensor (zero padding, sorted unique outliers, finite statistics); values are random.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spqr_format import spec
+from spqr_format.codec.bilevel import BilevelGeometry, BilevelHeader, BilevelParams, PackedBilevel
+
+
+def _random_packed_rows(rng: np.random.Generator, rows: int, count: int, bits: int) -> np.ndarray:
+    """Random packed rows (C-5.2) of ``count`` elements, padding elements zero."""
+    words = spec.packed_row_words(count, bits)
+    out = rng.integers(0, 1 << 32, size=(rows, words), dtype=np.uint64).astype(np.uint32)
+    used = count * bits  # bits in use per row
+    full = used // 32
+    if full < words:
+        rem = used - 32 * full
+        out[:, full] &= np.uint32((1 << rem) - 1) if rem else np.uint32(0)
+        out[:, full + 1 :] = 0
+    return out
+
+
+def random_packed(
+    m: int,
+    n: int,
+    *,
+    bits: int = 3,
+    group_size: int = 16,
+    stats_bits: int = 3,
+    stats_group_size: int = 16,
+    perm: bool = True,
+    outlier_fraction: float = 0.01,
+    seed: int = 0,
+) -> PackedBilevel:
+    """A random ``spqr-3bit``-like tensor by default (b=3, g=16, 3-bit stats in 16-row tiles,
+    permutation, 1% outliers spread evenly over the rows)."""
+    rng = np.random.default_rng(seed)
+    params = BilevelParams(bits, group_size, stats_bits, stats_group_size if stats_bits else 0)
+    params.validate()
+    geo = BilevelGeometry.of((m, n), params)
+    codes = _random_packed_rows(rng, m, n, bits)
+    if stats_bits == 0:
+        st = np.empty((m, geo.groups, 2), dtype=np.float16)
+        st[..., 0] = rng.uniform(0.001, 0.05, size=(m, geo.groups))
+        st[..., 1] = rng.uniform(0, (1 << bits) - 1, size=(m, geo.groups))
+        stats, stats2 = st.view(np.uint16), None
+    else:
+        stats = _random_packed_rows(rng, m, 2 * geo.groups, stats_bits)
+        top = (1 << stats_bits) - 1 or 1
+        s2 = np.stack(
+            [
+                rng.uniform(0.001, 0.05, size=(geo.tiles, geo.groups)) / top,
+                rng.uniform(0.0, 0.01, size=(geo.tiles, geo.groups)),
+                rng.uniform(0.0, (1 << bits) - 1, size=(geo.tiles, geo.groups)) / top,
+                rng.uniform(-0.5, 0.5, size=(geo.tiles, geo.groups)),
+            ],
+            axis=-1,
+        ).astype(np.float16)
+        stats2 = s2.view(np.uint16)
+    p = rng.permutation(n).astype(np.uint32) if perm else None
+    orows = oents = None
+    k = int(round(outlier_fraction * n))
+    count = entries = 0
+    if k > 0:
+        k = min(k, n)
+        # k strictly increasing columns per row: sorted draws from [0, n-k] plus 0..k-1.
+        cols = np.sort(rng.integers(0, n - k + 1, size=(m, k)), axis=1) + np.arange(k)
+        deltas = np.diff(cols, axis=1, prepend=-1)
+        if deltas.max() > spec.OUTLIER_MAX_DELTA:
+            raise ValueError("benchmark outliers need n <= 65535 (no skip entries generated)")
+        vals = (rng.standard_normal((m, k)) * 0.2).astype(np.float16).view(np.uint16)
+        oents = (deltas.astype(np.uint32) | (vals.astype(np.uint32) << 16)).reshape(-1)
+        orows = (np.arange(m + 1, dtype=np.uint64) * k).astype(np.uint32)
+        count = entries = m * k
+    header = BilevelHeader(params, perm, k > 0, count, entries)
+    return PackedBilevel(
+        shape=(m, n),
+        header=header,
+        codes=codes,
+        stats=stats,
+        stats2=stats2,
+        perm=p,
+        outlier_rows=orows,
+        outlier_entries=oents,
+    )

@@ -1,0 +1,94 @@
+"""The standalone C example (examples/c) gives the same y as the Python layer, bit for bit.
+
+Needs nvcc, CuPy and a CUDA device (skipped otherwise; tests/test_kernels_compile.py compiles
+the example on CPU-only machines).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cp = pytest.importorskip("cupy")
+NVCC = shutil.which("nvcc")
+if NVCC is None:
+    pytest.skip("nvcc not found", allow_module_level=True)
+try:
+    if cp.cuda.runtime.getDeviceCount() < 1:
+        pytest.skip("no CUDA device", allow_module_level=True)
+except Exception:  # pragma: no cover
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from spqr_format.api import save  # noqa: E402
+from spqr_format.gpu import GpuTensor  # noqa: E402
+from spqr_format.gpu.synth import random_packed  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "c"
+KDIR = Path(__file__).resolve().parents[1] / "spqr_format" / "gpu" / "kernels"
+
+
+def make_x(n: int, seed: int) -> np.ndarray:
+    """The example's LCG input (see make_x in spqr_matvec.cu), as f16."""
+    out = np.empty(n, dtype=np.uint16)
+    s = seed
+    mask = (1 << 64) - 1
+    for j in range(n):
+        s = (s * 6364136223846793005 + 1442695040888963407) & mask
+        r = s >> 33
+        out[j] = (((r >> 30) & 1) << 15) | ((13 + (r >> 10) % 3) << 10) | (r & 0x3FF)
+    return out.view(np.float16)
+
+
+def fnv1a(y_bits: np.ndarray) -> str:
+    h = 1469598103934665603
+    for v in y_bits.tolist():
+        for byte in (v & 0xFF, v >> 8):
+            h = ((h ^ byte) * 1099511628211) & ((1 << 64) - 1)
+    return f"{h:016x}"
+
+
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory):
+    major, minor = cp.cuda.Device().compute_capability[:-1], cp.cuda.Device().compute_capability[-1]
+    arch = f"sm_{major}{minor}"
+    out = tmp_path_factory.mktemp("cexample") / "spqr_matvec"
+    cmd = [NVCC, "-O2", "-std=c++17", f"-arch={arch}", "-I", str(KDIR)]
+    cmd += [str(EXAMPLE / "spqr_matvec.cu"), str(EXAMPLE / "spqr_reader.c")]
+    cmd += [str(KDIR / "spqr_host.cu"), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.mark.parametrize(
+    "m,n,kw",
+    [
+        (300, 4096, {}),
+        (7, 1000, dict(bits=4, group_size=128, stats_bits=0, perm=False, outlier_fraction=0)),
+        (64, 28672, dict(outlier_fraction=0.01)),
+    ],
+)
+def test_c_example_matches_python(binary, tmp_path, m, n, kw):
+    p = random_packed(m, n, seed=m, **kw)
+    path = tmp_path / "w.spqr"
+    save(path, {"layer.weight": p})
+    seed = 12345
+    res = subprocess.run(
+        [str(binary), str(path), "layer.weight", str(seed)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    got = re.search(r"fnv1a=([0-9a-f]{16}) sum=(\S+)", res.stdout)
+    assert got, res.stdout
+    g = GpuTensor.from_file(path, "layer.weight")
+    y = cp.asnumpy(g.matvec(cp.asarray(make_x(n, seed))))
+    assert got.group(1) == fnv1a(y.view(np.uint16)), (res.stdout, y[:8])
+    assert float(got.group(2)) == pytest.approx(float(y.astype(np.float64).sum()), rel=1e-9)

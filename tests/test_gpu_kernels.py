@@ -1,0 +1,224 @@
+"""GPU kernels against the CPU reference (needs CuPy and a CUDA device; skipped otherwise).
+
+* dequantize: GPU == ``reference.decode_bilevel`` bit for bit (uint16 / uint32 patterns), for
+  every configuration (the generic kernel covers any bits / group size / statistics).
+* matvec / matmul: within a stated bound of the f64 product of the decoded f32 ``W`` and ``x``
+  (see :func:`_bound`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+cp = pytest.importorskip("cupy")
+try:
+    if cp.cuda.runtime.getDeviceCount() < 1:
+        pytest.skip("no CUDA device", allow_module_level=True)
+except Exception:  # pragma: no cover - no driver
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from strategies import bilevel_tensors, random_bilevel  # noqa: E402
+
+from spqr_format.codec.bilevel import BilevelParams  # noqa: E402
+from spqr_format.codec.packing import pack  # noqa: E402
+from spqr_format.codec.reference import decode_bilevel  # noqa: E402
+from spqr_format.gpu import GpuTensor  # noqa: E402
+from spqr_format.spec import DType  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False)
+U = 2.0**-24
+
+
+def _dequant_bits(t, dtype: DType) -> tuple[np.ndarray, np.ndarray]:
+    p = pack(t)
+    ref = decode_bilevel(p, dtype)
+    g = GpuTensor.from_packed(p)
+    name = {DType.FLOAT16: "float16", DType.BFLOAT16: "bfloat16", DType.FLOAT32: "float32"}
+    got = cp.asnumpy(g.dequantize(name[dtype]))
+    width = np.uint32 if dtype == DType.FLOAT32 else np.uint16
+    return ref.view(width), got.view(width)
+
+
+def _assert_same_bits(ref, got):
+    assert ref.shape == got.shape
+    bad = np.argwhere(ref != got)
+    assert bad.size == 0, f"{len(bad)} mismatches, first at {bad[:5].tolist()}: " + str(
+        [(int(ref[tuple(i)]), int(got[tuple(i)])) for i in bad[:5]]
+    )
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(
+    t=bilevel_tensors(max_m=9, max_n=700),
+    dtype=st.sampled_from([DType.FLOAT16, DType.BFLOAT16, DType.FLOAT32]),
+)
+def test_dequantize_bit_exact_random(t, dtype):
+    _assert_same_bits(*_dequant_bits(t, dtype))
+
+
+@pytest.mark.parametrize(
+    "m,n,bits,g,sb,S,perm,frac,layout",
+    [
+        (1, 28672, 3, 16, 3, 16, True, 0.01, "uniform"),
+        (3, 70000, 3, 16, 3, 16, True, 0.01, "uniform"),
+        (2, 70000, 4, 128, 0, 0, False, 0.0, "uniform"),
+        (17, 4097, 2, 32, 3, 5, True, 0.5, "full_rows"),
+        (33, 1000, 8, 64, 0, 0, True, 1.0, "uniform"),
+        (5, 333, 5, 7, 2, 3, True, 0.02, "uniform"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [DType.FLOAT16, DType.BFLOAT16])
+def test_dequantize_bit_exact_shapes(m, n, bits, g, sb, S, perm, frac, layout, dtype):
+    rng = np.random.default_rng(m * 1000 + n)
+    t = random_bilevel(
+        rng, m, n, BilevelParams(bits, g, sb, S), perm, frac, regime="any", outlier_layout=layout
+    )
+    _assert_same_bits(*_dequant_bits(t, dtype))
+
+
+def test_dequantize_identity_perm():
+    rng = np.random.default_rng(7)
+    t = random_bilevel(rng, 6, 300, BilevelParams(3, 16, 3, 16), False, 0.05)
+    t.perm = np.arange(300, dtype=np.uint32)
+    _assert_same_bits(*_dequant_bits(t, DType.FLOAT16))
+
+
+# ---------------------------------------------------------------------------------------------
+# matvec / matmul
+
+
+def _stats_f32(t) -> tuple[np.ndarray, np.ndarray]:
+    """Per (row, group) s and z in f32 (SPEC C-7.1; numpy f32 ops, no FMA)."""
+    if t.params.stats_bits == 0:
+        st32 = t.stats.astype(np.float32)
+        return st32[..., 0], st32[..., 1]
+    s2 = t.stats2.astype(np.float32)  # [T, G, 4]
+    tile = np.arange(t.shape[0]) // t.params.stats_group_size
+    r = s2[tile]  # [m, G, 4]
+    s = r[..., 1] + r[..., 0] * t.stats[..., 0].astype(np.float32)
+    z = r[..., 3] + r[..., 2] * t.stats[..., 1].astype(np.float32)
+    return s, z
+
+
+def _bound(t, w32: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Error bound of the GPU result before its final rounding, per (batch, row).
+
+    The kernel forms, per 16-column half-block, D = sum q*x (16 products rounded once each and
+    16 additions) and X = sum x, then s*(D - z*X), and adds the half-blocks sequentially per
+    thread, then by a 5-level warp tree and a <= 8-term block sum. Every intermediate is bounded
+    by A = sum_j |s|(|q| + |z|)|x_j| (+ the outlier corrections |o - w||x|), and the longest
+    chain of roundings is < n/16 + 48, so |err| <= (n/16 + 48) * u * A with u = 2^-24
+    (the standard gamma_k bound, first order).
+    """
+    m, n = t.shape
+    s, z = _stats_f32(t)
+    col_group = np.arange(n) // t.params.group_size
+    sq = np.abs(s[:, col_group]).astype(np.float64) * (
+        t.codes.astype(np.float64) + np.abs(z[:, col_group]).astype(np.float64)
+    )  # [m, n] stored order
+    xp = xs[:, t.perm] if t.perm is not None else xs  # stored order
+    a = np.abs(xp) @ sq.T + np.abs(xs) @ np.abs(w32.astype(np.float64)).T * 2
+    return (n / 16 + 48) * U * a
+
+
+def _check_matmul(t, batch: int, dtype: str, rng):
+    p = pack(t)
+    m, n = t.shape
+    w32 = decode_bilevel(p, DType.FLOAT32)
+    x = rng.standard_normal((batch, n)).astype(np.float32)
+    if dtype == "float16":
+        x16 = x.astype(np.float16)
+        x64 = x16.astype(np.float64)
+        xd = cp.asarray(x16)
+        ulp = 2.0**-11  # unit roundoff of f16 (half an ulp, relative)
+    else:
+        bits = (x.view(np.uint32) >> 16).astype(np.uint16)  # truncation: some bf16 values
+        x64 = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        xd = cp.asarray(bits)
+        ulp = 2.0**-8  # unit roundoff of bf16
+    ref = x64 @ w32.astype(np.float64).T  # [batch, m]
+    g = GpuTensor.from_packed(p)
+    out = g.matmul(xd) if batch > 1 or rng.integers(2) else g.matvec(xd[0]).reshape(1, -1)
+    got = cp.asnumpy(out)
+    got = (got.astype(np.uint32) << 16).view(np.float32) if dtype == "bfloat16" else got
+    got = got.astype(np.float64)
+    bound = _bound(t, w32, x64)
+    # final rounding to f16/bf16: relative unit roundoff, plus half the smallest subnormal
+    tol = (bound + np.abs(ref) * ulp) * (1 + 2 * ulp) + 2.0**-25 + 1e-30
+    err = np.abs(got - ref)
+    assert np.all(np.isfinite(got)), "non-finite output"
+    worst = np.unravel_index(np.argmax(err / tol), err.shape)
+    assert np.all(err <= tol), (
+        f"max err/tol {float((err / tol)[worst]):.3g} at {worst}: got {got[worst]} ref "
+        f"{ref[worst]} bound {bound[worst]}"
+    )
+
+
+MATVEC_PARAMS = st.builds(
+    BilevelParams,
+    bits=st.sampled_from([2, 3, 4, 8, 5, 1]),
+    group_size=st.sampled_from([16, 32, 48, 64, 128, 7]),
+    stats_bits=st.sampled_from([0, 3]),
+    stats_group_size=st.just(0),
+)
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(
+    m=st.sampled_from([1, 2, 3, 4, 5, 7, 64, 129]),
+    n=st.sampled_from([1, 16, 31, 33, 100, 128, 513, 4096, 5000]),
+    params=MATVEC_PARAMS,
+    S=st.sampled_from([1, 3, 16]),
+    perm=st.booleans(),
+    outl=st.sampled_from([(0.0, "uniform"), (0.01, "uniform"), (0.3, "full_rows")]),
+    batch=st.sampled_from([1, 1, 2, 3, 4, 5, 8, 9, 16, 33, 64]),
+    dtype=st.sampled_from(["float16", "bfloat16"]),
+    seed=st.integers(0, 2**31),
+)
+def test_matmul_random(m, n, params, S, perm, outl, batch, dtype, seed):
+    if params.stats_bits:
+        params = BilevelParams(params.bits, params.group_size, params.stats_bits, S)
+    rng = np.random.default_rng(seed)
+    t = random_bilevel(rng, m, n, params, perm, outl[0], outlier_layout=outl[1])
+    _check_matmul(t, batch, dtype, rng)
+
+
+@pytest.mark.parametrize(
+    "m,n,bits,g,sb,perm,frac,batch",
+    [
+        (64, 28672, 3, 16, 3, True, 0.01, 1),
+        (16, 70000, 3, 16, 3, True, 0.01, 1),
+        (16, 70000, 4, 128, 0, True, 0.01, 4),
+        (300, 4096, 3, 16, 3, True, 0.01, 16),
+        (40, 4096, 2, 64, 0, False, 0.0, 64),
+        (1, 8192, 8, 32, 3, True, 1.0, 1),
+    ],
+)
+def test_matmul_shapes(m, n, bits, g, sb, perm, frac, batch):
+    rng = np.random.default_rng(n + batch)
+    t = random_bilevel(rng, m, n, BilevelParams(bits, g, sb, 16 if sb else 0), perm, frac)
+    _check_matmul(t, batch, "float16", rng)
+
+
+def test_matvec_on_other_stream_and_no_sync():
+    rng = np.random.default_rng(3)
+    t = random_bilevel(rng, 50, 1000, BilevelParams(3, 16, 3, 16), True, 0.01)
+    g = GpuTensor.from_packed(pack(t))
+    x = cp.asarray(rng.standard_normal(1000).astype(np.float16))
+    y0 = g.matvec(x)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        y1 = g.matvec(x)
+    s.synchronize()
+    assert cp.array_equal(y0, y1)  # deterministic: no atomics
+
+
+def test_fallback_logs(caplog):
+    rng = np.random.default_rng(4)
+    t = random_bilevel(rng, 9, 77, BilevelParams(5, 7, 0, 0), True, 0.02)
+    with caplog.at_level("WARNING", logger="spqr_format.gpu"):
+        _check_matmul(t, 3, "float16", rng)
