@@ -9,7 +9,14 @@ from __future__ import annotations
 import numpy as np
 
 from spqr_format import spec
-from spqr_format.codec.bilevel import BilevelGeometry, BilevelHeader, BilevelParams, PackedBilevel
+from spqr_format.codec.bilevel import (
+    BilevelGeometry,
+    BilevelHeader,
+    BilevelParams,
+    Outliers,
+    PackedBilevel,
+)
+from spqr_format.codec.outliers import encode_outlier_stream
 
 
 def _random_packed_rows(rng: np.random.Generator, rows: int, count: int, bits: int) -> np.ndarray:
@@ -64,19 +71,18 @@ def random_packed(
         stats2 = s2.view(np.uint16)
     p = rng.permutation(n).astype(np.uint32) if perm else None
     orows = oents = None
-    k = int(round(outlier_fraction * n))
+    k = min(int(round(outlier_fraction * n)), n)
     count = entries = 0
     if k > 0:
-        k = min(k, n)
         # k strictly increasing columns per row: sorted draws from [0, n-k] plus 0..k-1.
         cols = np.sort(rng.integers(0, n - k + 1, size=(m, k)), axis=1) + np.arange(k)
-        deltas = np.diff(cols, axis=1, prepend=-1)
-        if deltas.max() > spec.OUTLIER_MAX_DELTA:
-            raise ValueError("benchmark outliers need n <= 65535 (no skip entries generated)")
-        vals = (rng.standard_normal((m, k)) * 0.2).astype(np.float16).view(np.uint16)
-        oents = (deltas.astype(np.uint32) | (vals.astype(np.uint32) << 16)).reshape(-1)
-        orows = (np.arange(m + 1, dtype=np.uint64) * k).astype(np.uint32)
-        count = entries = m * k
+        outliers = Outliers(
+            rows=np.repeat(np.arange(m, dtype=np.uint32), k),
+            cols=cols.reshape(-1).astype(np.uint32),
+            values=(rng.standard_normal(m * k) * 0.2).astype(np.float16),
+        )
+        orows, oents, count = encode_outlier_stream(outliers, m, n)
+        entries = len(oents)
     header = BilevelHeader(params, perm, k > 0, count, entries)
     return PackedBilevel(
         shape=(m, n),
