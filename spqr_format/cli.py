@@ -53,7 +53,8 @@ def _progress(items, label: str):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="spqr")
 def main() -> None:
-    """Encode, inspect, verify and decode .spqr files (sparse-quantized LLM weights).
+    """Encode, calibrate, inspect, verify and decode .spqr files (sparse-quantized LLM
+    weights).
 
     \b
     Quick start:
@@ -220,6 +221,8 @@ def encode(
     if overrides.get("method") == "rtn":
         overrides.setdefault("perm_order", "identity")
         overrides.setdefault("outlier_threshold", None)
+    elif overrides.get("method") == "gptq" and base.method == "rtn":
+        overrides.setdefault("percdamp", 0.01)  # GPTQ's own default; rtn presets carry 0
     config: EncoderConfig = base.with_overrides(**overrides)
     patterns = keep_dense or DEFAULT_KEEP_DENSE
     hessians = SafetensorsFile(hessian_path) if hessian_path else None

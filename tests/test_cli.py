@@ -308,3 +308,21 @@ def test_spqr_preset_encode_is_byte_identical_across_runs(tmp_path):
         assert run(*args).exit_code == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_method_gptq_without_preset_uses_gptq_damping(tmp_path):
+    src = tmp_path / "model.safetensors"
+    w = np.random.default_rng(4).standard_normal((16, 64)).astype(np.float32)
+    write_safetensors(src, {"a.weight": ("float32", w)})
+    _activations(tmp_path / "acts.safetensors", {"a.weight": 64}, 100, 0)
+    hess = tmp_path / "H.safetensors"
+    assert run("calibrate", str(tmp_path / "acts.safetensors"), "-o", str(hess)).exit_code == 0
+    out = tmp_path / "m.spqr"
+    result = run(
+        "encode", str(src), "-o", str(out), "--hessians", str(hess), "--method", "gptq", "-q"
+    )
+    assert result.exit_code == 0, result.output
+    with api.open_file(out) as f:
+        settings = f.metadata["encoder.settings"]
+    assert settings["method"] == "gptq" and settings["percdamp"] == 0.01
+    assert f.metadata["encoder.report"][0]["relative_output_error"] is not None
