@@ -326,3 +326,11 @@ def test_method_gptq_without_preset_uses_gptq_damping(tmp_path):
         settings = f.metadata["encoder.settings"]
     assert settings["method"] == "gptq" and settings["percdamp"] == 0.01
     assert f.metadata["encoder.report"][0]["relative_output_error"] is not None
+
+
+def test_cli_preset_choices_are_the_encoder_presets():
+    # Listed in cli.py rather than imported, to keep the encoder out of `spqr info`'s start-up.
+    from spqr_format.cli import PRESET_NAMES
+    from spqr_format.codec.presets import PRESETS
+
+    assert PRESET_NAMES == tuple(PRESETS)
