@@ -37,26 +37,6 @@ from spqr_format.spec import DType, Encoding, Role
 DTypeLike = DType | str | None
 
 
-def as_dtype(dtype: DTypeLike, default: DType) -> DType:
-    """Accept a DType, its name ('float16', 'bf16', 'fp32', ...) or None (= ``default``)."""
-    if dtype is None:
-        return default
-    if isinstance(dtype, DType):
-        return dtype
-    aliases = {
-        "fp32": "float32",
-        "f32": "float32",
-        "fp16": "float16",
-        "f16": "float16",
-        "half": "float16",
-        "bf16": "bfloat16",
-    }
-    name = aliases.get(str(dtype).lower(), str(dtype).lower())
-    if name not in spec.DTYPE_BY_NAME:
-        raise BadInputError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
-    return spec.DTYPE_BY_NAME[name]
-
-
 @dataclass
 class RawTensor:
     """A tensor stored as it is (encoding ``raw``). bf16 data is held as uint16 bit patterns."""
@@ -280,7 +260,7 @@ class SpqrFile:
         tensor = self.read(name, verify_crc=verify_crc)
         entry = self.entry(name)
         own = DType(entry.dtype)
-        out_dtype = as_dtype(dtype, own)
+        out_dtype = spec.parse_dtype(dtype, own)
         try:
             if isinstance(tensor, RawTensor):
                 out = convert(tensor.data, tensor.dtype, out_dtype)

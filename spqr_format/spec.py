@@ -61,6 +61,30 @@ class DType(enum.IntEnum):
 DTYPE_NAMES = {DType.FLOAT32: "float32", DType.FLOAT16: "float16", DType.BFLOAT16: "bfloat16"}
 DTYPE_SIZES = {DType.FLOAT32: 4, DType.FLOAT16: 2, DType.BFLOAT16: 2}
 DTYPE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16",
+                 "half": "float16", "bf16": "bfloat16"}  # fmt: skip
+
+
+def parse_dtype(dtype: DType | int | str | None, default: DType | None = None) -> DType:
+    """A DType from a DType, its id, its name or an alias ('bf16', 'fp32', ...); None gives
+    ``default`` (an error when there is none). The one dtype parser of the package."""
+    from spqr_format.errors import BadInputError
+
+    if dtype is None:
+        if default is None:
+            raise BadInputError("a dtype is required", field="dtype")
+        return DType(default)
+    if isinstance(dtype, str):
+        name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+        if name not in DTYPE_BY_NAME:
+            raise BadInputError(
+                f"unknown dtype {dtype!r}; use float32, float16 or bfloat16", field="dtype"
+            )
+        return DTYPE_BY_NAME[name]
+    try:
+        return DType(dtype)
+    except ValueError:
+        raise BadInputError(f"unknown dtype {dtype!r}", field="dtype") from None
 
 
 class Encoding(enum.IntEnum):

@@ -42,21 +42,6 @@ _MODE = {DType.FLOAT32: 0, DType.FLOAT16: 1, DType.BFLOAT16: 2}
 _NUMPY_DTYPE = {DType.FLOAT32: np.float32, DType.FLOAT16: np.float16, DType.BFLOAT16: np.uint16}
 
 
-def _as_dtype(dtype: DType | str | None, default: DType | None) -> DType:
-    if dtype is None:
-        if default is None:
-            raise BadInputError("a dtype is required", field="dtype")
-        return DType(default)
-    if isinstance(dtype, str):
-        if dtype not in spec.DTYPE_BY_NAME:
-            raise BadInputError(f"unknown dtype {dtype!r}", field="dtype")
-        return spec.DTYPE_BY_NAME[dtype]
-    try:
-        return DType(dtype)
-    except ValueError:
-        raise BadInputError(f"unknown dtype {dtype!r}", field="dtype") from None
-
-
 # --------------------------------------------------------------------------------------------
 # Rounding f32 -> f16 / bf16 (C-7.5), on bit patterns, so that it runs inside the kernel.
 
@@ -308,7 +293,7 @@ def decode_bilevel(
     :func:`validate_packed` (not the structural ones): only for streams already validated;
     an invalid stream then decodes to unspecified values, but never unsafe memory accesses.
     """
-    dt = _as_dtype(dtype, p.dtype)
+    dt = spec.parse_dtype(dtype, p.dtype)
     if validate:
         validate_packed(p)
     else:
@@ -381,7 +366,7 @@ def decode_raw(
     bfloat16 comes back as ``uint16`` bit patterns. The result is a view of ``data`` when
     possible (read-only if ``data`` is). BadLayoutError when the length does not match.
     """
-    dt = _as_dtype(dtype, None)
+    dt = spec.parse_dtype(dtype, None)
     shape = tuple(int(d) for d in shape)
     if len(shape) > spec.MAX_NDIM or any(d < 0 for d in shape):
         raise BadInputError(f"invalid shape {shape}", field="shape")
