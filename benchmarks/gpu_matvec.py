@@ -80,18 +80,24 @@ def streaming_read_gbs(gib: float, stream) -> float:
     return n16 * 16 / (t * 1e-3) / 1e9
 
 
-def _clone(g: GpuTensor) -> GpuTensor:
+def _clone(g):
+    """A deep copy of the device arrays of ``g`` (a GpuTensor or its TileLayout)."""
     import dataclasses
 
-    kw = {
-        f.name: (
-            getattr(g, f.name).copy()
-            if isinstance(getattr(g, f.name), cp.ndarray)
-            else getattr(g, f.name)
-        )
-        for f in dataclasses.fields(g)
-    }
-    return GpuTensor(**kw)
+    def copy(v):
+        if isinstance(v, cp.ndarray):
+            return v.copy()
+        if dataclasses.is_dataclass(v):
+            return _clone(v)
+        return v
+
+    return type(g)(**{f.name: copy(getattr(g, f.name)) for f in dataclasses.fields(g)})
+
+
+def _without_tc(g: GpuTensor) -> GpuTensor:
+    import dataclasses
+
+    return dataclasses.replace(g, tc=None)
 
 
 def bench_shape(m, n, batches, rotate_bytes, reps, stream, torch, args) -> list[dict]:
@@ -141,9 +147,20 @@ def bench_shape(m, n, batches, rotate_bytes, reps, stream, torch, args) -> list[
 
         t = statistics.median(_time_graph(rec, reps, stream)) / ncopy
         hot = statistics.median(_time_graph(lambda: rec([g0] * ncopy), reps, stream)) / ncopy
+        simt = None
+        if args.compare_simt and g0.tc is not None:
+            simt = (
+                statistics.median(
+                    _time_graph(lambda: rec([_without_tc(c) for c in copies]), reps, stream)
+                )
+                / ncopy
+            )
         row = dict(
             shape=[m, n],
             batch=batch,
+            path="tensor-core" if g0.tc is not None else "simt",
+            simt_us=None if simt is None else simt * 1e3,
+            tile_layout_bytes=None if g0.tc is None else g0.tc.nbytes,
             us=t * 1e3,
             us_l2_hot=hot * 1e3,
             compressed_bytes=comp_bytes,
@@ -202,6 +219,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stats-group-size", type=int, default=16)
     ap.add_argument("--outliers", type=float, default=0.01)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument(
+        "--compare-simt",
+        action="store_true",
+        help="also time the SIMT kernels (SPEC layout) where the tensor-core path is used",
+    )
     args = ap.parse_args(argv)
     shapes = SHAPES
     if args.shapes:
@@ -243,13 +265,13 @@ def main(argv=None) -> int:
     hdr = (
         f"{'shape':>12} {'b':>3} {'us':>8} {'GB/s':>7} {'%read':>6} {'cuBLAS us':>9} {'speedup':>7}"
     )
-    print(hdr + f" {'L2hot us':>8} {'deq us':>7} {'deq %':>6}")
+    print(hdr + f" {'L2hot us':>8} {'deq us':>7} {'deq %':>6} {'simt us':>8}")
     for r in rows:
         print(
             f"{r['shape'][0]:>5}x{r['shape'][1]:<6} {r['batch']:>3} {r['us']:8.1f} "
             f"{r['gbs']:7.0f} {r['pct_stream_read']:6.1f} {r.get('cublas_us', float('nan')):9.1f} "
             f"{r.get('speedup', float('nan')):7.2f} {r['us_l2_hot']:8.1f} {r['dequant_us']:7.1f} "
-            f"{r['dequant_pct_stream_read']:6.1f}"
+            f"{r['dequant_pct_stream_read']:6.1f} {r['simt_us'] or float('nan'):8.1f}"
         )
     if args.plot:
         try:

@@ -125,7 +125,38 @@ def _bound(t, w32: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return (n / 16 + 48) * U * a
 
 
-def _check_matmul(t, batch: int, dtype: str, rng):
+def _bound_tc(t, w32: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Error bound of the tensor-core path (f16 fragments, f32 accumulation), per (batch, row).
+
+    Each weight enters the tensor cores as a = fl16(q * s~ + fl16(s~ * (-z~))) with s~, z~ the
+    f16 results of one fused multiply-add each: |a - w| <= 5 * 2^-11 * |s|(|q| + |z|) (first
+    order) plus f16-subnormal rounding, <= 2^-20 in absolute terms. Outliers add
+    fl16(o - w) * x: relative error 2^-11 of |o - w|. The f32 sums (tensor-core accumulation
+    over n / 16 tiles, k-split partial sums, outlier sum) are bounded as in :func:`_bound` with a
+    chain length below n / 8 + 96 (the tensor cores' f32 accumulation is not guaranteed to round
+    to nearest, so the chain is counted twice)."""
+    m, n = t.shape
+    s, z = _stats_f32(t)
+    g = t.params.group_size
+    col_group = np.arange(n) // g
+    sq = np.abs(s[:, col_group]).astype(np.float64) * (
+        t.codes.astype(np.float64) + np.abs(z[:, col_group]).astype(np.float64)
+    )
+    xp = xs[:, t.perm] if t.perm is not None else xs  # stored order
+    a1 = np.abs(xp) @ sq.T
+    corr = np.zeros((m, n))
+    o = t.outliers
+    if o is not None and len(o):
+        r, c = o.rows.astype(np.int64), o.cols.astype(np.int64)
+        k = c // g
+        dense = s[r, k] * (t.codes[r, c].astype(np.float32) - z[r, k])
+        corr[r, c] = np.abs(o.values.astype(np.float64) - dense.astype(np.float64))
+    oc = np.abs(xp) @ corr.T
+    acc = (n / 8 + 96) * U * (a1 + oc + np.abs(xs) @ np.abs(w32.astype(np.float64)).T * 2)
+    return 5 * 2.0**-11 * a1 + 2.0**-11 * oc + 2.0**-20 * np.abs(xp).sum(1)[:, None] + acc
+
+
+def _check_matmul(t, batch: int, dtype: str, rng, tensor_cores=None):
     p = pack(t)
     m, n = t.shape
     w32 = decode_bilevel(p, DType.FLOAT32)
@@ -141,12 +172,13 @@ def _check_matmul(t, batch: int, dtype: str, rng):
         xd = cp.asarray(bits)
         ulp = 2.0**-8  # unit roundoff of bf16
     ref = x64 @ w32.astype(np.float64).T  # [batch, m]
-    g = GpuTensor.from_packed(p)
+    g = GpuTensor.from_packed(p, tensor_cores=tensor_cores)
     out = g.matmul(xd) if batch > 1 or rng.integers(2) else g.matvec(xd[0]).reshape(1, -1)
     got = cp.asnumpy(out)
     got = (got.astype(np.uint32) << 16).view(np.float32) if dtype == "bfloat16" else got
     got = got.astype(np.float64)
-    bound = _bound(t, w32, x64)
+    uses_tc = g.tc is not None and dtype == "float16"
+    bound = _bound_tc(t, w32, x64) if uses_tc else _bound(t, w32, x64)
     # final rounding to f16/bf16: relative unit roundoff, plus half the smallest subnormal
     tol = (bound + np.abs(ref) * ulp) * (1 + 2 * ulp) + 2.0**-25 + 1e-30
     err = np.abs(got - ref)
@@ -222,3 +254,62 @@ def test_fallback_logs(caplog):
     t = random_bilevel(rng, 9, 77, BilevelParams(5, 7, 0, 0), True, 0.02)
     with caplog.at_level("WARNING", logger="spqr_format.gpu"):
         _check_matmul(t, 3, "float16", rng)
+
+
+# --- tensor-core path (tile layout) ------------------------------------------------------
+TC_PARAMS = st.builds(
+    BilevelParams,
+    bits=st.sampled_from([2, 3, 4]),
+    group_size=st.just(16),
+    stats_bits=st.sampled_from([1, 2, 3, 4]),
+    stats_group_size=st.sampled_from([16, 32]),
+)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(
+    m=st.sampled_from([1, 2, 15, 16, 17, 33, 100]),
+    n=st.sampled_from([1, 15, 16, 17, 80, 81, 100, 513, 4096]),
+    params=TC_PARAMS,
+    perm=st.booleans(),
+    outl=st.sampled_from(
+        [(0.0, "uniform"), (0.01, "uniform"), (0.2, "uniform"), (0.3, "full_rows")]
+    ),
+    batch=st.sampled_from([1, 2, 3, 7, 8, 9, 16, 17, 32, 33, 64, 65]),
+    seed=st.integers(0, 2**31),
+)
+def test_tensor_core_matmul_random(m, n, params, perm, outl, batch, seed):
+    rng = np.random.default_rng(seed)
+    t = random_bilevel(rng, m, n, params, perm, outl[0], outlier_layout=outl[1])
+    p = pack(t)
+    assert GpuTensor.from_packed(p).tc is not None
+    _check_matmul(t, batch, "float16", rng)
+
+
+@pytest.mark.parametrize(
+    "m,n,bits,sb,perm,frac,batch",
+    [
+        (64, 28672, 3, 3, True, 0.01, 1),
+        (48, 28672, 3, 3, True, 0.01, 16),
+        (16, 70000, 3, 3, True, 0.01, 1),
+        (17, 70000, 4, 2, True, 0.02, 64),
+        (300, 4096, 3, 3, True, 0.01, 100),
+        (33, 1000, 2, 3, False, 1.0, 5),
+    ],
+)
+def test_tensor_core_matmul_shapes(m, n, bits, sb, perm, frac, batch):
+    rng = np.random.default_rng(n + batch + bits)
+    t = random_bilevel(rng, m, n, BilevelParams(bits, 16, sb, 16), perm, frac)
+    _check_matmul(t, batch, "float16", rng)
+
+
+def test_tensor_core_and_simt_paths_agree_closely():
+    rng = np.random.default_rng(11)
+    t = random_bilevel(rng, 128, 2048, BilevelParams(3, 16, 3, 16), True, 0.01)
+    p = pack(t)
+    a, b = GpuTensor.from_packed(p), GpuTensor.from_packed(p, tensor_cores=False)
+    assert a.tc is not None and b.tc is None
+    x = cp.asarray(rng.standard_normal((4, 2048)).astype(np.float16))
+    ya, yb = cp.asnumpy(a.matmul(x)).astype(np.float64), cp.asnumpy(b.matmul(x)).astype(np.float64)
+    assert np.max(np.abs(ya - yb)) <= 1e-2 * np.max(np.abs(yb))
+    assert cp.array_equal(a.matmul(x), a.matmul(x))  # deterministic

@@ -28,29 +28,39 @@ def cubins(tmp_path_factory):
     """The kernel module built once per arch, both arches in parallel."""
     out = tmp_path_factory.mktemp("cubin")
 
-    def build(arch):
-        path = out / f"spqr_kernels_{arch}.cubin"
+    def build(job):
+        arch, src = job
+        path = out / f"{src.stem}_{arch}.cubin"
         cmd = [NVCC, *K.COMPILE_OPTIONS, f"-arch={arch}", "--cubin", "-o", str(path)]
-        cmd += ["-Werror", "all-warnings", str(K.KERNEL_SOURCE)]
-        return arch, path, _run(cmd)
+        cmd += ["-Werror", "all-warnings", str(src)]
+        return arch, src, path, _run(cmd)
 
-    with ThreadPoolExecutor(len(ARCHS)) as pool:
-        return list(pool.map(build, ARCHS))
+    jobs = [(a, s) for a in ARCHS for s in SOURCES]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(build, jobs))
 
 
-@pytest.mark.parametrize("index", range(len(ARCHS)), ids=ARCHS)
+SOURCES = (K.KERNEL_SOURCE, K.TC_SOURCE)
+NAMES = {K.KERNEL_SOURCE: K.all_kernel_names, K.TC_SOURCE: K.tc_kernel_names}
+
+
+@pytest.mark.parametrize(
+    "index",
+    range(len(ARCHS) * len(SOURCES)),
+    ids=[f"{a}-{s.stem}" for a in ARCHS for s in SOURCES],
+)
 def test_kernels_build_with_every_entry_point(cubins, index):
-    arch, path, res = cubins[index]
-    assert res.returncode == 0, f"nvcc failed for {arch}:\n{res.stderr}"
+    arch, src, path, res = cubins[index]
+    assert res.returncode == 0, f"nvcc failed for {src.name} {arch}:\n{res.stderr}"
     blob = path.read_bytes()
-    missing = [n for n in K.all_kernel_names() if n.encode() + b"\0" not in blob]
-    assert not missing, f"{arch}: entry points missing from the cubin: {missing}"
+    missing = [n for n in NAMES[src]() if n.encode() + b"\0" not in blob]
+    assert not missing, f"{src.name} {arch}: entry points missing from the cubin: {missing}"
 
 
-def test_kernel_source_needs_no_host_headers():
+@pytest.mark.parametrize("src", SOURCES, ids=[s.stem for s in SOURCES])
+def test_kernel_source_needs_no_host_headers(src):
     # NVRTC (CuPy) compiles the same file: no #include at all keeps it self-contained.
-    src = K.KERNEL_SOURCE.read_text()
-    assert "#include" not in src
+    assert "#include" not in src.read_text()
     assert "use_fast_math" not in " ".join(K.COMPILE_OPTIONS)
 
 

@@ -16,6 +16,7 @@ KERNEL_DIR = Path(__file__).parent / "kernels"
 KERNEL_SOURCE = KERNEL_DIR / "spqr_kernels.cu"
 HEADER = KERNEL_DIR / "spqr_gpu.h"
 HOST_SOURCE = KERNEL_DIR / "spqr_host.cu"
+TC_SOURCE = KERNEL_DIR / "spqr_tc.cu"
 
 # Options shared by nvcc (compile test, C example) and NVRTC (CuPy).  No fast math: the matvec
 # kernels rely on f32 subnormals, the dequantizer on IEEE rounding.
@@ -150,3 +151,50 @@ def matvec_geometry(
 
 
 WARPS_PER_SM = int(_DEFS.get("SPQR_WARPS_PER_SM") or 16)
+
+
+# --- tensor-core kernels (spqr_tc.cu, GPU tile layout) -------------------------------------
+TC_BITS = (2, 3, 4)
+TC_STATS_BITS = (1, 2, 3, 4)
+TC_NT = (1, 2, 4, 8)  # n-tiles of 8 batch columns
+TC_MAX_BATCH = 8 * TC_NT[-1]
+TC_WARPS = 4  # warps per block (SPQR_TC_WARPS)
+TC_WARPS_PER_SM = int(
+    _DEFS.get("SPQR_TC_WARPS_PER_SM") or os.environ.get("SPQR_TC_WARPS_PER_SM") or 24
+)
+
+
+def tc_nt(batch: int) -> int:
+    for nt in TC_NT:
+        if batch <= 8 * nt:
+            return nt
+    return TC_NT[-1]
+
+
+def tc_name(bits: int, stats_bits: int, nt: int) -> str:
+    return f"spqr_tc_b{bits}_s{stats_bits}_nt{nt}"
+
+
+def tc_kernel_names() -> list[str]:
+    names = ["spqr_tc_prepare_x", "spqr_tc_finish"]
+    for b in TC_BITS:
+        for sb in TC_STATS_BITS:
+            for nt in TC_NT:
+                names.append(tc_name(b, sb, nt))
+    return sorted(names)
+
+
+def tc_splits(rb: int, nc: int, sm_count: int) -> tuple[int, int]:
+    """(splits, chunks per split) of the tensor-core kernel: about TC_WARPS_PER_SM warps per
+    multiprocessor in all, each with at least 2 chunks."""
+    want = max(1, round(TC_WARPS_PER_SM * sm_count / max(rb, 1)))
+    splits = max(1, min(want, nc // 2 if nc >= 2 else 1))
+    per = -(-nc // splits)
+    return -(-nc // per), per
+
+
+def tc_workspace_bytes(m: int, kt: int, batch: int, splits: int) -> int:
+    """x' fragments (NT * KT * 32 * 8 bytes) + f32 partial sums (splits * NT * 8 * M16 * 4)."""
+    nt = tc_nt(min(batch, TC_MAX_BATCH))
+    m16 = 16 * -(-m // 16)
+    return nt * kt * 32 * 8 + splits * nt * 8 * m16 * 4

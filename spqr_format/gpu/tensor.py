@@ -8,7 +8,11 @@ Needs CuPy and a CUDA device; imported lazily by :mod:`spqr_format.gpu`.
   ``cupy.cuda.ExternalStream(ptr)`` to run on another framework's stream). Nothing synchronises
   the device; a bad launch raises (CuPy checks ``cuLaunchKernel``'s result), and an
   asynchronous fault surfaces at the next synchronising call, as for any CUDA library.
-* The sections are uploaded unchanged (no repack): the kernels read the SPEC layout directly.
+* The sections are uploaded unchanged; the bit-exact dequantizer and the SIMT kernels read the
+  SPEC layout directly. Tensors with a tensor-core path (bits 2/3/4, group size 16, 1..4-bit
+  statistics, see :mod:`spqr_format.gpu.tile_layout`) are also repacked once, on the GPU, into
+  the tile layout that ``kernels/spqr_tc.cu`` reads; f16 matvec / matmul then run on tensor
+  cores (``SPQR_GPU_TC=0`` or ``tensor_cores=False`` turns this off).
 """
 
 from __future__ import annotations
@@ -33,23 +37,26 @@ except ImportError as exc:  # pragma: no cover
 # Batch 1 uses the row-sweep kernel (spqr_mv1_*); SPQR_GPU_MV1=0 selects the older
 # block-per-4-rows kernel (experiments).
 USE_MV1 = os.environ.get("SPQR_GPU_MV1", "1") != "0"
+USE_TC = os.environ.get("SPQR_GPU_TC", "1") != "0"
 _lock = threading.Lock()
-_modules: dict[int, cp.RawModule] = {}
+_modules: dict[tuple[int, str], cp.RawModule] = {}
 _functions: dict[tuple[int, str], object] = {}
 _noticed: set[tuple] = set()
 
 
-def module() -> cp.RawModule:
-    """The compiled kernel module of the current device (compiled on first use, then cached)."""
-    dev = cp.cuda.Device().id
-    mod = _modules.get(dev)
+def module(source=None) -> cp.RawModule:
+    """The compiled module of ``source`` (default: the SPEC-layout kernels) for the current
+    device, compiled on first use, then cached."""
+    source = source or K.KERNEL_SOURCE
+    key = (cp.cuda.Device().id, str(source))
+    mod = _modules.get(key)
     if mod is None:
         with _lock:
-            mod = _modules.get(dev)
+            mod = _modules.get(key)
             if mod is None:
-                src = K.KERNEL_SOURCE.read_text()
+                src = source.read_text()
                 mod = cp.RawModule(code=src, options=K.COMPILE_OPTIONS + K.EXTRA_DEFINES)
-                _modules[dev] = mod
+                _modules[key] = mod
     return mod
 
 
@@ -58,7 +65,8 @@ def function(name: str):
     key = (dev, name)
     fn = _functions.get(key)
     if fn is None:
-        fn = module().get_function(name)
+        src = K.TC_SOURCE if name.startswith("spqr_tc_") else K.KERNEL_SOURCE
+        fn = module(src).get_function(name)
         _functions[key] = fn
     return fn
 
@@ -96,6 +104,65 @@ def _upload(a: np.ndarray | None, dtype) -> cp.ndarray | None:
 
 
 @dataclass
+class TileLayout:
+    """Device arrays of the GPU tile layout (see :mod:`spqr_format.gpu.tile_layout`)."""
+
+    codes: cp.ndarray  # u32 [RB, NC, 32, 4]
+    stats: cp.ndarray  # u32 [RB, NC, 8, 2, SWPC]
+    stats2: cp.ndarray  # u32 [RB, KT, 2]
+    outlier_entries: cp.ndarray | None  # u32 [E], values f16(o - w)
+    RB: int
+    NC: int
+    KT: int
+
+    @property
+    def nbytes(self) -> int:
+        arrs = (self.codes, self.stats, self.stats2, self.outlier_entries)
+        return sum(a.nbytes for a in arrs if a is not None)
+
+
+def build_tile_layout(p: PackedBilevel, codes_dev, stats_dev) -> TileLayout | None:
+    """Repack ``p`` for the tensor-core kernels (on the GPU), or None when it has no such path
+    (the reason is logged once per configuration at debug level)."""
+    from spqr_format.gpu import tile_layout as TL
+
+    why = TL.ineligible_reason(p)
+    if why is None and not TL.stats_range_ok(p):
+        why = "statistics too large for f16 fragments"
+    oent = None
+    if why is None:
+        oent, dmax = TL.outlier_corrections(p)
+        if not dmax < 60000.0:
+            why = "an outlier correction o - w does not fit f16"
+    if why is not None:
+        K.log.debug("spqr_format.gpu: no tensor-core path: %s", why)
+        return None
+    m, n = p.shape
+    prm = p.params
+    geo = TL.geometry(m, n, prm.bits, prm.stats_bits)
+    codes = TL.repack_codes(cp, codes_dev.reshape(m, -1), m, n, prm.bits)
+    stats, stats2 = TL.repack_stats(
+        cp,
+        stats_dev.reshape(m, -1),
+        cp.asarray(np.asarray(p.stats2).view(np.uint16)),
+        m,
+        n,
+        prm.bits,
+        prm.stats_bits,
+        prm.stats_group_size,
+    )
+    return TileLayout(
+        codes=cp.ascontiguousarray(codes).reshape(-1),
+        stats=cp.ascontiguousarray(stats).reshape(-1),
+        stats2=cp.ascontiguousarray(stats2).reshape(-1),
+        outlier_entries=None if oent is None else cp.asarray(oent),
+        RB=geo["RB"],
+        NC=geo["NC"],
+        KT=geo["KT"],
+    )
+
+
+@dataclass
 class GpuTensor:
     """A ``bilevel`` tensor whose sections live on the GPU, ready for the kernels."""
 
@@ -112,16 +179,25 @@ class GpuTensor:
     outlier_entries: cp.ndarray | None  # u32 [E]
     dtype: str = "float16"  # the tensor's default decode dtype
     name: str | None = None
+    tc: TileLayout | None = None  # tensor-core tile layout (f16 matvec / matmul)
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
     def from_packed(
-        cls, p: PackedBilevel, *, validate: bool = True, name: str | None = None
+        cls,
+        p: PackedBilevel,
+        *,
+        validate: bool = True,
+        name: str | None = None,
+        tensor_cores: bool | None = None,
     ) -> GpuTensor:
         """Upload the sections of ``p`` as they are (views of a mapped file upload directly).
 
         ``validate`` runs the data checks of SPEC C-5.7/5.8/6.1/6.2 first (the kernels trust
         their input: an invalid perm or outlier column would read out of bounds).
+        ``tensor_cores`` (default: on unless ``SPQR_GPU_TC=0``) also builds the tile layout
+        when the configuration has a tensor-core path; it costs one more copy of the codes and
+        statistics on the GPU.
         """
         if validate:
             from spqr_format.codec.reference import validate_packed
@@ -131,7 +207,7 @@ class GpuTensor:
         has_out = p.header.has_outliers and p.outlier_entries is not None
         from spqr_format.spec import DTYPE_NAMES
 
-        return cls(
+        t = cls(
             shape=tuple(p.shape),
             bits=prm.bits,
             group_size=prm.group_size,
@@ -146,9 +222,20 @@ class GpuTensor:
             dtype=DTYPE_NAMES[p.dtype],
             name=name,
         )
+        if USE_TC if tensor_cores is None else tensor_cores:
+            t.tc = build_tile_layout(p, t.codes, t.stats)
+        return t
 
     @classmethod
-    def from_file(cls, path, name: str, *, verify_crc: bool = True, validate: bool = True):
+    def from_file(
+        cls,
+        path,
+        name: str,
+        *,
+        verify_crc: bool = True,
+        validate: bool = True,
+        tensor_cores: bool | None = None,
+    ):
         """Upload tensor ``name`` of a ``.spqr`` file (mmap -> device, no host copy)."""
         from spqr_format.api import open_file
 
@@ -156,7 +243,7 @@ class GpuTensor:
             p = f.read(name, verify_crc=verify_crc)
             if not isinstance(p, PackedBilevel):
                 raise BadInputError(f"tensor {name!r} is not bilevel-encoded", tensor=name)
-            return cls.from_packed(p, validate=validate, name=name)
+            return cls.from_packed(p, validate=validate, name=name, tensor_cores=tensor_cores)
 
     # --- geometry ---------------------------------------------------------------------------
     @property
@@ -188,7 +275,7 @@ class GpuTensor:
         return sum(a.nbytes for a in arrs if a is not None)
 
     def matvec_supported(self) -> bool:
-        return K.matvec_supported(self.bits, self.group_size)
+        return self.tc is not None or K.matvec_supported(self.bits, self.group_size)
 
     # --- dequantize -------------------------------------------------------------------------
     def dequantize(self, dtype: str | None = None, out=None):
@@ -285,7 +372,11 @@ class GpuTensor:
 
     # --- matvec / matmul ----------------------------------------------------------------------
     def workspace_bytes(self, batch: int) -> int:
-        return 4 * K.workspace_floats(self.n, batch, self.m)[2]
+        old = 4 * K.workspace_floats(self.n, batch, self.m)[2]
+        if self.tc is None:
+            return old
+        splits, _ = K.tc_splits(self.tc.RB, self.tc.NC, _sm_count())
+        return max(old, K.tc_workspace_bytes(self.m, self.tc.KT, batch, splits))
 
     def matvec(self, x, out=None):
         """``y = W x`` for ``x`` of shape ``[n]`` (f16 or bf16 CuPy array); returns ``[m]``."""
@@ -316,7 +407,10 @@ class GpuTensor:
         m, n = self.shape
         if batch < 1:
             return
-        if not self.matvec_supported():
+        if self.tc is not None and in_code == 1:
+            self._tc_matmul(x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr)
+            return
+        if not K.matvec_supported(self.bits, self.group_size):
             self._fallback(x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch)
             return
         geo = self.geometry
@@ -411,6 +505,73 @@ class GpuTensor:
                 np.int32(batch),
             ),
         )
+
+    def _tc_matmul(self, x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr) -> None:
+        """Tensor-core path: prepare x' fragments, the tile kernel, then the finish kernel
+        (k-split sums, outlier corrections, rounding); slices of 64 batch columns."""
+        tc = self.tc
+        m, n = self.shape
+        m16 = 16 * tc.RB
+        splits, per = K.tc_splits(tc.RB, tc.NC, _sm_count())
+        ysz = 4 if out_code == 0 else 2
+        for b0 in range(0, batch, K.TC_MAX_BATCH):
+            nb = min(K.TC_MAX_BATCH, batch - b0)
+            nt = K.tc_nt(nb)
+            xfrag = int(ws_ptr)
+            part = xfrag + nt * tc.KT * 32 * 8
+            xb = int(x_ptr) + 2 * b0 * int(ldx)
+            yb = int(y_ptr) + ysz * b0 * int(ldy)
+            total = nt * tc.KT * 32
+            function("spqr_tc_prepare_x")(
+                (-(-total // 256),),
+                (256,),
+                (
+                    np.uint64(xb),
+                    np.int64(ldx),
+                    _ptr(self.perm),
+                    np.int64(n),
+                    np.int32(nb),
+                    np.int32(nt),
+                    np.int64(tc.KT),
+                    np.uint64(xfrag),
+                ),
+            )
+            function(K.tc_name(self.bits, self.stats_bits, nt))(
+                (-(-tc.RB // K.TC_WARPS), splits),
+                (32 * K.TC_WARPS,),
+                (
+                    tc.codes,
+                    tc.stats,
+                    tc.stats2,
+                    np.uint64(xfrag),
+                    np.uint64(part),
+                    np.int32(tc.RB),
+                    np.int32(tc.NC),
+                    np.int32(per),
+                    np.int64(m16),
+                    np.int32(nb),
+                ),
+            )
+            function("spqr_tc_finish")(
+                (-(-m // 8),),
+                (256,),
+                (
+                    np.uint64(part),
+                    np.int32(splits),
+                    np.int64(m16),
+                    np.int32(8 * nt),
+                    _ptr(self.outlier_rows),
+                    _ptr(tc.outlier_entries),
+                    _ptr(self.perm),
+                    np.uint64(xb),
+                    np.int64(ldx),
+                    np.uint64(yb),
+                    np.int64(ldy),
+                    np.int32(out_code),
+                    np.int64(m),
+                    np.int32(nb),
+                ),
+            )
 
     def _fallback(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch) -> None:
         """No fused kernel for this configuration: dequantize to f16/bf16 + cuBLAS GEMM."""

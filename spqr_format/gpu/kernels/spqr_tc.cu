@@ -1,0 +1,384 @@
+// spqr_tc.cu -- tensor-core matvec / matmul (batch 1..64) for `bilevel` tensors in the GPU
+// tile layout (spqr_format/gpu/tile_layout.py; spqr_gpu.h section "tile layout").
+//
+// Plain CUDA C++, no includes, no host code; compiles with nvcc and NVRTC (sm_80+: mma.sync
+// m16n8k16 with f16 inputs and f32 accumulators).
+//
+// Per call, three kernels on one stream:
+//   1. spqr_tc_prepare_x: x'[c][j] = x[c][perm[j]] (f16), written as mma B fragments;
+//   2. spqr_tc_b{B}_s{SB}_nt{NT}: each warp owns 16 rows (a block) and a range of chunks
+//      (k-split over gridDim.y); per 16x16 tile it rebuilds its A fragment in registers,
+//        q  = exact small integer (f16 magic number 0x6400 | bits, then one exact f16x2 FMA),
+//        s, -z from the 3-bit statistic codes and the block's (step, base) records (f16x2 FMA),
+//        a  = fma(q, s, -z*s)  (f16x2; one rounding of the weight to f16),
+//      and issues NT mma.sync (8 batch columns each); f32 partial sums go to a workspace;
+//   3. spqr_tc_finish: per row, the k-split partial sums in order, plus the outlier
+//      corrections sum (o - w) x'[col] (f16 (o - w) values prepared at load), rounded to f16.
+// Deterministic: no atomics; every sum has a fixed order.
+//
+// Accuracy (what tests/test_gpu_kernels.py checks): every weight enters the tensor cores
+// rounded to f16 after f16 arithmetic on its statistics, so |a - w| <= 5 * 2^-11 * |s|(|q| +
+// |z|) plus f16-subnormal terms; accumulation is f32. This is the accuracy of dequantizing to
+// f16 and calling an f16 GEMM with f32 accumulation, which is what inference does anyway. The
+// bit-exact decode (SPEC section 7) is spqr_kernels.cu's dequantizer.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+
+#ifndef SPQR_TC_WARPS
+#define SPQR_TC_WARPS 4
+#endif
+#ifndef SPQR_TC_MINB
+#define SPQR_TC_MINB 4
+#endif
+
+namespace spqr_tc {
+
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+  u32 d;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ float f16_to_f32(u32 bits) {
+  float f;
+  unsigned short h = (unsigned short)bits;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+__device__ __forceinline__ u32 f32_to_f16(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+__device__ __forceinline__ u32 f32_to_bf16(float f) {
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ld_nc2(const uint2* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ u32 ld_nc1(const u32* p) {
+  u32 v;
+  asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// f16 bit pattern of 2^e (|e| small) and of -2^e, broadcast to both halves.
+__host__ __device__ constexpr u32 h2_pow2(int e) {
+  return ((u32)(15 + e) << 10) * 0x10001u;
+}
+__host__ __device__ constexpr u32 h2_neg_pow2(int e) {
+  return (((u32)(15 + e) << 10) | 0x8000u) * 0x10001u;
+}
+
+// Pair slot I of a word holding NB-bit fields (tile_layout.pair_slots): returns the f16x2
+// (field_lo, field_hi) as exact small integers. `w` is the word, `ws` the word shifted right
+// by (10 / NB) * NB (computed once per word by the caller).
+template <int NB, int I>
+__device__ __forceinline__ u32 pair_exact(u32 w, u32 ws) {
+  constexpr int D = 10 / NB;
+  constexpr int P = (I < D ? I : I - D) * NB;
+  constexpr u32 M = (((1u << NB) - 1u) << P) * 0x10001u;
+  const u32 src = I < D ? w : ws;
+  const u32 v = (src & M) | 0x64006400u;  // 1024 + field * 2^P, exactly
+  // v * 2^-P - 1024 * 2^-P = field, exactly (power-of-two scaling, integer result)
+  return hfma2(v, h2_pow2(-P), h2_neg_pow2(10 - P));
+}
+
+template <int NB>
+__device__ __forceinline__ u32 shifted(u32 w) {
+  return w >> ((10 / NB) * NB);
+}
+
+template <int NB>
+__host__ __device__ constexpr int pair_slots() {
+  return 10 / NB + (16 - (10 / NB) * NB) / NB;
+}
+
+// (S, Bz) for one row and one group: S = (s, s), Bz = (-z s, -z s) as f16x2.
+template <int SB, int I>
+__device__ __forceinline__ void row_stats(u32 w, u32 ws, uint2 st2, u32& S, u32& Bz) {
+  const u32 c = pair_exact<SB, I>(w, ws);  // (scale code, zero code)
+  const u32 sz = hfma2(c, st2.x, st2.y);   // (s, -z)
+  S = __byte_perm(sz, sz, 0x1010);
+  const u32 zz = __byte_perm(sz, sz, 0x3232);
+  Bz = hmul2(S, zz);
+}
+
+template <int B, int SB, int NT>
+__device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
+                                          const u32* __restrict__ stats,
+                                          const uint2* __restrict__ stats2,
+                                          const uint2* __restrict__ xfrag,
+                                          float* __restrict__ part, int RB, int NC,
+                                          int chunks_per_split, i64 M16, int batch) {
+  constexpr int TPC = pair_slots<B>();
+  constexpr int SSL = pair_slots<SB>();
+  constexpr int SWPC = (TPC + SSL - 1) / SSL;
+  static_assert(SWPC == 1 || SWPC == 2, "statistics words per chunk");
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int rb = blockIdx.x * SPQR_TC_WARPS + warp;
+  if (rb >= RB) return;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int split = blockIdx.y;
+  const int c0 = split * chunks_per_split;
+  const int c1 = min(NC, c0 + chunks_per_split);
+  const i64 KT = (i64)NC * TPC;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  const uint4* cptr = codes + ((i64)rb * NC + c0) * 32 + lane;
+  const u32* sptr = stats + (((i64)rb * NC + c0) * 8 + g) * (2 * SWPC);
+  const uint2* s2ptr = stats2 + (i64)rb * KT + (i64)c0 * TPC;
+  const uint2* xptr = xfrag + (i64)c0 * TPC * 32 + lane;
+
+  uint4 cw_next = {0u, 0u, 0u, 0u};
+  u32 sw_next[2 * SWPC];
+  if (c0 < c1) {
+    cw_next = ld_stream(cptr);
+#pragma unroll
+    for (int k = 0; k < 2 * SWPC; ++k) sw_next[k] = ld_nc1(sptr + k);
+  }
+  for (int c = c0; c < c1; ++c) {
+    const uint4 cw = cw_next;
+    u32 sw[2 * SWPC];
+#pragma unroll
+    for (int k = 0; k < 2 * SWPC; ++k) sw[k] = sw_next[k];
+    uint2 st2[TPC];
+#pragma unroll
+    for (int i = 0; i < TPC; ++i) st2[i] = ld_nc2(s2ptr + i);
+    if (c + 1 < c1) {  // next chunk's stream loads in flight while this one computes
+      cw_next = ld_stream(cptr + 32);
+#pragma unroll
+      for (int k = 0; k < 2 * SWPC; ++k) sw_next[k] = ld_nc1(sptr + 2 * SWPC * 8 + k);
+    }
+    const u32 cws[4] = {shifted<B>(cw.x), shifted<B>(cw.y), shifted<B>(cw.z), shifted<B>(cw.w)};
+    u32 sws[2 * SWPC];
+#pragma unroll
+    for (int k = 0; k < 2 * SWPC; ++k) sws[k] = shifted<SB>(sw[k]);
+
+#pragma unroll
+    for (int i = 0; i < TPC; ++i) {
+      // statistics of rows g (h = 0) and g + 8 (h = 1) for group (tile) c * TPC + i
+      u32 S0, B0, S1, B1;
+      const int wi = i / SSL;
+      switch (i % SSL) {  // resolved at compile time (i is unrolled)
+#define SPQR_TC_ROWSTATS(J)                                                         \
+  case J:                                                                            \
+    row_stats<SB, (J < SSL ? J : 0)>(sw[wi], sws[wi], st2[i], S0, B0);               \
+    row_stats<SB, (J < SSL ? J : 0)>(sw[SWPC + wi], sws[SWPC + wi], st2[i], S1, B1); \
+    break;
+        SPQR_TC_ROWSTATS(0)
+        SPQR_TC_ROWSTATS(1)
+        SPQR_TC_ROWSTATS(2)
+        SPQR_TC_ROWSTATS(3)
+        SPQR_TC_ROWSTATS(4)
+        SPQR_TC_ROWSTATS(5)
+        SPQR_TC_ROWSTATS(6)
+        SPQR_TC_ROWSTATS(7)
+#undef SPQR_TC_ROWSTATS
+        default:
+          S0 = B0 = S1 = B1 = 0;
+      }
+      u32 a[4];
+      switch (i) {
+#define SPQR_TC_AFRAG(J)                                           \
+  case J:                                                          \
+    a[0] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw.x, cws[0]), S0, B0); \
+    a[1] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw.y, cws[1]), S1, B1); \
+    a[2] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw.z, cws[2]), S0, B0); \
+    a[3] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw.w, cws[3]), S1, B1); \
+    break;
+        SPQR_TC_AFRAG(0)
+        SPQR_TC_AFRAG(1)
+        SPQR_TC_AFRAG(2)
+        SPQR_TC_AFRAG(3)
+        SPQR_TC_AFRAG(4)
+        SPQR_TC_AFRAG(5)
+        SPQR_TC_AFRAG(6)
+        SPQR_TC_AFRAG(7)
+#undef SPQR_TC_AFRAG
+        default:
+          a[0] = a[1] = a[2] = a[3] = 0;
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint2 bf = ld_nc2(xptr + (i64)j * KT * 32 + i * 32);
+        mma16816(acc[j], a, bf.x, bf.y);
+      }
+    }
+    cptr += 32;
+    sptr += 2 * SWPC * 8;
+    s2ptr += TPC;
+    xptr += TPC * 32;
+  }
+  // D fragment: acc[j][0..1] row g, columns 2t, 2t+1; acc[j][2..3] row g + 8.
+  float* p = part + (i64)split * (NT * 8) * M16;
+  const i64 r0 = (i64)rb * 16 + g;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int col = j * 8 + 2 * t;
+    if (col < batch) {
+      p[(i64)col * M16 + r0] = acc[j][0];
+      p[(i64)col * M16 + r0 + 8] = acc[j][2];
+    }
+    if (col + 1 < batch) {
+      p[(i64)(col + 1) * M16 + r0] = acc[j][1];
+      p[(i64)(col + 1) * M16 + r0 + 8] = acc[j][3];
+    }
+  }
+}
+
+}  // namespace spqr_tc
+
+// ---------------------------------------------------------------------------------------------
+// extern "C" entry points (arguments and launch contract: spqr_gpu.h, "tile layout").
+
+// One thread per (n-tile j, k-tile kt, lane): B fragment words of x' (f16; 0 past n / batch).
+extern "C" __global__ void spqr_tc_prepare_x(const u16* __restrict__ x, i64 ldx,
+                                             const u32* __restrict__ perm, i64 n, int batch,
+                                             int nt, i64 KT, uint2* __restrict__ xfrag) {
+  const i64 id = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const i64 total = (i64)nt * KT * 32;
+  if (id >= total) return;
+  const int lane = (int)(id & 31);
+  const i64 kt = (id >> 5) % KT;
+  const int j = (int)((id >> 5) / KT);
+  const int c = j * 8 + (lane >> 2);
+  const i64 k0 = kt * 16 + 2 * (lane & 3);
+  u32 h[4] = {0, 0, 0, 0};
+  if (c < batch) {
+    const i64 ks[4] = {k0, k0 + 1, k0 + 8, k0 + 9};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (ks[q] < n) {
+        const i64 src = perm ? (i64)perm[ks[q]] : ks[q];
+        h[q] = x[(i64)c * ldx + src];
+      }
+    }
+  }
+  const uint2 v = {h[0] | (h[1] << 16), h[2] | (h[3] << 16)};
+  xfrag[id] = v;
+}
+
+#define SPQR_TC_ENTRY(B, SB, NT)                                                                  \
+  extern "C" __global__ void __launch_bounds__(32 * SPQR_TC_WARPS, SPQR_TC_MINB)                 \
+      spqr_tc_b##B##_s##SB##_nt##NT(const uint4* __restrict__ codes, const u32* __restrict__ stats, \
+                                    const uint2* __restrict__ stats2,                             \
+                                    const uint2* __restrict__ xfrag, float* __restrict__ part,    \
+                                    int RB, int NC, int chunks_per_split, i64 M16, int batch) {   \
+    spqr_tc::tc_matmul<B, SB, NT>(codes, stats, stats2, xfrag, part, RB, NC, chunks_per_split,   \
+                                  M16, batch);                                                    \
+  }
+
+#define SPQR_TC_ALL_NT(B, SB) \
+  SPQR_TC_ENTRY(B, SB, 1)     \
+  SPQR_TC_ENTRY(B, SB, 2)     \
+  SPQR_TC_ENTRY(B, SB, 4)     \
+  SPQR_TC_ENTRY(B, SB, 8)
+
+#define SPQR_TC_ALL_SB(B) \
+  SPQR_TC_ALL_NT(B, 1)    \
+  SPQR_TC_ALL_NT(B, 2)    \
+  SPQR_TC_ALL_NT(B, 3)    \
+  SPQR_TC_ALL_NT(B, 4)
+
+#ifndef SPQR_TC_ONLY_B3S3
+SPQR_TC_ALL_SB(2)
+SPQR_TC_ALL_SB(4)
+SPQR_TC_ALL_NT(3, 1)
+SPQR_TC_ALL_NT(3, 2)
+SPQR_TC_ALL_NT(3, 4)
+#endif
+SPQR_TC_ALL_NT(3, 3)
+
+// One warp per row: y[c][row] = sum over splits of part[s][c][row] (in order) + sum over the
+// row's outliers of (o - w) * x[c][perm[col]] (lanes over entries, then a fixed xor tree),
+// rounded to the output dtype. out_dtype: 1 f16, 2 bf16, 0 f32.
+extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
+    const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
+    const u32* __restrict__ oent, const u32* __restrict__ perm, const u16* __restrict__ x,
+    i64 ldx, void* __restrict__ y, i64 ldy, int out_dtype, i64 m, int batch) {
+  const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= m) return;
+  const i64 split_stride = (i64)ncols * M16;
+  for (int cb = 0; cb < batch; cb += 8) {
+    float oacc[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) oacc[k] = 0.f;
+    if (orows != nullptr) {
+      const i64 e0 = orows[row], e1 = orows[row + 1];
+      i64 base = -1;
+      for (i64 e = e0; e < e1; e += 32) {
+        const i64 idx = e + lane;
+        const u32 ent = idx < e1 ? oent[idx] : 0u;
+        u32 scan = ent & 0xFFFFu;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const u32 v = __shfl_up_sync(0xffffffffu, scan, o);
+          if (lane >= o) scan += v;
+        }
+        const i64 col = base + (i64)scan;
+        base += (i64)__shfl_sync(0xffffffffu, scan, 31);
+        if (idx < e1 && (ent >> 16) != 0xFFFFu) {
+          const float d = spqr_tc::f16_to_f32(ent >> 16);
+          const i64 src = perm ? (i64)perm[col] : col;
+#pragma unroll
+          for (int k = 0; k < 8; ++k)
+            if (cb + k < batch) oacc[k] += d * spqr_tc::f16_to_f32(x[(i64)(cb + k) * ldx + src]);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
+    }
+    float mine = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if (lane == k) mine = oacc[k];
+    const int c = cb + lane;
+    if (lane < 8 && c < batch) {
+      float s = 0.f;
+      for (int sp = 0; sp < nsplit; ++sp) s += part[sp * split_stride + (i64)c * M16 + row];
+      s += mine;
+      const i64 o = (i64)c * ldy + row;
+      if (out_dtype == 0)
+        ((float*)y)[o] = s;
+      else if (out_dtype == 2)
+        ((u16*)y)[o] = (u16)spqr_tc::f32_to_bf16(s);
+      else
+        ((u16*)y)[o] = (u16)spqr_tc::f32_to_f16(s);
+    }
+  }
+}

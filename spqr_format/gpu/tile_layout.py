@@ -1,0 +1,285 @@
+"""The GPU tile layout: a lossless load-time repack of a ``bilevel`` tensor for the
+tensor-core kernels (``kernels/spqr_tc.cu``).
+
+The file layout (SPEC sections 5-6) is a row-major bit string, which any decoder can read but
+which puts the 8 codes an ``mma.sync.m16n8k16`` thread needs in 8 different places. This module
+rearranges the same codes and statistics once, when a tensor is uploaded, so that each thread
+of a warp finds its whole A fragment for several k-tiles in one 16-byte load, and the
+statistics of its two rows next to it. Nothing is re-quantized: every code and statistic is
+moved, not changed. The repack is written against an array module ``xp`` (numpy or CuPy): on
+the GPU it runs as CuPy element-wise work; on the CPU the tests check it against an emulation
+of the kernel's fragment arithmetic (:func:`emulate_dense`).
+
+Definitions (``B`` code bits, ``SB`` statistics bits, fast path only for ``group_size == 16``):
+
+* A *block* is 16 rows (``RB = ceil(m / 16)`` blocks; padded rows have code 0), a *tile* 16
+  stored columns (= one group), a *chunk* ``TPC = pair_slots(B)`` consecutive tiles.
+  Columns are padded with code 0 to ``NC`` whole chunks; the kernel multiplies padded columns
+  by x = 0.
+* Pair slots: a 32-bit word holds two 16-bit halves; slot ``i`` is bits ``[i*B, i*B + B)`` of
+  each half. Slots whose bits end at or below bit 10 are read directly (``0x6400 | bits`` is
+  the f16 number ``1024 + code * 2^p``); the others after one shift right by
+  ``(10 // B) * B``. ``pair_slots(B)`` is how many fit: 8 (B=2), 5 (B=3), 4 (B=4).
+* ``codes``: u32 ``[RB, NC, 32, 4]``. Lane ``l = 4 g + t`` of the warp that owns block ``rb``
+  reads the 4 words ``[rb, c, l, :]``. Word ``r`` (fragment register ``r``: row ``8 (r & 1)
+  + g``, columns ``2t + 8 (r >> 1)`` and ``+1``) holds in slot ``i`` the codes of tile
+  ``c * TPC + i``: the first column in the low half, the second in the high half.
+* ``stats``: u32 ``[RB, NC, 8, 2, SWPC]``: for row pair ``g`` (rows ``g`` and ``g + 8`` of the
+  block, index ``h``), ``SWPC = ceil(TPC / pair_slots(SB))`` words; slot ``i`` of word ``w``
+  holds group ``c * TPC + w * pair_slots(SB) + i`` as (scale code low half, zero code high half).
+* ``stats2``: u32 ``[RB, NC * TPC, 2]``: per block and group, the f16 pairs
+  ``(scale_step, -zero_step)`` and ``(scale_base, -zero_base)`` of the block's stats tile
+  (the block lies in one tile: ``stats_group_size % 16 == 0`` or ``>= m``).
+* ``outlier_entries``: the file's entries with each non-skip value replaced by
+  ``f16(o - w)``, ``w`` the exact dense value at that position (SPEC C-7.2): the kernels add
+  ``(o - w) * x`` to the dense product instead of replacing weights inside a fragment.
+  ``outlier_rows`` is the file's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spqr_format.codec.bilevel import PackedBilevel
+
+TILE = 16
+TC_BITS = (2, 3, 4)
+F16_SAFE = 30000.0  # |s| * (2^B - 1 + |z|) and |s z| stay below this (f16 fragments)
+
+
+def pair_slots(bits: int) -> int:
+    """Pairs of ``bits``-bit codes per u32 word reachable with at most one shift."""
+    n1 = 10 // bits
+    return n1 + (16 - n1 * bits) // bits
+
+
+def direct_slots(bits: int) -> int:
+    return 10 // bits
+
+
+def geometry(m: int, n: int, bits: int, stats_bits: int) -> dict:
+    tpc = pair_slots(bits)
+    nc = -(-n // (TILE * tpc))
+    return dict(
+        RB=-(-m // TILE),
+        NC=nc,
+        TPC=tpc,
+        KT=nc * tpc,
+        SWPC=-(-tpc // pair_slots(stats_bits)),
+        M16=TILE * -(-m // TILE),
+    )
+
+
+def ineligible_reason(p: PackedBilevel) -> str | None:
+    """Why ``p`` has no tensor-core path (None when it has one). Structural checks only; the
+    numeric range check is in :func:`stats_range_ok`."""
+    prm = p.params
+    m, n = p.shape
+    if prm.bits not in TC_BITS:
+        return f"bits={prm.bits} (tensor-core kernels: bits in {TC_BITS})"
+    if prm.group_size != TILE:
+        return f"group_size={prm.group_size} (tensor-core kernels: group_size 16)"
+    if not 1 <= prm.stats_bits <= 4:
+        return f"stats_bits={prm.stats_bits} (tensor-core kernels: bilevel statistics, 1..4 bits)"
+    S = prm.stats_group_size
+    if S % TILE and S < m:
+        return f"stats_group_size={S} (tensor-core kernels: a multiple of 16)"
+    if geometry(m, n, prm.bits, prm.stats_bits)["SWPC"] > 2:
+        return f"stats_bits={prm.stats_bits} with bits={prm.bits} (statistics words per chunk > 2)"
+    return None
+
+
+# --- bit-field helpers (xp-generic) -------------------------------------------------------
+def unpack_fields(xp, words, bits: int, count: int):
+    """Elements ``0..count-1`` of LSB-first packed rows ``words [rows, W]`` as uint8."""
+    rows = words.shape[0]
+    wpad = xp.concatenate([words.astype(xp.uint32), xp.zeros((rows, 1), dtype=xp.uint32)], axis=1)
+    pos = xp.arange(count, dtype=xp.int64) * bits
+    w0 = pos >> 5
+    sh = (pos & 31).astype(xp.uint32)
+    lo = wpad[:, w0] >> sh
+    straddle = (sh + bits) > 32
+    hi_shift = xp.where(straddle, 32 - sh, 0).astype(xp.uint32)
+    hi = xp.where(straddle, wpad[:, w0 + 1] << hi_shift, xp.uint32(0))
+    return ((lo | hi) & xp.uint32((1 << bits) - 1)).astype(xp.uint8)
+
+
+def _pack_slots(xp, a, bits: int):
+    """``a [..., S, 2]`` (slot, half) small ints -> u32 words ``[...]`` (slot i at i*bits)."""
+    s = a.shape[-2]
+    shifts = (xp.arange(s, dtype=xp.uint32)[:, None] * bits) + xp.asarray([0, 16], dtype=xp.uint32)[
+        None, :
+    ]
+    return xp.bitwise_or.reduce(
+        (a.astype(xp.uint32) << shifts).reshape(a.shape[:-2] + (2 * s,)), axis=-1
+    )
+
+
+def repack_codes(xp, codes_words, m: int, n: int, bits: int, rows_per_step: int = 2048):
+    """File code rows ``[m, W]`` -> tile-layout codes u32 ``[RB, NC, 32, 4]``."""
+    geo = geometry(m, n, bits, 1)
+    rb_total, nc, tpc = geo["RB"], geo["NC"], geo["TPC"]
+    out = xp.empty((rb_total, nc, 32, 4), dtype=xp.uint32)
+    step = max(TILE, rows_per_step // TILE * TILE)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        q = unpack_fields(xp, codes_words[r0:r1], bits, n)
+        rows = TILE * -(-(r1 - r0) // TILE)
+        qp = xp.zeros((rows, nc * tpc * TILE), dtype=xp.uint8)
+        qp[: r1 - r0, :n] = q
+        nrb = rows // TILE
+        # (rb, h, g, c, i, hi, t, e) -> (rb, c, g, t, hi, h, i, e)
+        a = qp.reshape(nrb, 2, 8, nc, tpc, 2, 4, 2).transpose(0, 3, 2, 6, 5, 1, 4, 7)
+        out[r0 // TILE : r0 // TILE + nrb] = _pack_slots(xp, a, bits).reshape(nrb, nc, 32, 4)
+    return out
+
+
+def repack_stats(xp, stats_words, stats2_u16, m: int, n: int, bits: int, stats_bits: int, S: int):
+    """File statistics (packed rows ``[m, SW]`` and ``stats2 [T, G, 4]`` f16 bits) ->
+    tile-layout ``stats [RB, NC, 8, 2, SWPC]`` and ``stats2 [RB, KT, 2]`` (u32)."""
+    geo = geometry(m, n, bits, stats_bits)
+    rb_total, nc, tpc, kt, swpc = geo["RB"], geo["NC"], geo["TPC"], geo["KT"], geo["SWPC"]
+    groups = -(-n // TILE)
+    ssl = pair_slots(stats_bits)
+    both = unpack_fields(xp, stats_words, stats_bits, 2 * groups).reshape(m, groups, 2)
+    padded = xp.zeros((rb_total * TILE, nc, swpc * ssl, 2), dtype=xp.uint8)
+    full = xp.zeros((rb_total * TILE, nc * tpc, 2), dtype=xp.uint8)
+    full[:m, :groups] = both
+    padded[:, :, :tpc] = full.reshape(rb_total * TILE, nc, tpc, 2)
+    # (rb, h, g, c, w, i, half) -> (rb, c, g, h, w, i, half)
+    a = padded.reshape(rb_total, 2, 8, nc, swpc, ssl, 2).transpose(0, 3, 2, 1, 4, 5, 6)
+    stats = _pack_slots(xp, a, stats_bits)  # [RB, NC, 8, 2, SWPC]
+
+    s2 = xp.asarray(stats2_u16).astype(xp.uint32).reshape(-1, groups, 4)
+    tile_of_block = xp.minimum((xp.arange(rb_total) * TILE) // S, s2.shape[0] - 1)
+    rec = s2[tile_of_block]  # [RB, groups, 4] = (sstep, sbase, zstep, zbase)
+    st2 = xp.zeros((rb_total, kt, 2), dtype=xp.uint32)
+    neg = xp.uint32(0x8000)
+    st2[:, :groups, 0] = rec[..., 0] | ((rec[..., 2] ^ neg) << 16)
+    st2[:, :groups, 1] = rec[..., 1] | ((rec[..., 3] ^ neg) << 16)
+    return stats, st2
+
+
+# --- exact dense values at chosen positions (host, numpy) ---------------------------------
+def dense_at(p: PackedBilevel, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """SPEC C-7.1/7.2 dense value (f32, outliers not applied) at stored ``(rows, cols)``."""
+    prm = p.params
+    b, g, sb = prm.bits, prm.group_size, prm.stats_bits
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+
+    def field(words, r, pos, nbits):
+        w = pos >> 5
+        sh = (pos & 31).astype(np.uint64)
+        lo = words[r, w].astype(np.uint64)
+        nxt = np.minimum(w + 1, words.shape[1] - 1)
+        hi = np.where(w + 1 < words.shape[1], words[r, nxt].astype(np.uint64), 0)
+        return ((lo | (hi << np.uint64(32))) >> sh) & np.uint64((1 << nbits) - 1)
+
+    codes = np.asarray(p.codes).reshape(p.shape[0], -1)
+    q = field(codes, rows, cols * b, b).astype(np.float32)
+    k = cols // g
+    if sb == 0:
+        st = np.asarray(p.stats).view(np.float16).reshape(p.shape[0], -1, 2).astype(np.float32)
+        s, z = st[rows, k, 0], st[rows, k, 1]
+    else:
+        sw = np.asarray(p.stats).reshape(p.shape[0], -1)
+        qs = field(sw, rows, 2 * k * sb, sb).astype(np.float32)
+        qz = field(sw, rows, 2 * k * sb + sb, sb).astype(np.float32)
+        s2 = np.asarray(p.stats2).view(np.float16).astype(np.float32)
+        t = rows // prm.stats_group_size
+        s = s2[t, k, 1] + (s2[t, k, 0] * qs)
+        z = s2[t, k, 3] + (s2[t, k, 2] * qz)
+    return (s * (q - z)).astype(np.float32)
+
+
+def outlier_corrections(p: PackedBilevel) -> tuple[np.ndarray | None, float]:
+    """The tile layout's outlier entries (values ``f16(o - w)``) and ``max |o - w|`` (f32)."""
+    if not p.header.has_outliers or p.outlier_entries is None:
+        return None, 0.0
+    ent = np.asarray(p.outlier_entries, dtype=np.uint32).reshape(-1)
+    rows_off = np.asarray(p.outlier_rows, dtype=np.int64).reshape(-1)
+    m = p.shape[0]
+    counts = np.diff(rows_off)
+    row_of = np.repeat(np.arange(m, dtype=np.int64), counts)
+    delta = (ent & 0xFFFF).astype(np.int64)
+    # running column per row: cumulative delta within the row, starting at -1
+    csum = np.cumsum(delta)
+    first = rows_off[:-1]
+    prior = np.where(first > 0, np.concatenate([[0], csum])[first], 0)
+    start = np.repeat(prior, counts)
+    col = csum - start - 1
+    real = (ent >> 16) != 0xFFFF
+    o = (ent[real] >> 16).astype(np.uint16).view(np.float16).astype(np.float32)
+    w = dense_at(p, row_of[real], col[real])
+    d32 = (o - w).astype(np.float32)
+    d16 = d32.astype(np.float16)
+    out = ent.copy()
+    out[real] = (ent[real] & 0xFFFF) | (d16.view(np.uint16).astype(np.uint32) << 16)
+    return out, float(np.max(np.abs(d32))) if d32.size else 0.0
+
+
+def stats_range_ok(p: PackedBilevel) -> bool:
+    """Whether every scale / zero / product stays well inside f16 (the fragments are f16)."""
+    prm = p.params
+    s2 = np.asarray(p.stats2).view(np.float16).astype(np.float64)  # [T, G, 4]
+    top = (1 << prm.stats_bits) - 1
+    smax = np.abs(s2[..., 1]) + np.abs(s2[..., 0]) * top
+    zmax = np.abs(s2[..., 3]) + np.abs(s2[..., 2]) * top
+    qmax = (1 << prm.bits) - 1
+    return bool(np.all(smax * (qmax + zmax) < F16_SAFE) and np.all(zmax < F16_SAFE))
+
+
+# --- a numpy emulation of what the kernel computes per fragment (tests) --------------------
+def _f16(a):
+    return np.asarray(a, dtype=np.float64).astype(np.float16)
+
+
+def emulate_dense(codes_tl, stats_tl, stats2_tl, m: int, n: int, bits: int, stats_bits: int):
+    """Rebuild the f16 weights the kernel feeds the tensor cores, ``[m, n]`` stored order,
+    by reading the tile layout exactly as the kernel does (lane, register, slot, shift) and
+    doing its f16 arithmetic (each op rounded to f16). CPU only; for tests."""
+    geo = geometry(m, n, bits, stats_bits)
+    rb_total, nc, tpc, swpc = geo["RB"], geo["NC"], geo["TPC"], geo["SWPC"]
+    ssl = pair_slots(stats_bits)
+    W = np.zeros((rb_total * TILE, nc * tpc * TILE), dtype=np.float16)
+
+    def field(word, slot, nb):
+        d = direct_slots(nb)
+        src = word if slot < d else word >> np.uint32(d * nb)
+        p = (slot if slot < d else slot - d) * nb
+        mask = np.uint32((1 << nb) - 1)
+        lo = (src >> np.uint32(p)) & mask
+        hi = (src >> np.uint32(p + 16)) & mask
+        return lo.astype(np.float64), hi.astype(np.float64)
+
+    codes_tl = np.asarray(codes_tl).reshape(rb_total, nc, 32, 4)
+    stats_tl = np.asarray(stats_tl).reshape(rb_total, nc, 8, 2, swpc)
+    stats2_tl = np.asarray(stats2_tl).reshape(rb_total, nc * tpc, 2)
+    lanes = np.arange(32)
+    g, t = lanes // 4, lanes % 4
+    for rb in range(rb_total):
+        for c in range(nc):
+            for i in range(tpc):
+                kt = c * tpc + i
+                st2 = stats2_tl[rb, kt]
+                pair0 = np.array([st2[0] & 0xFFFF, st2[0] >> 16], dtype=np.uint16).view(np.float16)
+                pair1 = np.array([st2[1] & 0xFFFF, st2[1] >> 16], dtype=np.uint16).view(np.float16)
+                sc, zc = {}, {}
+                for h in (0, 1):
+                    word = stats_tl[rb, c, g, h, i // ssl]
+                    cs, cz = field(word, i % ssl, stats_bits)
+                    s = _f16(cs * np.float64(pair0[0]) + np.float64(pair1[0]))
+                    zneg = _f16(cz * np.float64(pair0[1]) + np.float64(pair1[1]))
+                    sc[h] = s
+                    zc[h] = _f16(s.astype(np.float64) * zneg.astype(np.float64))
+                for r in range(4):
+                    h, hi = r & 1, r >> 1
+                    q0, q1 = field(codes_tl[rb, c, lanes, r], i, bits)
+                    row = rb * TILE + 8 * h + g
+                    col = kt * TILE + 2 * t + 8 * hi
+                    S = sc[h].astype(np.float64)
+                    Bz = zc[h].astype(np.float64)
+                    W[row, col] = _f16(q0 * S + Bz)
+                    W[row, col + 1] = _f16(q1 * S + Bz)
+    return W[:m, :n]
