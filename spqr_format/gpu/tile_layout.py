@@ -110,8 +110,9 @@ def _pack_slots(xp, a, bits: int):
     shifts = (xp.arange(s, dtype=xp.uint32)[:, None] * bits) + xp.asarray([0, 16], dtype=xp.uint32)[
         None, :
     ]
-    return xp.bitwise_or.reduce(
-        (a.astype(xp.uint32) << shifts).reshape(a.shape[:-2] + (2 * s,)), axis=-1
+    # the fields are disjoint bit ranges, so their sum is their OR (CuPy has no OR-reduce)
+    return (a.astype(xp.uint32) << shifts).reshape(a.shape[:-2] + (2 * s,)).sum(
+        axis=-1, dtype=xp.uint32
     )
 
 
