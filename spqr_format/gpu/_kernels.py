@@ -158,7 +158,7 @@ TC_BITS = (2, 3, 4)
 TC_STATS_BITS = (1, 2, 3, 4)
 TC_NT = (1, 2, 4, 8)  # n-tiles of 8 batch columns
 TC_MAX_BATCH = 8 * TC_NT[-1]
-TC_WARPS = 4  # warps per block (SPQR_TC_WARPS)
+TC_WARPS = 8  # warps per block (SPQR_TC_WARPS)
 TC_WARPS_PER_SM = int(
     _DEFS.get("SPQR_TC_WARPS_PER_SM") or os.environ.get("SPQR_TC_WARPS_PER_SM") or 24
 )

@@ -27,10 +27,10 @@ typedef unsigned short u16;
 typedef long long i64;
 
 #ifndef SPQR_TC_WARPS
-#define SPQR_TC_WARPS 4
+#define SPQR_TC_WARPS 8
 #endif
 #ifndef SPQR_TC_MINB
-#define SPQR_TC_MINB 4
+#define SPQR_TC_MINB 2
 #endif
 
 namespace spqr_tc {
@@ -130,6 +130,75 @@ __device__ __forceinline__ void row_stats(u32 w, u32 ws, uint2 st2, u32& S, u32&
   Bz = hmul2(S, zz);
 }
 
+// Per-chunk stream data of one warp, loaded one chunk ahead of its use.
+template <int SWPC, int TPC, int NT>
+struct Stage {
+  uint4 cw;           // this lane's 4 code words
+  u32 sw[2 * SWPC];   // statistics words of rows g, g + 8
+  uint2 st2;          // lane i < TPC: (step, base) record of tile i
+  uint2 xf[NT == 1 ? TPC : 1];  // NT == 1: this lane's B fragments (0 unless g < batch)
+};
+
+template <int B, int SB, int NT>
+__device__ __forceinline__ void tc_tile(const u32 (&cw)[4], const u32 (&cws)[4],
+                                        const u32* sw, const u32* sws, uint2 st2,
+                                        float (&acc)[NT][4], const uint2 (&bf)[NT],
+                                        int tile) {
+  constexpr int TPC = pair_slots<B>();
+  constexpr int SSL = pair_slots<SB>();
+  constexpr int SWPC = (TPC + SSL - 1) / SSL;
+  u32 S0 = 0, B0 = 0, S1 = 0, B1 = 0;
+  const int wi = tile / SSL;
+  switch (tile % SSL) {  // resolved at compile time: `tile` is an unrolled constant
+#define SPQR_TC_ROWSTATS(J)                                                         \
+  case J:                                                                            \
+    row_stats<SB, (J < SSL ? J : 0)>(sw[wi], sws[wi], st2, S0, B0);                  \
+    row_stats<SB, (J < SSL ? J : 0)>(sw[SWPC + wi], sws[SWPC + wi], st2, S1, B1);    \
+    break;
+    SPQR_TC_ROWSTATS(0)
+    SPQR_TC_ROWSTATS(1)
+    SPQR_TC_ROWSTATS(2)
+    SPQR_TC_ROWSTATS(3)
+    SPQR_TC_ROWSTATS(4)
+    SPQR_TC_ROWSTATS(5)
+    SPQR_TC_ROWSTATS(6)
+    SPQR_TC_ROWSTATS(7)
+#undef SPQR_TC_ROWSTATS
+    default:
+      break;
+  }
+  u32 a[4] = {0, 0, 0, 0};
+  switch (tile) {
+#define SPQR_TC_AFRAG(J)                                                   \
+  case J:                                                                  \
+    a[0] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[0], cws[0]), S0, B0); \
+    a[1] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[1], cws[1]), S1, B1); \
+    a[2] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[2], cws[2]), S0, B0); \
+    a[3] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[3], cws[3]), S1, B1); \
+    break;
+    SPQR_TC_AFRAG(0)
+    SPQR_TC_AFRAG(1)
+    SPQR_TC_AFRAG(2)
+    SPQR_TC_AFRAG(3)
+    SPQR_TC_AFRAG(4)
+    SPQR_TC_AFRAG(5)
+    SPQR_TC_AFRAG(6)
+    SPQR_TC_AFRAG(7)
+#undef SPQR_TC_AFRAG
+    default:
+      break;
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j) mma16816(acc[j], a, bf[j].x, bf[j].y);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;"); }
+
 template <int B, int SB, int NT>
 __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
                                           const u32* __restrict__ stats,
@@ -141,106 +210,96 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
   constexpr int SSL = pair_slots<SB>();
   constexpr int SWPC = (TPC + SSL - 1) / SSL;
   static_assert(SWPC == 1 || SWPC == 2, "statistics words per chunk");
+  // NT >= 2: the block's warps share the chunk's x fragments through shared memory
+  // (double-buffered cp.async); NT == 1: each lane loads its own (one 32-byte sector per
+  // tile and batch column), one chunk ahead.
+  __shared__ uint2 xs[NT == 1 ? 1 : 2][NT == 1 ? 1 : NT * TPC * 32];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int rb = blockIdx.x * SPQR_TC_WARPS + warp;
-  if (rb >= RB) return;
+  const bool active = rb < RB;
+  if (NT == 1 && !active) return;  // no block-wide synchronisation at NT == 1
   const int g = lane >> 2;
   const int t = lane & 3;
   const int split = blockIdx.y;
   const int c0 = split * chunks_per_split;
   const int c1 = min(NC, c0 + chunks_per_split);
   const i64 KT = (i64)NC * TPC;
+  const int rbc = active ? rb : 0;  // inactive warps (NT >= 2) only help with the copies
 
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-  const uint4* cptr = codes + ((i64)rb * NC + c0) * 32 + lane;
-  const u32* sptr = stats + (((i64)rb * NC + c0) * 8 + g) * (2 * SWPC);
-  const uint2* s2ptr = stats2 + (i64)rb * KT + (i64)c0 * TPC;
+  const uint4* cptr = codes + ((i64)rbc * NC + c0) * 32 + lane;
+  const u32* sptr = stats + (((i64)rbc * NC + c0) * 8 + g) * (2 * SWPC);
+  const uint2* s2ptr = stats2 + (i64)rbc * KT + (i64)c0 * TPC + (lane < TPC ? lane : 0);
+  const bool xlane = g < batch;  // NT == 1: lanes whose B fragments are not all zero
   const uint2* xptr = xfrag + (i64)c0 * TPC * 32 + lane;
 
-  uint4 cw_next = {0u, 0u, 0u, 0u};
-  u32 sw_next[2 * SWPC];
-  if (c0 < c1) {
-    cw_next = ld_stream(cptr);
+  auto load = [&](Stage<SWPC, TPC, NT>& st, int c) {
+    const i64 dc = c - c0;
+    st.cw = ld_stream(cptr + dc * 32);
 #pragma unroll
-    for (int k = 0; k < 2 * SWPC; ++k) sw_next[k] = ld_nc1(sptr + k);
+    for (int k = 0; k < 2 * SWPC; ++k) st.sw[k] = ld_nc1(sptr + dc * (16 * SWPC) + k);
+    st.st2 = ld_nc2(s2ptr + dc * TPC);
+    if (NT == 1) {
+#pragma unroll
+      for (int i = 0; i < (NT == 1 ? TPC : 1); ++i) {
+        uint2 z = {0u, 0u};
+        st.xf[i] = xlane ? ld_nc2(xptr + (dc * TPC + i) * 32) : z;
+      }
+    }
+  };
+  auto copy_x = [&](int buf, int c) {  // NT >= 2: chunk c's fragments into xs[buf]
+    constexpr int UNITS = NT * TPC * 16;  // 16-byte units: NT segments of TPC * 256 bytes
+    for (int u = threadIdx.x; u < UNITS; u += 32 * SPQR_TC_WARPS) {
+      const int j = u / (TPC * 16);
+      const int r = u % (TPC * 16);
+      const uint2* src = xfrag + ((i64)j * KT + (i64)c * TPC) * 32 + 2 * r;
+      cp_async16(&xs[buf][j * TPC * 32 + 2 * r], src);
+    }
+    cp_async_commit();
+  };
+
+  Stage<SWPC, TPC, NT> next;
+  if (c0 < c1) {
+    load(next, c0);
+    if (NT > 1) copy_x(0, c0);
   }
   for (int c = c0; c < c1; ++c) {
-    const uint4 cw = cw_next;
-    u32 sw[2 * SWPC];
-#pragma unroll
-    for (int k = 0; k < 2 * SWPC; ++k) sw[k] = sw_next[k];
-    uint2 st2[TPC];
-#pragma unroll
-    for (int i = 0; i < TPC; ++i) st2[i] = ld_nc2(s2ptr + i);
-    if (c + 1 < c1) {  // next chunk's stream loads in flight while this one computes
-      cw_next = ld_stream(cptr + 32);
-#pragma unroll
-      for (int k = 0; k < 2 * SWPC; ++k) sw_next[k] = ld_nc1(sptr + 2 * SWPC * 8 + k);
+    const Stage<SWPC, TPC, NT> cur = next;
+    if (NT > 1) {
+      cp_async_wait_all();
+      __syncthreads();  // chunk c's fragments visible; buffer (c + 1) & 1 free again
+      if (c + 1 < c1) copy_x((c + 1 - c0) & 1, c + 1);
     }
-    const u32 cws[4] = {shifted<B>(cw.x), shifted<B>(cw.y), shifted<B>(cw.z), shifted<B>(cw.w)};
-    u32 sws[2 * SWPC];
+    if (c + 1 < c1) load(next, c + 1);
+    if (active) {
+      const u32 cw[4] = {cur.cw.x, cur.cw.y, cur.cw.z, cur.cw.w};
+      const u32 cws[4] = {shifted<B>(cw[0]), shifted<B>(cw[1]), shifted<B>(cw[2]),
+                          shifted<B>(cw[3])};
+      u32 sws[2 * SWPC];
 #pragma unroll
-    for (int k = 0; k < 2 * SWPC; ++k) sws[k] = shifted<SB>(sw[k]);
-
+      for (int k = 0; k < 2 * SWPC; ++k) sws[k] = shifted<SB>(cur.sw[k]);
+      const int buf = (c - c0) & 1;
 #pragma unroll
-    for (int i = 0; i < TPC; ++i) {
-      // statistics of rows g (h = 0) and g + 8 (h = 1) for group (tile) c * TPC + i
-      u32 S0, B0, S1, B1;
-      const int wi = i / SSL;
-      switch (i % SSL) {  // resolved at compile time (i is unrolled)
-#define SPQR_TC_ROWSTATS(J)                                                         \
-  case J:                                                                            \
-    row_stats<SB, (J < SSL ? J : 0)>(sw[wi], sws[wi], st2[i], S0, B0);               \
-    row_stats<SB, (J < SSL ? J : 0)>(sw[SWPC + wi], sws[SWPC + wi], st2[i], S1, B1); \
-    break;
-        SPQR_TC_ROWSTATS(0)
-        SPQR_TC_ROWSTATS(1)
-        SPQR_TC_ROWSTATS(2)
-        SPQR_TC_ROWSTATS(3)
-        SPQR_TC_ROWSTATS(4)
-        SPQR_TC_ROWSTATS(5)
-        SPQR_TC_ROWSTATS(6)
-        SPQR_TC_ROWSTATS(7)
-#undef SPQR_TC_ROWSTATS
-        default:
-          S0 = B0 = S1 = B1 = 0;
-      }
-      u32 a[4];
-      switch (i) {
-#define SPQR_TC_AFRAG(J)                                           \
-  case J:                                                          \
-    a[0] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw.x, cws[0]), S0, B0); \
-    a[1] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw.y, cws[1]), S1, B1); \
-    a[2] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw.z, cws[2]), S0, B0); \
-    a[3] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw.w, cws[3]), S1, B1); \
-    break;
-        SPQR_TC_AFRAG(0)
-        SPQR_TC_AFRAG(1)
-        SPQR_TC_AFRAG(2)
-        SPQR_TC_AFRAG(3)
-        SPQR_TC_AFRAG(4)
-        SPQR_TC_AFRAG(5)
-        SPQR_TC_AFRAG(6)
-        SPQR_TC_AFRAG(7)
-#undef SPQR_TC_AFRAG
-        default:
-          a[0] = a[1] = a[2] = a[3] = 0;
-      }
+      for (int i = 0; i < TPC; ++i) {
+        uint2 st2;
+        st2.x = __shfl_sync(0xffffffffu, cur.st2.x, i);
+        st2.y = __shfl_sync(0xffffffffu, cur.st2.y, i);
+        uint2 bf[NT];
+        if (NT == 1) {
+          bf[0] = cur.xf[NT == 1 ? i : 0];
+        } else {
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const uint2 bf = ld_nc2(xptr + (i64)j * KT * 32 + i * 32);
-        mma16816(acc[j], a, bf.x, bf.y);
+          for (int j = 0; j < NT; ++j) bf[j] = xs[NT == 1 ? 0 : buf][(j * TPC + i) * 32 + lane];
+        }
+        tc_tile<B, SB, NT>(cw, cws, cur.sw, sws, st2, acc, bf, i);
       }
     }
-    cptr += 32;
-    sptr += 2 * SWPC * 8;
-    s2ptr += TPC;
-    xptr += TPC * 32;
   }
+  if (!active) return;
   // D fragment: acc[j][0..1] row g, columns 2t, 2t+1; acc[j][2..3] row g + 8.
   float* p = part + (i64)split * (NT * 8) * M16;
   const i64 r0 = (i64)rb * 16 + g;
