@@ -1,0 +1,47 @@
+"""Run one GPU matmul configuration a few times, for a profiler (ncu / nsys) to attach to.
+
+    ncu --kernel-name regex:spqr_tc_b --launch-skip 2 --launch-count 1 \
+        python benchmarks/gpu_profile.py --shape 28672x8192 --batch 1
+
+Builds a random spqr-3bit-like tensor (benchmarks' defaults), uploads it, and calls
+``GpuTensor.matmul_into`` ``--calls`` times on one stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cupy as cp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from spqr_format.gpu import GpuTensor  # noqa: E402
+from spqr_format.gpu.synth import random_packed  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="28672x8192")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--no-tc", action="store_true", help="SIMT kernels (SPEC layout)")
+    args = ap.parse_args(argv)
+    m, n = (int(v) for v in args.shape.split("x"))
+    p = random_packed(m, n, bits=args.bits, seed=m + n)
+    g = GpuTensor.from_packed(p, validate=False, tensor_cores=not args.no_tc)
+    x = cp.asarray(np.random.default_rng(0).standard_normal((args.batch, n)), dtype=cp.float16)
+    y = cp.empty((args.batch, m), dtype=cp.float16)
+    ws = cp.empty(g.workspace_bytes(args.batch) // 4, dtype=cp.float32)
+    for _ in range(args.calls):
+        g.matmul_into(x.data.ptr, n, 1, y.data.ptr, m, 1, args.batch, ws.data.ptr)
+    cp.cuda.Device().synchronize()
+    print(f"path={'tensor-core' if g.tc is not None else 'simt'} y[0,:4]={cp.asnumpy(y[0, :4])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
