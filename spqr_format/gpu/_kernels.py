@@ -158,10 +158,7 @@ TC_BITS = (2, 3, 4)
 TC_STATS_BITS = (1, 2, 3, 4)
 TC_NT = (1, 2, 4, 8)  # n-tiles of 8 batch columns
 TC_MAX_BATCH = 8 * TC_NT[-1]
-TC_WARPS = 8  # warps per block (SPQR_TC_WARPS)
-TC_WARPS_PER_SM = int(
-    _DEFS.get("SPQR_TC_WARPS_PER_SM") or os.environ.get("SPQR_TC_WARPS_PER_SM") or 24
-)
+TC_WARPS = int(_DEFS.get("SPQR_TC_WARPS") or 8)  # warps per block (SPQR_TC_WARPS)
 
 
 def tc_nt(batch: int) -> int:
@@ -184,13 +181,50 @@ def tc_kernel_names() -> list[str]:
     return sorted(names)
 
 
-def tc_splits(rb: int, nc: int, sm_count: int) -> tuple[int, int]:
-    """(splits, chunks per split) of the tensor-core kernel: about TC_WARPS_PER_SM warps per
-    multiprocessor in all, each with at least 2 chunks."""
-    want = max(1, round(TC_WARPS_PER_SM * sm_count / max(rb, 1)))
-    splits = max(1, min(want, nc // 2 if nc >= 2 else 1))
-    per = -(-nc // splits)
+def tc_resident_blocks(regs: int, smem: int, warps: int = TC_WARPS) -> int:
+    """Blocks of the tensor-core kernel one multiprocessor holds (sm_80/sm_90 limits: 64K
+    registers allocated per warp in 256-register units, 64 warps, 32 blocks, 227 KiB of
+    shared memory with 1 KiB reserved per block)."""
+    warp_regs = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = 65536 // (warp_regs * warps)
+    by_smem = (227 * 1024) // (smem + 1024)
+    return max(1, min(by_regs, by_smem, 64 // warps, 32))
+
+
+def tc_splits(
+    rb: int, nc: int, sm_count: int, resident: int = 3, max_splits: int = 16
+) -> tuple[int, int]:
+    """(splits, chunks per split) of the tensor-core kernel.
+
+    The k-range is split so that the grid fills the machine's block slots
+    (``resident * sm_count``) in whole waves as evenly as possible: among 1..max_splits splits
+    (each at least 4 chunks) the one with the best slot utilisation, the fewest on a tie.
+    ``max_splits`` keeps the f32 partial sums small next to the weights (see
+    :func:`tc_max_splits`).
+    """
+    groups = -(-rb // TC_WARPS)
+    slots = max(1, resident * sm_count)
+    best, best_eff = 1, -1.0
+    for s in range(1, max(1, min(16, max_splits)) + 1):
+        if s > 1 and -(-nc // s) < 4:
+            break
+        per = -(-nc // s)
+        real = -(-nc // per)
+        total = groups * real
+        eff = total / (-(-total // slots) * slots)
+        if eff > best_eff + 0.02:
+            best, best_eff = real, eff
+    override = int(os.environ.get("SPQR_TC_SPLITS") or 0)
+    if override:
+        best = max(1, min(override, nc))
+    per = -(-nc // best)
     return -(-nc // per), per
+
+
+def tc_max_splits(n: int, nt: int) -> int:
+    """Splits whose partial sums (written and read, 8 bytes per row and batch column each)
+    stay under ~10 % of the weight bytes (~0.5 byte per weight)."""
+    return max(1, n // (160 * 8 * nt))
 
 
 def tc_workspace_bytes(m: int, kt: int, batch: int, splits: int) -> int:

@@ -375,8 +375,19 @@ class GpuTensor:
         old = 4 * K.workspace_floats(self.n, batch, self.m)[2]
         if self.tc is None:
             return old
-        splits, _ = K.tc_splits(self.tc.RB, self.tc.NC, _sm_count())
+        nt = K.tc_nt(min(batch, K.TC_MAX_BATCH))
+        splits, _ = self._tc_plan(nt)
         return max(old, K.tc_workspace_bytes(self.m, self.tc.KT, batch, splits))
+
+    def _tc_plan(self, nt: int) -> tuple[int, int]:
+        """(splits, chunks per split) for ``nt`` n-tiles on this device."""
+        fn = function(K.tc_name(self.bits, self.stats_bits, nt))
+        regs = int(getattr(fn, "num_regs", 64) or 64)
+        smem = int(getattr(fn, "shared_size_bytes", 0) or 0)
+        resident = K.tc_resident_blocks(regs, smem)
+        return K.tc_splits(
+            self.tc.RB, self.tc.NC, _sm_count(), resident, K.tc_max_splits(self.n, nt)
+        )
 
     def matvec(self, x, out=None):
         """``y = W x`` for ``x`` of shape ``[n]`` (f16 or bf16 CuPy array); returns ``[m]``."""
@@ -512,11 +523,11 @@ class GpuTensor:
         tc = self.tc
         m, n = self.shape
         m16 = 16 * tc.RB
-        splits, per = K.tc_splits(tc.RB, tc.NC, _sm_count())
         ysz = 4 if out_code == 0 else 2
         for b0 in range(0, batch, K.TC_MAX_BATCH):
             nb = min(K.TC_MAX_BATCH, batch - b0)
             nt = K.tc_nt(nb)
+            splits, per = self._tc_plan(nt)
             xfrag = int(ws_ptr)
             part = xfrag + nt * tc.KT * 32 * 8
             xb = int(x_ptr) + 2 * b0 * int(ldx)
@@ -562,9 +573,8 @@ class GpuTensor:
                     np.int32(8 * nt),
                     _ptr(self.outlier_rows),
                     _ptr(tc.outlier_entries),
-                    _ptr(self.perm),
-                    np.uint64(xb),
-                    np.int64(ldx),
+                    np.uint64(xfrag),
+                    np.int64(tc.KT),
                     np.uint64(yb),
                     np.int64(ldy),
                     np.int32(out_code),

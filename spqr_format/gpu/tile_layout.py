@@ -111,8 +111,10 @@ def _pack_slots(xp, a, bits: int):
         None, :
     ]
     # the fields are disjoint bit ranges, so their sum is their OR (CuPy has no OR-reduce)
-    return (a.astype(xp.uint32) << shifts).reshape(a.shape[:-2] + (2 * s,)).sum(
-        axis=-1, dtype=xp.uint32
+    return (
+        (a.astype(xp.uint32) << shifts)
+        .reshape(a.shape[:-2] + (2 * s,))
+        .sum(axis=-1, dtype=xp.uint32)
     )
 
 

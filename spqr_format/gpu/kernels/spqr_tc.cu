@@ -231,24 +231,29 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
+  // Stream pointers, bumped by one chunk per load (no per-chunk 64-bit address arithmetic).
   const uint4* cptr = codes + ((i64)rbc * NC + c0) * 32 + lane;
   const u32* sptr = stats + (((i64)rbc * NC + c0) * 8 + g) * (2 * SWPC);
   const uint2* s2ptr = stats2 + (i64)rbc * KT + (i64)c0 * TPC + (lane < TPC ? lane : 0);
   const bool xlane = g < batch;  // NT == 1: lanes whose B fragments are not all zero
   const uint2* xptr = xfrag + (i64)c0 * TPC * 32 + lane;
 
-  auto load = [&](Stage<SWPC, TPC, NT>& st, int c) {
-    const i64 dc = c - c0;
-    st.cw = ld_stream(cptr + dc * 32);
+  auto load = [&](Stage<SWPC, TPC, NT>& st) {
+    st.cw = ld_stream(cptr);
+    cptr += 32;
 #pragma unroll
-    for (int k = 0; k < 2 * SWPC; ++k) st.sw[k] = ld_nc1(sptr + dc * (16 * SWPC) + k);
-    st.st2 = ld_nc2(s2ptr + dc * TPC);
+    for (int k = 0; k < 2 * SWPC; ++k) st.sw[k] = ld_nc1(sptr + k);
+    sptr += 16 * SWPC;
+    st.st2 = ld_nc2(s2ptr);
+    s2ptr += TPC;
     if (NT == 1) {
 #pragma unroll
       for (int i = 0; i < (NT == 1 ? TPC : 1); ++i) {
-        uint2 z = {0u, 0u};
-        st.xf[i] = xlane ? ld_nc2(xptr + (dc * TPC + i) * 32) : z;
+        st.xf[i].x = 0u;
+        st.xf[i].y = 0u;
+        if (xlane) st.xf[i] = ld_nc2(xptr + i * 32);
       }
+      xptr += TPC * 32;
     }
   };
   auto copy_x = [&](int buf, int c) {  // NT >= 2: chunk c's fragments into xs[buf]
@@ -261,43 +266,51 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
     }
     cp_async_commit();
   };
-
-  Stage<SWPC, TPC, NT> next;
+  auto compute = [&](const Stage<SWPC, TPC, NT>& cur, int buf) {
+    const u32 cw[4] = {cur.cw.x, cur.cw.y, cur.cw.z, cur.cw.w};
+    const u32 cws[4] = {shifted<B>(cw[0]), shifted<B>(cw[1]), shifted<B>(cw[2]),
+                        shifted<B>(cw[3])};
+    u32 sws[2 * SWPC];
+#pragma unroll
+    for (int k = 0; k < 2 * SWPC; ++k) sws[k] = shifted<SB>(cur.sw[k]);
+#pragma unroll
+    for (int i = 0; i < TPC; ++i) {
+      uint2 st2;
+      st2.x = __shfl_sync(0xffffffffu, cur.st2.x, i);
+      st2.y = __shfl_sync(0xffffffffu, cur.st2.y, i);
+      uint2 bf[NT];
+      if (NT == 1) {
+        bf[0] = cur.xf[NT == 1 ? i : 0];
+      } else {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) bf[j] = xs[NT == 1 ? 0 : buf][(j * TPC + i) * 32 + lane];
+      }
+      tc_tile<B, SB, NT>(cw, cws, cur.sw, sws, st2, acc, bf, i);
+    }
+  };
+  // Two stages in ping-pong (no register copies between chunks): chunk c + 1's stream loads
+  // are in flight while chunk c computes.
+  Stage<SWPC, TPC, NT> sa, sb;
   if (c0 < c1) {
-    load(next, c0);
+    load(sa);
     if (NT > 1) copy_x(0, c0);
   }
-  for (int c = c0; c < c1; ++c) {
-    const Stage<SWPC, TPC, NT> cur = next;
+  for (int c = c0; c < c1; c += 2) {
     if (NT > 1) {
       cp_async_wait_all();
-      __syncthreads();  // chunk c's fragments visible; buffer (c + 1) & 1 free again
-      if (c + 1 < c1) copy_x((c + 1 - c0) & 1, c + 1);
+      __syncthreads();
+      if (c + 1 < c1) copy_x(1, c + 1);
     }
-    if (c + 1 < c1) load(next, c + 1);
-    if (active) {
-      const u32 cw[4] = {cur.cw.x, cur.cw.y, cur.cw.z, cur.cw.w};
-      const u32 cws[4] = {shifted<B>(cw[0]), shifted<B>(cw[1]), shifted<B>(cw[2]),
-                          shifted<B>(cw[3])};
-      u32 sws[2 * SWPC];
-#pragma unroll
-      for (int k = 0; k < 2 * SWPC; ++k) sws[k] = shifted<SB>(cur.sw[k]);
-      const int buf = (c - c0) & 1;
-#pragma unroll
-      for (int i = 0; i < TPC; ++i) {
-        uint2 st2;
-        st2.x = __shfl_sync(0xffffffffu, cur.st2.x, i);
-        st2.y = __shfl_sync(0xffffffffu, cur.st2.y, i);
-        uint2 bf[NT];
-        if (NT == 1) {
-          bf[0] = cur.xf[NT == 1 ? i : 0];
-        } else {
-#pragma unroll
-          for (int j = 0; j < NT; ++j) bf[j] = xs[NT == 1 ? 0 : buf][(j * TPC + i) * 32 + lane];
-        }
-        tc_tile<B, SB, NT>(cw, cws, cur.sw, sws, st2, acc, bf, i);
-      }
+    if (c + 1 < c1) load(sb);
+    if (active) compute(sa, 0);
+    if (c + 1 >= c1) break;
+    if (NT > 1) {
+      cp_async_wait_all();
+      __syncthreads();
+      if (c + 2 < c1) copy_x(0, c + 2);
     }
+    if (c + 2 < c1) load(sa);
+    if (active) compute(sb, 1);
   }
   if (!active) return;
   // D fragment: acc[j][0..1] row g, columns 2t, 2t+1; acc[j][2..3] row g + 8.
@@ -380,64 +393,113 @@ SPQR_TC_ALL_NT(3, 4)
 #endif
 SPQR_TC_ALL_NT(3, 3)
 
-// One warp per row: y[c][row] = sum over splits of part[s][c][row] (in order) + sum over the
-// row's outliers of (o - w) * x[c][perm[col]] (lanes over entries, then a fixed xor tree),
-// rounded to the output dtype. out_dtype: 1 f16, 2 bf16, 0 f32.
+// x'[c][j] (stored column j, batch column c) read back from the B fragments.
+__device__ __forceinline__ float xfrag_at(const u16* __restrict__ xf, i64 KT, int c, i64 j) {
+  const i64 kt = j >> 4;
+  const int k = (int)(j & 15);
+  const i64 lane = (c & 7) * 4 + ((k & 7) >> 1);
+  const i64 idx = ((((i64)(c >> 3) * KT + kt) * 32 + lane) * 2 + (k >> 3)) * 2 + (k & 1);
+  return spqr_tc::f16_to_f32(xf[idx]);
+}
+
+// One warp per row: y[c][row] = sum over splits of part[s][c][row] (in order) + the row's
+// outlier corrections sum (o - w) x'[c][col], rounded to the output dtype (out_dtype: 1 f16,
+// 2 bf16, 0 f32). x' is read from the B fragments (`xfrag`, KT tiles), so no permutation
+// lookup. batch <= 8: lanes take 4 consecutive entries each (all loads of up to 128 entries in
+// flight, one warp scan for the columns) and a fixed xor tree sums the lanes; batch > 8: the
+// entries are decoded the same way, then broadcast one by one to lanes that own batch columns.
 extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
     const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
-    const u32* __restrict__ oent, const u32* __restrict__ perm, const u16* __restrict__ x,
-    i64 ldx, void* __restrict__ y, i64 ldy, int out_dtype, i64 m, int batch) {
+    const u32* __restrict__ oent, const u16* __restrict__ xfrag, i64 KT, void* __restrict__ y,
+    i64 ldy, int out_dtype, i64 m, int batch) {
   const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= m) return;
   const i64 split_stride = (i64)ncols * M16;
-  for (int cb = 0; cb < batch; cb += 8) {
-    float oacc[8];
+  float oacc[8];  // batch <= 8: column k's sum over this lane's entries
 #pragma unroll
-    for (int k = 0; k < 8; ++k) oacc[k] = 0.f;
-    if (orows != nullptr) {
-      const i64 e0 = orows[row], e1 = orows[row + 1];
-      i64 base = -1;
-      for (i64 e = e0; e < e1; e += 32) {
-        const i64 idx = e + lane;
-        const u32 ent = idx < e1 ? oent[idx] : 0u;
-        u32 scan = ent & 0xFFFFu;
+  for (int k = 0; k < 8; ++k) oacc[k] = 0.f;
+  float own[2] = {0.f, 0.f};  // batch > 8: columns lane and lane + 32
+  if (orows != nullptr) {
+    const i64 e0 = orows[row], e1 = orows[row + 1];
+    i64 base = -1;
+    for (i64 e = e0; e < e1; e += 128) {
+      u32 ent[4];
 #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const u32 v = __shfl_up_sync(0xffffffffu, scan, o);
-          if (lane >= o) scan += v;
-        }
-        const i64 col = base + (i64)scan;
-        base += (i64)__shfl_sync(0xffffffffu, scan, 31);
-        if (idx < e1 && (ent >> 16) != 0xFFFFu) {
-          const float d = spqr_tc::f16_to_f32(ent >> 16);
-          const i64 src = perm ? (i64)perm[col] : col;
+      for (int q = 0; q < 4; ++q) {
+        const i64 idx = e + 4 * lane + q;
+        ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;  // past the end: a skip of delta 0
+      }
+      u32 local[4];
+      u32 run = 0;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        run += ent[q] & 0xFFFFu;
+        local[q] = run;
+      }
+      u32 scan = run;  // inclusive scan of the lanes' totals
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const u32 v = __shfl_up_sync(0xffffffffu, scan, o);
+        if (lane >= o) scan += v;
+      }
+      const i64 lane_base = base + (i64)(scan - run);
+      base += (i64)__shfl_sync(0xffffffffu, scan, 31);
+      i64 col[4];
+      float d[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const bool real = (ent[q] >> 16) != 0xFFFFu;
+        col[q] = real ? lane_base + local[q] : -1;
+        d[q] = real ? spqr_tc::f16_to_f32(ent[q] >> 16) : 0.f;
+      }
+      if (batch <= 8) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          if (col[q] < 0) continue;
 #pragma unroll
           for (int k = 0; k < 8; ++k)
-            if (cb + k < batch) oacc[k] += d * spqr_tc::f16_to_f32(x[(i64)(cb + k) * ldx + src]);
+            if (k < batch) oacc[k] += d[q] * xfrag_at(xfrag, KT, k, col[q]);
+        }
+      } else {
+        for (int src = 0; src < 32; ++src) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const i64 cq = __shfl_sync(0xffffffffu, col[q], src);
+            const float dq = __shfl_sync(0xffffffffu, d[q], src);
+            if (cq < 0) continue;
+            if (lane < batch) own[0] += dq * xfrag_at(xfrag, KT, lane, cq);
+            if (lane + 32 < batch) own[1] += dq * xfrag_at(xfrag, KT, lane + 32, cq);
+          }
         }
       }
+    }
+    if (batch <= 8) {
 #pragma unroll
       for (int k = 0; k < 8; ++k)
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
     }
-    float mine = 0.f;
+  }
 #pragma unroll
-    for (int k = 0; k < 8; ++k)
-      if (lane == k) mine = oacc[k];
-    const int c = cb + lane;
-    if (lane < 8 && c < batch) {
-      float s = 0.f;
-      for (int sp = 0; sp < nsplit; ++sp) s += part[sp * split_stride + (i64)c * M16 + row];
-      s += mine;
-      const i64 o = (i64)c * ldy + row;
-      if (out_dtype == 0)
-        ((float*)y)[o] = s;
-      else if (out_dtype == 2)
-        ((u16*)y)[o] = (u16)spqr_tc::f32_to_bf16(s);
-      else
-        ((u16*)y)[o] = (u16)spqr_tc::f32_to_f16(s);
+  for (int h = 0; h < 2; ++h) {
+    const int c = lane + 32 * h;
+    if (c >= batch) continue;
+    float mine = own[h];
+    if (batch <= 8) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        if (lane == k) mine = oacc[k];
     }
+    float sum = 0.f;
+    for (int sp = 0; sp < nsplit; ++sp) sum += part[sp * split_stride + (i64)c * M16 + row];
+    sum += mine;
+    const i64 o = (i64)c * ldy + row;
+    if (out_dtype == 0)
+      ((float*)y)[o] = sum;
+    else if (out_dtype == 2)
+      ((u16*)y)[o] = (u16)spqr_tc::f32_to_bf16(sum);
+    else
+      ((u16*)y)[o] = (u16)spqr_tc::f32_to_f16(sum);
   }
 }
