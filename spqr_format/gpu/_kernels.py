@@ -223,8 +223,9 @@ def tc_splits(
 
 def tc_max_splits(n: int, nt: int) -> int:
     """Splits whose partial sums (written and read, 8 bytes per row and batch column each)
-    stay under ~10 % of the weight bytes (~0.5 byte per weight)."""
-    return max(1, n // (160 * 8 * nt))
+    stay under ~50 % of the weight bytes (~0.5 byte per weight): an under-filled GPU costs
+    more than that traffic."""
+    return max(1, n // (32 * 8 * nt))
 
 
 def tc_workspace_bytes(m: int, kt: int, batch: int, splits: int) -> int:
