@@ -393,33 +393,45 @@ SPQR_TC_ALL_NT(3, 4)
 #endif
 SPQR_TC_ALL_NT(3, 3)
 
-// x'[c][j] (stored column j, batch column c) read back from the B fragments.
-__device__ __forceinline__ float xfrag_at(const u16* __restrict__ xf, i64 KT, int c, i64 j) {
-  const i64 kt = j >> 4;
+// Index (in f16 elements) of x'[c][j] (stored column j, batch column c) in the B fragments:
+// frag_index(j) + frag_col_offset(c).
+__device__ __forceinline__ i64 frag_index(i64 j) {
   const int k = (int)(j & 15);
-  const i64 lane = (c & 7) * 4 + ((k & 7) >> 1);
-  const i64 idx = ((((i64)(c >> 3) * KT + kt) * 32 + lane) * 2 + (k >> 3)) * 2 + (k & 1);
-  return spqr_tc::f16_to_f32(xf[idx]);
+  return (((j >> 4) * 32 + ((k & 7) >> 1)) * 2 + (k >> 3)) * 2 + (k & 1);
+}
+__device__ __forceinline__ i64 frag_col_offset(int c, i64 KT) {
+  return ((i64)(c >> 3) * KT * 32 + (c & 7) * 4) * 4;
 }
 
 // One warp per row: y[c][row] = sum over splits of part[s][c][row] (in order) + the row's
 // outlier corrections sum (o - w) x'[c][col], rounded to the output dtype (out_dtype: 1 f16,
 // 2 bf16, 0 f32). x' is read from the B fragments (`xfrag`, KT tiles), so no permutation
-// lookup. batch <= 8: lanes take 4 consecutive entries each (all loads of up to 128 entries in
-// flight, one warp scan for the columns) and a fixed xor tree sums the lanes; batch > 8: the
-// entries are decoded the same way, then broadcast one by one to lanes that own batch columns.
+// lookup. The row's entries are decoded 128 at a time (4 consecutive per lane, all loads in
+// flight, one warp scan for the columns). batch <= 8: each lane multiplies its entries with
+// every batch column, then a fixed xor tree sums the lanes; batch > 8: the decoded entries go
+// through shared memory and each lane sums its own batch columns over all of them in order.
 extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
     const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
     const u32* __restrict__ oent, const u16* __restrict__ xfrag, i64 KT, void* __restrict__ y,
     i64 ldy, int out_dtype, i64 m, int batch) {
-  const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
+  __shared__ i64 scol[8][128];
+  __shared__ float sval[8][128];
+  const int wib = threadIdx.x >> 5;
+  const i64 row = (i64)blockIdx.x * 8 + wib;
   const int lane = threadIdx.x & 31;
   if (row >= m) return;
   const i64 split_stride = (i64)ncols * M16;
-  float oacc[8];  // batch <= 8: column k's sum over this lane's entries
+  // this lane's split sums first: independent loads, in flight during the outlier work
+  float own[2] = {0.f, 0.f};  // columns lane and lane + 32
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int c = lane + 32 * h;
+    if (c < batch)
+      for (int sp = 0; sp < nsplit; ++sp) own[h] += part[sp * split_stride + (i64)c * M16 + row];
+  }
+  float oacc[8];
 #pragma unroll
   for (int k = 0; k < 8; ++k) oacc[k] = 0.f;
-  float own[2] = {0.f, 0.f};  // batch > 8: columns lane and lane + 32
   if (orows != nullptr) {
     const i64 e0 = orows[row], e1 = orows[row + 1];
     i64 base = -1;
@@ -445,61 +457,58 @@ extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
       }
       const i64 lane_base = base + (i64)(scan - run);
       base += (i64)__shfl_sync(0xffffffffu, scan, 31);
-      i64 col[4];
-      float d[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const bool real = (ent[q] >> 16) != 0xFFFFu;
-        col[q] = real ? lane_base + local[q] : -1;
-        d[q] = real ? spqr_tc::f16_to_f32(ent[q] >> 16) : 0.f;
-      }
       if (batch <= 8) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          if (col[q] < 0) continue;
+          if ((ent[q] >> 16) == 0xFFFFu) continue;
+          const float d = spqr_tc::f16_to_f32(ent[q] >> 16);
+          const u16* xq = xfrag + frag_index(lane_base + local[q]);
 #pragma unroll
           for (int k = 0; k < 8; ++k)
-            if (k < batch) oacc[k] += d[q] * xfrag_at(xfrag, KT, k, col[q]);
+            if (k < batch) oacc[k] += d * spqr_tc::f16_to_f32(xq[frag_col_offset(k, KT)]);
         }
       } else {
-        for (int src = 0; src < 32; ++src) {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const i64 cq = __shfl_sync(0xffffffffu, col[q], src);
-            const float dq = __shfl_sync(0xffffffffu, d[q], src);
-            if (cq < 0) continue;
-            if (lane < batch) own[0] += dq * xfrag_at(xfrag, KT, lane, cq);
-            if (lane + 32 < batch) own[1] += dq * xfrag_at(xfrag, KT, lane + 32, cq);
-          }
+        for (int q = 0; q < 4; ++q) {
+          const bool real = (ent[q] >> 16) != 0xFFFFu;
+          scol[wib][4 * lane + q] = real ? frag_index(lane_base + local[q]) : -1;
+          sval[wib][4 * lane + q] = real ? spqr_tc::f16_to_f32(ent[q] >> 16) : 0.f;
         }
+        __syncwarp();
+        const int cnt = (int)min((i64)128, e1 - e);
+        const i64 off0 = frag_col_offset(lane, KT);
+        const i64 off1 = frag_col_offset(lane + 32, KT);
+        for (int q = 0; q < cnt; ++q) {
+          const i64 fi = scol[wib][q];
+          if (fi < 0) continue;
+          const float d = sval[wib][q];
+          if (lane < batch) own[0] += d * spqr_tc::f16_to_f32(xfrag[fi + off0]);
+          if (lane + 32 < batch) own[1] += d * spqr_tc::f16_to_f32(xfrag[fi + off1]);
+        }
+        __syncwarp();
       }
     }
     if (batch <= 8) {
 #pragma unroll
       for (int k = 0; k < 8; ++k)
+        if (k < batch)
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
+          for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        if (lane == k) own[0] += oacc[k];
     }
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int c = lane + 32 * h;
     if (c >= batch) continue;
-    float mine = own[h];
-    if (batch <= 8) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        if (lane == k) mine = oacc[k];
-    }
-    float sum = 0.f;
-    for (int sp = 0; sp < nsplit; ++sp) sum += part[sp * split_stride + (i64)c * M16 + row];
-    sum += mine;
     const i64 o = (i64)c * ldy + row;
     if (out_dtype == 0)
-      ((float*)y)[o] = sum;
+      ((float*)y)[o] = own[h];
     else if (out_dtype == 2)
-      ((u16*)y)[o] = (u16)spqr_tc::f32_to_bf16(sum);
+      ((u16*)y)[o] = (u16)spqr_tc::f32_to_bf16(own[h]);
     else
-      ((u16*)y)[o] = (u16)spqr_tc::f32_to_f16(sum);
+      ((u16*)y)[o] = (u16)spqr_tc::f32_to_f16(own[h]);
   }
 }
