@@ -99,13 +99,27 @@ __host__ __device__ constexpr u32 h2_neg_pow2(int e) {
 // Pair slot I of a word holding NB-bit fields (tile_layout.pair_slots): returns the f16x2
 // (field_lo, field_hi) as exact small integers. `w` is the word, `ws` the word shifted right
 // by (10 / NB) * NB (computed once per word by the caller).
+// The f16x2 magic 0x64006400 in a register the compiler cannot fold, so that
+// (bits & M) | magic is one LOP3 (immediate mask, register magic) instead of two.
+__device__ __forceinline__ u32 magic_reg() {
+  u32 r;
+  asm volatile("mov.b32 %0, 0x64006400;" : "=r"(r));
+  return r;
+}
+template <u32 MASK>
+__device__ __forceinline__ u32 and_or(u32 a, u32 c) {
+  u32 d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(MASK), "r"(c));  // (a & b) | c
+  return d;
+}
+
 template <int NB, int I>
-__device__ __forceinline__ u32 pair_exact(u32 w, u32 ws) {
+__device__ __forceinline__ u32 pair_exact(u32 w, u32 ws, u32 magic) {
   constexpr int D = 10 / NB;
   constexpr int P = (I < D ? I : I - D) * NB;
   constexpr u32 M = (((1u << NB) - 1u) << P) * 0x10001u;
   const u32 src = I < D ? w : ws;
-  const u32 v = (src & M) | 0x64006400u;  // 1024 + field * 2^P, exactly
+  const u32 v = and_or<M>(src, magic);  // 1024 + field * 2^P, exactly
   // v * 2^-P - 1024 * 2^-P = field, exactly (power-of-two scaling, integer result)
   return hfma2(v, h2_pow2(-P), h2_neg_pow2(10 - P));
 }
@@ -122,8 +136,8 @@ __host__ __device__ constexpr int pair_slots() {
 
 // (S, Bz) for one row and one group: S = (s, s), Bz = (-z s, -z s) as f16x2.
 template <int SB, int I>
-__device__ __forceinline__ void row_stats(u32 w, u32 ws, uint2 st2, u32& S, u32& Bz) {
-  const u32 c = pair_exact<SB, I>(w, ws);  // (scale code, zero code)
+__device__ __forceinline__ void row_stats(u32 w, u32 ws, uint2 st2, u32 magic, u32& S, u32& Bz) {
+  const u32 c = pair_exact<SB, I>(w, ws, magic);  // (scale code, zero code)
   const u32 sz = hfma2(c, st2.x, st2.y);   // (s, -z)
   S = __byte_perm(sz, sz, 0x1010);
   const u32 zz = __byte_perm(sz, sz, 0x3232);
@@ -143,7 +157,7 @@ template <int B, int SB, int NT>
 __device__ __forceinline__ void tc_tile(const u32 (&cw)[4], const u32 (&cws)[4],
                                         const u32* sw, const u32* sws, uint2 st2,
                                         float (&acc)[NT][4], const uint2 (&bf)[NT],
-                                        int tile) {
+                                        int tile, u32 magic) {
   constexpr int TPC = pair_slots<B>();
   constexpr int SSL = pair_slots<SB>();
   constexpr int SWPC = (TPC + SSL - 1) / SSL;
@@ -152,8 +166,8 @@ __device__ __forceinline__ void tc_tile(const u32 (&cw)[4], const u32 (&cws)[4],
   switch (tile % SSL) {  // resolved at compile time: `tile` is an unrolled constant
 #define SPQR_TC_ROWSTATS(J)                                                         \
   case J:                                                                            \
-    row_stats<SB, (J < SSL ? J : 0)>(sw[wi], sws[wi], st2, S0, B0);                  \
-    row_stats<SB, (J < SSL ? J : 0)>(sw[SWPC + wi], sws[SWPC + wi], st2, S1, B1);    \
+    row_stats<SB, (J < SSL ? J : 0)>(sw[wi], sws[wi], st2, magic, S0, B0);           \
+    row_stats<SB, (J < SSL ? J : 0)>(sw[SWPC + wi], sws[SWPC + wi], st2, magic, S1, B1); \
     break;
     SPQR_TC_ROWSTATS(0)
     SPQR_TC_ROWSTATS(1)
@@ -171,10 +185,10 @@ __device__ __forceinline__ void tc_tile(const u32 (&cw)[4], const u32 (&cws)[4],
   switch (tile) {
 #define SPQR_TC_AFRAG(J)                                                   \
   case J:                                                                  \
-    a[0] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[0], cws[0]), S0, B0); \
-    a[1] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[1], cws[1]), S1, B1); \
-    a[2] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[2], cws[2]), S0, B0); \
-    a[3] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[3], cws[3]), S1, B1); \
+    a[0] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[0], cws[0], magic), S0, B0); \
+    a[1] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[1], cws[1], magic), S1, B1); \
+    a[2] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[2], cws[2], magic), S0, B0); \
+    a[3] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[3], cws[3], magic), S1, B1); \
     break;
     SPQR_TC_AFRAG(0)
     SPQR_TC_AFRAG(1)
@@ -230,6 +244,7 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  const u32 magic = magic_reg();
 
   // Stream pointers, bumped by one chunk per load (no per-chunk 64-bit address arithmetic).
   const uint4* cptr = codes + ((i64)rbc * NC + c0) * 32 + lane;
@@ -285,7 +300,7 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
 #pragma unroll
         for (int j = 0; j < NT; ++j) bf[j] = xs[NT == 1 ? 0 : buf][(j * TPC + i) * 32 + lane];
       }
-      tc_tile<B, SB, NT>(cw, cws, cur.sw, sws, st2, acc, bf, i);
+      tc_tile<B, SB, NT>(cw, cws, cur.sw, sws, st2, acc, bf, i, magic);
     }
   };
   // Two stages in ping-pong (no register copies between chunks): chunk c + 1's stream loads
@@ -407,17 +422,13 @@ __device__ __forceinline__ i64 frag_col_offset(int c, i64 KT) {
 // outlier corrections sum (o - w) x'[c][col], rounded to the output dtype (out_dtype: 1 f16,
 // 2 bf16, 0 f32). x' is read from the B fragments (`xfrag`, KT tiles), so no permutation
 // lookup. The row's entries are decoded 128 at a time (4 consecutive per lane, all loads in
-// flight, one warp scan for the columns). batch <= 8: each lane multiplies its entries with
-// every batch column, then a fixed xor tree sums the lanes; batch > 8: the decoded entries go
-// through shared memory and each lane sums its own batch columns over all of them in order.
+// flight, one warp scan for the columns); each lane multiplies its entries with 8 batch
+// columns at a time, and a fixed xor tree sums the lanes (deterministic).
 extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
     const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
     const u32* __restrict__ oent, const u16* __restrict__ xfrag, i64 KT, void* __restrict__ y,
     i64 ldy, int out_dtype, i64 m, int batch) {
-  __shared__ i64 scol[8][128];
-  __shared__ float sval[8][128];
-  const int wib = threadIdx.x >> 5;
-  const i64 row = (i64)blockIdx.x * 8 + wib;
+  const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= m) return;
   const i64 split_stride = (i64)ncols * M16;
@@ -429,9 +440,6 @@ extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
     if (c < batch)
       for (int sp = 0; sp < nsplit; ++sp) own[h] += part[sp * split_stride + (i64)c * M16 + row];
   }
-  float oacc[8];
-#pragma unroll
-  for (int k = 0; k < 8; ++k) oacc[k] = 0.f;
   if (orows != nullptr) {
     const i64 e0 = orows[row], e1 = orows[row + 1];
     i64 base = -1;
@@ -457,46 +465,40 @@ extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
       }
       const i64 lane_base = base + (i64)(scan - run);
       base += (i64)__shfl_sync(0xffffffffu, scan, 31);
-      if (batch <= 8) {
+      i64 fi[4];
+      float d[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const bool real = (ent[q] >> 16) != 0xFFFFu;
+        fi[q] = real ? frag_index(lane_base + local[q]) : -1;
+        d[q] = real ? spqr_tc::f16_to_f32(ent[q] >> 16) : 0.f;
+      }
+      for (int cb = 0; cb < batch; cb += 8) {
+        float oacc[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) oacc[k] = 0.f;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          if ((ent[q] >> 16) == 0xFFFFu) continue;
-          const float d = spqr_tc::f16_to_f32(ent[q] >> 16);
-          const u16* xq = xfrag + frag_index(lane_base + local[q]);
+          if (fi[q] < 0) continue;
 #pragma unroll
           for (int k = 0; k < 8; ++k)
-            if (k < batch) oacc[k] += d * spqr_tc::f16_to_f32(xq[frag_col_offset(k, KT)]);
+            if (cb + k < batch)
+              oacc[k] += d[q] * spqr_tc::f16_to_f32(xfrag[fi[q] + frag_col_offset(cb + k, KT)]);
         }
-      } else {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const bool real = (ent[q] >> 16) != 0xFFFFu;
-          scol[wib][4 * lane + q] = real ? frag_index(lane_base + local[q]) : -1;
-          sval[wib][4 * lane + q] = real ? spqr_tc::f16_to_f32(ent[q] >> 16) : 0.f;
-        }
-        __syncwarp();
-        const int cnt = (int)min((i64)128, e1 - e);
-        const i64 off0 = frag_col_offset(lane, KT);
-        const i64 off1 = frag_col_offset(lane + 32, KT);
-        for (int q = 0; q < cnt; ++q) {
-          const i64 fi = scol[wib][q];
-          if (fi < 0) continue;
-          const float d = sval[wib][q];
-          if (lane < batch) own[0] += d * spqr_tc::f16_to_f32(xfrag[fi + off0]);
-          if (lane + 32 < batch) own[1] += d * spqr_tc::f16_to_f32(xfrag[fi + off1]);
-        }
-        __syncwarp();
-      }
-    }
-    if (batch <= 8) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        if (k < batch)
+        for (int k = 0; k < 8; ++k) {
+          if (cb + k >= batch) break;
 #pragma unroll
           for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        if (lane == k) own[0] += oacc[k];
+          const int c = cb + k;
+          if (lane == (c & 31)) {
+            if (c < 32)
+              own[0] += oacc[k];
+            else
+              own[1] += oacc[k];
+          }
+        }
+      }
     }
   }
 #pragma unroll
