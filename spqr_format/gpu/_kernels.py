@@ -228,8 +228,26 @@ def tc_max_splits(n: int, nt: int) -> int:
     return max(1, n // (32 * 8 * nt))
 
 
-def tc_workspace_bytes(m: int, kt: int, batch: int, splits: int) -> int:
-    """x' fragments (NT * KT * 32 * 8 bytes) + f32 partial sums (splits * NT * 8 * M16 * 4)."""
-    nt = tc_nt(min(batch, TC_MAX_BATCH))
+def tc_xt_pitch(batch: int) -> int:
+    """Batch columns per row of x'^T: a power of two up to 8, else a multiple of 8."""
+    if batch <= 8:
+        return 1 << (batch - 1).bit_length()
+    return 8 * -(-batch // 8)
+
+
+TC_FINISH_SMEM_MAX = 96 * 1024  # x'^T staged in shared memory up to this size
+
+
+def tc_workspace_layout(m: int, n: int, kt: int, batch: int, splits: int) -> tuple[int, int, int]:
+    """Byte offsets (x'^T, partial sums, end) of the tensor-core workspace, which starts with
+    the x' fragments (NT * KT * 32 * 8 bytes); every region 16-byte aligned."""
+    nb = min(batch, TC_MAX_BATCH)
+    nt = tc_nt(nb)
     m16 = 16 * -(-m // 16)
-    return nt * kt * 32 * 8 + splits * nt * 8 * m16 * 4
+    xt = nt * kt * 32 * 8
+    part = xt + 16 * -(-(n * tc_xt_pitch(nb) * 2) // 16)
+    return xt, part, part + splits * nt * 8 * m16 * 4
+
+
+def tc_workspace_bytes(m: int, n: int, kt: int, batch: int, splits: int) -> int:
+    return tc_workspace_layout(m, n, kt, batch, splits)[2]

@@ -377,7 +377,7 @@ class GpuTensor:
             return old
         nt = K.tc_nt(min(batch, K.TC_MAX_BATCH))
         splits, _ = self._tc_plan(nt)
-        return max(old, K.tc_workspace_bytes(self.m, self.tc.KT, batch, splits))
+        return max(old, K.tc_workspace_bytes(self.m, self.n, self.tc.KT, batch, splits))
 
     def _tc_plan(self, nt: int) -> tuple[int, int]:
         """(splits, chunks per split) for ``nt`` n-tiles on this device."""
@@ -529,7 +529,9 @@ class GpuTensor:
             nt = K.tc_nt(nb)
             splits, per = self._tc_plan(nt)
             xfrag = int(ws_ptr)
-            part = xfrag + nt * tc.KT * 32 * 8
+            xt_off, part_off, _ = K.tc_workspace_layout(m, n, tc.KT, nb, splits)
+            xt, part = xfrag + xt_off, xfrag + part_off
+            bp = K.tc_xt_pitch(nb)
             xb = int(x_ptr) + 2 * b0 * int(ldx)
             yb = int(y_ptr) + ysz * b0 * int(ldy)
             total = nt * tc.KT * 32
@@ -545,6 +547,8 @@ class GpuTensor:
                     np.int32(nt),
                     np.int64(tc.KT),
                     np.uint64(xfrag),
+                    np.uint64(xt),
+                    np.int32(bp),
                 ),
             )
             function(K.tc_name(self.bits, self.stats_bits, nt))(
@@ -563,8 +567,20 @@ class GpuTensor:
                     np.int32(nb),
                 ),
             )
-            function("spqr_tc_finish")(
-                (-(-m // 8),),
+            xbytes = 16 * -(-(n * bp * 2) // 16)
+            smem_x = self.outlier_rows is not None and nb <= 8 and xbytes <= K.TC_FINISH_SMEM_MAX
+            rows_grid = -(-m // 8)
+            fin = function("spqr_tc_finish")
+            smem = 0
+            grid = rows_grid
+            if smem_x:
+                smem = xbytes
+                if smem > 48 * 1024:
+                    _raise_smem_limit(fin, smem)
+                per_sm = max(1, min(8, (227 * 1024) // (smem + 1024)))
+                grid = min(rows_grid, per_sm * _sm_count())
+            fin(
+                (grid,),
                 (256,),
                 (
                     np.uint64(part),
@@ -573,14 +589,17 @@ class GpuTensor:
                     np.int32(8 * nt),
                     _ptr(self.outlier_rows),
                     _ptr(tc.outlier_entries),
-                    np.uint64(xfrag),
-                    np.int64(tc.KT),
+                    np.uint64(xt),
+                    np.int32(bp),
+                    np.int32(1 if smem_x else 0),
+                    np.int64(n),
                     np.uint64(yb),
                     np.int64(ldy),
                     np.int32(out_code),
                     np.int64(m),
                     np.int32(nb),
                 ),
+                shared_mem=smem,
             )
 
     def _fallback(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch) -> None:

@@ -350,10 +350,13 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
 // ---------------------------------------------------------------------------------------------
 // extern "C" entry points (arguments and launch contract: spqr_gpu.h, "tile layout").
 
-// One thread per (n-tile j, k-tile kt, lane): B fragment words of x' (f16; 0 past n / batch).
+// One thread per (n-tile j, k-tile kt, lane): B fragment words of x' (f16; 0 past n / batch),
+// and the same values in x'^T [n][bp] (stored column major over batch columns, bp >= batch),
+// which the finish kernel gathers outlier columns from.
 extern "C" __global__ void spqr_tc_prepare_x(const u16* __restrict__ x, i64 ldx,
                                              const u32* __restrict__ perm, i64 n, int batch,
-                                             int nt, i64 KT, uint2* __restrict__ xfrag) {
+                                             int nt, i64 KT, uint2* __restrict__ xfrag,
+                                             u16* __restrict__ xt, int bp) {
   const i64 id = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   const i64 total = (i64)nt * KT * 32;
   if (id >= total) return;
@@ -370,6 +373,7 @@ extern "C" __global__ void spqr_tc_prepare_x(const u16* __restrict__ x, i64 ldx,
       if (ks[q] < n) {
         const i64 src = perm ? (i64)perm[ks[q]] : ks[q];
         h[q] = x[(i64)c * ldx + src];
+        xt[ks[q] * bp + c] = (u16)h[q];
       }
     }
   }
@@ -408,109 +412,124 @@ SPQR_TC_ALL_NT(3, 4)
 #endif
 SPQR_TC_ALL_NT(3, 3)
 
-// Index (in f16 elements) of x'[c][j] (stored column j, batch column c) in the B fragments:
-// frag_index(j) + frag_col_offset(c).
-__device__ __forceinline__ i64 frag_index(i64 j) {
-  const int k = (int)(j & 15);
-  return (((j >> 4) * 32 + ((k & 7) >> 1)) * 2 + (k >> 3)) * 2 + (k & 1);
-}
-__device__ __forceinline__ i64 frag_col_offset(int c, i64 KT) {
-  return ((i64)(c >> 3) * KT * 32 + (c & 7) * 4) * 4;
-}
-
-// One warp per row: y[c][row] = sum over splits of part[s][c][row] (in order) + the row's
-// outlier corrections sum (o - w) x'[c][col], rounded to the output dtype (out_dtype: 1 f16,
-// 2 bf16, 0 f32). x' is read from the B fragments (`xfrag`, KT tiles), so no permutation
-// lookup. The row's entries are decoded 128 at a time (4 consecutive per lane, all loads in
-// flight, one warp scan for the columns); each lane multiplies its entries with 8 batch
-// columns at a time, and a fixed xor tree sums the lanes (deterministic).
+// Outlier pass, one warp per row (grid-stride over rows): y[c][row] = sum over splits of
+// part[s][c][row] (in order) + the row's outlier corrections sum (o - w) x'[col][c], rounded to
+// the output dtype (out_dtype: 1 f16, 2 bf16, 0 f32). The row's entries are decoded 128 at a
+// time (4 consecutive per lane, all loads in flight, one warp scan for the columns). x' comes
+// from x'^T [n][bp] (see spqr_tc_prepare_x):
+//   batch <= 8: each lane multiplies its own entries with the batch columns, then a fixed xor
+//     tree sums the lanes; x'^T is first copied to shared memory when `smem_x` (dynamic shared
+//     memory of n * bp * 2 bytes), else gathered from global memory (one 16-byte load per entry);
+//   batch > 8: the entries are broadcast one by one and lane c sums batch columns c and c + 32
+//     (coalesced loads of a row of x'^T).
+// Every sum has a fixed order (deterministic).
 extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
     const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
-    const u32* __restrict__ oent, const u16* __restrict__ xfrag, i64 KT, void* __restrict__ y,
-    i64 ldy, int out_dtype, i64 m, int batch) {
-  const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= m) return;
-  const i64 split_stride = (i64)ncols * M16;
-  // this lane's split sums first: independent loads, in flight during the outlier work
-  float own[2] = {0.f, 0.f};  // columns lane and lane + 32
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int c = lane + 32 * h;
-    if (c < batch)
-      for (int sp = 0; sp < nsplit; ++sp) own[h] += part[sp * split_stride + (i64)c * M16 + row];
+    const u32* __restrict__ oent, const u16* __restrict__ xt, int bp, int smem_x,
+    i64 n, void* __restrict__ y, i64 ldy, int out_dtype, i64 m, int batch) {
+  extern __shared__ uint4 xs_raw[];
+  const u16* xsrc = xt;
+  if (smem_x && orows != nullptr) {
+    const i64 units = (n * bp * 2 + 15) / 16;
+    const uint4* g = reinterpret_cast<const uint4*>(xt);
+    for (i64 u = threadIdx.x; u < units; u += blockDim.x) xs_raw[u] = g[u];
+    __syncthreads();
+    xsrc = reinterpret_cast<const u16*>(xs_raw);
   }
-  if (orows != nullptr) {
-    const i64 e0 = orows[row], e1 = orows[row + 1];
-    i64 base = -1;
-    for (i64 e = e0; e < e1; e += 128) {
-      u32 ent[4];
+  const int lane = threadIdx.x & 31;
+  const i64 split_stride = (i64)ncols * M16;
+  for (i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5); row < m; row += (i64)gridDim.x * 8) {
+    // this lane's split sums first: independent loads, in flight during the outlier work
+    float own[2] = {0.f, 0.f};  // columns lane and lane + 32
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const i64 idx = e + 4 * lane + q;
-        ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;  // past the end: a skip of delta 0
-      }
-      u32 local[4];
-      u32 run = 0;
+    for (int h = 0; h < 2; ++h) {
+      const int c = lane + 32 * h;
+      if (c < batch)
+        for (int sp = 0; sp < nsplit; ++sp) own[h] += part[sp * split_stride + (i64)c * M16 + row];
+    }
+    if (orows != nullptr) {
+      const i64 e0 = orows[row], e1 = orows[row + 1];
+      i64 base = -1;
+      float oacc[8];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        run += ent[q] & 0xFFFFu;
-        local[q] = run;
-      }
-      u32 scan = run;  // inclusive scan of the lanes' totals
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const u32 v = __shfl_up_sync(0xffffffffu, scan, o);
-        if (lane >= o) scan += v;
-      }
-      const i64 lane_base = base + (i64)(scan - run);
-      base += (i64)__shfl_sync(0xffffffffu, scan, 31);
-      i64 fi[4];
-      float d[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const bool real = (ent[q] >> 16) != 0xFFFFu;
-        fi[q] = real ? frag_index(lane_base + local[q]) : -1;
-        d[q] = real ? spqr_tc::f16_to_f32(ent[q] >> 16) : 0.f;
-      }
-      for (int cb = 0; cb < batch; cb += 8) {
-        float oacc[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) oacc[k] = 0.f;
+      for (int k = 0; k < 8; ++k) oacc[k] = 0.f;
+      for (i64 e = e0; e < e1; e += 128) {
+        u32 ent[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          if (fi[q] < 0) continue;
-#pragma unroll
-          for (int k = 0; k < 8; ++k)
-            if (cb + k < batch)
-              oacc[k] += d[q] * spqr_tc::f16_to_f32(xfrag[fi[q] + frag_col_offset(cb + k, KT)]);
+          const i64 idx = e + 4 * lane + q;
+          ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;  // past the end: a skip of delta 0
         }
+        u32 local[4];
+        u32 run = 0;
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          if (cb + k >= batch) break;
+        for (int q = 0; q < 4; ++q) {
+          run += ent[q] & 0xFFFFu;
+          local[q] = run;
+        }
+        u32 scan = run;  // inclusive scan of the lanes' totals
 #pragma unroll
-          for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
-          const int c = cb + k;
-          if (lane == (c & 31)) {
-            if (c < 32)
-              own[0] += oacc[k];
-            else
-              own[1] += oacc[k];
+        for (int o = 1; o < 32; o <<= 1) {
+          const u32 v = __shfl_up_sync(0xffffffffu, scan, o);
+          if (lane >= o) scan += v;
+        }
+        const i64 lane_base = base + (i64)(scan - run);
+        base += (i64)__shfl_sync(0xffffffffu, scan, 31);
+        i64 col[4];
+        float d[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const bool real = (ent[q] >> 16) != 0xFFFFu;
+          col[q] = real ? lane_base + local[q] : -1;
+          d[q] = real ? spqr_tc::f16_to_f32(ent[q] >> 16) : 0.f;
+        }
+        if (batch <= 8) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            if (col[q] < 0) continue;
+            const u16* xr = xsrc + col[q] * bp;
+            if (bp == 1) {
+              oacc[0] += d[q] * spqr_tc::f16_to_f32(xr[0]);
+            } else {
+#pragma unroll
+              for (int k = 0; k < 8; ++k)
+                if (k < batch) oacc[k] += d[q] * spqr_tc::f16_to_f32(xr[k]);
+            }
+          }
+        } else {
+          const int cnt = (int)min((i64)128, e1 - e);
+          for (int r = 0; r < cnt; ++r) {
+            const int srcl = r >> 2, q = r & 3;
+            const i64 cq = __shfl_sync(0xffffffffu, q == 0 ? col[0] : q == 1 ? col[1] : q == 2 ? col[2] : col[3], srcl);
+            const float dq = __shfl_sync(0xffffffffu, q == 0 ? d[0] : q == 1 ? d[1] : q == 2 ? d[2] : d[3], srcl);
+            if (cq < 0) continue;
+            const u16* xr = xt + cq * bp;
+            if (lane < batch) own[0] += dq * spqr_tc::f16_to_f32(xr[lane]);
+            if (lane + 32 < batch) own[1] += dq * spqr_tc::f16_to_f32(xr[lane + 32]);
           }
         }
       }
-    }
-  }
+      if (batch <= 8) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int c = lane + 32 * h;
-    if (c >= batch) continue;
-    const i64 o = (i64)c * ldy + row;
-    if (out_dtype == 0)
-      ((float*)y)[o] = own[h];
-    else if (out_dtype == 2)
-      ((u16*)y)[o] = (u16)spqr_tc::f32_to_bf16(own[h]);
-    else
-      ((u16*)y)[o] = (u16)spqr_tc::f32_to_f16(own[h]);
+        for (int k = 0; k < 8; ++k) {
+          if (k >= batch) break;
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
+          if (lane == k) own[0] += oacc[k];
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int c = lane + 32 * h;
+      if (c >= batch) continue;
+      const i64 o = (i64)c * ldy + row;
+      if (out_dtype == 0)
+        ((float*)y)[o] = own[h];
+      else if (out_dtype == 2)
+        ((u16*)y)[o] = (u16)spqr_tc::f32_to_bf16(own[h]);
+      else
+        ((u16*)y)[o] = (u16)spqr_tc::f32_to_f16(own[h]);
+    }
   }
 }
