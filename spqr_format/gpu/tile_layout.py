@@ -75,6 +75,8 @@ def ineligible_reason(p: PackedBilevel) -> str | None:
     numeric range check is in :func:`stats_range_ok`."""
     prm = p.params
     m, n = p.shape
+    if m >= 1 << 30 or n >= 1 << 24:
+        return f"shape {m}x{n} (tensor-core kernels: 32-bit indices, m < 2^30, n < 2^24)"
     if prm.bits not in TC_BITS:
         return f"bits={prm.bits} (tensor-core kernels: bits in {TC_BITS})"
     if prm.group_size != TILE:

@@ -415,14 +415,12 @@ SPQR_TC_ALL_NT(3, 3)
 // Outlier pass, one warp per row (grid-stride over rows): y[c][row] = sum over splits of
 // part[s][c][row] (in order) + the row's outlier corrections sum (o - w) x'[col][c], rounded to
 // the output dtype (out_dtype: 1 f16, 2 bf16, 0 f32). The row's entries are decoded 128 at a
-// time (4 consecutive per lane, all loads in flight, one warp scan for the columns). x' comes
-// from x'^T [n][bp] (see spqr_tc_prepare_x):
-//   batch <= 8: each lane multiplies its own entries with the batch columns, then a fixed xor
-//     tree sums the lanes; x'^T is first copied to shared memory when `smem_x` (dynamic shared
-//     memory of n * bp * 2 bytes), else gathered from global memory (one 16-byte load per entry);
-//   batch > 8: the entries are broadcast one by one and lane c sums batch columns c and c + 32
-//     (coalesced loads of a row of x'^T).
-// Every sum has a fixed order (deterministic).
+// time (4 consecutive per lane, all loads in flight, one warp scan for the columns); each lane
+// multiplies its entries with 8 batch columns at a time (one 16-byte row piece of x'^T when
+// bp >= 8), then a fixed xor tree sums the lanes (deterministic). x'^T [n][bp] comes from
+// spqr_tc_prepare_x; with `smem_x` it is first copied to shared memory (n * bp * 2 bytes of
+// dynamic shared memory). 32-bit indices: the Python layer uses this path only for
+// n * bp < 2^31, E < 2^32 (SPEC cap) and m < 2^31.
 extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
     const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
     const u32* __restrict__ oent, const u16* __restrict__ xt, int bp, int smem_x,
@@ -430,34 +428,36 @@ extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
   extern __shared__ uint4 xs_raw[];
   const u16* xsrc = xt;
   if (smem_x && orows != nullptr) {
-    const i64 units = (n * bp * 2 + 15) / 16;
+    const int units = (int)((n * bp * 2 + 15) / 16);
     const uint4* g = reinterpret_cast<const uint4*>(xt);
-    for (i64 u = threadIdx.x; u < units; u += blockDim.x) xs_raw[u] = g[u];
+#pragma unroll 4
+    for (int u = threadIdx.x; u < units; u += blockDim.x) xs_raw[u] = g[u];
     __syncthreads();
     xsrc = reinterpret_cast<const u16*>(xs_raw);
   }
   const int lane = threadIdx.x & 31;
   const i64 split_stride = (i64)ncols * M16;
-  for (i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5); row < m; row += (i64)gridDim.x * 8) {
+  const int rows = (int)m;
+  for (int row = blockIdx.x * 8 + (threadIdx.x >> 5); row < rows; row += gridDim.x * 8) {
     // this lane's split sums first: independent loads, in flight during the outlier work
     float own[2] = {0.f, 0.f};  // columns lane and lane + 32
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int c = lane + 32 * h;
-      if (c < batch)
-        for (int sp = 0; sp < nsplit; ++sp) own[h] += part[sp * split_stride + (i64)c * M16 + row];
+      if (c < batch) {
+        const float* p = part + (i64)c * M16 + row;
+#pragma unroll 4
+        for (int sp = 0; sp < nsplit; ++sp, p += split_stride) own[h] += *p;
+      }
     }
     if (orows != nullptr) {
-      const i64 e0 = orows[row], e1 = orows[row + 1];
-      i64 base = -1;
-      float oacc[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) oacc[k] = 0.f;
-      for (i64 e = e0; e < e1; e += 128) {
+      const u32 e0 = orows[row], e1 = orows[row + 1];
+      int base = -1;
+      for (u32 e = e0; e < e1; e += 128) {
         u32 ent[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          const i64 idx = e + 4 * lane + q;
+          const u32 idx = e + 4 * lane + q;
           ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;  // past the end: a skip of delta 0
         }
         u32 local[4];
@@ -473,49 +473,48 @@ extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
           const u32 v = __shfl_up_sync(0xffffffffu, scan, o);
           if (lane >= o) scan += v;
         }
-        const i64 lane_base = base + (i64)(scan - run);
-        base += (i64)__shfl_sync(0xffffffffu, scan, 31);
-        i64 col[4];
+        const int lane_base = base + (int)(scan - run);
+        base += (int)__shfl_sync(0xffffffffu, scan, 31);
+        int xi[4];  // element offset of the entry's row of x'^T, -1 for skips
         float d[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const bool real = (ent[q] >> 16) != 0xFFFFu;
-          col[q] = real ? lane_base + local[q] : -1;
+          xi[q] = real ? (lane_base + (int)local[q]) * bp : -1;
           d[q] = real ? spqr_tc::f16_to_f32(ent[q] >> 16) : 0.f;
         }
-        if (batch <= 8) {
+        for (int cb = 0; cb < batch; cb += 8) {
+          float oacc[8];
+#pragma unroll
+          for (int k = 0; k < 8; ++k) oacc[k] = 0.f;
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            if (col[q] < 0) continue;
-            const u16* xr = xsrc + col[q] * bp;
-            if (bp == 1) {
-              oacc[0] += d[q] * spqr_tc::f16_to_f32(xr[0]);
+            if (xi[q] < 0) continue;
+            if (bp >= 8) {
+              const uint4 v = *reinterpret_cast<const uint4*>(xsrc + xi[q] + cb);
+              const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+              for (int k = 0; k < 8; ++k)
+                oacc[k] += d[q] * spqr_tc::f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]);
             } else {
 #pragma unroll
               for (int k = 0; k < 8; ++k)
-                if (k < batch) oacc[k] += d[q] * spqr_tc::f16_to_f32(xr[k]);
+                if (k < bp) oacc[k] += d[q] * spqr_tc::f16_to_f32(xsrc[xi[q] + k]);
             }
           }
-        } else {
-          const int cnt = (int)min((i64)128, e1 - e);
-          for (int r = 0; r < cnt; ++r) {
-            const int srcl = r >> 2, q = r & 3;
-            const i64 cq = __shfl_sync(0xffffffffu, q == 0 ? col[0] : q == 1 ? col[1] : q == 2 ? col[2] : col[3], srcl);
-            const float dq = __shfl_sync(0xffffffffu, q == 0 ? d[0] : q == 1 ? d[1] : q == 2 ? d[2] : d[3], srcl);
-            if (cq < 0) continue;
-            const u16* xr = xt + cq * bp;
-            if (lane < batch) own[0] += dq * spqr_tc::f16_to_f32(xr[lane]);
-            if (lane + 32 < batch) own[1] += dq * spqr_tc::f16_to_f32(xr[lane + 32]);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            if (cb + k >= batch) break;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
+            const int c = cb + k;
+            if (lane == (c & 31)) {
+              if (c < 32)
+                own[0] += oacc[k];
+              else
+                own[1] += oacc[k];
+            }
           }
-        }
-      }
-      if (batch <= 8) {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          if (k >= batch) break;
-#pragma unroll
-          for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
-          if (lane == k) own[0] += oacc[k];
         }
       }
     }
