@@ -173,7 +173,7 @@ def tc_name(bits: int, stats_bits: int, nt: int) -> str:
 
 
 def tc_kernel_names() -> list[str]:
-    names = ["spqr_tc_prepare_x", "spqr_tc_finish"]
+    names = ["spqr_tc_prepare_x", *(tc_finish_name(p) for p in (1, 2, 4, 8))]
     for b in TC_BITS:
         for sb in TC_STATS_BITS:
             for nt in TC_NT:
@@ -226,6 +226,10 @@ def tc_max_splits(n: int, nt: int) -> int:
     stay under ~50 % of the weight bytes (~0.5 byte per weight): an under-filled GPU costs
     more than that traffic."""
     return max(1, n // (32 * 8 * nt))
+
+
+def tc_finish_name(pitch: int) -> str:
+    return f"spqr_tc_finish_p{min(pitch, 8)}"
 
 
 def tc_xt_pitch(batch: int) -> int:

@@ -570,7 +570,7 @@ class GpuTensor:
             xbytes = 16 * -(-(n * bp * 2) // 16)
             smem_x = self.outlier_rows is not None and nb <= 8 and xbytes <= K.TC_FINISH_SMEM_MAX
             rows_grid = -(-m // 8)
-            fin = function("spqr_tc_finish")
+            fin = function(K.tc_finish_name(bp))
             smem = 0
             grid = rows_grid
             if smem_x:

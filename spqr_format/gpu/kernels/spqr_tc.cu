@@ -421,7 +421,9 @@ SPQR_TC_ALL_NT(3, 3)
 // spqr_tc_prepare_x; with `smem_x` it is first copied to shared memory (n * bp * 2 bytes of
 // dynamic shared memory). 32-bit indices: the Python layer uses this path only for
 // n * bp < 2^31, E < 2^32 (SPEC cap) and m < 2^31.
-extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
+namespace spqr_tc {
+template <int BPT>  // x'^T pitch: 1, 2, 4, or 8 meaning a multiple of 8
+__device__ __forceinline__ void finish(
     const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
     const u32* __restrict__ oent, const u16* __restrict__ xt, int bp, int smem_x,
     i64 n, void* __restrict__ y, i64 ldy, int out_dtype, i64 m, int batch) {
@@ -490,7 +492,7 @@ extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             if (xi[q] < 0) continue;
-            if (bp >= 8) {
+            if (BPT == 8) {
               const uint4 v = *reinterpret_cast<const uint4*>(xsrc + xi[q] + cb);
               const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -498,12 +500,12 @@ extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
                 oacc[k] += d[q] * spqr_tc::f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]);
             } else {
 #pragma unroll
-              for (int k = 0; k < 8; ++k)
-                if (k < bp) oacc[k] += d[q] * spqr_tc::f16_to_f32(xsrc[xi[q] + k]);
+              for (int k = 0; k < (BPT < 8 ? BPT : 1); ++k)
+                oacc[k] += d[q] * spqr_tc::f16_to_f32(xsrc[xi[q] + k]);
             }
           }
 #pragma unroll
-          for (int k = 0; k < 8; ++k) {
+          for (int k = 0; k < BPT; ++k) {
             if (cb + k >= batch) break;
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
@@ -532,3 +534,18 @@ extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish(
     }
   }
 }
+}  // namespace spqr_tc
+
+#define SPQR_TC_FINISH_ENTRY(BPT)                                                                \
+  extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish_p##BPT(                      \
+      const float* __restrict__ part, int nsplit, i64 M16, int ncols,                            \
+      const u32* __restrict__ orows, const u32* __restrict__ oent, const u16* __restrict__ xt,    \
+      int bp, int smem_x, i64 n, void* __restrict__ y, i64 ldy, int out_dtype, i64 m,            \
+      int batch) {                                                                               \
+    spqr_tc::finish<BPT>(part, nsplit, M16, ncols, orows, oent, xt, bp, smem_x, n, y, ldy,       \
+                         out_dtype, m, batch);                                                   \
+  }
+SPQR_TC_FINISH_ENTRY(1)
+SPQR_TC_FINISH_ENTRY(2)
+SPQR_TC_FINISH_ENTRY(4)
+SPQR_TC_FINISH_ENTRY(8)
