@@ -1,11 +1,18 @@
-/* spqr_gpu.h -- C interface of the spqr-format GPU kernels (spqr_kernels.cu, spqr_host.cu).
+/* spqr_gpu.h -- C interface of the spqr-format GPU kernels (spqr_kernels.cu, spqr_tc.cu,
+ * spqr_host.cu).
  *
- * Two levels, use either:
+ * Three pieces, use any:
  *
- *  1. The kernels themselves (spqr_kernels.cu): `extern "C" __global__` entry points, compiled by
- *     nvcc or NVRTC, launched with <<<>>> or cuLaunchKernel by name.  No host code, no headers.
+ *  1. The SPEC-layout kernels (spqr_kernels.cu): `extern "C" __global__` entry points, compiled
+ *     by nvcc or NVRTC, launched with <<<>>> or cuLaunchKernel by name.  No host code, no
+ *     headers.  Bit-exact dequantize; SIMT matvec / matmul (any batch, f16 or bf16).
  *  2. Host launchers (spqr_host.cu, nvcc only): `spqr_matvec`, `spqr_dequantize`, ... that pick
- *     the specialisation and launch geometry for you on a given stream.
+ *     the specialisation and launch geometry of (1) for you on a given stream.
+ *  3. The tensor-core kernels (spqr_tc.cu): f16 matvec / matmul on mma.sync, reading the "tile
+ *     layout", a lossless load-time repack of the sections (section "Tile layout" at the end
+ *     of this comment block).  The repack is implemented in Python
+ *     (spqr_format/gpu/tile_layout.py, run on the GPU through CuPy); there is no C repack yet,
+ *     so C programs that want (3) must port that module (~100 lines of array code).
  *
  * Data: the sections of one `bilevel` tensor (SPEC.md sections 5-6) copied to device memory
  * byte for byte, unchanged (no repack).  Every section pointer must be 16-byte aligned
@@ -100,6 +107,48 @@
  * spqr_dequant_outliers_{f32|f16|bf16}(orows, oents, perm, out, ldo, m)
  *   Outlier pass (C-7.3): overwrites the outlier positions.  Launch after the dense pass on
  *   the same stream.  grid ceil(m/8), block 256 (one warp per row).
+ * ------------------------------------------------------------------------------------------ */
+
+/* ------------------------------------------------------------------------------------------
+ * Tile layout and tensor-core kernels (spqr_tc.cu).
+ *
+ * Scope: bits B in {2,3,4}, group size 16, packed statistics SB in {1,2,3,4} whose tiles
+ * hold whole 16-row blocks (S % 16 == 0 or S >= m), m < 2^30, n < 2^24, f16 x and y (y may
+ * also be bf16/f32).  Other tensors use (1)/(2).
+ *
+ * Definitions.  TPC = pair_slots(B) (8, 5, 4 for B = 2, 3, 4), RB = ceil(m/16) row blocks,
+ * NC = ceil(n / (16*TPC)) chunks, KT = NC*TPC 16-column tiles, M16 = 16*RB,
+ * SWPC = ceil(TPC / pair_slots(SB)).  A "pair slot" i of a u32 word is bits [i*B, i*B+B) of
+ * each 16-bit half (slots whose bits end above bit 10 are read after a right shift by
+ * (10/B)*B).  tile_layout.py's module docstring defines the arrays exactly:
+ *   tl_codes  u32 [RB][NC][32 lanes][4]      lane 4g+t, word r = mma A-fragment register r
+ *   tl_stats  u32 [RB][NC][8][2][SWPC]       (scale code, zero code) pairs of rows g, g+8
+ *   tl_stats2 u32 [RB][KT][2]                f16 pairs (sstep, -zstep), (sbase, -zbase)
+ *   tl_oents  u32 [E]                        the file's entries, values replaced by f16(o - w)
+ * plus the file's outlier_rows and perm.
+ *
+ * spqr_tc_prepare_x(x, ldx, perm, n, nb, NT, KT, xfrag, xt, bp)
+ *   x [nb][ldx] f16 (nb <= 64); NT = n-tiles of 8 batch columns (1, 2, 4 or 8 >= nb/8);
+ *   writes the B fragments xfrag (uint2 [NT][KT][32]) of x'[c][j] = x[c][perm[j]] and the
+ *   same values as x'^T (u16 [n][bp], bp = tc_xt_pitch(nb): next power of two up to 8, else a
+ *   multiple of 8).  grid ceil(NT*KT*32/256), block 256.
+ *
+ * spqr_tc_b{B}_s{SB}_nt{NT}(tl_codes, tl_stats, tl_stats2, xfrag, part, RB, NC, chunks, M16, nb)
+ *   f32 partial sums part[split][8*NT][M16] of W x' over the chunks
+ *   [split*chunks, min(NC, (split+1)*chunks)).  Block = 8 warps (SPQR_TC_WARPS), warp w owns
+ *   row block blockIdx.x*8 + w; grid (ceil(RB/8), splits); static shared memory
+ *   NT >= 2: 2*NT*TPC*256 bytes.  Weights enter the tensor cores as f16 (see spqr_tc.cu for
+ *   the error bound); accumulation is f32.
+ *
+ * spqr_tc_finish_p{1,2,4,8}(part, splits, M16, 8*NT, orows, tl_oents, xt, bp, smem_x, n, y,
+ *                           ldy, out_dtype, m, nb)
+ *   y[c][i] = sum of the splits' partial sums (in order) + sum over row i's outliers of
+ *   f16(o - w) * x'[col][c], rounded to out_dtype.  The suffix is min(bp, 8).  One warp per
+ *   row, block 256, any grid (grid-stride); smem_x = 1 stages x'^T in dynamic shared memory
+ *   (n*bp*2 bytes rounded up to 16; then use at most as many blocks as fit).
+ *
+ * Workspace (16-byte aligned): xfrag (NT*KT*256 bytes), x'^T (n*bp*2 rounded to 16), part
+ * (splits*8*NT*M16*4).  Everything is deterministic (no atomics).
  * ------------------------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------------------------
