@@ -569,7 +569,7 @@ class GpuTensor:
             )
             xbytes = 16 * -(-(n * bp * 2) // 16)
             smem_x = self.outlier_rows is not None and nb <= 8 and xbytes <= K.TC_FINISH_SMEM_MAX
-            rows_grid = -(-m // 8)
+            rows_grid = -(-m // (32 if bp < 8 else 8))  # batch <= 4: 4 rows per warp
             fin = function(K.tc_finish_name(bp))
             smem = 0
             grid = rows_grid

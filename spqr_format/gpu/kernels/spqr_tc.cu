@@ -440,6 +440,62 @@ __device__ __forceinline__ void finish(
   const int lane = threadIdx.x & 31;
   const i64 split_stride = (i64)ncols * M16;
   const int rows = (int)m;
+  if constexpr (BPT < 8) {
+    // batch <= 4: four rows per warp, eight lanes per row; each step the eight lanes take the
+    // row's next eight entries (a segmented scan gives their columns), so a warp instruction
+    // serves four rows and the per-row overhead is a quarter of the one-row-per-warp scheme.
+    const int sub = lane >> 3, sl = lane & 7;
+    for (int r0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * 4; r0 < rows; r0 += gridDim.x * 32) {
+      const int row = r0 + sub;
+      const bool live = row < rows;
+      float own = 0.f;  // column sl
+      if (live && sl < batch) {
+        const float* p = part + (i64)sl * M16 + row;
+#pragma unroll 4
+        for (int sp = 0; sp < nsplit; ++sp, p += split_stride) own += *p;
+      }
+      float acc[BPT < 8 ? BPT : 1];
+#pragma unroll
+      for (int k = 0; k < (BPT < 8 ? BPT : 1); ++k) acc[k] = 0.f;
+      if (orows != nullptr) {
+        const u32 e0 = live ? orows[row] : 0u, e1 = live ? orows[row + 1] : 0u;
+        int base = -1;
+        for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += 8) {
+          const u32 idx = e + sl;
+          const u32 ent = idx < e1 ? oent[idx] : 0xFFFF0000u;  // a skip of delta 0
+          u32 scan = ent & 0xFFFFu;
+#pragma unroll
+          for (int o = 1; o < 8; o <<= 1) {
+            const u32 v = __shfl_up_sync(0xffffffffu, scan, o, 8);
+            if (sl >= o) scan += v;
+          }
+          const int col = base + (int)scan;
+          base += (int)__shfl_sync(0xffffffffu, scan, 7, 8);
+          if ((ent >> 16) != 0xFFFFu) {
+            const float d = spqr_tc::f16_to_f32(ent >> 16);
+            const u16* xr = xsrc + col * bp;
+#pragma unroll
+            for (int k = 0; k < (BPT < 8 ? BPT : 1); ++k) acc[k] += d * spqr_tc::f16_to_f32(xr[k]);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < (BPT < 8 ? BPT : 1); ++k) {
+#pragma unroll
+          for (int o = 4; o > 0; o >>= 1) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], o, 8);
+          if (sl == k) own += acc[k];
+        }
+      }
+      if (live && sl < batch) {
+        const i64 o = (i64)sl * ldy + row;
+        if (out_dtype == 0)
+          ((float*)y)[o] = own;
+        else if (out_dtype == 2)
+          ((u16*)y)[o] = (u16)spqr_tc::f32_to_bf16(own);
+        else
+          ((u16*)y)[o] = (u16)spqr_tc::f32_to_f16(own);
+      }
+    }
+  } else {
   for (int row = blockIdx.x * 8 + (threadIdx.x >> 5); row < rows; row += gridDim.x * 8) {
     // this lane's split sums first: independent loads, in flight during the outlier work
     float own[2] = {0.f, 0.f};  // columns lane and lane + 32
@@ -533,6 +589,7 @@ __device__ __forceinline__ void finish(
         ((u16*)y)[o] = (u16)spqr_tc::f32_to_f16(own[h]);
     }
   }
+}
 }
 }  // namespace spqr_tc
 
