@@ -239,7 +239,8 @@ def tc_xt_pitch(batch: int) -> int:
     return 8 * -(-batch // 8)
 
 
-TC_FINISH_SMEM_MAX = 96 * 1024  # x'^T staged in shared memory up to this size
+# x'^T staged in shared memory by the finish kernel up to this size (0: never)
+TC_FINISH_SMEM_MAX = int(os.environ.get("SPQR_TC_FINISH_SMEM_MAX") or 96 * 1024)
 
 
 def tc_workspace_layout(m: int, n: int, kt: int, batch: int, splits: int) -> tuple[int, int, int]:
