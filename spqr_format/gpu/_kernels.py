@@ -239,6 +239,11 @@ def tc_xt_pitch(batch: int) -> int:
     return 8 * -(-batch // 8)
 
 
+# finish kernel: four rows per warp (batch <= 4) from this many rows, with at most this many
+# outlier entries per row on average (H100 measurements, session 2: one row per warp is
+# faster on short matrices, which it spreads over more blocks, and on long rows)
+TC_QUAD_MIN_ROWS = 16384
+TC_QUAD_MAX_PER_ROW = 128
 # x'^T staged in shared memory by the finish kernel up to this size (0: never)
 TC_FINISH_SMEM_MAX = int(os.environ.get("SPQR_TC_FINISH_SMEM_MAX") or 96 * 1024)
 

@@ -140,13 +140,15 @@
  *   NT >= 2: 2*NT*TPC*256 bytes.  Weights enter the tensor cores as f16 (see spqr_tc.cu for
  *   the error bound); accumulation is f32.
  *
- * spqr_tc_finish_p{1,2,4,8}(part, splits, M16, 8*NT, orows, tl_oents, xt, bp, smem_x, n, y,
- *                           ldy, out_dtype, m, nb)
+ * spqr_tc_finish_p{1,2,4,8}(part, splits, M16, 8*NT, orows, tl_oents, xt, bp, smem_x, quad,
+ *                           n, y, ldy, out_dtype, m, nb)
  *   y[c][i] = sum of the splits' partial sums (in order) + sum over row i's outliers of
- *   f16(o - w) * x'[col][c], rounded to out_dtype.  The suffix is min(bp, 8).  One warp per
- *   row, block 256, any grid (grid-stride); smem_x = 1 stages x'^T in dynamic shared memory
- *   (n*bp*2 bytes rounded up to 16; then use at most as many blocks as fit).
- *
+ *   f16(o - w) * x'[col][c], rounded to out_dtype.  The suffix is min(bp, 8).  Block 256, any
+ *   grid (grid-stride over rows).  quad = 0: one warp per row (8 rows per block); quad = 1
+ *   (only with bp <= 4): four rows per warp, eight lanes per row (32 rows per block), better
+ *   for many rows with few outliers each.  smem_x = 1 stages x'^T in dynamic shared memory
+ *   (n*bp*2 bytes rounded up to 16; then launch at most as many blocks as fit).
+
  * Workspace (16-byte aligned): xfrag (NT*KT*256 bytes), x'^T (n*bp*2 rounded to 16), part
  * (splits*8*NT*M16*4).  Everything is deterministic (no atomics).
  * ------------------------------------------------------------------------------------------ */

@@ -425,7 +425,7 @@ namespace spqr_tc {
 template <int BPT>  // x'^T pitch: 1, 2, 4, or 8 meaning a multiple of 8
 __device__ __forceinline__ void finish(
     const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
-    const u32* __restrict__ oent, const u16* __restrict__ xt, int bp, int smem_x,
+    const u32* __restrict__ oent, const u16* __restrict__ xt, int bp, int smem_x, int quad,
     i64 n, void* __restrict__ y, i64 ldy, int out_dtype, i64 m, int batch) {
   extern __shared__ uint4 xs_raw[];
   const u16* xsrc = xt;
@@ -440,8 +440,8 @@ __device__ __forceinline__ void finish(
   const int lane = threadIdx.x & 31;
   const i64 split_stride = (i64)ncols * M16;
   const int rows = (int)m;
-  if constexpr (BPT < 8) {
-    // batch <= 4: four rows per warp, eight lanes per row; each step the eight lanes take the
+  if (BPT < 8 && quad) {
+    // quad (batch <= 4): four rows per warp, eight lanes per row; each step the eight lanes take the
     // row's next eight entries (a segmented scan gives their columns), so a warp instruction
     // serves four rows and the per-row overhead is a quarter of the one-row-per-warp scheme.
     const int sub = lane >> 3, sl = lane & 7;
@@ -597,9 +597,9 @@ __device__ __forceinline__ void finish(
   extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish_p##BPT(                      \
       const float* __restrict__ part, int nsplit, i64 M16, int ncols,                            \
       const u32* __restrict__ orows, const u32* __restrict__ oent, const u16* __restrict__ xt,    \
-      int bp, int smem_x, i64 n, void* __restrict__ y, i64 ldy, int out_dtype, i64 m,            \
+      int bp, int smem_x, int quad, i64 n, void* __restrict__ y, i64 ldy, int out_dtype, i64 m,  \
       int batch) {                                                                               \
-    spqr_tc::finish<BPT>(part, nsplit, M16, ncols, orows, oent, xt, bp, smem_x, n, y, ldy,       \
+    spqr_tc::finish<BPT>(part, nsplit, M16, ncols, orows, oent, xt, bp, smem_x, quad, n, y, ldy, \
                          out_dtype, m, batch);                                                   \
   }
 SPQR_TC_FINISH_ENTRY(1)
