@@ -66,8 +66,8 @@ def test_emulated_fragments_within_bound_of_exact_decode(m, n, bits, sb, S, seed
     codes = TL.repack_codes(np, p.codes, m, n, bits, rows_per_step=16)
     stats, stats2 = TL.repack_stats(np, p.stats, p.stats2, m, n, bits, sb, S)
     geo = TL.geometry(m, n, bits, sb)
-    assert codes.shape == (geo["RB"], geo["NC"], 32, 4)
-    assert stats.shape == (geo["RB"], geo["NC"], 8, 2, geo["SWPC"])
+    assert codes.shape == (geo["RB"], geo["NC"], geo["SLABS"], 32, 4)
+    assert stats.shape == (geo["RB"], geo["NC"], 32, geo["SWL"])
     emu = TL.emulate_dense(codes, stats, stats2, m, n, bits, sb).astype(np.float64)
     exact = _dense_grid(p).astype(np.float64)
     s, z = _sz(t)
@@ -85,11 +85,10 @@ def test_repack_is_a_bijection_of_the_codes():
     p = pack(t)
     tl = TL.repack_codes(np, p.codes, m, n, bits)
     counts = np.zeros(1 << bits, dtype=np.int64)
-    for r in range(4):
-        for i in range(TL.pair_slots(bits)):
-            for half in (0, 1):
-                v = (tl[..., r] >> np.uint32(i * bits + 16 * half)) & np.uint32((1 << bits) - 1)
-                counts += np.bincount(v.reshape(-1), minlength=1 << bits)
+    for i in range(TL.pair_slots(bits)):
+        for half in (0, 1):
+            v = (tl >> np.uint32(i * bits + 16 * half)) & np.uint32((1 << bits) - 1)
+            counts += np.bincount(v.reshape(-1), minlength=1 << bits)
     expect = np.bincount(t.codes.reshape(-1), minlength=1 << bits)
     geo = TL.geometry(m, n, bits, 3)
     expect[0] += 16 * geo["RB"] * 16 * geo["KT"] - m * n  # padding holds code 0

@@ -181,6 +181,11 @@ def tc_kernel_names() -> list[str]:
     return sorted(names)
 
 
+def tc_smem_bytes(nt: int, mpc: int) -> int:
+    """Dynamic shared memory of the tensor-core kernel: two buffers of a chunk's B fragments."""
+    return 2 * nt * mpc * 32 * 8
+
+
 def tc_resident_blocks(regs: int, smem: int, warps: int = TC_WARPS) -> int:
     """Blocks of the tensor-core kernel one multiprocessor holds (sm_80/sm_90 limits: 64K
     registers allocated per warp in 256-register units, 64 warps, 32 blocks, 227 KiB of

@@ -107,13 +107,14 @@ def _upload(a: np.ndarray | None, dtype) -> cp.ndarray | None:
 class TileLayout:
     """Device arrays of the GPU tile layout (see :mod:`spqr_format.gpu.tile_layout`)."""
 
-    codes: cp.ndarray  # u32 [RB, NC, 32, 4]
-    stats: cp.ndarray  # u32 [RB, NC, 8, 2, SWPC]
+    codes: cp.ndarray  # u32 [RB, NC, SLABS, 32, 4]
+    stats: cp.ndarray  # u32 [RB, NC, 32, SWL]
     stats2: cp.ndarray  # u32 [RB, KT, 2]
     outlier_entries: cp.ndarray | None  # u32 [E], values f16(o - w)
     RB: int
     NC: int
     KT: int
+    MPC: int  # groups (mma k-steps) per chunk
 
     @property
     def nbytes(self) -> int:
@@ -159,6 +160,7 @@ def build_tile_layout(p: PackedBilevel, codes_dev, stats_dev) -> TileLayout | No
         RB=geo["RB"],
         NC=geo["NC"],
         KT=geo["KT"],
+        MPC=geo["MPC"],
     )
 
 
@@ -383,7 +385,7 @@ class GpuTensor:
         """(splits, chunks per split) for ``nt`` n-tiles on this device."""
         fn = function(K.tc_name(self.bits, self.stats_bits, nt))
         regs = int(getattr(fn, "num_regs", 64) or 64)
-        smem = int(getattr(fn, "shared_size_bytes", 0) or 0)
+        smem = K.tc_smem_bytes(nt, self.tc.MPC)
         resident = K.tc_resident_blocks(regs, smem)
         return K.tc_splits(
             self.tc.RB, self.tc.NC, _sm_count(), resident, K.tc_max_splits(self.n, nt)
@@ -551,7 +553,11 @@ class GpuTensor:
                     np.int32(bp),
                 ),
             )
-            function(K.tc_name(self.bits, self.stats_bits, nt))(
+            fmain = function(K.tc_name(self.bits, self.stats_bits, nt))
+            msmem = K.tc_smem_bytes(nt, tc.MPC)
+            if msmem > 48 * 1024:
+                _raise_smem_limit(fmain, msmem)
+            fmain(
                 (-(-tc.RB // K.TC_WARPS), splits),
                 (32 * K.TC_WARPS,),
                 (
@@ -566,6 +572,7 @@ class GpuTensor:
                     np.int64(m16),
                     np.int32(nb),
                 ),
+                shared_mem=msmem,
             )
             xbytes = 16 * -(-(n * bp * 2) // 16)
             smem_x = self.outlier_rows is not None and nb <= 8 and xbytes <= K.TC_FINISH_SMEM_MAX

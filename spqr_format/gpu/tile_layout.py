@@ -12,22 +12,30 @@ of the kernel's fragment arithmetic (:func:`emulate_dense`).
 
 Definitions (``B`` code bits, ``SB`` statistics bits, fast path only for ``group_size == 16``):
 
-* A *block* is 16 rows (``RB = ceil(m / 16)`` blocks; padded rows have code 0), a *tile* 16
-  stored columns (= one group), a *chunk* ``TPC = pair_slots(B)`` consecutive tiles.
-  Columns are padded with code 0 to ``NC`` whole chunks; the kernel multiplies padded columns
-  by x = 0.
+* A *block* is 16 rows (``RB = ceil(m / 16)`` blocks; padded rows have code 0), a *group* 16
+  stored columns. ``mma.sync.m16n8k16`` gives lane ``l = 4 g + t`` two rows (``g``, ``g + 8``)
+  and four k-slots (``2t, 2t+1, 2t+8, 2t+9``). The layout assigns k-slots to columns so that
+  every A element of a lane belongs to one group: a *round* is 4 groups (64 columns) computed
+  by 4 mma (``u = 0..3``); in mma ``u`` lane ``(g, t)``'s fragment register ``r = h + 2 hi``
+  holds rows ``8h + g`` and columns ``4u + 2hi`` and ``+1`` of the round's group ``t``. One
+  lane thus needs the statistics of only 2 (row, group) pairs per round, and no two lanes
+  decode the same pair.
 * Pair slots: a 32-bit word holds two 16-bit halves; slot ``i`` is bits ``[i*B, i*B + B)`` of
   each half. Slots whose bits end at or below bit 10 are read directly (``0x6400 | bits`` is
   the f16 number ``1024 + code * 2^p``); the others after one shift right by
-  ``(10 // B) * B``. ``pair_slots(B)`` is how many fit: 8 (B=2), 5 (B=3), 4 (B=4).
-* ``codes``: u32 ``[RB, NC, 32, 4]``. Lane ``l = 4 g + t`` of the warp that owns block ``rb``
-  reads the 4 words ``[rb, c, l, :]``. Word ``r`` (fragment register ``r``: row ``8 (r & 1)
-  + g``, columns ``2t + 8 (r >> 1)`` and ``+1``) holds in slot ``i`` the codes of tile
-  ``c * TPC + i``: the first column in the low half, the second in the high half.
-* ``stats``: u32 ``[RB, NC, 8, 2, SWPC]``: for row pair ``g`` (rows ``g`` and ``g + 8`` of the
-  block, index ``h``), ``SWPC = ceil(TPC / pair_slots(SB))`` words; slot ``i`` of word ``w``
-  holds group ``c * TPC + w * pair_slots(SB) + i`` as (scale code low half, zero code high half).
-* ``stats2``: u32 ``[RB, NC * TPC, 2]``: per block and group, the f16 pairs
+  ``(10 // B) * B``. ``pair_slots(B)``: 8 (B=2), 5 (B=3), 4 (B=4).
+* A *chunk* is ``R`` rounds (``MPC = 4R`` groups), ``R`` the smallest count whose ``16R`` code
+  pairs per lane fill whole 16-byte loads: 2 (B=2), 5 (B=3), 1 (B=4); ``NC`` chunks cover the
+  columns (padded with code 0; the kernel multiplies padded columns by x = 0), ``KT = NC * MPC``.
+* ``codes``: u32 ``[RB, NC, SLABS, 32, 4]``, ``SLABS = 4R / pair_slots(B)``: lane ``l`` of the
+  warp that owns block ``rb`` reads slab ``s`` of chunk ``c`` as one 16-byte load; its pair
+  ``P = 16 rho + 4u + r`` (round ``rho``, mma ``u``, register ``r``) is slot ``P % pair_slots(B)``
+  of word ``P // pair_slots(B)`` (word ``4s + k`` is component ``k`` of slab ``s``): first column
+  in the low half, second in the high half.
+* ``stats``: u32 ``[RB, NC, 32, SWL]``: lane ``l``'s (scale code, zero code) pairs for
+  ``Q = 2 rho + h`` (round ``rho``, row ``8h + g`` of group ``4 rho + t``) in slot
+  ``Q % pair_slots(SB)`` of word ``Q // pair_slots(SB)``; ``SWL`` (1, 2 or 4) words.
+* ``stats2``: u32 ``[RB, KT, 2]``: per block and group, the f16 pairs
   ``(scale_step, -zero_step)`` and ``(scale_base, -zero_base)`` of the block's stats tile
   (the block lies in one tile: ``stats_group_size % 16 == 0`` or ``>= m``).
 * ``outlier_entries``: the file's entries with each non-skip value replaced by
@@ -57,15 +65,28 @@ def direct_slots(bits: int) -> int:
     return 10 // bits
 
 
+def rounds_per_chunk(bits: int) -> int:
+    ppw = pair_slots(bits)
+    r = 1
+    while (16 * r) % (4 * ppw):
+        r += 1
+    return r
+
+
 def geometry(m: int, n: int, bits: int, stats_bits: int) -> dict:
-    tpc = pair_slots(bits)
-    nc = -(-n // (TILE * tpc))
+    r = rounds_per_chunk(bits)
+    mpc = 4 * r
+    groups = -(-n // TILE)
+    nc = -(-groups // mpc)
+    swl = -(-(2 * r) // pair_slots(stats_bits))
     return dict(
         RB=-(-m // TILE),
         NC=nc,
-        TPC=tpc,
-        KT=nc * tpc,
-        SWPC=-(-tpc // pair_slots(stats_bits)),
+        R=r,
+        MPC=mpc,
+        KT=nc * mpc,
+        SLABS=4 * r // pair_slots(bits),
+        SWL=1 if swl == 1 else 2 if swl == 2 else 4,
         M16=TILE * -(-m // TILE),
     )
 
@@ -86,8 +107,6 @@ def ineligible_reason(p: PackedBilevel) -> str | None:
     S = prm.stats_group_size
     if S % TILE and S < m:
         return f"stats_group_size={S} (tensor-core kernels: a multiple of 16)"
-    if geometry(m, n, prm.bits, prm.stats_bits)["SWPC"] > 2:
-        return f"stats_bits={prm.stats_bits} with bits={prm.bits} (statistics words per chunk > 2)"
     return None
 
 
@@ -121,39 +140,45 @@ def _pack_slots(xp, a, bits: int):
 
 
 def repack_codes(xp, codes_words, m: int, n: int, bits: int, rows_per_step: int = 2048):
-    """File code rows ``[m, W]`` -> tile-layout codes u32 ``[RB, NC, 32, 4]``."""
+    """File code rows ``[m, W]`` -> tile-layout codes u32 ``[RB, NC, SLABS, 32, 4]``."""
     geo = geometry(m, n, bits, 1)
-    rb_total, nc, tpc = geo["RB"], geo["NC"], geo["TPC"]
-    out = xp.empty((rb_total, nc, 32, 4), dtype=xp.uint32)
+    rb_total, nc, r, slabs = geo["RB"], geo["NC"], geo["R"], geo["SLABS"]
+    ppw = pair_slots(bits)
+    cols = geo["KT"] * TILE
+    out = xp.empty((rb_total, nc, slabs, 32, 4), dtype=xp.uint32)
     step = max(TILE, rows_per_step // TILE * TILE)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
         q = unpack_fields(xp, codes_words[r0:r1], bits, n)
         rows = TILE * -(-(r1 - r0) // TILE)
-        qp = xp.zeros((rows, nc * tpc * TILE), dtype=xp.uint8)
+        qp = xp.zeros((rows, cols), dtype=xp.uint8)
         qp[: r1 - r0, :n] = q
         nrb = rows // TILE
-        # (rb, h, g, c, i, hi, t, e) -> (rb, c, g, t, hi, h, i, e)
-        a = qp.reshape(nrb, 2, 8, nc, tpc, 2, 4, 2).transpose(0, 3, 2, 6, 5, 1, 4, 7)
-        out[r0 // TILE : r0 // TILE + nrb] = _pack_slots(xp, a, bits).reshape(nrb, nc, 32, 4)
+        # (rb, h, g, c, rho, t, u, hi, e) -> (rb, c, g, t, rho, u, hi, h, e)
+        a = qp.reshape(nrb, 2, 8, nc, r, 4, 4, 2, 2).transpose(0, 3, 2, 5, 4, 6, 7, 1, 8)
+        a = a.reshape(nrb, nc, 32, 16 * r // ppw, ppw, 2)  # pairs P -> (word, slot)
+        words = _pack_slots(xp, a, bits)  # [nrb, nc, 32, 4 * slabs]
+        words = words.reshape(nrb, nc, 32, slabs, 4).transpose(0, 1, 3, 2, 4)
+        out[r0 // TILE : r0 // TILE + nrb] = words
     return out
 
 
 def repack_stats(xp, stats_words, stats2_u16, m: int, n: int, bits: int, stats_bits: int, S: int):
     """File statistics (packed rows ``[m, SW]`` and ``stats2 [T, G, 4]`` f16 bits) ->
-    tile-layout ``stats [RB, NC, 8, 2, SWPC]`` and ``stats2 [RB, KT, 2]`` (u32)."""
+    tile-layout ``stats [RB, NC, 32, SWL]`` and ``stats2 [RB, KT, 2]`` (u32)."""
     geo = geometry(m, n, bits, stats_bits)
-    rb_total, nc, tpc, kt, swpc = geo["RB"], geo["NC"], geo["TPC"], geo["KT"], geo["SWPC"]
+    rb_total, nc, r, kt, swl = geo["RB"], geo["NC"], geo["R"], geo["KT"], geo["SWL"]
     groups = -(-n // TILE)
-    ssl = pair_slots(stats_bits)
+    spw = pair_slots(stats_bits)
     both = unpack_fields(xp, stats_words, stats_bits, 2 * groups).reshape(m, groups, 2)
-    padded = xp.zeros((rb_total * TILE, nc, swpc * ssl, 2), dtype=xp.uint8)
-    full = xp.zeros((rb_total * TILE, nc * tpc, 2), dtype=xp.uint8)
+    full = xp.zeros((rb_total * TILE, kt, 2), dtype=xp.uint8)
     full[:m, :groups] = both
-    padded[:, :, :tpc] = full.reshape(rb_total * TILE, nc, tpc, 2)
-    # (rb, h, g, c, w, i, half) -> (rb, c, g, h, w, i, half)
-    a = padded.reshape(rb_total, 2, 8, nc, swpc, ssl, 2).transpose(0, 3, 2, 1, 4, 5, 6)
-    stats = _pack_slots(xp, a, stats_bits)  # [RB, NC, 8, 2, SWPC]
+    # (rb, h, g, c, rho, t, half) -> (rb, c, g, t, rho, h, half) -> Q = 2 rho + h
+    a = full.reshape(rb_total, 2, 8, nc, r, 4, 2).transpose(0, 3, 2, 5, 4, 1, 6)
+    a = a.reshape(rb_total, nc, 32, 2 * r, 2)
+    padded = xp.zeros((rb_total, nc, 32, swl * spw, 2), dtype=xp.uint8)
+    padded[:, :, :, : 2 * r] = a
+    stats = _pack_slots(xp, padded.reshape(rb_total, nc, 32, swl, spw, 2), stats_bits)
 
     s2 = xp.asarray(stats2_u16).astype(xp.uint32).reshape(-1, groups, 4)
     tile_of_block = xp.minimum((xp.arange(rb_total) * TILE) // S, s2.shape[0] - 1)
@@ -242,12 +267,12 @@ def _f16(a):
 
 def emulate_dense(codes_tl, stats_tl, stats2_tl, m: int, n: int, bits: int, stats_bits: int):
     """Rebuild the f16 weights the kernel feeds the tensor cores, ``[m, n]`` stored order,
-    by reading the tile layout exactly as the kernel does (lane, register, slot, shift) and
-    doing its f16 arithmetic (each op rounded to f16). CPU only; for tests."""
+    by reading the tile layout exactly as the kernel does (lane, round, mma, register, slot,
+    shift) and doing its f16 arithmetic (each op rounded to f16). CPU only; for tests."""
     geo = geometry(m, n, bits, stats_bits)
-    rb_total, nc, tpc, swpc = geo["RB"], geo["NC"], geo["TPC"], geo["SWPC"]
-    ssl = pair_slots(stats_bits)
-    W = np.zeros((rb_total * TILE, nc * tpc * TILE), dtype=np.float16)
+    rb_total, nc, r, slabs, swl, mpc = (geo[k] for k in ("RB", "NC", "R", "SLABS", "SWL", "MPC"))
+    ppw, spw = pair_slots(bits), pair_slots(stats_bits)
+    W = np.zeros((rb_total * TILE, geo["KT"] * TILE), dtype=np.float16)
 
     def field(word, slot, nb):
         d = direct_slots(nb)
@@ -258,33 +283,35 @@ def emulate_dense(codes_tl, stats_tl, stats2_tl, m: int, n: int, bits: int, stat
         hi = (src >> np.uint32(p + 16)) & mask
         return lo.astype(np.float64), hi.astype(np.float64)
 
-    codes_tl = np.asarray(codes_tl).reshape(rb_total, nc, 32, 4)
-    stats_tl = np.asarray(stats_tl).reshape(rb_total, nc, 8, 2, swpc)
-    stats2_tl = np.asarray(stats2_tl).reshape(rb_total, nc * tpc, 2)
+    codes_tl = np.asarray(codes_tl).reshape(rb_total, nc, slabs, 32, 4)
+    stats_tl = np.asarray(stats_tl).reshape(rb_total, nc, 32, swl)
+    stats2_tl = np.asarray(stats2_tl).reshape(rb_total, geo["KT"], 2)
     lanes = np.arange(32)
     g, t = lanes // 4, lanes % 4
     for rb in range(rb_total):
         for c in range(nc):
-            for i in range(tpc):
-                kt = c * tpc + i
-                st2 = stats2_tl[rb, kt]
-                pair0 = np.array([st2[0] & 0xFFFF, st2[0] >> 16], dtype=np.uint16).view(np.float16)
-                pair1 = np.array([st2[1] & 0xFFFF, st2[1] >> 16], dtype=np.uint16).view(np.float16)
-                sc, zc = {}, {}
+            words = codes_tl[rb, c].transpose(1, 0, 2).reshape(32, 4 * slabs)  # [lane, word]
+            for rho in range(r):
+                grp = c * mpc + 4 * rho + t  # per lane
+                st2 = stats2_tl[rb, grp]  # [32, 2]
+                step = np.stack([st2[:, 0] & 0xFFFF, st2[:, 0] >> 16], 1).astype(np.uint16)
+                base = np.stack([st2[:, 1] & 0xFFFF, st2[:, 1] >> 16], 1).astype(np.uint16)
+                step, base = step.view(np.float16), base.view(np.float16)
+                S, Bz = {}, {}
                 for h in (0, 1):
-                    word = stats_tl[rb, c, g, h, i // ssl]
-                    cs, cz = field(word, i % ssl, stats_bits)
-                    s = _f16(cs * np.float64(pair0[0]) + np.float64(pair1[0]))
-                    zneg = _f16(cz * np.float64(pair0[1]) + np.float64(pair1[1]))
-                    sc[h] = s
-                    zc[h] = _f16(s.astype(np.float64) * zneg.astype(np.float64))
-                for r in range(4):
-                    h, hi = r & 1, r >> 1
-                    q0, q1 = field(codes_tl[rb, c, lanes, r], i, bits)
-                    row = rb * TILE + 8 * h + g
-                    col = kt * TILE + 2 * t + 8 * hi
-                    S = sc[h].astype(np.float64)
-                    Bz = zc[h].astype(np.float64)
-                    W[row, col] = _f16(q0 * S + Bz)
-                    W[row, col + 1] = _f16(q1 * S + Bz)
+                    q = 2 * rho + h
+                    cs, cz = field(stats_tl[rb, c, lanes, q // spw], q % spw, stats_bits)
+                    s_ = _f16(cs * step[:, 0].astype(np.float64) + base[:, 0].astype(np.float64))
+                    zn = _f16(cz * step[:, 1].astype(np.float64) + base[:, 1].astype(np.float64))
+                    S[h] = s_.astype(np.float64)
+                    Bz[h] = _f16(S[h] * zn.astype(np.float64)).astype(np.float64)
+                for u in range(4):
+                    for reg in range(4):
+                        h, hi = reg & 1, reg >> 1
+                        pidx = 16 * rho + 4 * u + reg
+                        q0, q1 = field(words[lanes, pidx // ppw], pidx % ppw, bits)
+                        row = rb * TILE + 8 * h + g
+                        col = grp * TILE + 4 * u + 2 * hi
+                        W[row, col] = _f16(q0 * S[h] + Bz[h])
+                        W[row, col + 1] = _f16(q1 * S[h] + Bz[h])
     return W[:m, :n]

@@ -144,74 +144,114 @@ __device__ __forceinline__ void row_stats(u32 w, u32 ws, uint2 st2, u32 magic, u
   Bz = hmul2(S, zz);
 }
 
-// Per-chunk stream data of one warp, loaded one chunk ahead of its use.
-template <int SWPC, int TPC, int NT>
-struct Stage {
-  uint4 cw;           // this lane's 4 code words
-  u32 sw[2 * SWPC];   // statistics words of rows g, g + 8
-  uint2 st2;          // lane i < TPC: (step, base) record of tile i
-  uint2 xf[NT == 1 ? TPC : 1];  // NT == 1: this lane's B fragments (0 unless g < batch)
-};
-
-template <int B, int SB, int NT>
-__device__ __forceinline__ void tc_tile(const u32 (&cw)[4], const u32 (&cws)[4],
-                                        const u32* sw, const u32* sws, uint2 st2,
-                                        float (&acc)[NT][4], const uint2 (&bf)[NT],
-                                        int tile, u32 magic) {
-  constexpr int TPC = pair_slots<B>();
-  constexpr int SSL = pair_slots<SB>();
-  constexpr int SWPC = (TPC + SSL - 1) / SSL;
-  u32 S0 = 0, B0 = 0, S1 = 0, B1 = 0;
-  const int wi = tile / SSL;
-  switch (tile % SSL) {  // resolved at compile time: `tile` is an unrolled constant
-#define SPQR_TC_ROWSTATS(J)                                                         \
-  case J:                                                                            \
-    row_stats<SB, (J < SSL ? J : 0)>(sw[wi], sws[wi], st2, magic, S0, B0);           \
-    row_stats<SB, (J < SSL ? J : 0)>(sw[SWPC + wi], sws[SWPC + wi], st2, magic, S1, B1); \
-    break;
-    SPQR_TC_ROWSTATS(0)
-    SPQR_TC_ROWSTATS(1)
-    SPQR_TC_ROWSTATS(2)
-    SPQR_TC_ROWSTATS(3)
-    SPQR_TC_ROWSTATS(4)
-    SPQR_TC_ROWSTATS(5)
-    SPQR_TC_ROWSTATS(6)
-    SPQR_TC_ROWSTATS(7)
-#undef SPQR_TC_ROWSTATS
-    default:
-      break;
-  }
-  u32 a[4] = {0, 0, 0, 0};
-  switch (tile) {
-#define SPQR_TC_AFRAG(J)                                                   \
-  case J:                                                                  \
-    a[0] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[0], cws[0], magic), S0, B0); \
-    a[1] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[1], cws[1], magic), S1, B1); \
-    a[2] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[2], cws[2], magic), S0, B0); \
-    a[3] = hfma2(pair_exact<B, (J < TPC ? J : 0)>(cw[3], cws[3], magic), S1, B1); \
-    break;
-    SPQR_TC_AFRAG(0)
-    SPQR_TC_AFRAG(1)
-    SPQR_TC_AFRAG(2)
-    SPQR_TC_AFRAG(3)
-    SPQR_TC_AFRAG(4)
-    SPQR_TC_AFRAG(5)
-    SPQR_TC_AFRAG(6)
-    SPQR_TC_AFRAG(7)
-#undef SPQR_TC_AFRAG
-    default:
-      break;
-  }
-#pragma unroll
-  for (int j = 0; j < NT; ++j) mma16816(acc[j], a, bf[j].x, bf[j].y);
-}
-
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;"); }
+
+// Layout constants (tile_layout.py): pair slots per code word, rounds per chunk, ...
+template <int B>
+__host__ __device__ constexpr int rounds_per_chunk() {
+  return pair_slots<B>() == 8 ? 2 : pair_slots<B>() == 5 ? 5 : 1;
+}
+
+// Per-chunk stream data of one warp, loaded one chunk ahead of its use.
+template <int SLABS, int SWL>
+struct Stage {
+  uint4 cw[SLABS];  // this lane's code words (4 per slab)
+  u32 sw[SWL];      // this lane's statistics words
+  uint2 st2;        // lane j < MPC: (step, base) record of the chunk's group j
+};
+
+template <int SWL>
+__device__ __forceinline__ void load_stats(u32 (&sw)[SWL], const u32* p) {
+  if (SWL == 1) {
+    sw[0] = ld_nc1(p);
+  } else if (SWL == 2) {
+    const uint2 v = ld_nc2(reinterpret_cast<const uint2*>(p));
+    sw[0] = v.x;
+    sw[SWL > 1 ? 1 : 0] = v.y;
+  } else {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    sw[0] = v.x;
+    sw[SWL > 1 ? 1 : 0] = v.y;
+    sw[SWL > 2 ? 2 : 0] = v.z;
+    sw[SWL > 3 ? 3 : 0] = v.w;
+  }
+}
+
+// Word W of a stage's code words, as a compile-time index.
+template <int W, int SLABS>
+__device__ __forceinline__ u32 code_word(const uint4 (&cw)[SLABS]) {
+  const uint4& v = cw[W / 4];
+  return (W % 4) == 0 ? v.x : (W % 4) == 1 ? v.y : (W % 4) == 2 ? v.z : v.w;
+}
+
+// A-fragment register for pair P of the chunk: exact codes, then fma with the row's (S, Bz).
+template <int B, int P, int SLABS>
+__device__ __forceinline__ u32 a_reg(const uint4 (&cw)[SLABS], u32 S, u32 Bz, u32 magic) {
+  constexpr int PPW = pair_slots<B>();
+  const u32 w = code_word<P / PPW, SLABS>(cw);
+  return hfma2(pair_exact<B, P % PPW>(w, shifted<B>(w), magic), S, Bz);
+}
+
+// One round (4 mma) of a chunk: rows g, g + 8 of the lane's group 4*RHO + t.
+template <int B, int SB, int NT, int RHO, int SLABS, int SWL>
+__device__ __forceinline__ void tc_round(const Stage<SLABS, SWL>& st, float (&acc)[NT][4],
+                                         const uint2* xs_chunk, int lane, u32 magic) {
+  constexpr int SPW = pair_slots<SB>();
+  constexpr int MPC = 4 * rounds_per_chunk<B>();
+  uint2 st2;
+  const int src = 4 * RHO + (lane & 3);
+  st2.x = __shfl_sync(0xffffffffu, st.st2.x, src);
+  st2.y = __shfl_sync(0xffffffffu, st.st2.y, src);
+  constexpr int Q0 = 2 * RHO, Q1 = 2 * RHO + 1;
+  const u32 w0 = st.sw[Q0 / SPW], w1 = st.sw[Q1 / SPW];
+  u32 S0, B0, S1, B1;
+  row_stats<SB, Q0 % SPW>(w0, shifted<SB>(w0), st2, magic, S0, B0);
+  row_stats<SB, Q1 % SPW>(w1, shifted<SB>(w1), st2, magic, S1, B1);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    u32 a[4];
+    // P = 16 RHO + 4u + r; r = h + 2 hi (h = row half: g or g + 8)
+#define SPQR_TC_A(U)                                                   \
+  if (u == U) {                                                        \
+    a[0] = a_reg<B, 16 * RHO + 4 * U + 0, SLABS>(st.cw, S0, B0, magic); \
+    a[1] = a_reg<B, 16 * RHO + 4 * U + 1, SLABS>(st.cw, S1, B1, magic); \
+    a[2] = a_reg<B, 16 * RHO + 4 * U + 2, SLABS>(st.cw, S0, B0, magic); \
+    a[3] = a_reg<B, 16 * RHO + 4 * U + 3, SLABS>(st.cw, S1, B1, magic); \
+  }
+    SPQR_TC_A(0)
+    SPQR_TC_A(1)
+    SPQR_TC_A(2)
+    SPQR_TC_A(3)
+#undef SPQR_TC_A
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint2 bf = xs_chunk[(j * MPC + 4 * RHO + u) * 32 + lane];
+      mma16816(acc[j], a, bf.x, bf.y);
+    }
+  }
+}
+
+template <int B, int SB, int NT, int RHO, int R, int SLABS, int SWL>
+struct Rounds {
+  static __device__ __forceinline__ void run(const Stage<SLABS, SWL>& st, float (&acc)[NT][4],
+                                             const uint2* xs_chunk, int lane, u32 magic) {
+    tc_round<B, SB, NT, RHO, SLABS, SWL>(st, acc, xs_chunk, lane, magic);
+    Rounds<B, SB, NT, RHO + 1, R, SLABS, SWL>::run(st, acc, xs_chunk, lane, magic);
+  }
+};
+template <int B, int SB, int NT, int R, int SLABS, int SWL>
+struct Rounds<B, SB, NT, R, R, SLABS, SWL> {
+  static __device__ __forceinline__ void run(const Stage<SLABS, SWL>&, float (&)[NT][4],
+                                             const uint2*, int, u32) {}
+};
 
 template <int B, int SB, int NT>
 __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
@@ -220,112 +260,82 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
                                           const uint2* __restrict__ xfrag,
                                           float* __restrict__ part, int RB, int NC,
                                           int chunks_per_split, i64 M16, int batch) {
-  constexpr int TPC = pair_slots<B>();
-  constexpr int SSL = pair_slots<SB>();
-  constexpr int SWPC = (TPC + SSL - 1) / SSL;
-  static_assert(SWPC == 1 || SWPC == 2, "statistics words per chunk");
-  // NT >= 2: the block's warps share the chunk's x fragments through shared memory
-  // (double-buffered cp.async); NT == 1: each lane loads its own (one 32-byte sector per
-  // tile and batch column), one chunk ahead.
-  __shared__ uint2 xs[NT == 1 ? 1 : 2][NT == 1 ? 1 : NT * TPC * 32];
+  constexpr int PPW = pair_slots<B>();
+  constexpr int R = rounds_per_chunk<B>();
+  constexpr int MPC = 4 * R;
+  constexpr int SLABS = 4 * R / PPW;
+  constexpr int SPW = pair_slots<SB>();
+  constexpr int SWL0 = (2 * R + SPW - 1) / SPW;
+  constexpr int SWL = SWL0 == 1 ? 1 : SWL0 == 2 ? 2 : 4;
+  static_assert(SLABS * PPW == 4 * R, "code words fill whole slabs");
+  // The block's warps share each chunk's x fragments through shared memory (double-buffered
+  // cp.async): 2 buffers of NT * MPC mma B fragments of 32 lanes, in the dynamic shared
+  // memory the launch provides (2 * NT * MPC * 256 bytes).
+  extern __shared__ uint4 xs_dyn[];
+  uint2* const xs0 = reinterpret_cast<uint2*>(xs_dyn);
+  uint2* const xs1 = xs0 + NT * MPC * 32;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int rb = blockIdx.x * SPQR_TC_WARPS + warp;
   const bool active = rb < RB;
-  if (NT == 1 && !active) return;  // no block-wide synchronisation at NT == 1
   const int g = lane >> 2;
   const int t = lane & 3;
   const int split = blockIdx.y;
   const int c0 = split * chunks_per_split;
   const int c1 = min(NC, c0 + chunks_per_split);
-  const i64 KT = (i64)NC * TPC;
-  const int rbc = active ? rb : 0;  // inactive warps (NT >= 2) only help with the copies
+  const i64 KT = (i64)NC * MPC;
+  const int rbc = active ? rb : 0;  // inactive warps only help with the copies
 
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   const u32 magic = magic_reg();
 
-  // Stream pointers, bumped by one chunk per load (no per-chunk 64-bit address arithmetic).
-  const uint4* cptr = codes + ((i64)rbc * NC + c0) * 32 + lane;
-  const u32* sptr = stats + (((i64)rbc * NC + c0) * 8 + g) * (2 * SWPC);
-  const uint2* s2ptr = stats2 + (i64)rbc * KT + (i64)c0 * TPC + (lane < TPC ? lane : 0);
-  const bool xlane = g < batch;  // NT == 1: lanes whose B fragments are not all zero
-  const uint2* xptr = xfrag + (i64)c0 * TPC * 32 + lane;
+  // Stream pointers, bumped by one chunk per load.
+  const uint4* cptr = codes + ((i64)rbc * NC + c0) * SLABS * 32 + lane;
+  const u32* sptr = stats + (((i64)rbc * NC + c0) * 32 + lane) * SWL;
+  const uint2* s2ptr = stats2 + (i64)rbc * KT + (i64)c0 * MPC + (lane < MPC ? lane : 0);
 
-  auto load = [&](Stage<SWPC, TPC, NT>& st) {
-    st.cw = ld_stream(cptr);
-    cptr += 32;
+  auto load = [&](Stage<SLABS, SWL>& st) {
 #pragma unroll
-    for (int k = 0; k < 2 * SWPC; ++k) st.sw[k] = ld_nc1(sptr + k);
-    sptr += 16 * SWPC;
+    for (int k = 0; k < SLABS; ++k) st.cw[k] = ld_stream(cptr + k * 32);
+    cptr += SLABS * 32;
+    load_stats<SWL>(st.sw, sptr);
+    sptr += 32 * SWL;
     st.st2 = ld_nc2(s2ptr);
-    s2ptr += TPC;
-    if (NT == 1) {
-#pragma unroll
-      for (int i = 0; i < (NT == 1 ? TPC : 1); ++i) {
-        st.xf[i].x = 0u;
-        st.xf[i].y = 0u;
-        if (xlane) st.xf[i] = ld_nc2(xptr + i * 32);
-      }
-      xptr += TPC * 32;
-    }
+    s2ptr += MPC;
   };
-  auto copy_x = [&](int buf, int c) {  // NT >= 2: chunk c's fragments into xs[buf]
-    constexpr int UNITS = NT * TPC * 16;  // 16-byte units: NT segments of TPC * 256 bytes
+  auto copy_x = [&](int buf, int c) {  // chunk c's B fragments into xs[buf]
+    constexpr int UNITS = NT * MPC * 16;  // 16-byte units: NT segments of MPC * 256 bytes
     for (int u = threadIdx.x; u < UNITS; u += 32 * SPQR_TC_WARPS) {
-      const int j = u / (TPC * 16);
-      const int r = u % (TPC * 16);
-      const uint2* src = xfrag + ((i64)j * KT + (i64)c * TPC) * 32 + 2 * r;
-      cp_async16(&xs[buf][j * TPC * 32 + 2 * r], src);
+      const int j = u / (MPC * 16);
+      const int r = u % (MPC * 16);
+      const uint2* src = xfrag + ((i64)j * KT + (i64)c * MPC) * 32 + 2 * r;
+      cp_async16((buf ? xs1 : xs0) + j * MPC * 32 + 2 * r, src);
     }
     cp_async_commit();
   };
-  auto compute = [&](const Stage<SWPC, TPC, NT>& cur, int buf) {
-    const u32 cw[4] = {cur.cw.x, cur.cw.y, cur.cw.z, cur.cw.w};
-    const u32 cws[4] = {shifted<B>(cw[0]), shifted<B>(cw[1]), shifted<B>(cw[2]),
-                        shifted<B>(cw[3])};
-    u32 sws[2 * SWPC];
-#pragma unroll
-    for (int k = 0; k < 2 * SWPC; ++k) sws[k] = shifted<SB>(cur.sw[k]);
-#pragma unroll
-    for (int i = 0; i < TPC; ++i) {
-      uint2 st2;
-      st2.x = __shfl_sync(0xffffffffu, cur.st2.x, i);
-      st2.y = __shfl_sync(0xffffffffu, cur.st2.y, i);
-      uint2 bf[NT];
-      if (NT == 1) {
-        bf[0] = cur.xf[NT == 1 ? i : 0];
-      } else {
-#pragma unroll
-        for (int j = 0; j < NT; ++j) bf[j] = xs[NT == 1 ? 0 : buf][(j * TPC + i) * 32 + lane];
-      }
-      tc_tile<B, SB, NT>(cw, cws, cur.sw, sws, st2, acc, bf, i, magic);
-    }
-  };
-  // Two stages in ping-pong (no register copies between chunks): chunk c + 1's stream loads
-  // are in flight while chunk c computes.
-  Stage<SWPC, TPC, NT> sa, sb;
+  Stage<SLABS, SWL> sa, sb;
   if (c0 < c1) {
     load(sa);
-    if (NT > 1) copy_x(0, c0);
+    copy_x(0, c0);
   }
   for (int c = c0; c < c1; c += 2) {
-    if (NT > 1) {
-      cp_async_wait_all();
-      __syncthreads();
-      if (c + 1 < c1) copy_x(1, c + 1);
+    cp_async_wait_all();
+    __syncthreads();
+    if (c + 1 < c1) {
+      copy_x(1, c + 1);
+      load(sb);
     }
-    if (c + 1 < c1) load(sb);
-    if (active) compute(sa, 0);
+    if (active) Rounds<B, SB, NT, 0, R, SLABS, SWL>::run(sa, acc, xs0, lane, magic);
     if (c + 1 >= c1) break;
-    if (NT > 1) {
-      cp_async_wait_all();
-      __syncthreads();
-      if (c + 2 < c1) copy_x(0, c + 2);
+    cp_async_wait_all();
+    __syncthreads();
+    if (c + 2 < c1) {
+      copy_x(0, c + 2);
+      load(sa);
     }
-    if (c + 2 < c1) load(sa);
-    if (active) compute(sb, 1);
+    if (active) Rounds<B, SB, NT, 0, R, SLABS, SWL>::run(sb, acc, xs1, lane, magic);
   }
   if (!active) return;
   // D fragment: acc[j][0..1] row g, columns 2t, 2t+1; acc[j][2..3] row g + 8.
@@ -350,9 +360,10 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
 // ---------------------------------------------------------------------------------------------
 // extern "C" entry points (arguments and launch contract: spqr_gpu.h, "tile layout").
 
-// One thread per (n-tile j, k-tile kt, lane): B fragment words of x' (f16; 0 past n / batch),
-// and the same values in x'^T [n][bp] (stored column major over batch columns, bp >= batch),
-// which the finish kernel gathers outlier columns from.
+// One thread per (n-tile j, mma mu, lane): B fragment words of x' (f16; 0 past n / batch), and
+// the same values in x'^T [n][bp] (stored column major over batch columns, bp >= batch), which
+// the finish kernel gathers outlier columns from. mma mu = 4 * round + u: lane (g, t) holds
+// columns 4u .. 4u + 3 of the round's group t (tile_layout.py) for batch column 8j + g.
 extern "C" __global__ void spqr_tc_prepare_x(const u16* __restrict__ x, i64 ldx,
                                              const u32* __restrict__ perm, i64 n, int batch,
                                              int nt, i64 KT, uint2* __restrict__ xfrag,
@@ -361,19 +372,19 @@ extern "C" __global__ void spqr_tc_prepare_x(const u16* __restrict__ x, i64 ldx,
   const i64 total = (i64)nt * KT * 32;
   if (id >= total) return;
   const int lane = (int)(id & 31);
-  const i64 kt = (id >> 5) % KT;
+  const i64 mu = (id >> 5) % KT;
   const int j = (int)((id >> 5) / KT);
   const int c = j * 8 + (lane >> 2);
-  const i64 k0 = kt * 16 + 2 * (lane & 3);
+  const i64 k0 = ((mu >> 2) * 4 + (lane & 3)) * 16 + 4 * (mu & 3);
   u32 h[4] = {0, 0, 0, 0};
   if (c < batch) {
-    const i64 ks[4] = {k0, k0 + 1, k0 + 8, k0 + 9};
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      if (ks[q] < n) {
-        const i64 src = perm ? (i64)perm[ks[q]] : ks[q];
+      const i64 k = k0 + q;
+      if (k < n) {
+        const i64 src = perm ? (i64)perm[k] : k;
         h[q] = x[(i64)c * ldx + src];
-        xt[ks[q] * bp + c] = (u16)h[q];
+        xt[k * bp + c] = (u16)h[q];
       }
     }
   }
