@@ -116,29 +116,33 @@
  * hold whole 16-row blocks (S % 16 == 0 or S >= m), m < 2^30, n < 2^24, f16 x and y (y may
  * also be bf16/f32).  Other tensors use (1)/(2).
  *
- * Definitions.  TPC = pair_slots(B) (8, 5, 4 for B = 2, 3, 4), RB = ceil(m/16) row blocks,
- * NC = ceil(n / (16*TPC)) chunks, KT = NC*TPC 16-column tiles, M16 = 16*RB,
- * SWPC = ceil(TPC / pair_slots(SB)).  A "pair slot" i of a u32 word is bits [i*B, i*B+B) of
- * each 16-bit half (slots whose bits end above bit 10 are read after a right shift by
- * (10/B)*B).  tile_layout.py's module docstring defines the arrays exactly:
- *   tl_codes  u32 [RB][NC][32 lanes][4]      lane 4g+t, word r = mma A-fragment register r
- *   tl_stats  u32 [RB][NC][8][2][SWPC]       (scale code, zero code) pairs of rows g, g+8
- *   tl_stats2 u32 [RB][KT][2]                f16 pairs (sstep, -zstep), (sbase, -zbase)
- *   tl_oents  u32 [E]                        the file's entries, values replaced by f16(o - w)
+ * Definitions.  PPW = pair_slots(B) (8, 5, 4 for B = 2, 3, 4): a "pair slot" i of a u32 word
+ * is bits [i*B, i*B+B) of each 16-bit half (slots whose bits end above bit 10 are read after
+ * a right shift by (10/B)*B).  A round is 4 groups of 16 columns computed by 4 mma k-steps in
+ * which lane 4g+t's A elements all come from the round's group t (rows g, g+8).  A chunk is
+ * R rounds (R = 2, 5, 1 for B = 2, 3, 4; MPC = 4R groups), RB = ceil(m/16) row blocks,
+ * NC = ceil(ceil(n/16) / MPC) chunks, KT = NC*MPC groups, M16 = 16*RB, SLABS = 4R/PPW,
+ * SWL = 1, 2 or 4 statistics words per lane and chunk.  tile_layout.py's module docstring
+ * defines the arrays exactly:
+ *   tl_codes  u32 [RB][NC][SLABS][32 lanes][4]   one 16-byte load per lane and slab
+ *   tl_stats  u32 [RB][NC][32 lanes][SWL]        (scale code, zero code) pairs, rows g, g+8
+ *   tl_stats2 u32 [RB][KT][2]                    f16 pairs (sstep, -zstep), (sbase, -zbase)
+ *   tl_oents  u32 [E]                            the file's entries, values f16(o - w)
  * plus the file's outlier_rows and perm.
  *
  * spqr_tc_prepare_x(x, ldx, perm, n, nb, NT, KT, xfrag, xt, bp)
  *   x [nb][ldx] f16 (nb <= 64); NT = n-tiles of 8 batch columns (1, 2, 4 or 8 >= nb/8);
- *   writes the B fragments xfrag (uint2 [NT][KT][32]) of x'[c][j] = x[c][perm[j]] and the
- *   same values as x'^T (u16 [n][bp], bp = tc_xt_pitch(nb): next power of two up to 8, else a
+ *   writes the B fragments xfrag (uint2 [NT][KT][32]; k-step mu = 4*round + u, lane 4g+t:
+ *   columns 4u..4u+3 of the round's group t, batch column 8j+g) of x'[c][j] = x[c][perm[j]],
+ *   and the same values as x'^T (u16 [n][bp], bp = next power of two >= nb up to 8, else a
  *   multiple of 8).  grid ceil(NT*KT*32/256), block 256.
  *
  * spqr_tc_b{B}_s{SB}_nt{NT}(tl_codes, tl_stats, tl_stats2, xfrag, part, RB, NC, chunks, M16, nb)
  *   f32 partial sums part[split][8*NT][M16] of W x' over the chunks
  *   [split*chunks, min(NC, (split+1)*chunks)).  Block = 8 warps (SPQR_TC_WARPS), warp w owns
- *   row block blockIdx.x*8 + w; grid (ceil(RB/8), splits); static shared memory
- *   NT >= 2: 2*NT*TPC*256 bytes.  Weights enter the tensor cores as f16 (see spqr_tc.cu for
- *   the error bound); accumulation is f32.
+ *   row block blockIdx.x*8 + w; grid (ceil(RB/8), splits); dynamic shared memory
+ *   2*NT*MPC*256 bytes (raise the limit above 48 KiB).  Weights enter the tensor cores as f16
+ *   (see spqr_tc.cu for the error bound); accumulation is f32.
  *
  * spqr_tc_finish_p{1,2,4,8}(part, splits, M16, 8*NT, orows, tl_oents, xt, bp, smem_x, quad,
  *                           n, y, ldy, out_dtype, m, nb)

@@ -7,13 +7,16 @@
 // Per call, three kernels on one stream:
 //   1. spqr_tc_prepare_x: x'[c][j] = x[c][perm[j]] (f16), written as mma B fragments;
 //   2. spqr_tc_b{B}_s{SB}_nt{NT}: each warp owns 16 rows (a block) and a range of chunks
-//      (k-split over gridDim.y); per 16x16 tile it rebuilds its A fragment in registers,
+//      (k-split over gridDim.y). Per round of 4 groups (4 mma k-steps; every A element of a
+//      lane comes from one group, so each lane decodes the statistics of only its 2 rows of
+//      its group) it rebuilds its A fragments in registers,
 //        q  = exact small integer (f16 magic number 0x6400 | bits, then one exact f16x2 FMA),
-//        s, -z from the 3-bit statistic codes and the block's (step, base) records (f16x2 FMA),
+//        s, -z from the statistic codes and the block's (step, base) records (f16x2 FMA),
 //        a  = fma(q, s, -z*s)  (f16x2; one rounding of the weight to f16),
-//      and issues NT mma.sync (8 batch columns each); f32 partial sums go to a workspace;
-//   3. spqr_tc_finish: per row, the k-split partial sums in order, plus the outlier
-//      corrections sum (o - w) x'[col] (f16 (o - w) values prepared at load), rounded to f16.
+//      and issues NT mma.sync per k-step (8 batch columns each), B fragments from shared
+//      memory; f32 partial sums go to a workspace;
+//   3. spqr_tc_finish_p*: per row, the k-split partial sums in order, plus the outlier
+//      corrections sum (o - w) x'[col] (f16 (o - w) values prepared at load), rounded.
 // Deterministic: no atomics; every sum has a fixed order.
 //
 // Accuracy (what tests/test_gpu_kernels.py checks): every weight enters the tensor cores
