@@ -49,9 +49,9 @@ from __future__ import annotations
 import numpy as np
 
 from spqr_format.codec.bilevel import PackedBilevel
+from spqr_format.gpu._kernels import TC_BITS, TC_STATS_BITS
 
 TILE = 16
-TC_BITS = (2, 3, 4)
 F16_SAFE = 30000.0  # |s| * (2^B - 1 + |z|) and |s z| stay below this (f16 fragments)
 
 
@@ -102,8 +102,8 @@ def ineligible_reason(p: PackedBilevel) -> str | None:
         return f"bits={prm.bits} (tensor-core kernels: bits in {TC_BITS})"
     if prm.group_size != TILE:
         return f"group_size={prm.group_size} (tensor-core kernels: group_size 16)"
-    if not 1 <= prm.stats_bits <= 4:
-        return f"stats_bits={prm.stats_bits} (tensor-core kernels: bilevel statistics, 1..4 bits)"
+    if prm.stats_bits not in TC_STATS_BITS:
+        return f"stats_bits={prm.stats_bits} (tensor-core kernels: stats_bits in {TC_STATS_BITS})"
     S = prm.stats_group_size
     if S % TILE and S < m:
         return f"stats_group_size={S} (tensor-core kernels: a multiple of 16)"
