@@ -195,6 +195,31 @@ int spqr_matvec(const spqr_bilevel *t, const void *x, int64_t ldx, int in_dtype,
 /* out[m][ldo] = decoded W (f32/f16/bf16 by out_dtype), bit-exact with SPEC section 7. */
 int spqr_dequantize(const spqr_bilevel *t, void *out, int64_t ldo, int out_dtype, void *stream);
 
+/* ------------------------------------------------------------------------------------------
+ * Host-side tile-layout repack (spqr_tile_layout.c: C99, no CUDA; compile it without
+ * floating-point contraction, e.g. -ffp-contract=off).  Produces the arrays of section
+ * "Tile layout" above, bit for bit as spqr_format/gpu/tile_layout.py, from HOST copies of the
+ * sections (pass an spqr_bilevel whose pointers are host pointers); upload them yourself.
+ * Not yet wired into spqr_host.cu: the tensor-core kernels are launched from Python only.
+ * ------------------------------------------------------------------------------------------ */
+#define SPQR_TILE_F16_SAFE 30000.0 /* |s| (2^b - 1 + |z|) and |z| must stay below this */
+
+typedef struct spqr_tile_dims {
+  int64_t RB, NC, R, MPC, KT, SLABS, SWL, M16;
+} spqr_tile_dims;
+
+/* 1 and the dimensions when (bits, stats_bits, group_size, stats_group_size, m, n) have a
+ * tensor-core path; 0 otherwise.  Array sizes in u32 words: codes RB*NC*SLABS*32*4,
+ * stats RB*NC*32*SWL, stats2 RB*KT*2, outlier entries E. */
+int spqr_tile_dims_of(int64_t m, int64_t n, int bits, int stats_bits, int group_size,
+                      int stats_group_size, spqr_tile_dims *d);
+
+/* Fills the tile-layout arrays (tl_oents may be NULL when the tensor has no outliers).
+ * Returns 1, or 0 when the tensor has no tensor-core path (see spqr_tile_dims_of), its
+ * statistics could overflow f16, or an outlier correction o - w does not fit f16. */
+int spqr_tile_repack(const spqr_bilevel *t, uint32_t *tl_codes, uint32_t *tl_stats,
+                     uint32_t *tl_stats2, uint32_t *tl_oents);
+
 #ifdef __cplusplus
 }
 #endif
