@@ -11,8 +11,9 @@
  *  3. The tensor-core kernels (spqr_tc.cu): f16 matvec / matmul on mma.sync, reading the "tile
  *     layout", a lossless load-time repack of the sections (section "Tile layout" at the end
  *     of this comment block).  The repack is implemented in Python
- *     (spqr_format/gpu/tile_layout.py, run on the GPU through CuPy); there is no C repack yet,
- *     so C programs that want (3) must port that module (~100 lines of array code).
+ *     (spqr_format/gpu/tile_layout.py, run on the GPU through CuPy; the same repack in C99 on
+ *     the host: spqr_tile_layout.c, declared at the end of this header).  No C host launcher
+ *     for (3) yet: C programs launch its three kernels themselves (contracts below).
  *
  * Data: the sections of one `bilevel` tensor (SPEC.md sections 5-6) copied to device memory
  * byte for byte, unchanged (no repack).  Every section pointer must be 16-byte aligned
