@@ -99,9 +99,6 @@ __host__ __device__ constexpr u32 h2_neg_pow2(int e) {
   return (((u32)(15 + e) << 10) | 0x8000u) * 0x10001u;
 }
 
-// Pair slot I of a word holding NB-bit fields (tile_layout.pair_slots): returns the f16x2
-// (field_lo, field_hi) as exact small integers. `w` is the word, `ws` the word shifted right
-// by (10 / NB) * NB (computed once per word by the caller).
 // The f16x2 magic 0x64006400 in a register the compiler cannot fold, so that
 // (bits & M) | magic is one LOP3 (immediate mask, register magic) instead of two.
 __device__ __forceinline__ u32 magic_reg() {
@@ -116,6 +113,9 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 c) {
   return d;
 }
 
+// Pair slot I of a word holding NB-bit fields (tile_layout.pair_slots): returns the f16x2
+// (field_lo, field_hi) as exact small integers. `w` is the word, `ws` the word shifted right
+// by (10 / NB) * NB (see shifted(); the compiler computes it once per word).
 template <int NB, int I>
 __device__ __forceinline__ u32 pair_exact(u32 w, u32 ws, u32 magic) {
   constexpr int D = 10 / NB;
