@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import spec_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import random_bilevel
@@ -34,19 +35,13 @@ def test_pair_slots():
     assert [TL.pair_slots(b) for b in (1, 2, 3, 4)] == [16, 8, 5, 4]
 
 
-def _dense_grid(p):
+def _dense_oracle(p):
+    """Dense values (outliers not applied), stored order, from the independent spec model."""
     m, n = p.shape
-    r = np.repeat(np.arange(m), n)
-    c = np.tile(np.arange(n), m)
-    return TL.dense_at(p, r, c).reshape(m, n)
-
-
-def _sz(t):
-    s2 = t.stats2.astype(np.float32)
-    tile = np.arange(t.shape[0]) // t.params.stats_group_size
-    s = s2[tile][..., 1] + s2[tile][..., 0] * t.stats[..., 0].astype(np.float32)
-    z = s2[tile][..., 3] + s2[tile][..., 2] * t.stats[..., 1].astype(np.float32)
-    return s, z
+    s, z = spec_model.statistics(p)
+    q = spec_model.unpack_elements(p.codes, p.params.bits, n).astype(np.float32)
+    k = np.arange(n) // p.params.group_size
+    return np.multiply(s[:, k], np.subtract(q, z[:, k], dtype=np.float32), dtype=np.float32), s, z
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
@@ -69,8 +64,10 @@ def test_emulated_fragments_within_bound_of_exact_decode(m, n, bits, sb, S, seed
     assert codes.shape == (geo["RB"], geo["NC"], geo["SLABS"], 32, 4)
     assert stats.shape == (geo["RB"], geo["NC"], 32, geo["SWL"])
     emu = TL.emulate_dense(codes, stats, stats2, m, n, bits, sb).astype(np.float64)
-    exact = _dense_grid(p).astype(np.float64)
-    s, z = _sz(t)
+    exact, s, z = _dense_oracle(p)
+    exact = exact.astype(np.float64)
+    r, c = np.repeat(np.arange(m), n), np.tile(np.arange(n), m)
+    assert np.array_equal(TL.dense_at(p, r, c).reshape(m, n), exact.astype(np.float32))
     k = np.arange(n) // 16
     scale = np.abs(s[:, k]).astype(np.float64) * (t.codes + np.abs(z[:, k]).astype(np.float64))
     bound = 5 * 2.0**-11 * scale + 2.0**-20
