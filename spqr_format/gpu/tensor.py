@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -115,6 +115,7 @@ class TileLayout:
     NC: int
     KT: int
     MPC: int  # groups (mma k-steps) per chunk
+    plans: dict = field(default_factory=dict)  # (device, nt) -> (splits, chunks per split)
 
     @property
     def nbytes(self) -> int:
@@ -122,9 +123,9 @@ class TileLayout:
         return sum(a.nbytes for a in arrs if a is not None)
 
 
-def build_tile_layout(p: PackedBilevel, codes_dev, stats_dev) -> TileLayout | None:
-    """Repack ``p`` for the tensor-core kernels (on the GPU), or None when it has no such path
-    (the reason is logged once per configuration at debug level)."""
+def build_tile_layout(p: PackedBilevel, codes_dev, stats_dev, stats2_dev) -> TileLayout | None:
+    """Repack ``p`` for the tensor-core kernels (on the GPU, from its already uploaded
+    sections), or None when it has no such path (the reason is logged at debug level)."""
     from spqr_format.gpu import tile_layout as TL
 
     why = TL.ineligible_reason(p)
@@ -145,7 +146,7 @@ def build_tile_layout(p: PackedBilevel, codes_dev, stats_dev) -> TileLayout | No
     stats, stats2 = TL.repack_stats(
         cp,
         stats_dev.reshape(m, -1),
-        cp.asarray(np.asarray(p.stats2).view(np.uint16)),
+        stats2_dev,
         m,
         n,
         prm.bits,
@@ -225,7 +226,7 @@ class GpuTensor:
             name=name,
         )
         if USE_TC if tensor_cores is None else tensor_cores:
-            t.tc = build_tile_layout(p, t.codes, t.stats)
+            t.tc = build_tile_layout(p, t.codes, t.stats, t.stats2)
         return t
 
     @classmethod
@@ -382,14 +383,20 @@ class GpuTensor:
         return max(old, K.tc_workspace_bytes(self.m, self.n, self.tc.KT, batch, splits))
 
     def _tc_plan(self, nt: int) -> tuple[int, int]:
-        """(splits, chunks per split) for ``nt`` n-tiles on this device."""
-        fn = function(K.tc_name(self.bits, self.stats_bits, nt))
-        regs = int(getattr(fn, "num_regs", 64) or 64)
-        smem = K.tc_smem_bytes(nt, self.tc.MPC)
-        resident = K.tc_resident_blocks(regs, smem)
-        return K.tc_splits(
-            self.tc.RB, self.tc.NC, _sm_count(), resident, K.tc_max_splits(self.n, nt)
-        )
+        """(splits, chunks per split) for ``nt`` n-tiles on this device (computed once: it
+        queries the kernel's register count, which is not free on every call)."""
+        key = (cp.cuda.Device().id, nt)
+        plan = self.tc.plans.get(key)
+        if plan is None:
+            fn = function(K.tc_name(self.bits, self.stats_bits, nt))
+            regs = int(getattr(fn, "num_regs", 64) or 64)
+            smem = K.tc_smem_bytes(nt, self.tc.MPC)
+            resident = K.tc_resident_blocks(regs, smem)
+            plan = K.tc_splits(
+                self.tc.RB, self.tc.NC, _sm_count(), resident, K.tc_max_splits(self.n, nt)
+            )
+            self.tc.plans[key] = plan
+        return plan
 
     def matvec(self, x, out=None):
         """``y = W x`` for ``x`` of shape ``[n]`` (f16 or bf16 CuPy array); returns ``[m]``."""
