@@ -436,6 +436,16 @@ SPQR_TC_ALL_NT(3, 3)
 // dynamic shared memory). 32-bit indices: the Python layer uses this path only for
 // n * bp < 2^31, E < 2^32 (SPEC cap) and m < 2^31.
 namespace spqr_tc {
+// y[o] = v rounded to out_dtype (0 f32, 1 f16, 2 bf16).
+__device__ __forceinline__ void store_y(void* y, i64 o, float v, int out_dtype) {
+  if (out_dtype == 0)
+    ((float*)y)[o] = v;
+  else if (out_dtype == 2)
+    ((u16*)y)[o] = (u16)f32_to_bf16(v);
+  else
+    ((u16*)y)[o] = (u16)f32_to_f16(v);
+}
+
 template <int BPT>  // x'^T pitch: 1, 2, 4, or 8 meaning a multiple of 8
 __device__ __forceinline__ void finish(
     const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
@@ -500,13 +510,7 @@ __device__ __forceinline__ void finish(
         }
       }
       if (live && sl < batch) {
-        const i64 o = (i64)sl * ldy + row;
-        if (out_dtype == 0)
-          ((float*)y)[o] = own;
-        else if (out_dtype == 2)
-          ((u16*)y)[o] = (u16)spqr_tc::f32_to_bf16(own);
-        else
-          ((u16*)y)[o] = (u16)spqr_tc::f32_to_f16(own);
+        store_y(y, (i64)sl * ldy + row, own, out_dtype);
       }
     }
   } else {
@@ -594,13 +598,7 @@ __device__ __forceinline__ void finish(
     for (int h = 0; h < 2; ++h) {
       const int c = lane + 32 * h;
       if (c >= batch) continue;
-      const i64 o = (i64)c * ldy + row;
-      if (out_dtype == 0)
-        ((float*)y)[o] = own[h];
-      else if (out_dtype == 2)
-        ((u16*)y)[o] = (u16)spqr_tc::f32_to_bf16(own[h]);
-      else
-        ((u16*)y)[o] = (u16)spqr_tc::f32_to_f16(own[h]);
+      store_y(y, (i64)c * ldy + row, own[h], out_dtype);
     }
   }
 }
