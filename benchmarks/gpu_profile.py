@@ -4,7 +4,8 @@
         python benchmarks/gpu_profile.py --shape 28672x8192 --batch 1
 
 Builds a random spqr-3bit-like tensor (benchmarks' defaults), uploads it, and calls
-``GpuTensor.matmul_into`` ``--calls`` times on one stream.
+``GpuTensor.matmul_into`` ``--calls`` times on one stream (``--dequant``: ``dequantize_into``
+to fp16 instead; ``--no-perm``: a tensor without a permutation).
 """
 
 from __future__ import annotations
@@ -29,10 +30,19 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=4)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--no-tc", action="store_true", help="SIMT kernels (SPEC layout)")
+    ap.add_argument("--dequant", action="store_true", help="profile dequantize to fp16")
+    ap.add_argument("--no-perm", action="store_true", help="tensor without a permutation")
     args = ap.parse_args(argv)
     m, n = (int(v) for v in args.shape.split("x"))
-    p = random_packed(m, n, bits=args.bits, seed=m + n)
+    p = random_packed(m, n, bits=args.bits, seed=m + n, perm=not args.no_perm)
     g = GpuTensor.from_packed(p, validate=False, tensor_cores=not args.no_tc)
+    if args.dequant:
+        w = cp.empty((m, n), dtype=cp.float16)
+        for _ in range(args.calls):
+            g.dequantize_into(w.data.ptr, n, 1)
+        cp.cuda.Device().synchronize()
+        print(f"dequantize w[0,:4]={cp.asnumpy(w[0, :4])}")
+        return 0
     x = cp.asarray(np.random.default_rng(0).standard_normal((args.batch, n)), dtype=cp.float16)
     y = cp.empty((args.batch, m), dtype=cp.float16)
     ws = cp.empty(g.workspace_bytes(args.batch) // 4, dtype=cp.float32)

@@ -80,6 +80,39 @@ def test_dequantize_bit_exact_shapes(m, n, bits, g, sb, S, perm, frac, layout, d
     _assert_same_bits(*_dequant_bits(t, dtype))
 
 
+@pytest.mark.parametrize("perm,gather", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("dtype", [DType.FLOAT16, DType.FLOAT32])
+def test_dequantize_into_strided_unaligned(perm, gather, dtype):
+    """Rows at odd offsets and pitch (some rows 16-byte aligned, some not): every row exact, and
+    nothing written outside the m x n window. gather=False: without the inverse permutation
+    (the C launcher's scatter path)."""
+    rng = np.random.default_rng(11)
+    m, n, pad, off = 7, 1000, 3, 1
+    t = random_bilevel(rng, m, n, BilevelParams(3, 16, 3, 16), perm, 0.05)
+    p = pack(t)
+    ref = decode_bilevel(p, dtype)
+    g = GpuTensor.from_packed(p)
+    assert (g.inv_perm is not None) == perm
+    if not gather:
+        g.inv_perm = None
+    width = np.uint32 if dtype == DType.FLOAT32 else np.uint16
+    ld = n + pad
+    buf = cp.full(off + m * ld, 0xABCD, dtype=width)
+    g.dequantize_into(buf.data.ptr + off * buf.itemsize, ld, 0 if dtype == DType.FLOAT32 else 1)
+    host = cp.asnumpy(buf)
+    got = host[off:].reshape(m, ld)
+    _assert_same_bits(ref.view(width), got[:, :n])
+    assert (got[:, n:] == 0xABCD).all() and host[0] == 0xABCD
+
+
+def test_dequantize_no_perm_row_larger_than_shared_memory():
+    """No permutation: rows go straight to global memory, so rows beyond shared memory (70,000
+    f32 columns = 280 KB) use the same one-block-per-row kernel."""
+    rng = np.random.default_rng(5)
+    t = random_bilevel(rng, 2, 70000, BilevelParams(3, 16, 3, 16), False, 0.01)
+    _assert_same_bits(*_dequant_bits(t, DType.FLOAT32))
+
+
 def test_dequantize_identity_perm():
     rng = np.random.default_rng(7)
     t = random_bilevel(rng, 6, 300, BilevelParams(3, 16, 3, 16), False, 0.05)

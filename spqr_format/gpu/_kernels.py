@@ -22,6 +22,8 @@ TC_SOURCE = KERNEL_DIR / "spqr_tc.cu"
 # kernels rely on f32 subnormals, the dequantizer on IEEE rounding.
 COMPILE_OPTIONS = ("--std=c++17",)
 # Experiments only: extra -D options (e.g. "-DSPQR_NB1_R=2 -DSPQR_DENSE_UNROLL=1").
+# Threads per block of the whole-row dequantizer (<= 256; env SPQR_DQ_THREADS for tuning).
+DQ_THREADS = min(256, int(os.environ.get("SPQR_DQ_THREADS", "0")) // 32 * 32)
 EXTRA_DEFINES = tuple(shlex.split(os.environ.get("SPQR_GPU_DEFINES", "")))
 _DEFS = dict(d[2:].partition("=")[::2] for d in EXTRA_DEFINES if d.startswith("-D"))
 
@@ -65,9 +67,13 @@ def dequant_row_name(bits: int, stats_bits: int, out_code: int) -> str:
     return f"spqr_dequant_row_b{b}_{stats_tag(stats_bits)}_{OUT_NAMES[out_code]}"
 
 
-def dequant_row_geometry(n: int) -> int:
-    """Threads per block of the whole-row dequantizer (one block per row)."""
-    return max(32, min(256, 32 * -(-nsub_of(n) // 32)))
+def dequant_row_geometry(n: int, smem: int = 0) -> int:
+    """Threads per block of the whole-row dequantizer (one block per row, thread per 16 columns):
+    128, or 256 when a row's shared memory (``smem`` bytes) limits the blocks per multiprocessor
+    (measured on an H200: more rows in flight beat more threads per row); env SPQR_DQ_THREADS
+    overrides."""
+    cap = DQ_THREADS or (256 if smem > 28 * 1024 else 128)
+    return max(32, min(cap, 32 * -(-(-(-n // 16)) // 32)))
 
 
 def dequant_outliers_name(out_code: int) -> str:

@@ -183,6 +183,9 @@ class GpuTensor:
     dtype: str = "float16"  # the tensor's default decode dtype
     name: str | None = None
     tc: TileLayout | None = None  # tensor-core tile layout (f16 matvec / matmul)
+    # inverse permutation (inv_perm[perm[j]] = j): lets the dequantizer stage rows in stored
+    # order and gather them on the way out with coalesced index loads
+    inv_perm: cp.ndarray | None = None
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -225,6 +228,9 @@ class GpuTensor:
             dtype=DTYPE_NAMES[p.dtype],
             name=name,
         )
+        if t.perm is not None:
+            t.inv_perm = cp.empty_like(t.perm)
+            t.inv_perm[t.perm] = cp.arange(t.perm.size, dtype=cp.uint32)
         if USE_TC if tensor_cores is None else tensor_cores:
             t.tc = build_tile_layout(p, t.codes, t.stats, t.stats2)
         return t
@@ -303,21 +309,25 @@ class GpuTensor:
         m, n = self.shape
         geo = self.geometry
         esz = 4 if out_code == 0 else 2
-        if n * esz <= _smem_optin():
-            # one block per row, row assembled in shared memory: coalesced writes, outliers
-            # and permutation applied in the same launch
+        # one block per row: without a permutation the rows are written straight to global
+        # memory (every row 16-byte aligned: no shared memory); with one, the row is staged in
+        # shared memory in stored order and gathered through inv_perm on the way out.
+        # Outliers and the permutation are applied in the same launch.
+        direct = self.perm is None and int(out_ptr) % 16 == 0 and (ldo * esz) % 16 == 0
+        if direct or n * esz <= _smem_optin():
             fn = function(K.dequant_row_name(self.bits, self.stats_bits, out_code))
-            smem = n * esz
+            smem = 0 if direct else n * esz
             if smem > 48 * 1024:
                 _raise_smem_limit(fn, smem)
             fn(
                 (m,),
-                (K.dequant_row_geometry(n),),
+                (K.dequant_row_geometry(n, smem),),
                 (
                     self.codes,
                     self.stats,
                     _ptr(self.stats2),
                     _ptr(self.perm),
+                    _ptr(self.inv_perm),
                     _ptr(self.outlier_rows),
                     _ptr(self.outlier_entries),
                     np.uint64(out_ptr),

@@ -96,14 +96,18 @@
  *   ldo elements.  B in {2,3,4,8} specialised, B = 0 generic (bits given at run time, any 1..8).
  *   Any g.  grid ceil(m*nsub / 256), block 256 (one thread per 32-column sub-chunk of a row).
  *
- * spqr_dequant_row_b{B}_{h|q}_{f32|f16|bf16}(codes, stats, stats2, perm, orows, oents, out, ldo,
- *                                            n, bits, g, S, sb, G, code_row_words,
+ * spqr_dequant_row_b{B}_{h|q}_{f32|f16|bf16}(codes, stats, stats2, perm, iperm, orows, oents,
+ *                                            out, ldo, n, bits, g, S, sb, G, code_row_words,
  *                                            stats_row_words)
- *   Whole decode of one row per block (dense values, permutation and outliers assembled in
- *   shared memory, then coalesced 16-byte stores when out + row*ldo is 16-byte aligned).
- *   grid m, block 32*clamp(ceil(nsub/32), 1, 8), dynamic shared memory n * sizeof(element)
- *   (raise cudaFuncAttributeMaxDynamicSharedMemorySize above 48 KiB); use the flat kernels
- *   below when that exceeds the device's opt-in limit.
+ *   Whole decode of one row per block, one thread per 16 columns (grid-stride), outliers
+ *   included.  perm == NULL and every row out + i*ldo 16-byte aligned: rows are written
+ *   straight to global memory and no shared memory is needed (any n).  Otherwise the row is
+ *   assembled in n * sizeof(element) bytes of dynamic shared memory (raise
+ *   cudaFuncAttributeMaxDynamicSharedMemorySize above 48 KiB; use the flat kernels below when
+ *   that exceeds the device's opt-in limit): in stored order and gathered on the way out when
+ *   iperm (the inverse permutation, iperm[perm[j]] = j, 16-byte aligned) is given (fastest),
+ *   else scattered through perm.  grid m, block 32*clamp(ceil(ceil(n/16)/32), 1, 8) or less
+ *   (any multiple of 32 up to 256).
  *
  * spqr_dequant_outliers_{f32|f16|bf16}(orows, oents, perm, out, ldo, m)
  *   Outlier pass (C-7.3): overwrites the outlier positions.  Launch after the dense pass on

@@ -38,7 +38,8 @@ typedef void (*mv1_fn)(const u32*, const u32*, const u16*, const u32*, const u32
                        int, i64, i64);
 
 typedef void (*dequant_row_fn)(const u32*, const u32*, const u16*, const u32*, const u32*,
-                               const u32*, void*, i64, i64, int, int, int, int, int, i64, i64);
+                               const u32*, const u32*, void*, i64, i64, int, int, int, int, int,
+                               i64, i64);
 typedef void (*dequant_fn)(const u32*, const u32*, const u16*, const u32*, void*, i64, i64, i64,
                            int, int, int, int, int, i64, i64);
 typedef void (*dequant_out_fn)(const u32*, const u32*, const u32*, void*, i64, i64);
@@ -142,15 +143,19 @@ extern "C" int spqr_dequantize(const spqr_bilevel* t, void* out, int64_t ldo, in
   int dev = 0, optin = 48 * 1024;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (n * esz <= (int64_t)optin - 1024) {
+  // rows straight to global memory (no shared memory) when there is no permutation and every
+  // row is 16-byte aligned; else each row is assembled in n * esz bytes of shared memory
+  const bool direct = t->perm == NULL && ((uintptr_t)out & 15) == 0 && ((ldo * esz) & 15) == 0;
+  if (direct || n * esz <= (int64_t)optin - 1024) {
     dequant_row_fn fn = t->stats_bits ? row_q[bi][out_dtype] : row_h[bi][out_dtype];
-    const int smem = (int)(n * esz);
+    const int smem = direct ? 0 : (int)(n * esz);
     if (smem > 48 * 1024)
       cudaFuncSetAttribute((const void*)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    int64_t th = 32 * ceil_div(nsub, 32);
+    int64_t th = 32 * ceil_div(ceil_div(n, 16), 32);
     th = th < 32 ? 32 : th > 256 ? 256 : th;
     fn<<<(unsigned)m, (unsigned)th, smem, stream>>>(
-        t->codes, t->stats, t->stats2, t->perm, t->orows, t->oents, out, ldo, n, t->bits,
+        t->codes, t->stats, t->stats2, t->perm, NULL /* no inverse permutation: scatter */,
+        t->orows, t->oents, out, ldo, n, t->bits,
         t->group_size, S, t->stats_bits, (int)G, crw, srw);
   } else {
     dequant_fn fn = t->stats_bits ? flat_q[bi][out_dtype] : flat_h[bi][out_dtype];

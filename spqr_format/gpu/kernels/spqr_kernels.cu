@@ -39,6 +39,12 @@
 #ifndef SPQR_MV1_MINB
 #define SPQR_MV1_MINB 2
 #endif
+#ifndef SPQR_DQ_MINB
+#define SPQR_DQ_MINB 4  // whole-row dequantizer: blocks per multiprocessor (register cap)
+#endif
+#ifndef SPQR_DQ_UNROLL
+#define SPQR_DQ_UNROLL 1  // whole-row dequantizer: 16-column units per thread in flight
+#endif
 #ifndef SPQR_OUTLIER_U
 #define SPQR_OUTLIER_U 8
 #endif
@@ -786,14 +792,121 @@ __device__ __forceinline__ void dequant(const u32* __restrict__ codes,
   }
 }
 
-// Whole-row pass: one block per row; the row is assembled in shared memory (dense values at
-// perm[j], then outliers), then written with coalesced 16-byte stores.  Needs
-// n * sizeof(out element) bytes of dynamic shared memory.
+// One entry per lane of 32 consecutive outlier entries (C-6): its value bits (0xFFFF: a skip,
+// or past the end) and its stored column; `colbase` (the column of the entry before this batch,
+// -1 at the row's start) moves past the batch.
+__device__ __forceinline__ void outlier_scan(u32 ent, i64& colbase, u32& val, i64& col) {
+  const int lane = threadIdx.x & 31;
+  u32 cs = ent & 0xFFFFu;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const u32 t = __shfl_up_sync(0xffffffffu, cs, o);
+    if (lane >= o) cs += t;
+  }
+  col = colbase + (i64)cs;
+  colbase += (i64)__shfl_sync(0xffffffffu, cs, 31);
+  val = ent >> 16;
+}
+__device__ __forceinline__ void outlier_batch(const u32* __restrict__ oents, u32 e, u32 e_end,
+                                              i64& colbase, u32& val, i64& col) {
+  const u32 idx = e + (threadIdx.x & 31);
+  outlier_scan(idx < e_end ? __ldg(oents + idx) : 0xFFFF0000u, colbase, val, col);
+}
+
+// f32 values a (low half) and b (high half) rounded to nearest even into one packed word of the
+// output type (cvt.rn.f16x2.f32 / cvt.rn.bf16x2.f32 take the high half first).
+template <int OUT>
+__device__ __forceinline__ u32 pack2(float a, float b) {
+  u32 r;
+  if (OUT == SPQR_OUT_F16)
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  else
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  return r;
+}
+
+// The exact values (C-7.2) of the 16 stored columns 16u .. 16u+15 of one row whose group
+// statistics (s, z) are uniform over the unit (g % 16 == 0), B in {2, 3, 4, 8}.
+// Codes -> f32 without conversions: a B-bit field at bit p (p + B <= 23) of a 23-bit window OR'd
+// into 0x4B000000 is the f32 2^23 + q 2^p; minus 2^23 that is q 2^p exactly, and one fma with
+// 2^-p gives round(q - z) = SPEC's sub(q, z); then mul(s, .). No .ftz anywhere (inline PTX).
+template <int B, bool PACKED>
+struct Unit16 {
+  // the unit's 16 B bits start at bit 16 B u: 16-bit aligned, so <= 2 (B <= 4) or 4 words
+  static constexpr int NW = B == 8 ? 4 : ((B == 3 || B == 4) ? 2 : 1);
+  u32 w[NW + 1];  // code words from the unit's first
+  u32 sh;         // bit offset of the unit in w[0]
+  u32 s0, s1;     // statistics: the f16 (s, z) pair, or the words holding the two codes
+  uint2 rec;      // packed statistics: the stats2 record (C-7.1)
+
+  // Issue every load of unit u of row `row` (group k); nothing is used yet.
+  __device__ __forceinline__ void load(const u32* __restrict__ crow, i64 crw, i64 u,
+                                       const u32* __restrict__ stats,
+                                       const u16* __restrict__ stats2, i64 row, i64 tile, int k,
+                                       int G, i64 stats_row_words, int sb) {
+    const i64 bit0 = 16 * (i64)B * u;
+    const i64 w0 = bit0 >> 5;
+    sh = (u32)(bit0 & 31);
+#pragma unroll
+    for (int i = 0; i <= NW; ++i) w[i] = (w0 + i < crw) ? __ldg(crow + w0 + i) : 0u;
+    if (!PACKED) {
+      s0 = __ldg(stats + row * (i64)G + k);
+    } else {
+      const u32* srow = stats + row * stats_row_words;
+      const u32 bit = (u32)k * (u32)(2 * sb);
+      const u32 wi = bit >> 5;
+      s0 = __ldg(srow + wi);
+      s1 = ((bit & 31u) + 2u * (u32)sb > 32u) ? __ldg(srow + wi + 1) : 0u;
+      sh |= (bit & 31u) << 8;
+      rec = __ldg(reinterpret_cast<const uint2*>(stats2) + (tile * (i64)G + k));
+    }
+  }
+
+  // The exact values (C-7.1, C-7.2) of the unit's 16 columns (g % 16 == 0: one group).
+  // Codes -> f32 without conversions: a B-bit field at bit p (p + B <= 23) of a window OR'd
+  // into 0x4B000000 is the f32 2^23 + q 2^p; minus 2^23 that is q 2^p exactly, and one fma with
+  // 2^-p gives round(q - z) = SPEC's sub(q, z); then mul(s, .). No .ftz (inline PTX).
+  __device__ __forceinline__ void decode(int sb, float (&v)[16]) const {
+    float s, z;
+    if (!PACKED) {
+      s = f16_bits_to_f32(s0);
+      z = f16_bits_to_f32(s0 >> 16);
+    } else {
+      const u32 c = __funnelshift_r(s0, s1, sh >> 8);
+      const u32 smask = (1u << sb) - 1u;
+      const float qs = (float)(c & smask), qz = (float)((c >> sb) & smask);
+      s = add_rn(f16_bits_to_f32(rec.x >> 16), mul_rn(f16_bits_to_f32(rec.x), qs));
+      z = add_rn(f16_bits_to_f32(rec.y >> 16), mul_rn(f16_bits_to_f32(rec.y), qz));
+    }
+    constexpr int EPW = 23 / B;  // fields per window
+    constexpr u32 MASK = (1u << B) - 1u;
+    u32 x[NW];  // the unit's bits, from bit 0
+#pragma unroll
+    for (int i = 0; i < NW; ++i) x[i] = __funnelshift_r(w[i], w[i + 1], sh & 31u);
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+      const int st = (e / EPW) * EPW * B;  // window start (bit of the unit)
+      const int p = e * B - st;            // field position inside the window
+      const int wi = st >> 5, ws = st & 31;
+      const u32 win = ws ? __funnelshift_r(x[wi], (wi + 1 < NW) ? x[wi + 1] : 0u, ws) : x[wi];
+      const float f = __uint_as_float((win & (MASK << p)) | 0x4B000000u);  // 2^23 + q 2^p
+      const float q = sub_rn(f, 8388608.0f);                               // q 2^p, exact
+      v[e] = mul_rn(s, fma_keep_subnormal(q, pow2f(-p), -z));              // s * (q - z)
+    }
+  }
+};
+
+// Whole-row pass: one block per row, one thread per 16-column unit (grid-stride). Dense values
+// are stored at their output column: straight to global memory with 16-byte stores when there
+// is no permutation, else scattered into a shared-memory copy of the row (n * sizeof(out) bytes
+// of dynamic shared memory) that is written out with coalesced 16-byte stores. Outliers then
+// overwrite their columns (one warp, C-7.3) after a block barrier.
 template <int B, bool PACKED, int OUT>
 __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
                                             const u32* __restrict__ stats,
                                             const u16* __restrict__ stats2,
-                                            const u32* __restrict__ perm,
+                                            const u32* __restrict__ perm_in,
+                                            const u32* __restrict__ iperm,
                                             const u32* __restrict__ orows,
                                             const u32* __restrict__ oents,
                                             void* __restrict__ out, i64 ldo, i64 n, int bits,
@@ -803,55 +916,184 @@ __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
   constexpr int ESZ = OUT == SPQR_OUT_F32 ? 4 : 2;
   const i64 row = blockIdx.x;
   const i64 tile = PACKED ? row / S : 0;
-  const i64 nsub = (n + 31) >> 5;
-  for (i64 s = threadIdx.x; s < nsub; s += blockDim.x) {
-    const i64 j0 = s * 32;
-    const int nvalid = (int)min((i64)32, n - j0);
-    float v[32];
-    decode_subchunk<B, PACKED>(codes, stats, stats2, row, tile, j0, nvalid, bits, g, sb, G,
-                               code_row_words, stats_row_words, v);
-    if (perm != nullptr && nvalid == 32) {
-      const uint4* pv = reinterpret_cast<const uint4*>(perm + j0);  // 128-byte aligned
+  const i64 nunits = (n + 15) >> 4;
+  char* const grow = reinterpret_cast<char*>(out) + row * ldo * ESZ;
+  // direct global stores: no permutation and a 16-byte aligned row
+  // With the inverse permutation the row is staged in stored order and gathered on the way out
+  // (coalesced index loads, no permutation while decoding); without it, scattered through perm.
+  const bool gather = perm_in != nullptr && iperm != nullptr;
+  const u32* const perm = gather ? nullptr : perm_in;  // the permutation applied while staging
+  const bool direct = perm_in == nullptr && (reinterpret_cast<u64>(grow) & 15) == 0;
+  void* const dst = direct ? static_cast<void*>(grow) : static_cast<void*>(smem_raw);
+  const u32* const crow = codes + row * code_row_words;
+  const bool fast = B > 0 && (g & 15) == 0;
+  // Warp 0 fetches the row's first 32 * OB outlier entries (and their permuted columns) now, so
+  // that those loads overlap the dense pass; it writes them after the barrier below.
+  constexpr int OB = 4;
+  const bool owarp = orows != nullptr && threadIdx.x < 32;
+  const bool pre = owarp && n <= 0xFFFFFFFFll;  // prefetched columns kept as u32
+  u32 o_val[OB], o_dst[OB];
+  u32 o_e0 = 0, o_e1 = 0, o_next = 0;  // o_next: first entry not prefetched
+  i64 o_base = -1;
+  if (owarp) {
+    o_e0 = __ldg(orows + row);
+    o_e1 = __ldg(orows + row + 1);
+    o_next = o_e0;
+  }
+  if (pre) {
+    o_next = o_e0 + 32 * OB;
+    u32 ent[OB];
 #pragma unroll
-      for (int q = 0; q < 8; ++q) {
+    for (int b = 0; b < OB; ++b) {
+      const u32 idx = o_e0 + 32 * b + (threadIdx.x & 31);
+      ent[b] = idx < o_e1 ? __ldg(oents + idx) : 0xFFFF0000u;  // past the end: skip, delta 0
+    }
+#pragma unroll
+    for (int b = 0; b < OB; ++b) {
+      i64 col;
+      outlier_scan(ent[b], o_base, o_val[b], col);
+      o_dst[b] = (u32)((o_val[b] != 0xFFFFu && perm != nullptr) ? (i64)__ldg(perm + col) : col);
+    }
+  }
+  // unit u's values v -> dst (column perm[j] for stored column j)
+  auto store_unit = [&](i64 u, const float (&v)[16]) {
+    const i64 j0 = u << 4;
+    const int nvalid = (int)min((i64)16, n - j0);
+    if (perm == nullptr && nvalid == 16) {
+      uint4* d = reinterpret_cast<uint4*>(reinterpret_cast<char*>(dst) + j0 * ESZ);
+      if (OUT == SPQR_OUT_F32) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          d[q] = make_uint4(__float_as_uint(v[4 * q]), __float_as_uint(v[4 * q + 1]),
+                            __float_as_uint(v[4 * q + 2]), __float_as_uint(v[4 * q + 3]));
+      } else {
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+          d[q] = make_uint4(pack2<OUT>(v[8 * q], v[8 * q + 1]),
+                            pack2<OUT>(v[8 * q + 2], v[8 * q + 3]),
+                            pack2<OUT>(v[8 * q + 4], v[8 * q + 5]),
+                            pack2<OUT>(v[8 * q + 6], v[8 * q + 7]));
+      }
+    } else if (perm != nullptr && nvalid == 16) {
+      const uint4* pv = reinterpret_cast<const uint4*>(perm + j0);  // 64-byte aligned
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
         const uint4 pq = __ldg(pv + q);
-        write_elem<OUT>(smem_raw, pq.x, v[4 * q]);
-        write_elem<OUT>(smem_raw, pq.y, v[4 * q + 1]);
-        write_elem<OUT>(smem_raw, pq.z, v[4 * q + 2]);
-        write_elem<OUT>(smem_raw, pq.w, v[4 * q + 3]);
+        write_elem<OUT>(dst, pq.x, v[4 * q]);
+        write_elem<OUT>(dst, pq.y, v[4 * q + 1]);
+        write_elem<OUT>(dst, pq.z, v[4 * q + 2]);
+        write_elem<OUT>(dst, pq.w, v[4 * q + 3]);
       }
     } else {
 #pragma unroll
-      for (int e = 0; e < 32; ++e) {
-        if (e < nvalid) {
-          const i64 j = j0 + e;
-          const i64 col = perm ? (i64)__ldg(perm + j) : j;
-          write_elem<OUT>(smem_raw, col, v[e]);
+      for (int e = 0; e < 16; ++e)
+        if (e < nvalid) write_elem<OUT>(dst, perm ? (i64)__ldg(perm + j0 + e) : j0 + e, v[e]);
+    }
+  };
+  if (fast) {
+    // SPQR_DQ_UNROLL units per thread at a time: all their loads are issued before any decode
+    constexpr int UB = SPQR_DQ_UNROLL;
+    constexpr int BB = B > 0 ? B : 1;
+    for (i64 u0 = threadIdx.x; u0 < nunits; u0 += UB * (i64)blockDim.x) {
+      Unit16<BB, PACKED> raw[UB];
+#pragma unroll
+      for (int b = 0; b < UB; ++b) {
+        const i64 u = u0 + b * (i64)blockDim.x;
+        if (u < nunits)
+          raw[b].load(crow, code_row_words, u, stats, stats2, row, tile,
+                      (int)div_group((u64)(u << 4), g), G, stats_row_words, sb);
+      }
+#pragma unroll
+      for (int b = 0; b < UB; ++b) {
+        const i64 u = u0 + b * (i64)blockDim.x;
+        if (u < nunits) {
+          float v[16];
+          raw[b].decode(sb, v);
+          store_unit(u, v);
         }
       }
     }
+  } else {  // any bit width / group size: per element, statistics reloaded at group starts
+    for (i64 u = threadIdx.x; u < nunits; u += blockDim.x) {
+      const i64 j0 = u << 4;
+      const int nvalid = (int)min((i64)16, n - j0);
+      float v[16];
+      int k = (int)(j0 / g);
+      i64 next = (i64)(k + 1) * g;
+      float sc, zc;
+      load_stats<PACKED>(stats, stats2, row, tile, k, G, stats_row_words, sb, sc, zc);
+#pragma unroll
+      for (int e = 0; e < 16; ++e) {
+        if (e < nvalid) {
+          if (j0 + e == next) {
+            ++k;
+            next += g;
+            load_stats<PACKED>(stats, stats2, row, tile, k, G, stats_row_words, sb, sc, zc);
+          }
+          const float q = (float)load_code(codes, row, code_row_words, j0 + e, bits);
+          v[e] = mul_rn(sc, sub_rn(q, zc));
+        }
+      }
+      store_unit(u, v);
+    }
   }
-  __syncthreads();
-  if (orows != nullptr && threadIdx.x < 32) {
-    scan_outliers<1, 8>(orows, oents, row, 1, [&](int, i64 col, u32 val, bool act) {
-      if (act) write_elem<OUT>(smem_raw, perm ? (i64)__ldg(perm + col) : col, f16_bits_to_f32(val));
-    });
+  if (orows == nullptr && direct) return;
+  __syncthreads();  // dense values visible to the outlier warp (shared or global memory)
+  if (owarp) {
+    if (pre) {
+#pragma unroll
+      for (int b = 0; b < OB; ++b)
+        if (o_val[b] != 0xFFFFu) write_elem<OUT>(dst, o_dst[b], f16_bits_to_f32(o_val[b]));
+    }
+    for (u32 e = o_next; e < o_e1; e += 32) {  // entries not prefetched
+      u32 val;
+      i64 col;
+      outlier_batch(oents, e, o_e1, o_base, val, col);
+      if (val != 0xFFFFu)
+        write_elem<OUT>(dst, perm ? (i64)__ldg(perm + col) : col, f16_bits_to_f32(val));
+    }
   }
+  if (direct) return;
   __syncthreads();
   const i64 bytes = n * ESZ;
-  char* dst = reinterpret_cast<char*>(out) + row * ldo * ESZ;
   const char* src = reinterpret_cast<const char*>(smem_raw);
-  if ((reinterpret_cast<u64>(dst) & 15) == 0) {
+  if (gather) {
+    // out[c] = staged[iperm[c]], four columns per thread: one 16-byte index load, one store
+    const bool vec = (reinterpret_cast<u64>(grow) & (4 * ESZ - 1)) == 0;
+    const i64 n4 = vec ? (n >> 2) : 0;
+    for (i64 t = threadIdx.x; t < n4; t += blockDim.x) {
+      const uint4 ix = __ldg(reinterpret_cast<const uint4*>(iperm) + t);
+      if (ESZ == 4) {
+        const float* sv = reinterpret_cast<const float*>(src);
+        reinterpret_cast<uint4*>(grow)[t] =
+            make_uint4(__float_as_uint(sv[ix.x]), __float_as_uint(sv[ix.y]),
+                       __float_as_uint(sv[ix.z]), __float_as_uint(sv[ix.w]));
+      } else {
+        const u16* sv = reinterpret_cast<const u16*>(src);
+        reinterpret_cast<uint2*>(grow)[t] = make_uint2((u32)sv[ix.x] | ((u32)sv[ix.y] << 16),
+                                                       (u32)sv[ix.z] | ((u32)sv[ix.w] << 16));
+      }
+    }
+    for (i64 c = 4 * n4 + threadIdx.x; c < n; c += blockDim.x) {
+      const u32 j = __ldg(iperm + c);
+      if (ESZ == 4)
+        reinterpret_cast<u32*>(grow)[c] = reinterpret_cast<const u32*>(src)[j];
+      else
+        reinterpret_cast<u16*>(grow)[c] = reinterpret_cast<const u16*>(src)[j];
+    }
+    return;
+  }
+  if ((reinterpret_cast<u64>(grow) & 15) == 0) {
     const i64 nvec = bytes >> 4;
     for (i64 t = threadIdx.x; t < nvec; t += blockDim.x)
-      reinterpret_cast<uint4*>(dst)[t] = reinterpret_cast<const uint4*>(src)[t];
-    for (i64 t = (nvec << 4) + threadIdx.x; t < bytes; t += blockDim.x) dst[t] = src[t];
+      reinterpret_cast<uint4*>(grow)[t] = reinterpret_cast<const uint4*>(src)[t];
+    for (i64 t = (nvec << 4) + threadIdx.x; t < bytes; t += blockDim.x) grow[t] = src[t];
   } else {
     for (i64 t = threadIdx.x; t < bytes / ESZ; t += blockDim.x) {
       if (ESZ == 4)
-        reinterpret_cast<u32*>(dst)[t] = reinterpret_cast<const u32*>(src)[t];
+        reinterpret_cast<u32*>(grow)[t] = reinterpret_cast<const u32*>(src)[t];
       else
-        reinterpret_cast<u16*>(dst)[t] = reinterpret_cast<const u16*>(src)[t];
+        reinterpret_cast<u16*>(grow)[t] = reinterpret_cast<const u16*>(src)[t];
     }
   }
 }
@@ -976,13 +1218,13 @@ SPQR_MATVEC_ALL(3)
   }
 
 #define SPQR_DEQUANT_ROW_ENTRY(B, SNAME, PACKED, ONAME, OUT)                                  \
-  extern "C" __global__ void __launch_bounds__(256, 2) spqr_dequant_row_b##B##_##SNAME##_##ONAME( \
+  extern "C" __global__ void __launch_bounds__(256, SPQR_DQ_MINB) spqr_dequant_row_b##B##_##SNAME##_##ONAME( \
       const u32* __restrict__ codes, const u32* __restrict__ stats,                           \
       const u16* __restrict__ stats2, const u32* __restrict__ perm,                           \
-      const u32* __restrict__ orows, const u32* __restrict__ oents, void* __restrict__ out,   \
-      i64 ldo, i64 n, int bits, int g, int S, int sb, int G, i64 code_row_words,              \
-      i64 stats_row_words) {                                                                  \
-    spqr::dequant_row<B, PACKED, OUT>(codes, stats, stats2, perm, orows, oents, out, ldo, n,  \
+      const u32* __restrict__ iperm, const u32* __restrict__ orows,                           \
+      const u32* __restrict__ oents, void* __restrict__ out, i64 ldo, i64 n, int bits, int g, \
+      int S, int sb, int G, i64 code_row_words, i64 stats_row_words) {                        \
+    spqr::dequant_row<B, PACKED, OUT>(codes, stats, stats2, perm, iperm, orows, oents, out, ldo, n, \
                                       bits, g, S, sb, G, code_row_words, stats_row_words);    \
   }
 
