@@ -24,6 +24,11 @@ COMPILE_OPTIONS = ("--std=c++17",)
 # Experiments only: extra -D options (e.g. "-DSPQR_NB1_R=2 -DSPQR_DENSE_UNROLL=1").
 # Threads per block of the whole-row dequantizer (<= 256; env SPQR_DQ_THREADS for tuning).
 DQ_THREADS = min(256, int(os.environ.get("SPQR_DQ_THREADS", "0")) // 32 * 32)
+# Rows per block of the dequantizer when a permutation is present (2, or 1: env SPQR_DQ_ROWS).
+DQ_ROWS = 1 if os.environ.get("SPQR_DQ_ROWS", "2") == "1" else 2
+# Largest shared memory per block for which two rows per block beat one (H200: at 112 KiB, two
+# blocks per multiprocessor are too few); env SPQR_DQ2_SMEM_MAX.
+DQ2_SMEM_MAX = int(os.environ.get("SPQR_DQ2_SMEM_MAX", str(64 * 1024)))
 EXTRA_DEFINES = tuple(shlex.split(os.environ.get("SPQR_GPU_DEFINES", "")))
 _DEFS = dict(d[2:].partition("=")[::2] for d in EXTRA_DEFINES if d.startswith("-D"))
 
@@ -76,6 +81,20 @@ def dequant_row_geometry(n: int, smem: int = 0) -> int:
     return max(32, min(cap, 32 * -(-(-(-n // 16)) // 32)))
 
 
+def dequant_row2_name(bits: int, stats_bits: int, out_code: int) -> str:
+    """Two-row dequantizer (f16/bf16 output, bits in DEQUANT_BITS, g % 16 == 0, permutation)."""
+    return f"spqr_dequant_row2_b{bits}_{stats_tag(stats_bits)}_{OUT_NAMES[out_code]}"
+
+
+def dequant_row2_smem(n: int) -> int:
+    """Shared memory of the two-row dequantizer: (row 0, row 1) u32 pairs in 128-byte blocks."""
+    return 128 * -(-(-(-n // 4)) // 8)
+
+
+def dequant_row2_supported(bits: int, group_size: int, out_code: int) -> bool:
+    return DQ_ROWS == 2 and bits in DEQUANT_BITS and group_size % 16 == 0 and out_code in (1, 2)
+
+
 def dequant_outliers_name(out_code: int) -> str:
     return f"spqr_dequant_outliers_{OUT_NAMES[out_code]}"
 
@@ -94,6 +113,8 @@ def all_kernel_names() -> list[str]:
             for oc in OUT_NAMES:
                 names.append(dequant_name(b if b else 1, sb, oc))
                 names.append(dequant_row_name(b if b else 1, sb, oc))
+                if b and oc:
+                    names.append(dequant_row2_name(b, sb, oc))
     for oc in OUT_NAMES:
         names.append(dequant_outliers_name(oc))
     return sorted(set(names))

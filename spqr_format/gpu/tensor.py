@@ -314,6 +314,40 @@ class GpuTensor:
         # shared memory in stored order and gathered through inv_perm on the way out.
         # Outliers and the permutation are applied in the same launch.
         direct = self.perm is None and int(out_ptr) % 16 == 0 and (ldo * esz) % 16 == 0
+        smem2 = K.dequant_row2_smem(n)
+        if (
+            self.inv_perm is not None
+            and K.dequant_row2_supported(self.bits, self.group_size, out_code)
+            and smem2 <= min(_smem_optin(), K.DQ2_SMEM_MAX)
+        ):
+            # two rows per block, staged as (row 0, row 1) pairs: one gather serves both rows
+            fn = function(K.dequant_row2_name(self.bits, self.stats_bits, out_code))
+            if smem2 > 48 * 1024:
+                _raise_smem_limit(fn, smem2)
+            fn(
+                ((m + 1) // 2,),
+                (max(64, K.dequant_row_geometry(n, smem2)),),
+                (
+                    self.codes,
+                    self.stats,
+                    _ptr(self.stats2),
+                    self.inv_perm,
+                    _ptr(self.outlier_rows),
+                    _ptr(self.outlier_entries),
+                    np.uint64(out_ptr),
+                    np.int64(ldo),
+                    np.int64(m),
+                    np.int64(n),
+                    np.int32(self.group_size),
+                    np.int32(max(self.stats_group_size, 1)),
+                    np.int32(self.stats_bits),
+                    np.int32(geo.groups),
+                    np.int64(geo.code_row_words),
+                    np.int64(geo.stats_row_words),
+                ),
+                shared_mem=smem2,
+            )
+            return
         if direct or n * esz <= _smem_optin():
             fn = function(K.dequant_row_name(self.bits, self.stats_bits, out_code))
             smem = 0 if direct else n * esz

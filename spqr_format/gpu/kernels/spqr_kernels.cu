@@ -42,6 +42,9 @@
 #ifndef SPQR_DQ_MINB
 #define SPQR_DQ_MINB 4  // whole-row dequantizer: blocks per multiprocessor (register cap)
 #endif
+#ifndef SPQR_DQ2_MINB
+#define SPQR_DQ2_MINB 4  // two-row dequantizer: register cap (blocks of 256 per multiprocessor)
+#endif
 #ifndef SPQR_DQ_UNROLL
 #define SPQR_DQ_UNROLL 1  // whole-row dequantizer: 16-column units per thread in flight
 #endif
@@ -1098,6 +1101,137 @@ __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
   }
 }
 
+// Two rows per block (f16 / bf16 output, a permutation with its inverse, B in {2,3,4,8},
+// g % 16 == 0): the rows are staged together in shared memory as u32 (row 0, row 1) pairs in
+// stored column order, so the gather through the inverse permutation fetches both rows with one
+// 4-byte access and one index load serves two rows (half the shared-memory wavefronts and index
+// traffic per element of dequant_row). Pairs of 4 columns form 16-byte chunks; chunk k lives at
+// k ^ ((k >> 3) & 7), which makes a warp's 16-byte stores of 32 consecutive units conflict-free.
+// Shared memory: 16 * 8 * ceil(ceil(n / 4) / 8) bytes. Warps 0 and 1 write the outliers of
+// rows 0 and 1 (so at least 64 threads).
+__device__ __forceinline__ u32 pair_slot(u32 j) {
+  const u32 k = j >> 2;
+  return ((k ^ ((k >> 3) & 7u)) << 2) | (j & 3u);
+}
+
+template <int B, bool PACKED, int OUT>
+__device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
+                                             const u32* __restrict__ stats,
+                                             const u16* __restrict__ stats2,
+                                             const u32* __restrict__ iperm,
+                                             const u32* __restrict__ orows,
+                                             const u32* __restrict__ oents,
+                                             u16* __restrict__ out, i64 ldo, i64 m, i64 n, int g,
+                                             int S, int sb, int G, i64 code_row_words,
+                                             i64 stats_row_words) {
+  extern __shared__ uint4 smem_raw[];
+  u32* const sm = reinterpret_cast<u32*>(smem_raw);
+  const i64 r0 = 2 * (i64)blockIdx.x;
+  const bool two = r0 + 1 < m;
+  const i64 r1 = two ? r0 + 1 : r0;  // odd m: the last block decodes row r0 twice, writes it once
+  const i64 nunits = (n + 15) >> 4;
+  // warp w < 2 prefetches row w's first 32 * OB outlier entries (stored columns)
+  constexpr int OB = 4;
+  const int warp = threadIdx.x >> 5;
+  const bool owarp = orows != nullptr && warp < 2;
+  const i64 orow = warp == 1 ? r1 : r0;
+  u32 o_val[OB], o_col[OB];
+  u32 o_e0 = 0, o_e1 = 0;
+  i64 o_base = -1;
+  if (owarp) {
+    o_e0 = __ldg(orows + orow);
+    o_e1 = (warp == 1 && !two) ? o_e0 : __ldg(orows + orow + 1);  // row 1 absent: no entries
+    u32 ent[OB];
+#pragma unroll
+    for (int b = 0; b < OB; ++b) {
+      const u32 idx = o_e0 + 32 * b + (threadIdx.x & 31);
+      ent[b] = idx < o_e1 ? __ldg(oents + idx) : 0xFFFF0000u;  // past the end: skip, delta 0
+    }
+#pragma unroll
+    for (int b = 0; b < OB; ++b) {
+      i64 col;
+      outlier_scan(ent[b], o_base, o_val[b], col);
+      o_col[b] = (u32)col;  // n < 2^32 on this path (the row fits in shared memory)
+    }
+  }
+  const u32* const crow0 = codes + r0 * code_row_words;
+  const u32* const crow1 = codes + r1 * code_row_words;
+  const i64 tile0 = PACKED ? r0 / S : 0, tile1 = PACKED ? r1 / S : 0;
+  for (i64 u = threadIdx.x; u < nunits; u += blockDim.x) {
+    const int k = (int)div_group((u64)(u << 4), g);
+    Unit16<B, PACKED> a, b;
+    a.load(crow0, code_row_words, u, stats, stats2, r0, tile0, k, G, stats_row_words, sb);
+    b.load(crow1, code_row_words, u, stats, stats2, r1, tile1, k, G, stats_row_words, sb);
+    // each row rounded and packed as soon as it is decoded (columns 2i, 2i+1 per word), then
+    // the two rows' halves interleaved into (row 0, row 1) pairs: fewer live registers
+    u32 h0[8], h1[8];
+    {
+      float v[16];
+      a.decode(sb, v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) h0[i] = pack2<OUT>(v[2 * i], v[2 * i + 1]);
+      b.decode(sb, v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) h1[i] = pack2<OUT>(v[2 * i], v[2 * i + 1]);
+    }
+    const i64 j0 = u << 4;
+    if (j0 + 16 <= n) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const u32 kc = (u32)(4 * u + q);
+        reinterpret_cast<uint4*>(sm)[kc ^ ((kc >> 3) & 7u)] = make_uint4(
+            __byte_perm(h0[2 * q], h1[2 * q], 0x5410), __byte_perm(h0[2 * q], h1[2 * q], 0x7632),
+            __byte_perm(h0[2 * q + 1], h1[2 * q + 1], 0x5410),
+            __byte_perm(h0[2 * q + 1], h1[2 * q + 1], 0x7632));
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 16; ++e)
+        if (j0 + e < n)
+          sm[pair_slot((u32)(j0 + e))] =
+              __byte_perm(h0[e >> 1], h1[e >> 1], (e & 1) ? 0x7632 : 0x5410);
+    }
+  }
+  if (orows != nullptr) {
+    __syncthreads();  // dense values in place before the outliers overwrite theirs (C-7.3)
+    if (owarp) {
+      u16* const sm16 = reinterpret_cast<u16*>(sm);
+#pragma unroll
+      for (int b = 0; b < OB; ++b)
+        if (o_val[b] != 0xFFFFu)
+          sm16[2 * pair_slot(o_col[b]) + warp] = (u16)out_bits<OUT>(f16_bits_to_f32(o_val[b]));
+      for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32) {  // entries not prefetched
+        u32 val;
+        i64 col;
+        outlier_batch(oents, e, o_e1, o_base, val, col);
+        if (val != 0xFFFFu)
+          sm16[2 * pair_slot((u32)col) + warp] = (u16)out_bits<OUT>(f16_bits_to_f32(val));
+      }
+    }
+  }
+  __syncthreads();
+  // out[r][c] = staged[iperm[c]] for both rows: four columns per thread, one 16-byte index load
+  u16* const g0 = out + r0 * ldo;
+  u16* const g1 = out + r1 * ldo;
+  const bool vec = ((reinterpret_cast<u64>(g0) | reinterpret_cast<u64>(g1)) & 7) == 0;
+  const i64 n4 = vec ? (n >> 2) : 0;
+  for (i64 t = threadIdx.x; t < n4; t += blockDim.x) {
+    const uint4 ix = __ldg(reinterpret_cast<const uint4*>(iperm) + t);
+    const u32 px = sm[pair_slot(ix.x)], py = sm[pair_slot(ix.y)];
+    const u32 pz = sm[pair_slot(ix.z)], pw = sm[pair_slot(ix.w)];
+    reinterpret_cast<uint2*>(g0)[t] = make_uint2(__byte_perm(px, py, 0x5410),
+                                                 __byte_perm(pz, pw, 0x5410));
+    if (two)
+      reinterpret_cast<uint2*>(g1)[t] = make_uint2(__byte_perm(px, py, 0x7632),
+                                                   __byte_perm(pz, pw, 0x7632));
+  }
+  for (i64 c = 4 * n4 + threadIdx.x; c < n; c += blockDim.x) {
+    const u32 pv = sm[pair_slot(__ldg(iperm + c))];
+    g0[c] = (u16)pv;
+    if (two) g1[c] = (u16)(pv >> 16);
+  }
+}
+
 // Outlier pass of dequantize: one warp per row overwrites W[i, perm[c]] = f32(o) (C-7.3).
 template <int OUT>
 __device__ __forceinline__ void dequant_outliers(const u32* __restrict__ orows,
@@ -1228,6 +1362,18 @@ SPQR_MATVEC_ALL(3)
                                       bits, g, S, sb, G, code_row_words, stats_row_words);    \
   }
 
+#define SPQR_DEQUANT_ROW2_ENTRY(B, SNAME, PACKED, ONAME, OUT)                                 \
+  extern "C" __global__ void __launch_bounds__(256, SPQR_DQ2_MINB)                            \
+      spqr_dequant_row2_b##B##_##SNAME##_##ONAME(                                             \
+          const u32* __restrict__ codes, const u32* __restrict__ stats,                       \
+          const u16* __restrict__ stats2, const u32* __restrict__ iperm,                      \
+          const u32* __restrict__ orows, const u32* __restrict__ oents, u16* __restrict__ out, \
+          i64 ldo, i64 m, i64 n, int g, int S, int sb, int G, i64 code_row_words,             \
+          i64 stats_row_words) {                                                              \
+    spqr::dequant_row2<B, PACKED, OUT>(codes, stats, stats2, iperm, orows, oents, out, ldo, m, \
+                                       n, g, S, sb, G, code_row_words, stats_row_words);      \
+  }
+
 #define SPQR_DEQUANT_ALL_OUT(B, SNAME, PACKED)                 \
   SPQR_DEQUANT_ENTRY(B, SNAME, PACKED, f32, SPQR_OUT_F32)     \
   SPQR_DEQUANT_ENTRY(B, SNAME, PACKED, f16, SPQR_OUT_F16)     \
@@ -1240,13 +1386,24 @@ SPQR_MATVEC_ALL(3)
   SPQR_DEQUANT_ALL_OUT(B, h, false)     \
   SPQR_DEQUANT_ALL_OUT(B, q, true)
 
+// two-row kernels: specialised bit widths only (B = 0 has no Unit16 decoder)
+#define SPQR_DEQUANT_ROW2_ALL(B)                                \
+  SPQR_DEQUANT_ROW2_ENTRY(B, h, false, f16, SPQR_OUT_F16)      \
+  SPQR_DEQUANT_ROW2_ENTRY(B, h, false, bf16, SPQR_OUT_BF16)    \
+  SPQR_DEQUANT_ROW2_ENTRY(B, q, true, f16, SPQR_OUT_F16)       \
+  SPQR_DEQUANT_ROW2_ENTRY(B, q, true, bf16, SPQR_OUT_BF16)
+
 #ifndef SPQR_FAST_BUILD
 SPQR_DEQUANT_ALL(0)
 SPQR_DEQUANT_ALL(2)
 SPQR_DEQUANT_ALL(4)
 SPQR_DEQUANT_ALL(8)
+SPQR_DEQUANT_ROW2_ALL(2)
+SPQR_DEQUANT_ROW2_ALL(4)
+SPQR_DEQUANT_ROW2_ALL(8)
 #endif
 SPQR_DEQUANT_ALL(3)
+SPQR_DEQUANT_ROW2_ALL(3)
 
 #define SPQR_DEQUANT_OUTLIERS_ENTRY(ONAME, OUT)                                               \
   extern "C" __global__ void spqr_dequant_outliers_##ONAME(                                   \
