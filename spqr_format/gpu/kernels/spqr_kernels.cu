@@ -1110,8 +1110,8 @@ __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
 // Shared memory: 16 * 8 * ceil(ceil(n / 4) / 8) bytes. Warps 0 and 1 write the outliers of
 // rows 0 and 1 (so at least 64 threads).
 __device__ __forceinline__ u32 pair_slot(u32 j) {
-  const u32 k = j >> 2;
-  return ((k ^ ((k >> 3) & 7u)) << 2) | (j & 3u);
+  // chunk k = j >> 2 at k ^ ((k >> 3) & 7): an XOR of bits 2..4 of j with bits 5..7
+  return j ^ ((j >> 3) & 0x1Cu);
 }
 
 template <int B, bool PACKED, int OUT>
@@ -1157,8 +1157,8 @@ __device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
   const u32* const crow0 = codes + r0 * code_row_words;
   const u32* const crow1 = codes + r1 * code_row_words;
   const i64 tile0 = PACKED ? r0 / S : 0, tile1 = PACKED ? r1 / S : 0;
-  for (i64 u = threadIdx.x; u < nunits; u += blockDim.x) {
-    const int k = (int)div_group((u64)(u << 4), g);
+  for (int u = threadIdx.x; u < (int)nunits; u += blockDim.x) {  // n < 2^31 on this path
+    const int k = (int)div_group((u64)u << 4, g);
     Unit16<B, PACKED> a, b;
     a.load(crow0, code_row_words, u, stats, stats2, r0, tile0, k, G, stats_row_words, sb);
     b.load(crow1, code_row_words, u, stats, stats2, r1, tile1, k, G, stats_row_words, sb);
@@ -1174,12 +1174,11 @@ __device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
 #pragma unroll
       for (int i = 0; i < 8; ++i) h1[i] = pack2<OUT>(v[2 * i], v[2 * i + 1]);
     }
-    const i64 j0 = u << 4;
+    const int j0 = u << 4;
     if (j0 + 16 <= n) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const u32 kc = (u32)(4 * u + q);
-        reinterpret_cast<uint4*>(sm)[kc ^ ((kc >> 3) & 7u)] = make_uint4(
+        reinterpret_cast<uint4*>(sm)[pair_slot((u32)(16 * u + 4 * q)) >> 2] = make_uint4(
             __byte_perm(h0[2 * q], h1[2 * q], 0x5410), __byte_perm(h0[2 * q], h1[2 * q], 0x7632),
             __byte_perm(h0[2 * q + 1], h1[2 * q + 1], 0x5410),
             __byte_perm(h0[2 * q + 1], h1[2 * q + 1], 0x7632));
@@ -1214,8 +1213,8 @@ __device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
   u16* const g0 = out + r0 * ldo;
   u16* const g1 = out + r1 * ldo;
   const bool vec = ((reinterpret_cast<u64>(g0) | reinterpret_cast<u64>(g1)) & 7) == 0;
-  const i64 n4 = vec ? (n >> 2) : 0;
-  for (i64 t = threadIdx.x; t < n4; t += blockDim.x) {
+  const int n4 = vec ? (int)(n >> 2) : 0;
+  for (int t = threadIdx.x; t < n4; t += blockDim.x) {
     const uint4 ix = __ldg(reinterpret_cast<const uint4*>(iperm) + t);
     const u32 px = sm[pair_slot(ix.x)], py = sm[pair_slot(ix.y)];
     const u32 pz = sm[pair_slot(ix.z)], pw = sm[pair_slot(ix.w)];
