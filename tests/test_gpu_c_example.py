@@ -58,9 +58,10 @@ def binary(tmp_path_factory):
     major, minor = cp.cuda.Device().compute_capability[:-1], cp.cuda.Device().compute_capability[-1]
     arch = f"sm_{major}{minor}"
     out = tmp_path_factory.mktemp("cexample") / "spqr_matvec"
-    cmd = [NVCC, "-O2", "-std=c++17", f"-arch={arch}", "-I", str(KDIR)]
-    cmd += [str(EXAMPLE / "spqr_matvec.cu"), str(EXAMPLE / "spqr_reader.c")]
-    cmd += [str(KDIR / "spqr_host.cu"), "-o", str(out)]
+    cmd = [NVCC, "-O2", "-std=c++17", f"-arch={arch}", "-Xcompiler", "-ffp-contract=off"]
+    cmd += ["-I", str(KDIR), str(EXAMPLE / "spqr_matvec.cu"), str(EXAMPLE / "spqr_reader.c")]
+    cmd += [str(KDIR / "spqr_host.cu"), str(KDIR / "spqr_tc_host.cu")]
+    cmd += [str(KDIR / "spqr_tile_layout.c"), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     return out
@@ -93,3 +94,35 @@ def test_c_example_matches_python(binary, tmp_path, m, n, kw):
     y = cp.asnumpy(g.matvec(cp.asarray(make_x(n, seed))))
     assert got.group(1) == fnv1a(y.view(np.uint16)), (res.stdout, y[:8])
     assert float(got.group(2)) == pytest.approx(float(y.astype(np.float64).sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "m,n,kw,splits",
+    [
+        (300, 4096, {}, "2"),
+        (37, 1000, dict(bits=2, stats_bits=2, outlier_fraction=0.05), "1"),
+        (20000, 2048, dict(bits=4, stats_bits=3, outlier_fraction=0.01), "3"),
+    ],
+)
+def test_c_example_tensor_cores_match_python(binary, tmp_path, monkeypatch, m, n, kw, splits):
+    """`spqr_matvec FILE NAME SEED tc`: host repack (spqr_tile_repack) + spqr_tc_matmul gives
+    the Python tensor-core path's y bit for bit, given the same k-split (SPQR_TC_SPLITS; 20,000
+    rows also take the four-rows-per-warp finish)."""
+    p = random_packed(m, n, seed=m, **kw)
+    path = tmp_path / "w.spqr"
+    save(path, {"layer.weight": p})
+    seed = 777
+    monkeypatch.setenv("SPQR_TC_SPLITS", splits)
+    res = subprocess.run(
+        [str(binary), str(path), "layer.weight", str(seed), "tc"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    got = re.search(r"fnv1a=([0-9a-f]{16}) sum=(\S+)", res.stdout)
+    assert got, res.stdout
+    g = GpuTensor.from_file(path, "layer.weight", tensor_cores=True)
+    assert g.tc is not None
+    y = cp.asnumpy(g.matvec(cp.asarray(make_x(n, seed))))
+    assert got.group(1) == fnv1a(y.view(np.uint16)), (res.stdout, y[:8])

@@ -5,15 +5,19 @@
 //   nvcc -O2 -std=c++17 -arch=sm_80 -I ../../spqr_format/gpu/kernels \
 //        spqr_matvec.cu spqr_reader.c ../../spqr_format/gpu/kernels/spqr_host.cu -o spqr_matvec
 //
-// Usage: spqr_matvec FILE.spqr [TENSOR_NAME] [SEED]
+// Usage: spqr_matvec FILE.spqr [TENSOR_NAME] [SEED] [tc]
 // The input x (f16, length n) is generated from SEED by the LCG below; tests/test_gpu_c_example.py
 // generates the same x in Python and compares y bit for bit (same kernels, same launch).
+// With `tc`, the tensor is repacked on the host into the tile layout (spqr_tile_repack) and
+// multiplied on tensor cores (spqr_tc_matmul); build with spqr_tile_layout.c and
+// spqr_tc_host.cu too (see Makefile).
 
 #include <cuda_runtime.h>
 
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "spqr_gpu.h"
 #include "spqr_reader.h"
@@ -46,7 +50,7 @@ static int upload(const void* host, size_t len, void** dev) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    fprintf(stderr, "usage: %s FILE.spqr [TENSOR_NAME] [SEED]\n", argv[0]);
+    fprintf(stderr, "usage: %s FILE.spqr [TENSOR_NAME] [SEED] [tc]\n", argv[0]);
     return 1;
   }
   const char* name = argc > 2 && argv[2][0] ? argv[2] : NULL;
@@ -88,7 +92,61 @@ int main(int argc, char** argv) {
   cudaStream_t stream;
   CHECK(cudaStreamCreate(&stream));
   int rc;
-  if (spqr_matvec_supported(&t)) {
+  const int use_tc = argc > 4 && strcmp(argv[4], "tc") == 0;
+  if (use_tc) {
+    // host repack from host copies of the sections, then upload the tile arrays
+    spqr_bilevel th = t;
+    th.codes = (const uint32_t*)h.codes;
+    th.stats = (const uint32_t*)h.stats;
+    th.stats2 = (const uint16_t*)h.stats2;
+    th.perm = (const uint32_t*)h.perm;
+    th.orows = (const uint32_t*)h.orows;
+    th.oents = (const uint32_t*)h.oents;
+    spqr_tile_dims d;
+    if (!spqr_tile_dims_of(h.m, h.n, h.bits, h.stats_bits, h.group_size, h.stats_group_size,
+                           &d)) {
+      fprintf(stderr, "no tensor-core path for bits=%d group_size=%d stats_bits=%d\n", h.bits,
+              h.group_size, h.stats_bits);
+      return 3;
+    }
+    const size_t ncodes = (size_t)(d.RB * d.NC * d.SLABS * 32 * 4);
+    const size_t nstats = (size_t)(d.RB * d.NC * 32 * d.SWL), nst2 = (size_t)(d.RB * d.KT * 2);
+    const size_t nent = (size_t)h.outlier_entries;
+    uint32_t* tl_codes = (uint32_t*)malloc(4 * ncodes);
+    uint32_t* tl_stats = (uint32_t*)malloc(4 * nstats);
+    uint32_t* tl_stats2 = (uint32_t*)malloc(4 * nst2);
+    uint32_t* tl_oents = nent ? (uint32_t*)malloc(4 * nent) : NULL;
+    if (!tl_codes || !tl_stats || !tl_stats2 || (nent && !tl_oents)) {
+      fprintf(stderr, "out of memory\n");
+      return 2;
+    }
+    if (!spqr_tile_repack(&th, tl_codes, tl_stats, tl_stats2, tl_oents)) {
+      fprintf(stderr, "tile repack refused (statistics or outlier corrections beyond f16)\n");
+      return 3;
+    }
+    void *dcodes, *dstats, *dstats2, *doents;
+    if (upload(tl_codes, 4 * ncodes, &dcodes) || upload(tl_stats, 4 * nstats, &dstats) ||
+        upload(tl_stats2, 4 * nst2, &dstats2) ||
+        upload(tl_oents, 4 * nent, &doents)) {
+      fprintf(stderr, "upload failed\n");
+      return 2;
+    }
+    spqr_tile tt;
+    tt.codes = (const uint32_t*)dcodes;
+    tt.stats = (const uint32_t*)dstats;
+    tt.stats2 = (const uint32_t*)dstats2;
+    tt.oents = (const uint32_t*)doents;
+    tt.orows = t.orows;
+    tt.perm = t.perm;
+    tt.m = h.m;
+    tt.n = h.n;
+    tt.outlier_entries = (int64_t)nent;
+    tt.bits = h.bits;
+    tt.stats_bits = h.stats_bits;
+    tt.d = d;
+    CHECK(cudaMalloc(&ws, spqr_tc_workspace_bytes(&tt, 1)));
+    rc = spqr_tc_matmul(&tt, dx, h.n, dy, h.m, SPQR_DTYPE_F16, 1, ws, stream);
+  } else if (spqr_matvec_supported(&t)) {
     CHECK(cudaMalloc(&ws, spqr_matvec_workspace_bytes(&t, 1)));
     rc = spqr_matvec(&t, dx, h.n, SPQR_DTYPE_F16, dy, h.m, SPQR_DTYPE_F16, 1, ws, stream);
   } else {

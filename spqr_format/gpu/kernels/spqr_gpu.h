@@ -204,8 +204,8 @@ int spqr_dequantize(const spqr_bilevel *t, void *out, int64_t ldo, int out_dtype
  * Host-side tile-layout repack (spqr_tile_layout.c: C99, no CUDA; compile it without
  * floating-point contraction, e.g. -ffp-contract=off).  Produces the arrays of section
  * "Tile layout" above, bit for bit as spqr_format/gpu/tile_layout.py, from HOST copies of the
- * sections (pass an spqr_bilevel whose pointers are host pointers); upload them yourself.
- * Not yet wired into spqr_host.cu: the tensor-core kernels are launched from Python only.
+ * sections (pass an spqr_bilevel whose pointers are host pointers); upload them yourself, then
+ * launch with spqr_tc_matmul (spqr_tc_host.cu, below).
  * ------------------------------------------------------------------------------------------ */
 #define SPQR_TILE_F16_SAFE 30000.0 /* |s| (2^b - 1 + |z|) and |z| must stay below this */
 
@@ -224,6 +224,34 @@ int spqr_tile_dims_of(int64_t m, int64_t n, int bits, int stats_bits, int group_
  * statistics could overflow f16, or an outlier correction o - w does not fit f16. */
 int spqr_tile_repack(const spqr_bilevel *t, uint32_t *tl_codes, uint32_t *tl_stats,
                      uint32_t *tl_stats2, uint32_t *tl_oents);
+
+/* ------------------------------------------------------------------------------------------
+ * Tensor-core launcher (spqr_tc_host.cu; link it, or compile it with your program by nvcc).
+ * ------------------------------------------------------------------------------------------ */
+typedef struct spqr_tile {
+  const uint32_t *codes, *stats, *stats2; /* spqr_tile_repack's arrays, on the device        */
+  const uint32_t *oents;                  /* its tl_oents on the device, or NULL             */
+  const uint32_t *orows;                  /* section `outlier_rows` on the device, or NULL   */
+  const uint32_t *perm;                   /* section `perm` on the device, or NULL           */
+  int64_t m, n;                           /* dims[0], dims[1]                                */
+  int64_t outlier_entries;                /* E (0 without outliers)                          */
+  int32_t bits, stats_bits;               /* params: b, sb                                   */
+  spqr_tile_dims d;                       /* spqr_tile_dims_of                               */
+} spqr_tile;
+
+/* Bytes of workspace spqr_tc_matmul needs for `batch` input rows (16-byte aligned), or 0 when
+ * (bits, stats_bits) has no tensor-core kernel. */
+size_t spqr_tc_workspace_bytes(const spqr_tile *t, int batch);
+
+/* Y[b][:] = W X[b][:] for b < batch on tensor cores: X f16 rows of ldx elements, Y rows of ldy
+ * elements in out_dtype (f32/f16/bf16).  Three launches per 64 batch rows (prepare, tile
+ * kernel, finish) on `stream`, no synchronisation.  Same arithmetic and tolerance as the
+ * Python layer's tensor-core path, and bit-identical to it for the same k-split (which is
+ * chosen from the device's multiprocessor count and the kernel's registers; the environment
+ * variable SPQR_TC_SPLITS overrides it in both).  Returns the launch error as an int
+ * (cudaError_t): cudaErrorNotSupported for a configuration without a kernel. */
+int spqr_tc_matmul(const spqr_tile *t, const void *x, int64_t ldx, void *y, int64_t ldy,
+                   int out_dtype, int batch, void *workspace, void *stream);
 
 #ifdef __cplusplus
 }

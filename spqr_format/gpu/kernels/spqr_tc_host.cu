@@ -1,0 +1,173 @@
+// spqr_tc_host.cu -- host launcher of the tensor-core kernels (spqr_tc.cu) for C programs.
+// nvcc only (not NVRTC).  Includes the kernels, so one `nvcc -c spqr_tc_host.cu` gives an
+// object with the tensor-core kernels and spqr_tc_matmul / spqr_tc_workspace_bytes.  The tile
+// arrays come from spqr_tile_repack (spqr_tile_layout.c) and are uploaded by the caller.
+//
+// The selection logic (k-split plan, finish-kernel variant) mirrors GpuTensor._tc_matmul and
+// spqr_format/gpu/_kernels.py (keep the two in step): with the same device and the same
+// SPQR_TC_SPLITS, the result is bit-identical to the Python layer's.
+
+#include <cuda_runtime.h>
+#include <stdlib.h>
+
+#include "spqr_gpu.h"
+#include "spqr_tc.cu"
+
+namespace {
+
+const int TC_WARPS = SPQR_TC_WARPS;
+const int TC_MAX_BATCH = 64;
+const int64_t QUAD_MIN_ROWS = 16384;  // _kernels.TC_QUAD_MIN_ROWS
+const int64_t QUAD_MAX_PER_ROW = 128;  // _kernels.TC_QUAD_MAX_PER_ROW
+const int64_t FINISH_SMEM_MAX = 96 * 1024;  // _kernels.TC_FINISH_SMEM_MAX (default)
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int tc_nt(int nb) { return nb <= 8 ? 1 : nb <= 16 ? 2 : nb <= 32 ? 4 : 8; }
+int xt_pitch(int nb) {
+  if (nb <= 8) {
+    int p = 1;
+    while (p < nb) p <<= 1;
+    return p;
+  }
+  return (int)(8 * cdiv(nb, 8));
+}
+
+typedef void (*tc_fn)(const uint4*, const u32*, const uint2*, const uint2*, float*, int, int, int,
+                      i64, int);
+typedef void (*finish_fn)(const float*, int, i64, int, const u32*, const u32*, const u16*, int,
+                          int, int, i64, void*, i64, int, i64, int);
+
+#define SPQR_TCK(B, SB, NT) &spqr_tc_b##B##_s##SB##_nt##NT
+#define SPQR_TCK_NT(B, SB) {SPQR_TCK(B, SB, 1), SPQR_TCK(B, SB, 2), SPQR_TCK(B, SB, 4), SPQR_TCK(B, SB, 8)}
+#define SPQR_TCK_SB(B) {SPQR_TCK_NT(B, 1), SPQR_TCK_NT(B, 2), SPQR_TCK_NT(B, 3), SPQR_TCK_NT(B, 4)}
+
+tc_fn pick_tc(int bits, int sb, int nt) {
+  static const tc_fn k[3][4][4] = {SPQR_TCK_SB(2), SPQR_TCK_SB(3), SPQR_TCK_SB(4)};
+  if (bits < 2 || bits > 4 || sb < 1 || sb > 4) return NULL;
+  const int ni = nt == 1 ? 0 : nt == 2 ? 1 : nt == 4 ? 2 : 3;
+  return k[bits - 2][sb - 1][ni];
+}
+
+finish_fn pick_finish(int bp) {
+  return bp <= 1 ? &spqr_tc_finish_p1 : bp == 2 ? &spqr_tc_finish_p2
+                                      : bp == 4 ? &spqr_tc_finish_p4 : &spqr_tc_finish_p8;
+}
+
+// _kernels.tc_splits: the k-split that fills the machine's block slots in whole waves.
+void tc_plan(const spqr_tile* t, int nt, tc_fn fn, int* splits, int* per) {
+  int dev = 0, sms = 1;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaFuncAttributes attr;
+  int regs = 64;
+  if (cudaFuncGetAttributes(&attr, (const void*)fn) == cudaSuccess && attr.numRegs > 0)
+    regs = attr.numRegs;
+  const int64_t smem = 2LL * nt * t->d.MPC * 256;
+  const int64_t warp_regs = cdiv((int64_t)regs * 32, 256) * 256;
+  int64_t resident = 65536 / (warp_regs * TC_WARPS);
+  const int64_t by_smem = (227 * 1024) / (smem + 1024);
+  if (by_smem < resident) resident = by_smem;
+  if (64 / TC_WARPS < resident) resident = 64 / TC_WARPS;
+  if (resident > 32) resident = 32;
+  if (resident < 1) resident = 1;
+  const int64_t nc = t->d.NC, groups = cdiv(t->d.RB, TC_WARPS), slots = resident * sms;
+  int64_t max_splits = t->n / (32 * 8 * nt);
+  if (max_splits < 1) max_splits = 1;
+  if (max_splits > 16) max_splits = 16;
+  int64_t best = 1;
+  double best_eff = -1.0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    if (s > 1 && cdiv(nc, s) < 4) break;
+    const int64_t p = cdiv(nc, s), real = cdiv(nc, p), total = groups * real;
+    const double eff = (double)total / (double)(cdiv(total, slots) * slots);
+    if (eff > best_eff + 0.02) {
+      best = real;
+      best_eff = eff;
+    }
+  }
+  const char* ov = getenv("SPQR_TC_SPLITS");  // tuning override, as in the Python layer
+  if (ov && atoi(ov) > 0) best = atoi(ov) < nc ? atoi(ov) : nc;
+  const int64_t p = cdiv(nc, best);
+  *splits = (int)cdiv(nc, p);
+  *per = (int)p;
+}
+
+// Byte offsets of x'^T and the partial sums in the workspace, and its size.
+void tc_layout(const spqr_tile* t, int nb, int splits, int64_t* xt, int64_t* part,
+               int64_t* end) {
+  const int nt = tc_nt(nb);
+  *xt = (int64_t)nt * t->d.KT * 32 * 8;
+  *part = *xt + 16 * cdiv(t->n * xt_pitch(nb) * 2, 16);
+  *end = *part + (int64_t)splits * nt * 8 * t->d.M16 * 4;
+}
+
+}  // namespace
+
+extern "C" size_t spqr_tc_workspace_bytes(const spqr_tile* t, int batch) {
+  const int nb = batch < TC_MAX_BATCH ? (batch < 1 ? 1 : batch) : TC_MAX_BATCH;
+  const int nt = tc_nt(nb);
+  tc_fn fn = pick_tc(t->bits, t->stats_bits, nt);
+  if (!fn) return 0;
+  int splits, per;
+  tc_plan(t, nt, fn, &splits, &per);
+  int64_t xt, part, end;
+  tc_layout(t, nb, splits, &xt, &part, &end);
+  return (size_t)end;
+}
+
+extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, void* y,
+                              int64_t ldy, int out_dtype, int batch, void* workspace,
+                              void* stream_) {
+  cudaStream_t stream = (cudaStream_t)stream_;
+  if (out_dtype < 0 || out_dtype > 2 || batch < 1) return cudaErrorInvalidValue;
+  const int ysz = out_dtype == SPQR_DTYPE_F32 ? 4 : 2;
+  int dev = 0, sms = 1;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  for (int b0 = 0; b0 < batch; b0 += TC_MAX_BATCH) {
+    const int nb = batch - b0 < TC_MAX_BATCH ? batch - b0 : TC_MAX_BATCH;
+    const int nt = tc_nt(nb);
+    tc_fn fmain = pick_tc(t->bits, t->stats_bits, nt);
+    if (!fmain) return cudaErrorNotSupported;
+    int splits, per;
+    tc_plan(t, nt, fmain, &splits, &per);
+    int64_t xt_off, part_off, end;
+    tc_layout(t, nb, splits, &xt_off, &part_off, &end);
+    char* ws = (char*)workspace;
+    uint2* xfrag = (uint2*)ws;
+    u16* xt = (u16*)(ws + xt_off);
+    float* part = (float*)(ws + part_off);
+    const int bp = xt_pitch(nb);
+    const u16* xb = (const u16*)x + (int64_t)b0 * ldx;
+    char* yb = (char*)y + (int64_t)ysz * b0 * ldy;
+    const int64_t total = (int64_t)nt * t->d.KT * 32;
+    spqr_tc_prepare_x<<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(
+        xb, ldx, t->perm, t->n, nb, nt, t->d.KT, xfrag, xt, bp);
+    const int msmem = 2 * nt * (int)t->d.MPC * 256;
+    if (msmem > 48 * 1024)
+      cudaFuncSetAttribute((const void*)fmain, cudaFuncAttributeMaxDynamicSharedMemorySize, msmem);
+    fmain<<<dim3((unsigned)cdiv(t->d.RB, TC_WARPS), (unsigned)splits), 32 * TC_WARPS, msmem,
+            stream>>>((const uint4*)t->codes, t->stats, (const uint2*)t->stats2, xfrag, part,
+                      (int)t->d.RB, (int)t->d.NC, per, t->d.M16, nb);
+    const int64_t xbytes = 16 * cdiv(t->n * bp * 2, 16);
+    const bool smem_x = t->orows != NULL && nb <= 8 && xbytes <= FINISH_SMEM_MAX;
+    const bool quad = bp < 8 && t->m >= QUAD_MIN_ROWS &&
+                      t->outlier_entries <= QUAD_MAX_PER_ROW * t->m;
+    const int64_t rows_grid = cdiv(t->m, quad ? 32 : 8);
+    finish_fn fin = pick_finish(bp);
+    int64_t grid = rows_grid;
+    int smem = 0;
+    if (smem_x) {
+      smem = (int)xbytes;
+      if (smem > 48 * 1024)
+        cudaFuncSetAttribute((const void*)fin, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      int64_t per_sm = (227 * 1024) / (smem + 1024);
+      per_sm = per_sm < 1 ? 1 : per_sm > 8 ? 8 : per_sm;
+      if (per_sm * sms < grid) grid = per_sm * sms;
+    }
+    fin<<<(unsigned)grid, 256, smem, stream>>>(part, splits, t->d.M16, 8 * nt, t->orows,
+                                                t->oents, xt, bp, smem_x ? 1 : 0, quad ? 1 : 0,
+                                                t->n, (void*)yb, ldy, out_dtype, t->m, nb);
+  }
+  return (int)cudaGetLastError();
+}
