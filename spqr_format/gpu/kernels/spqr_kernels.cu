@@ -7,8 +7,10 @@
 //
 // Arithmetic:
 //   * dequantize reproduces SPEC section 7 bit for bit: every f32 operation is an explicit
-//     PTX mul.rn / add.rn / sub.rn.f32 (no contraction, no flush to zero), then round to nearest even with `cvt.rn.f16.f32` / `cvt.rn.bf16.f32`
-//     (what __float2half_rn / __float2bfloat16_rn compile to).
+//     PTX mul.rn / add.rn / sub.rn.f32 (no contraction, no flush to zero), or an fma.rn whose
+//     product is exact (q * 2^p * 2^-p - z = round(q - z), SPEC's sub), then round to nearest
+//     even with `cvt.rn.f16.f32` / `cvt.rn.bf16.f32` / `cvt.rn.{f16,bf16}x2.f32` (what
+//     __float2half_rn / __float2bfloat16_rn compile to).
 //   * matvec uses y_i = sum_k s_ik * (sum_{j in k} q_ij x_j - z_ik * sum_{j in k} x_j) in f32
 //     (per 16-column half-block), i.e. a different but mathematically equal order; outliers are
 //     applied as + (o - w_dense(i,c)) * x_p[c] with w_dense computed exactly as in SPEC C-7.2.
@@ -828,15 +830,15 @@ __device__ __forceinline__ u32 pack2(float a, float b) {
   return r;
 }
 
-// The exact values (C-7.2) of the 16 stored columns 16u .. 16u+15 of one row whose group
-// statistics (s, z) are uniform over the unit (g % 16 == 0), B in {2, 3, 4, 8}.
-// Codes -> f32 without conversions: a B-bit field at bit p (p + B <= 23) of a 23-bit window OR'd
-// into 0x4B000000 is the f32 2^23 + q 2^p; minus 2^23 that is q 2^p exactly, and one fma with
-// 2^-p gives round(q - z) = SPEC's sub(q, z); then mul(s, .). No .ftz anywhere (inline PTX).
+// A 16-column unit (columns 16u .. 16u+15 of one row) of the dequantizer, B in {2, 3, 4, 8},
+// whose statistics (s, z) are uniform over the unit (g % 16 == 0): load() issues every load,
+// decode() gives the exact values (C-7.1, C-7.2).
 template <int B, bool PACKED>
 struct Unit16 {
-  // the unit's 16 B bits start at bit 16 B u: 16-bit aligned, so <= 2 (B <= 4) or 4 words
+  // the unit's 16 B bits start at bit 16 B u: 16-bit aligned, so <= 2 (B <= 4) or 4 words,
+  // plus one more when the start is not word aligned (odd B)
   static constexpr int NW = B == 8 ? 4 : ((B == 3 || B == 4) ? 2 : 1);
+  static constexpr int NL = (16 * B) % 32 ? NW + 1 : NW;  // words loaded
   u32 w[NW + 1];  // code words from the unit's first
   u32 sh;         // bit offset of the unit in w[0]
   u32 s0, s1;     // statistics: the f16 (s, z) pair, or the words holding the two codes
@@ -851,7 +853,7 @@ struct Unit16 {
     const i64 w0 = bit0 >> 5;
     sh = (u32)(bit0 & 31);
 #pragma unroll
-    for (int i = 0; i <= NW; ++i) w[i] = (w0 + i < crw) ? __ldg(crow + w0 + i) : 0u;
+    for (int i = 0; i <= NW; ++i) w[i] = (i < NL && w0 + i < crw) ? __ldg(crow + w0 + i) : 0u;
     if (!PACKED) {
       s0 = __ldg(stats + row * (i64)G + k);
     } else {
@@ -899,11 +901,13 @@ struct Unit16 {
   }
 };
 
-// Whole-row pass: one block per row, one thread per 16-column unit (grid-stride). Dense values
-// are stored at their output column: straight to global memory with 16-byte stores when there
-// is no permutation, else scattered into a shared-memory copy of the row (n * sizeof(out) bytes
-// of dynamic shared memory) that is written out with coalesced 16-byte stores. Outliers then
-// overwrite their columns (one warp, C-7.3) after a block barrier.
+// Whole-row pass: one block per row, one thread per 16-column unit (grid-stride), any B and g.
+// Without a permutation (and a 16-byte aligned row) dense values go straight to global memory
+// with 16-byte stores. With one, the row is assembled in shared memory (n * sizeof(out) bytes of
+// dynamic shared memory): in stored order and gathered through the inverse permutation on the
+// way out when `iperm` is given, else scattered through perm and copied out with 16-byte
+// stores. Outliers overwrite their columns (C-7.3) after a block barrier; warp 0 fetches the
+// first of them during the dense pass.
 template <int B, bool PACKED, int OUT>
 __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
                                             const u32* __restrict__ stats,
