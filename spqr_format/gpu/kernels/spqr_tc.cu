@@ -160,6 +160,17 @@ __host__ __device__ constexpr int rounds_per_chunk() {
   return pair_slots<B>() == 8 ? 2 : pair_slots<B>() == 5 ? 5 : 1;
 }
 
+// Accumulator sets per warp: with 2, even and odd k-steps accumulate into separate registers,
+// so consecutive mma.sync do not wait for each other (summed at the end); only for small NT,
+// where the registers are free (SPQR_TC_ACC2_NT: the largest NT that gets 2 sets; 0: none).
+#ifndef SPQR_TC_ACC2_NT
+#define SPQR_TC_ACC2_NT 2
+#endif
+template <int NT>
+__host__ __device__ constexpr int tc_acc_sets() {
+  return NT <= SPQR_TC_ACC2_NT ? 2 : 1;
+}
+
 // Per-chunk stream data of one warp, loaded one chunk ahead of its use.
 template <int SLABS, int SWL>
 struct Stage {
@@ -205,7 +216,8 @@ __device__ __forceinline__ u32 a_reg(const uint4 (&cw)[SLABS], u32 S, u32 Bz, u3
 
 // One round (4 mma) of a chunk: rows g, g + 8 of the lane's group 4*RHO + t.
 template <int B, int SB, int NT, int RHO, int SLABS, int SWL>
-__device__ __forceinline__ void tc_round(const Stage<SLABS, SWL>& st, float (&acc)[NT][4],
+__device__ __forceinline__ void tc_round(const Stage<SLABS, SWL>& st,
+                                         float (&acc)[tc_acc_sets<NT>() * NT][4],
                                          const uint2* xs_chunk, int lane, u32 magic) {
   constexpr int SPW = pair_slots<SB>();
   constexpr int MPC = 4 * rounds_per_chunk<B>();
@@ -237,14 +249,15 @@ __device__ __forceinline__ void tc_round(const Stage<SLABS, SWL>& st, float (&ac
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const uint2 bf = xs_chunk[(j * MPC + 4 * RHO + u) * 32 + lane];
-      mma16816(acc[j], a, bf.x, bf.y);
+      mma16816(acc[(u % tc_acc_sets<NT>()) * NT + j], a, bf.x, bf.y);
     }
   }
 }
 
 template <int B, int SB, int NT, int RHO, int R, int SLABS, int SWL>
 struct Rounds {
-  static __device__ __forceinline__ void run(const Stage<SLABS, SWL>& st, float (&acc)[NT][4],
+  static __device__ __forceinline__ void run(const Stage<SLABS, SWL>& st,
+                                             float (&acc)[tc_acc_sets<NT>() * NT][4],
                                              const uint2* xs_chunk, int lane, u32 magic) {
     tc_round<B, SB, NT, RHO, SLABS, SWL>(st, acc, xs_chunk, lane, magic);
     Rounds<B, SB, NT, RHO + 1, R, SLABS, SWL>::run(st, acc, xs_chunk, lane, magic);
@@ -252,7 +265,8 @@ struct Rounds {
 };
 template <int B, int SB, int NT, int R, int SLABS, int SWL>
 struct Rounds<B, SB, NT, R, R, SLABS, SWL> {
-  static __device__ __forceinline__ void run(const Stage<SLABS, SWL>&, float (&)[NT][4],
+  static __device__ __forceinline__ void run(const Stage<SLABS, SWL>&,
+                                             float (&)[tc_acc_sets<NT>() * NT][4],
                                              const uint2*, int, u32) {}
 };
 
@@ -289,9 +303,10 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
   const i64 KT = (i64)NC * MPC;
   const int rbc = active ? rb : 0;  // inactive warps only help with the copies
 
-  float acc[NT][4];
+  constexpr int NA = tc_acc_sets<NT>();
+  float acc[NA * NT][4];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int j = 0; j < NA * NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   const u32 magic = magic_reg();
 
   // Stream pointers, bumped by one chunk per load.
@@ -341,6 +356,12 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
     if (active) Rounds<B, SB, NT, 0, R, SLABS, SWL>::run(sb, acc, xs1, lane, magic);
   }
   if (!active) return;
+  if (NA == 2) {  // the odd k-steps' sums onto the even ones' (fixed order: deterministic)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[j][r] += acc[(NA - 1) * NT + j][r];
+  }
   // D fragment: acc[j][0..1] row g, columns 2t, 2t+1; acc[j][2..3] row g + 8.
   float* p = part + (i64)split * (NT * 8) * M16;
   const i64 r0 = (i64)rb * 16 + g;
