@@ -1,5 +1,5 @@
 /* spqr_gpu.h -- C interface of the spqr-format GPU kernels (spqr_kernels.cu, spqr_tc.cu,
- * spqr_host.cu).
+ * spqr_host.cu, spqr_tc_host.cu, spqr_tile_layout.c).
  *
  * Three pieces, use any:
  *
@@ -12,8 +12,9 @@
  *     layout", a lossless load-time repack of the sections (section "Tile layout" at the end
  *     of this comment block).  The repack is implemented in Python
  *     (spqr_format/gpu/tile_layout.py, run on the GPU through CuPy; the same repack in C99 on
- *     the host: spqr_tile_layout.c, declared at the end of this header).  No C host launcher
- *     for (3) yet: C programs launch its three kernels themselves (contracts below).
+ *     the host: spqr_tile_layout.c, declared at the end of this header).  Its host launcher
+ *     is spqr_tc_matmul (spqr_tc_host.cu, nvcc only); or launch the three kernels yourself
+ *     (contracts below).
  *
  * Data: the sections of one `bilevel` tensor (SPEC.md sections 5-6) copied to device memory
  * byte for byte, unchanged (no repack).  Every section pointer must be 16-byte aligned
