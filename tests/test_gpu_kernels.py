@@ -26,6 +26,7 @@ from spqr_format.codec.bilevel import BilevelParams  # noqa: E402
 from spqr_format.codec.packing import pack  # noqa: E402
 from spqr_format.codec.reference import decode_bilevel  # noqa: E402
 from spqr_format.gpu import GpuTensor  # noqa: E402
+from spqr_format.gpu import _kernels as K  # noqa: E402
 from spqr_format.spec import DType  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -334,6 +335,19 @@ def test_tensor_core_matmul_shapes(m, n, bits, sb, perm, frac, batch):
     rng = np.random.default_rng(n + batch + bits)
     t = random_bilevel(rng, m, n, BilevelParams(bits, 16, sb, 16), perm, frac)
     _check_matmul(t, batch, "float16", rng)
+
+
+@pytest.mark.parametrize("ks", [1, 2, 4, 8])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_tensor_core_small_batch_every_k_slicing(monkeypatch, ks, batch):
+    """The batch <= 8 kernel (spqr_tcv_*) with each k-slicing of its row blocks: row blocks
+    past the end inside a block, fewer chunks than slices, rows full of outliers."""
+    monkeypatch.setenv("SPQR_TCV_KS", str(ks))
+    monkeypatch.setattr(K, "TCV_MODE", "1")  # also on tall matrices (default: the split path)
+    rng = np.random.default_rng(ks * 10 + batch)
+    for m, n in ((100, 4096), (37, 700), (16, 64), (300, 64)):
+        t = random_bilevel(rng, m, n, BilevelParams(3, 16, 3, 16), True, 0.05)
+        _check_matmul(t, batch, "float16", rng)
 
 
 def test_tensor_core_and_simt_paths_agree_closely():

@@ -199,10 +199,62 @@ def tc_name(bits: int, stats_bits: int, nt: int) -> str:
     return f"spqr_tc_b{bits}_s{stats_bits}_nt{nt}"
 
 
+def tcv_name(bits: int, stats_bits: int) -> str:
+    """The one-kernel tensor-core path for batch <= 8 (``spqr_tcv_*``)."""
+    return f"spqr_tcv_b{bits}_s{stats_bits}"
+
+
+TCV_SMEM = TC_WARPS * (4 * 32 + 16 * 8) * 4  # static shared memory of spqr_tcv_* (red, osm)
+
+
+def tcv_gp_log2(batch: int) -> int:
+    """log2 of the batch columns (a power of two >= batch, <= 8) spqr_tcv_* stages."""
+    return max(0, batch - 1).bit_length()
+
+
+# spqr_tcv_* for batch <= 8 on matrices with at most TCV_MAX_ASPECT rows per column; env
+# SPQR_TCV=0: never, =1: always (comparisons)
+TCV_MODE = os.environ.get("SPQR_TCV", "")
+TCV_MAX_ASPECT = 2
+
+
+def tcv_wanted(m: int, n: int) -> bool:
+    """Whether batch <= 8 uses the one-kernel path (spqr_tcv_*) rather than the k-split tile
+    kernel and spqr_tc_finish. spqr_tcv_* computes its rows' outlier corrections before its
+    chunk loop, a few dependent memory round trips per warp that a block pays once: on tall
+    matrices (many row blocks, few chunks each) that costs more than the split path's
+    separate outlier pass (H200, batch 1: 28672x8192 65.9 vs 61.5 us, 11008x4096 28.3 vs
+    21.8 us); elsewhere it is faster (8192x28672 58.7 vs 64.0, 4096x4096 13.2 vs 14.4)."""
+    if TCV_MODE in ("0", "1"):
+        return TCV_MODE == "1"
+    return m <= TCV_MAX_ASPECT * n
+
+
+def tcv_ks(rb: int, nc: int, sm_count: int, resident: int) -> int:
+    """log2 of the k-slices per row block of ``spqr_tcv_*`` (KS in 1, 2, 4, 8 with at most
+    ``TC_WARPS`` and at most ``nc``): the fewest (waves of blocks) x (chunks per warp), more
+    slices on a tie (smaller blocks of work balance better). Env SPQR_TCV_KS (1..8) overrides."""
+    slots = max(1, resident * sm_count)
+    best, best_cost = 0, None
+    k = 0
+    while (1 << k) <= min(TC_WARPS, max(1, nc)):
+        ks = 1 << k
+        blocks = -(-rb // (TC_WARPS // ks))
+        cost = -(-blocks // slots) * -(-nc // ks)
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = k, cost
+        k += 1
+    override = int(os.environ.get("SPQR_TCV_KS") or 0)
+    if override:
+        best = min(max(override, 1), TC_WARPS).bit_length() - 1
+    return best
+
+
 def tc_kernel_names() -> list[str]:
     names = ["spqr_tc_prepare_x", *(tc_finish_name(p) for p in (1, 2, 4, 8))]
     for b in TC_BITS:
         for sb in TC_STATS_BITS:
+            names.append(tcv_name(b, sb))
             for nt in TC_NT:
                 names.append(tc_name(b, sb, nt))
     return sorted(names)

@@ -65,7 +65,7 @@ def function(name: str):
     key = (dev, name)
     fn = _functions.get(key)
     if fn is None:
-        src = K.TC_SOURCE if name.startswith("spqr_tc_") else K.KERNEL_SOURCE
+        src = K.TC_SOURCE if name.startswith(("spqr_tc_", "spqr_tcv_")) else K.KERNEL_SOURCE
         fn = module(src).get_function(name)
         _functions[key] = fn
     return fn
@@ -442,6 +442,18 @@ class GpuTensor:
             self.tc.plans[key] = plan
         return plan
 
+    def _tcv_plan(self) -> int:
+        """log2 of the k-slices per row block of the batch <= 8 kernel on this device."""
+        key = (cp.cuda.Device().id, "v")
+        plan = self.tc.plans.get(key)
+        if plan is None:
+            fn = function(K.tcv_name(self.bits, self.stats_bits))
+            regs = int(getattr(fn, "num_regs", 64) or 64)
+            smem = K.TCV_SMEM
+            resident = K.tc_resident_blocks(regs, smem)
+            plan = self.tc.plans[key] = K.tcv_ks(self.tc.RB, self.tc.NC, _sm_count(), resident)
+        return plan
+
     def matvec(self, x, out=None):
         """``y = W x`` for ``x`` of shape ``[n]`` (f16 or bf16 CuPy array); returns ``[m]``."""
         if x.ndim != 1:
@@ -571,8 +583,9 @@ class GpuTensor:
         )
 
     def _tc_matmul(self, x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr) -> None:
-        """Tensor-core path: prepare x' fragments, the tile kernel, then the finish kernel
-        (k-split sums, outlier corrections, rounding); slices of 64 batch columns."""
+        """Tensor-core path, per slice of 64 batch columns: prepare the x' fragments, then for
+        <= 8 columns one kernel (spqr_tcv_*: product, outlier corrections, rounding), else the
+        k-split tile kernel and the finish kernel (split sums, outlier corrections, rounding)."""
         tc = self.tc
         m, n = self.shape
         m16 = 16 * tc.RB
@@ -604,6 +617,34 @@ class GpuTensor:
                     np.int32(bp),
                 ),
             )
+            if nb <= 8 and K.tcv_wanted(m, n):  # one kernel: outliers, rounding, no partials
+                gp = K.tcv_gp_log2(nb)
+                ks = self._tcv_plan()
+                fv = function(K.tcv_name(self.bits, self.stats_bits))
+                fv(
+                    (-(-tc.RB // (K.TC_WARPS >> ks)),),
+                    (32 * K.TC_WARPS,),
+                    (
+                        tc.codes,
+                        tc.stats,
+                        tc.stats2,
+                        np.uint64(xfrag),
+                        _ptr(self.outlier_rows),
+                        _ptr(tc.outlier_entries),
+                        np.uint64(xt),
+                        np.int32(bp),
+                        np.int32(tc.RB),
+                        np.int32(tc.NC),
+                        np.int32(ks),
+                        np.int32(gp),
+                        np.int64(m),
+                        np.int32(nb),
+                        np.uint64(yb),
+                        np.int64(ldy),
+                        np.int32(out_code),
+                    ),
+                )
+                continue
             fmain = function(K.tc_name(self.bits, self.stats_bits, nt))
             msmem = K.tc_smem_bytes(nt, tc.MPC)
             if msmem > 48 * 1024:

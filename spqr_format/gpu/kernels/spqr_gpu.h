@@ -13,7 +13,7 @@
  *     of this comment block).  The repack is implemented in Python
  *     (spqr_format/gpu/tile_layout.py, run on the GPU through CuPy; the same repack in C99 on
  *     the host: spqr_tile_layout.c, declared at the end of this header).  Its host launcher
- *     is spqr_tc_matmul (spqr_tc_host.cu, nvcc only); or launch the three kernels yourself
+ *     is spqr_tc_matmul (spqr_tc_host.cu, nvcc only); or launch the kernels yourself
  *     (contracts below).
  *
  * Data: the sections of one `bilevel` tensor (SPEC.md sections 5-6) copied to device memory
@@ -143,6 +143,17 @@
  *   and the same values as x'^T (u16 [n][bp], bp = next power of two >= nb up to 8, else a
  *   multiple of 8).  grid ceil(NT*KT*32/256), block 256.
  *
+ * spqr_tcv_b{B}_s{SB}(tl_codes, tl_stats, tl_stats2, xfrag, orows, tl_oents, xt, bp, RB, NC,
+ *                     ks_log2, gp_log2, m, nb, y, ldy, out_dtype)             (nb <= 8, NT = 1)
+ *   The whole product in one kernel: y[c][i] = (W x')[i][c] + sum over row i's outliers of
+ *   f16(o - w) * x'[col][c], rounded to out_dtype.  Block = 8 warps (SPQR_TC_WARPS) = RPB row
+ *   blocks times KS = 2^ks_log2 k-slices (KS in 1, 2, 4, 8; RPB = 8 / KS): warp (r, k) of
+ *   block b computes chunks k, k + KS, ... of row block b*RPB + r, and the block sums the
+ *   slices in order.  gp_log2: smallest with 2^gp_log2 >= nb.  grid ceil(RB / RPB); no
+ *   dynamic shared memory.  orows / tl_oents NULL: no outliers.  Any ks_log2 gives a
+ *   correct result; spqr_tc_matmul picks the one that fills the GPU best, and uses this
+ *   kernel for nb <= 8 when m <= 2n (on taller matrices the two kernels below are faster).
+ *
  * spqr_tc_b{B}_s{SB}_nt{NT}(tl_codes, tl_stats, tl_stats2, xfrag, part, RB, NC, chunks, M16, nb)
  *   f32 partial sums part[split][8*NT][M16] of W x' over the chunks
  *   [split*chunks, min(NC, (split+1)*chunks)).  Block = 8 warps (SPQR_TC_WARPS), warp w owns
@@ -160,7 +171,7 @@
  *   (n*bp*2 bytes rounded up to 16; then launch at most as many blocks as fit).
 
  * Workspace (16-byte aligned): xfrag (NT*KT*256 bytes), x'^T (n*bp*2 rounded to 16), part
- * (splits*8*NT*M16*4).  Everything is deterministic (no atomics).
+ * (splits*8*NT*M16*4; not used by spqr_tcv_*).  Everything is deterministic (no atomics).
  * ------------------------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------------------------
@@ -245,8 +256,9 @@ typedef struct spqr_tile {
 size_t spqr_tc_workspace_bytes(const spqr_tile *t, int batch);
 
 /* Y[b][:] = W X[b][:] for b < batch on tensor cores: X f16 rows of ldx elements, Y rows of ldy
- * elements in out_dtype (f32/f16/bf16).  Three launches per 64 batch rows (prepare, tile
- * kernel, finish) on `stream`, no synchronisation.  Same arithmetic and tolerance as the
+ * elements in out_dtype (f32/f16/bf16).  Per 64 batch rows, on `stream` with no
+ * synchronisation: prepare + spqr_tcv_* (<= 8 rows, m <= 2n), else prepare, tile kernel,
+ * finish.  Same arithmetic and tolerance as the
  * Python layer's tensor-core path, and bit-identical to it for the same k-split (which is
  * chosen from the device's multiprocessor count and the kernel's registers; the environment
  * variable SPQR_TC_SPLITS overrides it in both).  Returns the launch error as an int

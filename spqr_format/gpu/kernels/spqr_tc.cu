@@ -4,9 +4,11 @@
 // Plain CUDA C++, no includes, no host code; compiles with nvcc and NVRTC (sm_80+: mma.sync
 // m16n8k16 with f16 inputs and f32 accumulators).
 //
-// Per call, three kernels on one stream:
+// Per call, on one stream:
 //   1. spqr_tc_prepare_x: x'[c][j] = x[c][perm[j]] (f16), written as mma B fragments;
-//   2. spqr_tc_b{B}_s{SB}_nt{NT}: each warp owns 16 rows (a block) and a range of chunks
+//   2. batch <= 8 (not on tall matrices): spqr_tcv_b{B}_s{SB}, the whole product (tc_vec);
+//      otherwise
+//      spqr_tc_b{B}_s{SB}_nt{NT}: each warp owns 16 rows (a block) and a range of chunks
 //      (k-split over gridDim.y). Per round of 4 groups (4 mma k-steps; every A element of a
 //      lane comes from one group, so each lane decodes the statistics of only its 2 rows of
 //      its group) it rebuilds its A fragments in registers,
@@ -15,8 +17,9 @@
 //        a  = fma(q, s, -z*s)  (f16x2; one rounding of the weight to f16),
 //      and issues NT mma.sync per k-step (8 batch columns each), B fragments from shared
 //      memory; f32 partial sums go to a workspace;
-//   3. spqr_tc_finish_p*: per row, the k-split partial sums in order, plus the outlier
-//      corrections sum (o - w) x'[col] (f16 (o - w) values prepared at load), rounded.
+//   3. (after the k-split kernel) spqr_tc_finish_p*: per row, the k-split partial sums in
+//      order, plus the outlier corrections sum (o - w) x'[col] (f16 (o - w) values prepared
+//      at load), rounded.
 // Deterministic: no atomics; every sum has a fixed order.
 //
 // Accuracy (what tests/test_gpu_kernels.py checks): every weight enters the tensor cores
@@ -214,11 +217,16 @@ __device__ __forceinline__ u32 a_reg(const uint4 (&cw)[SLABS], u32 S, u32 Bz, u3
   return hfma2(pair_exact<B, P % PPW>(w, shifted<B>(w), magic), S, Bz);
 }
 
-// One round (4 mma) of a chunk: rows g, g + 8 of the lane's group 4*RHO + t.
-template <int B, int SB, int NT, int RHO, int SLABS, int SWL>
+// One round (4 mma) of a chunk: rows g, g + 8 of the lane's group 4*RHO + t. B fragments: WX
+// false, from the block's copy of the chunk in shared memory, [NT][MPC][32 lanes]; WX true
+// (NT == 1), only lanes `xl` load theirs (the others' are zero: batch columns past the
+// batch), from the chunk's xfrag in global memory (L1-cached: every warp of a multiprocessor
+// reads the same x').
+template <int B, int SB, int NT, bool WX, int RHO, int SLABS, int SWL>
 __device__ __forceinline__ void tc_round(const Stage<SLABS, SWL>& st,
                                          float (&acc)[tc_acc_sets<NT>() * NT][4],
-                                         const uint2* xs_chunk, int lane, u32 magic) {
+                                         const uint2* xs_chunk, int lane, bool xl, int xstride,
+                                         u32 magic) {
   constexpr int SPW = pair_slots<SB>();
   constexpr int MPC = 4 * rounds_per_chunk<B>();
   uint2 st2;
@@ -248,26 +256,32 @@ __device__ __forceinline__ void tc_round(const Stage<SLABS, SWL>& st,
 #undef SPQR_TC_A
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      const uint2 bf = xs_chunk[(j * MPC + 4 * RHO + u) * 32 + lane];
+      uint2 bf;
+      if (WX)
+        bf = xl ? ld_nc2(xs_chunk + (4 * RHO + u) * xstride + lane) : make_uint2(0u, 0u);
+      else
+        bf = xs_chunk[(j * MPC + 4 * RHO + u) * 32 + lane];
       mma16816(acc[(u % tc_acc_sets<NT>()) * NT + j], a, bf.x, bf.y);
     }
   }
 }
 
-template <int B, int SB, int NT, int RHO, int R, int SLABS, int SWL>
+template <int B, int SB, int NT, bool WX, int RHO, int R, int SLABS, int SWL>
 struct Rounds {
   static __device__ __forceinline__ void run(const Stage<SLABS, SWL>& st,
                                              float (&acc)[tc_acc_sets<NT>() * NT][4],
-                                             const uint2* xs_chunk, int lane, u32 magic) {
-    tc_round<B, SB, NT, RHO, SLABS, SWL>(st, acc, xs_chunk, lane, magic);
-    Rounds<B, SB, NT, RHO + 1, R, SLABS, SWL>::run(st, acc, xs_chunk, lane, magic);
+                                             const uint2* xs_chunk, int lane, bool xl,
+                                             int xstride, u32 magic) {
+    tc_round<B, SB, NT, WX, RHO, SLABS, SWL>(st, acc, xs_chunk, lane, xl, xstride, magic);
+    Rounds<B, SB, NT, WX, RHO + 1, R, SLABS, SWL>::run(st, acc, xs_chunk, lane, xl, xstride,
+                                                        magic);
   }
 };
-template <int B, int SB, int NT, int R, int SLABS, int SWL>
-struct Rounds<B, SB, NT, R, R, SLABS, SWL> {
+template <int B, int SB, int NT, bool WX, int R, int SLABS, int SWL>
+struct Rounds<B, SB, NT, WX, R, R, SLABS, SWL> {
   static __device__ __forceinline__ void run(const Stage<SLABS, SWL>&,
                                              float (&)[tc_acc_sets<NT>() * NT][4],
-                                             const uint2*, int, u32) {}
+                                             const uint2*, int, bool, int, u32) {}
 };
 
 template <int B, int SB, int NT>
@@ -345,7 +359,7 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
       copy_x(1, c + 1);
       load(sb);
     }
-    if (active) Rounds<B, SB, NT, 0, R, SLABS, SWL>::run(sa, acc, xs0, lane, magic);
+    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sa, acc, xs0, lane, true, 32, magic);
     if (c + 1 >= c1) break;
     cp_async_wait_all();
     __syncthreads();
@@ -353,7 +367,7 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
       copy_x(0, c + 2);
       load(sa);
     }
-    if (active) Rounds<B, SB, NT, 0, R, SLABS, SWL>::run(sb, acc, xs1, lane, magic);
+    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sb, acc, xs1, lane, true, 32, magic);
   }
   if (!active) return;
   if (NA == 2) {  // the odd k-steps' sums onto the even ones' (fixed order: deterministic)
@@ -447,15 +461,6 @@ SPQR_TC_ALL_NT(3, 4)
 #endif
 SPQR_TC_ALL_NT(3, 3)
 
-// Outlier pass, one warp per row (grid-stride over rows): y[c][row] = sum over splits of
-// part[s][c][row] (in order) + the row's outlier corrections sum (o - w) x'[col][c], rounded to
-// the output dtype (out_dtype: 1 f16, 2 bf16, 0 f32). The row's entries are decoded 128 at a
-// time (4 consecutive per lane, all loads in flight, one warp scan for the columns); each lane
-// multiplies its entries with 8 batch columns at a time (one 16-byte row piece of x'^T when
-// bp >= 8), then a fixed xor tree sums the lanes (deterministic). x'^T [n][bp] comes from
-// spqr_tc_prepare_x; with `smem_x` it is first copied to shared memory (n * bp * 2 bytes of
-// dynamic shared memory). 32-bit indices: the Python layer uses this path only for
-// n * bp < 2^31, E < 2^32 (SPEC cap) and m < 2^31.
 namespace spqr_tc {
 // y[o] = v rounded to out_dtype (0 f32, 1 f16, 2 bf16).
 __device__ __forceinline__ void store_y(void* y, i64 o, float v, int out_dtype) {
@@ -467,6 +472,214 @@ __device__ __forceinline__ void store_y(void* y, i64 o, float v, int out_dtype) 
     ((u16*)y)[o] = (u16)f32_to_f16(v);
 }
 
+// Entries e .. e + 127 of a row's outlier stream (those below e1), 4 consecutive per lane: for
+// each, the element offset of its column's row of x'^T (column * bp; -1 for a skip) and its
+// correction as f32. `base` is the row's column before entry e (-1 at the row's start); it is
+// advanced past the 128 entries (the same value in every lane).
+__device__ __forceinline__ void decode128(const u32* __restrict__ oent, u32 e, u32 e1, int lane,
+                                          int bp, int& base, int (&xi)[4], float (&d)[4]) {
+  u32 ent[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const u32 idx = e + 4 * lane + q;
+    ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;  // past the end: a skip of delta 0
+  }
+  u32 local[4];
+  u32 run = 0;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    run += ent[q] & 0xFFFFu;
+    local[q] = run;
+  }
+  u32 scan = run;  // inclusive scan of the lanes' totals
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const u32 v = __shfl_up_sync(0xffffffffu, scan, o);
+    if (lane >= o) scan += v;
+  }
+  const int lane_base = base + (int)(scan - run);
+  base += (int)__shfl_sync(0xffffffffu, scan, 31);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const bool real = (ent[q] >> 16) != 0xFFFFu;
+    xi[q] = real ? (lane_base + (int)local[q]) * bp : -1;
+    d[q] = real ? f16_to_f32(ent[q] >> 16) : 0.f;
+  }
+}
+
+// Outlier corrections of up to 4 rows at once for batch columns 0 .. batch - 1 (batch <= 8),
+// one warp: lanes 8s .. 8s + 7 take row `row` (-1: none; the value may differ per group of 8
+// lanes). Each step, each lane takes 16 consecutive entries of its row (all 16 loads in flight),
+// a segmented scan over the 8 lanes gives their columns, and the lane multiplies them with
+// x'^T; a fixed xor tree over the 8 lanes sums them (deterministic), and lane 8s + c writes
+// the row's sum for column c to out[c]. `xt` is x'^T [n][bp] (spqr_tc_prepare_x).
+__device__ __forceinline__ void rows_outliers4(const u32* __restrict__ orows,
+                                               const u32* __restrict__ oent,
+                                               const u16* __restrict__ xt, int bp, i64 row,
+                                               int batch, int lane, float* out) {
+  constexpr int PER = 16;  // entries per lane per step
+  const int sl = lane & 7;
+  u32 e0 = 0, e1 = 0;
+  if (row >= 0) {
+    e0 = orows[row];
+    e1 = orows[row + 1];
+  }
+  float acc[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+  int base = -1;  // the row's column before this step's first entry
+  for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += 8 * PER) {
+    u32 ent[PER];
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+      const u32 idx = e + PER * sl + q;
+      ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;  // past the end: a skip of delta 0
+    }
+    u32 run = 0;
+#pragma unroll
+    for (int q = 0; q < PER; ++q) run += ent[q] & 0xFFFFu;
+    u32 scan = run;  // inclusive scan of the 8 lanes' totals
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) {
+      const u32 v = __shfl_up_sync(0xffffffffu, scan, o, 8);
+      if (sl >= o) scan += v;
+    }
+    int col = base + (int)(scan - run);
+    base += (int)__shfl_sync(0xffffffffu, scan, 7, 8);
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+      col += (int)(ent[q] & 0xFFFFu);
+      if ((ent[q] >> 16) == 0xFFFFu) continue;  // a skip
+      const float d = f16_to_f32(ent[q] >> 16);
+      const u16* xr = xt + (i64)col * bp;
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        if (k < batch) acc[k] += d * f16_to_f32(xr[k]);
+    }
+   }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    if (k >= batch) break;
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], o, 8);
+    if (sl == k && row >= 0) out[k] = acc[k];
+  }
+}
+
+// Batch <= 8 in one kernel (no k-split partial sums, no finish kernel). A block's warps are
+// RPB = SPQR_TC_WARPS / KS row blocks times KS k-slices (KS = 2^ks_log2): warp (rbl, kq) takes
+// chunks kq, kq + KS, ... of row block blockIdx.x * RPB + rbl, its code stream loaded into
+// registers one chunk ahead and its x' fragments read from global memory (L1-cached: every
+// warp of a multiprocessor reads the same x') by the lanes of the 2^gp_log2 >= batch batch
+// columns, so the chunk loop has no block barrier. Before its loop a warp computes the
+// outlier corrections of its rows kq, kq + KS, ... (rows_outliers4, 4 rows at a time) into
+// shared memory, its first chunk's loads already in flight; after the loop the block adds,
+// per row and batch column, the KS k-slices' sums in order and then the correction, and
+// rounds to the output dtype. Deterministic.
+template <int B, int SB>
+__device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
+                                       const u32* __restrict__ stats,
+                                       const uint2* __restrict__ stats2,
+                                       const uint2* __restrict__ xfrag,
+                                       const u32* __restrict__ orows,
+                                       const u32* __restrict__ oent, const u16* __restrict__ xt,
+                                       int bp, int RB, int NC, int ks_log2, int gp_log2, i64 m,
+                                       int batch, void* __restrict__ y, i64 ldy, int out_dtype) {
+  constexpr int PPW = pair_slots<B>();
+  constexpr int R = rounds_per_chunk<B>();
+  constexpr int MPC = 4 * R;
+  constexpr int SLABS = 4 * R / PPW;
+  constexpr int SPW = pair_slots<SB>();
+  constexpr int SWL0 = (2 * R + SPW - 1) / SPW;
+  constexpr int SWL = SWL0 == 1 ? 1 : SWL0 == 2 ? 2 : 4;
+  constexpr int NA = tc_acc_sets<1>();
+  __shared__ float red[SPQR_TC_WARPS][4][32];  // each warp's D fragments
+  __shared__ float osm[SPQR_TC_WARPS][16][8];  // [row block][row][batch column] corrections
+  const int KS = 1 << ks_log2;
+  const int RPB = SPQR_TC_WARPS >> ks_log2;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int rbl = warp >> ks_log2;
+  const int kq = warp & (KS - 1);
+  const int rb = blockIdx.x * RPB + rbl;
+  const bool active = rb < RB;
+  const int rbc = active ? rb : 0;
+  const bool xl = lane < (4 << gp_log2);  // B fragments of batch columns < 2^gp_log2
+  const i64 KT = (i64)NC * MPC;
+
+  float acc[NA][4];
+#pragma unroll
+  for (int j = 0; j < NA; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  const u32 magic = magic_reg();
+
+  const uint4* cptr = codes + ((i64)rbc * NC + kq) * SLABS * 32 + lane;
+  const u32* sptr = stats + (((i64)rbc * NC + kq) * 32 + lane) * SWL;
+  const uint2* s2ptr = stats2 + (i64)rbc * KT + (i64)kq * MPC + (lane < MPC ? lane : 0);
+  const uint2* xg = xfrag + (i64)kq * MPC * 32;  // the x' fragments of the chunk computed next
+  auto load = [&](Stage<SLABS, SWL>& st) {
+#pragma unroll
+    for (int k = 0; k < SLABS; ++k) st.cw[k] = ld_stream(cptr + k * 32);
+    cptr += (i64)KS * SLABS * 32;
+    load_stats<SWL>(st.sw, sptr);
+    sptr += (i64)KS * 32 * SWL;
+    st.st2 = ld_nc2(s2ptr);
+    s2ptr += (i64)KS * MPC;
+  };
+  Stage<SLABS, SWL> sa, sb;
+  if (active && kq < NC) load(sa);
+  if (active && orows != nullptr) {
+    const int nr = 16 >> ks_log2;  // this warp's rows: kq + KS i
+    for (int i0 = 0; i0 < nr; i0 += 4) {
+      const int i = i0 + (lane >> 3);
+      const int r = kq + (i << ks_log2);
+      const bool live = i < nr && (i64)rb * 16 + r < m;
+      rows_outliers4(orows, oent, xt, bp, live ? (i64)rb * 16 + r : -1, batch, lane,
+                     &osm[rbl][live ? r : 0][0]);
+    }
+  }
+  if (active) {
+    for (int c = kq; c < NC; c += 2 * KS) {
+      if (c + KS < NC) load(sb);
+      Rounds<B, SB, 1, true, 0, R, SLABS, SWL>::run(sa, acc, xg, lane, xl, 32, magic);
+      xg += (i64)KS * MPC * 32;
+      if (c + KS >= NC) break;
+      if (c + 2 * KS < NC) load(sa);
+      Rounds<B, SB, 1, true, 0, R, SLABS, SWL>::run(sb, acc, xg, lane, xl, 32, magic);
+      xg += (i64)KS * MPC * 32;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    float v = acc[0][r];
+    if (NA == 2) v += acc[NA - 1][r];  // odd k-steps onto even ones (fixed order)
+    red[warp][r][lane] = v;
+  }
+  __syncthreads();
+  // D fragment of lane 4 g + t: [0..1] row g, columns 2t, 2t + 1; [2..3] row g + 8.
+  const int outs = RPB * 16 * batch;
+  for (int i = threadIdx.x; i < outs; i += blockDim.x) {
+    const int c = i / (RPB * 16);
+    const int rr = i - c * (RPB * 16);
+    const int rl = rr >> 4, r = rr & 15;
+    const i64 row = ((i64)blockIdx.x * RPB + rl) * 16 + r;
+    if (row >= m) continue;
+    const int src = 4 * (r & 7) + (c >> 1), reg = 2 * (r >> 3) + (c & 1);
+    float v = 0.f;
+    for (int k = 0; k < KS; ++k) v += red[rl * KS + k][reg][src];
+    if (orows != nullptr) v += osm[rl][r][c];
+    store_y(y, (i64)c * ldy + row, v, out_dtype);
+  }
+}
+
+// Outlier pass, one warp per row (grid-stride over rows): y[c][row] = sum over splits of
+// part[s][c][row] (in order) + the row's outlier corrections sum (o - w) x'[col][c], rounded to
+// the output dtype (out_dtype: 1 f16, 2 bf16, 0 f32). The row's entries are decoded 128 at a
+// time (4 consecutive per lane, all loads in flight, one warp scan for the columns); each lane
+// multiplies its entries with 8 batch columns at a time (one 16-byte row piece of x'^T when
+// bp >= 8), then a fixed xor tree sums the lanes (deterministic). x'^T [n][bp] comes from
+// spqr_tc_prepare_x; with `smem_x` it is first copied to shared memory (n * bp * 2 bytes of
+// dynamic shared memory). 32-bit indices: the Python layer uses this path only for
+// n * bp < 2^31, E < 2^32 (SPEC cap) and m < 2^31.
 template <int BPT>  // x'^T pitch: 1, 2, 4, or 8 meaning a multiple of 8
 __device__ __forceinline__ void finish(
     const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
@@ -551,35 +764,9 @@ __device__ __forceinline__ void finish(
       const u32 e0 = orows[row], e1 = orows[row + 1];
       int base = -1;
       for (u32 e = e0; e < e1; e += 128) {
-        u32 ent[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const u32 idx = e + 4 * lane + q;
-          ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;  // past the end: a skip of delta 0
-        }
-        u32 local[4];
-        u32 run = 0;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          run += ent[q] & 0xFFFFu;
-          local[q] = run;
-        }
-        u32 scan = run;  // inclusive scan of the lanes' totals
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const u32 v = __shfl_up_sync(0xffffffffu, scan, o);
-          if (lane >= o) scan += v;
-        }
-        const int lane_base = base + (int)(scan - run);
-        base += (int)__shfl_sync(0xffffffffu, scan, 31);
         int xi[4];  // element offset of the entry's row of x'^T, -1 for skips
         float d[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const bool real = (ent[q] >> 16) != 0xFFFFu;
-          xi[q] = real ? (lane_base + (int)local[q]) * bp : -1;
-          d[q] = real ? spqr_tc::f16_to_f32(ent[q] >> 16) : 0.f;
-        }
+        decode128(oent, e, e1, lane, bp, base, xi, d);
         for (int cb = 0; cb < batch; cb += 8) {
           float oacc[8];
 #pragma unroll
@@ -639,3 +826,28 @@ SPQR_TC_FINISH_ENTRY(1)
 SPQR_TC_FINISH_ENTRY(2)
 SPQR_TC_FINISH_ENTRY(4)
 SPQR_TC_FINISH_ENTRY(8)
+
+#define SPQR_TCV_ENTRY(B, SB)                                                                     \
+  extern "C" __global__ void __launch_bounds__(32 * SPQR_TC_WARPS, SPQR_TC_MINB)                 \
+      spqr_tcv_b##B##_s##SB(const uint4* __restrict__ codes, const u32* __restrict__ stats,       \
+                            const uint2* __restrict__ stats2, const uint2* __restrict__ xfrag,    \
+                            const u32* __restrict__ orows, const u32* __restrict__ oent,          \
+                            const u16* __restrict__ xt, int bp, int RB, int NC, int ks_log2,      \
+                            int gp_log2, i64 m, int batch, void* __restrict__ y, i64 ldy,         \
+                            int out_dtype) {                                                      \
+    spqr_tc::tc_vec<B, SB>(codes, stats, stats2, xfrag, orows, oent, xt, bp, RB, NC, ks_log2,    \
+                           gp_log2, m, batch, y, ldy, out_dtype);                                 \
+  }
+#define SPQR_TCV_ALL_SB(B) \
+  SPQR_TCV_ENTRY(B, 1)     \
+  SPQR_TCV_ENTRY(B, 2)     \
+  SPQR_TCV_ENTRY(B, 3)     \
+  SPQR_TCV_ENTRY(B, 4)
+#ifndef SPQR_TC_ONLY_B3S3
+SPQR_TCV_ALL_SB(2)
+SPQR_TCV_ALL_SB(4)
+SPQR_TCV_ENTRY(3, 1)
+SPQR_TCV_ENTRY(3, 2)
+SPQR_TCV_ENTRY(3, 4)
+#endif
+SPQR_TCV_ENTRY(3, 3)

@@ -3,12 +3,13 @@
 // object with the tensor-core kernels and spqr_tc_matmul / spqr_tc_workspace_bytes.  The tile
 // arrays come from spqr_tile_repack (spqr_tile_layout.c) and are uploaded by the caller.
 //
-// The selection logic (k-split plan, finish-kernel variant) mirrors GpuTensor._tc_matmul and
+// The selection logic (batch <= 8 kernel and its k-slicing, k-split plan) mirrors GpuTensor._tc_matmul and
 // spqr_format/gpu/_kernels.py (keep the two in step): with the same device and the same
 // SPQR_TC_SPLITS, the result is bit-identical to the Python layer's.
 
 #include <cuda_runtime.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "spqr_gpu.h"
 #include "spqr_tc.cu"
@@ -34,8 +35,6 @@ int xt_pitch(int nb) {
 
 typedef void (*tc_fn)(const uint4*, const u32*, const uint2*, const uint2*, float*, int, int, int,
                       i64, int);
-typedef void (*finish_fn)(const float*, int, i64, int, const u32*, const u32*, const u16*, int,
-                          int, int, i64, void*, i64, int, i64, int);
 
 #define SPQR_TCK(B, SB, NT) &spqr_tc_b##B##_s##SB##_nt##NT
 #define SPQR_TCK_NT(B, SB) {SPQR_TCK(B, SB, 1), SPQR_TCK(B, SB, 2), SPQR_TCK(B, SB, 4), SPQR_TCK(B, SB, 8)}
@@ -48,6 +47,66 @@ tc_fn pick_tc(int bits, int sb, int nt) {
   return k[bits - 2][sb - 1][ni];
 }
 
+typedef void (*finish_fn)(const float*, int, i64, int, const u32*, const u32*, const u16*, int,
+                          int, int, i64, void*, i64, int, i64, int);
+typedef void (*tcv_fn)(const uint4*, const u32*, const uint2*, const uint2*, const u32*,
+                       const u32*, const u16*, int, int, int, int, int, i64, int, void*, i64, int);
+#define SPQR_TCVK_SB(B) \
+  {&spqr_tcv_b##B##_s1, &spqr_tcv_b##B##_s2, &spqr_tcv_b##B##_s3, &spqr_tcv_b##B##_s4}
+
+tcv_fn pick_tcv(int bits, int sb) {
+  static const tcv_fn k[3][4] = {SPQR_TCVK_SB(2), SPQR_TCVK_SB(3), SPQR_TCVK_SB(4)};
+  if (bits < 2 || bits > 4 || sb < 1 || sb > 4) return NULL;
+  return k[bits - 2][sb - 1];
+}
+
+// _kernels.tc_resident_blocks: blocks of TC_WARPS warps per multiprocessor.
+int64_t resident_blocks(const void* fn, int64_t smem) {
+  cudaFuncAttributes attr;
+  int regs = 64;
+  if (cudaFuncGetAttributes(&attr, fn) == cudaSuccess && attr.numRegs > 0) regs = attr.numRegs;
+  const int64_t warp_regs = cdiv((int64_t)regs * 32, 256) * 256;
+  int64_t resident = 65536 / (warp_regs * TC_WARPS);
+  const int64_t by_smem = (227 * 1024) / (smem + 1024);
+  if (by_smem < resident) resident = by_smem;
+  if (64 / TC_WARPS < resident) resident = 64 / TC_WARPS;
+  if (resident > 32) resident = 32;
+  if (resident < 1) resident = 1;
+  return resident;
+}
+
+
+// _kernels.tcv_wanted: spqr_tcv_* unless the matrix is tall (SPQR_TCV=0 / 1 overrides).
+bool tcv_wanted(const spqr_tile* t) {
+  const char* mode = getenv("SPQR_TCV");
+  if (mode && (strcmp(mode, "0") == 0 || strcmp(mode, "1") == 0)) return mode[0] == '1';
+  return t->m <= 2 * t->n;  // _kernels.TCV_MAX_ASPECT
+}
+
+// _kernels.tcv_ks: log2 of the k-slices per row block of spqr_tcv_* (SPQR_TCV_KS overrides).
+int tcv_ks(const spqr_tile* t, tcv_fn fn, int sms) {
+  const int64_t smem = TC_WARPS * (4 * 32 + 16 * 8) * 4;  // _kernels.TCV_SMEM
+  const int64_t slots = resident_blocks((const void*)fn, smem) * sms;
+  const int64_t nc = t->d.NC, rb = t->d.RB;
+  int best = 0;
+  int64_t best_cost = -1;
+  for (int k = 0; (1 << k) <= TC_WARPS && (1 << k) <= (nc > 1 ? nc : 1); ++k) {
+    const int64_t blocks = cdiv(rb, TC_WARPS >> k);
+    const int64_t cost = cdiv(blocks, slots) * cdiv(nc, 1 << k);
+    if (best_cost < 0 || cost <= best_cost) {
+      best = k;
+      best_cost = cost;
+    }
+  }
+  const char* ov = getenv("SPQR_TCV_KS");
+  if (ov && atoi(ov) > 0) {
+    int v = atoi(ov) < TC_WARPS ? atoi(ov) : TC_WARPS, k = 0;
+    while ((2 << k) <= v) ++k;
+    best = k;
+  }
+  return best;
+}
+
 finish_fn pick_finish(int bp) {
   return bp <= 1 ? &spqr_tc_finish_p1 : bp == 2 ? &spqr_tc_finish_p2
                                       : bp == 4 ? &spqr_tc_finish_p4 : &spqr_tc_finish_p8;
@@ -58,18 +117,7 @@ void tc_plan(const spqr_tile* t, int nt, tc_fn fn, int* splits, int* per) {
   int dev = 0, sms = 1;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  cudaFuncAttributes attr;
-  int regs = 64;
-  if (cudaFuncGetAttributes(&attr, (const void*)fn) == cudaSuccess && attr.numRegs > 0)
-    regs = attr.numRegs;
-  const int64_t smem = 2LL * nt * t->d.MPC * 256;
-  const int64_t warp_regs = cdiv((int64_t)regs * 32, 256) * 256;
-  int64_t resident = 65536 / (warp_regs * TC_WARPS);
-  const int64_t by_smem = (227 * 1024) / (smem + 1024);
-  if (by_smem < resident) resident = by_smem;
-  if (64 / TC_WARPS < resident) resident = 64 / TC_WARPS;
-  if (resident > 32) resident = 32;
-  if (resident < 1) resident = 1;
+  const int64_t resident = resident_blocks((const void*)fn, 2LL * nt * t->d.MPC * 256);
   const int64_t nc = t->d.NC, groups = cdiv(t->d.RB, TC_WARPS), slots = resident * sms;
   int64_t max_splits = t->n / (32 * 8 * nt);
   if (max_splits < 1) max_splits = 1;
@@ -143,6 +191,16 @@ extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, vo
     const int64_t total = (int64_t)nt * t->d.KT * 32;
     spqr_tc_prepare_x<<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(
         xb, ldx, t->perm, t->n, nb, nt, t->d.KT, xfrag, xt, bp);
+    if (nb <= 8 && tcv_wanted(t)) {  // one kernel: outliers and rounding, no partial sums
+      tcv_fn fv = pick_tcv(t->bits, t->stats_bits);
+      int gp = 0;
+      while ((1 << gp) < nb) ++gp;
+      const int ks = tcv_ks(t, fv, sms);
+      fv<<<(unsigned)cdiv(t->d.RB, TC_WARPS >> ks), 32 * TC_WARPS, 0, stream>>>(
+          (const uint4*)t->codes, t->stats, (const uint2*)t->stats2, xfrag, t->orows, t->oents,
+          xt, bp, (int)t->d.RB, (int)t->d.NC, ks, gp, t->m, nb, (void*)yb, ldy, out_dtype);
+      continue;
+    }
     const int msmem = 2 * nt * (int)t->d.MPC * 256;
     if (msmem > 48 * 1024)
       cudaFuncSetAttribute((const void*)fmain, cudaFuncAttributeMaxDynamicSharedMemorySize, msmem);
