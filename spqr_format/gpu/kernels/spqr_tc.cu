@@ -202,6 +202,45 @@ __device__ __forceinline__ void load_stats(u32 (&sw)[SWL], const u32* p) {
   }
 }
 
+// Per-configuration geometry of the tile layout (tile_layout.geometry, spqr_gpu.h).
+template <int B, int SB>
+struct TileGeo {
+  static constexpr int PPW = pair_slots<B>();        // pair slots per code word
+  static constexpr int R = rounds_per_chunk<B>();    // rounds per chunk
+  static constexpr int MPC = 4 * R;                  // groups (mma k-steps) per chunk
+  static constexpr int SLABS = 4 * R / PPW;          // 16-byte code loads per lane and chunk
+  static constexpr int SPW = pair_slots<SB>();
+  static constexpr int SWL0 = (2 * R + SPW - 1) / SPW;
+  static constexpr int SWL = SWL0 == 1 ? 1 : SWL0 == 2 ? 2 : 4;  // statistics words per lane
+  static_assert(SLABS * PPW == 4 * R, "code words fill whole slabs");
+};
+
+// One warp's walk over chunks c0, c0 + step, ... of row block rb: each load() fills a Stage with
+// the next chunk's code words, statistics words and stats2 records (lane j < MPC: group j's).
+template <int B, int SB>
+struct ChunkStream {
+  using G = TileGeo<B, SB>;
+  const uint4* cptr;
+  const u32* sptr;
+  const uint2* s2ptr;
+  i64 step;
+  __device__ __forceinline__ ChunkStream(const uint4* codes, const u32* stats, const uint2* stats2,
+                                         int rb, int NC, int c0, int step_, int lane)
+      : cptr(codes + ((i64)rb * NC + c0) * G::SLABS * 32 + lane),
+        sptr(stats + (((i64)rb * NC + c0) * 32 + lane) * G::SWL),
+        s2ptr(stats2 + ((i64)rb * NC + c0) * G::MPC + (lane < G::MPC ? lane : 0)),
+        step(step_) {}
+  __device__ __forceinline__ void load(Stage<G::SLABS, G::SWL>& st) {
+#pragma unroll
+    for (int k = 0; k < G::SLABS; ++k) st.cw[k] = ld_stream(cptr + k * 32);
+    cptr += step * G::SLABS * 32;
+    load_stats<G::SWL>(st.sw, sptr);
+    sptr += step * 32 * G::SWL;
+    st.st2 = ld_nc2(s2ptr);
+    s2ptr += step * G::MPC;
+  }
+};
+
 // Word W of a stage's code words, as a compile-time index.
 template <int W, int SLABS>
 __device__ __forceinline__ u32 code_word(const uint4 (&cw)[SLABS]) {
@@ -225,8 +264,7 @@ __device__ __forceinline__ u32 a_reg(const uint4 (&cw)[SLABS], u32 S, u32 Bz, u3
 template <int B, int SB, int NT, bool WX, int RHO, int SLABS, int SWL>
 __device__ __forceinline__ void tc_round(const Stage<SLABS, SWL>& st,
                                          float (&acc)[tc_acc_sets<NT>() * NT][4],
-                                         const uint2* xs_chunk, int lane, bool xl, int xstride,
-                                         u32 magic) {
+                                         const uint2* xs_chunk, int lane, bool xl, u32 magic) {
   constexpr int SPW = pair_slots<SB>();
   constexpr int MPC = 4 * rounds_per_chunk<B>();
   uint2 st2;
@@ -258,7 +296,7 @@ __device__ __forceinline__ void tc_round(const Stage<SLABS, SWL>& st,
     for (int j = 0; j < NT; ++j) {
       uint2 bf;
       if (WX)
-        bf = xl ? ld_nc2(xs_chunk + (4 * RHO + u) * xstride + lane) : make_uint2(0u, 0u);
+        bf = xl ? ld_nc2(xs_chunk + (4 * RHO + u) * 32 + lane) : make_uint2(0u, 0u);
       else
         bf = xs_chunk[(j * MPC + 4 * RHO + u) * 32 + lane];
       mma16816(acc[(u % tc_acc_sets<NT>()) * NT + j], a, bf.x, bf.y);
@@ -271,17 +309,16 @@ struct Rounds {
   static __device__ __forceinline__ void run(const Stage<SLABS, SWL>& st,
                                              float (&acc)[tc_acc_sets<NT>() * NT][4],
                                              const uint2* xs_chunk, int lane, bool xl,
-                                             int xstride, u32 magic) {
-    tc_round<B, SB, NT, WX, RHO, SLABS, SWL>(st, acc, xs_chunk, lane, xl, xstride, magic);
-    Rounds<B, SB, NT, WX, RHO + 1, R, SLABS, SWL>::run(st, acc, xs_chunk, lane, xl, xstride,
-                                                        magic);
+                                             u32 magic) {
+    tc_round<B, SB, NT, WX, RHO, SLABS, SWL>(st, acc, xs_chunk, lane, xl, magic);
+    Rounds<B, SB, NT, WX, RHO + 1, R, SLABS, SWL>::run(st, acc, xs_chunk, lane, xl, magic);
   }
 };
 template <int B, int SB, int NT, bool WX, int R, int SLABS, int SWL>
 struct Rounds<B, SB, NT, WX, R, R, SLABS, SWL> {
   static __device__ __forceinline__ void run(const Stage<SLABS, SWL>&,
                                              float (&)[tc_acc_sets<NT>() * NT][4],
-                                             const uint2*, int, bool, int, u32) {}
+                                             const uint2*, int, bool, u32) {}
 };
 
 template <int B, int SB, int NT>
@@ -291,14 +328,8 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
                                           const uint2* __restrict__ xfrag,
                                           float* __restrict__ part, int RB, int NC,
                                           int chunks_per_split, i64 M16, int batch) {
-  constexpr int PPW = pair_slots<B>();
-  constexpr int R = rounds_per_chunk<B>();
-  constexpr int MPC = 4 * R;
-  constexpr int SLABS = 4 * R / PPW;
-  constexpr int SPW = pair_slots<SB>();
-  constexpr int SWL0 = (2 * R + SPW - 1) / SPW;
-  constexpr int SWL = SWL0 == 1 ? 1 : SWL0 == 2 ? 2 : 4;
-  static_assert(SLABS * PPW == 4 * R, "code words fill whole slabs");
+  using G = TileGeo<B, SB>;
+  constexpr int R = G::R, MPC = G::MPC, SLABS = G::SLABS, SWL = G::SWL;
   // The block's warps share each chunk's x fragments through shared memory (double-buffered
   // cp.async): 2 buffers of NT * MPC mma B fragments of 32 lanes, in the dynamic shared
   // memory the launch provides (2 * NT * MPC * 256 bytes).
@@ -323,20 +354,7 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
   for (int j = 0; j < NA * NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   const u32 magic = magic_reg();
 
-  // Stream pointers, bumped by one chunk per load.
-  const uint4* cptr = codes + ((i64)rbc * NC + c0) * SLABS * 32 + lane;
-  const u32* sptr = stats + (((i64)rbc * NC + c0) * 32 + lane) * SWL;
-  const uint2* s2ptr = stats2 + (i64)rbc * KT + (i64)c0 * MPC + (lane < MPC ? lane : 0);
-
-  auto load = [&](Stage<SLABS, SWL>& st) {
-#pragma unroll
-    for (int k = 0; k < SLABS; ++k) st.cw[k] = ld_stream(cptr + k * 32);
-    cptr += SLABS * 32;
-    load_stats<SWL>(st.sw, sptr);
-    sptr += 32 * SWL;
-    st.st2 = ld_nc2(s2ptr);
-    s2ptr += MPC;
-  };
+  ChunkStream<B, SB> stream(codes, stats, stats2, rbc, NC, c0, 1, lane);
   auto copy_x = [&](int buf, int c) {  // chunk c's B fragments into xs[buf]
     constexpr int UNITS = NT * MPC * 16;  // 16-byte units: NT segments of MPC * 256 bytes
     for (int u = threadIdx.x; u < UNITS; u += 32 * SPQR_TC_WARPS) {
@@ -349,7 +367,7 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
   };
   Stage<SLABS, SWL> sa, sb;
   if (c0 < c1) {
-    load(sa);
+    stream.load(sa);
     copy_x(0, c0);
   }
   for (int c = c0; c < c1; c += 2) {
@@ -357,17 +375,17 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
     __syncthreads();
     if (c + 1 < c1) {
       copy_x(1, c + 1);
-      load(sb);
+      stream.load(sb);
     }
-    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sa, acc, xs0, lane, true, 32, magic);
+    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sa, acc, xs0, lane, true, magic);
     if (c + 1 >= c1) break;
     cp_async_wait_all();
     __syncthreads();
     if (c + 2 < c1) {
       copy_x(0, c + 2);
-      load(sa);
+      stream.load(sa);
     }
-    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sb, acc, xs1, lane, true, 32, magic);
+    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sb, acc, xs1, lane, true, magic);
   }
   if (!active) return;
   if (NA == 2) {  // the odd k-steps' sums onto the even ones' (fixed order: deterministic)
@@ -507,26 +525,26 @@ __device__ __forceinline__ void decode128(const u32* __restrict__ oent, u32 e, u
   }
 }
 
-// Outlier corrections of up to 4 rows at once for batch columns 0 .. batch - 1 (batch <= 8),
-// one warp: lanes 8s .. 8s + 7 take row `row` (-1: none; the value may differ per group of 8
-// lanes). Each step, each lane takes 16 consecutive entries of its row (all 16 loads in flight),
-// a segmented scan over the 8 lanes gives their columns, and the lane multiplies them with
-// x'^T; a fixed xor tree over the 8 lanes sums them (deterministic), and lane 8s + c writes
-// the row's sum for column c to out[c]. `xt` is x'^T [n][bp] (spqr_tc_prepare_x).
-__device__ __forceinline__ void rows_outliers4(const u32* __restrict__ orows,
-                                               const u32* __restrict__ oent,
-                                               const u16* __restrict__ xt, int bp, i64 row,
-                                               int batch, int lane, float* out) {
-  constexpr int PER = 16;  // entries per lane per step
+// Outlier corrections of up to 4 rows at once for batch columns 0 .. batch - 1 (batch <= KMAX
+// <= 8), one warp: lanes 8s .. 8s + 7 take row `row` (-1: none; the value may differ per group
+// of 8 lanes). Each step, each lane takes PER consecutive entries of its row (all PER loads in
+// flight), a segmented scan over the 8 lanes gives their columns, and the lane multiplies them
+// with x'^T [n][bp] (`xt`, spqr_tc_prepare_x; global or shared memory); a fixed xor tree over
+// the 8 lanes sums them (deterministic). Returns, in lane 8s + c (c < batch), the row's sum for
+// batch column c (0 in the others).
+template <int PER, int KMAX>
+__device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
+                                                const u32* __restrict__ oent, const u16* xt,
+                                                int bp, i64 row, int batch, int lane) {
   const int sl = lane & 7;
   u32 e0 = 0, e1 = 0;
   if (row >= 0) {
     e0 = orows[row];
     e1 = orows[row + 1];
   }
-  float acc[8];
+  float acc[KMAX];
 #pragma unroll
-  for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+  for (int k = 0; k < KMAX; ++k) acc[k] = 0.f;
   int base = -1;  // the row's column before this step's first entry
   for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += 8 * PER) {
     u32 ent[PER];
@@ -553,17 +571,19 @@ __device__ __forceinline__ void rows_outliers4(const u32* __restrict__ orows,
       const float d = f16_to_f32(ent[q] >> 16);
       const u16* xr = xt + (i64)col * bp;
 #pragma unroll
-      for (int k = 0; k < 8; ++k)
+      for (int k = 0; k < KMAX; ++k)
         if (k < batch) acc[k] += d * f16_to_f32(xr[k]);
     }
-   }
+  }
+  float mine = 0.f;
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
+  for (int k = 0; k < KMAX; ++k) {
     if (k >= batch) break;
 #pragma unroll
     for (int o = 4; o > 0; o >>= 1) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], o, 8);
-    if (sl == k && row >= 0) out[k] = acc[k];
+    if (sl == k) mine = acc[k];
   }
+  return mine;
 }
 
 // Batch <= 8 in one kernel (no k-split partial sums, no finish kernel). A block's warps are
@@ -585,13 +605,8 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
                                        const u32* __restrict__ oent, const u16* __restrict__ xt,
                                        int bp, int RB, int NC, int ks_log2, int gp_log2, i64 m,
                                        int batch, void* __restrict__ y, i64 ldy, int out_dtype) {
-  constexpr int PPW = pair_slots<B>();
-  constexpr int R = rounds_per_chunk<B>();
-  constexpr int MPC = 4 * R;
-  constexpr int SLABS = 4 * R / PPW;
-  constexpr int SPW = pair_slots<SB>();
-  constexpr int SWL0 = (2 * R + SPW - 1) / SPW;
-  constexpr int SWL = SWL0 == 1 ? 1 : SWL0 == 2 ? 2 : 4;
+  using G = TileGeo<B, SB>;
+  constexpr int R = G::R, MPC = G::MPC, SLABS = G::SLABS, SWL = G::SWL;
   constexpr int NA = tc_acc_sets<1>();
   __shared__ float red[SPQR_TC_WARPS][4][32];  // each warp's D fragments
   __shared__ float osm[SPQR_TC_WARPS][16][8];  // [row block][row][batch column] corrections
@@ -605,46 +620,35 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
   const bool active = rb < RB;
   const int rbc = active ? rb : 0;
   const bool xl = lane < (4 << gp_log2);  // B fragments of batch columns < 2^gp_log2
-  const i64 KT = (i64)NC * MPC;
 
   float acc[NA][4];
 #pragma unroll
   for (int j = 0; j < NA; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   const u32 magic = magic_reg();
 
-  const uint4* cptr = codes + ((i64)rbc * NC + kq) * SLABS * 32 + lane;
-  const u32* sptr = stats + (((i64)rbc * NC + kq) * 32 + lane) * SWL;
-  const uint2* s2ptr = stats2 + (i64)rbc * KT + (i64)kq * MPC + (lane < MPC ? lane : 0);
+  ChunkStream<B, SB> stream(codes, stats, stats2, rbc, NC, kq, KS, lane);
   const uint2* xg = xfrag + (i64)kq * MPC * 32;  // the x' fragments of the chunk computed next
-  auto load = [&](Stage<SLABS, SWL>& st) {
-#pragma unroll
-    for (int k = 0; k < SLABS; ++k) st.cw[k] = ld_stream(cptr + k * 32);
-    cptr += (i64)KS * SLABS * 32;
-    load_stats<SWL>(st.sw, sptr);
-    sptr += (i64)KS * 32 * SWL;
-    st.st2 = ld_nc2(s2ptr);
-    s2ptr += (i64)KS * MPC;
-  };
   Stage<SLABS, SWL> sa, sb;
-  if (active && kq < NC) load(sa);
+  if (active && kq < NC) stream.load(sa);
   if (active && orows != nullptr) {
     const int nr = 16 >> ks_log2;  // this warp's rows: kq + KS i
     for (int i0 = 0; i0 < nr; i0 += 4) {
       const int i = i0 + (lane >> 3);
       const int r = kq + (i << ks_log2);
       const bool live = i < nr && (i64)rb * 16 + r < m;
-      rows_outliers4(orows, oent, xt, bp, live ? (i64)rb * 16 + r : -1, batch, lane,
-                     &osm[rbl][live ? r : 0][0]);
+      const float v =
+          rows_outliers4<16, 8>(orows, oent, xt, bp, live ? (i64)rb * 16 + r : -1, batch, lane);
+      if (live && (lane & 7) < batch) osm[rbl][r][lane & 7] = v;
     }
   }
   if (active) {
     for (int c = kq; c < NC; c += 2 * KS) {
-      if (c + KS < NC) load(sb);
-      Rounds<B, SB, 1, true, 0, R, SLABS, SWL>::run(sa, acc, xg, lane, xl, 32, magic);
+      if (c + KS < NC) stream.load(sb);
+      Rounds<B, SB, 1, true, 0, R, SLABS, SWL>::run(sa, acc, xg, lane, xl, magic);
       xg += (i64)KS * MPC * 32;
       if (c + KS >= NC) break;
-      if (c + 2 * KS < NC) load(sa);
-      Rounds<B, SB, 1, true, 0, R, SLABS, SWL>::run(sb, acc, xg, lane, xl, 32, magic);
+      if (c + 2 * KS < NC) stream.load(sa);
+      Rounds<B, SB, 1, true, 0, R, SLABS, SWL>::run(sb, acc, xg, lane, xl, magic);
       xg += (i64)KS * MPC * 32;
     }
   }
@@ -699,9 +703,9 @@ __device__ __forceinline__ void finish(
   const i64 split_stride = (i64)ncols * M16;
   const int rows = (int)m;
   if (BPT < 8 && quad) {
-    // quad (batch <= 4): four rows per warp, eight lanes per row; each step the eight lanes take the
-    // row's next eight entries (a segmented scan gives their columns), so a warp instruction
-    // serves four rows and the per-row overhead is a quarter of the one-row-per-warp scheme.
+    // quad (batch <= 4): four rows per warp, eight lanes per row (rows_outliers4, one entry per
+    // lane and step), so a warp instruction serves four rows and the per-row overhead is a
+    // quarter of the one-row-per-warp scheme.
     const int sub = lane >> 3, sl = lane & 7;
     for (int r0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * 4; r0 < rows; r0 += gridDim.x * 32) {
       const int row = r0 + sub;
@@ -712,37 +716,9 @@ __device__ __forceinline__ void finish(
 #pragma unroll 4
         for (int sp = 0; sp < nsplit; ++sp, p += split_stride) own += *p;
       }
-      float acc[BPT < 8 ? BPT : 1];
-#pragma unroll
-      for (int k = 0; k < (BPT < 8 ? BPT : 1); ++k) acc[k] = 0.f;
-      if (orows != nullptr) {
-        const u32 e0 = live ? orows[row] : 0u, e1 = live ? orows[row + 1] : 0u;
-        int base = -1;
-        for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += 8) {
-          const u32 idx = e + sl;
-          const u32 ent = idx < e1 ? oent[idx] : 0xFFFF0000u;  // a skip of delta 0
-          u32 scan = ent & 0xFFFFu;
-#pragma unroll
-          for (int o = 1; o < 8; o <<= 1) {
-            const u32 v = __shfl_up_sync(0xffffffffu, scan, o, 8);
-            if (sl >= o) scan += v;
-          }
-          const int col = base + (int)scan;
-          base += (int)__shfl_sync(0xffffffffu, scan, 7, 8);
-          if ((ent >> 16) != 0xFFFFu) {
-            const float d = spqr_tc::f16_to_f32(ent >> 16);
-            const u16* xr = xsrc + col * bp;
-#pragma unroll
-            for (int k = 0; k < (BPT < 8 ? BPT : 1); ++k) acc[k] += d * spqr_tc::f16_to_f32(xr[k]);
-          }
-        }
-#pragma unroll
-        for (int k = 0; k < (BPT < 8 ? BPT : 1); ++k) {
-#pragma unroll
-          for (int o = 4; o > 0; o >>= 1) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], o, 8);
-          if (sl == k) own += acc[k];
-        }
-      }
+      if (orows != nullptr)
+        own += rows_outliers4<1, (BPT < 8 ? BPT : 1)>(orows, oent, xsrc, bp, live ? row : -1,
+                                                       batch, lane);
       if (live && sl < batch) {
         store_y(y, (i64)sl * ldy + row, own, out_dtype);
       }
