@@ -20,7 +20,7 @@ except Exception:  # pragma: no cover - no driver
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from strategies import bilevel_tensors, random_bilevel  # noqa: E402
+from strategies import bilevel_tensors, make_outliers, random_bilevel  # noqa: E402
 
 from spqr_format.codec.bilevel import BilevelParams  # noqa: E402
 from spqr_format.codec.packing import pack  # noqa: E402
@@ -348,6 +348,28 @@ def test_tensor_core_small_batch_every_k_slicing(monkeypatch, ks, batch):
     for m, n in ((100, 4096), (37, 700), (16, 64), (300, 64)):
         t = random_bilevel(rng, m, n, BilevelParams(3, 16, 3, 16), True, 0.05)
         _check_matmul(t, batch, "float16", rng)
+
+
+@pytest.mark.parametrize("batch", [5, 8, 9, 16, 33, 64])
+def test_tensor_core_split_path_outlier_pass_every_batch_width(monkeypatch, batch):
+    """The k-split kernel and its outlier pass (spqr_tc_finish_p8: lanes over batch columns,
+    groups of lanes over entries) at every lane-group width: rows full of outliers, rows with
+    none, skip entries (70,000 columns), a row count that is not a multiple of 8."""
+    monkeypatch.setattr(K, "TCV_MODE", "0")
+    rng = np.random.default_rng(1000 + batch)
+    p3 = BilevelParams(3, 16, 3, 16)
+    for m, n, frac, layout in ((37, 700, 0.3, "full_rows"), (203, 512, 0.05, "uniform")):
+        t = random_bilevel(rng, m, n, p3, True, frac, outlier_layout=layout)
+        _check_matmul(t, batch, "float16", rng)
+    # rows whose outliers are all past column 65,535 (skip entries first), some rows empty
+    t = random_bilevel(rng, 21, 70000, p3, True, 0.0)
+    rows = np.repeat(np.arange(0, 21, 2), 40)
+    cols = np.concatenate(
+        [np.sort(rng.choice(np.arange(65536, 70000), 40, False)) for _ in range(11)]
+    )
+    vals = (rng.standard_normal(rows.size) * 0.1).astype(np.float16)
+    t.outliers = make_outliers(rows, cols, vals)
+    _check_matmul(t, batch, "float16", rng)
 
 
 def test_tensor_core_and_simt_paths_agree_closely():

@@ -251,7 +251,7 @@ def tcv_ks(rb: int, nc: int, sm_count: int, resident: int) -> int:
 
 
 def tc_kernel_names() -> list[str]:
-    names = ["spqr_tc_prepare_x", *(tc_finish_name(p) for p in (1, 2, 4, 8))]
+    names = ["spqr_tc_prepare_x", *(tc_finish_name(p) for p in (1, 2, 4, 8, 16, 32, 64))]
     for b in TC_BITS:
         for sb in TC_STATS_BITS:
             names.append(tcv_name(b, sb))
@@ -313,7 +313,9 @@ def tc_max_splits(n: int, nt: int) -> int:
 
 
 def tc_finish_name(pitch: int) -> str:
-    return f"spqr_tc_finish_p{min(pitch, 8)}"
+    """The finish kernel for x'^T pitch ``pitch`` (tc_xt_pitch): pitches up to 8 have their own;
+    a larger one (a multiple of 8) takes the one for the next power of two."""
+    return f"spqr_tc_finish_p{1 << (max(1, pitch) - 1).bit_length()}"
 
 
 def tc_xt_pitch(batch: int) -> int:

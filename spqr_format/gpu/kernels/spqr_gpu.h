@@ -161,11 +161,12 @@
  *   2*NT*MPC*256 bytes (raise the limit above 48 KiB).  Weights enter the tensor cores as f16
  *   (see spqr_tc.cu for the error bound); accumulation is f32.
  *
- * spqr_tc_finish_p{1,2,4,8}(part, splits, M16, 8*NT, orows, tl_oents, xt, bp, smem_x, quad,
- *                           n, y, ldy, out_dtype, m, nb)
+ * spqr_tc_finish_p{1,2,4,8,16,32,64}(part, splits, M16, 8*NT, orows, tl_oents, xt, bp, smem_x,
+ *                                    quad, n, y, ldy, out_dtype, m, nb)
  *   y[c][i] = sum of the splits' partial sums (in order) + sum over row i's outliers of
- *   f16(o - w) * x'[col][c], rounded to out_dtype.  The suffix is min(bp, 8).  Block 256, any
- *   grid (grid-stride over rows).  quad = 0: one warp per row (8 rows per block); quad = 1
+ *   f16(o - w) * x'[col][c], rounded to out_dtype.  The suffix is bp rounded up to a power of
+ *   two (bp <= 8: bp itself; a larger bp is a multiple of 8 and nb <= the suffix).  Block 256,
+ *   any grid (grid-stride over rows).  quad = 0: one warp per row (8 rows per block); quad = 1
  *   (only with bp <= 4): four rows per warp, eight lanes per row (32 rows per block), better
  *   for many rows with few outliers each.  smem_x = 1 stages x'^T in dynamic shared memory
  *   (n*bp*2 bytes rounded up to 16; then launch at most as many blocks as fit).

@@ -38,6 +38,10 @@ typedef long long i64;
 #ifndef SPQR_TC_MINB
 #define SPQR_TC_MINB 2
 #endif
+// Entries per lane and step of the finish kernel's quad path (all in flight at once).
+#ifndef SPQR_TC_QUAD_PER
+#define SPQR_TC_QUAD_PER 8
+#endif
 
 namespace spqr_tc {
 
@@ -675,16 +679,15 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
   }
 }
 
-// Outlier pass, one warp per row (grid-stride over rows): y[c][row] = sum over splits of
-// part[s][c][row] (in order) + the row's outlier corrections sum (o - w) x'[col][c], rounded to
-// the output dtype (out_dtype: 1 f16, 2 bf16, 0 f32). The row's entries are decoded 128 at a
-// time (4 consecutive per lane, all loads in flight, one warp scan for the columns); each lane
-// multiplies its entries with 8 batch columns at a time (one 16-byte row piece of x'^T when
-// bp >= 8), then a fixed xor tree sums the lanes (deterministic). x'^T [n][bp] comes from
-// spqr_tc_prepare_x; with `smem_x` it is first copied to shared memory (n * bp * 2 bytes of
-// dynamic shared memory). 32-bit indices: the Python layer uses this path only for
-// n * bp < 2^31, E < 2^32 (SPEC cap) and m < 2^31.
-template <int BPT>  // x'^T pitch: 1, 2, 4, or 8 meaning a multiple of 8
+// Outlier pass (grid-stride over rows): y[c][row] = sum over splits of part[s][c][row] (in
+// order) + the row's outlier corrections sum (o - w) x'[col][c], rounded to the output dtype
+// (out_dtype: 1 f16, 2 bf16, 0 f32). Three schemes, below: four rows per warp (quad, batch <=
+// 4), one row per warp with the lanes over batch columns (bp a multiple of 8), one row per
+// warp with the lanes over entries (batch <= 4). Every sum has a fixed order (deterministic).
+// x'^T [n][bp] comes from spqr_tc_prepare_x; with `smem_x` it is first copied to shared
+// memory (n * bp * 2 bytes of dynamic shared memory). 32-bit indices: the Python layer uses
+// this kernel only for n * bp < 2^31, E < 2^32 (SPEC cap) and m < 2^31.
+template <int BPT>  // x'^T pitch 1, 2, 4; or 8, 16, 32, 64: a multiple of 8, batch <= BPT
 __device__ __forceinline__ void finish(
     const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
     const u32* __restrict__ oent, const u16* __restrict__ xt, int bp, int smem_x, int quad,
@@ -703,9 +706,10 @@ __device__ __forceinline__ void finish(
   const i64 split_stride = (i64)ncols * M16;
   const int rows = (int)m;
   if (BPT < 8 && quad) {
-    // quad (batch <= 4): four rows per warp, eight lanes per row (rows_outliers4, one entry per
-    // lane and step), so a warp instruction serves four rows and the per-row overhead is a
-    // quarter of the one-row-per-warp scheme.
+    // quad (batch <= 4): four rows per warp, eight lanes per row (rows_outliers4,
+    // SPQR_TC_QUAD_PER entries per lane and step, so a typical row takes one step: one chain
+    // of dependent loads), so a warp instruction serves four rows and the per-row overhead is
+    // a quarter of the one-row-per-warp scheme.
     const int sub = lane >> 3, sl = lane & 7;
     for (int r0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * 4; r0 < rows; r0 += gridDim.x * 32) {
       const int row = r0 + sub;
@@ -717,75 +721,195 @@ __device__ __forceinline__ void finish(
         for (int sp = 0; sp < nsplit; ++sp, p += split_stride) own += *p;
       }
       if (orows != nullptr)
-        own += rows_outliers4<1, (BPT < 8 ? BPT : 1)>(orows, oent, xsrc, bp, live ? row : -1,
-                                                       batch, lane);
+        own += rows_outliers4<SPQR_TC_QUAD_PER, (BPT < 8 ? BPT : 1)>(
+            orows, oent, xsrc, bp, live ? row : -1, batch, lane);
       if (live && sl < batch) {
         store_y(y, (i64)sl * ldy + row, own, out_dtype);
       }
     }
-  } else {
-  for (int row = blockIdx.x * 8 + (threadIdx.x >> 5); row < rows; row += gridDim.x * 8) {
-    // this lane's split sums first: independent loads, in flight during the outlier work
-    float own[2] = {0.f, 0.f};  // columns lane and lane + 32
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int c = lane + 32 * h;
-      if (c < batch) {
-        const float* p = part + (i64)c * M16 + row;
-#pragma unroll 4
-        for (int sp = 0; sp < nsplit; ++sp, p += split_stride) own[h] += *p;
+  } else if (BPT >= 32) {
+    // bp a multiple of 8, 16 < batch <= BPT: one row per warp, in passes of KA = 32 batch
+    // columns. The lanes are ES = 4 entry slots times CQ = 8 column quads: lane (es, cq)
+    // multiplies entries es, es + ES, ... of each window with columns 4 cq .. 4 cq + 3 of the
+    // pass (one 8-byte piece of the entry's x'^T row). Entries are decoded 32 at a time (one
+    // per lane, one warp scan for the columns) and handed to the slots by shuffles; at the end
+    // of the row a fixed xor tree sums the slots and slot 0 adds the split sums and stores.
+    // Few registers (many rows in flight per multiprocessor: the work is a chain of dependent
+    // loads) and no per-column reduce-scatter (measured on H200: faster than the scheme below
+    // from 32 columns on, slower up to 16).
+    constexpr int KA = 32;
+    constexpr int CQ = KA / 4, ES = 32 / CQ;
+    const int es = lane / CQ, cq = lane % CQ;
+    for (int row = blockIdx.x * 8 + (threadIdx.x >> 5); row < rows; row += gridDim.x * 8) {
+      u32 e0 = 0, e1 = 0;
+      if (orows != nullptr) {
+        e0 = orows[row];
+        e1 = orows[row + 1];
       }
-    }
-    if (orows != nullptr) {
-      const u32 e0 = orows[row], e1 = orows[row + 1];
-      int base = -1;
-      for (u32 e = e0; e < e1; e += 128) {
-        int xi[4];  // element offset of the entry's row of x'^T, -1 for skips
-        float d[4];
-        decode128(oent, e, e1, lane, bp, base, xi, d);
-        for (int cb = 0; cb < batch; cb += 8) {
-          float oacc[8];
+      for (int cp = 0; cp < batch; cp += KA) {
+        const int c = cp + 4 * cq;  // this lane's first column
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        int base = -1;
+        for (u32 e = e0; e < e1; e += 32) {
+          const u32 ent = e + lane < e1 ? oent[e + lane] : 0xFFFF0000u;  // past the end: skip
+          u32 scan = ent & 0xFFFFu;  // inclusive scan of the deltas
 #pragma unroll
-          for (int k = 0; k < 8; ++k) oacc[k] = 0.f;
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            if (xi[q] < 0) continue;
-            if (BPT == 8) {
-              const uint4 v = *reinterpret_cast<const uint4*>(xsrc + xi[q] + cb);
-              const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-              for (int k = 0; k < 8; ++k)
-                oacc[k] += d[q] * spqr_tc::f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]);
-            } else {
-#pragma unroll
-              for (int k = 0; k < (BPT < 8 ? BPT : 1); ++k)
-                oacc[k] += d[q] * spqr_tc::f16_to_f32(xsrc[xi[q] + k]);
+          for (int o = 1; o < 32; o <<= 1) {
+            const u32 v = __shfl_up_sync(0xffffffffu, scan, o);
+            if (lane >= o) scan += v;
+          }
+          const bool real = (ent >> 16) != 0xFFFFu;
+          const int xi_l = real ? (base + (int)scan) * bp : -1;
+          const float d_l = real ? f16_to_f32(ent >> 16) : 0.f;
+          base += (int)__shfl_sync(0xffffffffu, scan, 31);
+          const int steps = ((int)min(32u, e1 - e) + ES - 1) / ES;
+#pragma unroll 2
+          for (int k = 0; k < steps; ++k) {
+            const int src = k * ES + es;
+            const int xi = __shfl_sync(0xffffffffu, xi_l, src);
+            const float d = __shfl_sync(0xffffffffu, d_l, src);
+            if (xi >= 0 && c < batch) {
+              const uint2 v = *reinterpret_cast<const uint2*>(xsrc + xi + c);
+              acc[0] += d * f16_to_f32(v.x);
+              acc[1] += d * f16_to_f32(v.x >> 16);
+              acc[2] += d * f16_to_f32(v.y);
+              acc[3] += d * f16_to_f32(v.y >> 16);
             }
           }
+        }
 #pragma unroll
-          for (int k = 0; k < BPT; ++k) {
-            if (cb + k >= batch) break;
+        for (int o = CQ; o < 32; o <<= 1)
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
-            const int c = cb + k;
-            if (lane == (c & 31)) {
-              if (c < 32)
-                own[0] += oacc[k];
-              else
-                own[1] += oacc[k];
-            }
+          for (int j = 0; j < 4; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+        if (es == 0) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (c + j >= batch) break;
+            float v = 0.f;
+            const float* p = part + (i64)(c + j) * M16 + row;
+#pragma unroll 4
+            for (int sp = 0; sp < nsplit; ++sp, p += split_stride) v += *p;
+            store_y(y, (i64)(c + j) * ldy + row, v + acc[j], out_dtype);
           }
         }
       }
     }
+  } else if (BPT >= 8) {
+    // bp a multiple of 8, batch <= BPT <= 16: one row per warp. The row's entries are decoded
+    // 128 at a time (decode128: 4 per lane, one warp scan; a typical row is one window, so the
+    // row costs one chain of dependent loads); each lane multiplies its entries with the batch
+    // columns (16-byte pieces of the entry's x'^T row) into KA per-column sums, and one
+    // reduce-scatter over the lanes (fixed xor tree) leaves each column's sum in the lanes that
+    // own it. (Measured on H200: faster than the scheme below up to 16 columns, slower above.)
+    constexpr int KA = BPT;
+    // After the reduce-scatter lane l holds the sum of column cown(l), from the same fixed
+    // sequence of halvings as below; 32 / KA lanes (differing only in their low bits) hold
+    // copies of it, and the first of them stores it.
+    int cown = 0;
+    {
+      int cnt = KA;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int c = lane + 32 * h;
-      if (c >= batch) continue;
-      store_y(y, (i64)c * ldy + row, own[h], out_dtype);
+      for (int o = 16; o > 0; o >>= 1)
+        if (cnt > 1) {
+          cnt /= 2;
+          if (lane & o) cown += cnt;
+        }
+    }
+    const bool first = (lane & (32 / KA - 1)) == 0;  // the copy that stores
+    for (int row = blockIdx.x * 8 + (threadIdx.x >> 5); row < rows; row += gridDim.x * 8) {
+      float acc[KA];
+#pragma unroll
+      for (int k = 0; k < KA; ++k) acc[k] = 0.f;
+      if (orows != nullptr) {
+        const u32 e0 = orows[row], e1 = orows[row + 1];
+        int base = -1;
+        for (u32 e = e0; e < e1; e += 128) {
+          int xi[4];  // element offset of the entry's row of x'^T, -1 for skips
+          float d[4];
+          decode128(oent, e, e1, lane, bp, base, xi, d);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            if (xi[q] < 0) continue;
+            const uint4* xr = reinterpret_cast<const uint4*>(xsrc + xi[q]);
+#pragma unroll
+            for (int cb = 0; cb < KA; cb += 8) {
+              if (cb >= batch) break;
+              const uint4 v = xr[cb / 8];
+              const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+              for (int k = 0; k < 8; ++k)
+                acc[cb + k] += d[q] * f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]);
+            }
+          }
+        }
+      }
+      // reduce-scatter: at xor distance o a lane keeps the half of its columns selected by
+      // (lane & o) and adds its partner's copy of that half; once one column is left, plain
+      // xor sums.
+      int cnt = KA;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        if (cnt > 1) {
+          const bool up = (lane & o) != 0;
+          const int half = cnt / 2;
+#pragma unroll
+          for (int i = 0; i < KA / 2; ++i) {
+            if (i >= half) break;
+            const float send = up ? acc[i] : acc[i + half];
+            const float keep = up ? acc[i + half] : acc[i];
+            acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+          }
+          cnt = half;
+        } else {
+          acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], o);
+        }
+      }
+      if (first && cown < batch) {
+        float v = 0.f;
+        const float* p = part + (i64)cown * M16 + row;
+#pragma unroll 4
+        for (int sp = 0; sp < nsplit; ++sp, p += split_stride) v += *p;
+        store_y(y, (i64)cown * ldy + row, v + acc[0], out_dtype);
+      }
+    }
+  } else {
+    // batch <= 4 (bp < 8), one row per warp: 128 entries at a time (decode128); each lane
+    // multiplies its 4 entries with the batch columns, a fixed xor tree sums the lanes.
+    for (int row = blockIdx.x * 8 + (threadIdx.x >> 5); row < rows; row += gridDim.x * 8) {
+      float own = 0.f;  // column lane
+      if (lane < batch) {
+        const float* p = part + (i64)lane * M16 + row;
+#pragma unroll 4
+        for (int sp = 0; sp < nsplit; ++sp, p += split_stride) own += *p;
+      }
+      if (orows != nullptr) {
+        const u32 e0 = orows[row], e1 = orows[row + 1];
+        int base = -1;
+        for (u32 e = e0; e < e1; e += 128) {
+          int xi[4];  // element offset of the entry's row of x'^T, -1 for skips
+          float d[4];
+          decode128(oent, e, e1, lane, bp, base, xi, d);
+          float oacc[BPT];
+#pragma unroll
+          for (int k = 0; k < BPT; ++k) oacc[k] = 0.f;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (xi[j] < 0) continue;
+#pragma unroll
+            for (int k = 0; k < BPT; ++k) oacc[k] += d[j] * f16_to_f32(xsrc[xi[j] + k]);
+          }
+#pragma unroll
+          for (int k = 0; k < BPT; ++k) {
+            if (k >= batch) break;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
+            if (lane == k) own += oacc[k];
+          }
+        }
+      }
+      if (lane < batch) store_y(y, (i64)lane * ldy + row, own, out_dtype);
     }
   }
-}
 }
 }  // namespace spqr_tc
 
@@ -802,6 +926,9 @@ SPQR_TC_FINISH_ENTRY(1)
 SPQR_TC_FINISH_ENTRY(2)
 SPQR_TC_FINISH_ENTRY(4)
 SPQR_TC_FINISH_ENTRY(8)
+SPQR_TC_FINISH_ENTRY(16)
+SPQR_TC_FINISH_ENTRY(32)
+SPQR_TC_FINISH_ENTRY(64)
 
 #define SPQR_TCV_ENTRY(B, SB)                                                                     \
   extern "C" __global__ void __launch_bounds__(32 * SPQR_TC_WARPS, SPQR_TC_MINB)                 \

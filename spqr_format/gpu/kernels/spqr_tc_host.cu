@@ -107,9 +107,14 @@ int tcv_ks(const spqr_tile* t, tcv_fn fn, int sms) {
   return best;
 }
 
-finish_fn pick_finish(int bp) {
-  return bp <= 1 ? &spqr_tc_finish_p1 : bp == 2 ? &spqr_tc_finish_p2
-                                      : bp == 4 ? &spqr_tc_finish_p4 : &spqr_tc_finish_p8;
+finish_fn pick_finish(int bp) {  // _kernels.tc_finish_name
+  return bp <= 1    ? &spqr_tc_finish_p1
+         : bp <= 2  ? &spqr_tc_finish_p2
+         : bp <= 4  ? &spqr_tc_finish_p4
+         : bp <= 8  ? &spqr_tc_finish_p8
+         : bp <= 16 ? &spqr_tc_finish_p16
+         : bp <= 32 ? &spqr_tc_finish_p32
+                    : &spqr_tc_finish_p64;
 }
 
 // _kernels.tc_splits: the k-split that fills the machine's block slots in whole waves.
