@@ -78,7 +78,8 @@ def dequant_row_geometry(n: int, smem: int = 0) -> int:
     (measured on an H200: more rows in flight beat more threads per row); env SPQR_DQ_THREADS
     overrides."""
     cap = DQ_THREADS or (256 if smem > 28 * 1024 else 128)
-    return max(32, min(cap, 32 * -(-(-(-n // 16)) // 32)))
+    units = -(-n // 16)  # 16-column units (one per thread)
+    return max(32, min(cap, 32 * -(-units // 32)))
 
 
 def dequant_row2_name(bits: int, stats_bits: int, out_code: int) -> str:
@@ -88,7 +89,8 @@ def dequant_row2_name(bits: int, stats_bits: int, out_code: int) -> str:
 
 def dequant_row2_smem(n: int) -> int:
     """Shared memory of the two-row dequantizer: (row 0, row 1) u32 pairs in 128-byte blocks."""
-    return 128 * -(-(-(-n // 4)) // 8)
+    pairs = -(-n // 4)  # 4-column pieces, 8 per 128-byte block
+    return 128 * -(-pairs // 8)
 
 
 def dequant_row2_supported(bits: int, group_size: int, out_code: int) -> bool:
@@ -212,22 +214,32 @@ def tcv_gp_log2(batch: int) -> int:
     return max(0, batch - 1).bit_length()
 
 
-# spqr_tcv_* for batch <= 8 on matrices with at most TCV_MAX_ASPECT rows per column; env
-# SPQR_TCV=0: never, =1: always (comparisons)
+# spqr_tcv_* for batch <= TCV_SMALL_BATCH on matrices with at most TCV_MAX_ASPECT rows per
+# column, and up to batch 8 on those with at most TCV_SMALL_WEIGHTS weights; env SPQR_TCV=0:
+# never, =1: always (comparisons)
 TCV_MODE = os.environ.get("SPQR_TCV", "")
 TCV_MAX_ASPECT = 2
+TCV_SMALL_BATCH = 4
+TCV_SMALL_WEIGHTS = 1 << 25
 
 
-def tcv_wanted(m: int, n: int) -> bool:
-    """Whether batch <= 8 uses the one-kernel path (spqr_tcv_*) rather than the k-split tile
-    kernel and spqr_tc_finish. spqr_tcv_* computes its rows' outlier corrections before its
-    chunk loop, a few dependent memory round trips per warp that a block pays once: on tall
-    matrices (many row blocks, few chunks each) that costs more than the split path's
-    separate outlier pass (H200, batch 1: 28672x8192 65.9 vs 61.5 us, 11008x4096 28.3 vs
-    21.8 us); elsewhere it is faster (8192x28672 58.7 vs 64.0, 4096x4096 13.2 vs 14.4)."""
+def tcv_wanted(m: int, n: int, batch: int) -> bool:
+    """Whether a slice of ``batch`` <= 8 columns uses the one-kernel path (spqr_tcv_*) rather
+    than the k-split tile kernel and spqr_tc_finish (H200 measurements, session 5).
+
+    spqr_tcv_* computes its rows' outlier corrections before its chunk loop, a few dependent
+    memory round trips per warp that a block pays once: on tall matrices (many row blocks, few
+    chunks each) the split path's separate outlier pass is cheaper (batch 1: 11008x4096 22.6
+    vs 21.4 us; batch 8: 28672x8192 92.1 vs 74.5). Its warps also read x' on their own (the
+    split kernel shares one copy per block): from 5 columns on that costs more than the split
+    path's extra kernels except on small matrices (batch 8: 8192x28672 84.0 vs 71.7 us,
+    4096x11008 23.6 vs 22.0, 4096x4096 16.3 vs 19.1). Elsewhere it is faster (batch 1:
+    8192x28672 53.6 vs 63, 4096x4096 10.9 vs 14.4; batch 4: 8192x8192 25.1 vs 31.4)."""
     if TCV_MODE in ("0", "1"):
-        return TCV_MODE == "1"
-    return m <= TCV_MAX_ASPECT * n
+        return TCV_MODE == "1" and batch <= 8
+    if batch > 8 or m > TCV_MAX_ASPECT * n:
+        return False
+    return batch <= TCV_SMALL_BATCH or m * n <= TCV_SMALL_WEIGHTS
 
 
 def tcv_ks(rb: int, nc: int, sm_count: int, resident: int) -> int:

@@ -617,7 +617,7 @@ class GpuTensor:
                     np.int32(bp),
                 ),
             )
-            if nb <= 8 and K.tcv_wanted(m, n):  # one kernel: outliers, rounding, no partials
+            if K.tcv_wanted(m, n, nb):  # one kernel: outliers, rounding, no partial sums
                 gp = K.tcv_gp_log2(nb)
                 ks = self._tcv_plan()
                 fv = function(K.tcv_name(self.bits, self.stats_bits))

@@ -152,7 +152,8 @@
  *   slices in order.  gp_log2: smallest with 2^gp_log2 >= nb.  grid ceil(RB / RPB); no
  *   dynamic shared memory.  orows / tl_oents NULL: no outliers.  Any ks_log2 gives a
  *   correct result; spqr_tc_matmul picks the one that fills the GPU best, and uses this
- *   kernel for nb <= 8 when m <= 2n (on taller matrices the two kernels below are faster).
+ *   kernel when m <= 2n for nb <= 4, and for nb <= 8 when also m*n <= 2^25 (elsewhere the two
+ *   kernels below are faster: _kernels.tcv_wanted).
  *
  * spqr_tc_b{B}_s{SB}_nt{NT}(tl_codes, tl_stats, tl_stats2, xfrag, part, RB, NC, chunks, M16, nb)
  *   f32 partial sums part[split][8*NT][M16] of W x' over the chunks
@@ -258,9 +259,9 @@ size_t spqr_tc_workspace_bytes(const spqr_tile *t, int batch);
 
 /* Y[b][:] = W X[b][:] for b < batch on tensor cores: X f16 rows of ldx elements, Y rows of ldy
  * elements in out_dtype (f32/f16/bf16).  Per 64 batch rows, on `stream` with no
- * synchronisation: prepare + spqr_tcv_* (<= 8 rows, m <= 2n), else prepare, tile kernel,
- * finish.  Same arithmetic and tolerance as the
- * Python layer's tensor-core path, and bit-identical to it for the same k-split (which is
+ * synchronisation: prepare + spqr_tcv_* (<= 4 rows, or <= 8 on small matrices; m <= 2n), else
+ * prepare, tile kernel, finish.  Same arithmetic and tolerance as the Python layer's
+ * tensor-core path, and bit-identical to it for the same k-split (which is
  * chosen from the device's multiprocessor count and the kernel's registers; the environment
  * variable SPQR_TC_SPLITS overrides it in both).  Returns the launch error as an int
  * (cudaError_t): cudaErrorNotSupported for a configuration without a kernel. */

@@ -574,9 +574,12 @@ __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
       if ((ent[q] >> 16) == 0xFFFFu) continue;  // a skip
       const float d = f16_to_f32(ent[q] >> 16);
       const u16* xr = xt + (i64)col * bp;
+      acc[0] += d * f16_to_f32(xr[0]);  // batch >= 1
 #pragma unroll
-      for (int k = 0; k < KMAX; ++k)
-        if (k < batch) acc[k] += d * f16_to_f32(xr[k]);
+      for (int k = 1; k < KMAX; ++k) {  // a branch out, not KMAX predicated loads and FMAs
+        if (k >= batch) break;
+        acc[k] += d * f16_to_f32(xr[k]);
+      }
     }
   }
   float mine = 0.f;

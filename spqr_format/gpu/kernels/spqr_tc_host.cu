@@ -76,11 +76,13 @@ int64_t resident_blocks(const void* fn, int64_t smem) {
 }
 
 
-// _kernels.tcv_wanted: spqr_tcv_* unless the matrix is tall (SPQR_TCV=0 / 1 overrides).
-bool tcv_wanted(const spqr_tile* t) {
+// _kernels.tcv_wanted: spqr_tcv_* for nb <= 4 unless the matrix is tall, up to nb = 8 on small
+// matrices (SPQR_TCV=0 / 1 overrides).
+bool tcv_wanted(const spqr_tile* t, int nb) {
   const char* mode = getenv("SPQR_TCV");
-  if (mode && (strcmp(mode, "0") == 0 || strcmp(mode, "1") == 0)) return mode[0] == '1';
-  return t->m <= 2 * t->n;  // _kernels.TCV_MAX_ASPECT
+  if (mode && (strcmp(mode, "0") == 0 || strcmp(mode, "1") == 0)) return mode[0] == '1' && nb <= 8;
+  if (nb > 8 || t->m > 2 * t->n) return false;  // _kernels.TCV_MAX_ASPECT
+  return nb <= 4 || t->m * t->n <= ((int64_t)1 << 25);  // TCV_SMALL_BATCH, TCV_SMALL_WEIGHTS
 }
 
 // _kernels.tcv_ks: log2 of the k-slices per row block of spqr_tcv_* (SPQR_TCV_KS overrides).
@@ -196,7 +198,7 @@ extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, vo
     const int64_t total = (int64_t)nt * t->d.KT * 32;
     spqr_tc_prepare_x<<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(
         xb, ldx, t->perm, t->n, nb, nt, t->d.KT, xfrag, xt, bp);
-    if (nb <= 8 && tcv_wanted(t)) {  // one kernel: outliers and rounding, no partial sums
+    if (tcv_wanted(t, nb)) {  // one kernel: outliers and rounding, no partial sums
       tcv_fn fv = pick_tcv(t->bits, t->stats_bits);
       int gp = 0;
       while ((1 << gp) < nb) ++gp;
