@@ -685,8 +685,8 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
 // Outlier pass (grid-stride over rows): y[c][row] = sum over splits of part[s][c][row] (in
 // order) + the row's outlier corrections sum (o - w) x'[col][c], rounded to the output dtype
 // (out_dtype: 1 f16, 2 bf16, 0 f32). Three schemes, below: four rows per warp (quad, batch <=
-// 4), one row per warp with the lanes over batch columns (bp a multiple of 8), one row per
-// warp with the lanes over entries (batch <= 4). Every sum has a fixed order (deterministic).
+// 4), one row per warp with the lanes over entry slots and column quads (batch > 16), one row
+// per warp with the lanes over entries (the rest). Every sum has a fixed order (deterministic).
 // x'^T [n][bp] comes from spqr_tc_prepare_x; with `smem_x` it is first copied to shared
 // memory (n * bp * 2 bytes of dynamic shared memory). 32-bit indices: the Python layer uses
 // this kernel only for n * bp < 2^31, E < 2^32 (SPEC cap) and m < 2^31.
@@ -797,14 +797,15 @@ __device__ __forceinline__ void finish(
         }
       }
     }
-  } else if (BPT >= 8) {
-    // bp a multiple of 8, batch <= BPT <= 16: one row per warp. The row's entries are decoded
-    // 128 at a time (decode128: 4 per lane, one warp scan; a typical row is one window, so the
-    // row costs one chain of dependent loads); each lane multiplies its entries with the batch
-    // columns (16-byte pieces of the entry's x'^T row) into KA per-column sums, and one
-    // reduce-scatter over the lanes (fixed xor tree) leaves each column's sum in the lanes that
-    // own it. (Measured on H200: faster than the scheme below up to 16 columns, slower above.)
-    constexpr int KA = BPT;
+  } else {
+    // one row per warp, batch <= BPT <= 16 (bp <= 8, or a multiple of 8 up to 16). The row's
+    // entries are decoded 128 at a time (decode128: 4 per lane, one warp scan; a typical row is
+    // one window, so the row costs one chain of dependent loads); each lane multiplies its
+    // entries with the batch columns (the entry's x'^T row piece: 16-byte loads when bp is a
+    // multiple of 8) into KA per-column sums kept over the whole row, and one reduce-scatter
+    // over the lanes at the end (fixed xor tree) leaves each column's sum in the lanes that own
+    // it. (Measured on H200: faster than the slots x quads scheme above up to 16 columns.)
+    constexpr int KA = BPT < 16 ? BPT : 16;
     // After the reduce-scatter lane l holds the sum of column cown(l), from the same fixed
     // sequence of halvings as below; 32 / KA lanes (differing only in their low bits) hold
     // copies of it, and the first of them stores it.
@@ -833,15 +834,24 @@ __device__ __forceinline__ void finish(
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             if (xi[q] < 0) continue;
-            const uint4* xr = reinterpret_cast<const uint4*>(xsrc + xi[q]);
+            if (KA >= 8) {
+              const uint4* xr = reinterpret_cast<const uint4*>(xsrc + xi[q]);
 #pragma unroll
-            for (int cb = 0; cb < KA; cb += 8) {
-              if (cb >= batch) break;
-              const uint4 v = xr[cb / 8];
-              const u32 w[4] = {v.x, v.y, v.z, v.w};
+              for (int cb = 0; cb < KA; cb += 8) {
+                if (cb >= batch) break;
+                const uint4 v = xr[cb / 8];
+                const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-              for (int k = 0; k < 8; ++k)
-                acc[cb + k] += d[q] * f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]);
+                for (int k = 0; k < 8; ++k)
+                  acc[cb + k] += d[q] * f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]);
+              }
+            } else {
+              acc[0] += d[q] * f16_to_f32(xsrc[xi[q]]);  // batch >= 1
+#pragma unroll
+              for (int k = 1; k < KA; ++k) {
+                if (k >= batch) break;
+                acc[k] += d[q] * f16_to_f32(xsrc[xi[q] + k]);
+              }
             }
           }
         }
@@ -856,7 +866,7 @@ __device__ __forceinline__ void finish(
           const bool up = (lane & o) != 0;
           const int half = cnt / 2;
 #pragma unroll
-          for (int i = 0; i < KA / 2; ++i) {
+          for (int i = 0; i < (KA > 1 ? KA / 2 : 1); ++i) {
             if (i >= half) break;
             const float send = up ? acc[i] : acc[i + half];
             const float keep = up ? acc[i + half] : acc[i];
@@ -874,43 +884,6 @@ __device__ __forceinline__ void finish(
         for (int sp = 0; sp < nsplit; ++sp, p += split_stride) v += *p;
         store_y(y, (i64)cown * ldy + row, v + acc[0], out_dtype);
       }
-    }
-  } else {
-    // batch <= 4 (bp < 8), one row per warp: 128 entries at a time (decode128); each lane
-    // multiplies its 4 entries with the batch columns, a fixed xor tree sums the lanes.
-    for (int row = blockIdx.x * 8 + (threadIdx.x >> 5); row < rows; row += gridDim.x * 8) {
-      float own = 0.f;  // column lane
-      if (lane < batch) {
-        const float* p = part + (i64)lane * M16 + row;
-#pragma unroll 4
-        for (int sp = 0; sp < nsplit; ++sp, p += split_stride) own += *p;
-      }
-      if (orows != nullptr) {
-        const u32 e0 = orows[row], e1 = orows[row + 1];
-        int base = -1;
-        for (u32 e = e0; e < e1; e += 128) {
-          int xi[4];  // element offset of the entry's row of x'^T, -1 for skips
-          float d[4];
-          decode128(oent, e, e1, lane, bp, base, xi, d);
-          float oacc[BPT];
-#pragma unroll
-          for (int k = 0; k < BPT; ++k) oacc[k] = 0.f;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (xi[j] < 0) continue;
-#pragma unroll
-            for (int k = 0; k < BPT; ++k) oacc[k] += d[j] * f16_to_f32(xsrc[xi[j] + k]);
-          }
-#pragma unroll
-          for (int k = 0; k < BPT; ++k) {
-            if (k >= batch) break;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) oacc[k] += __shfl_xor_sync(0xffffffffu, oacc[k], o);
-            if (lane == k) own += oacc[k];
-          }
-        }
-      }
-      if (lane < batch) store_y(y, (i64)lane * ldy + row, own, out_dtype);
     }
   }
 }
