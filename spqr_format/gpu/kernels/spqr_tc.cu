@@ -484,6 +484,17 @@ SPQR_TC_ALL_NT(3, 4)
 SPQR_TC_ALL_NT(3, 3)
 
 namespace spqr_tc {
+// Row `row`, batch column c of the k-split partial sums: part[s][c][row] summed over the
+// splits in order (split stride `stride` floats).
+__device__ __forceinline__ float split_sum(const float* __restrict__ part, int c, i64 row,
+                                           i64 M16, int nsplit, i64 stride) {
+  float v = 0.f;
+  const float* p = part + (i64)c * M16 + row;
+#pragma unroll 4
+  for (int sp = 0; sp < nsplit; ++sp, p += stride) v += *p;
+  return v;
+}
+
 // y[o] = v rounded to out_dtype (0 f32, 1 f16, 2 bf16).
 __device__ __forceinline__ void store_y(void* y, i64 o, float v, int out_dtype) {
   if (out_dtype == 0)
@@ -718,11 +729,7 @@ __device__ __forceinline__ void finish(
       const int row = r0 + sub;
       const bool live = row < rows;
       float own = 0.f;  // column sl
-      if (live && sl < batch) {
-        const float* p = part + (i64)sl * M16 + row;
-#pragma unroll 4
-        for (int sp = 0; sp < nsplit; ++sp, p += split_stride) own += *p;
-      }
+      if (live && sl < batch) own = split_sum(part, sl, row, M16, nsplit, split_stride);
       if (orows != nullptr)
         own += rows_outliers4<SPQR_TC_QUAD_PER, (BPT < 8 ? BPT : 1)>(
             orows, oent, xsrc, bp, live ? row : -1, batch, lane);
@@ -788,10 +795,7 @@ __device__ __forceinline__ void finish(
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             if (c + j >= batch) break;
-            float v = 0.f;
-            const float* p = part + (i64)(c + j) * M16 + row;
-#pragma unroll 4
-            for (int sp = 0; sp < nsplit; ++sp, p += split_stride) v += *p;
+            const float v = split_sum(part, c + j, row, M16, nsplit, split_stride);
             store_y(y, (i64)(c + j) * ldy + row, v + acc[j], out_dtype);
           }
         }
@@ -878,10 +882,7 @@ __device__ __forceinline__ void finish(
         }
       }
       if (first && cown < batch) {
-        float v = 0.f;
-        const float* p = part + (i64)cown * M16 + row;
-#pragma unroll 4
-        for (int sp = 0; sp < nsplit; ++sp, p += split_stride) v += *p;
+        const float v = split_sum(part, cown, row, M16, nsplit, split_stride);
         store_y(y, (i64)cown * ldy + row, v + acc[0], out_dtype);
       }
     }
