@@ -352,15 +352,21 @@ def test_tensor_core_small_batch_every_k_slicing(monkeypatch, ks, batch):
 
 @pytest.mark.parametrize("batch", [5, 8, 9, 16, 33, 64])
 def test_tensor_core_split_path_outlier_pass_every_batch_width(monkeypatch, batch):
-    """The k-split kernel and its outlier pass (spqr_tc_finish_p8: lanes over batch columns,
-    groups of lanes over entries) at every lane-group width: rows full of outliers, rows with
-    none, skip entries (70,000 columns), a row count that is not a multiple of 8."""
+    """The k-split kernel and its outlier pass (spqr_tc_finish_p*) at every batch width:
+    rows full of outliers next to rows with none (in one warp's rows: the long ones go to the
+    one-row-per-warp fallback), every row full (long rows on the lanes-per-row path), skip
+    entries (70,000 columns), a row count that is not a multiple of 8."""
     monkeypatch.setattr(K, "TCV_MODE", "0")
     rng = np.random.default_rng(1000 + batch)
     p3 = BilevelParams(3, 16, 3, 16)
-    for m, n, frac, layout in ((37, 700, 0.3, "full_rows"), (203, 512, 0.05, "uniform")):
-        t = random_bilevel(rng, m, n, p3, True, frac, outlier_layout=layout)
-        _check_matmul(t, batch, "float16", rng)
+    cases = ((37, 700, 0.3, "full_rows"), (203, 512, 0.05, "uniform"), (19, 300, 1.0, "uniform"))
+    # pitch 8 and 16: every lanes-per-row scheme (small matrices would get one row per warp)
+    for lanes in (4, 8, 16, 32) if 4 < K.tc_xt_pitch(batch) <= 16 else (0,):
+        monkeypatch.setattr(K, "TC_FINISH_LANES", lanes)
+        for m, n, frac, layout in cases:
+            t = random_bilevel(rng, m, n, p3, True, frac, outlier_layout=layout)
+            _check_matmul(t, batch, "float16", rng)
+    monkeypatch.setattr(K, "TC_FINISH_LANES", 0)
     # rows whose outliers are all past column 65,535 (skip entries first), some rows empty
     t = random_bilevel(rng, 21, 70000, p3, True, 0.0)
     rows = np.repeat(np.arange(0, 21, 2), 40)

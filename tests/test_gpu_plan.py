@@ -40,3 +40,19 @@ def test_one_kernel_path_only_for_slices_it_can_compute(monkeypatch, mode, m, n)
         assert not any(K.tcv_wanted(m, n, nb) for nb in range(1, 9))
     if mode == "1":
         assert all(K.tcv_wanted(m, n, nb) for nb in range(1, 9))
+
+
+@pytest.mark.parametrize("nb", range(1, K.TC_MAX_BATCH + 1))
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_finish_lanes_are_ones_the_kernel_has(monkeypatch, nb, m, n):
+    """The finish kernel's `lanes` argument: 8 or 32 up to pitch 4, 4/8/16/32 for pitch 8 and
+    16, 32 above (spqr_gpu.h), whatever the GPU size, outlier count or override."""
+    bp = K.tc_xt_pitch(nb)
+    allowed = {8, 32} if bp < 8 else {4, 8, 16, 32} if bp <= 16 else {32}
+    for force in (0, 4, 16):
+        monkeypatch.setattr(K, "TC_FINISH_LANES", force)
+        for sms in (1, 132, 1000):
+            for ents in (0, m * n // 100, m * n):
+                lanes = K.tc_finish_lanes(bp, m, ents, sms)
+                assert lanes in allowed, (bp, m, ents, sms, force, lanes)
+                assert 256 % lanes == 0

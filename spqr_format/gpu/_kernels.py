@@ -342,6 +342,30 @@ def tc_xt_pitch(batch: int) -> int:
 # faster on short matrices, which it spreads over more blocks, and on long rows)
 TC_QUAD_MIN_ROWS = 16384
 TC_QUAD_MAX_PER_ROW = 128
+# finish kernel, pitch 8 and 16: the fewest lanes per row (4 or 8) that still gives this many
+# warps per multiprocessor, else 16 (env SPQR_TC_FINISH_LANES: force 4, 8, 16 or 32). H200,
+# session 6 (.device/2): the best or within 3 % of it on the six benchmark shapes at batch 8
+# and 16; one row per warp (32, the session-5 scheme) was up to 20 % slower.
+TC_LANES_WARPS_PER_SM = 16
+TC_FINISH_LANES = int(os.environ.get("SPQR_TC_FINISH_LANES") or 0)
+
+
+def tc_finish_lanes(pitch: int, m: int, entries: int, sms: int) -> int:
+    """Lanes per row of the finish kernel (its `lanes` argument): 8 (four rows per warp) or 32
+    for pitches up to 4; 4, 8 or 16 for pitch 8 and 16; 32 above. C: spqr_tc_host.cu."""
+    if pitch < 8:
+        quad = m >= TC_QUAD_MIN_ROWS and entries <= TC_QUAD_MAX_PER_ROW * m
+        return 8 if quad else 32
+    if pitch > 16:
+        return 32
+    if TC_FINISH_LANES in (4, 8, 16, 32):
+        return TC_FINISH_LANES
+    for lanes in (4, 8):
+        if m * lanes >= 32 * TC_LANES_WARPS_PER_SM * sms:
+            return lanes
+    return 16
+
+
 # x'^T staged in shared memory by the finish kernel up to this size (0: never)
 TC_FINISH_SMEM_MAX = int(os.environ.get("SPQR_TC_FINISH_SMEM_MAX") or 96 * 1024)
 

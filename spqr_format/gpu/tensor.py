@@ -668,10 +668,10 @@ class GpuTensor:
             )
             xbytes = 16 * -(-(n * bp * 2) // 16)
             smem_x = self.outlier_rows is not None and nb <= 8 and xbytes <= K.TC_FINISH_SMEM_MAX
-            # batch <= 4 on tall matrices with few outliers per row: 4 rows per warp
+            # lanes per row: 32 (one row per warp) or fewer (several rows per warp)
             ents = 0 if tc.outlier_entries is None else int(tc.outlier_entries.size)
-            quad = bp < 8 and m >= K.TC_QUAD_MIN_ROWS and ents <= K.TC_QUAD_MAX_PER_ROW * m
-            rows_grid = -(-m // (32 if quad else 8))
+            lanes = K.tc_finish_lanes(bp, m, ents, _sm_count())
+            rows_grid = -(-m // (256 // lanes))
             fin = function(K.tc_finish_name(bp))
             smem = 0
             grid = rows_grid
@@ -694,7 +694,7 @@ class GpuTensor:
                     np.uint64(xt),
                     np.int32(bp),
                     np.int32(1 if smem_x else 0),
-                    np.int32(1 if quad else 0),
+                    np.int32(lanes),
                     np.int64(n),
                     np.uint64(yb),
                     np.int64(ldy),

@@ -163,13 +163,16 @@
  *   (see spqr_tc.cu for the error bound); accumulation is f32.
  *
  * spqr_tc_finish_p{1,2,4,8,16,32,64}(part, splits, M16, 8*NT, orows, tl_oents, xt, bp, smem_x,
- *                                    quad, n, y, ldy, out_dtype, m, nb)
+ *                                    lanes, n, y, ldy, out_dtype, m, nb)
  *   y[c][i] = sum of the splits' partial sums (in order) + sum over row i's outliers of
  *   f16(o - w) * x'[col][c], rounded to out_dtype.  The suffix is bp rounded up to a power of
  *   two (bp <= 8: bp itself; a larger bp is a multiple of 8 and nb <= the suffix).  Block 256,
- *   any grid (grid-stride over rows).  quad = 0: one warp per row (8 rows per block); quad = 1
- *   (only with bp <= 4): four rows per warp, eight lanes per row (32 rows per block), better
- *   for many rows with few outliers each.  smem_x = 1 stages x'^T in dynamic shared memory
+ *   any grid (grid-stride over rows, 8 * 32 / lanes rows per block and step).  lanes = lanes
+ *   per row: 32 (one warp per row) for any bp; 8 for bp <= 4 (four rows per warp, better for
+ *   many rows with few outliers each); 4, 8 or 16 for bp 8 and 16 (32 / lanes rows per warp;
+ *   a row much longer than the others of its warp is taken by the whole warp).  Any allowed
+ *   value gives the same sums up to f32 rounding order; the launcher's choice:
+ *   _kernels.tc_finish_lanes.  smem_x = 1 stages x'^T in dynamic shared memory
  *   (n*bp*2 bytes rounded up to 16; then launch at most as many blocks as fit).
 
  * Workspace (16-byte aligned): xfrag (NT*KT*256 bytes), x'^T (n*bp*2 rounded to 16), part

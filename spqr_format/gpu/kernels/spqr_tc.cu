@@ -693,18 +693,242 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
   }
 }
 
+// Rows row0, row0 + row_step, ... (below `rows`) of the outlier pass, one warp per row, batch
+// <= BPT <= 16 (bp <= 8, or 16): a row's entries are decoded 128 at a time (decode128: 4 per
+// lane, one warp scan; a typical row is one window, so the row costs one chain of dependent
+// loads); each lane multiplies its entries with the batch columns (the entry's x'^T row piece:
+// 16-byte loads when bp is a multiple of 8) into KA per-column sums kept over the whole row,
+// and one reduce-scatter over the lanes at the end (fixed xor tree) leaves each column's sum
+// in the lanes that own it; the first of them adds the split sums and stores. Best for long
+// rows (a window fills the warp).
+template <int BPT>
+__device__ __forceinline__ void row_per_warp(const float* __restrict__ part, int nsplit, i64 M16,
+                                             i64 split_stride, const u32* __restrict__ orows,
+                                             const u32* __restrict__ oent, const u16* xsrc,
+                                             int bp, int row0, int row_step, int rows,
+                                             void* __restrict__ y, i64 ldy, int out_dtype,
+                                             int batch, int lane) {
+  constexpr int KA = BPT < 16 ? BPT : 16;
+  // After the reduce-scatter lane l holds the sum of column cown(l), from the same fixed
+  // sequence of halvings as below; 32 / KA lanes (differing only in their low bits) hold
+  // copies of it, and the first of them stores it.
+  int cown = 0;
+  {
+    int cnt = KA;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      if (cnt > 1) {
+        cnt /= 2;
+        if (lane & o) cown += cnt;
+      }
+  }
+  const bool first = (lane & (32 / KA - 1)) == 0;  // the copy that stores
+  for (int row = row0; row < rows; row += row_step) {
+    float acc[KA];
+  #pragma unroll
+    for (int k = 0; k < KA; ++k) acc[k] = 0.f;
+    if (orows != nullptr) {
+      const u32 e0 = orows[row], e1 = orows[row + 1];
+      int base = -1;
+      for (u32 e = e0; e < e1; e += 128) {
+        int xi[4];  // element offset of the entry's row of x'^T, -1 for skips
+        float d[4];
+        decode128(oent, e, e1, lane, bp, base, xi, d);
+  #pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          if (xi[q] < 0) continue;
+          if (KA >= 8) {
+            const uint4* xr = reinterpret_cast<const uint4*>(xsrc + xi[q]);
+  #pragma unroll
+            for (int cb = 0; cb < KA; cb += 8) {
+              if (cb >= batch) break;
+              const uint4 v = xr[cb / 8];
+              const u32 w[4] = {v.x, v.y, v.z, v.w};
+  #pragma unroll
+              for (int k = 0; k < 8; ++k)
+                acc[cb + k] += d[q] * f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]);
+            }
+          } else {
+            acc[0] += d[q] * f16_to_f32(xsrc[xi[q]]);  // batch >= 1
+  #pragma unroll
+            for (int k = 1; k < KA; ++k) {
+              if (k >= batch) break;
+              acc[k] += d[q] * f16_to_f32(xsrc[xi[q] + k]);
+            }
+          }
+        }
+      }
+    }
+    // reduce-scatter: at xor distance o a lane keeps the half of its columns selected by
+    // (lane & o) and adds its partner's copy of that half; once one column is left, plain
+    // xor sums.
+    int cnt = KA;
+  #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      if (cnt > 1) {
+        const bool up = (lane & o) != 0;
+        const int half = cnt / 2;
+  #pragma unroll
+        for (int i = 0; i < (KA > 1 ? KA / 2 : 1); ++i) {
+          if (i >= half) break;
+          const float send = up ? acc[i] : acc[i + half];
+          const float keep = up ? acc[i + half] : acc[i];
+          acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+        cnt = half;
+      } else {
+        acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], o);
+      }
+    }
+    if (first && cown < batch) {
+      const float v = split_sum(part, cown, row, M16, nsplit, split_stride);
+      store_y(y, (i64)cown * ldy + row, v + acc[0], out_dtype);
+    }
+  }
+}
+
+// Rows of the outlier pass by LPR lanes each (32 / LPR rows per warp), KA = 8 or 16 batch
+// columns (bp = KA, batch <= KA): the lanes of row `row` (-1: none; entries [e0, e1)) take
+// 4 consecutive entries each per step (all loads in flight), a segmented scan over the LPR
+// lanes gives their columns, and each lane multiplies them with the KA columns of the
+// entry's x'^T row (16-byte loads) into per-column sums kept over the row. At the end a
+// reduce-scatter over the LPR lanes (fixed xor tree) leaves KA / LPR consecutive columns in
+// each lane (one column in LPR / KA lanes when LPR > KA), which adds the split sums and stores
+// them. No per-row reduction over the whole warp, and 32 / LPR rows per warp instruction:
+// cheapest for many rows of about the same length.
+template <int LPR, int KA>
+__device__ __forceinline__ void lanes_rows(const float* __restrict__ part, int nsplit, i64 M16,
+                                           i64 split_stride, const u32* __restrict__ oent,
+                                           const u16* xsrc, int bp, int row, u32 e0, u32 e1,
+                                           void* __restrict__ y, i64 ldy, int out_dtype,
+                                           int batch, int lane) {
+  constexpr int PER = 4;
+  const int sl = lane % LPR;
+  if (row < 0) e1 = e0;
+  float acc[KA];
+#pragma unroll
+  for (int k = 0; k < KA; ++k) acc[k] = 0.f;
+  int base = -1;  // the row's column before this step's first entry
+  for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += LPR * PER) {
+    u32 ent[PER];
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+      const u32 idx = e + PER * sl + q;
+      ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;  // past the end: a skip of delta 0
+    }
+    u32 run = 0;
+#pragma unroll
+    for (int q = 0; q < PER; ++q) run += ent[q] & 0xFFFFu;
+    u32 scan = run;  // inclusive scan of the LPR lanes' totals
+#pragma unroll
+    for (int o = 1; o < LPR; o <<= 1) {
+      const u32 v = __shfl_up_sync(0xffffffffu, scan, o, LPR);
+      if (sl >= o) scan += v;
+    }
+    int col = base + (int)(scan - run);
+    base += (int)__shfl_sync(0xffffffffu, scan, LPR - 1, LPR);
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+      col += (int)(ent[q] & 0xFFFFu);
+      if ((ent[q] >> 16) == 0xFFFFu) continue;  // a skip
+      const float d = f16_to_f32(ent[q] >> 16);
+      const uint4* xr = reinterpret_cast<const uint4*>(xsrc + (i64)col * bp);
+#pragma unroll
+      for (int cb = 0; cb < KA; cb += 8) {
+        const uint4 v = xr[cb / 8];
+        const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          acc[cb + k] += d * f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]);
+      }
+    }
+  }
+  // reduce-scatter over the LPR lanes: at xor distance o a lane keeps the half of its columns
+  // selected by (lane & o) and adds its partner's copy of that half; once one column is left
+  // (LPR > KA), plain xor sums, and the first of the LPR / KA copies stores.
+  int cnt = KA, cb = 0;
+#pragma unroll
+  for (int o = LPR / 2; o > 0; o >>= 1) {
+    if (cnt > 1) {
+      const bool up = (lane & o) != 0;
+      const int half = cnt / 2;
+#pragma unroll
+      for (int i = 0; i < KA / 2; ++i) {
+        if (i >= half) break;
+        const float send = up ? acc[i] : acc[i + half];
+        const float keep = up ? acc[i + half] : acc[i];
+        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+      }
+      if (up) cb += half;
+      cnt = half;
+    } else {
+      acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], o);
+    }
+  }
+  constexpr int DUP = LPR > KA ? LPR / KA : 1;
+  if (row < 0 || (sl & (DUP - 1)) != 0) return;
+#pragma unroll
+  for (int i = 0; i < (KA / LPR > 1 ? KA / LPR : 1); ++i) {
+    const int c = cb + i;
+    if (c >= batch) break;
+    const float v = split_sum(part, c, row, M16, nsplit, split_stride);
+    store_y(y, (i64)c * ldy + row, v + acc[i], out_dtype);
+  }
+}
+
+// The outlier pass with LPR lanes per row (32 / LPR rows per warp, lanes_rows), KA = BPT = 8
+// or 16 batch columns. A row with many more entries than the lightest of its warp's rows (more
+// than twice as many, plus 64) would keep the warp's other lanes idle for its extra steps:
+// such rows are left out of the lane pass and taken afterwards by the whole warp
+// (row_per_warp, 128 entries per window), one after the other.
+template <int LPR, int BPT>
+__device__ __forceinline__ void lanes_pass(const float* __restrict__ part, int nsplit, i64 M16,
+                                           i64 split_stride, const u32* __restrict__ orows,
+                                           const u32* __restrict__ oent, const u16* xsrc, int bp,
+                                           void* __restrict__ y, i64 ldy, int out_dtype,
+                                           int rows, int batch, int lane) {
+  constexpr int RPW = 32 / LPR;
+  const int sub = lane / LPR;
+  for (int r0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * RPW; r0 < rows;
+       r0 += gridDim.x * 8 * RPW) {
+    const int row = r0 + sub;
+    const bool live = row < rows;
+    u32 e0 = 0, e1 = 0;
+    if (live && orows != nullptr) {
+      e0 = orows[row];
+      e1 = orows[row + 1];
+    }
+    u32 lightest = live ? e1 - e0 : 0xFFFFFFFFu;
+#pragma unroll
+    for (int o = LPR; o < 32; o <<= 1)
+      lightest = min(lightest, __shfl_xor_sync(0xffffffffu, lightest, o));
+    const bool heavy = live && (e1 - e0) > 2 * lightest + 64;
+    lanes_rows<LPR, BPT>(part, nsplit, M16, split_stride, oent, xsrc, bp,
+                         live && !heavy ? row : -1, e0, e1, y, ldy, out_dtype, batch, lane);
+    u32 hb = __ballot_sync(0xffffffffu, heavy && lane % LPR == 0);
+    while (hb) {
+      const int hrow = r0 + (__ffs(hb) - 1) / LPR;
+      hb &= hb - 1;
+      row_per_warp<BPT>(part, nsplit, M16, split_stride, orows, oent, xsrc, bp, hrow, 1,
+                        hrow + 1, y, ldy, out_dtype, batch, lane);
+    }
+  }
+}
+
 // Outlier pass (grid-stride over rows): y[c][row] = sum over splits of part[s][c][row] (in
 // order) + the row's outlier corrections sum (o - w) x'[col][c], rounded to the output dtype
-// (out_dtype: 1 f16, 2 bf16, 0 f32). Three schemes, below: four rows per warp (quad, batch <=
-// 4), one row per warp with the lanes over entry slots and column quads (batch > 16), one row
-// per warp with the lanes over entries (the rest). Every sum has a fixed order (deterministic).
+// (out_dtype: 1 f16, 2 bf16, 0 f32), with `lanes` lanes per row (a launch parameter,
+// _kernels.tc_finish_lanes): 8 with bp <= 4: four rows per warp (quad); 4, 8 or 16 with bp 8
+// or 16: 32 / lanes rows per warp (lanes_pass, a warp's unusually long rows taken by the whole
+// warp); 32: one row per warp, the lanes over entry slots and column quads for bp > 16, over
+// entries otherwise (row_per_warp). Every sum has a fixed order (deterministic).
 // x'^T [n][bp] comes from spqr_tc_prepare_x; with `smem_x` it is first copied to shared
 // memory (n * bp * 2 bytes of dynamic shared memory). 32-bit indices: the Python layer uses
 // this kernel only for n * bp < 2^31, E < 2^32 (SPEC cap) and m < 2^31.
 template <int BPT>  // x'^T pitch 1, 2, 4; or 8, 16, 32, 64: a multiple of 8, batch <= BPT
 __device__ __forceinline__ void finish(
     const float* __restrict__ part, int nsplit, i64 M16, int ncols, const u32* __restrict__ orows,
-    const u32* __restrict__ oent, const u16* __restrict__ xt, int bp, int smem_x, int quad,
+    const u32* __restrict__ oent, const u16* __restrict__ xt, int bp, int smem_x, int lanes,
     i64 n, void* __restrict__ y, i64 ldy, int out_dtype, i64 m, int batch) {
   extern __shared__ uint4 xs_raw[];
   const u16* xsrc = xt;
@@ -719,7 +943,7 @@ __device__ __forceinline__ void finish(
   const int lane = threadIdx.x & 31;
   const i64 split_stride = (i64)ncols * M16;
   const int rows = (int)m;
-  if (BPT < 8 && quad) {
+  if (BPT < 8 && lanes == 8) {
     // quad (batch <= 4): four rows per warp, eight lanes per row (rows_outliers4,
     // SPQR_TC_QUAD_PER entries per lane and step, so a typical row takes one step: one chain
     // of dependent loads), so a warp instruction serves four rows and the per-row overhead is
@@ -801,91 +1025,22 @@ __device__ __forceinline__ void finish(
         }
       }
     }
+  } else if ((BPT == 8 || BPT == 16) && lanes < 32) {
+    // 4 < batch <= 16 (bp 8 or 16): `lanes` (4, 8 or 16) lanes per row (lanes_pass)
+    if (lanes == 4)
+      lanes_pass<4, BPT>(part, nsplit, M16, split_stride, orows, oent, xsrc, bp, y, ldy,
+                         out_dtype, rows, batch, lane);
+    else if (lanes == 8)
+      lanes_pass<8, BPT>(part, nsplit, M16, split_stride, orows, oent, xsrc, bp, y, ldy,
+                         out_dtype, rows, batch, lane);
+    else
+      lanes_pass<16, BPT>(part, nsplit, M16, split_stride, orows, oent, xsrc, bp, y, ldy,
+                          out_dtype, rows, batch, lane);
   } else {
-    // one row per warp, batch <= BPT <= 16 (bp <= 8, or a multiple of 8 up to 16). The row's
-    // entries are decoded 128 at a time (decode128: 4 per lane, one warp scan; a typical row is
-    // one window, so the row costs one chain of dependent loads); each lane multiplies its
-    // entries with the batch columns (the entry's x'^T row piece: 16-byte loads when bp is a
-    // multiple of 8) into KA per-column sums kept over the whole row, and one reduce-scatter
-    // over the lanes at the end (fixed xor tree) leaves each column's sum in the lanes that own
-    // it. (Measured on H200: faster than the slots x quads scheme above up to 16 columns.)
-    constexpr int KA = BPT < 16 ? BPT : 16;
-    // After the reduce-scatter lane l holds the sum of column cown(l), from the same fixed
-    // sequence of halvings as below; 32 / KA lanes (differing only in their low bits) hold
-    // copies of it, and the first of them stores it.
-    int cown = 0;
-    {
-      int cnt = KA;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1)
-        if (cnt > 1) {
-          cnt /= 2;
-          if (lane & o) cown += cnt;
-        }
-    }
-    const bool first = (lane & (32 / KA - 1)) == 0;  // the copy that stores
-    for (int row = blockIdx.x * 8 + (threadIdx.x >> 5); row < rows; row += gridDim.x * 8) {
-      float acc[KA];
-#pragma unroll
-      for (int k = 0; k < KA; ++k) acc[k] = 0.f;
-      if (orows != nullptr) {
-        const u32 e0 = orows[row], e1 = orows[row + 1];
-        int base = -1;
-        for (u32 e = e0; e < e1; e += 128) {
-          int xi[4];  // element offset of the entry's row of x'^T, -1 for skips
-          float d[4];
-          decode128(oent, e, e1, lane, bp, base, xi, d);
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            if (xi[q] < 0) continue;
-            if (KA >= 8) {
-              const uint4* xr = reinterpret_cast<const uint4*>(xsrc + xi[q]);
-#pragma unroll
-              for (int cb = 0; cb < KA; cb += 8) {
-                if (cb >= batch) break;
-                const uint4 v = xr[cb / 8];
-                const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int k = 0; k < 8; ++k)
-                  acc[cb + k] += d[q] * f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]);
-              }
-            } else {
-              acc[0] += d[q] * f16_to_f32(xsrc[xi[q]]);  // batch >= 1
-#pragma unroll
-              for (int k = 1; k < KA; ++k) {
-                if (k >= batch) break;
-                acc[k] += d[q] * f16_to_f32(xsrc[xi[q] + k]);
-              }
-            }
-          }
-        }
-      }
-      // reduce-scatter: at xor distance o a lane keeps the half of its columns selected by
-      // (lane & o) and adds its partner's copy of that half; once one column is left, plain
-      // xor sums.
-      int cnt = KA;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        if (cnt > 1) {
-          const bool up = (lane & o) != 0;
-          const int half = cnt / 2;
-#pragma unroll
-          for (int i = 0; i < (KA > 1 ? KA / 2 : 1); ++i) {
-            if (i >= half) break;
-            const float send = up ? acc[i] : acc[i + half];
-            const float keep = up ? acc[i + half] : acc[i];
-            acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-          }
-          cnt = half;
-        } else {
-          acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], o);
-        }
-      }
-      if (first && cown < batch) {
-        const float v = split_sum(part, cown, row, M16, nsplit, split_stride);
-        store_y(y, (i64)cown * ldy + row, v + acc[0], out_dtype);
-      }
-    }
+    // one row per warp, batch <= 16 (row_per_warp)
+    row_per_warp<BPT>(part, nsplit, M16, split_stride, orows, oent, xsrc, bp,
+                      blockIdx.x * 8 + (threadIdx.x >> 5), gridDim.x * 8, rows, y, ldy,
+                      out_dtype, batch, lane);
   }
 }
 }  // namespace spqr_tc
@@ -894,9 +1049,9 @@ __device__ __forceinline__ void finish(
   extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish_p##BPT(                      \
       const float* __restrict__ part, int nsplit, i64 M16, int ncols,                            \
       const u32* __restrict__ orows, const u32* __restrict__ oent, const u16* __restrict__ xt,    \
-      int bp, int smem_x, int quad, i64 n, void* __restrict__ y, i64 ldy, int out_dtype, i64 m,  \
+      int bp, int smem_x, int lanes, i64 n, void* __restrict__ y, i64 ldy, int out_dtype, i64 m, \
       int batch) {                                                                               \
-    spqr_tc::finish<BPT>(part, nsplit, M16, ncols, orows, oent, xt, bp, smem_x, quad, n, y, ldy, \
+    spqr_tc::finish<BPT>(part, nsplit, M16, ncols, orows, oent, xt, bp, smem_x, lanes, n, y, ldy,\
                          out_dtype, m, batch);                                                   \
   }
 SPQR_TC_FINISH_ENTRY(1)

@@ -20,6 +20,7 @@ const int TC_WARPS = SPQR_TC_WARPS;
 const int TC_MAX_BATCH = 64;
 const int64_t QUAD_MIN_ROWS = 16384;  // _kernels.TC_QUAD_MIN_ROWS
 const int64_t QUAD_MAX_PER_ROW = 128;  // _kernels.TC_QUAD_MAX_PER_ROW
+const int64_t LANES_WARPS_PER_SM = 16;  // _kernels.TC_LANES_WARPS_PER_SM
 const int64_t FINISH_SMEM_MAX = 96 * 1024;  // _kernels.TC_FINISH_SMEM_MAX (default)
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -107,6 +108,14 @@ int tcv_ks(const spqr_tile* t, tcv_fn fn, int sms) {
     best = k;
   }
   return best;
+}
+
+int finish_lanes(int bp, int64_t m, int64_t entries, int sms) {  // _kernels.tc_finish_lanes
+  if (bp < 8) return m >= QUAD_MIN_ROWS && entries <= QUAD_MAX_PER_ROW * m ? 8 : 32;
+  if (bp > 16) return 32;
+  for (int lanes = 4; lanes <= 8; lanes *= 2)
+    if (m * lanes >= (int64_t)32 * LANES_WARPS_PER_SM * sms) return lanes;
+  return 16;
 }
 
 finish_fn pick_finish(int bp) {  // _kernels.tc_finish_name
@@ -216,9 +225,9 @@ extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, vo
                       (int)t->d.RB, (int)t->d.NC, per, t->d.M16, nb);
     const int64_t xbytes = 16 * cdiv(t->n * bp * 2, 16);
     const bool smem_x = t->orows != NULL && nb <= 8 && xbytes <= FINISH_SMEM_MAX;
-    const bool quad = bp < 8 && t->m >= QUAD_MIN_ROWS &&
-                      t->outlier_entries <= QUAD_MAX_PER_ROW * t->m;
-    const int64_t rows_grid = cdiv(t->m, quad ? 32 : 8);
+    const int lanes = finish_lanes(bp, t->m, t->outlier_entries, sms);
+    // rows per block: _kernels.tc_finish_rows_per_block
+    const int64_t rows_grid = cdiv(t->m, 256 / lanes);
     finish_fn fin = pick_finish(bp);
     int64_t grid = rows_grid;
     int smem = 0;
@@ -231,7 +240,7 @@ extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, vo
       if (per_sm * sms < grid) grid = per_sm * sms;
     }
     fin<<<(unsigned)grid, 256, smem, stream>>>(part, splits, t->d.M16, 8 * nt, t->orows,
-                                                t->oents, xt, bp, smem_x ? 1 : 0, quad ? 1 : 0,
+                                                t->oents, xt, bp, smem_x ? 1 : 0, lanes,
                                                 t->n, (void*)yb, ldy, out_dtype, t->m, nb);
   }
   return (int)cudaGetLastError();
