@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -310,14 +312,16 @@ TC_PARAMS = st.builds(
         [(0.0, "uniform"), (0.01, "uniform"), (0.2, "uniform"), (0.3, "full_rows")]
     ),
     batch=st.sampled_from([1, 2, 3, 7, 8, 9, 16, 17, 32, 33, 64, 65]),
+    tcg=st.sampled_from(["", "1"]),  # "1": spqr_tcg_* for batch <= 2 (else large matrices)
     seed=st.integers(0, 2**31),
 )
-def test_tensor_core_matmul_random(m, n, params, perm, outl, batch, seed):
+def test_tensor_core_matmul_random(m, n, params, perm, outl, batch, tcg, seed):
     rng = np.random.default_rng(seed)
     t = random_bilevel(rng, m, n, params, perm, outl[0], outlier_layout=outl[1])
     p = pack(t)
     assert GpuTensor.from_packed(p).tc is not None
-    _check_matmul(t, batch, "float16", rng)
+    with mock.patch.object(K, "TCG_MODE", tcg):
+        _check_matmul(t, batch, "float16", rng)
 
 
 @pytest.mark.parametrize(
@@ -338,16 +342,19 @@ def test_tensor_core_matmul_shapes(m, n, bits, sb, perm, frac, batch):
 
 
 @pytest.mark.parametrize("ks", [1, 2, 4, 8])
-@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 2, 3, 8])
 def test_tensor_core_small_batch_every_k_slicing(monkeypatch, ks, batch):
-    """The batch <= 8 kernel (spqr_tcv_*) with each k-slicing of its row blocks: row blocks
-    past the end inside a block, fewer chunks than slices, rows full of outliers."""
+    """The batch <= 8 kernels (spqr_tcv_*, and spqr_tcg_* for batch <= 2 unless SPQR_TCG=0)
+    with each k-slicing of their row blocks: row blocks past the end inside a block, fewer
+    chunks than slices, rows full of outliers."""
     monkeypatch.setenv("SPQR_TCV_KS", str(ks))
     monkeypatch.setattr(K, "TCV_MODE", "1")  # also on tall matrices (default: the split path)
     rng = np.random.default_rng(ks * 10 + batch)
-    for m, n in ((100, 4096), (37, 700), (16, 64), (300, 64)):
-        t = random_bilevel(rng, m, n, BilevelParams(3, 16, 3, 16), True, 0.05)
-        _check_matmul(t, batch, "float16", rng)
+    for tcg in ("1", "0") if batch <= K.TCG_MAX_BATCH else ("",):
+        monkeypatch.setattr(K, "TCG_MODE", tcg)
+        for m, n in ((100, 4096), (37, 700), (16, 64), (300, 64)):
+            t = random_bilevel(rng, m, n, BilevelParams(3, 16, 3, 16), True, 0.05)
+            _check_matmul(t, batch, "float16", rng)
 
 
 @pytest.mark.parametrize("batch", [5, 8, 9, 16, 33, 64])

@@ -56,3 +56,19 @@ def test_finish_lanes_are_ones_the_kernel_has(monkeypatch, nb, m, n):
                 lanes = K.tc_finish_lanes(bp, m, ents, sms)
                 assert lanes in allowed, (bp, m, ents, sms, force, lanes)
                 assert 256 % lanes == 0
+
+
+@pytest.mark.parametrize("tcv", ["", "0", "1"])
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_group_separated_path_only_for_two_columns(monkeypatch, tcv, m, n):
+    """spqr_tcg_* puts 2 batch columns of 4 groups in the 8 mma columns: only for slices of at
+    most 2 columns that take the one-kernel path, never with SPQR_TCG=0, always with =1."""
+    monkeypatch.setattr(K, "TCV_MODE", tcv)
+    for mode in ("", "0", "1"):
+        monkeypatch.setattr(K, "TCG_MODE", mode)
+        for nb in range(1, K.TC_MAX_BATCH + 1):
+            if K.tcg_wanted(m, n, nb):
+                assert mode != "0" and nb <= 2 and K.tcv_wanted(m, n, nb)
+                assert K.tcg_name(3, 3) in K.tc_kernel_names()
+            elif mode == "1":
+                assert nb > 2 or not K.tcv_wanted(m, n, nb)

@@ -206,7 +206,18 @@ def tcv_name(bits: int, stats_bits: int) -> str:
     return f"spqr_tcv_b{bits}_s{stats_bits}"
 
 
+def tcg_name(bits: int, stats_bits: int) -> str:
+    """The group-separated variant of ``spqr_tcv_*`` for batch <= 2 (``spqr_tcg_*``)."""
+    return f"spqr_tcg_b{bits}_s{stats_bits}"
+
+
 TCV_SMEM = TC_WARPS * (4 * 32 + 16 * 8) * 4  # static shared memory of spqr_tcv_* (red, osm)
+# spqr_tcg_* instead of spqr_tcv_* for slices of at most TCG_MAX_BATCH columns (each batch
+# column of each of a round's 4 groups in its own mma column, 8 in all) on matrices of at
+# least TCG_MIN_WEIGHTS weights (tcg_wanted); env SPQR_TCG=0: never, =1: whenever it can
+TCG_MAX_BATCH = 2
+TCG_MIN_WEIGHTS = 1 << 27
+TCG_MODE = os.environ.get("SPQR_TCG", "")
 
 
 def tcv_gp_log2(batch: int) -> int:
@@ -214,45 +225,59 @@ def tcv_gp_log2(batch: int) -> int:
     return max(0, batch - 1).bit_length()
 
 
-# spqr_tcv_* for batch <= TCV_SMALL_BATCH on matrices with at most TCV_MAX_ASPECT rows per
-# column, and up to batch 8 on those with at most TCV_SMALL_WEIGHTS weights; env SPQR_TCV=0:
-# never, =1: always (comparisons)
+# spqr_tcv_* for batch <= TCV_SMALL_BATCH, and up to batch 8 on matrices with at most
+# TCV_SMALL_WEIGHTS weights; env SPQR_TCV=0: never, =1: always (comparisons)
 TCV_MODE = os.environ.get("SPQR_TCV", "")
-TCV_MAX_ASPECT = 2
 TCV_SMALL_BATCH = 4
 TCV_SMALL_WEIGHTS = 1 << 25
+# tcv_ks: a warp's fixed cost (first loads, outlier corrections, block sum) in chunks
+TCV_WARP_OVERHEAD_CHUNKS = 2
 
 
 def tcv_wanted(m: int, n: int, batch: int) -> bool:
-    """Whether a slice of ``batch`` <= 8 columns uses the one-kernel path (spqr_tcv_*) rather
-    than the k-split tile kernel and spqr_tc_finish (H200 measurements, session 5).
+    """Whether a slice of ``batch`` <= 8 columns uses the one-kernel path (spqr_tcv_* or
+    spqr_tcg_*) rather than the k-split tile kernel and spqr_tc_finish (H200 measurements,
+    sessions 5 and 6).
 
-    spqr_tcv_* computes its rows' outlier corrections before its chunk loop, a few dependent
-    memory round trips per warp that a block pays once: on tall matrices (many row blocks, few
-    chunks each) the split path's separate outlier pass is cheaper (batch 1: 11008x4096 22.6
-    vs 21.4 us; batch 8: 28672x8192 92.1 vs 74.5). Its warps also read x' on their own (the
-    split kernel shares one copy per block): from 5 columns on that costs more than the split
-    path's extra kernels except on small matrices (batch 8: 8192x28672 84.0 vs 71.7 us,
-    4096x11008 23.6 vs 22.0, 4096x4096 16.3 vs 19.1). Elsewhere it is faster (batch 1:
-    8192x28672 53.6 vs 63, 4096x4096 10.9 vs 14.4; batch 4: 8192x8192 25.1 vs 31.4)."""
+    Up to 4 columns it is faster on every shape measured, tall ones included since its
+    outlier corrections come after the chunk loop and the k-slicing counts a warp's fixed
+    cost (batch 1: 28672x8192 50.7 vs 60.2 us, 11008x4096 19.0 vs 21.1, 8192x28672 48.0 vs
+    61.3, 4096x4096 11.0 vs 14.2; batch 4: 28672x8192 69.7 vs 72.9, 11008x4096 25.6 vs 25.2).
+    Its warps read x' on their own (the split kernel shares one copy per block): from 5
+    columns on that costs more than the split path's extra kernels except on small matrices
+    (batch 8: 8192x28672 84.0 vs 71.7 us, 4096x11008 23.6 vs 22.0, 4096x4096 16.3 vs 19.1)."""
     if TCV_MODE in ("0", "1"):
         return TCV_MODE == "1" and batch <= 8
-    if batch > 8 or m > TCV_MAX_ASPECT * n:
+    if batch > 8:
         return False
     return batch <= TCV_SMALL_BATCH or m * n <= TCV_SMALL_WEIGHTS
 
 
+def tcg_wanted(m: int, n: int, batch: int) -> bool:
+    """Whether a one-kernel slice of at most 2 columns takes the group-separated kernel
+    (``spqr_tcg_*``; env SPQR_TCG=0: never, =1: whenever it can). It saves an f16x2 FMA per
+    weight pair but its x' group sums cost a fixed ~0.5 us (H200, session 6): it is faster
+    from ``TCG_MIN_WEIGHTS`` weights on (batch 1: 8192x28672 48.0 vs 50.6 us, 28672x8192 53.4
+    vs 57.7, 57344x8192 97.6 vs 101.2) and slower below (4096x14336 19.5 vs 18.8, 4096x4096
+    10.9 vs 10.5)."""
+    if TCG_MODE == "0" or batch > TCG_MAX_BATCH or not tcv_wanted(m, n, batch):
+        return False
+    return TCG_MODE == "1" or m * n >= TCG_MIN_WEIGHTS
+
+
 def tcv_ks(rb: int, nc: int, sm_count: int, resident: int) -> int:
     """log2 of the k-slices per row block of ``spqr_tcv_*`` (KS in 1, 2, 4, 8 with at most
-    ``TC_WARPS`` and at most ``nc``): the fewest (waves of blocks) x (chunks per warp), more
-    slices on a tie (smaller blocks of work balance better). Env SPQR_TCV_KS (1..8) overrides."""
+    ``TC_WARPS`` and at most ``nc``): the fewest (waves of blocks) x (chunks per warp plus a
+    warp's fixed cost, ``TCV_WARP_OVERHEAD_CHUNKS``), more slices on a tie. H200, session 6:
+    the fastest k-slicing on 9 of 10 shapes from 1024x4096 to 57344x8192 at batch 1 (within
+    3 % on the tenth). Env SPQR_TCV_KS (1..8) overrides."""
     slots = max(1, resident * sm_count)
     best, best_cost = 0, None
     k = 0
     while (1 << k) <= min(TC_WARPS, max(1, nc)):
         ks = 1 << k
         blocks = -(-rb // (TC_WARPS // ks))
-        cost = -(-blocks // slots) * -(-nc // ks)
+        cost = -(-blocks // slots) * (-(-nc // ks) + TCV_WARP_OVERHEAD_CHUNKS)
         if best_cost is None or cost <= best_cost:
             best, best_cost = k, cost
         k += 1
@@ -267,6 +292,7 @@ def tc_kernel_names() -> list[str]:
     for b in TC_BITS:
         for sb in TC_STATS_BITS:
             names.append(tcv_name(b, sb))
+            names.append(tcg_name(b, sb))
             for nt in TC_NT:
                 names.append(tc_name(b, sb, nt))
     return sorted(names)
@@ -372,13 +398,14 @@ TC_FINISH_SMEM_MAX = int(os.environ.get("SPQR_TC_FINISH_SMEM_MAX") or 96 * 1024)
 
 def tc_workspace_layout(m: int, n: int, kt: int, batch: int, splits: int) -> tuple[int, int, int]:
     """Byte offsets (x'^T, partial sums, end) of the tensor-core workspace, which starts with
-    the x' fragments (NT * KT * 32 * 8 bytes); every region 16-byte aligned."""
+    the x' fragments (NT * KT * 32 * 8 bytes); every region 16-byte aligned. spqr_tcg_* (no
+    partial sums) keeps its group sums of x' (KT * 2 f32) where the partial sums go."""
     nb = min(batch, TC_MAX_BATCH)
     nt = tc_nt(nb)
     m16 = 16 * -(-m // 16)
     xt = nt * kt * 32 * 8
     part = xt + 16 * -(-(n * tc_xt_pitch(nb) * 2) // 16)
-    return xt, part, part + splits * nt * 8 * m16 * 4
+    return xt, part, part + max(splits * nt * 8 * m16 * 4, kt * 2 * 4)
 
 
 def tc_workspace_bytes(m: int, n: int, kt: int, batch: int, splits: int) -> int:

@@ -65,7 +65,11 @@ def function(name: str):
     key = (dev, name)
     fn = _functions.get(key)
     if fn is None:
-        src = K.TC_SOURCE if name.startswith(("spqr_tc_", "spqr_tcv_")) else K.KERNEL_SOURCE
+        src = (
+            K.TC_SOURCE
+            if name.startswith(("spqr_tc_", "spqr_tcv_", "spqr_tcg_"))
+            else K.KERNEL_SOURCE
+        )
         fn = module(src).get_function(name)
         _functions[key] = fn
     return fn
@@ -601,6 +605,8 @@ class GpuTensor:
             xb = int(x_ptr) + 2 * b0 * int(ldx)
             yb = int(y_ptr) + ysz * b0 * int(ldy)
             total = nt * tc.KT * 32
+            tcv = K.tcv_wanted(m, n, nb)
+            tcg = tcv and K.tcg_wanted(m, n, nb)
             function("spqr_tc_prepare_x")(
                 (-(-total // 256),),
                 (256,),
@@ -615,28 +621,33 @@ class GpuTensor:
                     np.uint64(xfrag),
                     np.uint64(xt),
                     np.int32(bp),
+                    np.int32(1 if tcg else 0),
+                    np.uint64(part if tcg else 0),
                 ),
             )
-            if K.tcv_wanted(m, n, nb):  # one kernel: outliers, rounding, no partial sums
-                gp = K.tcv_gp_log2(nb)
+            if tcv:  # one kernel: outliers, rounding, no partial sums
                 ks = self._tcv_plan()
-                fv = function(K.tcv_name(self.bits, self.stats_bits))
+                head = (tc.codes, tc.stats, tc.stats2, np.uint64(xfrag))
+                tail = (
+                    _ptr(self.outlier_rows),
+                    _ptr(tc.outlier_entries),
+                    np.uint64(xt),
+                    np.int32(bp),
+                    np.int32(tc.RB),
+                    np.int32(tc.NC),
+                    np.int32(ks),
+                )
+                if tcg:  # group sums of x' in the partial-sums region
+                    fv = function(K.tcg_name(self.bits, self.stats_bits))
+                    args = (*head, np.uint64(part), *tail)
+                else:
+                    fv = function(K.tcv_name(self.bits, self.stats_bits))
+                    args = (*head, *tail, np.int32(K.tcv_gp_log2(nb)))
                 fv(
                     (-(-tc.RB // (K.TC_WARPS >> ks)),),
                     (32 * K.TC_WARPS,),
                     (
-                        tc.codes,
-                        tc.stats,
-                        tc.stats2,
-                        np.uint64(xfrag),
-                        _ptr(self.outlier_rows),
-                        _ptr(tc.outlier_entries),
-                        np.uint64(xt),
-                        np.int32(bp),
-                        np.int32(tc.RB),
-                        np.int32(tc.NC),
-                        np.int32(ks),
-                        np.int32(gp),
+                        *args,
                         np.int64(m),
                         np.int32(nb),
                         np.uint64(yb),

@@ -136,12 +136,16 @@
  *   tl_oents  u32 [E]                            the file's entries, values f16(o - w)
  * plus the file's outlier_rows and perm.
  *
- * spqr_tc_prepare_x(x, ldx, perm, n, nb, NT, KT, xfrag, xt, bp)
+ * spqr_tc_prepare_x(x, ldx, perm, n, nb, NT, KT, xfrag, xt, bp, diag, xsum)
  *   x [nb][ldx] f16 (nb <= 64); NT = n-tiles of 8 batch columns (1, 2, 4 or 8 >= nb/8);
  *   writes the B fragments xfrag (uint2 [NT][KT][32]; k-step mu = 4*round + u, lane 4g+t:
  *   columns 4u..4u+3 of the round's group t, batch column 8j+g) of x'[c][j] = x[c][perm[j]],
  *   and the same values as x'^T (u16 [n][bp], bp = next power of two >= nb up to 8, else a
- *   multiple of 8).  grid ceil(NT*KT*32/256), block 256.
+ *   multiple of 8).  diag = 1 (for spqr_tcg_*: NT = 1, nb <= 2): lane 4g+t holds batch column
+ *   g - 2t instead (zeros where that is not a batch column).  xsum (NULL: not written; nb <=
+ *   2) f32 [KT][2]: per group of 16 columns of x' (group = 4*(mu/4) + t) and batch column,
+ *   the sum of its values in column order (0 past the batch).  grid ceil(NT*KT*32/256),
+ *   block 256.
  *
  * spqr_tcv_b{B}_s{SB}(tl_codes, tl_stats, tl_stats2, xfrag, orows, tl_oents, xt, bp, RB, NC,
  *                     ks_log2, gp_log2, m, nb, y, ldy, out_dtype)             (nb <= 8, NT = 1)
@@ -152,8 +156,15 @@
  *   slices in order.  gp_log2: smallest with 2^gp_log2 >= nb.  grid ceil(RB / RPB); no
  *   dynamic shared memory.  orows / tl_oents NULL: no outliers.  Any ks_log2 gives a
  *   correct result; spqr_tc_matmul picks the one that fills the GPU best, and uses this
- *   kernel when m <= 2n for nb <= 4, and for nb <= 8 when also m*n <= 2^25 (elsewhere the two
- *   kernels below are faster: _kernels.tcv_wanted).
+ *   kernel for nb <= 4, and for nb <= 8 when m*n <= 2^25 (elsewhere the two kernels below
+ *   are faster: _kernels.tcv_wanted); for nb <= 2 and m*n >= 2^27, the next one.
+ *
+ * spqr_tcg_b{B}_s{SB}(tl_codes, tl_stats, tl_stats2, xfrag, xsum, orows, tl_oents, xt, bp, RB,
+ *                     NC, ks_log2, m, nb, y, ldy, out_dtype)                  (nb <= 2, NT = 1)
+ *   As spqr_tcv_*, with xfrag and xsum from spqr_tc_prepare_x with diag = 1: each mma
+ *   multiplies the exact codes, each group's sums land in their own mma column and are
+ *   scaled in f32 (s * (sum q x' - z * sum x')), so the weights are not rounded to f16.
+ *   spqr_tc_matmul keeps xsum in the partial-sums region of the workspace.
  *
  * spqr_tc_b{B}_s{SB}_nt{NT}(tl_codes, tl_stats, tl_stats2, xfrag, part, RB, NC, chunks, M16, nb)
  *   f32 partial sums part[split][8*NT][M16] of W x' over the chunks
@@ -176,7 +187,8 @@
  *   (n*bp*2 bytes rounded up to 16; then launch at most as many blocks as fit).
 
  * Workspace (16-byte aligned): xfrag (NT*KT*256 bytes), x'^T (n*bp*2 rounded to 16), part
- * (splits*8*NT*M16*4; not used by spqr_tcv_*).  Everything is deterministic (no atomics).
+ * (splits*8*NT*M16*4, at least KT*8: spqr_tcg_* keeps xsum there; not used by spqr_tcv_*).
+ * Everything is deterministic (no atomics).
  * ------------------------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------------------------
@@ -262,8 +274,8 @@ size_t spqr_tc_workspace_bytes(const spqr_tile *t, int batch);
 
 /* Y[b][:] = W X[b][:] for b < batch on tensor cores: X f16 rows of ldx elements, Y rows of ldy
  * elements in out_dtype (f32/f16/bf16).  Per 64 batch rows, on `stream` with no
- * synchronisation: prepare + spqr_tcv_* (<= 4 rows, or <= 8 on small matrices; m <= 2n), else
- * prepare, tile kernel, finish.  Same arithmetic and tolerance as the Python layer's
+ * synchronisation: prepare + spqr_tcg_* (<= 2 rows on large matrices) or spqr_tcv_* (<= 4
+ * rows, or <= 8 on small matrices), else prepare, tile kernel, finish.  Same arithmetic and tolerance as the Python layer's
  * tensor-core path, and bit-identical to it for the same k-split (which is
  * chosen from the device's multiprocessor count and the kernel's registers; the environment
  * variable SPQR_TC_SPLITS overrides it in both).  Returns the launch error as an int

@@ -325,6 +325,80 @@ struct Rounds<B, SB, NT, WX, R, R, SLABS, SWL> {
                                              const uint2*, int, bool, u32) {}
 };
 
+// Group-separated round (batch <= 2, spqr_tcg_*): the A fragments are the exact codes q, not
+// yet scaled; the B fragments (spqr_tc_prepare_x with diag = 1) put batch column c of the
+// round's group t into mma column n = 2t + c, so after the round's 4 mma (fresh accumulators)
+// lane (g, t) holds, for rows g and g + 8 and batch columns 0 and 1, the sums over its own
+// group of q * x'. They are scaled in f32 with the group's x' sums X (f32, prepare_x):
+//   y += s * (D - z * X)
+// Per weight pair this saves the f16x2 FMA that applies (s, -z s), and the weight is never
+// rounded to f16 (s and z are the f16 statistics values of tc_round).
+template <int B, int SB, int RHO, int SLABS, int SWL>
+__device__ __forceinline__ void tcg_round(const Stage<SLABS, SWL>& st, float (&y)[4],
+                                          const uint2* xs_chunk, const float2* xsum_chunk,
+                                          int lane, u32 magic) {
+  constexpr int SPW = pair_slots<SB>();
+  constexpr int PPW = pair_slots<B>();
+  uint2 st2;
+  const int src = 4 * RHO + (lane & 3);
+  st2.x = __shfl_sync(0xffffffffu, st.st2.x, src);
+  st2.y = __shfl_sync(0xffffffffu, st.st2.y, src);
+  constexpr int Q0 = 2 * RHO, Q1 = 2 * RHO + 1;
+  const u32 w0 = st.sw[Q0 / SPW], w1 = st.sw[Q1 / SPW];
+  // (s, -z) of row g (Q0) and row g + 8 (Q1) of the lane's group
+  const u32 sz0 = hfma2(pair_exact<SB, Q0 % SPW>(w0, shifted<SB>(w0), magic), st2.x, st2.y);
+  const u32 sz1 = hfma2(pair_exact<SB, Q1 % SPW>(w1, shifted<SB>(w1), magic), st2.x, st2.y);
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    u32 a[4];
+#define SPQR_TCG_A(U, R)                                                  \
+  {                                                                       \
+    constexpr int P = 16 * RHO + 4 * U + R;                               \
+    const u32 w = code_word<P / PPW, SLABS>(st.cw);                       \
+    a[R] = pair_exact<B, P % PPW>(w, shifted<B>(w), magic);               \
+  }
+#define SPQR_TCG_U(U)                                                     \
+  if (u == U) {                                                           \
+    SPQR_TCG_A(U, 0) SPQR_TCG_A(U, 1) SPQR_TCG_A(U, 2) SPQR_TCG_A(U, 3)   \
+  }
+    SPQR_TCG_U(0)
+    SPQR_TCG_U(1)
+    SPQR_TCG_U(2)
+    SPQR_TCG_U(3)
+#undef SPQR_TCG_U
+#undef SPQR_TCG_A
+    const uint2 bf = ld_nc2(xs_chunk + (4 * RHO + u) * 32 + lane);
+    mma16816(d, a, bf.x, bf.y);
+  }
+  const float2 X = xsum_chunk[4 * RHO + (lane & 3)];
+  const float s0 = f16_to_f32(sz0), nz0 = f16_to_f32(sz0 >> 16);
+  const float s1 = f16_to_f32(sz1), nz1 = f16_to_f32(sz1 >> 16);
+  // d[0], d[1]: row g, batch columns 0, 1; d[2], d[3]: row g + 8
+  y[0] = fmaf(s0, fmaf(nz0, X.x, d[0]), y[0]);
+  y[1] = fmaf(s0, fmaf(nz0, X.y, d[1]), y[1]);
+  y[2] = fmaf(s1, fmaf(nz1, X.x, d[2]), y[2]);
+  y[3] = fmaf(s1, fmaf(nz1, X.y, d[3]), y[3]);
+}
+
+template <int B, int SB, int RHO, int R, int SLABS, int SWL>
+struct GRounds {
+  static __device__ __forceinline__ void run(const Stage<SLABS, SWL>& st, float (&y)[4],
+                                             const uint2* xs_chunk, const float2* xsum_chunk,
+                                             int lane, u32 magic) {
+    tcg_round<B, SB, RHO, SLABS, SWL>(st, y, xs_chunk, xsum_chunk, lane, magic);
+    GRounds<B, SB, RHO + 1, R, SLABS, SWL>::run(st, y, xs_chunk, xsum_chunk, lane, magic);
+  }
+};
+template <int B, int SB, int R, int SLABS, int SWL>
+struct GRounds<B, SB, R, R, SLABS, SWL> {
+  static __device__ __forceinline__ void run(const Stage<SLABS, SWL>&, float (&)[4],
+                                             const uint2*, const float2*, int, u32) {}
+};
+
+#ifndef SPQR_TC_LOADPOS
+#define SPQR_TC_LOADPOS 0
+#endif
 template <int B, int SB, int NT>
 __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
                                           const u32* __restrict__ stats,
@@ -377,19 +451,23 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
   for (int c = c0; c < c1; c += 2) {
     cp_async_wait_all();
     __syncthreads();
+    if (SPQR_TC_LOADPOS && active)
+      tc_round<B, SB, NT, false, 0, SLABS, SWL>(sa, acc, xs0, lane, true, magic);
     if (c + 1 < c1) {
       copy_x(1, c + 1);
       stream.load(sb);
     }
-    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sa, acc, xs0, lane, true, magic);
+    if (active) Rounds<B, SB, NT, false, SPQR_TC_LOADPOS, R, SLABS, SWL>::run(sa, acc, xs0, lane, true, magic);
     if (c + 1 >= c1) break;
     cp_async_wait_all();
     __syncthreads();
+    if (SPQR_TC_LOADPOS && active)
+      tc_round<B, SB, NT, false, 0, SLABS, SWL>(sb, acc, xs1, lane, true, magic);
     if (c + 2 < c1) {
       copy_x(0, c + 2);
       stream.load(sa);
     }
-    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sb, acc, xs1, lane, true, magic);
+    if (active) Rounds<B, SB, NT, false, SPQR_TC_LOADPOS, R, SLABS, SWL>::run(sb, acc, xs1, lane, true, magic);
   }
   if (!active) return;
   if (NA == 2) {  // the odd k-steps' sums onto the even ones' (fixed order: deterministic)
@@ -423,21 +501,44 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
 // One thread per (n-tile j, mma mu, lane): B fragment words of x' (f16; 0 past n / batch), and
 // the same values in x'^T [n][bp] (stored column major over batch columns, bp >= batch), which
 // the finish kernel gathers outlier columns from. mma mu = 4 * round + u: lane (g, t) holds
-// columns 4u .. 4u + 3 of the round's group t (tile_layout.py) for batch column 8j + g.
+// columns 4u .. 4u + 3 of the round's group t (tile_layout.py) for batch column 8j + g; with
+// diag = 1 (spqr_tcg_*: nt = 1, batch <= 2) for batch column g - 2t instead (0 where that is
+// not a batch column). xsum (NULL: none; needs batch <= 2) [KT][2]: per group (16 columns of
+// x', group = mu / 4 * 4 + t) and batch column, the f32 sum of its f16 values in column order
+// (0 for batch columns past the batch), from the threads id < 2 * KT.
 extern "C" __global__ void spqr_tc_prepare_x(const u16* __restrict__ x, i64 ldx,
                                              const u32* __restrict__ perm, i64 n, int batch,
                                              int nt, i64 KT, uint2* __restrict__ xfrag,
-                                             u16* __restrict__ xt, int bp) {
+                                             u16* __restrict__ xt, int bp, int diag,
+                                             float* __restrict__ xsum) {
   const i64 id = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   const i64 total = (i64)nt * KT * 32;
+  if (xsum != nullptr && id < 2 * KT) {
+    const int c = (int)(id & 1);
+    const i64 k0 = (id >> 1) * 16;
+    float v = 0.f;
+    if (c < batch) {
+      u32 h[16];  // all 16 (perm, then x) loads in flight at once
+#pragma unroll
+      for (int q = 0; q < 16; ++q) {
+        const i64 k = k0 + q;
+        h[q] = k < n ? (perm ? perm[k] : (u32)k) : 0xFFFFFFFFu;
+      }
+#pragma unroll
+      for (int q = 0; q < 16; ++q) h[q] = h[q] != 0xFFFFFFFFu ? x[(i64)c * ldx + h[q]] : 0u;
+#pragma unroll
+      for (int q = 0; q < 16; ++q) v += spqr_tc::f16_to_f32(h[q]);
+    }
+    xsum[id] = v;
+  }
   if (id >= total) return;
   const int lane = (int)(id & 31);
   const i64 mu = (id >> 5) % KT;
   const int j = (int)((id >> 5) / KT);
-  const int c = j * 8 + (lane >> 2);
+  const int c = diag ? (lane >> 2) - 2 * (lane & 3) : j * 8 + (lane >> 2);
   const i64 k0 = ((mu >> 2) * 4 + (lane & 3)) * 16 + 4 * (mu & 3);
   u32 h[4] = {0, 0, 0, 0};
-  if (c < batch) {
+  if (c >= 0 && c < batch) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const i64 k = k0 + q;
@@ -609,16 +710,18 @@ __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
 // chunks kq, kq + KS, ... of row block blockIdx.x * RPB + rbl, its code stream loaded into
 // registers one chunk ahead and its x' fragments read from global memory (L1-cached: every
 // warp of a multiprocessor reads the same x') by the lanes of the 2^gp_log2 >= batch batch
-// columns, so the chunk loop has no block barrier. Before its loop a warp computes the
-// outlier corrections of its rows kq, kq + KS, ... (rows_outliers4, 4 rows at a time) into
-// shared memory, its first chunk's loads already in flight; after the loop the block adds,
-// per row and batch column, the KS k-slices' sums in order and then the correction, and
-// rounds to the output dtype. Deterministic.
-template <int B, int SB>
+// columns, so the chunk loop has no block barrier. After its loop a warp computes the outlier
+// corrections of its rows kq, kq + KS, ... (rows_outliers4, 4 rows at a time) into shared
+// memory; then the block adds, per row and batch column, the KS k-slices' sums in order and
+// then the correction, and rounds to the output dtype. Deterministic. GS (spqr_tcg_*, batch
+// <= 2): the group-separated rounds (tcg_round) instead of tc_round, every lane loading its
+// B fragments (the diagonal layout of prepare_x, zeros elsewhere).
+template <int B, int SB, bool GS>
 __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
                                        const u32* __restrict__ stats,
                                        const uint2* __restrict__ stats2,
                                        const uint2* __restrict__ xfrag,
+                                       const float2* __restrict__ xsum,
                                        const u32* __restrict__ orows,
                                        const u32* __restrict__ oent, const u16* __restrict__ xt,
                                        int bp, int RB, int NC, int ks_log2, int gp_log2, i64 m,
@@ -646,35 +749,71 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
 
   ChunkStream<B, SB> stream(codes, stats, stats2, rbc, NC, kq, KS, lane);
   const uint2* xg = xfrag + (i64)kq * MPC * 32;  // the x' fragments of the chunk computed next
+  const float2* xsg = xsum + (i64)kq * MPC;        // GS: its groups' x' sums
+  float yg[4] = {0.f, 0.f, 0.f, 0.f};              // GS: rows g, g + 8 x batch columns 0, 1
   Stage<SLABS, SWL> sa, sb;
   if (active && kq < NC) stream.load(sa);
+  if (active) {
+    // Each half: the first round of the current stage, then the next stage's loads, then the
+    // other rounds (the current stage's first uses come before the new loads are issued:
+    // measured on H200, 2 % faster at batch 1 together with the outliers after the loop).
+    for (int c = kq; c < NC; c += 2 * KS) {
+      if (GS) {
+        tcg_round<B, SB, 0, SLABS, SWL>(sa, yg, xg, xsg, lane, magic);
+        if (c + KS < NC) stream.load(sb);
+        GRounds<B, SB, 1, R, SLABS, SWL>::run(sa, yg, xg, xsg, lane, magic);
+      } else {
+        tc_round<B, SB, 1, true, 0, SLABS, SWL>(sa, acc, xg, lane, xl, magic);
+        if (c + KS < NC) stream.load(sb);
+        Rounds<B, SB, 1, true, 1, R, SLABS, SWL>::run(sa, acc, xg, lane, xl, magic);
+      }
+      xg += (i64)KS * MPC * 32;
+      xsg += KS * MPC;
+      if (c + KS >= NC) break;
+      if (GS) {
+        tcg_round<B, SB, 0, SLABS, SWL>(sb, yg, xg, xsg, lane, magic);
+        if (c + 2 * KS < NC) stream.load(sa);
+        GRounds<B, SB, 1, R, SLABS, SWL>::run(sb, yg, xg, xsg, lane, magic);
+      } else {
+        tc_round<B, SB, 1, true, 0, SLABS, SWL>(sb, acc, xg, lane, xl, magic);
+        if (c + 2 * KS < NC) stream.load(sa);
+        Rounds<B, SB, 1, true, 1, R, SLABS, SWL>::run(sb, acc, xg, lane, xl, magic);
+      }
+      xg += (i64)KS * MPC * 32;
+      xsg += KS * MPC;
+    }
+  }
+  // Outlier corrections of this warp's rows kq, kq + KS, ... (4 rows at a time) into shared
+  // memory: after the chunk loop, so that the loop starts at once (H200: a warp that does them
+  // first waits for their dependent loads while the GPU is otherwise idle).
   if (active && orows != nullptr) {
-    const int nr = 16 >> ks_log2;  // this warp's rows: kq + KS i
+    const int nr = 16 >> ks_log2;
     for (int i0 = 0; i0 < nr; i0 += 4) {
       const int i = i0 + (lane >> 3);
       const int r = kq + (i << ks_log2);
       const bool live = i < nr && (i64)rb * 16 + r < m;
-      const float v =
-          rows_outliers4<16, 8>(orows, oent, xt, bp, live ? (i64)rb * 16 + r : -1, batch, lane);
+      const float v = rows_outliers4<16, 8>(orows, oent, xt, bp, live ? (i64)rb * 16 + r : -1,
+                                            batch, lane);
       if (live && (lane & 7) < batch) osm[rbl][r][lane & 7] = v;
     }
   }
-  if (active) {
-    for (int c = kq; c < NC; c += 2 * KS) {
-      if (c + KS < NC) stream.load(sb);
-      Rounds<B, SB, 1, true, 0, R, SLABS, SWL>::run(sa, acc, xg, lane, xl, magic);
-      xg += (i64)KS * MPC * 32;
-      if (c + KS >= NC) break;
-      if (c + 2 * KS < NC) stream.load(sa);
-      Rounds<B, SB, 1, true, 0, R, SLABS, SWL>::run(sb, acc, xg, lane, xl, magic);
-      xg += (i64)KS * MPC * 32;
-    }
-  }
+  if (GS) {
+    // sum the 4 groups of each quad (fixed xor order): lane 4g then holds rows g, g + 8 and
+    // batch columns 0, 1 in the D-fragment order read below
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    float v = acc[0][r];
-    if (NA == 2) v += acc[NA - 1][r];  // odd k-steps onto even ones (fixed order)
-    red[warp][r][lane] = v;
+    for (int r = 0; r < 4; ++r) {
+      float v = yg[r];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      red[warp][r][lane] = v;
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      float v = acc[0][r];
+      if (NA == 2) v += acc[NA - 1][r];  // odd k-steps onto even ones (fixed order)
+      red[warp][r][lane] = v;
+    }
   }
   __syncthreads();
   // D fragment of lane 4 g + t: [0..1] row g, columns 2t, 2t + 1; [2..3] row g + 8.
@@ -1070,8 +1209,18 @@ SPQR_TC_FINISH_ENTRY(64)
                             const u16* __restrict__ xt, int bp, int RB, int NC, int ks_log2,      \
                             int gp_log2, i64 m, int batch, void* __restrict__ y, i64 ldy,         \
                             int out_dtype) {                                                      \
-    spqr_tc::tc_vec<B, SB>(codes, stats, stats2, xfrag, orows, oent, xt, bp, RB, NC, ks_log2,    \
-                           gp_log2, m, batch, y, ldy, out_dtype);                                 \
+    spqr_tc::tc_vec<B, SB, false>(codes, stats, stats2, xfrag, nullptr, orows, oent, xt, bp, RB, \
+                                  NC, ks_log2, gp_log2, m, batch, y, ldy, out_dtype);           \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(32 * SPQR_TC_WARPS, SPQR_TC_MINB)                 \
+      spqr_tcg_b##B##_s##SB(const uint4* __restrict__ codes, const u32* __restrict__ stats,       \
+                            const uint2* __restrict__ stats2, const uint2* __restrict__ xfrag,    \
+                            const float2* __restrict__ xsum, const u32* __restrict__ orows,       \
+                            const u32* __restrict__ oent, const u16* __restrict__ xt, int bp,     \
+                            int RB, int NC, int ks_log2, i64 m, int batch,                        \
+                            void* __restrict__ y, i64 ldy, int out_dtype) {                       \
+    spqr_tc::tc_vec<B, SB, true>(codes, stats, stats2, xfrag, xsum, orows, oent, xt, bp, RB, NC, \
+                                 ks_log2, 0, m, batch, y, ldy, out_dtype);                       \
   }
 #define SPQR_TCV_ALL_SB(B) \
   SPQR_TCV_ENTRY(B, 1)     \

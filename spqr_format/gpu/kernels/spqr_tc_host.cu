@@ -55,6 +55,18 @@ typedef void (*tcv_fn)(const uint4*, const u32*, const uint2*, const uint2*, con
 #define SPQR_TCVK_SB(B) \
   {&spqr_tcv_b##B##_s1, &spqr_tcv_b##B##_s2, &spqr_tcv_b##B##_s3, &spqr_tcv_b##B##_s4}
 
+typedef void (*tcg_fn)(const uint4*, const u32*, const uint2*, const uint2*, const float2*,
+                       const u32*, const u32*, const u16*, int, int, int, int, i64, int, void*,
+                       i64, int);
+#define SPQR_TCGK_SB(B) \
+  {&spqr_tcg_b##B##_s1, &spqr_tcg_b##B##_s2, &spqr_tcg_b##B##_s3, &spqr_tcg_b##B##_s4}
+
+tcg_fn pick_tcg(int bits, int sb) {
+  static const tcg_fn k[3][4] = {SPQR_TCGK_SB(2), SPQR_TCGK_SB(3), SPQR_TCGK_SB(4)};
+  if (bits < 2 || bits > 4 || sb < 1 || sb > 4) return NULL;
+  return k[bits - 2][sb - 1];
+}
+
 tcv_fn pick_tcv(int bits, int sb) {
   static const tcv_fn k[3][4] = {SPQR_TCVK_SB(2), SPQR_TCVK_SB(3), SPQR_TCVK_SB(4)};
   if (bits < 2 || bits > 4 || sb < 1 || sb > 4) return NULL;
@@ -77,13 +89,22 @@ int64_t resident_blocks(const void* fn, int64_t smem) {
 }
 
 
-// _kernels.tcv_wanted: spqr_tcv_* for nb <= 4 unless the matrix is tall, up to nb = 8 on small
-// matrices (SPQR_TCV=0 / 1 overrides).
+// _kernels.tcv_wanted: the one-kernel path for nb <= 4, up to nb = 8 on small matrices
+// (SPQR_TCV=0 / 1 overrides).
 bool tcv_wanted(const spqr_tile* t, int nb) {
   const char* mode = getenv("SPQR_TCV");
   if (mode && (strcmp(mode, "0") == 0 || strcmp(mode, "1") == 0)) return mode[0] == '1' && nb <= 8;
-  if (nb > 8 || t->m > 2 * t->n) return false;  // _kernels.TCV_MAX_ASPECT
+  if (nb > 8) return false;
   return nb <= 4 || t->m * t->n <= ((int64_t)1 << 25);  // TCV_SMALL_BATCH, TCV_SMALL_WEIGHTS
+}
+
+// _kernels.tcg_wanted: the group-separated one-kernel path for nb <= 2 on matrices of at least
+// 2^27 weights (SPQR_TCG=0: never, =1: whenever the one-kernel path is taken).
+bool tcg_wanted(const spqr_tile* t, int nb) {
+  const char* mode = getenv("SPQR_TCG");
+  if ((mode && strcmp(mode, "0") == 0) || nb > 2 || !tcv_wanted(t, nb)) return false;
+  if (mode && strcmp(mode, "1") == 0) return true;
+  return t->m * t->n >= ((int64_t)1 << 27);  // _kernels.TCG_MIN_WEIGHTS
 }
 
 // _kernels.tcv_ks: log2 of the k-slices per row block of spqr_tcv_* (SPQR_TCV_KS overrides).
@@ -95,7 +116,7 @@ int tcv_ks(const spqr_tile* t, tcv_fn fn, int sms) {
   int64_t best_cost = -1;
   for (int k = 0; (1 << k) <= TC_WARPS && (1 << k) <= (nc > 1 ? nc : 1); ++k) {
     const int64_t blocks = cdiv(rb, TC_WARPS >> k);
-    const int64_t cost = cdiv(blocks, slots) * cdiv(nc, 1 << k);
+    const int64_t cost = cdiv(blocks, slots) * (cdiv(nc, 1 << k) + 2);  // + warp overhead
     if (best_cost < 0 || cost <= best_cost) {
       best = k;
       best_cost = cost;
@@ -162,7 +183,8 @@ void tc_layout(const spqr_tile* t, int nb, int splits, int64_t* xt, int64_t* par
   const int nt = tc_nt(nb);
   *xt = (int64_t)nt * t->d.KT * 32 * 8;
   *part = *xt + 16 * cdiv(t->n * xt_pitch(nb) * 2, 16);
-  *end = *part + (int64_t)splits * nt * 8 * t->d.M16 * 4;
+  const int64_t psum = (int64_t)splits * nt * 8 * t->d.M16 * 4, gsum = t->d.KT * 2 * 4;
+  *end = *part + (psum > gsum ? psum : gsum);  // spqr_tcg_* keeps its group sums there
 }
 
 }  // namespace
@@ -205,8 +227,19 @@ extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, vo
     const u16* xb = (const u16*)x + (int64_t)b0 * ldx;
     char* yb = (char*)y + (int64_t)ysz * b0 * ldy;
     const int64_t total = (int64_t)nt * t->d.KT * 32;
+    const bool tcg = tcg_wanted(t, nb);
     spqr_tc_prepare_x<<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(
-        xb, ldx, t->perm, t->n, nb, nt, t->d.KT, xfrag, xt, bp);
+        xb, ldx, t->perm, t->n, nb, nt, t->d.KT, xfrag, xt, bp, tcg ? 1 : 0, tcg ? part : NULL);
+    if (tcg) {  // group-separated one kernel; group sums of x' in the partial-sums region
+      tcv_fn fv = pick_tcv(t->bits, t->stats_bits);  // its k-slicing plan (same registers)
+      tcg_fn fg = pick_tcg(t->bits, t->stats_bits);
+      const int ks = tcv_ks(t, fv, sms);
+      fg<<<(unsigned)cdiv(t->d.RB, TC_WARPS >> ks), 32 * TC_WARPS, 0, stream>>>(
+          (const uint4*)t->codes, t->stats, (const uint2*)t->stats2, xfrag, (const float2*)part,
+          t->orows, t->oents, xt, bp, (int)t->d.RB, (int)t->d.NC, ks, t->m, nb, (void*)yb, ldy,
+          out_dtype);
+      continue;
+    }
     if (tcv_wanted(t, nb)) {  // one kernel: outliers and rounding, no partial sums
       tcv_fn fv = pick_tcv(t->bits, t->stats_bits);
       int gp = 0;
