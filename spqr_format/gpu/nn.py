@@ -5,9 +5,9 @@ torch stays optional: it is imported only by this module.
 * Inputs and outputs are torch tensors; the kernels receive their device pointers (the
   zero-copy view DLPack would give, without DLPack's stream hand-shake, which is not allowed
   inside CUDA-graph capture) and run on ``torch.cuda.current_stream()`` through
-  ``cupy.cuda.ExternalStream``. Workspace comes from torch's allocator, so the forward is
-  capturable in a CUDA graph (``torch.cuda.graph``) once it has run once outside capture (the
-  first call compiles the kernel module).
+  ``cupy.cuda.Stream.from_external`` (``ExternalStream`` on older CuPy). Workspace comes
+  from torch's allocator, so the forward is capturable in a CUDA graph (``torch.cuda.graph``)
+  once it has run once outside capture (the first call compiles the kernel module).
 * The weights stay in their compressed form (CuPy arrays of the file's sections). They are also
   exposed to torch through DLPack (:meth:`SpQRLinear.sections`), e.g. to count memory.
 """
@@ -88,7 +88,7 @@ class SpQRLinear(nn.Module):
                     g.workspace_bytes(batch) // 4, dtype=torch.float32, device=x.device
                 )
             stream = torch.cuda.current_stream(x.device)
-            with cp.cuda.Device(x.device.index), cp.cuda.ExternalStream(stream.cuda_stream):
+            with cp.cuda.Device(x.device.index), _cupy_stream(stream.cuda_stream):
                 g.matmul_into(
                     x2.data_ptr(),
                     self.in_features,
@@ -102,6 +102,27 @@ class SpQRLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` in the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, ptr: int):
+        self.ptr = int(ptr)
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+def _cupy_stream(ptr: int):
+    """CuPy's view of another framework's stream: ``Stream.from_external`` (the stream
+    protocol) where this CuPy has it, else the older ``ExternalStream``."""
+    import cupy as cp
+
+    from_external = getattr(cp.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(ptr))
+    return cp.cuda.ExternalStream(ptr)
 
 
 def replace_linear(

@@ -4,9 +4,9 @@ Needs CuPy and a CUDA device; imported lazily by :mod:`spqr_format.gpu`.
 
 * The module (``kernels/spqr_kernels.cu``) is compiled by NVRTC through ``cupy.RawModule`` once
   per device and process (CuPy also caches the binary on disk).
-* Launches go to CuPy's *current* stream (``with cupy.cuda.Stream(): ...`` or
-  ``cupy.cuda.ExternalStream(ptr)`` to run on another framework's stream). Nothing synchronises
-  the device; a bad launch raises (CuPy checks ``cuLaunchKernel``'s result), and an
+* Launches go to CuPy's *current* stream (``with cupy.cuda.Stream(): ...``, or
+  ``cupy.cuda.Stream.from_external(...)`` to run on another framework's stream). Nothing
+  synchronises the device; a bad launch raises (CuPy checks ``cuLaunchKernel``'s result), and an
   asynchronous fault surfaces at the next synchronising call, as for any CUDA library.
 * The sections are uploaded unchanged; the bit-exact dequantizer and the SIMT kernels read the
   SPEC layout directly. Tensors with a tensor-core path (bits 2/3/4, group size 16, 1..4-bit
