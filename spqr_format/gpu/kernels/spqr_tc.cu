@@ -606,6 +606,33 @@ __device__ __forceinline__ void store_y(void* y, i64 o, float v, int out_dtype) 
     ((u16*)y)[o] = (u16)f32_to_f16(v);
 }
 
+// One step over a row's outlier stream by its LPR lanes (sl = lane % LPR): lane sl loads
+// entries e + PER sl .. e + PER sl + PER - 1 (those below e1; past the end: a skip of delta 0)
+// into `ent`, and a segmented scan over the row's lanes returns the row's column before the
+// lane's first entry; `base` (the column before entry e, -1 at the row's start) advances past
+// the step's LPR * PER entries (the same value in the row's lanes).
+template <int LPR, int PER>
+__device__ __forceinline__ int entries_step(const u32* __restrict__ oent, u32 e, u32 e1, int sl,
+                                            int& base, u32 (&ent)[PER]) {
+#pragma unroll
+  for (int q = 0; q < PER; ++q) {
+    const u32 idx = e + PER * sl + q;
+    ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;
+  }
+  u32 run = 0;
+#pragma unroll
+  for (int q = 0; q < PER; ++q) run += ent[q] & 0xFFFFu;
+  u32 scan = run;  // inclusive scan of the LPR lanes' totals
+#pragma unroll
+  for (int o = 1; o < LPR; o <<= 1) {
+    const u32 v = __shfl_up_sync(0xffffffffu, scan, o, LPR);
+    if (sl >= o) scan += v;
+  }
+  const int col = base + (int)(scan - run);
+  base += (int)__shfl_sync(0xffffffffu, scan, LPR - 1, LPR);
+  return col;
+}
+
 // Entries e .. e + 127 of a row's outlier stream (those below e1), 4 consecutive per lane: for
 // each, the element offset of its column's row of x'^T (column * bp; -1 for a skip) and its
 // correction as f32. `base` is the row's column before entry e (-1 at the row's start); it is
@@ -613,30 +640,12 @@ __device__ __forceinline__ void store_y(void* y, i64 o, float v, int out_dtype) 
 __device__ __forceinline__ void decode128(const u32* __restrict__ oent, u32 e, u32 e1, int lane,
                                           int bp, int& base, int (&xi)[4], float (&d)[4]) {
   u32 ent[4];
+  int col = entries_step<32, 4>(oent, e, e1, lane, base, ent);
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const u32 idx = e + 4 * lane + q;
-    ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;  // past the end: a skip of delta 0
-  }
-  u32 local[4];
-  u32 run = 0;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    run += ent[q] & 0xFFFFu;
-    local[q] = run;
-  }
-  u32 scan = run;  // inclusive scan of the lanes' totals
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const u32 v = __shfl_up_sync(0xffffffffu, scan, o);
-    if (lane >= o) scan += v;
-  }
-  const int lane_base = base + (int)(scan - run);
-  base += (int)__shfl_sync(0xffffffffu, scan, 31);
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
+    col += (int)(ent[q] & 0xFFFFu);
     const bool real = (ent[q] >> 16) != 0xFFFFu;
-    xi[q] = real ? (lane_base + (int)local[q]) * bp : -1;
+    xi[q] = real ? col * bp : -1;
     d[q] = real ? f16_to_f32(ent[q] >> 16) : 0.f;
   }
 }
@@ -664,22 +673,7 @@ __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
   int base = -1;  // the row's column before this step's first entry
   for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += 8 * PER) {
     u32 ent[PER];
-#pragma unroll
-    for (int q = 0; q < PER; ++q) {
-      const u32 idx = e + PER * sl + q;
-      ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;  // past the end: a skip of delta 0
-    }
-    u32 run = 0;
-#pragma unroll
-    for (int q = 0; q < PER; ++q) run += ent[q] & 0xFFFFu;
-    u32 scan = run;  // inclusive scan of the 8 lanes' totals
-#pragma unroll
-    for (int o = 1; o < 8; o <<= 1) {
-      const u32 v = __shfl_up_sync(0xffffffffu, scan, o, 8);
-      if (sl >= o) scan += v;
-    }
-    int col = base + (int)(scan - run);
-    base += (int)__shfl_sync(0xffffffffu, scan, 7, 8);
+    int col = entries_step<8, PER>(oent, e, e1, sl, base, ent);
 #pragma unroll
     for (int q = 0; q < PER; ++q) {
       col += (int)(ent[q] & 0xFFFFu);
@@ -950,22 +944,7 @@ __device__ __forceinline__ void lanes_rows(const float* __restrict__ part, int n
   int base = -1;  // the row's column before this step's first entry
   for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += LPR * PER) {
     u32 ent[PER];
-#pragma unroll
-    for (int q = 0; q < PER; ++q) {
-      const u32 idx = e + PER * sl + q;
-      ent[q] = idx < e1 ? oent[idx] : 0xFFFF0000u;  // past the end: a skip of delta 0
-    }
-    u32 run = 0;
-#pragma unroll
-    for (int q = 0; q < PER; ++q) run += ent[q] & 0xFFFFu;
-    u32 scan = run;  // inclusive scan of the LPR lanes' totals
-#pragma unroll
-    for (int o = 1; o < LPR; o <<= 1) {
-      const u32 v = __shfl_up_sync(0xffffffffu, scan, o, LPR);
-      if (sl >= o) scan += v;
-    }
-    int col = base + (int)(scan - run);
-    base += (int)__shfl_sync(0xffffffffu, scan, LPR - 1, LPR);
+    int col = entries_step<LPR, PER>(oent, e, e1, sl, base, ent);
 #pragma unroll
     for (int q = 0; q < PER; ++q) {
       col += (int)(ent[q] & 0xFFFFu);
@@ -1124,17 +1103,11 @@ __device__ __forceinline__ void finish(
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         int base = -1;
         for (u32 e = e0; e < e1; e += 32) {
-          const u32 ent = e + lane < e1 ? oent[e + lane] : 0xFFFF0000u;  // past the end: skip
-          u32 scan = ent & 0xFFFFu;  // inclusive scan of the deltas
-#pragma unroll
-          for (int o = 1; o < 32; o <<= 1) {
-            const u32 v = __shfl_up_sync(0xffffffffu, scan, o);
-            if (lane >= o) scan += v;
-          }
-          const bool real = (ent >> 16) != 0xFFFFu;
-          const int xi_l = real ? (base + (int)scan) * bp : -1;
-          const float d_l = real ? f16_to_f32(ent >> 16) : 0.f;
-          base += (int)__shfl_sync(0xffffffffu, scan, 31);
+          u32 ent[1];
+          const int col = entries_step<32, 1>(oent, e, e1, lane, base, ent) + (ent[0] & 0xFFFFu);
+          const bool real = (ent[0] >> 16) != 0xFFFFu;
+          const int xi_l = real ? col * bp : -1;
+          const float d_l = real ? f16_to_f32(ent[0] >> 16) : 0.f;
           const int steps = ((int)min(32u, e1 - e) + ES - 1) / ES;
 #pragma unroll 2
           for (int k = 0; k < steps; ++k) {
