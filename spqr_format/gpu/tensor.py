@@ -308,11 +308,24 @@ class GpuTensor:
         self.dequantize_into(_ptr(out), n, oc)
         return out
 
+    def _layout_args(self) -> tuple:
+        """The trailing kernel arguments that describe the SPEC layout (spqr_gpu.h: g, S, sb,
+        G, code and statistics words per row), shared by the dequantizers and SIMT matvecs."""
+        geo = self.geometry
+        return (
+            np.int32(self.group_size),
+            np.int32(max(self.stats_group_size, 1)),
+            np.int32(self.stats_bits),
+            np.int32(geo.groups),
+            np.int64(geo.code_row_words),
+            np.int64(geo.stats_row_words),
+        )
+
     def dequantize_into(self, out_ptr, ldo: int, out_code: int) -> None:
         """Raw-pointer form (for other frameworks): launches on CuPy's current stream."""
         m, n = self.shape
-        geo = self.geometry
         esz = 4 if out_code == 0 else 2
+        layout = self._layout_args()
         # one block per row: without a permutation the rows are written straight to global
         # memory (every row 16-byte aligned: no shared memory); with one, the row is staged in
         # shared memory in stored order and gathered through inv_perm on the way out.
@@ -342,12 +355,7 @@ class GpuTensor:
                     np.int64(ldo),
                     np.int64(m),
                     np.int64(n),
-                    np.int32(self.group_size),
-                    np.int32(max(self.stats_group_size, 1)),
-                    np.int32(self.stats_bits),
-                    np.int32(geo.groups),
-                    np.int64(geo.code_row_words),
-                    np.int64(geo.stats_row_words),
+                    *layout,
                 ),
                 shared_mem=smem2,
             )
@@ -372,12 +380,7 @@ class GpuTensor:
                     np.int64(ldo),
                     np.int64(n),
                     np.int32(self.bits),
-                    np.int32(self.group_size),
-                    np.int32(max(self.stats_group_size, 1)),
-                    np.int32(self.stats_bits),
-                    np.int32(geo.groups),
-                    np.int64(geo.code_row_words),
-                    np.int64(geo.stats_row_words),
+                    *layout,
                 ),
                 shared_mem=smem,
             )
@@ -398,12 +401,7 @@ class GpuTensor:
                 np.int64(m),
                 np.int64(n),
                 np.int32(self.bits),
-                np.int32(self.group_size),
-                np.int32(max(self.stats_group_size, 1)),
-                np.int32(self.stats_bits),
-                np.int32(geo.groups),
-                np.int64(geo.code_row_words),
-                np.int64(geo.stats_row_words),
+                *layout,
             ),
         )
         if self.outlier_rows is not None:
@@ -493,7 +491,6 @@ class GpuTensor:
         if not K.matvec_supported(self.bits, self.group_size):
             self._fallback(x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch)
             return
-        geo = self.geometry
         ldxs, ldx16, _ = K.workspace_floats(n, batch)
         xs = int(ws_ptr)
         x16 = xs + 4 * batch * ldxs
@@ -515,14 +512,7 @@ class GpuTensor:
                 np.int32(batch),
             ),
         )
-        common_tail = (
-            np.int32(self.group_size),
-            np.int32(max(self.stats_group_size, 1)),
-            np.int32(self.stats_bits),
-            np.int32(geo.groups),
-            np.int64(geo.code_row_words),
-            np.int64(geo.stats_row_words),
-        )
+        common_tail = self._layout_args()
         if batch == 1 and USE_MV1:
             # row-sweep kernel (outliers and rounding included); with several column splits a
             # small kernel adds the splits' partial sums
