@@ -1104,7 +1104,8 @@ __device__ __forceinline__ void finish(
         int base = -1;
         for (u32 e = e0; e < e1; e += 32) {
           u32 ent[1];
-          const int col = entries_step<32, 1>(oent, e, e1, lane, base, ent) + (ent[0] & 0xFFFFu);
+          int col = entries_step<32, 1>(oent, e, e1, lane, base, ent);
+          col += (int)(ent[0] & 0xFFFFu);
           const bool real = (ent[0] >> 16) != 0xFFFFu;
           const int xi_l = real ? col * bp : -1;
           const float d_l = real ? f16_to_f32(ent[0] >> 16) : 0.f;
