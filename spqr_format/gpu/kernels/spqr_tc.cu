@@ -144,11 +144,8 @@ __host__ __device__ constexpr int pair_slots() {
   return 10 / NB + (16 - (10 / NB) * NB) / NB;
 }
 
-// (S, Bz) for one row and one group: S = (s, s), Bz = (-z s, -z s) as f16x2.
-template <int SB, int I>
-__device__ __forceinline__ void row_stats(u32 w, u32 ws, uint2 st2, u32 magic, u32& S, u32& Bz) {
-  const u32 c = pair_exact<SB, I>(w, ws, magic);  // (scale code, zero code)
-  const u32 sz = hfma2(c, st2.x, st2.y);   // (s, -z)
+// (S, Bz) from one row's (s, -z): S = (s, s), Bz = (-z s, -z s) as f16x2.
+__device__ __forceinline__ void scale_pair(u32 sz, u32& S, u32& Bz) {
   S = __byte_perm(sz, sz, 0x1010);
   const u32 zz = __byte_perm(sz, sz, 0x3232);
   Bz = hmul2(S, zz);
@@ -260,6 +257,23 @@ __device__ __forceinline__ u32 a_reg(const uint4 (&cw)[SLABS], u32 S, u32 Bz, u3
   return hfma2(pair_exact<B, P % PPW>(w, shifted<B>(w), magic), S, Bz);
 }
 
+// (s, -z) as f16x2 of rows g (sz0) and g + 8 (sz1) of the lane's group 4 RHO + t in round RHO
+// of a stage: the group's (step, base) record from lane 4 RHO + t, the rows' statistic codes
+// from the lane's statistics words.
+template <int SB, int RHO, int SLABS, int SWL>
+__device__ __forceinline__ void round_stats(const Stage<SLABS, SWL>& st, int lane, u32 magic,
+                                            u32& sz0, u32& sz1) {
+  constexpr int SPW = pair_slots<SB>();
+  uint2 st2;
+  const int src = 4 * RHO + (lane & 3);
+  st2.x = __shfl_sync(0xffffffffu, st.st2.x, src);
+  st2.y = __shfl_sync(0xffffffffu, st.st2.y, src);
+  constexpr int Q0 = 2 * RHO, Q1 = 2 * RHO + 1;
+  const u32 w0 = st.sw[Q0 / SPW], w1 = st.sw[Q1 / SPW];
+  sz0 = hfma2(pair_exact<SB, Q0 % SPW>(w0, shifted<SB>(w0), magic), st2.x, st2.y);
+  sz1 = hfma2(pair_exact<SB, Q1 % SPW>(w1, shifted<SB>(w1), magic), st2.x, st2.y);
+}
+
 // One round (4 mma) of a chunk: rows g, g + 8 of the lane's group 4*RHO + t. B fragments: WX
 // false, from the block's copy of the chunk in shared memory, [NT][MPC][32 lanes]; WX true
 // (NT == 1), only lanes `xl` load theirs (the others' are zero: batch columns past the
@@ -269,17 +283,11 @@ template <int B, int SB, int NT, bool WX, int RHO, int SLABS, int SWL>
 __device__ __forceinline__ void tc_round(const Stage<SLABS, SWL>& st,
                                          float (&acc)[tc_acc_sets<NT>() * NT][4],
                                          const uint2* xs_chunk, int lane, bool xl, u32 magic) {
-  constexpr int SPW = pair_slots<SB>();
   constexpr int MPC = 4 * rounds_per_chunk<B>();
-  uint2 st2;
-  const int src = 4 * RHO + (lane & 3);
-  st2.x = __shfl_sync(0xffffffffu, st.st2.x, src);
-  st2.y = __shfl_sync(0xffffffffu, st.st2.y, src);
-  constexpr int Q0 = 2 * RHO, Q1 = 2 * RHO + 1;
-  const u32 w0 = st.sw[Q0 / SPW], w1 = st.sw[Q1 / SPW];
-  u32 S0, B0, S1, B1;
-  row_stats<SB, Q0 % SPW>(w0, shifted<SB>(w0), st2, magic, S0, B0);
-  row_stats<SB, Q1 % SPW>(w1, shifted<SB>(w1), st2, magic, S1, B1);
+  u32 sz0, sz1, S0, B0, S1, B1;
+  round_stats<SB, RHO>(st, lane, magic, sz0, sz1);
+  scale_pair(sz0, S0, B0);
+  scale_pair(sz1, S1, B1);
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
     u32 a[4];
@@ -337,17 +345,9 @@ template <int B, int SB, int RHO, int SLABS, int SWL>
 __device__ __forceinline__ void tcg_round(const Stage<SLABS, SWL>& st, float (&y)[4],
                                           const uint2* xs_chunk, const float2* xsum_chunk,
                                           int lane, u32 magic) {
-  constexpr int SPW = pair_slots<SB>();
   constexpr int PPW = pair_slots<B>();
-  uint2 st2;
-  const int src = 4 * RHO + (lane & 3);
-  st2.x = __shfl_sync(0xffffffffu, st.st2.x, src);
-  st2.y = __shfl_sync(0xffffffffu, st.st2.y, src);
-  constexpr int Q0 = 2 * RHO, Q1 = 2 * RHO + 1;
-  const u32 w0 = st.sw[Q0 / SPW], w1 = st.sw[Q1 / SPW];
-  // (s, -z) of row g (Q0) and row g + 8 (Q1) of the lane's group
-  const u32 sz0 = hfma2(pair_exact<SB, Q0 % SPW>(w0, shifted<SB>(w0), magic), st2.x, st2.y);
-  const u32 sz1 = hfma2(pair_exact<SB, Q1 % SPW>(w1, shifted<SB>(w1), magic), st2.x, st2.y);
+  u32 sz0, sz1;  // (s, -z) of rows g and g + 8 of the lane's group
+  round_stats<SB, RHO>(st, lane, magic, sz0, sz1);
   float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
