@@ -6,8 +6,9 @@
 //
 // Per call, on one stream:
 //   1. spqr_tc_prepare_x: x'[c][j] = x[c][perm[j]] (f16), written as mma B fragments;
-//   2. batch <= 8 (not on tall matrices): spqr_tcv_b{B}_s{SB}, the whole product (tc_vec);
-//      otherwise
+//   2. batch <= 4 (<= 8 on small matrices): spqr_tcv_b{B}_s{SB}, the whole product (tc_vec),
+//      or for batch <= 2 on large matrices spqr_tcg_b{B}_s{SB} (exact codes into the tensor
+//      cores, scales applied in f32: tcg_round); otherwise
 //      spqr_tc_b{B}_s{SB}_nt{NT}: each warp owns 16 rows (a block) and a range of chunks
 //      (k-split over gridDim.y). Per round of 4 groups (4 mma k-steps; every A element of a
 //      lane comes from one group, so each lane decodes the statistics of only its 2 rows of
@@ -25,8 +26,9 @@
 // Accuracy (what tests/test_gpu_kernels.py checks): every weight enters the tensor cores
 // rounded to f16 after f16 arithmetic on its statistics, so |a - w| <= 5 * 2^-11 * |s|(|q| +
 // |z|) plus f16-subnormal terms; accumulation is f32. This is the accuracy of dequantizing to
-// f16 and calling an f16 GEMM with f32 accumulation, which is what inference does anyway. The
-// bit-exact decode (SPEC section 7) is spqr_kernels.cu's dequantizer.
+// f16 and calling an f16 GEMM with f32 accumulation, which is what inference does anyway
+// (spqr_tcg_*: the same f16 statistics, no rounding of the weight itself, f32 scaling: within
+// the same bound). The bit-exact decode (SPEC section 7) is spqr_kernels.cu's dequantizer.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
