@@ -3,6 +3,9 @@ can launch maps to kernels that exist and whose contracts cover it."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
 from spqr_format.gpu import _kernels as K
@@ -72,3 +75,114 @@ def test_group_separated_path_only_for_two_columns(monkeypatch, tcv, m, n):
                 assert K.tcg_name(3, 3) in K.tc_kernel_names()
             elif mode == "1":
                 assert nb > 2 or not K.tcv_wanted(m, n, nb)
+
+
+# --- the C launcher's plan (kernels/spqr_tc_plan.h) against this module ---------------------
+CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+_DRIVER = r"""
+#include <stdio.h>
+#include "spqr_tc_plan.h"
+static const char* md(const char* s) { return strcmp(s, "-") == 0 ? NULL : s; }
+int main(void) {
+  char op[16], a[8], b[8];
+  long long m, n, x, y, z;
+  int i, j, k;
+  while (scanf("%15s", op) == 1) {
+    if (!strcmp(op, "tcv") && scanf("%lld %lld %d %7s", &m, &n, &i, a) == 4)
+      printf("%d\n", spqr_plan_tcv_wanted(m, n, i, md(a)));
+    else if (!strcmp(op, "tcg") && scanf("%lld %lld %d %7s %7s", &m, &n, &i, a, b) == 5)
+      printf("%d\n", spqr_plan_tcg_wanted(m, n, i, md(a), md(b)));
+    else if (!strcmp(op, "ks") && scanf("%lld %lld %lld %d", &x, &y, &z, &i) == 4)
+      printf("%d\n", spqr_plan_tcv_ks(x, y, z, i));
+    else if (!strcmp(op, "lanes") && scanf("%d %lld %lld %d", &i, &m, &x, &j) == 4)
+      printf("%d\n", spqr_plan_finish_lanes(i, m, x, j));
+    else if (!strcmp(op, "splits") &&
+             scanf("%lld %lld %lld %d %lld %d", &x, &y, &n, &i, &z, &j) == 6) {
+      spqr_plan_splits(x, y, n, i, z, j, &j, &k);
+      printf("%d %d\n", j, k);
+    } else if (!strcmp(op, "resident") && scanf("%d %lld", &i, &x) == 2)
+      printf("%lld\n", (long long)spqr_plan_resident(i, x));
+    else if (!strcmp(op, "pitch") && scanf("%d", &i) == 1)
+      printf("%d %d\n", spqr_plan_xt_pitch(i), spqr_plan_nt(i));
+    else
+      return 2;
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def c_plan(tmp_path_factory):
+    if CC is None:
+        pytest.skip("no C compiler")
+    d = tmp_path_factory.mktemp("plan")
+    (d / "driver.c").write_text(_DRIVER)
+    exe = d / "driver"
+    cmd = [CC, "-std=c99", "-O1", "-Wall", "-Werror", "-I", str(K.KERNEL_DIR)]
+    res = subprocess.run(
+        [*cmd, str(d / "driver.c"), "-o", str(exe)], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+
+    def run(lines: list[str]) -> list[str]:
+        out = subprocess.run(
+            [str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split("\n")[: len(lines)]
+
+    return run
+
+
+PLAN_SHAPES = [*SHAPES, (8192, 8192), (14336, 4096), (57344, 8192), (1, 1), (16, 70000)]
+
+
+def test_c_plan_picks_the_same_kernels_as_python(monkeypatch, c_plan):
+    """The C launcher (spqr_tc_plan.h) and the Python layer choose the same path, kernel,
+    k-split, k-slicing and lanes for every shape, batch, device size and override tried: the
+    C example's bit-identity with the Python layer (tests/test_gpu_c_example.py) rests on it."""
+    cases, want = [], []
+    for m, n in PLAN_SHAPES:
+        groups = -(-n // 16)
+        rb, nc = -(-m // 16), -(-groups // 20)
+        for tcv in ("", "0", "1"):
+            for tcg in ("", "0", "1"):
+                monkeypatch.setattr(K, "TCV_MODE", tcv)
+                monkeypatch.setattr(K, "TCG_MODE", tcg)
+                for nb in (1, 2, 3, 4, 5, 8, 9, 16, 64):
+                    cases.append(f"tcv {m} {n} {nb} {tcv or '-'}")
+                    want.append(str(int(K.tcv_wanted(m, n, nb))))
+                    cases.append(f"tcg {m} {n} {nb} {tcv or '-'} {tcg or '-'}")
+                    want.append(str(int(K.tcg_wanted(m, n, nb))))
+        for slots in (1, 264, 1000):
+            for ov in (0, 1, 3, 8, 20):
+                monkeypatch.setenv("SPQR_TC_SPLITS", str(ov))
+                for nt in (1, 2, 8):
+                    cases.append(f"splits {rb} {nc} {n} {nt} {slots} {ov}")
+                    s, p = K.tc_splits(rb, nc, 1, slots, K.tc_max_splits(n, nt))
+                    want.append(f"{s} {p}")
+        for sms in (1, 132, 1000):
+            for ents in (0, m * n // 100, m * n):
+                for nb in range(1, K.TC_MAX_BATCH + 1):
+                    bp = K.tc_xt_pitch(nb)
+                    cases.append(f"lanes {bp} {m} {ents} {sms}")
+                    want.append(str(K.tc_finish_lanes(bp, m, ents, sms)))
+    for rb in (1, 5, 64, 200, 688, 1792, 3584, 10000):
+        for nc in (1, 2, 5, 13, 26, 90, 400):
+            for slots in (1, 100, 264, 1000):
+                for ov in (0, 1, 3, 8, 20):
+                    monkeypatch.setenv("SPQR_TCV_KS", str(ov))
+                    cases.append(f"ks {rb} {nc} {slots} {ov}")
+                    want.append(str(K.tcv_ks(rb, nc, 1, slots)))
+    for regs in (32, 64, 96, 126, 128, 255):
+        for smem in (0, K.TCV_SMEM, 20480, 100000):
+            cases.append(f"resident {regs} {smem}")
+            want.append(str(K.tc_resident_blocks(regs, smem)))
+    for nb in range(1, K.TC_MAX_BATCH + 1):
+        cases.append(f"pitch {nb}")
+        want.append(f"{K.tc_xt_pitch(nb)} {K.tc_nt(nb)}")
+    got = c_plan(cases)
+    assert len(got) == len(cases)
+    bad = [(c, w, g) for c, w, g in zip(cases, want, got, strict=True) if w != g]
+    assert not bad, bad[:10]

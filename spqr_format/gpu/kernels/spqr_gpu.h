@@ -13,7 +13,8 @@
  *     of this comment block).  The repack is implemented in Python
  *     (spqr_format/gpu/tile_layout.py, run on the GPU through CuPy; the same repack in C99 on
  *     the host: spqr_tile_layout.c, declared at the end of this header).  Its host launcher
- *     is spqr_tc_matmul (spqr_tc_host.cu, nvcc only); or launch the kernels yourself
+ *     is spqr_tc_matmul (spqr_tc_host.cu, nvcc only; its choice of kernels, k-split and
+ *     k-slicing is the plain C header spqr_tc_plan.h); or launch the kernels yourself
  *     (contracts below).
  *
  * Data: the sections of one `bilevel` tensor (SPEC.md sections 5-6) copied to device memory

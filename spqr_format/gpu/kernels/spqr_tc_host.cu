@@ -3,35 +3,31 @@
 // object with the tensor-core kernels and spqr_tc_matmul / spqr_tc_workspace_bytes.  The tile
 // arrays come from spqr_tile_repack (spqr_tile_layout.c) and are uploaded by the caller.
 //
-// The selection logic (batch <= 8 kernel and its k-slicing, k-split plan) mirrors GpuTensor._tc_matmul and
-// spqr_format/gpu/_kernels.py (keep the two in step): with the same device and the same
-// SPQR_TC_SPLITS, the result is bit-identical to the Python layer's.
+// The selection logic (which kernel takes a slice, the k-split, the k-slicing, the outlier
+// pass's lanes) is spqr_tc_plan.h, which tests/test_gpu_plan.py checks against
+// spqr_format/gpu/_kernels.py; the launches mirror GpuTensor._tc_matmul. With the same device
+// and the same environment overrides the result is bit-identical to the Python layer's.
 
 #include <cuda_runtime.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "spqr_gpu.h"
 #include "spqr_tc.cu"
+#include "spqr_tc_plan.h"
 
 namespace {
 
 const int TC_WARPS = SPQR_TC_WARPS;
-const int TC_MAX_BATCH = 64;
-const int64_t QUAD_MIN_ROWS = 16384;  // _kernels.TC_QUAD_MIN_ROWS
-const int64_t QUAD_MAX_PER_ROW = 128;  // _kernels.TC_QUAD_MAX_PER_ROW
-const int64_t LANES_WARPS_PER_SM = 16;  // _kernels.TC_LANES_WARPS_PER_SM
+static_assert(SPQR_TC_WARPS == SPQR_PLAN_WARPS, "spqr_tc_plan.h assumes the kernels' block size");
+const int TC_MAX_BATCH = SPQR_PLAN_MAX_BATCH;
 const int64_t FINISH_SMEM_MAX = 96 * 1024;  // _kernels.TC_FINISH_SMEM_MAX (default)
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int tc_nt(int nb) { return nb <= 8 ? 1 : nb <= 16 ? 2 : nb <= 32 ? 4 : 8; }
-int xt_pitch(int nb) {
-  if (nb <= 8) {
-    int p = 1;
-    while (p < nb) p <<= 1;
-    return p;
-  }
-  return (int)(8 * cdiv(nb, 8));
+int64_t cdiv(int64_t a, int64_t b) { return spqr_plan_cdiv(a, b); }
+int tc_nt(int nb) { return spqr_plan_nt(nb); }
+int xt_pitch(int nb) { return spqr_plan_xt_pitch(nb); }
+int env_int(const char* name) {
+  const char* v = getenv(name);
+  return v ? atoi(v) : 0;
 }
 
 typedef void (*tc_fn)(const uint4*, const u32*, const uint2*, const uint2*, float*, int, int, int,
@@ -73,70 +69,30 @@ tcv_fn pick_tcv(int bits, int sb) {
   return k[bits - 2][sb - 1];
 }
 
-// _kernels.tc_resident_blocks: blocks of TC_WARPS warps per multiprocessor.
+// _kernels.tc_resident_blocks for a kernel (its register count from the runtime).
 int64_t resident_blocks(const void* fn, int64_t smem) {
   cudaFuncAttributes attr;
   int regs = 64;
   if (cudaFuncGetAttributes(&attr, fn) == cudaSuccess && attr.numRegs > 0) regs = attr.numRegs;
-  const int64_t warp_regs = cdiv((int64_t)regs * 32, 256) * 256;
-  int64_t resident = 65536 / (warp_regs * TC_WARPS);
-  const int64_t by_smem = (227 * 1024) / (smem + 1024);
-  if (by_smem < resident) resident = by_smem;
-  if (64 / TC_WARPS < resident) resident = 64 / TC_WARPS;
-  if (resident > 32) resident = 32;
-  if (resident < 1) resident = 1;
-  return resident;
+  return spqr_plan_resident(regs, smem);
 }
 
-
-// _kernels.tcv_wanted: the one-kernel path for nb <= 4, up to nb = 8 on small matrices
-// (SPQR_TCV=0 / 1 overrides).
 bool tcv_wanted(const spqr_tile* t, int nb) {
-  const char* mode = getenv("SPQR_TCV");
-  if (mode && (strcmp(mode, "0") == 0 || strcmp(mode, "1") == 0)) return mode[0] == '1' && nb <= 8;
-  if (nb > 8) return false;
-  return nb <= 4 || t->m * t->n <= ((int64_t)1 << 25);  // TCV_SMALL_BATCH, TCV_SMALL_WEIGHTS
+  return spqr_plan_tcv_wanted(t->m, t->n, nb, getenv("SPQR_TCV"));
 }
 
-// _kernels.tcg_wanted: the group-separated one-kernel path for nb <= 2 on matrices of at least
-// 2^27 weights (SPQR_TCG=0: never, =1: whenever the one-kernel path is taken).
 bool tcg_wanted(const spqr_tile* t, int nb) {
-  const char* mode = getenv("SPQR_TCG");
-  if ((mode && strcmp(mode, "0") == 0) || nb > 2 || !tcv_wanted(t, nb)) return false;
-  if (mode && strcmp(mode, "1") == 0) return true;
-  return t->m * t->n >= ((int64_t)1 << 27);  // _kernels.TCG_MIN_WEIGHTS
+  return spqr_plan_tcg_wanted(t->m, t->n, nb, getenv("SPQR_TCV"), getenv("SPQR_TCG"));
 }
 
-// _kernels.tcv_ks: log2 of the k-slices per row block of spqr_tcv_* (SPQR_TCV_KS overrides).
+// log2 of the k-slices of the one-kernel path (its k-slicing plan uses spqr_tcv_*'s registers)
 int tcv_ks(const spqr_tile* t, tcv_fn fn, int sms) {
-  const int64_t smem = TC_WARPS * (4 * 32 + 16 * 8) * 4;  // _kernels.TCV_SMEM
-  const int64_t slots = resident_blocks((const void*)fn, smem) * sms;
-  const int64_t nc = t->d.NC, rb = t->d.RB;
-  int best = 0;
-  int64_t best_cost = -1;
-  for (int k = 0; (1 << k) <= TC_WARPS && (1 << k) <= (nc > 1 ? nc : 1); ++k) {
-    const int64_t blocks = cdiv(rb, TC_WARPS >> k);
-    const int64_t cost = cdiv(blocks, slots) * (cdiv(nc, 1 << k) + 2);  // + warp overhead
-    if (best_cost < 0 || cost <= best_cost) {
-      best = k;
-      best_cost = cost;
-    }
-  }
-  const char* ov = getenv("SPQR_TCV_KS");
-  if (ov && atoi(ov) > 0) {
-    int v = atoi(ov) < TC_WARPS ? atoi(ov) : TC_WARPS, k = 0;
-    while ((2 << k) <= v) ++k;
-    best = k;
-  }
-  return best;
+  const int64_t slots = resident_blocks((const void*)fn, SPQR_PLAN_TCV_SMEM) * sms;
+  return spqr_plan_tcv_ks(t->d.RB, t->d.NC, slots, env_int("SPQR_TCV_KS"));
 }
 
-int finish_lanes(int bp, int64_t m, int64_t entries, int sms) {  // _kernels.tc_finish_lanes
-  if (bp < 8) return m >= QUAD_MIN_ROWS && entries <= QUAD_MAX_PER_ROW * m ? 8 : 32;
-  if (bp > 16) return 32;
-  for (int lanes = 4; lanes <= 8; lanes *= 2)
-    if (m * lanes >= (int64_t)32 * LANES_WARPS_PER_SM * sms) return lanes;
-  return 16;
+int finish_lanes(int bp, int64_t m, int64_t entries, int sms) {
+  return spqr_plan_finish_lanes(bp, m, entries, sms);
 }
 
 finish_fn pick_finish(int bp) {  // _kernels.tc_finish_name
@@ -155,26 +111,8 @@ void tc_plan(const spqr_tile* t, int nt, tc_fn fn, int* splits, int* per) {
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const int64_t resident = resident_blocks((const void*)fn, 2LL * nt * t->d.MPC * 256);
-  const int64_t nc = t->d.NC, groups = cdiv(t->d.RB, TC_WARPS), slots = resident * sms;
-  int64_t max_splits = t->n / (32 * 8 * nt);
-  if (max_splits < 1) max_splits = 1;
-  if (max_splits > 16) max_splits = 16;
-  int64_t best = 1;
-  double best_eff = -1.0;
-  for (int64_t s = 1; s <= max_splits; ++s) {
-    if (s > 1 && cdiv(nc, s) < 4) break;
-    const int64_t p = cdiv(nc, s), real = cdiv(nc, p), total = groups * real;
-    const double eff = (double)total / (double)(cdiv(total, slots) * slots);
-    if (eff > best_eff + 0.02) {
-      best = real;
-      best_eff = eff;
-    }
-  }
-  const char* ov = getenv("SPQR_TC_SPLITS");  // tuning override, as in the Python layer
-  if (ov && atoi(ov) > 0) best = atoi(ov) < nc ? atoi(ov) : nc;
-  const int64_t p = cdiv(nc, best);
-  *splits = (int)cdiv(nc, p);
-  *per = (int)p;
+  spqr_plan_splits(t->d.RB, t->d.NC, t->n, nt, resident * sms, env_int("SPQR_TC_SPLITS"), splits,
+                   per);
 }
 
 // Byte offsets of x'^T and the partial sums in the workspace, and its size.

@@ -1,0 +1,139 @@
+/* spqr_tc_plan.h -- the launch plan of the tensor-core path as plain C (no CUDA): which kernel
+ * takes a batch slice, the k-split, the k-slicing of the one-kernel path, the outlier pass's
+ * lanes per row.  spqr_tc_host.cu calls these with the device's numbers; each function mirrors
+ * the function of spqr_format/gpu/_kernels.py named in its comment, and tests/test_gpu_plan.py
+ * compiles this header with the host C compiler and checks that the two agree, so the C
+ * launcher and the Python layer pick the same kernels (and give bit-identical results).
+ *
+ * Modes are the values of the environment overrides ("" or NULL: automatic). */
+#ifndef SPQR_TC_PLAN_H
+#define SPQR_TC_PLAN_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SPQR_PLAN_WARPS 8          /* warps per block of the tile kernels (SPQR_TC_WARPS) */
+#define SPQR_PLAN_MAX_BATCH 64     /* _kernels.TC_MAX_BATCH */
+#define SPQR_PLAN_QUAD_MIN_ROWS 16384 /* _kernels.TC_QUAD_MIN_ROWS */
+#define SPQR_PLAN_QUAD_MAX_PER_ROW 128 /* _kernels.TC_QUAD_MAX_PER_ROW */
+#define SPQR_PLAN_LANES_WARPS_PER_SM 16 /* _kernels.TC_LANES_WARPS_PER_SM */
+#define SPQR_PLAN_TCV_SMALL_BATCH 4  /* _kernels.TCV_SMALL_BATCH */
+#define SPQR_PLAN_TCV_SMALL_WEIGHTS ((int64_t)1 << 25) /* _kernels.TCV_SMALL_WEIGHTS */
+#define SPQR_PLAN_TCV_OVERHEAD 2     /* _kernels.TCV_WARP_OVERHEAD_CHUNKS */
+#define SPQR_PLAN_TCG_MAX_BATCH 2    /* _kernels.TCG_MAX_BATCH */
+#define SPQR_PLAN_TCG_MIN_WEIGHTS ((int64_t)1 << 27) /* _kernels.TCG_MIN_WEIGHTS */
+/* static shared memory of spqr_tcv_* / spqr_tcg_* (_kernels.TCV_SMEM) */
+#define SPQR_PLAN_TCV_SMEM (SPQR_PLAN_WARPS * (4 * 32 + 16 * 8) * 4)
+
+static inline int64_t spqr_plan_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static inline int spqr_plan_mode_is(const char* mode, const char* value) {
+  return mode != NULL && strcmp(mode, value) == 0;
+}
+
+/* _kernels.tc_nt: n-tiles of 8 batch columns for a slice of nb <= 64 columns */
+static inline int spqr_plan_nt(int nb) { return nb <= 8 ? 1 : nb <= 16 ? 2 : nb <= 32 ? 4 : 8; }
+
+/* _kernels.tc_xt_pitch: batch columns per row of x'^T */
+static inline int spqr_plan_xt_pitch(int nb) {
+  if (nb <= 8) {
+    int p = 1;
+    while (p < nb) p <<= 1;
+    return p;
+  }
+  return (int)(8 * spqr_plan_cdiv(nb, 8));
+}
+
+/* _kernels.tc_resident_blocks (warps = SPQR_PLAN_WARPS): blocks per multiprocessor */
+static inline int64_t spqr_plan_resident(int regs, int64_t smem) {
+  const int64_t warp_regs = spqr_plan_cdiv((int64_t)(regs > 0 ? regs : 1) * 32, 256) * 256;
+  int64_t r = 65536 / (warp_regs * SPQR_PLAN_WARPS);
+  const int64_t by_smem = (227 * 1024) / (smem + 1024);
+  if (by_smem < r) r = by_smem;
+  if (64 / SPQR_PLAN_WARPS < r) r = 64 / SPQR_PLAN_WARPS;
+  if (r > 32) r = 32;
+  return r < 1 ? 1 : r;
+}
+
+/* _kernels.tcv_wanted: the one-kernel path (spqr_tcv_* / spqr_tcg_*) for nb <= 4 columns, up
+ * to 8 on small matrices; mode (SPQR_TCV) "0": never, "1": always (nb <= 8) */
+static inline int spqr_plan_tcv_wanted(int64_t m, int64_t n, int nb, const char* mode) {
+  if (spqr_plan_mode_is(mode, "0") || spqr_plan_mode_is(mode, "1"))
+    return mode[0] == '1' && nb <= 8;
+  if (nb > 8) return 0;
+  return nb <= SPQR_PLAN_TCV_SMALL_BATCH || m * n <= SPQR_PLAN_TCV_SMALL_WEIGHTS;
+}
+
+/* _kernels.tcg_wanted: spqr_tcg_* for one-kernel slices of nb <= 2 on large matrices;
+ * tcg (SPQR_TCG) "0": never, "1": whenever the one-kernel path is taken */
+static inline int spqr_plan_tcg_wanted(int64_t m, int64_t n, int nb, const char* tcv,
+                                       const char* tcg) {
+  if (spqr_plan_mode_is(tcg, "0") || nb > SPQR_PLAN_TCG_MAX_BATCH ||
+      !spqr_plan_tcv_wanted(m, n, nb, tcv))
+    return 0;
+  return spqr_plan_mode_is(tcg, "1") || m * n >= SPQR_PLAN_TCG_MIN_WEIGHTS;
+}
+
+/* _kernels.tcv_ks: log2 of the k-slices per row block of the one-kernel path (fewest waves x
+ * (chunks per warp + a warp's fixed cost), more slices on a tie); slots = resident blocks x
+ * multiprocessors; override (SPQR_TCV_KS) > 0 forces one */
+static inline int spqr_plan_tcv_ks(int64_t rb, int64_t nc, int64_t slots, int override) {
+  int best = 0;
+  int64_t best_cost = -1;
+  if (slots < 1) slots = 1;
+  for (int k = 0; (1 << k) <= SPQR_PLAN_WARPS && (1 << k) <= (nc > 1 ? nc : 1); ++k) {
+    const int64_t blocks = spqr_plan_cdiv(rb, SPQR_PLAN_WARPS >> k);
+    const int64_t cost =
+        spqr_plan_cdiv(blocks, slots) * (spqr_plan_cdiv(nc, 1 << k) + SPQR_PLAN_TCV_OVERHEAD);
+    if (best_cost < 0 || cost <= best_cost) {
+      best = k;
+      best_cost = cost;
+    }
+  }
+  if (override > 0) {
+    const int v = override < SPQR_PLAN_WARPS ? override : SPQR_PLAN_WARPS;
+    best = 0;
+    while ((2 << best) <= v) ++best;
+  }
+  return best;
+}
+
+/* _kernels.tc_finish_lanes: lanes per row of the outlier pass for x'^T pitch bp */
+static inline int spqr_plan_finish_lanes(int bp, int64_t m, int64_t entries, int sms) {
+  if (bp < 8)
+    return m >= SPQR_PLAN_QUAD_MIN_ROWS && entries <= SPQR_PLAN_QUAD_MAX_PER_ROW * m ? 8 : 32;
+  if (bp > 16) return 32;
+  for (int lanes = 4; lanes <= 8; lanes *= 2)
+    if (m * lanes >= (int64_t)32 * SPQR_PLAN_LANES_WARPS_PER_SM * sms) return lanes;
+  return 16;
+}
+
+/* _kernels.tc_splits with max_splits = _kernels.tc_max_splits(n, nt): the k-split whose grid
+ * fills the slots in whole waves best; override (SPQR_TC_SPLITS) > 0 forces one */
+static inline void spqr_plan_splits(int64_t rb, int64_t nc, int64_t n, int nt, int64_t slots,
+                                    int override, int* splits, int* per) {
+  const int64_t groups = spqr_plan_cdiv(rb, SPQR_PLAN_WARPS);
+  int64_t max_splits = n / (32 * 8 * nt);
+  if (max_splits < 1) max_splits = 1;
+  if (max_splits > 16) max_splits = 16;
+  if (slots < 1) slots = 1;
+  int64_t best = 1;
+  double best_eff = -1.0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    if (s > 1 && spqr_plan_cdiv(nc, s) < 4) break;
+    const int64_t p = spqr_plan_cdiv(nc, s), real = spqr_plan_cdiv(nc, p), total = groups * real;
+    const double eff = (double)total / (double)(spqr_plan_cdiv(total, slots) * slots);
+    if (eff > best_eff + 0.02) {
+      best = real;
+      best_eff = eff;
+    }
+  }
+  if (override > 0) best = override < nc ? override : nc;
+  if (best < 1) best = 1;
+  const int64_t p = spqr_plan_cdiv(nc, best);
+  *splits = (int)spqr_plan_cdiv(nc, p);
+  *per = (int)p;
+}
+
+#endif /* SPQR_TC_PLAN_H */
