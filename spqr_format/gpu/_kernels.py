@@ -1,8 +1,9 @@
 """Kernel selection and launch geometry for ``kernels/spqr_kernels.cu`` (no CuPy at import).
 
 This module is the single place that knows which specialisations exist; the compile test
-(``tests/test_kernels_compile.py``) compiles exactly :func:`all_kernel_names`, and
-``spqr_host.cu`` mirrors :func:`matvec_geometry` for C users.
+(``tests/test_kernels_compile.py``) compiles exactly :func:`all_kernel_names`. For C users,
+``spqr_host.cu`` mirrors :func:`matvec_geometry` and ``spqr_tc_plan.h`` the tensor-core plan
+(``tc_*``, ``tcv_*``, ``tcg_*`` below; ``tests/test_gpu_plan.py`` checks that the two agree).
 """
 
 from __future__ import annotations
@@ -269,8 +270,8 @@ def tcv_ks(rb: int, nc: int, sm_count: int, resident: int) -> int:
     """log2 of the k-slices per row block of ``spqr_tcv_*`` (KS in 1, 2, 4, 8 with at most
     ``TC_WARPS`` and at most ``nc``): the fewest (waves of blocks) x (chunks per warp plus a
     warp's fixed cost, ``TCV_WARP_OVERHEAD_CHUNKS``), more slices on a tie. H200, session 6:
-    the fastest k-slicing on 9 of 10 shapes from 1024x4096 to 57344x8192 at batch 1 (within
-    3 % on the tenth). Env SPQR_TCV_KS (1..8) overrides."""
+    the fastest k-slicing at batch 1 on all nine shapes measured (1024x4096 to 57344x8192),
+    within 3 % of the fastest at batch 4. Env SPQR_TCV_KS (1..8) overrides."""
     slots = max(1, resident * sm_count)
     best, best_cost = 0, None
     k = 0
@@ -378,7 +379,7 @@ TC_FINISH_LANES = int(os.environ.get("SPQR_TC_FINISH_LANES") or 0)
 
 def tc_finish_lanes(pitch: int, m: int, entries: int, sms: int) -> int:
     """Lanes per row of the finish kernel (its `lanes` argument): 8 (four rows per warp) or 32
-    for pitches up to 4; 4, 8 or 16 for pitch 8 and 16; 32 above. C: spqr_tc_host.cu."""
+    for pitches up to 4; 4, 8 or 16 for pitch 8 and 16; 32 above."""
     if pitch < 8:
         quad = m >= TC_QUAD_MIN_ROWS and entries <= TC_QUAD_MAX_PER_ROW * m
         return 8 if quad else 32
