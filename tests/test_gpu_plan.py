@@ -94,8 +94,8 @@ int main(void) {
       printf("%d\n", spqr_plan_tcg_wanted(m, n, i, md(a), md(b)));
     else if (!strcmp(op, "ks") && scanf("%lld %lld %lld %d", &x, &y, &z, &i) == 4)
       printf("%d\n", spqr_plan_tcv_ks(x, y, z, i));
-    else if (!strcmp(op, "lanes") && scanf("%d %lld %lld %d", &i, &m, &x, &j) == 4)
-      printf("%d\n", spqr_plan_finish_lanes(i, m, x, j));
+    else if (!strcmp(op, "lanes") && scanf("%d %lld %lld %d %d", &i, &m, &x, &j, &k) == 5)
+      printf("%d\n", spqr_plan_finish_lanes(i, m, x, j, k));
     else if (!strcmp(op, "splits") &&
              scanf("%lld %lld %lld %d %lld %d", &x, &y, &n, &i, &z, &j) == 6) {
       spqr_plan_splits(x, y, n, i, z, j, &j, &k);
@@ -164,10 +164,12 @@ def test_c_plan_picks_the_same_kernels_as_python(monkeypatch, c_plan):
                     want.append(f"{s} {p}")
         for sms in (1, 132, 1000):
             for ents in (0, m * n // 100, m * n):
-                for nb in range(1, K.TC_MAX_BATCH + 1):
-                    bp = K.tc_xt_pitch(nb)
-                    cases.append(f"lanes {bp} {m} {ents} {sms}")
-                    want.append(str(K.tc_finish_lanes(bp, m, ents, sms)))
+                for ov in (0, 4, 16, 5):
+                    monkeypatch.setattr(K, "TC_FINISH_LANES", ov)
+                    for nb in range(1, K.TC_MAX_BATCH + 1):
+                        bp = K.tc_xt_pitch(nb)
+                        cases.append(f"lanes {bp} {m} {ents} {sms} {ov}")
+                        want.append(str(K.tc_finish_lanes(bp, m, ents, sms)))
     for rb in (1, 5, 64, 200, 688, 1792, 3584, 10000):
         for nc in (1, 2, 5, 13, 26, 90, 400):
             for slots in (1, 100, 264, 1000):

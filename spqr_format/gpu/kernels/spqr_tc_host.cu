@@ -92,7 +92,7 @@ int tcv_ks(const spqr_tile* t, tcv_fn fn, int sms) {
 }
 
 int finish_lanes(int bp, int64_t m, int64_t entries, int sms) {
-  return spqr_plan_finish_lanes(bp, m, entries, sms);
+  return spqr_plan_finish_lanes(bp, m, entries, sms, env_int("SPQR_TC_FINISH_LANES"));
 }
 
 finish_fn pick_finish(int bp) {  // _kernels.tc_finish_name

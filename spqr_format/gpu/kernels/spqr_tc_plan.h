@@ -99,11 +99,14 @@ static inline int spqr_plan_tcv_ks(int64_t rb, int64_t nc, int64_t slots, int ov
   return best;
 }
 
-/* _kernels.tc_finish_lanes: lanes per row of the outlier pass for x'^T pitch bp */
-static inline int spqr_plan_finish_lanes(int bp, int64_t m, int64_t entries, int sms) {
+/* _kernels.tc_finish_lanes: lanes per row of the outlier pass for x'^T pitch bp; override
+ * (SPQR_TC_FINISH_LANES) 4, 8, 16 or 32 forces one for pitch 8 and 16 */
+static inline int spqr_plan_finish_lanes(int bp, int64_t m, int64_t entries, int sms,
+                                         int override) {
   if (bp < 8)
     return m >= SPQR_PLAN_QUAD_MIN_ROWS && entries <= SPQR_PLAN_QUAD_MAX_PER_ROW * m ? 8 : 32;
   if (bp > 16) return 32;
+  if (override == 4 || override == 8 || override == 16 || override == 32) return override;
   for (int lanes = 4; lanes <= 8; lanes *= 2)
     if (m * lanes >= (int64_t)32 * SPQR_PLAN_LANES_WARPS_PER_SM * sms) return lanes;
   return 16;
