@@ -166,7 +166,9 @@ def _bound_tc(t, w32: np.ndarray, xs: np.ndarray) -> np.ndarray:
 
     Each weight enters the tensor cores as a = fl16(q * s~ + fl16(s~ * (-z~))) with s~, z~ the
     f16 results of one fused multiply-add each: |a - w| <= 5 * 2^-11 * |s|(|q| + |z|) (first
-    order) plus f16-subnormal rounding, <= 2^-20 in absolute terms. Outliers add
+    order) plus f16-subnormal rounding, <= 2^-20 in absolute terms (spqr_tcg_* multiplies the
+    exact q and applies s~, z~ in f32, with the group sums of x in f32: within the same bound).
+    Outliers add
     fl16(o - w) * x: relative error 2^-11 of |o - w|. The f32 sums (tensor-core accumulation
     over n / 16 tiles, k-split partial sums, outlier sum) are bounded as in :func:`_bound` with a
     chain length below n / 8 + 96 (the tensor cores' f32 accumulation is not guaranteed to round
