@@ -578,8 +578,9 @@ class GpuTensor:
 
     def _tc_matmul(self, x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr) -> None:
         """Tensor-core path, per slice of 64 batch columns: prepare the x' fragments, then for
-        <= 8 columns one kernel (spqr_tcv_*: product, outlier corrections, rounding), else the
-        k-split tile kernel and the finish kernel (split sums, outlier corrections, rounding)."""
+        <= 8 columns one kernel (spqr_tcv_*, or spqr_tcg_* for <= 2 on large matrices: product,
+        outlier corrections, rounding), else the k-split tile kernel and the finish kernel
+        (split sums, outlier corrections, rounding)."""
         tc = self.tc
         m, n = self.shape
         m16 = 16 * tc.RB

@@ -398,9 +398,6 @@ struct GRounds<B, SB, R, R, SLABS, SWL> {
                                              const uint2*, const float2*, int, u32) {}
 };
 
-#ifndef SPQR_TC_LOADPOS
-#define SPQR_TC_LOADPOS 0
-#endif
 template <int B, int SB, int NT>
 __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
                                           const u32* __restrict__ stats,
@@ -453,23 +450,19 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
   for (int c = c0; c < c1; c += 2) {
     cp_async_wait_all();
     __syncthreads();
-    if (SPQR_TC_LOADPOS && active)
-      tc_round<B, SB, NT, false, 0, SLABS, SWL>(sa, acc, xs0, lane, true, magic);
     if (c + 1 < c1) {
       copy_x(1, c + 1);
       stream.load(sb);
     }
-    if (active) Rounds<B, SB, NT, false, SPQR_TC_LOADPOS, R, SLABS, SWL>::run(sa, acc, xs0, lane, true, magic);
+    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sa, acc, xs0, lane, true, magic);
     if (c + 1 >= c1) break;
     cp_async_wait_all();
     __syncthreads();
-    if (SPQR_TC_LOADPOS && active)
-      tc_round<B, SB, NT, false, 0, SLABS, SWL>(sb, acc, xs1, lane, true, magic);
     if (c + 2 < c1) {
       copy_x(0, c + 2);
       stream.load(sa);
     }
-    if (active) Rounds<B, SB, NT, false, SPQR_TC_LOADPOS, R, SLABS, SWL>::run(sb, acc, xs1, lane, true, magic);
+    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sb, acc, xs1, lane, true, magic);
   }
   if (!active) return;
   if (NA == 2) {  // the odd k-steps' sums onto the even ones' (fixed order: deterministic)

@@ -197,8 +197,7 @@ extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, vo
     const int64_t xbytes = 16 * cdiv(t->n * bp * 2, 16);
     const bool smem_x = t->orows != NULL && nb <= 8 && xbytes <= FINISH_SMEM_MAX;
     const int lanes = finish_lanes(bp, t->m, t->outlier_entries, sms);
-    // rows per block: _kernels.tc_finish_rows_per_block
-    const int64_t rows_grid = cdiv(t->m, 256 / lanes);
+    const int64_t rows_grid = cdiv(t->m, 256 / lanes);  // 8 warps of 32 / lanes rows each
     finish_fn fin = pick_finish(bp);
     int64_t grid = rows_grid;
     int smem = 0;
