@@ -28,10 +28,13 @@ Definitions (``B`` code bits, ``SB`` statistics bits, fast path only for ``group
   pairs per lane fill whole 16-byte loads: 2 (B=2), 5 (B=3), 1 (B=4); ``NC`` chunks cover the
   columns (padded with code 0; the kernel multiplies padded columns by x = 0), ``KT = NC * MPC``.
 * ``codes``: u32 ``[RB, NC, SLABS, 32, 4]``, ``SLABS = 4R / pair_slots(B)``: lane ``l`` of the
-  warp that owns block ``rb`` reads slab ``s`` of chunk ``c`` as one 16-byte load; its pair
-  ``P = 16 rho + 4u + r`` (round ``rho``, mma ``u``, register ``r``) is slot ``P % pair_slots(B)``
-  of word ``P // pair_slots(B)`` (word ``4s + k`` is component ``k`` of slab ``s``): first column
-  in the low half, second in the high half.
+  warp that owns block ``rb`` reads slab ``s`` of chunk ``c`` as one 16-byte load (word
+  ``4s + k`` is component ``k`` of slab ``s``). Its pair for k-step ``mu = 4 rho + u`` (round
+  ``rho``, mma ``u``) and register ``r`` is slot ``mu // SLABS`` of word ``4 (mu % SLABS) + r``
+  (:func:`pair_position`): first column in the low half, second in the high half. All four
+  registers of an mma thus read one slot, at one bit offset, which lets ``spqr_tcg_*`` feed
+  the masked field itself (an f16 subnormal ``code * 2^(p - 24)``) to the tensor cores and undo
+  the power of two once per mma in f32.
 * ``stats``: u32 ``[RB, NC, 32, SWL]``: lane ``l``'s (scale code, zero code) pairs for
   ``Q = 2 rho + h`` (round ``rho``, row ``8h + g`` of group ``4 rho + t``) in slot
   ``Q % pair_slots(SB)`` of word ``Q // pair_slots(SB)``; ``SWL`` (1, 2 or 4) words.
@@ -71,6 +74,13 @@ def rounds_per_chunk(bits: int) -> int:
     while (16 * r) % (4 * ppw):
         r += 1
     return r
+
+
+def pair_position(bits: int, mu: int, r: int) -> tuple[int, int]:
+    """(word, slot) of the code pair that register ``r`` of k-step ``mu`` (``4 rho + u``) of a
+    chunk reads."""
+    slabs = 4 * rounds_per_chunk(bits) // pair_slots(bits)
+    return 4 * (mu % slabs) + r, mu // slabs
 
 
 def geometry(m: int, n: int, bits: int, stats_bits: int) -> dict:
@@ -156,7 +166,9 @@ def repack_codes(xp, codes_words, m: int, n: int, bits: int, rows_per_step: int 
         nrb = rows // TILE
         # (rb, h, g, c, rho, t, u, hi, e) -> (rb, c, g, t, rho, u, hi, h, e)
         a = qp.reshape(nrb, 2, 8, nc, r, 4, 4, 2, 2).transpose(0, 3, 2, 5, 4, 6, 7, 1, 8)
-        a = a.reshape(nrb, nc, 32, 16 * r // ppw, ppw, 2)  # pairs P -> (word, slot)
+        # pair P = 4 mu + reg, mu = slot * slabs + s -> word 4 s + reg, slot (pair_position)
+        a = a.reshape(nrb, nc, 32, ppw, slabs, 4, 2).transpose(0, 1, 2, 4, 5, 3, 6)
+        a = a.reshape(nrb, nc, 32, 4 * slabs, ppw, 2)
         words = _pack_slots(xp, a, bits)  # [nrb, nc, 32, 4 * slabs]
         words = words.reshape(nrb, nc, 32, slabs, 4).transpose(0, 1, 3, 2, 4)
         out[r0 // TILE : r0 // TILE + nrb] = words
@@ -271,7 +283,7 @@ def emulate_dense(codes_tl, stats_tl, stats2_tl, m: int, n: int, bits: int, stat
     shift) and doing its f16 arithmetic (each op rounded to f16). CPU only; for tests."""
     geo = geometry(m, n, bits, stats_bits)
     rb_total, nc, r, slabs, swl, mpc = (geo[k] for k in ("RB", "NC", "R", "SLABS", "SWL", "MPC"))
-    ppw, spw = pair_slots(bits), pair_slots(stats_bits)
+    spw = pair_slots(stats_bits)
     W = np.zeros((rb_total * TILE, geo["KT"] * TILE), dtype=np.float16)
 
     def field(word, slot, nb):
@@ -308,8 +320,8 @@ def emulate_dense(codes_tl, stats_tl, stats2_tl, m: int, n: int, bits: int, stat
                 for u in range(4):
                     for reg in range(4):
                         h, hi = reg & 1, reg >> 1
-                        pidx = 16 * rho + 4 * u + reg
-                        q0, q1 = field(words[lanes, pidx // ppw], pidx % ppw, bits)
+                        wi, slot = pair_position(bits, 4 * rho + u, reg)
+                        q0, q1 = field(words[lanes, wi], slot, bits)
                         row = rb * TILE + 8 * h + g
                         col = grp * TILE + 4 * u + 2 * hi
                         W[row, col] = _f16(q0 * S[h] + Bz[h])

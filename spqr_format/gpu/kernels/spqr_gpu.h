@@ -163,7 +163,8 @@
  * spqr_tcg_b{B}_s{SB}(tl_codes, tl_stats, tl_stats2, xfrag, xsum, orows, tl_oents, xt, bp, RB,
  *                     NC, ks_log2, m, nb, y, ldy, out_dtype)                  (nb <= 2, NT = 1)
  *   As spqr_tcv_*, with xfrag and xsum from spqr_tc_prepare_x with diag = 1: each mma
- *   multiplies the exact codes, each group's sums land in their own mma column and are
+ *   multiplies the codes (B = 3, 4: as f16 subnormals q * 2^(o-24), o the field's bit
+ *   offset; B = 2: exact integers), each group's sums land in their own mma column and are
  *   scaled in f32 (s * (sum q x' - z * sum x')), so the weights are not rounded to f16.
  *   spqr_tc_matmul keeps xsum in the partial-sums region of the workspace.
  *

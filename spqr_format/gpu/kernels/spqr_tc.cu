@@ -27,8 +27,9 @@
 // rounded to f16 after f16 arithmetic on its statistics, so |a - w| <= 5 * 2^-11 * |s|(|q| +
 // |z|) plus f16-subnormal terms; accumulation is f32. This is the accuracy of dequantizing to
 // f16 and calling an f16 GEMM with f32 accumulation, which is what inference does anyway
-// (spqr_tcg_*: the same f16 statistics, no rounding of the weight itself, f32 scaling: within
-// the same bound). The bit-exact decode (SPEC section 7) is spqr_kernels.cu's dequantizer.
+// (spqr_tcg_*: the same f16 statistics, no rounding of the weight itself, f32 scaling; codes
+// as f16 subnormals cost at most 2^-15.8 sum|x'| per group in code units, see tcg_round). The
+// bit-exact decode (SPEC section 7) is spqr_kernels.cu's dequantizer.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -134,6 +135,20 @@ __device__ __forceinline__ u32 pair_exact(u32 w, u32 ws, u32 magic) {
   const u32 v = and_or<M>(src, magic);  // 1024 + field * 2^P, exactly
   // v * 2^-P - 1024 * 2^-P = field, exactly (power-of-two scaling, integer result)
   return hfma2(v, h2_pow2(-P), h2_neg_pow2(10 - P));
+}
+
+// Bit offset (within each 16-bit half) of slot I's field after the slot's shift, if any.
+template <int NB, int I>
+__host__ __device__ constexpr int slot_offset() {
+  return (I < 10 / NB ? I : I - 10 / NB) * NB;
+}
+
+// Pair slot I as f16 subnormals: the masked field alone, read as f16x2, is (field_lo,
+// field_hi) * 2^(slot_offset - 24), exactly (the field lies inside the 10 mantissa bits).
+template <int NB, int I>
+__device__ __forceinline__ u32 pair_subnormal(u32 w, u32 ws) {
+  constexpr u32 M = (((1u << NB) - 1u) << slot_offset<NB, I>()) * 0x10001u;
+  return (I < 10 / NB ? w : ws) & M;
 }
 
 template <int NB>
@@ -244,6 +259,22 @@ struct ChunkStream {
   }
 };
 
+// Where register RG of k-step MU (= 4 round + mma) of a chunk finds its code pair
+// (tile_layout.pair_position): slot MU / SLABS of word 4 (MU % SLABS) + RG. The four registers
+// of one mma share a slot, so they share its bit offset (tcg_round relies on this).
+template <int B>
+__host__ __device__ constexpr int chunk_slabs() {
+  return 4 * rounds_per_chunk<B>() / pair_slots<B>();
+}
+template <int B, int MU, int RG>
+__host__ __device__ constexpr int pair_word() {
+  return 4 * (MU % chunk_slabs<B>()) + RG;
+}
+template <int B, int MU>
+__host__ __device__ constexpr int pair_slot() {
+  return MU / chunk_slabs<B>();
+}
+
 // Word W of a stage's code words, as a compile-time index.
 template <int W, int SLABS>
 __device__ __forceinline__ u32 code_word(const uint4 (&cw)[SLABS]) {
@@ -251,12 +282,12 @@ __device__ __forceinline__ u32 code_word(const uint4 (&cw)[SLABS]) {
   return (W % 4) == 0 ? v.x : (W % 4) == 1 ? v.y : (W % 4) == 2 ? v.z : v.w;
 }
 
-// A-fragment register for pair P of the chunk: exact codes, then fma with the row's (S, Bz).
-template <int B, int P, int SLABS>
+// A-fragment register RG of k-step MU of the chunk: exact codes, then fma with the row's
+// (S, Bz).
+template <int B, int MU, int RG, int SLABS>
 __device__ __forceinline__ u32 a_reg(const uint4 (&cw)[SLABS], u32 S, u32 Bz, u32 magic) {
-  constexpr int PPW = pair_slots<B>();
-  const u32 w = code_word<P / PPW, SLABS>(cw);
-  return hfma2(pair_exact<B, P % PPW>(w, shifted<B>(w), magic), S, Bz);
+  const u32 w = code_word<pair_word<B, MU, RG>(), SLABS>(cw);
+  return hfma2(pair_exact<B, pair_slot<B, MU>()>(w, shifted<B>(w), magic), S, Bz);
 }
 
 // (s, -z) as f16x2 of rows g (sz0) and g + 8 (sz1) of the lane's group 4 RHO + t in round RHO
@@ -293,13 +324,13 @@ __device__ __forceinline__ void tc_round(const Stage<SLABS, SWL>& st,
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
     u32 a[4];
-    // P = 16 RHO + 4u + r; r = h + 2 hi (h = row half: g or g + 8)
-#define SPQR_TC_A(U)                                                   \
-  if (u == U) {                                                        \
-    a[0] = a_reg<B, 16 * RHO + 4 * U + 0, SLABS>(st.cw, S0, B0, magic); \
-    a[1] = a_reg<B, 16 * RHO + 4 * U + 1, SLABS>(st.cw, S1, B1, magic); \
-    a[2] = a_reg<B, 16 * RHO + 4 * U + 2, SLABS>(st.cw, S0, B0, magic); \
-    a[3] = a_reg<B, 16 * RHO + 4 * U + 3, SLABS>(st.cw, S1, B1, magic); \
+    // register r = h + 2 hi (h = row half: g or g + 8)
+#define SPQR_TC_A(U)                                                  \
+  if (u == U) {                                                       \
+    a[0] = a_reg<B, 4 * RHO + U, 0, SLABS>(st.cw, S0, B0, magic);     \
+    a[1] = a_reg<B, 4 * RHO + U, 1, SLABS>(st.cw, S1, B1, magic);     \
+    a[2] = a_reg<B, 4 * RHO + U, 2, SLABS>(st.cw, S0, B0, magic);     \
+    a[3] = a_reg<B, 4 * RHO + U, 3, SLABS>(st.cw, S1, B1, magic);     \
   }
     SPQR_TC_A(0)
     SPQR_TC_A(1)
@@ -335,52 +366,106 @@ struct Rounds<B, SB, NT, WX, R, R, SLABS, SWL> {
                                              const uint2*, int, bool, u32) {}
 };
 
-// Group-separated round (batch <= 2, spqr_tcg_*): the A fragments are the exact codes q, not
-// yet scaled; the B fragments (spqr_tc_prepare_x with diag = 1) put batch column c of the
-// round's group t into mma column n = 2t + c, so after the round's 4 mma (fresh accumulators)
-// lane (g, t) holds, for rows g and g + 8 and batch columns 0 and 1, the sums over its own
-// group of q * x'. They are scaled in f32 with the group's x' sums X (f32, prepare_x):
+// Group-separated rounds (batch <= 2, spqr_tcg_*). The field offset of k-step MU's slot, and
+// the accumulator class of mma U of round RHO: the first mma of the round whose slot has the
+// same offset (its fragments carry the same power of two in tcg_round's subnormal form).
+template <int B>
+__host__ __device__ constexpr int mu_offset(int mu) {
+  return (mu / chunk_slabs<B>() < 10 / B ? mu / chunk_slabs<B>()
+                                         : mu / chunk_slabs<B>() - 10 / B) * B;
+}
+template <int B>
+__host__ __device__ constexpr int tcg_class(int rho, int u) {
+  int c = u;
+  for (int v = u - 1; v >= 0; --v)
+    if (mu_offset<B>(4 * rho + v) == mu_offset<B>(4 * rho + u)) c = v;
+  return c;
+}
+// Subnormal form when every round needs at most 2 accumulator classes: B = 3 (one slot per
+// round: 1 class), B = 4 (offsets 0, 4, 0, 4: 2 classes). B = 2 (4 offsets per round) keeps
+// the exact-integer form (pair_exact, 1 class).
+template <int B>
+__host__ __device__ constexpr bool tcg_subnormal() {
+  for (int rho = 0; rho < rounds_per_chunk<B>(); ++rho) {
+    int n = 0;
+    for (int u = 0; u < 4; ++u) n += tcg_class<B>(rho, u) == u;
+    if (n > 2) return false;
+  }
+  return true;
+}
+
+// mma U of round RHO: A = the codes of k-step 4 RHO + U, as f16 subnormals (code * 2^(o - 24),
+// o = mu_offset: one LOP3 per register) or exact integers (pair_exact), into accumulator set
+// tcg_class (0 for the integer form).
+template <int B, int RHO, int U, int SLABS>
+__device__ __forceinline__ void tcg_mma(const uint4 (&cw)[SLABS], float (&d)[4][4],
+                                        const uint2* xs_chunk, int lane, u32 magic) {
+  constexpr int MU = 4 * RHO + U, SL = pair_slot<B, MU>();
+  constexpr bool SUB = tcg_subnormal<B>();
+  u32 a[4];
+#define SPQR_TCG_A(RG)                                                              \
+  {                                                                                 \
+    const u32 w = code_word<pair_word<B, MU, RG>(), SLABS>(cw);                     \
+    a[RG] = SUB ? pair_subnormal<B, SL>(w, shifted<B>(w))                           \
+                : pair_exact<B, SL>(w, shifted<B>(w), magic);                       \
+  }
+  SPQR_TCG_A(0) SPQR_TCG_A(1) SPQR_TCG_A(2) SPQR_TCG_A(3)
+#undef SPQR_TCG_A
+  const uint2 bf = ld_nc2(xs_chunk + MU * 32 + lane);
+  mma16816(d[SUB ? tcg_class<B>(RHO, U) : 0], a, bf.x, bf.y);
+}
+
+// 2^(24 - o) for accumulator class U of round RHO in the subnormal form (1 otherwise).
+template <int B, int RHO, int U>
+__host__ __device__ constexpr float tcg_unscale() {
+  return tcg_subnormal<B>() ? (float)(1u << (24 - mu_offset<B>(4 * RHO + U))) : 1.f;
+}
+
+// One group-separated round: the B fragments (spqr_tc_prepare_x with diag = 1) put batch
+// column c of the round's group t into mma column n = 2t + c, so after the round's 4 mma
+// (fresh accumulators) lane (g, t) holds, for rows g and g + 8 and batch columns 0 and 1, the
+// sums over its own group of q * x' (times 2^(o - 24) per accumulator class in the subnormal
+// form: undone exactly in f32). They are scaled in f32 with the group's x' sums X (f32,
+// prepare_x):
 //   y += s * (D - z * X)
-// Per weight pair this saves the f16x2 FMA that applies (s, -z s), and the weight is never
-// rounded to f16 (s and z are the f16 statistics values of tc_round).
+// Per weight pair this saves the f16x2 FMA that applies (s, -z s) (and, in the subnormal
+// form, the exact FMA that makes the integer), and the weight is never rounded to f16 (s and
+// z are the f16 statistics values of tc_round). Subnormal inputs cost the tensor cores some
+// accumulation precision (they align them at the exponent of 2^-14, so a field at offset o
+// keeps 10 - B - o bits fewer): measured on H200, at most 2^-15.8 sum|x'| per group in code
+// units, against 2^-22 for the integer form (tests/test_gpu_kernels.py's bound counts it).
 template <int B, int SB, int RHO, int SLABS, int SWL>
 __device__ __forceinline__ void tcg_round(const Stage<SLABS, SWL>& st, float (&y)[4],
                                           const uint2* xs_chunk, const float2* xsum_chunk,
                                           int lane, u32 magic) {
-  constexpr int PPW = pair_slots<B>();
   u32 sz0, sz1;  // (s, -z) of rows g and g + 8 of the lane's group
   round_stats<SB, RHO>(st, lane, magic, sz0, sz1);
-  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  float d[4][4];
 #pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    u32 a[4];
-#define SPQR_TCG_A(U, R)                                                  \
-  {                                                                       \
-    constexpr int P = 16 * RHO + 4 * U + R;                               \
-    const u32 w = code_word<P / PPW, SLABS>(st.cw);                       \
-    a[R] = pair_exact<B, P % PPW>(w, shifted<B>(w), magic);               \
-  }
-#define SPQR_TCG_U(U)                                                     \
-  if (u == U) {                                                           \
-    SPQR_TCG_A(U, 0) SPQR_TCG_A(U, 1) SPQR_TCG_A(U, 2) SPQR_TCG_A(U, 3)   \
-  }
-    SPQR_TCG_U(0)
-    SPQR_TCG_U(1)
-    SPQR_TCG_U(2)
-    SPQR_TCG_U(3)
-#undef SPQR_TCG_U
-#undef SPQR_TCG_A
-    const uint2 bf = ld_nc2(xs_chunk + (4 * RHO + u) * 32 + lane);
-    mma16816(d, a, bf.x, bf.y);
+  for (int k = 0; k < 4; ++k) d[k][0] = d[k][1] = d[k][2] = d[k][3] = 0.f;
+  tcg_mma<B, RHO, 0, SLABS>(st.cw, d, xs_chunk, lane, magic);
+  tcg_mma<B, RHO, 1, SLABS>(st.cw, d, xs_chunk, lane, magic);
+  tcg_mma<B, RHO, 2, SLABS>(st.cw, d, xs_chunk, lane, magic);
+  tcg_mma<B, RHO, 3, SLABS>(st.cw, d, xs_chunk, lane, magic);
+  float D[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    D[j] = tcg_subnormal<B>() ? d[0][j] * tcg_unscale<B, RHO, 0>() : d[0][j];
+    if (tcg_subnormal<B>() && tcg_class<B>(RHO, 1) == 1)
+      D[j] = fmaf(d[1][j], tcg_unscale<B, RHO, 1>(), D[j]);
+    if (tcg_subnormal<B>() && tcg_class<B>(RHO, 2) == 2)
+      D[j] = fmaf(d[2][j], tcg_unscale<B, RHO, 2>(), D[j]);
+    if (tcg_subnormal<B>() && tcg_class<B>(RHO, 3) == 3)
+      D[j] = fmaf(d[3][j], tcg_unscale<B, RHO, 3>(), D[j]);
   }
   const float2 X = xsum_chunk[4 * RHO + (lane & 3)];
   const float s0 = f16_to_f32(sz0), nz0 = f16_to_f32(sz0 >> 16);
   const float s1 = f16_to_f32(sz1), nz1 = f16_to_f32(sz1 >> 16);
-  // d[0], d[1]: row g, batch columns 0, 1; d[2], d[3]: row g + 8
-  y[0] = fmaf(s0, fmaf(nz0, X.x, d[0]), y[0]);
-  y[1] = fmaf(s0, fmaf(nz0, X.y, d[1]), y[1]);
-  y[2] = fmaf(s1, fmaf(nz1, X.x, d[2]), y[2]);
-  y[3] = fmaf(s1, fmaf(nz1, X.y, d[3]), y[3]);
+  // D[0], D[1]: row g, batch columns 0, 1; D[2], D[3]: row g + 8
+  y[0] = fmaf(s0, fmaf(nz0, X.x, D[0]), y[0]);
+  y[1] = fmaf(s0, fmaf(nz0, X.y, D[1]), y[1]);
+  y[2] = fmaf(s1, fmaf(nz1, X.x, D[2]), y[2]);
+  y[3] = fmaf(s1, fmaf(nz1, X.y, D[3]), y[3]);
 }
 
 template <int B, int SB, int RHO, int R, int SLABS, int SWL>

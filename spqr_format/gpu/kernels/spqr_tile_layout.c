@@ -123,8 +123,9 @@ int spqr_tile_repack(const spqr_bilevel *t, uint32_t *tl_codes, uint32_t *tl_sta
             const int g = lane >> 2, tt = lane & 3;
             uint32_t word = 0;
             for (int i = 0; i < ppw; ++i) {
-              const int P = (int)(s * 4 + k) * ppw + i;
-              const int rho = P / 16, u = (P % 16) / 4, r = P % 4, h = r & 1, hi = r >> 1;
+              /* word 4s + k, slot i: k-step mu = i * SLABS + s, register k (pair_position) */
+              const int mu = i * (int)d.SLABS + (int)s;
+              const int rho = mu / 4, u = mu % 4, r = k, h = r & 1, hi = r >> 1;
               const int64_t row = rb * 16 + 8 * h + g;
               const int64_t grp = c * d.MPC + 4 * rho + tt;
               for (int e = 0; e < 2; ++e) {
