@@ -111,9 +111,9 @@ def _upload(a: np.ndarray | None, dtype) -> cp.ndarray | None:
 class TileLayout:
     """Device arrays of the GPU tile layout (see :mod:`spqr_format.gpu.tile_layout`)."""
 
-    codes: cp.ndarray  # u32 [RB, NC, SLABS, 32, 4]
-    stats: cp.ndarray  # u32 [RB, NC, 32, SWL]
-    stats2: cp.ndarray  # u32 [RB, KT, 2]
+    codes: cp.ndarray  # u32 [NC, RB, SLABS, 32, 4] (chunk-major)
+    stats: cp.ndarray  # u32 [NC, RB, 32, SWL]
+    stats2: cp.ndarray  # u32 [NC, RB, MPC, 2]
     outlier_entries: cp.ndarray | None  # u32 [E], values f16(o - w)
     RB: int
     NC: int

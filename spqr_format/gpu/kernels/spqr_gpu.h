@@ -130,10 +130,10 @@
  * R rounds (R = 2, 5, 1 for B = 2, 3, 4; MPC = 4R groups), RB = ceil(m/16) row blocks,
  * NC = ceil(ceil(n/16) / MPC) chunks, KT = NC*MPC groups, M16 = 16*RB, SLABS = 4R/PPW,
  * SWL = 1, 2 or 4 statistics words per lane and chunk.  tile_layout.py's module docstring
- * defines the arrays exactly:
- *   tl_codes  u32 [RB][NC][SLABS][32 lanes][4]   one 16-byte load per lane and slab
- *   tl_stats  u32 [RB][NC][32 lanes][SWL]        (scale code, zero code) pairs, rows g, g+8
- *   tl_stats2 u32 [RB][KT][2]                    f16 pairs (sstep, -zstep), (sbase, -zbase)
+ * defines the arrays exactly (chunk-major):
+ *   tl_codes  u32 [NC][RB][SLABS][32 lanes][4]   one 16-byte load per lane and slab
+ *   tl_stats  u32 [NC][RB][32 lanes][SWL]        (scale code, zero code) pairs, rows g, g+8
+ *   tl_stats2 u32 [NC][RB][MPC][2]               f16 pairs (sstep, -zstep), (sbase, -zbase)
  *   tl_oents  u32 [E]                            the file's entries, values f16(o - w)
  * plus the file's outlier_rows and perm.
  *

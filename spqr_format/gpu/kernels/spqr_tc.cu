@@ -233,8 +233,9 @@ struct TileGeo {
   static_assert(SLABS * PPW == 4 * R, "code words fill whole slabs");
 };
 
-// One warp's walk over chunks c0, c0 + step, ... of row block rb: each load() fills a Stage with
-// the next chunk's code words, statistics words and stats2 records (lane j < MPC: group j's).
+// One warp's walk over chunks c0, c0 + step, ... of row block rb (of RB; the arrays are
+// chunk-major): each load() fills a Stage with the next chunk's code words, statistics words
+// and stats2 records (lane j < MPC: group j's).
 template <int B, int SB>
 struct ChunkStream {
   using G = TileGeo<B, SB>;
@@ -243,11 +244,11 @@ struct ChunkStream {
   const uint2* s2ptr;
   i64 step;
   __device__ __forceinline__ ChunkStream(const uint4* codes, const u32* stats, const uint2* stats2,
-                                         int rb, int NC, int c0, int step_, int lane)
-      : cptr(codes + ((i64)rb * NC + c0) * G::SLABS * 32 + lane),
-        sptr(stats + (((i64)rb * NC + c0) * 32 + lane) * G::SWL),
-        s2ptr(stats2 + ((i64)rb * NC + c0) * G::MPC + (lane < G::MPC ? lane : 0)),
-        step(step_) {}
+                                         int rb, int RB, int c0, int step_, int lane)
+      : cptr(codes + ((i64)c0 * RB + rb) * G::SLABS * 32 + lane),
+        sptr(stats + (((i64)c0 * RB + rb) * 32 + lane) * G::SWL),
+        s2ptr(stats2 + ((i64)c0 * RB + rb) * G::MPC + (lane < G::MPC ? lane : 0)),
+        step((i64)step_ * RB) {}
   __device__ __forceinline__ void load(Stage<G::SLABS, G::SWL>& st) {
 #pragma unroll
     for (int k = 0; k < G::SLABS; ++k) st.cw[k] = ld_stream(cptr + k * 32);
@@ -516,7 +517,7 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
   for (int j = 0; j < NA * NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   const u32 magic = magic_reg();
 
-  ChunkStream<B, SB> stream(codes, stats, stats2, rbc, NC, c0, 1, lane);
+  ChunkStream<B, SB> stream(codes, stats, stats2, rbc, RB, c0, 1, lane);
   auto copy_x = [&](int buf, int c) {  // chunk c's B fragments into xs[buf]
     constexpr int UNITS = NT * MPC * 16;  // 16-byte units: NT segments of MPC * 256 bytes
     for (int u = threadIdx.x; u < UNITS; u += 32 * SPQR_TC_WARPS) {
@@ -837,7 +838,7 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
   for (int j = 0; j < NA; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   const u32 magic = magic_reg();
 
-  ChunkStream<B, SB> stream(codes, stats, stats2, rbc, NC, kq, KS, lane);
+  ChunkStream<B, SB> stream(codes, stats, stats2, rbc, RB, kq, KS, lane);
   const uint2* xg = xfrag + (i64)kq * MPC * 32;  // the x' fragments of the chunk computed next
   const float2* xsg = xsum + (i64)kq * MPC;        // GS: its groups' x' sums
   float yg[4] = {0.f, 0.f, 0.f, 0.f};              // GS: rows g, g + 8 x batch columns 0, 1

@@ -114,9 +114,9 @@ int spqr_tile_repack(const spqr_bilevel *t, uint32_t *tl_codes, uint32_t *tl_sta
     if (!(smax * (qmax + zmax) < SPQR_TILE_F16_SAFE && zmax < SPQR_TILE_F16_SAFE)) return 0;
   }
 
-  /* codes [RB][NC][SLABS][32][4] */
-  for (int64_t rb = 0; rb < d.RB; ++rb)
-    for (int64_t c = 0; c < d.NC; ++c)
+  /* codes [NC][RB][SLABS][32][4] (chunk-major) */
+  for (int64_t c = 0; c < d.NC; ++c)
+    for (int64_t rb = 0; rb < d.RB; ++rb)
       for (int64_t s = 0; s < d.SLABS; ++s)
         for (int lane = 0; lane < 32; ++lane)
           for (int k = 0; k < 4; ++k) {
@@ -134,12 +134,12 @@ int spqr_tile_repack(const spqr_bilevel *t, uint32_t *tl_codes, uint32_t *tl_sta
                   word |= field(t->codes + row * crw, crw, col, B) << (i * B + 16 * e);
               }
             }
-            tl_codes[(((rb * d.NC + c) * d.SLABS + s) * 32 + lane) * 4 + k] = word;
+            tl_codes[(((c * d.RB + rb) * d.SLABS + s) * 32 + lane) * 4 + k] = word;
           }
 
-  /* stats [RB][NC][32][SWL] */
-  for (int64_t rb = 0; rb < d.RB; ++rb)
-    for (int64_t c = 0; c < d.NC; ++c)
+  /* stats [NC][RB][32][SWL] */
+  for (int64_t c = 0; c < d.NC; ++c)
+    for (int64_t rb = 0; rb < d.RB; ++rb)
       for (int lane = 0; lane < 32; ++lane)
         for (int w = 0; w < d.SWL; ++w) {
           const int g = lane >> 2, tt = lane & 3;
@@ -154,10 +154,10 @@ int spqr_tile_repack(const spqr_bilevel *t, uint32_t *tl_codes, uint32_t *tl_sta
             word |= field(sr, srw, 2 * grp, SB) << (i * SB);
             word |= field(sr, srw, 2 * grp + 1, SB) << (i * SB + 16);
           }
-          tl_stats[((rb * d.NC + c) * 32 + lane) * d.SWL + w] = word;
+          tl_stats[((c * d.RB + rb) * 32 + lane) * d.SWL + w] = word;
         }
 
-  /* stats2 [RB][KT][2]: (sstep, -zstep), (sbase, -zbase) */
+  /* stats2 [NC][RB][MPC][2]: (sstep, -zstep), (sbase, -zbase) of group k = c * MPC + j */
   for (int64_t rb = 0; rb < d.RB; ++rb) {
     int64_t tile = (rb * 16) / S;
     if (tile > T - 1) tile = T - 1;
@@ -168,8 +168,9 @@ int spqr_tile_repack(const spqr_bilevel *t, uint32_t *tl_codes, uint32_t *tl_sta
         w0 = rec[0] | ((uint32_t)(rec[2] ^ 0x8000u) << 16);
         w1 = rec[1] | ((uint32_t)(rec[3] ^ 0x8000u) << 16);
       }
-      tl_stats2[(rb * d.KT + k) * 2] = w0;
-      tl_stats2[(rb * d.KT + k) * 2 + 1] = w1;
+      const int64_t at = ((k / d.MPC) * d.RB + rb) * d.MPC + k % d.MPC;
+      tl_stats2[at * 2] = w0;
+      tl_stats2[at * 2 + 1] = w1;
     }
   }
 
