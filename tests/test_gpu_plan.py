@@ -135,7 +135,19 @@ def c_plan(tmp_path_factory):
     return run
 
 
-PLAN_SHAPES = [*SHAPES, (8192, 8192), (14336, 4096), (57344, 8192), (1, 1), (16, 70000)]
+PLAN_SHAPES = [
+    *SHAPES,
+    (8192, 8192),
+    (14336, 4096),
+    (57344, 8192),
+    (1, 1),
+    (16, 70000),
+    (5120, 5120),
+    (5120, 5119),
+    (5119, 8192),
+    (4096, 32768),
+    (4096, 32769),
+]
 
 
 def test_c_plan_picks_the_same_kernels_as_python(monkeypatch, c_plan):

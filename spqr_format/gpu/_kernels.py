@@ -215,9 +215,11 @@ def tcg_name(bits: int, stats_bits: int) -> str:
 TCV_SMEM = TC_WARPS * (4 * 32 + 16 * 8) * 4  # static shared memory of spqr_tcv_* (red, osm)
 # spqr_tcg_* instead of spqr_tcv_* for slices of at most TCG_MAX_BATCH columns (each batch
 # column of each of a round's 4 groups in its own mma column, 8 in all) on matrices of at
-# least TCG_MIN_WEIGHTS weights (tcg_wanted); env SPQR_TCG=0: never, =1: whenever it can
+# least TCG_MIN_WEIGHTS weights, or of at least TCG_MIN_ROWS rows and TCG_MIN_ROWS^2 weights
+# (tcg_wanted); env SPQR_TCG=0: never, =1: whenever it can
 TCG_MAX_BATCH = 2
 TCG_MIN_WEIGHTS = 1 << 27
+TCG_MIN_ROWS = 5120
 TCG_MODE = os.environ.get("SPQR_TCG", "")
 
 
@@ -256,14 +258,18 @@ def tcv_wanted(m: int, n: int, batch: int) -> bool:
 
 def tcg_wanted(m: int, n: int, batch: int) -> bool:
     """Whether a one-kernel slice of at most 2 columns takes the group-separated kernel
-    (``spqr_tcg_*``; env SPQR_TCG=0: never, =1: whenever it can). It saves an f16x2 FMA per
-    weight pair but its x' group sums cost a fixed ~0.5 us (H200, session 6): it is faster
-    from ``TCG_MIN_WEIGHTS`` weights on (batch 1: 8192x28672 48.0 vs 50.6 us, 28672x8192 53.4
-    vs 57.7, 57344x8192 97.6 vs 101.2) and slower below (4096x14336 19.5 vs 18.8, 4096x4096
-    10.9 vs 10.5)."""
+    (``spqr_tcg_*``; env SPQR_TCG=0: never, =1: whenever it can). It saves the f16x2 FMAs per
+    weight pair but its x' group sums cost a fixed ~0.5 us, and with few row blocks (more
+    k-slices per block) it loses (H200, session 7, us, batch 1 / 2, tcg vs tcv): faster on
+    8192x28672 44.9 vs 49.7, 28672x8192 46.8 vs 55.0, 11008x4096 17.6 vs 19.6 / 20.8 vs 22.0,
+    8192x8192 18.5 vs 19.0 / 20.9 vs 20.7, 6144x6144 14.9 vs 15.7 / 17.5 vs 17.9, 5120x5120
+    13.3 vs 14.0 / 15.7 vs 15.9, level on 8192x4096 13.5 vs 13.4 / 15.4 vs 15.0; slower on
+    4096x11008 15.7 vs 15.3 / 18.7 vs 17.9, 4096x8192 14.2 vs 13.4, 4096x4096 10.8 vs 10.5."""
     if TCG_MODE == "0" or batch > TCG_MAX_BATCH or not tcv_wanted(m, n, batch):
         return False
-    return TCG_MODE == "1" or m * n >= TCG_MIN_WEIGHTS
+    if TCG_MODE == "1" or m * n >= TCG_MIN_WEIGHTS:
+        return True
+    return m >= TCG_MIN_ROWS and m * n >= TCG_MIN_ROWS * TCG_MIN_ROWS
 
 
 def tcv_ks(rb: int, nc: int, sm_count: int, resident: int) -> int:

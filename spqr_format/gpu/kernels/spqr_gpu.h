@@ -158,7 +158,8 @@
  *   dynamic shared memory.  orows / tl_oents NULL: no outliers.  Any ks_log2 gives a
  *   correct result; spqr_tc_matmul picks the one that fills the GPU best, and uses this
  *   kernel for nb <= 4, and for nb <= 8 when m*n <= 2^25 (elsewhere the two kernels below
- *   are faster: _kernels.tcv_wanted); for nb <= 2 and m*n >= 2^27, the next one.
+ *   are faster: _kernels.tcv_wanted); for nb <= 2 and m*n >= 2^27, or m >= 5120 and
+ *   m*n >= 5120^2 (_kernels.tcg_wanted), the next one.
  *
  * spqr_tcg_b{B}_s{SB}(tl_codes, tl_stats, tl_stats2, xfrag, xsum, orows, tl_oents, xt, bp, RB,
  *                     NC, ks_log2, m, nb, y, ldy, out_dtype)                  (nb <= 2, NT = 1)

@@ -7,7 +7,7 @@
 // Per call, on one stream:
 //   1. spqr_tc_prepare_x: x'[c][j] = x[c][perm[j]] (f16), written as mma B fragments;
 //   2. batch <= 4 (<= 8 on small matrices): spqr_tcv_b{B}_s{SB}, the whole product (tc_vec),
-//      or for batch <= 2 on large matrices spqr_tcg_b{B}_s{SB} (exact codes into the tensor
+//      or for batch <= 2 on large matrices spqr_tcg_b{B}_s{SB} (unscaled codes into the tensor
 //      cores, scales applied in f32: tcg_round); otherwise
 //      spqr_tc_b{B}_s{SB}_nt{NT}: each warp owns 16 rows (a block) and a range of chunks
 //      (k-split over gridDim.y). Per round of 4 groups (4 mma k-steps; every A element of a

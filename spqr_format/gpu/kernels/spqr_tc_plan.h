@@ -23,6 +23,7 @@
 #define SPQR_PLAN_TCV_OVERHEAD 2     /* _kernels.TCV_WARP_OVERHEAD_CHUNKS */
 #define SPQR_PLAN_TCG_MAX_BATCH 2    /* _kernels.TCG_MAX_BATCH */
 #define SPQR_PLAN_TCG_MIN_WEIGHTS ((int64_t)1 << 27) /* _kernels.TCG_MIN_WEIGHTS */
+#define SPQR_PLAN_TCG_MIN_ROWS ((int64_t)5120)        /* _kernels.TCG_MIN_ROWS */
 /* static shared memory of spqr_tcv_* / spqr_tcg_* (_kernels.TCV_SMEM) */
 #define SPQR_PLAN_TCV_SMEM (SPQR_PLAN_WARPS * (4 * 32 + 16 * 8) * 4)
 
@@ -72,7 +73,8 @@ static inline int spqr_plan_tcg_wanted(int64_t m, int64_t n, int nb, const char*
   if (spqr_plan_mode_is(tcg, "0") || nb > SPQR_PLAN_TCG_MAX_BATCH ||
       !spqr_plan_tcv_wanted(m, n, nb, tcv))
     return 0;
-  return spqr_plan_mode_is(tcg, "1") || m * n >= SPQR_PLAN_TCG_MIN_WEIGHTS;
+  if (spqr_plan_mode_is(tcg, "1") || m * n >= SPQR_PLAN_TCG_MIN_WEIGHTS) return 1;
+  return m >= SPQR_PLAN_TCG_MIN_ROWS && m * n >= SPQR_PLAN_TCG_MIN_ROWS * SPQR_PLAN_TCG_MIN_ROWS;
 }
 
 /* _kernels.tcv_ks: log2 of the k-slices per row block of the one-kernel path (fewest waves x
