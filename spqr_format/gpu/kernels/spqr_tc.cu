@@ -123,13 +123,19 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 c) {
   return d;
 }
 
+// Bit offset (within each 16-bit half) of slot `slot`'s NB-bit field after the slot's shift,
+// if any: the first 10 / NB slots are read in place, the others after shifted().
+__host__ __device__ constexpr int slot_offset(int NB, int slot) {
+  return (slot < 10 / NB ? slot : slot - 10 / NB) * NB;
+}
+
 // Pair slot I of a word holding NB-bit fields (tile_layout.pair_slots): returns the f16x2
 // (field_lo, field_hi) as exact small integers. `w` is the word, `ws` the word shifted right
 // by (10 / NB) * NB (see shifted(); the compiler computes it once per word).
 template <int NB, int I>
 __device__ __forceinline__ u32 pair_exact(u32 w, u32 ws, u32 magic) {
   constexpr int D = 10 / NB;
-  constexpr int P = (I < D ? I : I - D) * NB;
+  constexpr int P = slot_offset(NB, I);
   constexpr u32 M = (((1u << NB) - 1u) << P) * 0x10001u;
   const u32 src = I < D ? w : ws;
   const u32 v = and_or<M>(src, magic);  // 1024 + field * 2^P, exactly
@@ -137,17 +143,11 @@ __device__ __forceinline__ u32 pair_exact(u32 w, u32 ws, u32 magic) {
   return hfma2(v, h2_pow2(-P), h2_neg_pow2(10 - P));
 }
 
-// Bit offset (within each 16-bit half) of slot I's field after the slot's shift, if any.
-template <int NB, int I>
-__host__ __device__ constexpr int slot_offset() {
-  return (I < 10 / NB ? I : I - 10 / NB) * NB;
-}
-
 // Pair slot I as f16 subnormals: the masked field alone, read as f16x2, is (field_lo,
 // field_hi) * 2^(slot_offset - 24), exactly (the field lies inside the 10 mantissa bits).
 template <int NB, int I>
 __device__ __forceinline__ u32 pair_subnormal(u32 w, u32 ws) {
-  constexpr u32 M = (((1u << NB) - 1u) << slot_offset<NB, I>()) * 0x10001u;
+  constexpr u32 M = (((1u << NB) - 1u) << slot_offset(NB, I)) * 0x10001u;
   return (I < 10 / NB ? w : ws) & M;
 }
 
@@ -372,8 +372,7 @@ struct Rounds<B, SB, NT, WX, R, R, SLABS, SWL> {
 // same offset (its fragments carry the same power of two in tcg_round's subnormal form).
 template <int B>
 __host__ __device__ constexpr int mu_offset(int mu) {
-  return (mu / chunk_slabs<B>() < 10 / B ? mu / chunk_slabs<B>()
-                                         : mu / chunk_slabs<B>() - 10 / B) * B;
+  return slot_offset(B, mu / chunk_slabs<B>());
 }
 template <int B>
 __host__ __device__ constexpr int tcg_class(int rho, int u) {
