@@ -847,6 +847,8 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
     // Each half: the first round of the current stage, then the next stage's loads, then the
     // other rounds (the current stage's first uses come before the new loads are issued:
     // measured on H200, 2 % faster at batch 1 together with the outliers after the loop).
+    // The two halves are written out: one lambda for both made batch 4 1-4 % slower (H200,
+    // session 7; ptxas schedules the lambda differently).
     for (int c = kq; c < NC; c += 2 * KS) {
       if (GS) {
         tcg_round<B, SB, 0, SLABS, SWL>(sa, yg, xg, xsg, lane, magic);
