@@ -730,18 +730,19 @@ __device__ __forceinline__ void decode128(const u32* __restrict__ oent, u32 e, u
   }
 }
 
-// Outlier corrections of up to 4 rows at once for batch columns 0 .. batch - 1 (batch <= KMAX
-// <= 8), one warp: lanes 8s .. 8s + 7 take row `row` (-1: none; the value may differ per group
-// of 8 lanes). Each step, each lane takes PER consecutive entries of its row (all PER loads in
-// flight), a segmented scan over the 8 lanes gives their columns, and the lane multiplies them
-// with x'^T [n][bp] (`xt`, spqr_tc_prepare_x; global or shared memory); a fixed xor tree over
-// the 8 lanes sums them (deterministic). Returns, in lane 8s + c (c < batch), the row's sum for
-// batch column c (0 in the others).
-template <int PER, int KMAX>
+// Outlier corrections of up to 32 / LPR rows at once for batch columns 0 .. batch - 1 (batch
+// <= KMAX <= LPR), one warp: lanes LPR s .. LPR s + LPR - 1 take row `row` (-1: none; the value
+// may differ per group of LPR lanes). Each step, each lane takes PER consecutive entries of its
+// row (all PER loads in flight), a segmented scan over the LPR lanes gives their columns, and
+// the lane multiplies them with x'^T [n][bp] (`xt`, spqr_tc_prepare_x; global or shared
+// memory); a fixed xor tree over the LPR lanes sums them (deterministic). Returns, in lane
+// LPR s + c (c < batch), the row's sum for batch column c (0 in the others).
+template <int PER, int KMAX, int LPR = 8>
 __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
                                                 const u32* __restrict__ oent, const u16* xt,
                                                 int bp, i64 row, int batch, int lane) {
-  const int sl = lane & 7;
+  static_assert(KMAX <= LPR, "each batch column's sum ends in its own lane of the row");
+  const int sl = lane & (LPR - 1);
   u32 e0 = 0, e1 = 0;
   if (row >= 0) {
     e0 = orows[row];
@@ -751,9 +752,9 @@ __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
 #pragma unroll
   for (int k = 0; k < KMAX; ++k) acc[k] = 0.f;
   int base = -1;  // the row's column before this step's first entry
-  for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += 8 * PER) {
+  for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += LPR * PER) {
     u32 ent[PER];
-    int col = entries_step<8, PER>(oent, e, e1, sl, base, ent);
+    int col = entries_step<LPR, PER>(oent, e, e1, sl, base, ent);
 #pragma unroll
     for (int q = 0; q < PER; ++q) {
       col += (int)(ent[q] & 0xFFFFu);
@@ -789,7 +790,8 @@ __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
   for (int k = 0; k < KMAX; ++k) {
     if (k >= batch) break;
 #pragma unroll
-    for (int o = 4; o > 0; o >>= 1) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], o, 8);
+    for (int o = LPR / 2; o > 0; o >>= 1)
+      acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], o, LPR);
     if (sl == k) mine = acc[k];
   }
   return mine;
@@ -875,10 +877,27 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
       xsg += KS * MPC;
     }
   }
-  // Outlier corrections of this warp's rows kq, kq + KS, ... (4 rows at a time) into shared
+  // Outlier corrections of this warp's rows kq, kq + KS, ... (rows_outliers4) into shared
   // memory: after the chunk loop, so that the loop starts at once (H200: a warp that does them
   // first waits for their dependent loads while the GPU is otherwise idle).
-  if (active && orows != nullptr) {
+  // All of the warp's rows in one pass where the batch allows (lanes per row = 2 KS): each
+  // pass ends in a chain of dependent loads (entries, then x'^T), so fewer passes are shorter
+  // (H200, session 7: batch 1 28672x8192 46.7 -> 45.3 us, 11008x4096 17.6 -> 16.2; batch 4
+  // 11008x4096 24.6 -> 20.2).
+  if (ks_log2 == 0 && batch <= 2 && active && orows != nullptr) {
+    // 16 rows, 2 lanes each
+    const bool live = (i64)rb * 16 + (lane >> 1) < m;
+    const float v = rows_outliers4<16, 2, 2>(orows, oent, xt, bp,
+                                             live ? (i64)rb * 16 + (lane >> 1) : -1, batch, lane);
+    if (live && (lane & 1) < batch) osm[rbl][lane >> 1][lane & 1] = v;
+  } else if (ks_log2 == 1 && batch <= 4 && active && orows != nullptr) {
+    // 8 rows kq, kq + 2, ..., 4 lanes each
+    const int r = kq + ((lane >> 2) << 1);
+    const bool live = (i64)rb * 16 + r < m;
+    const float v = rows_outliers4<16, 4, 4>(orows, oent, xt, bp, live ? (i64)rb * 16 + r : -1,
+                                             batch, lane);
+    if (live && (lane & 3) < batch) osm[rbl][r][lane & 3] = v;
+  } else if (active && orows != nullptr) {  // 4 rows at a time, 8 lanes each
     const int nr = 16 >> ks_log2;
     for (int i0 = 0; i0 < nr; i0 += 4) {
       const int i = i0 + (lane >> 3);
