@@ -116,6 +116,25 @@ def test_dequantize_no_perm_row_larger_than_shared_memory():
     _assert_same_bits(*_dequant_bits(t, DType.FLOAT32))
 
 
+@pytest.mark.parametrize(
+    "m,n,bits,g,sb,S",
+    [
+        (5, 16390, 3, 16, 3, 5),  # odd rows, a column tail, 256-thread blocks
+        (3, 20001, 2, 48, 3, 2),  # group size not a power of two, groups across warp steps
+        (4, 17000, 8, 32, 0, 0),  # fp16 statistics, 8-bit codes (three words per octet)
+        (1, 257, 4, 16, 3, 16),  # one row: the block's second row is absent
+    ],
+)
+def test_dequantize_octet_kernel_shapes(m, n, bits, g, sb, S):
+    """The no-permutation octet kernel (spqr_dequant_oct_*): tails in rows and columns, both
+    block sizes, every statistics form."""
+    assert K.dequant_oct_supported(bits, g, 1, n)
+    rng = np.random.default_rng(m + n)
+    t = random_bilevel(rng, m, n, BilevelParams(bits, g, sb, S), False, 0.03)
+    _assert_same_bits(*_dequant_bits(t, DType.FLOAT16))
+    _assert_same_bits(*_dequant_bits(t, DType.BFLOAT16))
+
+
 def test_dequantize_identity_perm():
     rng = np.random.default_rng(7)
     t = random_bilevel(rng, 6, 300, BilevelParams(3, 16, 3, 16), False, 0.05)

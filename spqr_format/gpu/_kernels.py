@@ -30,6 +30,10 @@ DQ_ROWS = 1 if os.environ.get("SPQR_DQ_ROWS", "2") == "1" else 2
 # Largest shared memory per block for which two rows per block beat one (H200: at 112 KiB, two
 # blocks per multiprocessor are too few); env SPQR_DQ2_SMEM_MAX.
 DQ2_SMEM_MAX = int(os.environ.get("SPQR_DQ2_SMEM_MAX", str(64 * 1024)))
+# The octet dequantizer (no permutation, f16/bf16 output, specialised bit widths, g % 16 == 0)
+# is used where it applies; env SPQR_DQ_OCT=0 falls back to the row kernel (A/B),
+# SPQR_DQO_THREADS sets its block size.
+DQ_OCT = os.environ.get("SPQR_DQ_OCT", "1") != "0"
 EXTRA_DEFINES = tuple(shlex.split(os.environ.get("SPQR_GPU_DEFINES", "")))
 _DEFS = dict(d[2:].partition("=")[::2] for d in EXTRA_DEFINES if d.startswith("-D"))
 
@@ -98,6 +102,39 @@ def dequant_row2_supported(bits: int, group_size: int, out_code: int) -> bool:
     return DQ_ROWS == 2 and bits in DEQUANT_BITS and group_size % 16 == 0 and out_code in (1, 2)
 
 
+def dequant_oct_name(bits: int, stats_bits: int, out_code: int) -> str:
+    """Octet dequantizer: two rows per block, no permutation (spqr_gpu.h)."""
+    return f"spqr_dequant_oct_b{bits}_{stats_tag(stats_bits)}_{OUT_NAMES[out_code]}"
+
+
+def dequant_oct_supported(bits: int, group_size: int, out_code: int, n: int) -> bool:
+    return (
+        DQ_OCT
+        and bits in DEQUANT_BITS
+        and group_size % 16 == 0
+        and out_code in (1, 2)
+        and n < (1 << 28)  # 32-bit column and bit arithmetic
+    )
+
+
+_DQO_THREADS = int(os.environ.get("SPQR_DQO_THREADS", "0")) // 32 * 32
+DQO_STAGES = int(_DEFS.get("SPQR_DQO_STAGES") or 4)  # must match the kernel's define
+
+
+def dequant_oct_geometry(n: int) -> int:
+    """Threads per block of the octet dequantizer: 128, or 256 for rows of more than 8,192
+    columns (measured on an H200: 8192x28672 239 us against 303 with 128, 4096x4096 15.7 against
+    17.8 with 256); env SPQR_DQO_THREADS overrides."""
+    return _DQO_THREADS or (256 if n > 8192 else 128)
+
+
+def dequant_oct_smem(bits: int, stats_bits: int, threads: int) -> int:
+    """Shared memory of the octet dequantizer: every warp's ring of DQO_STAGES iterations of
+    loads, per lane two octets' code words and the statistics words."""
+    nword = 2 * (3 if bits == 8 else 2) + (4 if stats_bits else 1)
+    return (threads // 32) * DQO_STAGES * nword * 32 * 4
+
+
 def dequant_outliers_name(out_code: int) -> str:
     return f"spqr_dequant_outliers_{OUT_NAMES[out_code]}"
 
@@ -118,6 +155,7 @@ def all_kernel_names() -> list[str]:
                 names.append(dequant_row_name(b if b else 1, sb, oc))
                 if b and oc:
                     names.append(dequant_row2_name(b, sb, oc))
+                    names.append(dequant_oct_name(b, sb, oc))
     for oc in OUT_NAMES:
         names.append(dequant_outliers_name(oc))
     return sorted(set(names))

@@ -326,11 +326,36 @@ class GpuTensor:
         m, n = self.shape
         esz = 4 if out_code == 0 else 2
         layout = self._layout_args()
-        # one block per row: without a permutation the rows are written straight to global
-        # memory (every row 16-byte aligned: no shared memory); with one, the row is staged in
-        # shared memory in stored order and gathered through inv_perm on the way out.
-        # Outliers and the permutation are applied in the same launch.
+        # Without a permutation (f16/bf16, specialised bits, g % 16 == 0) the octet kernel
+        # writes rows straight to global memory. With one, rows are staged in shared memory in
+        # stored order and gathered through inv_perm on the way out (two rows per block when
+        # they fit, else one). Outliers and the permutation are applied in the same launch.
         direct = self.perm is None and int(out_ptr) % 16 == 0 and (ldo * esz) % 16 == 0
+        if self.perm is None and K.dequant_oct_supported(self.bits, self.group_size, out_code, n):
+            # no permutation: two rows per block, 8 columns per lane, straight to global memory
+            threads = K.dequant_oct_geometry(n)
+            smem = K.dequant_oct_smem(self.bits, self.stats_bits, threads)
+            fn = function(K.dequant_oct_name(self.bits, self.stats_bits, out_code))
+            if smem > 48 * 1024:
+                _raise_smem_limit(fn, smem)
+            fn(
+                ((m + 1) // 2,),
+                (threads,),
+                (
+                    self.codes,
+                    self.stats,
+                    _ptr(self.stats2),
+                    _ptr(self.outlier_rows),
+                    _ptr(self.outlier_entries),
+                    np.uint64(out_ptr),
+                    np.int64(ldo),
+                    np.int64(m),
+                    np.int64(n),
+                    *layout,
+                ),
+                shared_mem=smem,
+            )
+            return
         smem2 = K.dequant_row2_smem(n)
         if (
             self.inv_perm is not None

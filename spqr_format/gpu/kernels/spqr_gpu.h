@@ -111,6 +111,25 @@
  *   else scattered through perm.  grid m, block 32*clamp(ceil(ceil(n/16)/32), 1, 8) or less
  *   (any multiple of 32 up to 256).
  *
+ * spqr_dequant_row2_b{B}_{h|q}_{f16|bf16}(codes, stats, stats2, iperm, orows, oents, out,
+ *                                        ldo, m, n, g, S, sb, G, code_row_words,
+ *                                        stats_row_words)
+ *   With a permutation (iperm given, as above), f16/bf16 out, B in {2,3,4,8}, g % 16 == 0:
+ *   rows 2i and 2i+1 per block (odd m: the last block has one), staged as (row 0, row 1) u32
+ *   pairs so that one index load and one shared-memory access serve both rows; outliers
+ *   included.  Dynamic smem 128 * ceil(ceil(n/4) / 8) bytes.  grid ceil(m/2), block as for
+ *   spqr_dequant_row_* but at least 64 (warps 0 and 1 write rows 0 and 1's outliers).
+ *
+ * spqr_dequant_oct_b{B}_{h|q}_{f16|bf16}(codes, stats, stats2, orows, oents, out, ldo, m, n,
+ *                                       g, S, sb, G, code_row_words, stats_row_words)
+ *   Without a permutation (fastest there), f16/bf16 out, B in {2,3,4,8}, g % 16 == 0,
+ *   n < 2^28: rows 2i and 2i+1 per block, written straight to global memory (16-byte stores
+ *   when both rows are 16-byte aligned, element stores otherwise), outliers included.  Each
+ *   lane decodes 8 consecutive columns of both rows per step.  Dynamic smem: the warps' load
+ *   rings, (block / 32) * 4 * NWORD * 128 bytes, NWORD = 2 * (B == 8 ? 3 : 2) + (q ? 4 : 1)
+ *   (4 = SPQR_DQO_STAGES).  grid ceil(m/2), block any multiple of 32 from 64 to 256 (128; 256
+ *   for n > 8192 is what the Python layer uses).
+ *
  * spqr_dequant_outliers_{f32|f16|bf16}(orows, oents, perm, out, ldo, m)
  *   Outlier pass (C-7.3): overwrites the outlier positions.  Launch after the dense pass on
  *   the same stream.  grid ceil(m/8), block 256 (one warp per row).

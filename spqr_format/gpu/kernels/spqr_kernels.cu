@@ -47,6 +47,15 @@
 #ifndef SPQR_DQ2_MINB
 #define SPQR_DQ2_MINB 4  // two-row dequantizer: register cap (blocks of 256 per multiprocessor)
 #endif
+#ifndef SPQR_DQO_MINB
+#define SPQR_DQO_MINB 4  // octet dequantizer: blocks of 256 per multiprocessor (register cap)
+#endif
+#ifndef SPQR_DQO_OB
+#define SPQR_DQO_OB 2  // octet dequantizer: batches of 32 outlier entries fetched before decoding
+#endif
+#ifndef SPQR_DQO_STAGES
+#define SPQR_DQO_STAGES 4  // octet dequantizer: iterations of loads in flight per warp
+#endif
 #ifndef SPQR_DQ_UNROLL
 #define SPQR_DQ_UNROLL 1  // whole-row dequantizer: 16-column units per thread in flight
 #endif
@@ -1235,6 +1244,247 @@ __device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// Octet dequantizer (no permutation; f16 / bf16 output, B in {2, 3, 4, 8}, g % 16 == 0): two
+// rows per block, written straight to global memory. Each lane decodes octets (8 consecutive
+// stored columns of one row), so each 16-byte store instruction of a warp covers 256 contiguous
+// columns (512 bytes). The (s, z) pair of a group is computed once per iteration by one lane
+// and shuffled to the lanes that need it (lanes 0-15: row 0's groups, 16-31: row 1's). Each
+// warp keeps SPQR_DQO_STAGES iterations of loads in flight through a ring in shared memory
+// (cp.async), so the latency is hidden without holding registers.
+// With a permutation the row kernels above stay faster: their staged rows already take the
+// shared memory that the rings would need (measured on an H200, benchmarks/results).
+// ------------------------------------------------------------------------------------------
+
+// 4-byte asynchronous copy global -> shared (sm_80+); `ok` false: zero-fill, nothing read.
+__device__ __forceinline__ void cp_async4(u32* smem, const u32* gmem, bool ok) {
+  const u32 sa = (u32)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(sa), "l"(gmem),
+               "r"(ok ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// What one lane of the octet dequantizer reads for one iteration: two octets' code bits (rows
+// 0 and 1) and one group's statistics.
+template <int B, bool PACKED>
+struct OctLoads {
+  static constexpr int NWC = B == 8 ? 2 : 1;  // code words per octet after the funnel shift
+  u32 w[2][NWC + 1];                           // raw code words of octets 0 and 1
+  u32 sh[2];                                   // bit offset of each octet in its first word
+  u32 s0, s1;                                  // statistics word(s)
+  u32 ssh;                                     // packed statistics: bit offset in s0
+  uint2 rec;                                   // packed statistics: the stats2 record
+
+  // The exact (s, z) (C-7.1) of the loaded group.
+  __device__ __forceinline__ void stats_of(int sb, float& s, float& z) const {
+    if (!PACKED) {
+      s = f16_bits_to_f32(s0);
+      z = f16_bits_to_f32(s0 >> 16);
+    } else {
+      const u32 c = __funnelshift_r(s0, s1, ssh);
+      const u32 smask = (1u << sb) - 1u;
+      const float qs = (float)(c & smask), qz = (float)((c >> sb) & smask);
+      s = add_rn(f16_bits_to_f32(rec.x >> 16), mul_rn(f16_bits_to_f32(rec.x), qs));
+      z = add_rn(f16_bits_to_f32(rec.y >> 16), mul_rn(f16_bits_to_f32(rec.y), qz));
+    }
+  }
+  // The 8 values of octet o (C-7.1, C-7.2) rounded to OUT, packed two per word. `magic` is
+  // 0x4B000000 in a register the compiler cannot fold (so that the AND with the field mask and
+  // the OR are one LOP3): a B-bit field at bit p (p + B <= 23) OR'd into it is the f32
+  // 2^23 + q 2^p; minus 2^23 that is q 2^p exactly, and one fma with 2^-p gives
+  // round(q - z) = SPEC's sub(q, z); then mul(s, .).
+  template <int OUT>
+  __device__ __forceinline__ void decode(int o, float s, float z, u32 magic,
+                                         u32 (&h)[4]) const {
+    u32 x[NWC];
+#pragma unroll
+    for (int i = 0; i < NWC; ++i) x[i] = __funnelshift_r(w[o][i], w[o][i + 1], sh[o]);
+    constexpr int EPW = 23 / B;  // fields per window
+    constexpr u32 MASK = (1u << B) - 1u;
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int st = (e / EPW) * EPW * B;  // window start (bit of the octet)
+      const int p = e * B - st;            // field position inside the window
+      const int wi = st >> 5, ws = st & 31;
+      const u32 win = ws ? (x[wi] >> ws) | (wi + 1 < NWC ? x[wi + 1] << (32 - ws) : 0u) : x[wi];
+      const float f = __uint_as_float((win & (MASK << p)) | magic);  // 2^23 + q 2^p
+      const float q = sub_rn(f, 8388608.0f);                         // q 2^p, exact
+      v[e] = mul_rn(s, fma_keep_subnormal(q, pow2f(-p), -z));        // s * (q - z)
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = pack2<OUT>(v[2 * i], v[2 * i + 1]);
+  }
+};
+
+// Rows r0 = 2 blockIdx.x and r0 + 1 (odd m: the last block has one). Dynamic shared memory:
+// the rings, (blockDim.x / 32) * SPQR_DQO_STAGES * NWORD * 128 bytes (NWORD: see below).
+template <int B, bool PACKED, int OUT>
+__device__ __forceinline__ void dequant_oct(const u32* __restrict__ codes,
+                                            const u32* __restrict__ stats,
+                                            const u16* __restrict__ stats2,
+                                            const u32* __restrict__ orows,
+                                            const u32* __restrict__ oents,
+                                            u16* __restrict__ out, i64 ldo, i64 m, u32 n, int g,
+                                            int S, int sb, int G, i64 code_row_words,
+                                            i64 stats_row_words) {
+  extern __shared__ uint4 smem_raw[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const i64 r0 = 2 * (i64)blockIdx.x;
+  const bool two = r0 + 1 < m;
+  const i64 r1 = two ? r0 + 1 : r0;  // odd m: the last block decodes its row twice
+  // 0x4B000000 that the compiler cannot fold into an immediate (g > 0 by contract)
+  const u32 magic = 0x4B000000u | ((u32)g >> 31);
+  // warp w < 2 fetches row w's first 32 * OB outlier entries now; it writes them at the end
+  constexpr int OB = SPQR_DQO_OB;
+  const bool owarp = orows != nullptr && warp < 2;
+  u32 o_val[OB], o_col[OB];
+  u32 o_e0 = 0, o_e1 = 0;
+  i64 o_base = -1;
+  if (owarp) {
+    const i64 orow = warp == 1 ? r1 : r0;
+    o_e0 = __ldg(orows + orow);
+    o_e1 = (warp == 1 && !two) ? o_e0 : __ldg(orows + orow + 1);  // row 1 absent: no entries
+#pragma unroll
+    for (int b = 0; b < OB; ++b) {
+      const u32 idx = o_e0 + 32 * b + lane;
+      o_val[b] = idx < o_e1 ? __ldg(oents + idx) : 0xFFFF0000u;  // past the end: skip, delta 0
+    }
+#pragma unroll
+    for (int b = 0; b < OB; ++b) {
+      i64 col;
+      outlier_scan(o_val[b], o_base, o_val[b], col);
+      o_col[b] = (u32)col;
+    }
+  }
+  const u32 crw = (u32)code_row_words;
+  const u32* const crow0 = codes + r0 * code_row_words;
+  const u32* const crow1 = codes + r1 * code_row_words;
+  u16* const g0 = out + r0 * ldo;
+  u16* const g1 = out + r1 * ldo;
+  const bool vec_out = ((reinterpret_cast<u64>(g0) | reinterpret_cast<u64>(g1)) & 15) == 0;
+  const u32 niter = (n + 255) / 256;  // a warp iteration: 256 columns of both rows
+  // this lane's statistics: row lane / 16, group k0 + lane % 16 of the iteration
+  const i64 srow = lane >= 16 ? r1 : r0;
+  const u32* const st_row =
+      PACKED ? stats + srow * stats_row_words : stats + srow * (i64)G;
+  const uint2* const st_recs =
+      reinterpret_cast<const uint2*>(stats2) + (PACKED ? srow / S : 0) * (i64)G;
+  // column -> group: a shift for power-of-two group sizes
+  const int gsh = (g & (g - 1)) == 0 ? __ffs(g) - 1 : -1;
+  auto group_of = [&](u32 c) -> int { return gsh >= 0 ? (int)(c >> gsh) : (int)(c / (u32)g); };
+
+  // ring[warp][stage][word][lane]: per lane and stage the two octets' code words (row 0, row 1),
+  // then the statistics words. Every lane reads back only what it copied itself.
+  constexpr int NCW = OctLoads<B, PACKED>::NWC + 1;  // code words per octet
+  constexpr int NWORD = 2 * NCW + (PACKED ? 4 : 1);
+  constexpr int D = SPQR_DQO_STAGES;
+  u32* const ring = reinterpret_cast<u32*>(smem_raw) + warp * (D * NWORD * 32) + lane;
+  auto issue = [&](int stage, u32 it) {
+    u32* const dst = ring + stage * (NWORD * 32);
+    const u32 c0 = it * 256;
+    const int k = group_of(c0) + (lane & 15);
+    const bool sok = k < G;
+    if (PACKED) {
+      const u32 bit = (u32)k * (u32)(2 * sb);
+      const u32* const sp = st_row + (sok ? bit >> 5 : 0u);
+      const u32* const rp = reinterpret_cast<const u32*>(st_recs + (sok ? k : 0));
+      cp_async4(dst + (2 * NCW) * 32, sp, sok);
+      cp_async4(dst + (2 * NCW + 1) * 32, sp + 1, sok && (bit & 31u) + 2u * (u32)sb > 32u);
+      cp_async4(dst + (2 * NCW + 2) * 32, rp, sok);
+      cp_async4(dst + (2 * NCW + 3) * 32, rp + 1, sok);
+    } else {
+      cp_async4(dst + (2 * NCW) * 32, st_row + (sok ? k : 0), sok);
+    }
+    const u32 c = c0 + 8u * lane;
+    const bool valid = c < n, full = c + 8 <= n;
+    const u32 bit0 = c * (u32)B, w0 = valid ? bit0 >> 5 : 0u;
+#pragma unroll
+    for (int o = 0; o < 2; ++o) {
+      const u32* const p = (o ? crow1 : crow0) + w0;
+#pragma unroll
+      for (int i = 0; i < NCW; ++i) {
+        // the word after the octet's last one is needed only when the octet crosses into it
+        const bool need = i < NCW - 1 || (8 * B < 32 && (bit0 & 31u) + 8u * B > 32u);
+        cp_async4(dst + (o * NCW + i) * 32, p + i, valid && need && (full || w0 + i < crw));
+      }
+    }
+  };
+  auto finish = [&](int stage, u32 it) {
+    const u32* const src = ring + stage * (NWORD * 32);
+    const u32 c0 = it * 256, c = c0 + 8u * lane;
+    const int k0 = group_of(c0);
+    OctLoads<B, PACKED> L;
+#pragma unroll
+    for (int o = 0; o < 2; ++o) {
+#pragma unroll
+      for (int i = 0; i < NCW; ++i) L.w[o][i] = src[(o * NCW + i) * 32];
+      L.sh[o] = (c * (u32)B) & 31u;
+    }
+    L.s0 = src[(2 * NCW) * 32];
+    if (PACKED) {
+      L.s1 = src[(2 * NCW + 1) * 32];
+      L.rec = make_uint2(src[(2 * NCW + 2) * 32], src[(2 * NCW + 3) * 32]);
+      L.ssh = ((u32)(k0 + (lane & 15)) * (u32)(2 * sb)) & 31u;
+    }
+    float s, z;
+    L.stats_of(sb, s, z);  // zero-filled words past G: finite values, never used
+    u32 h[2][4];
+    const int src_lane = group_of(min(c, n - 1)) - k0;
+#pragma unroll
+    for (int o = 0; o < 2; ++o) {
+      const float so = __shfl_sync(0xffffffffu, s, 16 * o + src_lane);
+      const float zo = __shfl_sync(0xffffffffu, z, 16 * o + src_lane);
+      L.template decode<OUT>(o, so, zo, magic, h[o]);
+    }
+    if (c + 8 <= n && vec_out) {
+      *reinterpret_cast<uint4*>(g0 + c) = make_uint4(h[0][0], h[0][1], h[0][2], h[0][3]);
+      if (two) *reinterpret_cast<uint4*>(g1 + c) = make_uint4(h[1][0], h[1][1], h[1][2], h[1][3]);
+    } else if (c < n) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        if (c + e < n) {
+          g0[c + e] = (u16)(h[0][e >> 1] >> (16 * (e & 1)));
+          if (two) g1[c + e] = (u16)(h[1][e >> 1] >> (16 * (e & 1)));
+        }
+    }
+  };
+  // D - 1 iterations' loads are issued ahead of the one being decoded
+#pragma unroll
+  for (int j = 0; j < D - 1; ++j) {
+    const u32 it = warp + j * nwarps;
+    if (it < niter) issue(j, it);
+    cp_async_commit_group();
+  }
+  int stage = 0;
+  for (u32 it = warp; it < niter; it += nwarps) {
+    const u32 ahead = it + (D - 1) * nwarps;
+    if (ahead < niter) issue(stage == 0 ? D - 1 : stage - 1, ahead);
+    cp_async_commit_group();
+    cp_async_wait_group<D - 1>();
+    finish(stage, it);
+    stage = stage == D - 1 ? 0 : stage + 1;
+  }
+  if (orows == nullptr) return;
+  __syncthreads();  // dense values in place before the outliers overwrite theirs (C-7.3)
+  if (owarp) {
+    u16* const gw = warp == 0 ? g0 : g1;
+#pragma unroll
+    for (int b = 0; b < OB; ++b)
+      if (o_val[b] != 0xFFFFu) gw[o_col[b]] = (u16)out_bits<OUT>(f16_bits_to_f32(o_val[b]));
+    for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32) {  // entries not prefetched
+      u32 val;
+      i64 col;
+      outlier_batch(oents, e, o_e1, o_base, val, col);
+      if (val != 0xFFFFu) gw[col] = (u16)out_bits<OUT>(f16_bits_to_f32(val));
+    }
+  }
+}
+
 // Outlier pass of dequantize: one warp per row overwrites W[i, perm[c]] = f32(o) (C-7.3).
 template <int OUT>
 __device__ __forceinline__ void dequant_outliers(const u32* __restrict__ orows,
@@ -1377,6 +1627,23 @@ SPQR_MATVEC_ALL(3)
                                        n, g, S, sb, G, code_row_words, stats_row_words);      \
   }
 
+#define SPQR_DEQUANT_OCT_ENTRY(B, SNAME, PACKED, ONAME, OUT)                                 \
+  extern "C" __global__ void __launch_bounds__(256, SPQR_DQO_MINB)                            \
+      spqr_dequant_oct_b##B##_##SNAME##_##ONAME(                                              \
+          const u32* __restrict__ codes, const u32* __restrict__ stats,                       \
+          const u16* __restrict__ stats2, const u32* __restrict__ orows,                      \
+          const u32* __restrict__ oents, u16* __restrict__ out, i64 ldo, i64 m, i64 n, int g, \
+          int S, int sb, int G, i64 code_row_words, i64 stats_row_words) {                    \
+    spqr::dequant_oct<B, PACKED, OUT>(codes, stats, stats2, orows, oents, out, ldo, m,        \
+                                      (u32)n, g, S, sb, G, code_row_words, stats_row_words);  \
+  }
+
+#define SPQR_DEQUANT_OCT_ALL(B)                           \
+  SPQR_DEQUANT_OCT_ENTRY(B, h, false, f16, SPQR_OUT_F16)  \
+  SPQR_DEQUANT_OCT_ENTRY(B, h, false, bf16, SPQR_OUT_BF16) \
+  SPQR_DEQUANT_OCT_ENTRY(B, q, true, f16, SPQR_OUT_F16)   \
+  SPQR_DEQUANT_OCT_ENTRY(B, q, true, bf16, SPQR_OUT_BF16)
+
 #define SPQR_DEQUANT_ALL_OUT(B, SNAME, PACKED)                 \
   SPQR_DEQUANT_ENTRY(B, SNAME, PACKED, f32, SPQR_OUT_F32)     \
   SPQR_DEQUANT_ENTRY(B, SNAME, PACKED, f16, SPQR_OUT_F16)     \
@@ -1404,9 +1671,13 @@ SPQR_DEQUANT_ALL(8)
 SPQR_DEQUANT_ROW2_ALL(2)
 SPQR_DEQUANT_ROW2_ALL(4)
 SPQR_DEQUANT_ROW2_ALL(8)
+SPQR_DEQUANT_OCT_ALL(2)
+SPQR_DEQUANT_OCT_ALL(4)
+SPQR_DEQUANT_OCT_ALL(8)
 #endif
 SPQR_DEQUANT_ALL(3)
 SPQR_DEQUANT_ROW2_ALL(3)
+SPQR_DEQUANT_OCT_ALL(3)
 
 #define SPQR_DEQUANT_OUTLIERS_ENTRY(ONAME, OUT)                                               \
   extern "C" __global__ void spqr_dequant_outliers_##ONAME(                                   \
