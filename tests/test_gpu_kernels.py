@@ -68,6 +68,7 @@ def test_dequantize_bit_exact_random(t, dtype):
     [
         (1, 28672, 3, 16, 3, 16, True, 0.01, "uniform"),
         (3, 70000, 3, 16, 3, 16, True, 0.01, "uniform"),
+        (5, 20000, 3, 16, 3, 16, True, 0.05, "full_rows"),  # two wide rows per 512-thread block
         (2, 70000, 4, 128, 0, 0, False, 0.0, "uniform"),
         (17, 4097, 2, 32, 3, 5, True, 0.5, "full_rows"),
         (33, 1000, 8, 64, 0, 0, True, 1.0, "uniform"),

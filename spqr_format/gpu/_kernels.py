@@ -27,9 +27,12 @@ COMPILE_OPTIONS = ("--std=c++17",)
 DQ_THREADS = min(256, int(os.environ.get("SPQR_DQ_THREADS", "0")) // 32 * 32)
 # Rows per block of the dequantizer when a permutation is present (2, or 1: env SPQR_DQ_ROWS).
 DQ_ROWS = 1 if os.environ.get("SPQR_DQ_ROWS", "2") == "1" else 2
-# Largest shared memory per block for which two rows per block beat one (H200: at 112 KiB, two
-# blocks per multiprocessor are too few); env SPQR_DQ2_SMEM_MAX.
+# Two rows per block: blocks of up to 256 threads while the staged pair rows take at most
+# DQ2_SMEM_MAX bytes; above that, up to DQ2_WIDE_SMEM_MAX (two blocks per multiprocessor on an
+# H100/H200), blocks of 512 threads (H200: 8192x28672 262 us against 319 with one row per block
+# and 332 with 256 threads). Env SPQR_DQ2_SMEM_MAX, SPQR_DQ2_WIDE_SMEM_MAX.
 DQ2_SMEM_MAX = int(os.environ.get("SPQR_DQ2_SMEM_MAX", str(64 * 1024)))
+DQ2_WIDE_SMEM_MAX = int(os.environ.get("SPQR_DQ2_WIDE_SMEM_MAX", str(113 * 1024)))
 # The octet dequantizer (no permutation, f16/bf16 output, specialised bit widths, g % 16 == 0)
 # is used where it applies; env SPQR_DQ_OCT=0 falls back to the row kernel (A/B),
 # SPQR_DQO_THREADS sets its block size.
@@ -96,6 +99,11 @@ def dequant_row2_smem(n: int) -> int:
     """Shared memory of the two-row dequantizer: (row 0, row 1) u32 pairs in 128-byte blocks."""
     pairs = -(-n // 4)  # 4-column pieces, 8 per 128-byte block
     return 128 * -(-pairs // 8)
+
+
+def dequant_row2_threads(n: int, smem: int) -> int:
+    """Threads per block of the two-row dequantizer for ``smem`` bytes of staged rows."""
+    return 512 if smem > DQ2_SMEM_MAX else max(64, dequant_row_geometry(n, smem))
 
 
 def dequant_row2_supported(bits: int, group_size: int, out_code: int) -> bool:

@@ -360,7 +360,7 @@ class GpuTensor:
         if (
             self.inv_perm is not None
             and K.dequant_row2_supported(self.bits, self.group_size, out_code)
-            and smem2 <= min(_smem_optin(), K.DQ2_SMEM_MAX)
+            and smem2 <= min(_smem_optin(), K.DQ2_WIDE_SMEM_MAX)
         ):
             # two rows per block, staged as (row 0, row 1) pairs: one gather serves both rows
             fn = function(K.dequant_row2_name(self.bits, self.stats_bits, out_code))
@@ -368,7 +368,7 @@ class GpuTensor:
                 _raise_smem_limit(fn, smem2)
             fn(
                 ((m + 1) // 2,),
-                (max(64, K.dequant_row_geometry(n, smem2)),),
+                (K.dequant_row2_threads(n, smem2),),
                 (
                     self.codes,
                     self.stats,

@@ -45,7 +45,7 @@
 #define SPQR_DQ_MINB 4  // whole-row dequantizer: blocks per multiprocessor (register cap)
 #endif
 #ifndef SPQR_DQ2_MINB
-#define SPQR_DQ2_MINB 4  // two-row dequantizer: register cap (blocks of 256 per multiprocessor)
+#define SPQR_DQ2_MINB 2  // two-row dequantizer: register cap 64 (2 x 512 threads per multiprocessor)
 #endif
 #ifndef SPQR_DQO_MINB
 #define SPQR_DQO_MINB 4  // octet dequantizer: blocks of 256 per multiprocessor (register cap)
@@ -55,6 +55,9 @@
 #endif
 #ifndef SPQR_DQO_STAGES
 #define SPQR_DQO_STAGES 4  // octet dequantizer: iterations of loads in flight per warp
+#endif
+#ifndef SPQR_DQ2_MAXT
+#define SPQR_DQ2_MAXT 512  // two-row dequantizer: largest block (512 for wide rows)
 #endif
 #ifndef SPQR_DQ_UNROLL
 #define SPQR_DQ_UNROLL 1  // whole-row dequantizer: 16-column units per thread in flight
@@ -1616,7 +1619,7 @@ SPQR_MATVEC_ALL(3)
   }
 
 #define SPQR_DEQUANT_ROW2_ENTRY(B, SNAME, PACKED, ONAME, OUT)                                 \
-  extern "C" __global__ void __launch_bounds__(256, SPQR_DQ2_MINB)                            \
+  extern "C" __global__ void __launch_bounds__(SPQR_DQ2_MAXT, SPQR_DQ2_MINB)                  \
       spqr_dequant_row2_b##B##_##SNAME##_##ONAME(                                             \
           const u32* __restrict__ codes, const u32* __restrict__ stats,                       \
           const u16* __restrict__ stats2, const u32* __restrict__ iperm,                      \
