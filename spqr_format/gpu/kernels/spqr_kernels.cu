@@ -842,40 +842,48 @@ __device__ __forceinline__ u32 pack2(float a, float b) {
   return r;
 }
 
+// 0x4B000000 (2^23 as f32 bits) held in a register: ptxas cannot fold it into an immediate
+// because it depends on a kernel argument (g > 0 by contract, so g >> 31 == 0). With both the
+// field mask and this constant as immediates, (w & mask) | 0x4B000000 would take two LOP3s.
+__device__ __forceinline__ u32 magic_reg(int g) { return 0x4B000000u | ((u32)g >> 31); }
+
 // A 16-column unit (columns 16u .. 16u+15 of one row) of the dequantizer, B in {2, 3, 4, 8},
 // whose statistics (s, z) are uniform over the unit (g % 16 == 0): load() issues every load,
 // decode() gives the exact values (C-7.1, C-7.2).
 template <int B, bool PACKED>
 struct Unit16 {
-  // the unit's 16 B bits start at bit 16 B u: 16-bit aligned, so <= 2 (B <= 4) or 4 words,
-  // plus one more when the start is not word aligned (odd B)
+  // the unit's 16 B bits start at bit 16 B u, a multiple of 16: they lie in 1 (B = 2),
+  // 2 (B = 3, 4) or 4 (B = 8) words
   static constexpr int NW = B == 8 ? 4 : ((B == 3 || B == 4) ? 2 : 1);
-  static constexpr int NL = (16 * B) % 32 ? NW + 1 : NW;  // words loaded
-  u32 w[NW + 1];  // code words from the unit's first
+  u32 w[NW + 1];  // code words from the unit's first (w[NW] = 0: the funnel shifts' spill-in)
   u32 sh;         // bit offset of the unit in w[0]
   u32 s0, s1;     // statistics: the f16 (s, z) pair, or the words holding the two codes
   uint2 rec;      // packed statistics: the stats2 record (C-7.1)
 
-  // Issue every load of unit u of row `row` (group k); nothing is used yet.
-  __device__ __forceinline__ void load(const u32* __restrict__ crow, i64 crw, i64 u,
-                                       const u32* __restrict__ stats,
-                                       const u16* __restrict__ stats2, i64 row, i64 tile, int k,
-                                       int G, i64 stats_row_words, int sb) {
-    const i64 bit0 = 16 * (i64)B * u;
-    const i64 w0 = bit0 >> 5;
+  // Issue every load of unit u (group k) of the row whose codes start at `crow` (crw words),
+  // statistics at `srow` (packed codes, or f16 pairs) and stats2 records at `recs` (its
+  // tile's); nothing is used yet. `full`: the unit's 16 columns all lie in the row (no
+  // bounds checks). I: the index type (u32 where n * B < 2^32).
+  template <typename I>
+  __device__ __forceinline__ void load(const u32* __restrict__ crow, I crw, I u,
+                                       const u32* __restrict__ srow,
+                                       const uint2* __restrict__ recs, int k, int sb,
+                                       bool full) {
+    const I bit0 = (I)(16 * B) * u;
+    const I w0 = bit0 >> 5;
     sh = (u32)(bit0 & 31);
 #pragma unroll
-    for (int i = 0; i <= NW; ++i) w[i] = (i < NL && w0 + i < crw) ? __ldg(crow + w0 + i) : 0u;
+    for (int i = 0; i < NW; ++i) w[i] = (full || w0 + i < crw) ? __ldg(crow + w0 + i) : 0u;
+    w[NW] = 0u;
     if (!PACKED) {
-      s0 = __ldg(stats + row * (i64)G + k);
+      s0 = __ldg(srow + k);
     } else {
-      const u32* srow = stats + row * stats_row_words;
       const u32 bit = (u32)k * (u32)(2 * sb);
       const u32 wi = bit >> 5;
       s0 = __ldg(srow + wi);
       s1 = ((bit & 31u) + 2u * (u32)sb > 32u) ? __ldg(srow + wi + 1) : 0u;
       sh |= (bit & 31u) << 8;
-      rec = __ldg(reinterpret_cast<const uint2*>(stats2) + (tile * (i64)G + k));
+      rec = __ldg(recs + k);
     }
   }
 
@@ -883,7 +891,8 @@ struct Unit16 {
   // Codes -> f32 without conversions: a B-bit field at bit p (p + B <= 23) of a window OR'd
   // into 0x4B000000 is the f32 2^23 + q 2^p; minus 2^23 that is q 2^p exactly, and one fma with
   // 2^-p gives round(q - z) = SPEC's sub(q, z); then mul(s, .). No .ftz (inline PTX).
-  __device__ __forceinline__ void decode(int sb, float (&v)[16]) const {
+  // `magic` is 0x4B000000 in a register (see magic_reg), so mask and OR are one LOP3.
+  __device__ __forceinline__ void decode(int sb, u32 magic, float (&v)[16]) const {
     float s, z;
     if (!PACKED) {
       s = f16_bits_to_f32(s0);
@@ -906,7 +915,7 @@ struct Unit16 {
       const int p = e * B - st;            // field position inside the window
       const int wi = st >> 5, ws = st & 31;
       const u32 win = ws ? __funnelshift_r(x[wi], (wi + 1 < NW) ? x[wi + 1] : 0u, ws) : x[wi];
-      const float f = __uint_as_float((win & (MASK << p)) | 0x4B000000u);  // 2^23 + q 2^p
+      const float f = __uint_as_float((win & (MASK << p)) | magic);  // 2^23 + q 2^p
       const float q = sub_rn(f, 8388608.0f);                               // q 2^p, exact
       v[e] = mul_rn(s, fma_keep_subnormal(q, pow2f(-p), -z));              // s * (q - z)
     }
@@ -1012,6 +1021,9 @@ __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
   if (fast) {
     // SPQR_DQ_UNROLL units per thread at a time: all their loads are issued before any decode
     constexpr int UB = SPQR_DQ_UNROLL;
+    const u32 magic = magic_reg(g);
+    const u32* const srow = stats + row * (PACKED ? stats_row_words : (i64)G);
+    const uint2* const recs = reinterpret_cast<const uint2*>(stats2) + tile * (i64)G;
     constexpr int BB = B > 0 ? B : 1;
     for (i64 u0 = threadIdx.x; u0 < nunits; u0 += UB * (i64)blockDim.x) {
       Unit16<BB, PACKED> raw[UB];
@@ -1019,15 +1031,15 @@ __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
       for (int b = 0; b < UB; ++b) {
         const i64 u = u0 + b * (i64)blockDim.x;
         if (u < nunits)
-          raw[b].load(crow, code_row_words, u, stats, stats2, row, tile,
-                      (int)div_group((u64)(u << 4), g), G, stats_row_words, sb);
+          raw[b].load(crow, code_row_words, u, srow, recs, (int)div_group((u64)(u << 4), g), sb,
+                      (u + 1) * 16 <= n);
       }
 #pragma unroll
       for (int b = 0; b < UB; ++b) {
         const i64 u = u0 + b * (i64)blockDim.x;
         if (u < nunits) {
           float v[16];
-          raw[b].decode(sb, v);
+          raw[b].decode(sb, magic, v);
           store_unit(u, v);
         }
       }
@@ -1173,20 +1185,28 @@ __device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
   const u32* const crow0 = codes + r0 * code_row_words;
   const u32* const crow1 = codes + r1 * code_row_words;
   const i64 tile0 = PACKED ? r0 / S : 0, tile1 = PACKED ? r1 / S : 0;
+  const u32 magic = magic_reg(g);
+  const u32 crw = (u32)code_row_words;  // n * B < 2^32 on this path
+  const i64 srw = PACKED ? stats_row_words : (i64)G;
+  const u32* const srow0 = stats + r0 * srw;
+  const u32* const srow1 = stats + r1 * srw;
+  const uint2* const recs0 = reinterpret_cast<const uint2*>(stats2) + tile0 * (i64)G;
+  const uint2* const recs1 = reinterpret_cast<const uint2*>(stats2) + tile1 * (i64)G;
   for (int u = threadIdx.x; u < (int)nunits; u += blockDim.x) {  // n < 2^31 on this path
     const int k = (int)div_group((u64)u << 4, g);
     Unit16<B, PACKED> a, b;
-    a.load(crow0, code_row_words, u, stats, stats2, r0, tile0, k, G, stats_row_words, sb);
-    b.load(crow1, code_row_words, u, stats, stats2, r1, tile1, k, G, stats_row_words, sb);
+    const bool full = (u32)(u + 1) * 16u <= (u32)n;
+    a.load(crow0, crw, (u32)u, srow0, recs0, k, sb, full);
+    b.load(crow1, crw, (u32)u, srow1, recs1, k, sb, full);
     // each row rounded and packed as soon as it is decoded (columns 2i, 2i+1 per word), then
     // the two rows' halves interleaved into (row 0, row 1) pairs: fewer live registers
     u32 h0[8], h1[8];
     {
       float v[16];
-      a.decode(sb, v);
+      a.decode(sb, magic, v);
 #pragma unroll
       for (int i = 0; i < 8; ++i) h0[i] = pack2<OUT>(v[2 * i], v[2 * i + 1]);
-      b.decode(sb, v);
+      b.decode(sb, magic, v);
 #pragma unroll
       for (int i = 0; i < 8; ++i) h1[i] = pack2<OUT>(v[2 * i], v[2 * i + 1]);
     }
@@ -1295,11 +1315,8 @@ struct OctLoads {
       z = add_rn(f16_bits_to_f32(rec.y >> 16), mul_rn(f16_bits_to_f32(rec.y), qz));
     }
   }
-  // The 8 values of octet o (C-7.1, C-7.2) rounded to OUT, packed two per word. `magic` is
-  // 0x4B000000 in a register the compiler cannot fold (so that the AND with the field mask and
-  // the OR are one LOP3): a B-bit field at bit p (p + B <= 23) OR'd into it is the f32
-  // 2^23 + q 2^p; minus 2^23 that is q 2^p exactly, and one fma with 2^-p gives
-  // round(q - z) = SPEC's sub(q, z); then mul(s, .).
+  // The 8 values of octet o (C-7.1, C-7.2) rounded to OUT, packed two per word, decoded as in
+  // Unit16::decode (`magic` = magic_reg(g)).
   template <int OUT>
   __device__ __forceinline__ void decode(int o, float s, float z, u32 magic,
                                          u32 (&h)[4]) const {
@@ -1340,8 +1357,7 @@ __device__ __forceinline__ void dequant_oct(const u32* __restrict__ codes,
   const i64 r0 = 2 * (i64)blockIdx.x;
   const bool two = r0 + 1 < m;
   const i64 r1 = two ? r0 + 1 : r0;  // odd m: the last block decodes its row twice
-  // 0x4B000000 that the compiler cannot fold into an immediate (g > 0 by contract)
-  const u32 magic = 0x4B000000u | ((u32)g >> 31);
+  const u32 magic = magic_reg(g);
   // warp w < 2 fetches row w's first 32 * OB outlier entries now; it writes them at the end
   constexpr int OB = SPQR_DQO_OB;
   const bool owarp = orows != nullptr && warp < 2;
