@@ -713,6 +713,26 @@ __device__ __forceinline__ int entries_step(const u32* __restrict__ oent, u32 e,
   return col;
 }
 
+// Every real entry (no skips) of the entries [e0, e1) of one row whose LPR lanes (row lane
+// sl) take PER consecutive entries each per step (all loads in flight): f(column, f32
+// correction). Steps continue while any lane of the warp has entries left (the scans shuffle
+// over the whole warp).
+template <int LPR, int PER, typename F>
+__device__ __forceinline__ void for_row_entries(const u32* __restrict__ oent, u32 e0, u32 e1,
+                                                int sl, F&& f) {
+  int base = -1;  // the row's column before this step's first entry
+  for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += LPR * PER) {
+    u32 ent[PER];
+    int col = entries_step<LPR, PER>(oent, e, e1, sl, base, ent);
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+      col += (int)(ent[q] & 0xFFFFu);
+      if ((ent[q] >> 16) == 0xFFFFu) continue;  // a skip
+      f(col, f16_to_f32(ent[q] >> 16));
+    }
+  }
+}
+
 // Entries e .. e + 127 of a row's outlier stream (those below e1), 4 consecutive per lane: for
 // each, the element offset of its column's row of x'^T (column * bp; -1 for a skip) and its
 // correction as f32. `base` is the row's column before entry e (-1 at the row's start); it is
@@ -751,19 +771,11 @@ __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
   float acc[KMAX];
 #pragma unroll
   for (int k = 0; k < KMAX; ++k) acc[k] = 0.f;
-  int base = -1;  // the row's column before this step's first entry
-  for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += LPR * PER) {
-    u32 ent[PER];
-    int col = entries_step<LPR, PER>(oent, e, e1, sl, base, ent);
-#pragma unroll
-    for (int q = 0; q < PER; ++q) {
-      col += (int)(ent[q] & 0xFFFFu);
-      if ((ent[q] >> 16) == 0xFFFFu) continue;  // a skip
-      const float d = f16_to_f32(ent[q] >> 16);
+  for_row_entries<LPR, PER>(oent, e0, e1, sl, [&](int col, float d) {
       const u16* xr = xt + (i64)col * bp;
       if (KMAX == 1 || batch == 1) {
         acc[0] += d * f16_to_f32(xr[0]);
-        continue;
+        return;
       }
       // the entry's x'^T row piece (bp >= batch columns, 2 bp bytes, aligned to its size) in
       // one load
@@ -783,8 +795,7 @@ __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
         if (k >= batch) break;
         acc[k] += d * f16_to_f32((k & 1) ? xw[k >> 1] >> 16 : xw[k >> 1]);
       }
-    }
-  }
+  });
   float mine = 0.f;
 #pragma unroll
   for (int k = 0; k < KMAX; ++k) {
@@ -1058,26 +1069,17 @@ __device__ __forceinline__ void lanes_rows(const float* __restrict__ part, int n
   float acc[KA];
 #pragma unroll
   for (int k = 0; k < KA; ++k) acc[k] = 0.f;
-  int base = -1;  // the row's column before this step's first entry
-  for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += LPR * PER) {
-    u32 ent[PER];
-    int col = entries_step<LPR, PER>(oent, e, e1, sl, base, ent);
+  for_row_entries<LPR, PER>(oent, e0, e1, sl, [&](int col, float d) {
+    const uint4* xr = reinterpret_cast<const uint4*>(xsrc + (i64)col * bp);
 #pragma unroll
-    for (int q = 0; q < PER; ++q) {
-      col += (int)(ent[q] & 0xFFFFu);
-      if ((ent[q] >> 16) == 0xFFFFu) continue;  // a skip
-      const float d = f16_to_f32(ent[q] >> 16);
-      const uint4* xr = reinterpret_cast<const uint4*>(xsrc + (i64)col * bp);
+    for (int cb = 0; cb < KA; cb += 8) {
+      const uint4 v = xr[cb / 8];
+      const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-      for (int cb = 0; cb < KA; cb += 8) {
-        const uint4 v = xr[cb / 8];
-        const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-          acc[cb + k] += d * f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]);
-      }
+      for (int k = 0; k < 8; ++k)
+        acc[cb + k] += d * f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]);
     }
-  }
+  });
   // reduce-scatter over the LPR lanes: at xor distance o a lane keeps the half of its columns
   // selected by (lane & o) and adds its partner's copy of that half; once one column is left
   // (LPR > KA), plain xor sums, and the first of the LPR / KA copies stores.
