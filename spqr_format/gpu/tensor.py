@@ -326,34 +326,37 @@ class GpuTensor:
         m, n = self.shape
         esz = 4 if out_code == 0 else 2
         layout = self._layout_args()
+        out = (np.uint64(out_ptr), np.int64(ldo))
+        # the sections every dequantizer reads first
+        codes = (self.codes, self.stats, _ptr(self.stats2))
+        outliers = (_ptr(self.outlier_rows), _ptr(self.outlier_entries))
+
+        def launch(name: str, blocks: int, threads: int, smem: int, *args) -> None:
+            fn = function(name)
+            if smem > 48 * 1024:
+                _raise_smem_limit(fn, smem)
+            fn((blocks,), (threads,), args, shared_mem=smem)
+
         # Without a permutation (f16/bf16, specialised bits, g % 16 == 0) the octet kernel
         # writes rows straight to global memory. With one, rows are staged in shared memory in
         # stored order and gathered through inv_perm on the way out (two rows per block when
         # they fit, else one). Outliers and the permutation are applied in the same launch.
-        direct = self.perm is None and int(out_ptr) % 16 == 0 and (ldo * esz) % 16 == 0
         if self.perm is None and K.dequant_oct_supported(self.bits, self.group_size, out_code, n):
-            # no permutation: two rows per block, 8 columns per lane, straight to global memory
+            # two rows per block, 8 columns per lane, straight to global memory
             threads = K.dequant_oct_geometry(n)
             smem = K.dequant_oct_smem(self.bits, self.stats_bits, threads)
-            fn = function(K.dequant_oct_name(self.bits, self.stats_bits, out_code))
-            if smem > 48 * 1024:
-                _raise_smem_limit(fn, smem)
-            fn(
-                ((m + 1) // 2,),
-                (threads,),
-                (
-                    self.codes,
-                    self.stats,
-                    _ptr(self.stats2),
-                    _ptr(self.outlier_rows),
-                    _ptr(self.outlier_entries),
-                    np.uint64(out_ptr),
-                    np.int64(ldo),
-                    np.int64(m),
-                    np.int64(n),
-                    *layout,
-                ),
-                shared_mem=smem,
+            name = K.dequant_oct_name(self.bits, self.stats_bits, out_code)
+            launch(
+                name,
+                (m + 1) // 2,
+                threads,
+                smem,
+                *codes,
+                *outliers,
+                *out,
+                np.int64(m),
+                np.int64(n),
+                *layout,
             )
             return
         smem2 = K.dequant_row2_smem(n)
@@ -363,85 +366,67 @@ class GpuTensor:
             and smem2 <= min(_smem_optin(), K.DQ2_WIDE_SMEM_MAX)
         ):
             # two rows per block, staged as (row 0, row 1) pairs: one gather serves both rows
-            fn = function(K.dequant_row2_name(self.bits, self.stats_bits, out_code))
-            if smem2 > 48 * 1024:
-                _raise_smem_limit(fn, smem2)
-            fn(
-                ((m + 1) // 2,),
-                (K.dequant_row2_threads(n, smem2),),
-                (
-                    self.codes,
-                    self.stats,
-                    _ptr(self.stats2),
-                    self.inv_perm,
-                    _ptr(self.outlier_rows),
-                    _ptr(self.outlier_entries),
-                    np.uint64(out_ptr),
-                    np.int64(ldo),
-                    np.int64(m),
-                    np.int64(n),
-                    *layout,
-                ),
-                shared_mem=smem2,
-            )
-            return
-        if direct or n * esz <= _smem_optin():
-            fn = function(K.dequant_row_name(self.bits, self.stats_bits, out_code))
-            smem = 0 if direct else n * esz
-            if smem > 48 * 1024:
-                _raise_smem_limit(fn, smem)
-            fn(
-                (m,),
-                (K.dequant_row_geometry(n, smem),),
-                (
-                    self.codes,
-                    self.stats,
-                    _ptr(self.stats2),
-                    _ptr(self.perm),
-                    _ptr(self.inv_perm),
-                    _ptr(self.outlier_rows),
-                    _ptr(self.outlier_entries),
-                    np.uint64(out_ptr),
-                    np.int64(ldo),
-                    np.int64(n),
-                    np.int32(self.bits),
-                    *layout,
-                ),
-                shared_mem=smem,
-            )
-            return
-        nsub = K.nsub_of(n)
-        total = m * nsub
-        fn = function(K.dequant_name(self.bits, self.stats_bits, out_code))
-        fn(
-            ((total + 255) // 256,),
-            (256,),
-            (
-                self.codes,
-                self.stats,
-                _ptr(self.stats2),
-                _ptr(self.perm),
-                np.uint64(out_ptr),
-                np.int64(ldo),
+            name = K.dequant_row2_name(self.bits, self.stats_bits, out_code)
+            launch(
+                name,
+                (m + 1) // 2,
+                K.dequant_row2_threads(n, smem2),
+                smem2,
+                *codes,
+                self.inv_perm,
+                *outliers,
+                *out,
                 np.int64(m),
+                np.int64(n),
+                *layout,
+            )
+            return
+        direct = self.perm is None and int(out_ptr) % 16 == 0 and (ldo * esz) % 16 == 0
+        if direct or n * esz <= _smem_optin():
+            # one row per block (no shared memory when direct)
+            smem = 0 if direct else n * esz
+            name = K.dequant_row_name(self.bits, self.stats_bits, out_code)
+            launch(
+                name,
+                m,
+                K.dequant_row_geometry(n, smem),
+                smem,
+                *codes,
+                _ptr(self.perm),
+                _ptr(self.inv_perm),
+                *outliers,
+                *out,
                 np.int64(n),
                 np.int32(self.bits),
                 *layout,
-            ),
+            )
+            return
+        # rows beyond shared memory: flat dense pass, then the outlier pass
+        name = K.dequant_name(self.bits, self.stats_bits, out_code)
+        launch(
+            name,
+            -(-m * K.nsub_of(n) // 256),
+            256,
+            0,
+            *codes,
+            _ptr(self.perm),
+            *out,
+            np.int64(m),
+            np.int64(n),
+            np.int32(self.bits),
+            *layout,
         )
         if self.outlier_rows is not None:
-            fo = function(K.dequant_outliers_name(out_code))
-            fo(
-                ((m + 7) // 8,),
-                (256,),
-                (
-                    self.outlier_rows,
-                    self.outlier_entries,
-                    _ptr(self.perm),
-                    np.uint64(out_ptr),
-                    np.int64(ldo),
-                    np.int64(m),
-                ),
+            launch(
+                K.dequant_outliers_name(out_code),
+                (m + 7) // 8,
+                256,
+                0,
+                self.outlier_rows,
+                self.outlier_entries,
+                _ptr(self.perm),
+                *out,
+                np.int64(m),
             )
 
     # --- matvec / matmul ----------------------------------------------------------------------
