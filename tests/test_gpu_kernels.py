@@ -98,7 +98,7 @@ def test_dequantize_into_strided_unaligned(perm, gather, dtype):
     g = GpuTensor.from_packed(p)
     assert (g.inv_perm is not None) == perm
     if not gather:
-        g.inv_perm = None
+        g.inv_perm = g.dq2_slots = None
     width = np.uint32 if dtype == DType.FLOAT32 else np.uint16
     ld = n + pad
     buf = cp.full(off + m * ld, 0xABCD, dtype=width)

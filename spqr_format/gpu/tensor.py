@@ -190,6 +190,9 @@ class GpuTensor:
     # inverse permutation (inv_perm[perm[j]] = j): lets the dequantizer stage rows in stored
     # order and gather them on the way out with coalesced index loads
     inv_perm: cp.ndarray | None = None
+    # u16 [n] (n <= 65536): the two-row dequantizer's staging position of each output column,
+    # pair_slot(inv_perm[c]) (spqr_gpu.h)
+    dq2_slots: cp.ndarray | None = None
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -235,6 +238,8 @@ class GpuTensor:
         if t.perm is not None:
             t.inv_perm = cp.empty_like(t.perm)
             t.inv_perm[t.perm] = cp.arange(t.perm.size, dtype=cp.uint32)
+            if t.perm.size <= 65536:
+                t.dq2_slots = (t.inv_perm ^ ((t.inv_perm >> 3) & 0x1C)).astype(cp.uint16)
         if USE_TC if tensor_cores is None else tensor_cores:
             t.tc = build_tile_layout(p, t.codes, t.stats, t.stats2)
         return t
@@ -361,7 +366,7 @@ class GpuTensor:
             return
         smem2 = K.dequant_row2_smem(n)
         if (
-            self.inv_perm is not None
+            self.dq2_slots is not None
             and K.dequant_row2_supported(self.bits, self.group_size, out_code)
             and smem2 <= min(_smem_optin(), K.DQ2_WIDE_SMEM_MAX)
         ):
@@ -373,7 +378,7 @@ class GpuTensor:
                 K.dequant_row2_threads(n, smem2),
                 smem2,
                 *codes,
-                self.inv_perm,
+                self.dq2_slots,
                 *outliers,
                 *out,
                 np.int64(m),

@@ -111,13 +111,14 @@
  *   else scattered through perm.  grid m, block 32*clamp(ceil(ceil(n/16)/32), 1, 8) or less
  *   (any multiple of 32 up to 256).
  *
- * spqr_dequant_row2_b{B}_{h|q}_{f16|bf16}(codes, stats, stats2, iperm, orows, oents, out,
+ * spqr_dequant_row2_b{B}_{h|q}_{f16|bf16}(codes, stats, stats2, slots, orows, oents, out,
  *                                        ldo, m, n, g, S, sb, G, code_row_words,
  *                                        stats_row_words)
- *   With a permutation (iperm given, as above), f16/bf16 out, B in {2,3,4,8}, g % 16 == 0:
- *   rows 2i and 2i+1 per block (odd m: the last block has one), staged as (row 0, row 1) u32
- *   pairs so that one index load and one shared-memory access serve both rows; outliers
- *   included.  Dynamic smem 128 * ceil(ceil(n/4) / 8) bytes.  grid ceil(m/2), block a
+ *   With a permutation, f16/bf16 out, B in {2,3,4,8}, g % 16 == 0, n <= 65536: rows 2i and
+ *   2i+1 per block (odd m: the last block has one), staged as (row 0, row 1) u32 pairs so that
+ *   one index load and one shared-memory access serve both rows; outliers included.  slots:
+ *   u16 [n], 16-byte aligned, slots[c] = s ^ ((s >> 3) & 0x1C) with s = iperm[c] (the
+ *   staging position of output column c).  Dynamic smem 128 * ceil(ceil(n/4) / 8) bytes.  grid ceil(m/2), block a
  *   multiple of 32 from 64 to 512 (warps 0 and 1 write rows 0 and 1's outliers); the Python
  *   layer uses spqr_dequant_row_*'s geometry up to 64 KiB of smem and 512 threads above.
  *

@@ -1136,7 +1136,9 @@ __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
 // traffic per element of dequant_row). Pairs of 4 columns form 16-byte chunks; chunk k lives at
 // k ^ ((k >> 3) & 7), which makes a warp's 16-byte stores of 32 consecutive units conflict-free.
 // Shared memory: 16 * 8 * ceil(ceil(n / 4) / 8) bytes. Warps 0 and 1 write the outliers of
-// rows 0 and 1 (so at least 64 threads).
+// rows 0 and 1 (so at least 64 threads). The gather reads `slots` (u16 [n], slots[c] =
+// pair_slot(iperm[c]): the swizzled staging position of output column c, precomputed once per
+// tensor; n <= 65536).
 __device__ __forceinline__ u32 pair_slot(u32 j) {
   // chunk k = j >> 2 at k ^ ((k >> 3) & 7): an XOR of bits 2..4 of j with bits 5..7
   return j ^ ((j >> 3) & 0x1Cu);
@@ -1146,7 +1148,7 @@ template <int B, bool PACKED, int OUT>
 __device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
                                              const u32* __restrict__ stats,
                                              const u16* __restrict__ stats2,
-                                             const u32* __restrict__ iperm,
+                                             const u16* __restrict__ slots,
                                              const u32* __restrict__ orows,
                                              const u32* __restrict__ oents,
                                              u16* __restrict__ out, i64 ldo, i64 m, i64 n, int g,
@@ -1245,23 +1247,28 @@ __device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
     }
   }
   __syncthreads();
-  // out[r][c] = staged[iperm[c]] for both rows: four columns per thread, one 16-byte index load
+  // out[r][c] = staged[slots[c]] for both rows (slots[c] = pair_slot(iperm[c]), u16): eight
+  // columns per thread, one 16-byte index load and one 16-byte store per row
   u16* const g0 = out + r0 * ldo;
   u16* const g1 = out + r1 * ldo;
-  const bool vec = ((reinterpret_cast<u64>(g0) | reinterpret_cast<u64>(g1)) & 7) == 0;
-  const int n4 = vec ? (int)(n >> 2) : 0;
-  for (int t = threadIdx.x; t < n4; t += blockDim.x) {
-    const uint4 ix = __ldg(reinterpret_cast<const uint4*>(iperm) + t);
-    const u32 px = sm[pair_slot(ix.x)], py = sm[pair_slot(ix.y)];
-    const u32 pz = sm[pair_slot(ix.z)], pw = sm[pair_slot(ix.w)];
-    reinterpret_cast<uint2*>(g0)[t] = make_uint2(__byte_perm(px, py, 0x5410),
-                                                 __byte_perm(pz, pw, 0x5410));
+  const bool vec = ((reinterpret_cast<u64>(g0) | reinterpret_cast<u64>(g1)) & 15) == 0;
+  const int n8 = vec ? (int)(n >> 3) : 0;
+  for (int t = threadIdx.x; t < n8; t += blockDim.x) {
+    const uint4 ix = __ldg(reinterpret_cast<const uint4*>(slots) + t);
+    const u32 iw[4] = {ix.x, ix.y, ix.z, ix.w};
+    u32 p[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) p[i] = sm[(i & 1) ? iw[i >> 1] >> 16 : iw[i >> 1] & 0xFFFFu];
+    reinterpret_cast<uint4*>(g0)[t] =
+        make_uint4(__byte_perm(p[0], p[1], 0x5410), __byte_perm(p[2], p[3], 0x5410),
+                   __byte_perm(p[4], p[5], 0x5410), __byte_perm(p[6], p[7], 0x5410));
     if (two)
-      reinterpret_cast<uint2*>(g1)[t] = make_uint2(__byte_perm(px, py, 0x7632),
-                                                   __byte_perm(pz, pw, 0x7632));
+      reinterpret_cast<uint4*>(g1)[t] =
+          make_uint4(__byte_perm(p[0], p[1], 0x7632), __byte_perm(p[2], p[3], 0x7632),
+                     __byte_perm(p[4], p[5], 0x7632), __byte_perm(p[6], p[7], 0x7632));
   }
-  for (i64 c = 4 * n4 + threadIdx.x; c < n; c += blockDim.x) {
-    const u32 pv = sm[pair_slot(__ldg(iperm + c))];
+  for (i64 c = 8 * n8 + threadIdx.x; c < n; c += blockDim.x) {
+    const u32 pv = sm[__ldg(slots + c)];
     g0[c] = (u16)pv;
     if (two) g1[c] = (u16)(pv >> 16);
   }
@@ -1638,11 +1645,11 @@ SPQR_MATVEC_ALL(3)
   extern "C" __global__ void __launch_bounds__(SPQR_DQ2_MAXT, SPQR_DQ2_MINB)                  \
       spqr_dequant_row2_b##B##_##SNAME##_##ONAME(                                             \
           const u32* __restrict__ codes, const u32* __restrict__ stats,                       \
-          const u16* __restrict__ stats2, const u32* __restrict__ iperm,                      \
+          const u16* __restrict__ stats2, const u16* __restrict__ slots,                      \
           const u32* __restrict__ orows, const u32* __restrict__ oents, u16* __restrict__ out, \
           i64 ldo, i64 m, i64 n, int g, int S, int sb, int G, i64 code_row_words,             \
           i64 stats_row_words) {                                                              \
-    spqr::dequant_row2<B, PACKED, OUT>(codes, stats, stats2, iperm, orows, oents, out, ldo, m, \
+    spqr::dequant_row2<B, PACKED, OUT>(codes, stats, stats2, slots, orows, oents, out, ldo, m, \
                                        n, g, S, sb, G, code_row_words, stats_row_words);      \
   }
 
