@@ -824,10 +824,26 @@ __device__ __forceinline__ void outlier_scan(u32 ent, i64& colbase, u32& val, i6
   colbase += (i64)__shfl_sync(0xffffffffu, cs, 31);
   val = ent >> 16;
 }
-__device__ __forceinline__ void outlier_batch(const u32* __restrict__ oents, u32 e, u32 e_end,
-                                              i64& colbase, u32& val, i64& col) {
-  const u32 idx = e + (threadIdx.x & 31);
-  outlier_scan(idx < e_end ? __ldg(oents + idx) : 0xFFFF0000u, colbase, val, col);
+
+// The entries [e, e + 32 NB) of a row's outlier stream (those below e1), NB loads per lane in
+// flight, one warp: f(value bits, stored column) for every real entry (no skips); `colbase`
+// advances past them. The dequantizers walk the entries they did not prefetch with it.
+template <int NB, typename F>
+__device__ __forceinline__ void outlier_batches(const u32* __restrict__ oents, u32 e, u32 e1,
+                                                i64& colbase, F&& f) {
+  u32 ent[NB];
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    const u32 idx = e + 32 * b + (threadIdx.x & 31);
+    ent[b] = idx < e1 ? __ldg(oents + idx) : 0xFFFF0000u;  // past the end: skip, delta 0
+  }
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    u32 val;
+    i64 col;
+    outlier_scan(ent[b], colbase, val, col);
+    if (val != 0xFFFFu) f(val, col);
+  }
 }
 
 // f32 values a (low half) and b (high half) rounded to nearest even into one packed word of the
@@ -1076,13 +1092,10 @@ __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
       for (int b = 0; b < OB; ++b)
         if (o_val[b] != 0xFFFFu) write_elem<OUT>(dst, o_dst[b], f16_bits_to_f32(o_val[b]));
     }
-    for (u32 e = o_next; e < o_e1; e += 32) {  // entries not prefetched
-      u32 val;
-      i64 col;
-      outlier_batch(oents, e, o_e1, o_base, val, col);
-      if (val != 0xFFFFu)
+    for (u32 e = o_next; e < o_e1; e += 32 * OB)  // entries not prefetched, OB batches at once
+      outlier_batches<OB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
         write_elem<OUT>(dst, perm ? (i64)__ldg(perm + col) : col, f16_bits_to_f32(val));
-    }
+      });
   }
   if (direct) return;
   __syncthreads();
@@ -1237,13 +1250,10 @@ __device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
       for (int b = 0; b < OB; ++b)
         if (o_val[b] != 0xFFFFu)
           sm16[2 * pair_slot(o_col[b]) + warp] = (u16)out_bits<OUT>(f16_bits_to_f32(o_val[b]));
-      for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32) {  // entries not prefetched
-        u32 val;
-        i64 col;
-        outlier_batch(oents, e, o_e1, o_base, val, col);
-        if (val != 0xFFFFu)
+      for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32 * OB)  // not prefetched, OB batches at once
+        outlier_batches<OB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
           sm16[2 * pair_slot((u32)col) + warp] = (u16)out_bits<OUT>(f16_bits_to_f32(val));
-      }
+        });
     }
   }
   __syncthreads();
@@ -1502,12 +1512,10 @@ __device__ __forceinline__ void dequant_oct(const u32* __restrict__ codes,
 #pragma unroll
     for (int b = 0; b < OB; ++b)
       if (o_val[b] != 0xFFFFu) gw[o_col[b]] = (u16)out_bits<OUT>(f16_bits_to_f32(o_val[b]));
-    for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32) {  // entries not prefetched
-      u32 val;
-      i64 col;
-      outlier_batch(oents, e, o_e1, o_base, val, col);
-      if (val != 0xFFFFu) gw[col] = (u16)out_bits<OUT>(f16_bits_to_f32(val));
-    }
+    for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32 * OB)  // not prefetched, OB batches at once
+      outlier_batches<OB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
+        gw[col] = (u16)out_bits<OUT>(f16_bits_to_f32(val));
+      });
   }
 }
 
