@@ -59,6 +59,9 @@
 #ifndef SPQR_DQ2_MAXT
 #define SPQR_DQ2_MAXT 512  // two-row dequantizer: largest block (512 for wide rows)
 #endif
+#ifndef SPQR_DQ_OUTLIER_NB
+#define SPQR_DQ_OUTLIER_NB 8  // dequantizers: outlier batches of 32 in flight after the prefetch
+#endif
 #ifndef SPQR_DQ_UNROLL
 #define SPQR_DQ_UNROLL 1  // whole-row dequantizer: 16-column units per thread in flight
 #endif
@@ -1092,8 +1095,8 @@ __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
       for (int b = 0; b < OB; ++b)
         if (o_val[b] != 0xFFFFu) write_elem<OUT>(dst, o_dst[b], f16_bits_to_f32(o_val[b]));
     }
-    for (u32 e = o_next; e < o_e1; e += 32 * OB)  // entries not prefetched, OB batches at once
-      outlier_batches<OB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
+    for (u32 e = o_next; e < o_e1; e += 32 * SPQR_DQ_OUTLIER_NB)  // the rest
+      outlier_batches<SPQR_DQ_OUTLIER_NB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
         write_elem<OUT>(dst, perm ? (i64)__ldg(perm + col) : col, f16_bits_to_f32(val));
       });
   }
@@ -1250,8 +1253,8 @@ __device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
       for (int b = 0; b < OB; ++b)
         if (o_val[b] != 0xFFFFu)
           sm16[2 * pair_slot(o_col[b]) + warp] = (u16)out_bits<OUT>(f16_bits_to_f32(o_val[b]));
-      for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32 * OB)  // not prefetched, OB batches at once
-        outlier_batches<OB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
+      for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32 * SPQR_DQ_OUTLIER_NB)  // the rest
+        outlier_batches<SPQR_DQ_OUTLIER_NB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
           sm16[2 * pair_slot((u32)col) + warp] = (u16)out_bits<OUT>(f16_bits_to_f32(val));
         });
     }
@@ -1512,8 +1515,8 @@ __device__ __forceinline__ void dequant_oct(const u32* __restrict__ codes,
 #pragma unroll
     for (int b = 0; b < OB; ++b)
       if (o_val[b] != 0xFFFFu) gw[o_col[b]] = (u16)out_bits<OUT>(f16_bits_to_f32(o_val[b]));
-    for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32 * OB)  // not prefetched, OB batches at once
-      outlier_batches<OB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
+    for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32 * SPQR_DQ_OUTLIER_NB)  // the rest
+      outlier_batches<SPQR_DQ_OUTLIER_NB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
         gw[col] = (u16)out_bits<OUT>(f16_bits_to_f32(val));
       });
   }
