@@ -338,8 +338,7 @@ class GpuTensor:
 
         def launch(name: str, blocks: int, threads: int, smem: int, *args) -> None:
             fn = function(name)
-            if smem > 48 * 1024:
-                _raise_smem_limit(fn, smem)
+            _raise_smem_limit(fn, smem)
             fn((blocks,), (threads,), args, shared_mem=smem)
 
         # Without a permutation (f16/bf16, specialised bits, g % 16 == 0) the octet kernel
@@ -664,8 +663,7 @@ class GpuTensor:
                 continue
             fmain = function(K.tc_name(self.bits, self.stats_bits, nt))
             msmem = K.tc_smem_bytes(nt, tc.MPC)
-            if msmem > 48 * 1024:
-                _raise_smem_limit(fmain, msmem)
+            _raise_smem_limit(fmain, msmem)
             fmain(
                 (-(-tc.RB // K.TC_WARPS), splits),
                 (32 * K.TC_WARPS,),
@@ -694,8 +692,7 @@ class GpuTensor:
             grid = rows_grid
             if smem_x:
                 smem = xbytes
-                if smem > 48 * 1024:
-                    _raise_smem_limit(fin, smem)
+                _raise_smem_limit(fin, smem)
                 per_sm = max(1, min(8, (227 * 1024) // (smem + 1024)))
                 grid = min(rows_grid, per_sm * _sm_count())
             fin(
@@ -769,8 +766,9 @@ _smem_set: dict[int, int] = {}
 
 
 def _raise_smem_limit(fn, smem: int) -> None:
-    """Opt a kernel in to more than 48 KiB of dynamic shared memory (once per size)."""
-    if _smem_set.get(id(fn), 0) < smem:
+    """Opt a kernel in to ``smem`` bytes of dynamic shared memory when that is more than the
+    48 KiB every launch may use (once per size)."""
+    if smem > 48 * 1024 and _smem_set.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _smem_set[id(fn)] = smem
 
