@@ -849,6 +849,43 @@ __device__ __forceinline__ void outlier_batches(const u32* __restrict__ oents, u
   }
 }
 
+// One row's outlier entries for one warp of the two-row dequantizers: fetch() loads and decodes
+// the first 32 * OB (stored columns < 2^32) before the dense pass, so that their loads overlap
+// it; write() hands them and then the rest (outlier_batches) to f(value bits, column) after it.
+template <int OB>
+struct RowOutliers {
+  u32 val[OB], col[OB];
+  u32 e0 = 0, e1 = 0;
+  i64 base = -1;  // the column before the next entry not yet decoded
+
+  // `present`: the row exists (else it has no entries).
+  __device__ __forceinline__ void fetch(const u32* __restrict__ orows,
+                                        const u32* __restrict__ oents, i64 row, bool present) {
+    e0 = __ldg(orows + row);
+    e1 = present ? __ldg(orows + row + 1) : e0;
+    u32 ent[OB];
+#pragma unroll
+    for (int b = 0; b < OB; ++b) {
+      const u32 idx = e0 + 32 * b + (threadIdx.x & 31);
+      ent[b] = idx < e1 ? __ldg(oents + idx) : 0xFFFF0000u;  // past the end: skip, delta 0
+    }
+#pragma unroll
+    for (int b = 0; b < OB; ++b) {
+      i64 c;
+      outlier_scan(ent[b], base, val[b], c);
+      col[b] = (u32)c;
+    }
+  }
+  template <typename F>
+  __device__ __forceinline__ void write(const u32* __restrict__ oents, F&& f) {
+#pragma unroll
+    for (int b = 0; b < OB; ++b)
+      if (val[b] != 0xFFFFu) f(val[b], (i64)col[b]);
+    for (u32 e = e0 + 32 * OB; e < e1; e += 32 * SPQR_DQ_OUTLIER_NB)  // the rest
+      outlier_batches<SPQR_DQ_OUTLIER_NB>(oents, e, e1, base, f);
+  }
+};
+
 // f32 values a (low half) and b (high half) rounded to nearest even into one packed word of the
 // output type (cvt.rn.f16x2.f32 / cvt.rn.bf16x2.f32 take the high half first).
 template <int OUT>
@@ -1176,30 +1213,12 @@ __device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
   const bool two = r0 + 1 < m;
   const i64 r1 = two ? r0 + 1 : r0;  // odd m: the last block decodes row r0 twice, writes it once
   const i64 nunits = (n + 15) >> 4;
-  // warp w < 2 prefetches row w's first 32 * OB outlier entries (stored columns)
-  constexpr int OB = 4;
+  // warp w < 2 prefetches row w's first 4 batches of outlier entries (stored columns < 2^32 on
+  // this path: the rows fit in shared memory)
   const int warp = threadIdx.x >> 5;
   const bool owarp = orows != nullptr && warp < 2;
-  const i64 orow = warp == 1 ? r1 : r0;
-  u32 o_val[OB], o_col[OB];
-  u32 o_e0 = 0, o_e1 = 0;
-  i64 o_base = -1;
-  if (owarp) {
-    o_e0 = __ldg(orows + orow);
-    o_e1 = (warp == 1 && !two) ? o_e0 : __ldg(orows + orow + 1);  // row 1 absent: no entries
-    u32 ent[OB];
-#pragma unroll
-    for (int b = 0; b < OB; ++b) {
-      const u32 idx = o_e0 + 32 * b + (threadIdx.x & 31);
-      ent[b] = idx < o_e1 ? __ldg(oents + idx) : 0xFFFF0000u;  // past the end: skip, delta 0
-    }
-#pragma unroll
-    for (int b = 0; b < OB; ++b) {
-      i64 col;
-      outlier_scan(ent[b], o_base, o_val[b], col);
-      o_col[b] = (u32)col;  // n < 2^32 on this path (the row fits in shared memory)
-    }
-  }
+  RowOutliers<4> ol;
+  if (owarp) ol.fetch(orows, oents, warp == 1 ? r1 : r0, warp == 0 || two);
   const u32* const crow0 = codes + r0 * code_row_words;
   const u32* const crow1 = codes + r1 * code_row_words;
   const i64 tile0 = PACKED ? r0 / S : 0, tile1 = PACKED ? r1 / S : 0;
@@ -1249,14 +1268,9 @@ __device__ __forceinline__ void dequant_row2(const u32* __restrict__ codes,
     __syncthreads();  // dense values in place before the outliers overwrite theirs (C-7.3)
     if (owarp) {
       u16* const sm16 = reinterpret_cast<u16*>(sm);
-#pragma unroll
-      for (int b = 0; b < OB; ++b)
-        if (o_val[b] != 0xFFFFu)
-          sm16[2 * pair_slot(o_col[b]) + warp] = (u16)out_bits<OUT>(f16_bits_to_f32(o_val[b]));
-      for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32 * SPQR_DQ_OUTLIER_NB)  // the rest
-        outlier_batches<SPQR_DQ_OUTLIER_NB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
-          sm16[2 * pair_slot((u32)col) + warp] = (u16)out_bits<OUT>(f16_bits_to_f32(val));
-        });
+      ol.write(oents, [&](u32 val, i64 col) {
+        sm16[2 * pair_slot((u32)col) + warp] = (u16)out_bits<OUT>(f16_bits_to_f32(val));
+      });
     }
   }
   __syncthreads();
@@ -1378,28 +1392,11 @@ __device__ __forceinline__ void dequant_oct(const u32* __restrict__ codes,
   const bool two = r0 + 1 < m;
   const i64 r1 = two ? r0 + 1 : r0;  // odd m: the last block decodes its row twice
   const u32 magic = magic_reg(g);
-  // warp w < 2 fetches row w's first 32 * OB outlier entries now; it writes them at the end
-  constexpr int OB = SPQR_DQO_OB;
+  // warp w < 2 fetches row w's first SPQR_DQO_OB batches of outlier entries now; it writes
+  // them at the end
   const bool owarp = orows != nullptr && warp < 2;
-  u32 o_val[OB], o_col[OB];
-  u32 o_e0 = 0, o_e1 = 0;
-  i64 o_base = -1;
-  if (owarp) {
-    const i64 orow = warp == 1 ? r1 : r0;
-    o_e0 = __ldg(orows + orow);
-    o_e1 = (warp == 1 && !two) ? o_e0 : __ldg(orows + orow + 1);  // row 1 absent: no entries
-#pragma unroll
-    for (int b = 0; b < OB; ++b) {
-      const u32 idx = o_e0 + 32 * b + lane;
-      o_val[b] = idx < o_e1 ? __ldg(oents + idx) : 0xFFFF0000u;  // past the end: skip, delta 0
-    }
-#pragma unroll
-    for (int b = 0; b < OB; ++b) {
-      i64 col;
-      outlier_scan(o_val[b], o_base, o_val[b], col);
-      o_col[b] = (u32)col;
-    }
-  }
+  RowOutliers<SPQR_DQO_OB> ol;
+  if (owarp) ol.fetch(orows, oents, warp == 1 ? r1 : r0, warp == 0 || two);
   const u32 crw = (u32)code_row_words;
   const u32* const crow0 = codes + r0 * code_row_words;
   const u32* const crow1 = codes + r1 * code_row_words;
@@ -1512,13 +1509,7 @@ __device__ __forceinline__ void dequant_oct(const u32* __restrict__ codes,
   __syncthreads();  // dense values in place before the outliers overwrite theirs (C-7.3)
   if (owarp) {
     u16* const gw = warp == 0 ? g0 : g1;
-#pragma unroll
-    for (int b = 0; b < OB; ++b)
-      if (o_val[b] != 0xFFFFu) gw[o_col[b]] = (u16)out_bits<OUT>(f16_bits_to_f32(o_val[b]));
-    for (u32 e = o_e0 + 32 * OB; e < o_e1; e += 32 * SPQR_DQ_OUTLIER_NB)  // the rest
-      outlier_batches<SPQR_DQ_OUTLIER_NB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
-        gw[col] = (u16)out_bits<OUT>(f16_bits_to_f32(val));
-      });
+    ol.write(oents, [&](u32 val, i64 col) { gw[col] = (u16)out_bits<OUT>(f16_bits_to_f32(val)); });
   }
 }
 
