@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
@@ -25,6 +26,7 @@ except Exception:  # pragma: no cover
     pytest.skip("no CUDA device", allow_module_level=True)
 
 from spqr_format.api import save  # noqa: E402
+from spqr_format.codec.reference import decode_bilevel  # noqa: E402
 from spqr_format.gpu import GpuTensor  # noqa: E402
 from spqr_format.gpu import _kernels as K  # noqa: E402
 from spqr_format.gpu.synth import random_packed  # noqa: E402
@@ -52,6 +54,21 @@ def fnv1a(y_bits: np.ndarray) -> str:
         for byte in (v & 0xFF, v >> 8):
             h = ((h ^ byte) * 1099511628211) & ((1 << 64) - 1)
     return f"{h:016x}"
+
+
+@numba.njit(cache=False)
+def _fnv1a_u16(v: np.ndarray) -> np.uint64:
+    h = np.uint64(1469598103934665603)
+    prime = np.uint64(1099511628211)
+    for x in v:
+        h = (h ^ np.uint64(x & 0xFF)) * prime
+        h = (h ^ np.uint64(x >> 8)) * prime
+    return h
+
+
+def fnv1a_fast(bits: np.ndarray) -> str:
+    """fnv1a for millions of values (the C example's checksum of a dequantized tensor)."""
+    return f"{int(_fnv1a_u16(np.ascontiguousarray(bits, dtype=np.uint16))):016x}"
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +152,33 @@ def test_c_example_tensor_cores_match_python(
     assert g.tc is not None
     y = cp.asnumpy(g.matvec(cp.asarray(make_x(n, seed))))
     assert got.group(1) == fnv1a(y.view(np.uint16)), (res.stdout, y[:8])
+
+
+@pytest.mark.parametrize(
+    "m,n,kw",
+    [
+        (301, 4096, dict(perm=False)),  # the octet kernel (no permutation)
+        (300, 4096, {}),  # a permutation: the row kernel and its scatter
+        (9, 1000, dict(bits=4, group_size=128, stats_bits=0, perm=False)),
+        (5, 28672, dict(perm=False, outlier_fraction=0.01)),
+        (6, 1000, dict(bits=5, group_size=24)),  # generic bits, g % 16 != 0: the flat kernel
+    ],
+)
+def test_c_example_dequantize_matches_reference(binary, tmp_path, m, n, kw):
+    """`spqr_matvec FILE NAME SEED dq`: spqr_dequantize (the C launcher) writes the f16 weights
+    of the CPU reference decoder, bit for bit."""
+    p = random_packed(m, n, seed=m, **kw)
+    path = tmp_path / "w.spqr"
+    save(path, {"layer.weight": p})
+    res = subprocess.run(
+        [str(binary), str(path), "layer.weight", "1", "dq"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    got = re.search(r"fnv1a=([0-9a-f]{16}) sum=(\S+)", res.stdout)
+    assert got, res.stdout
+    w = decode_bilevel(p, "float16")
+    assert got.group(1) == fnv1a_fast(w.view(np.uint16).ravel()), res.stdout
+    assert float(got.group(2)) == pytest.approx(float(w.astype(np.float64).sum()), rel=1e-9)

@@ -5,12 +5,14 @@
 //   nvcc -O2 -std=c++17 -arch=sm_80 -I ../../spqr_format/gpu/kernels \
 //        spqr_matvec.cu spqr_reader.c ../../spqr_format/gpu/kernels/spqr_host.cu -o spqr_matvec
 //
-// Usage: spqr_matvec FILE.spqr [TENSOR_NAME] [SEED] [tc]
+// Usage: spqr_matvec FILE.spqr [TENSOR_NAME] [SEED] [tc|dq]
 // The input x (f16, length n) is generated from SEED by the LCG below; tests/test_gpu_c_example.py
 // generates the same x in Python and compares y bit for bit (same kernels, same launch).
 // With `tc`, the tensor is repacked on the host into the tile layout (spqr_tile_repack) and
 // multiplied on tensor cores (spqr_tc_matmul); build with spqr_tile_layout.c and
-// spqr_tc_host.cu too (see Makefile).
+// spqr_tc_host.cu too (see Makefile).  With `dq`, the tensor is dequantized to f16
+// (spqr_dequantize) and the checksum covers all m * n weights (row-major, bit-exact with the CPU
+// reference decoder).
 
 #include <cuda_runtime.h>
 
@@ -41,6 +43,20 @@ static void make_x(uint16_t* x, int64_t n, uint64_t seed) {
   }
 }
 
+// FNV-1a over the bit patterns of `count` f16 values, and their sum as doubles
+static void print_checksum(const uint16_t* v, int64_t count) {
+  uint64_t hash = 1469598103934665603ull;
+  double sum = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    hash = (hash ^ (v[i] & 0xFFu)) * 1099511628211ull;
+    hash = (hash ^ (v[i] >> 8)) * 1099511628211ull;
+    uint32_t e = (v[i] >> 10) & 0x1Fu, mnt = v[i] & 0x3FFu;
+    double x = e == 0 ? mnt * (1.0 / (1 << 24)) : (1024 + mnt) * (double)(1ull << e) / (1ull << 25);
+    sum += (v[i] >> 15) ? -x : x;
+  }
+  printf("checksum fnv1a=%016llx sum=%.17g\n", (unsigned long long)hash, sum);
+}
+
 static int upload(const void* host, size_t len, void** dev) {
   *dev = NULL;
   if (!host) return 0;
@@ -50,7 +66,7 @@ static int upload(const void* host, size_t len, void** dev) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    fprintf(stderr, "usage: %s FILE.spqr [TENSOR_NAME] [SEED] [tc]\n", argv[0]);
+    fprintf(stderr, "usage: %s FILE.spqr [TENSOR_NAME] [SEED] [tc|dq]\n", argv[0]);
     return 1;
   }
   const char* name = argc > 2 && argv[2][0] ? argv[2] : NULL;
@@ -92,6 +108,24 @@ int main(int argc, char** argv) {
   cudaStream_t stream;
   CHECK(cudaStreamCreate(&stream));
   int rc;
+  if (argc > 4 && strcmp(argv[4], "dq") == 0) {
+    // dequantize to f16 (spqr_dequantize, bit-exact with SPEC section 7): checksum of W
+    const size_t count = (size_t)h.m * (size_t)h.n;
+    uint16_t *dw, *w = (uint16_t*)malloc(sizeof(uint16_t) * count);
+    if (!w) {
+      fprintf(stderr, "out of memory\n");
+      return 2;
+    }
+    CHECK(cudaMalloc((void**)&dw, sizeof(uint16_t) * count));
+    CHECK((cudaError_t)spqr_dequantize(&t, dw, h.n, SPQR_DTYPE_F16, stream));
+    CHECK(cudaStreamSynchronize(stream));
+    CHECK(cudaMemcpy(w, dw, sizeof(uint16_t) * count, cudaMemcpyDeviceToHost));
+    printf("m=%lld n=%lld bits=%d stats_bits=%d\n", (long long)h.m, (long long)h.n, h.bits,
+           h.stats_bits);
+    print_checksum(w, (int64_t)count);
+    spqr_free_bilevel(&h);
+    return 0;
+  }
   const int use_tc = argc > 4 && strcmp(argv[4], "tc") == 0;
   if (use_tc) {
     // host repack from host copies of the sections, then upload the tile arrays
@@ -156,19 +190,9 @@ int main(int argc, char** argv) {
   CHECK((cudaError_t)rc);
   CHECK(cudaStreamSynchronize(stream));
   CHECK(cudaMemcpy(y, dy, sizeof(uint16_t) * (size_t)h.m, cudaMemcpyDeviceToHost));
-  // FNV-1a over the f16 bit patterns of y, and their sum as floats
-  uint64_t hash = 1469598103934665603ull;
-  double sum = 0;
-  for (int64_t i = 0; i < h.m; ++i) {
-    hash = (hash ^ (y[i] & 0xFFu)) * 1099511628211ull;
-    hash = (hash ^ (y[i] >> 8)) * 1099511628211ull;
-    uint32_t e = (y[i] >> 10) & 0x1Fu, mnt = y[i] & 0x3FFu;
-    double v = e == 0 ? mnt * (1.0 / (1 << 24)) : (1024 + mnt) * (double)(1ull << e) / (1ull << 25);
-    sum += (y[i] >> 15) ? -v : v;
-  }
   printf("m=%lld n=%lld bits=%d stats_bits=%d\n", (long long)h.m, (long long)h.n, h.bits,
          h.stats_bits);
-  printf("checksum fnv1a=%016llx sum=%.17g\n", (unsigned long long)hash, sum);
+  print_checksum(y, h.m);
   spqr_free_bilevel(&h);
   return 0;
 }

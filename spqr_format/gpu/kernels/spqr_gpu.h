@@ -250,7 +250,11 @@ int spqr_matvec_supported(const spqr_bilevel *t);
 int spqr_matvec(const spqr_bilevel *t, const void *x, int64_t ldx, int in_dtype, void *y,
                 int64_t ldy, int out_dtype, int batch, void *workspace, void *stream);
 
-/* out[m][ldo] = decoded W (f32/f16/bf16 by out_dtype), bit-exact with SPEC section 7. */
+/* out[m][ldo] = decoded W (f32/f16/bf16 by out_dtype), bit-exact with SPEC section 7.
+ * Without a permutation, for f16/bf16, bits in {2,3,4,8} and g % 16 == 0 it launches the octet
+ * kernel (spqr_dequant_oct_*, as the Python layer does); otherwise the one-row kernel, which
+ * scatters through perm (the Python layer's two-row kernel needs an inverse permutation,
+ * which spqr_bilevel does not carry). */
 int spqr_dequantize(const spqr_bilevel *t, void *out, int64_t ldo, int out_dtype, void *stream);
 
 /* ------------------------------------------------------------------------------------------

@@ -43,12 +43,17 @@ typedef void (*dequant_row_fn)(const u32*, const u32*, const u16*, const u32*, c
 typedef void (*dequant_fn)(const u32*, const u32*, const u16*, const u32*, void*, i64, i64, i64,
                            int, int, int, int, int, i64, i64);
 typedef void (*dequant_out_fn)(const u32*, const u32*, const u32*, void*, i64, i64);
+typedef void (*dequant_oct_fn)(const u32*, const u32*, const u16*, const u32*, const u32*, u16*,
+                               i64, i64, i64, int, int, int, int, i64, i64);
 
 #define SPQR_DQ3(PFX, B, S) \
   {&PFX##_b##B##_##S##_f32, &PFX##_b##B##_##S##_f16, &PFX##_b##B##_##S##_bf16}
 #define SPQR_DQ_BITS(PFX, S) \
   {SPQR_DQ3(PFX, 0, S), SPQR_DQ3(PFX, 2, S), SPQR_DQ3(PFX, 3, S), SPQR_DQ3(PFX, 4, S), \
    SPQR_DQ3(PFX, 8, S)}
+
+#define SPQR_DQO2(B, S) {&spqr_dequant_oct_b##B##_##S##_f16, &spqr_dequant_oct_b##B##_##S##_bf16}
+#define SPQR_DQO_BITS(S) {SPQR_DQO2(2, S), SPQR_DQO2(3, S), SPQR_DQO2(4, S), SPQR_DQO2(8, S)}
 
 int dq_bits_index(int bits) {
   return bits == 2 ? 1 : bits == 3 ? 2 : bits == 4 ? 3 : bits == 8 ? 4 : 0;
@@ -143,6 +148,22 @@ extern "C" int spqr_dequantize(const spqr_bilevel* t, void* out, int64_t ldo, in
   int dev = 0, optin = 48 * 1024;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  // no permutation, f16/bf16, specialised bits, g % 16 == 0: the octet kernel (two rows per
+  // block, as spqr_format/gpu/tensor.py launches it)
+  if (t->perm == NULL && bi > 0 && t->group_size % 16 == 0 && out_dtype != SPQR_DTYPE_F32 &&
+      n < ((int64_t)1 << 28)) {
+    static const dequant_oct_fn oct_h[4][2] = SPQR_DQO_BITS(h);
+    static const dequant_oct_fn oct_q[4][2] = SPQR_DQO_BITS(q);
+    const dequant_oct_fn fn = t->stats_bits ? oct_q[bi - 1][out_dtype - 1]
+                                            : oct_h[bi - 1][out_dtype - 1];
+    const int threads = n > 8192 ? 256 : 128;
+    const int nword = 2 * (t->bits == 8 ? 3 : 2) + (t->stats_bits ? 4 : 1);
+    const int smem = threads / 32 * SPQR_DQO_STAGES * nword * 128;  // at most 40 KiB
+    fn<<<(unsigned)ceil_div(m, 2), (unsigned)threads, smem, stream>>>(
+        t->codes, t->stats, t->stats2, t->orows, t->oents, (u16*)out, ldo, m, n, t->group_size,
+        S, t->stats_bits, (int)G, crw, srw);
+    return (int)cudaGetLastError();
+  }
   // rows straight to global memory (no shared memory) when there is no permutation and every
   // row is 16-byte aligned; else each row is assembled in n * esz bytes of shared memory
   const bool direct = t->perm == NULL && ((uintptr_t)out & 15) == 0 && ((ldo * esz) & 15) == 0;
