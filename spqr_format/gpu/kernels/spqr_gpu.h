@@ -178,8 +178,7 @@
  *   slices in order.  gp_log2: smallest with 2^gp_log2 >= nb.  grid ceil(RB / RPB); no
  *   dynamic shared memory.  orows / tl_oents NULL: no outliers.  Any ks_log2 gives a
  *   correct result; spqr_tc_matmul picks the one that fills the GPU best, and uses this
- *   kernel for nb <= 4, and for nb <= 8 when m*n <= 2^25 (elsewhere the two kernels below
- *   are faster: _kernels.tcv_wanted); for nb <= 2 and m*n >= 2^27, or m >= 5120 and
+ *   kernel for nb <= 8 (_kernels.tcv_wanted); for nb <= 2 and m*n >= 2^27, or m >= 5120 and
  *   m*n >= 5120^2 (_kernels.tcg_wanted), the next one.
  *
  * spqr_tcg_b{B}_s{SB}(tl_codes, tl_stats, tl_stats2, xfrag, xsum, orows, tl_oents, xt, bp, RB,
@@ -302,8 +301,8 @@ size_t spqr_tc_workspace_bytes(const spqr_tile *t, int batch);
 
 /* Y[b][:] = W X[b][:] for b < batch on tensor cores: X f16 rows of ldx elements, Y rows of ldy
  * elements in out_dtype (f32/f16/bf16).  Per 64 batch rows, on `stream` with no
- * synchronisation: prepare + spqr_tcg_* (<= 2 rows on large matrices) or spqr_tcv_* (<= 4
- * rows, or <= 8 on small matrices), else prepare, tile kernel, finish.  Same arithmetic and tolerance as the Python layer's
+ * synchronisation: prepare + spqr_tcg_* (<= 2 rows on large matrices) or spqr_tcv_* (<= 8
+ * rows), else prepare, tile kernel, finish.  Same arithmetic and tolerance as the Python layer's
  * tensor-core path, and bit-identical to it for the same k-split (which is
  * chosen from the device's multiprocessor count and the kernel's registers; the environment
  * variable SPQR_TC_SPLITS overrides it in both).  Returns the launch error as an int

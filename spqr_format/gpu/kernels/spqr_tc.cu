@@ -6,7 +6,7 @@
 //
 // Per call, on one stream:
 //   1. spqr_tc_prepare_x: x'[c][j] = x[c][perm[j]] (f16), written as mma B fragments;
-//   2. batch <= 4 (<= 8 on small matrices): spqr_tcv_b{B}_s{SB}, the whole product (tc_vec),
+//   2. batch <= 8: spqr_tcv_b{B}_s{SB}, the whole product (tc_vec),
 //      or for batch <= 2 on large matrices spqr_tcg_b{B}_s{SB} (unscaled codes into the tensor
 //      cores, scales applied in f32: tcg_round); otherwise
 //      spqr_tc_b{B}_s{SB}_nt{NT}: each warp owns 16 rows (a block) and a range of chunks
@@ -733,6 +733,57 @@ __device__ __forceinline__ void for_row_entries(const u32* __restrict__ oent, u3
   }
 }
 
+// for_row_entries with the x'^T gathers of all PER entries of a lane's step in flight: per
+// step, load(column) for each of the lane's real entries, then use(loaded value, f32
+// correction) for each in entry order (the same sums, in the same order, as for_row_entries).
+// Only where it measured faster: spqr_tcv_*'s epilogue at batch 3-8 (H200, session 9: batch 4
+// 4-11 % faster); the finish kernels' lanes pass and batch 1-2 were slower with it.
+template <int LPR, int PER, int G, typename L, typename U>
+__device__ __forceinline__ void for_row_entries_gathered(const u32* __restrict__ oent, u32 e0,
+                                                         u32 e1, int sl, L&& load, U&& use) {
+  static_assert(PER % G == 0, "groups of G gathers fill a step");
+  int base = -1;  // the row's column before this step's first entry
+  for (u32 e = e0; __any_sync(0xffffffffu, e < e1); e += LPR * PER) {
+    u32 ent[PER];
+    int col = entries_step<LPR, PER>(oent, e, e1, sl, base, ent);
+#pragma unroll
+    for (int q0 = 0; q0 < PER; q0 += G) {  // G gathers in flight, then their uses
+      decltype(load(0)) v[G];
+#pragma unroll
+      for (int q = 0; q < G; ++q) {
+        col += (int)(ent[q0 + q] & 0xFFFFu);
+        if ((ent[q0 + q] >> 16) != 0xFFFFu) v[q] = load(col);  // (skips: not loaded, not used)
+      }
+#pragma unroll
+      for (int q = 0; q < G; ++q) {
+        if ((ent[q0 + q] >> 16) == 0xFFFFu) continue;
+        use(v[q], f16_to_f32(ent[q0 + q] >> 16));
+      }
+    }
+  }
+}
+
+// The x'^T row piece of KW = 4 or 8 batch columns (2 KW bytes, aligned to its size).
+template <int KW>
+struct XRow {
+  u32 w[KW / 2];
+  __device__ __forceinline__ u32 operator[](int k) const {  // bits of column k (low half)
+    return (k & 1) ? w[k >> 1] >> 16 : w[k >> 1];
+  }
+};
+template <int KW>
+__device__ __forceinline__ XRow<KW> load_xrow(const u16* p) {
+  XRow<KW> r;
+  if (KW == 8) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    r.w[0] = v.x, r.w[1] = v.y, r.w[KW == 8 ? 2 : 0] = v.z, r.w[KW == 8 ? 3 : 0] = v.w;
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    r.w[0] = v.x, r.w[1] = v.y;
+  }
+  return r;
+}
+
 // Entries e .. e + 127 of a row's outlier stream (those below e1), 4 consecutive per lane: for
 // each, the element offset of its column's row of x'^T (column * bp; -1 for a skip) and its
 // correction as f32. `base` is the row's column before entry e (-1 at the row's start); it is
@@ -750,6 +801,23 @@ __device__ __forceinline__ void decode128(const u32* __restrict__ oent, u32 e, u
   }
 }
 
+// rows_outliers4's entry walk with x'^T gathers in flight (16 registers' worth: 8 pieces of 4
+// columns, or 4 of 8): KW = 4 or 8 columns per piece (bp >= KW), batch <= KW.
+template <int LPR, int PER, int KW, int KMAX>
+__device__ __forceinline__ void rows_gathered(const u32* __restrict__ oent, u32 e0, u32 e1,
+                                              int sl, const u16* xt, int bp, int batch,
+                                              float (&acc)[KMAX]) {
+  for_row_entries_gathered<LPR, PER, (KW == 8 ? 4 : 8)>(
+      oent, e0, e1, sl, [&](int col) { return load_xrow<KW>(xt + (i64)col * bp); },
+      [&](const XRow<KW>& xr, float d) {
+#pragma unroll
+        for (int k = 0; k < KW; ++k) {  // a branch out, not KW predicated FMAs
+          if (k >= batch) break;
+          acc[k < KMAX ? k : 0] += d * f16_to_f32(xr[k]);
+        }
+      });
+}
+
 // Outlier corrections of up to 32 / LPR rows at once for batch columns 0 .. batch - 1 (batch
 // <= KMAX <= LPR), one warp: lanes LPR s .. LPR s + LPR - 1 take row `row` (-1: none; the value
 // may differ per group of LPR lanes). Each step, each lane takes PER consecutive entries of its
@@ -757,7 +825,7 @@ __device__ __forceinline__ void decode128(const u32* __restrict__ oent, u32 e, u
 // the lane multiplies them with x'^T [n][bp] (`xt`, spqr_tc_prepare_x; global or shared
 // memory); a fixed xor tree over the LPR lanes sums them (deterministic). Returns, in lane
 // LPR s + c (c < batch), the row's sum for batch column c (0 in the others).
-template <int PER, int KMAX, int LPR = 8>
+template <int PER, int KMAX, int LPR = 8, bool GATHER = false>
 __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
                                                 const u32* __restrict__ oent, const u16* xt,
                                                 int bp, i64 row, int batch, int lane) {
@@ -771,6 +839,11 @@ __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
   float acc[KMAX];
 #pragma unroll
   for (int k = 0; k < KMAX; ++k) acc[k] = 0.f;
+  if (GATHER && KMAX >= 8 && batch >= 5 && bp >= 8) {
+    rows_gathered<LPR, PER, (KMAX >= 8 ? 8 : 4), KMAX>(oent, e0, e1, sl, xt, bp, batch, acc);
+  } else if (GATHER && KMAX >= 4 && batch >= 3 && bp >= 4) {
+    rows_gathered<LPR, PER, 4, KMAX>(oent, e0, e1, sl, xt, bp, batch, acc);
+  } else {
   for_row_entries<LPR, PER>(oent, e0, e1, sl, [&](int col, float d) {
       const u16* xr = xt + (i64)col * bp;
       if (KMAX == 1 || batch == 1) {
@@ -796,6 +869,7 @@ __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
         acc[k] += d * f16_to_f32((k & 1) ? xw[k >> 1] >> 16 : xw[k >> 1]);
       }
   });
+  }
   float mine = 0.f;
 #pragma unroll
   for (int k = 0; k < KMAX; ++k) {
@@ -905,8 +979,8 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
     // 8 rows kq, kq + 2, ..., 4 lanes each
     const int r = kq + ((lane >> 2) << 1);
     const bool live = (i64)rb * 16 + r < m;
-    const float v = rows_outliers4<16, 4, 4>(orows, oent, xt, bp, live ? (i64)rb * 16 + r : -1,
-                                             batch, lane);
+    const float v = rows_outliers4<16, 4, 4, !GS>(orows, oent, xt, bp,
+                                                   live ? (i64)rb * 16 + r : -1, batch, lane);
     if (live && (lane & 3) < batch) osm[rbl][r][lane & 3] = v;
   } else if (active && orows != nullptr) {  // 4 rows at a time, 8 lanes each
     const int nr = 16 >> ks_log2;
@@ -914,8 +988,8 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
       const int i = i0 + (lane >> 3);
       const int r = kq + (i << ks_log2);
       const bool live = i < nr && (i64)rb * 16 + r < m;
-      const float v = rows_outliers4<16, 8>(orows, oent, xt, bp, live ? (i64)rb * 16 + r : -1,
-                                            batch, lane);
+      const float v = rows_outliers4<16, 8, 8, !GS>(orows, oent, xt, bp,
+                                                     live ? (i64)rb * 16 + r : -1, batch, lane);
       if (live && (lane & 7) < batch) osm[rbl][r][lane & 7] = v;
     }
   }
