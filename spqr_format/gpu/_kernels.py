@@ -277,7 +277,7 @@ def tcv_gp_log2(batch: int) -> int:
 # spqr_tcv_* for batch <= TCV_SMALL_BATCH, and up to batch 8 on matrices with at most
 # TCV_SMALL_WEIGHTS weights; env SPQR_TCV=0: never, =1: always (comparisons)
 TCV_MODE = os.environ.get("SPQR_TCV", "")
-TCV_SMALL_BATCH = 4
+TCV_SMALL_BATCH = 8
 TCV_SMALL_WEIGHTS = 1 << 25
 # tcv_ks: a warp's fixed cost (first loads, outlier corrections, block sum) in chunks
 TCV_WARP_OVERHEAD_CHUNKS = 2
@@ -293,8 +293,13 @@ def tcv_wanted(m: int, n: int, batch: int) -> bool:
     cost (batch 1: 28672x8192 50.7 vs 60.2 us, 11008x4096 19.0 vs 21.1, 8192x28672 48.0 vs
     61.3, 4096x4096 11.0 vs 14.2; batch 4: 28672x8192 69.7 vs 72.9, 11008x4096 25.6 vs 25.2).
     Its warps read x' on their own (the split kernel shares one copy per block): from 5
-    columns on that costs more than the split path's extra kernels except on small matrices
-    (batch 8: 8192x28672 84.0 vs 71.7 us, 4096x11008 23.6 vs 22.0, 4096x4096 16.3 vs 19.1)."""
+    columns on that cost more than the split path's extra kernels except on small matrices
+    (session 6, batch 8: 8192x28672 84.0 vs 71.7 us, 4096x11008 23.6 vs 22.0, 4096x4096 16.3
+    vs 19.1) until its outlier epilogue kept its x'^T gathers in flight (session 9,
+    ``rows_gathered``): now it is faster up to 8 columns on all six benchmark shapes but
+    11008x4096, where it is 1-3 % slower (batch 8, us, one kernel vs split: 8192x28672 60.0 vs
+    68.0, 28672x8192 66.3 vs 68.5, 8192x8192 22.1 vs 28.3, 4096x11008 18.5 vs 23.5, 11008x4096
+    25.2 vs 24.5), so TCV_SMALL_BATCH is 8."""
     if TCV_MODE in ("0", "1"):
         return TCV_MODE == "1" and batch <= 8
     if batch > 8:
