@@ -97,8 +97,8 @@ int main(void) {
     else if (!strcmp(op, "lanes") && scanf("%d %lld %lld %d %d", &i, &m, &x, &j, &k) == 5)
       printf("%d\n", spqr_plan_finish_lanes(i, m, x, j, k));
     else if (!strcmp(op, "splits") &&
-             scanf("%lld %lld %lld %d %lld %d", &x, &y, &n, &i, &z, &j) == 6) {
-      spqr_plan_splits(x, y, n, i, z, j, &j, &k);
+             scanf("%lld %lld %d %lld %lld %d", &x, &y, &i, &n, &z, &j) == 6) {
+      spqr_plan_splits(x, y, i, n, z, j, &j, &k);
       printf("%d %d\n", j, k);
     } else if (!strcmp(op, "resident") && scanf("%d %lld", &i, &x) == 2)
       printf("%lld\n", (long long)spqr_plan_resident(i, x));
@@ -171,9 +171,10 @@ def test_c_plan_picks_the_same_kernels_as_python(monkeypatch, c_plan):
             for ov in (0, 1, 3, 8, 20):
                 monkeypatch.setenv("SPQR_TC_SPLITS", str(ov))
                 for nt in (1, 2, 8):
-                    cases.append(f"splits {rb} {nc} {n} {nt} {slots} {ov}")
-                    s, p = K.tc_splits(rb, nc, 1, slots, K.tc_max_splits(n, nt))
-                    want.append(f"{s} {p}")
+                    for cb in (2336, 2720, 4000):
+                        cases.append(f"splits {rb} {nc} {nt} {cb} {slots} {ov}")
+                        s, p = K.tc_splits(rb, nc, 1, slots, nt, cb)
+                        want.append(f"{s} {p}")
         for sms in (1, 132, 1000):
             for ents in (0, m * n // 100, m * n):
                 for ov in (0, 4, 16, 5):

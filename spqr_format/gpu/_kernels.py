@@ -372,40 +372,43 @@ def tc_resident_blocks(regs: int, smem: int, warps: int = TC_WARPS) -> int:
 
 
 def tc_splits(
-    rb: int, nc: int, sm_count: int, resident: int = 3, max_splits: int = 16
+    rb: int, nc: int, sm_count: int, resident: int, nt: int, chunk_bytes: int
 ) -> tuple[int, int]:
-    """(splits, chunks per split) of the tensor-core kernel.
+    """(splits, chunks per split) of the tensor-core kernel for ``rb`` row blocks, ``nc``
+    chunks, ``nt`` n-tiles and ``chunk_bytes`` bytes of tile layout per warp and chunk.
 
-    The k-range is split so that the grid fills the machine's block slots
-    (``resident * sm_count``) in whole waves as evenly as possible: among 1..max_splits splits
-    (each at least 4 chunks) the one with the best slot utilisation, the fewest on a tie.
-    ``max_splits`` keeps the f32 partial sums small next to the weights (see
-    :func:`tc_max_splits`).
+    Among 1..16 splits (each at least 4 chunks) the one of least estimated cost, the fewest on
+    a tie (integer arithmetic, mirrored by spqr_tc_plan.h):
+
+        waves * per * slots * TC_WARPS * chunk_bytes * 2  +  splits * 80 * nt * 16 * rb
+
+    The first term is the chunks on the critical path (``waves`` of the grid over the
+    machine's ``resident * sm_count`` block slots, ``per`` chunks each), a chunk step costed
+    as the bytes every resident warp streams at about half the bandwidth (each warp is bound
+    by latency, so a step takes as long however full the machine is); the second, the f32
+    partial sums written and read back (8 nt bytes per row and split, at about 80 % of the
+    bandwidth). H200, session 9 (.device/6): the previous rule (best slot utilisation, at
+    most n / (256 nt) splits) took 7 splits on 28672x8192 at batch 32 (145.7 us against 128.4
+    with 1) and 2 on 4096x4096 at batch 64 (41.7 us against 33.9 with 4); this one picks 1 and
+    4 there and the same as before on the other benchmark cases.
     """
     groups = -(-rb // TC_WARPS)
     slots = max(1, resident * sm_count)
-    best, best_eff = 1, -1.0
-    for s in range(1, max(1, min(16, max_splits)) + 1):
+    best, best_cost = 1, None
+    for s in range(1, 17):
         if s > 1 and -(-nc // s) < 4:
             break
         per = -(-nc // s)
         real = -(-nc // per)
-        total = groups * real
-        eff = total / (-(-total // slots) * slots)
-        if eff > best_eff + 0.02:
-            best, best_eff = real, eff
+        waves = -(-(groups * real) // slots)
+        cost = waves * per * slots * TC_WARPS * chunk_bytes * 2 + real * 80 * nt * 16 * rb
+        if best_cost is None or cost < best_cost:
+            best, best_cost = real, cost
     override = int(os.environ.get("SPQR_TC_SPLITS") or 0)
     if override:
         best = max(1, min(override, nc))
     per = -(-nc // best)
     return -(-nc // per), per
-
-
-def tc_max_splits(n: int, nt: int) -> int:
-    """Splits whose partial sums (written and read, 8 bytes per row and batch column each)
-    stay under ~50 % of the weight bytes (~0.5 byte per weight): an under-filled GPU costs
-    more than that traffic."""
-    return max(1, n // (32 * 8 * nt))
 
 
 def tc_finish_name(pitch: int) -> str:

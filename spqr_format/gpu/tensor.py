@@ -452,9 +452,9 @@ class GpuTensor:
             regs = int(getattr(fn, "num_regs", 64) or 64)
             smem = K.tc_smem_bytes(nt, self.tc.MPC)
             resident = K.tc_resident_blocks(regs, smem)
-            plan = K.tc_splits(
-                self.tc.RB, self.tc.NC, _sm_count(), resident, K.tc_max_splits(self.n, nt)
-            )
+            tc = self.tc
+            chunk_bytes = (tc.codes.nbytes + tc.stats.nbytes + tc.stats2.nbytes) // (tc.NC * tc.RB)
+            plan = K.tc_splits(tc.RB, tc.NC, _sm_count(), resident, nt, chunk_bytes)
             self.tc.plans[key] = plan
         return plan
 

@@ -105,14 +105,15 @@ finish_fn pick_finish(int bp) {  // _kernels.tc_finish_name
                     : &spqr_tc_finish_p64;
 }
 
-// _kernels.tc_splits: the k-split that fills the machine's block slots in whole waves.
+// _kernels.tc_splits: the k-split of least estimated cost (spqr_tc_plan.h).
 void tc_plan(const spqr_tile* t, int nt, tc_fn fn, int* splits, int* per) {
   int dev = 0, sms = 1;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const int64_t resident = resident_blocks((const void*)fn, 2LL * nt * t->d.MPC * 256);
-  spqr_plan_splits(t->d.RB, t->d.NC, t->n, nt, resident * sms, env_int("SPQR_TC_SPLITS"), splits,
-                   per);
+  const int64_t chunk_bytes = t->d.SLABS * 512 + t->d.SWL * 128 + t->d.MPC * 8;
+  spqr_plan_splits(t->d.RB, t->d.NC, nt, chunk_bytes, resident * sms, env_int("SPQR_TC_SPLITS"),
+                   splits, per);
 }
 
 // Byte offsets of x'^T and the partial sums in the workspace, and its size.

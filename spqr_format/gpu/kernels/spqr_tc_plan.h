@@ -114,24 +114,24 @@ static inline int spqr_plan_finish_lanes(int bp, int64_t m, int64_t entries, int
   return 16;
 }
 
-/* _kernels.tc_splits with max_splits = _kernels.tc_max_splits(n, nt): the k-split whose grid
- * fills the slots in whole waves best; override (SPQR_TC_SPLITS) > 0 forces one */
-static inline void spqr_plan_splits(int64_t rb, int64_t nc, int64_t n, int nt, int64_t slots,
-                                    int override, int* splits, int* per) {
+/* _kernels.tc_splits: the k-split of least estimated cost (chunk steps on the critical path
+ * costed as the bytes all resident warps stream, plus the partial sums' traffic); chunk_bytes:
+ * tile-layout bytes per warp and chunk (SLABS*512 + SWL*128 + MPC*8); override
+ * (SPQR_TC_SPLITS) > 0 forces one */
+static inline void spqr_plan_splits(int64_t rb, int64_t nc, int nt, int64_t chunk_bytes,
+                                    int64_t slots, int override, int* splits, int* per) {
   const int64_t groups = spqr_plan_cdiv(rb, SPQR_PLAN_WARPS);
-  int64_t max_splits = n / (32 * 8 * nt);
-  if (max_splits < 1) max_splits = 1;
-  if (max_splits > 16) max_splits = 16;
   if (slots < 1) slots = 1;
-  int64_t best = 1;
-  double best_eff = -1.0;
-  for (int64_t s = 1; s <= max_splits; ++s) {
+  int64_t best = 1, best_cost = -1;
+  for (int64_t s = 1; s <= 16; ++s) {
     if (s > 1 && spqr_plan_cdiv(nc, s) < 4) break;
-    const int64_t p = spqr_plan_cdiv(nc, s), real = spqr_plan_cdiv(nc, p), total = groups * real;
-    const double eff = (double)total / (double)(spqr_plan_cdiv(total, slots) * slots);
-    if (eff > best_eff + 0.02) {
+    const int64_t p = spqr_plan_cdiv(nc, s), real = spqr_plan_cdiv(nc, p);
+    const int64_t waves = spqr_plan_cdiv(groups * real, slots);
+    const int64_t cost = waves * p * slots * SPQR_PLAN_WARPS * chunk_bytes * 2 +
+                         real * 80 * nt * 16 * rb;
+    if (best_cost < 0 || cost < best_cost) {
       best = real;
-      best_eff = eff;
+      best_cost = cost;
     }
   }
   if (override > 0) best = override < nc ? override : nc;
