@@ -849,9 +849,11 @@ __device__ __forceinline__ void outlier_batches(const u32* __restrict__ oents, u
   }
 }
 
-// One row's outlier entries for one warp of the two-row dequantizers: fetch() loads and decodes
-// the first 32 * OB (stored columns < 2^32) before the dense pass, so that their loads overlap
-// it; write() hands them and then the rest (outlier_batches) to f(value bits, column) after it.
+// One row's outlier entries for one warp of the dequantizers: fetch() loads and decodes the
+// first 32 * OB (columns < 2^32) before the dense pass, so that their loads overlap it; write()
+// hands them and then the rest (outlier_batches) to f(value bits, destination column) after
+// it. The destination of stored column j is perm[j] when `perm` is given (its loads for the
+// prefetched entries are issued by fetch() too), else j.
 template <int OB>
 struct RowOutliers {
   u32 val[OB], col[OB];
@@ -860,7 +862,8 @@ struct RowOutliers {
 
   // `present`: the row exists (else it has no entries).
   __device__ __forceinline__ void fetch(const u32* __restrict__ orows,
-                                        const u32* __restrict__ oents, i64 row, bool present) {
+                                        const u32* __restrict__ oents, i64 row, bool present,
+                                        const u32* __restrict__ perm = nullptr) {
     e0 = __ldg(orows + row);
     e1 = present ? __ldg(orows + row + 1) : e0;
     u32 ent[OB];
@@ -873,16 +876,19 @@ struct RowOutliers {
     for (int b = 0; b < OB; ++b) {
       i64 c;
       outlier_scan(ent[b], base, val[b], c);
-      col[b] = (u32)c;
+      col[b] = (u32)((val[b] != 0xFFFFu && perm != nullptr) ? (i64)__ldg(perm + c) : c);
     }
   }
   template <typename F>
-  __device__ __forceinline__ void write(const u32* __restrict__ oents, F&& f) {
+  __device__ __forceinline__ void write(const u32* __restrict__ oents, F&& f,
+                                        const u32* __restrict__ perm = nullptr) {
 #pragma unroll
     for (int b = 0; b < OB; ++b)
       if (val[b] != 0xFFFFu) f(val[b], (i64)col[b]);
     for (u32 e = e0 + 32 * OB; e < e1; e += 32 * SPQR_DQ_OUTLIER_NB)  // the rest
-      outlier_batches<SPQR_DQ_OUTLIER_NB>(oents, e, e1, base, f);
+      outlier_batches<SPQR_DQ_OUTLIER_NB>(oents, e, e1, base, [&](u32 v, i64 c) {
+        f(v, perm != nullptr ? (i64)__ldg(perm + c) : c);
+      });
   }
 };
 
@@ -1011,34 +1017,12 @@ __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
   void* const dst = direct ? static_cast<void*>(grow) : static_cast<void*>(smem_raw);
   const u32* const crow = codes + row * code_row_words;
   const bool fast = B > 0 && (g & 15) == 0;
-  // Warp 0 fetches the row's first 32 * OB outlier entries (and their permuted columns) now, so
-  // that those loads overlap the dense pass; it writes them after the barrier below.
-  constexpr int OB = 4;
+  // Warp 0 fetches the row's first 32 * 4 outlier entries (and their permuted columns) now, so
+  // that those loads overlap the dense pass; it writes them after the barrier below (columns
+  // as u32: n < 2^31 by contract).
   const bool owarp = orows != nullptr && threadIdx.x < 32;
-  const bool pre = owarp && n <= 0xFFFFFFFFll;  // prefetched columns kept as u32
-  u32 o_val[OB], o_dst[OB];
-  u32 o_e0 = 0, o_e1 = 0, o_next = 0;  // o_next: first entry not prefetched
-  i64 o_base = -1;
-  if (owarp) {
-    o_e0 = __ldg(orows + row);
-    o_e1 = __ldg(orows + row + 1);
-    o_next = o_e0;
-  }
-  if (pre) {
-    o_next = o_e0 + 32 * OB;
-    u32 ent[OB];
-#pragma unroll
-    for (int b = 0; b < OB; ++b) {
-      const u32 idx = o_e0 + 32 * b + (threadIdx.x & 31);
-      ent[b] = idx < o_e1 ? __ldg(oents + idx) : 0xFFFF0000u;  // past the end: skip, delta 0
-    }
-#pragma unroll
-    for (int b = 0; b < OB; ++b) {
-      i64 col;
-      outlier_scan(ent[b], o_base, o_val[b], col);
-      o_dst[b] = (u32)((o_val[b] != 0xFFFFu && perm != nullptr) ? (i64)__ldg(perm + col) : col);
-    }
-  }
+  RowOutliers<4> ol;
+  if (owarp) ol.fetch(orows, oents, row, true, perm);
   // unit u's values v -> dst (column perm[j] for stored column j)
   auto store_unit = [&](i64 u, const float (&v)[16]) {
     const i64 j0 = u << 4;
@@ -1126,17 +1110,9 @@ __device__ __forceinline__ void dequant_row(const u32* __restrict__ codes,
   }
   if (orows == nullptr && direct) return;
   __syncthreads();  // dense values visible to the outlier warp (shared or global memory)
-  if (owarp) {
-    if (pre) {
-#pragma unroll
-      for (int b = 0; b < OB; ++b)
-        if (o_val[b] != 0xFFFFu) write_elem<OUT>(dst, o_dst[b], f16_bits_to_f32(o_val[b]));
-    }
-    for (u32 e = o_next; e < o_e1; e += 32 * SPQR_DQ_OUTLIER_NB)  // the rest
-      outlier_batches<SPQR_DQ_OUTLIER_NB>(oents, e, o_e1, o_base, [&](u32 val, i64 col) {
-        write_elem<OUT>(dst, perm ? (i64)__ldg(perm + col) : col, f16_bits_to_f32(val));
-      });
-  }
+  if (owarp)
+    ol.write(
+        oents, [&](u32 val, i64 col) { write_elem<OUT>(dst, col, f16_bits_to_f32(val)); }, perm);
   if (direct) return;
   __syncthreads();
   const i64 bytes = n * ESZ;
