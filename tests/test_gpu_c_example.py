@@ -85,6 +85,23 @@ def binary(tmp_path_factory):
     return out
 
 
+def run_example(binary, tmp_path, p, *args: str) -> tuple[Path, str, float]:
+    """Save ``p`` as layer.weight of ``tmp_path``/w.spqr, run the C example on it with
+    ``args`` and return the file and the example's checksum (FNV-1a hex digest, sum)."""
+    path = tmp_path / "w.spqr"
+    save(path, {"layer.weight": p})
+    res = subprocess.run(
+        [str(binary), str(path), "layer.weight", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    got = re.search(r"fnv1a=([0-9a-f]{16}) sum=(\S+)", res.stdout)
+    assert got, res.stdout
+    return path, got.group(1), float(got.group(2))
+
+
 @pytest.mark.parametrize(
     "m,n,kw",
     [
@@ -95,23 +112,13 @@ def binary(tmp_path_factory):
 )
 def test_c_example_matches_python(binary, tmp_path, m, n, kw):
     p = random_packed(m, n, seed=m, **kw)
-    path = tmp_path / "w.spqr"
-    save(path, {"layer.weight": p})
     seed = 12345
-    res = subprocess.run(
-        [str(binary), str(path), "layer.weight", str(seed)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr
-    got = re.search(r"fnv1a=([0-9a-f]{16}) sum=(\S+)", res.stdout)
-    assert got, res.stdout
+    path, digest, total = run_example(binary, tmp_path, p, str(seed))
     # the C launcher (spqr_host.cu) runs the SPEC-layout kernels; so does this side
     g = GpuTensor.from_file(path, "layer.weight", tensor_cores=False)
     y = cp.asnumpy(g.matvec(cp.asarray(make_x(n, seed))))
-    assert got.group(1) == fnv1a(y.view(np.uint16)), (res.stdout, y[:8])
-    assert float(got.group(2)) == pytest.approx(float(y.astype(np.float64).sum()), rel=1e-9)
+    assert digest == fnv1a(y.view(np.uint16)), y[:8]
+    assert total == pytest.approx(float(y.astype(np.float64).sum()), rel=1e-9)
 
 
 @pytest.mark.parametrize("tcv,tcg", [("", ""), ("0", ""), ("", "1")])
@@ -132,26 +139,16 @@ def test_c_example_tensor_cores_match_python(
     SPQR_TC_SPLITS; 20,000 rows take the four-rows-per-warp pass) and the group-separated
     kernel (SPQR_TCG=1)."""
     p = random_packed(m, n, seed=m, **kw)
-    path = tmp_path / "w.spqr"
-    save(path, {"layer.weight": p})
     seed = 777
     monkeypatch.setenv("SPQR_TC_SPLITS", splits)
     for var, value, attr in (("SPQR_TCV", tcv, "TCV_MODE"), ("SPQR_TCG", tcg, "TCG_MODE")):
         monkeypatch.setenv(var, value)  # the C launcher reads it per call
         monkeypatch.setattr(K, attr, value)  # the Python layer read it at import
-    res = subprocess.run(
-        [str(binary), str(path), "layer.weight", str(seed), "tc"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr
-    got = re.search(r"fnv1a=([0-9a-f]{16}) sum=(\S+)", res.stdout)
-    assert got, res.stdout
+    path, digest, _ = run_example(binary, tmp_path, p, str(seed), "tc")
     g = GpuTensor.from_file(path, "layer.weight", tensor_cores=True)
     assert g.tc is not None
     y = cp.asnumpy(g.matvec(cp.asarray(make_x(n, seed))))
-    assert got.group(1) == fnv1a(y.view(np.uint16)), (res.stdout, y[:8])
+    assert digest == fnv1a(y.view(np.uint16)), y[:8]
 
 
 @pytest.mark.parametrize(
@@ -168,17 +165,7 @@ def test_c_example_dequantize_matches_reference(binary, tmp_path, m, n, kw):
     """`spqr_matvec FILE NAME SEED dq`: spqr_dequantize (the C launcher) writes the f16 weights
     of the CPU reference decoder, bit for bit."""
     p = random_packed(m, n, seed=m, **kw)
-    path = tmp_path / "w.spqr"
-    save(path, {"layer.weight": p})
-    res = subprocess.run(
-        [str(binary), str(path), "layer.weight", "1", "dq"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr
-    got = re.search(r"fnv1a=([0-9a-f]{16}) sum=(\S+)", res.stdout)
-    assert got, res.stdout
+    _, digest, total = run_example(binary, tmp_path, p, "1", "dq")
     w = decode_bilevel(p, "float16")
-    assert got.group(1) == fnv1a_fast(w.view(np.uint16).ravel()), res.stdout
-    assert float(got.group(2)) == pytest.approx(float(w.astype(np.float64).sum()), rel=1e-9)
+    assert digest == fnv1a_fast(w.view(np.uint16).ravel())
+    assert total == pytest.approx(float(w.astype(np.float64).sum()), rel=1e-9)
