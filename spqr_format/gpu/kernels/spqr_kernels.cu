@@ -831,15 +831,23 @@ __device__ __forceinline__ void outlier_scan(u32 ent, i64& colbase, u32& val, i6
 // The entries [e, e + 32 NB) of a row's outlier stream (those below e1), NB loads per lane in
 // flight, one warp: f(value bits, stored column) for every real entry (no skips); `colbase`
 // advances past them. The dequantizers walk the entries they did not prefetch with it.
+// Entries e + 32 b + lane (b < NB) of an outlier stream, those below e1; past the end: a skip
+// of delta 0. All NB loads in flight.
+template <int NB>
+__device__ __forceinline__ void load_entry_batches(const u32* __restrict__ oents, u32 e, u32 e1,
+                                                   u32 (&ent)[NB]) {
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    const u32 idx = e + 32 * b + (threadIdx.x & 31);
+    ent[b] = idx < e1 ? __ldg(oents + idx) : 0xFFFF0000u;
+  }
+}
+
 template <int NB, typename F>
 __device__ __forceinline__ void outlier_batches(const u32* __restrict__ oents, u32 e, u32 e1,
                                                 i64& colbase, F&& f) {
   u32 ent[NB];
-#pragma unroll
-  for (int b = 0; b < NB; ++b) {
-    const u32 idx = e + 32 * b + (threadIdx.x & 31);
-    ent[b] = idx < e1 ? __ldg(oents + idx) : 0xFFFF0000u;  // past the end: skip, delta 0
-  }
+  load_entry_batches<NB>(oents, e, e1, ent);
 #pragma unroll
   for (int b = 0; b < NB; ++b) {
     u32 val;
@@ -867,11 +875,7 @@ struct RowOutliers {
     e0 = __ldg(orows + row);
     e1 = present ? __ldg(orows + row + 1) : e0;
     u32 ent[OB];
-#pragma unroll
-    for (int b = 0; b < OB; ++b) {
-      const u32 idx = e0 + 32 * b + (threadIdx.x & 31);
-      ent[b] = idx < e1 ? __ldg(oents + idx) : 0xFFFF0000u;  // past the end: skip, delta 0
-    }
+    load_entry_batches<OB>(oents, e0, e1, ent);
 #pragma unroll
     for (int b = 0; b < OB; ++b) {
       i64 c;
