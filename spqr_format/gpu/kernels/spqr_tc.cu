@@ -844,31 +844,31 @@ __device__ __forceinline__ float rows_outliers4(const u32* __restrict__ orows,
   } else if (GATHER && KMAX >= 4 && batch >= 3 && bp >= 4) {
     rows_gathered<LPR, PER, 4, KMAX>(oent, e0, e1, sl, xt, bp, batch, acc);
   } else {
-  for_row_entries<LPR, PER>(oent, e0, e1, sl, [&](int col, float d) {
-      const u16* xr = xt + (i64)col * bp;
-      if (KMAX == 1 || batch == 1) {
-        acc[0] += d * f16_to_f32(xr[0]);
-        return;
-      }
-      // the entry's x'^T row piece (bp >= batch columns, 2 bp bytes, aligned to its size) in
-      // one load
-      u32 xw[KMAX >= 8 ? 4 : KMAX >= 4 ? 2 : 1];
-      if (KMAX >= 8 && bp >= 8) {
-        const uint4 v = *reinterpret_cast<const uint4*>(xr);
-        xw[0] = v.x, xw[KMAX >= 8 ? 1 : 0] = v.y, xw[KMAX >= 8 ? 2 : 0] = v.z;
-        xw[KMAX >= 8 ? 3 : 0] = v.w;
-      } else if (KMAX >= 4 && bp >= 4) {
-        const uint2 v = *reinterpret_cast<const uint2*>(xr);
-        xw[0] = v.x, xw[KMAX >= 4 ? 1 : 0] = v.y;
-      } else {
-        xw[0] = *reinterpret_cast<const u32*>(xr);  // bp = 2
-      }
+    for_row_entries<LPR, PER>(oent, e0, e1, sl, [&](int col, float d) {
+        const u16* xr = xt + (i64)col * bp;
+        if (KMAX == 1 || batch == 1) {
+          acc[0] += d * f16_to_f32(xr[0]);
+          return;
+        }
+        // the entry's x'^T row piece (bp >= batch columns, 2 bp bytes, aligned to its size) in
+        // one load
+        u32 xw[KMAX >= 8 ? 4 : KMAX >= 4 ? 2 : 1];
+        if (KMAX >= 8 && bp >= 8) {
+          const uint4 v = *reinterpret_cast<const uint4*>(xr);
+          xw[0] = v.x, xw[KMAX >= 8 ? 1 : 0] = v.y, xw[KMAX >= 8 ? 2 : 0] = v.z;
+          xw[KMAX >= 8 ? 3 : 0] = v.w;
+        } else if (KMAX >= 4 && bp >= 4) {
+          const uint2 v = *reinterpret_cast<const uint2*>(xr);
+          xw[0] = v.x, xw[KMAX >= 4 ? 1 : 0] = v.y;
+        } else {
+          xw[0] = *reinterpret_cast<const u32*>(xr);  // bp = 2
+        }
 #pragma unroll
-      for (int k = 0; k < KMAX; ++k) {  // a branch out, not KMAX predicated FMAs
-        if (k >= batch) break;
-        acc[k] += d * f16_to_f32((k & 1) ? xw[k >> 1] >> 16 : xw[k >> 1]);
-      }
-  });
+        for (int k = 0; k < KMAX; ++k) {  // a branch out, not KMAX predicated FMAs
+          if (k >= batch) break;
+          acc[k] += d * f16_to_f32((k & 1) ? xw[k >> 1] >> 16 : xw[k >> 1]);
+        }
+      });
   }
   float mine = 0.f;
 #pragma unroll
