@@ -1,4 +1,4 @@
-"""The ``spqr`` command line: encode, calibrate, info, verify, decode.
+"""The ``spqr`` command line: encode, calibrate, info, verify, decode, bench.
 
 Exit codes (every command): 0 success, 1 verification failed (``verify`` found damaged or
 mismatching data), 2 bad usage or bad input (unreadable or invalid files, bad options).
@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import click
+import numpy as np
 
 from spqr_format import __version__, api, spec
 from spqr_format.errors import INTEGRITY_ERRORS, BadInputError, SpqrError
@@ -53,8 +54,8 @@ def _progress(items, label: str):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="spqr")
 def main() -> None:
-    """Encode, calibrate, inspect, verify and decode .spqr files (sparse-quantized LLM
-    weights).
+    """Encode, calibrate, inspect, verify, decode and benchmark .spqr files (sparse-quantized
+    LLM weights).
 
     \b
     Quick start:
@@ -62,6 +63,7 @@ def main() -> None:
       spqr info model.spqr
       spqr verify model.spqr
       spqr decode model.spqr -o dense.safetensors --dtype float16
+      spqr bench model.spqr --device gpu --batch 1 --batch 16
 
     Exit status: 0 ok, 1 verification failed, 2 bad usage or bad input.
     The file format is specified in SPEC.md.
@@ -564,6 +566,194 @@ def decode(path, output, dtype, only):
             for n, out, _ in items:
                 writer.write(n, f.decode(n, out))
     click.echo(f"wrote {len(layout)} tensors to {output}", err=True)
+
+
+# --------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------
+def _median_time(fn, repeat: int) -> float:
+    """Median wall time of ``fn()`` over ``repeat`` calls after one warm-up call, seconds."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _gpu_time(cp, fn, repeat: int) -> float:
+    """Median time of ``fn()`` on CuPy's current stream (CUDA events), after one warm-up."""
+    fn()
+    cp.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(repeat):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b) * 1e-3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _packed_bytes(p) -> int:
+    """Bytes of a bilevel tensor's sections (what a decoder reads)."""
+    arrs = (p.codes, p.stats, p.stats2, p.perm, p.outlier_rows, p.outlier_entries)
+    return sum(a.nbytes for a in arrs if a is not None)
+
+
+def _bench_cpu(p, repeat: int) -> list[dict]:
+    from spqr_format.codec import reference
+
+    m, n = p.shape
+    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    t_dec = _median_time(lambda: reference.decode_bilevel(p, "float16", validate=False), repeat)
+    t_mv = _median_time(lambda: reference.matvec_bilevel(p, x, validate=False), repeat)
+    return [
+        dict(
+            device="cpu",
+            op="dequantize-f16",
+            batch=None,
+            seconds=t_dec,
+            bytes=_packed_bytes(p) + 2 * m * n,
+        ),
+        dict(device="cpu", op="matvec", batch=1, seconds=t_mv, bytes=_packed_bytes(p)),
+    ]
+
+
+def _bench_gpu(cp, p, batches, repeat: int) -> list[dict]:
+    from spqr_format.gpu import GpuTensor
+
+    m, n = p.shape
+    g = GpuTensor.from_packed(p, validate=False)
+    w = cp.empty((m, n), dtype=cp.float16)
+    rows = [
+        dict(
+            device="gpu",
+            op="dequantize-f16",
+            batch=None,
+            seconds=_gpu_time(cp, lambda: g.dequantize("float16", out=w), repeat),
+            bytes=g.nbytes + 2 * m * n,
+        )
+    ]
+    rng = np.random.default_rng(0)
+    for b in batches:
+        x = cp.asarray(rng.standard_normal((b, n)), dtype=cp.float16)
+        y = cp.empty((b, m), dtype=cp.float16)
+        ws = cp.empty(g.workspace_bytes(b) // 4 + 1, dtype=cp.float32)
+
+        def fused(x=x, y=y, ws=ws, b=b):
+            g.matmul_into(x.data.ptr, n, 1, y.data.ptr, m, 1, b, ws.data.ptr)
+
+        t = _gpu_time(cp, fused, repeat)
+        t_ref = _gpu_time(cp, lambda x=x: cp.matmul(x, w.T), repeat)  # cuBLAS, f16 weights
+        rows.append(
+            dict(
+                device="gpu", op="matmul", batch=b, seconds=t, bytes=g.nbytes, cublas_seconds=t_ref
+            )
+        )
+    return rows
+
+
+def _gpu_module():
+    """CuPy with a CUDA device, or a clear error (E_NO_GPU)."""
+    try:
+        import cupy as cp
+
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device")
+    except Exception as err:  # ImportError, CUDA driver errors
+        raise BadInputError(
+            f"--device gpu needs CuPy and a CUDA device ({type(err).__name__}: {err})"
+        ) from None
+    return cp
+
+
+@main.command()
+@click.argument("path", metavar="FILE.spqr", type=click.Path(dir_okay=False))
+@click.option(
+    "--tensor",
+    "only",
+    multiple=True,
+    metavar="NAME",
+    help="Benchmark only these tensors (repeatable); default: every bilevel tensor.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="cpu: the reference (numba) decoder and matvec; gpu: the CUDA kernels (needs CuPy).",
+)
+@click.option(
+    "--batch",
+    "batches",
+    type=click.IntRange(1, 4096),
+    multiple=True,
+    metavar="B",
+    help="GPU matmul batch sizes (repeatable; default 1 and 16).",
+)
+@click.option(
+    "--repeat", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed calls."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@handle_errors
+def bench(path, only, device, batches, repeat, as_json):
+    """Time dequantization and matrix-vector products of a file's bilevel tensors.
+
+    Each figure is the median of --repeat calls after a warm-up call, on this machine; GB/s
+    counts the compressed bytes read (plus the f16 weights written, for dequantize). With
+    --device gpu each call is timed with CUDA events on warm caches, next to cuBLAS fp16 on the
+    dequantized weights (`speedup`); benchmarks/gpu_matvec.py is the cold-cache benchmark
+    behind the README's table.
+
+    \b
+    Example:
+      spqr bench model.spqr --tensor layers.0.mlp.up_proj.weight
+      spqr bench model.spqr --device gpu --batch 1 --batch 16 --json
+    """
+    cp = _gpu_module() if device == "gpu" else None
+    batches = list(batches) or [1, 16]
+    results = []
+    with api.open_file(path) as f:
+        names = list(only) if only else [i.name for i in f.infos() if i.encoding == "bilevel"]
+        for name in names:
+            if f.info(name).encoding != "bilevel":
+                raise BadInputError(
+                    f"{path}: tensor {name!r} is stored raw; bench times bilevel tensors only"
+                )
+        for name in names:
+            p = f.read(name)
+            rows = _bench_cpu(p, repeat) if cp is None else _bench_gpu(cp, p, batches, repeat)
+            for r in rows:
+                r.update(tensor=name, shape=list(p.shape), gbs=r["bytes"] / r["seconds"] / 1e9)
+                if "cublas_seconds" in r:
+                    r["speedup"] = r["cublas_seconds"] / r["seconds"]
+            results += rows
+    if as_json:
+        click.echo(json.dumps({"file": path, "repeat": repeat, "results": results}, indent=2))
+        return
+    _print_table(
+        ["tensor", "shape", "device", "op", "batch", "us", "GB/s", "speedup"],
+        [
+            [
+                r["tensor"],
+                "x".join(map(str, r["shape"])),
+                r["device"],
+                r["op"],
+                "" if r["batch"] is None else str(r["batch"]),
+                f"{1e6 * r['seconds']:.1f}",
+                f"{r['gbs']:.1f}",
+                f"{r['speedup']:.2f}x" if "speedup" in r else "",
+            ]
+            for r in results
+        ],
+    )
+    if not results:
+        click.echo("no bilevel tensors in the file", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -334,3 +334,42 @@ def test_cli_preset_choices_are_the_encoder_presets():
     from spqr_format.codec.presets import PRESETS
 
     assert PRESET_NAMES == tuple(PRESETS)
+
+
+def _has_gpu() -> bool:
+    try:
+        import cupy as cp
+
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def test_bench_times_every_bilevel_tensor(encoded):
+    result = run("bench", str(encoded), "--repeat", "2", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    with api.open_file(encoded) as f:
+        bilevel = {i.name for i in f.infos() if i.encoding == "bilevel"}
+    assert {r["tensor"] for r in doc["results"]} == bilevel
+    for r in doc["results"]:
+        assert r["device"] == "cpu" and r["op"] in ("dequantize-f16", "matvec")
+        assert r["seconds"] > 0 and r["gbs"] > 0 and r["bytes"] > 0
+    name = "model.layers.0.mlp.down_proj.weight"
+    table = run("bench", str(encoded), "--tensor", name, "--repeat", "1")
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    assert lines[0].split() == ["tensor", "shape", "device", "op", "batch", "us", "GB/s", "speedup"]
+    assert len(lines) == 4 and all(line.startswith(name) for line in lines[2:])
+
+
+def test_bench_bad_requests_exit_2(encoded, tmp_path):
+    result = run("bench", str(encoded), "--tensor", "no.such.tensor")
+    assert result.exit_code == 2 and "E_NOT_FOUND" in result.output
+    result = run("bench", str(encoded), "--tensor", "model.norm.weight")
+    assert result.exit_code == 2 and "stored raw" in result.output
+    result = run("bench", str(tmp_path / "missing.spqr"))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    if not _has_gpu():
+        result = run("bench", str(encoded), "--device", "gpu")
+        assert result.exit_code == 2 and "needs CuPy and a CUDA device" in result.output
