@@ -14,16 +14,12 @@ from pathlib import Path
 import numba
 import numpy as np
 import pytest
+from gpu_env import cupy_or_skip
 
-cp = pytest.importorskip("cupy")
+cp = cupy_or_skip()
 NVCC = shutil.which("nvcc")
 if NVCC is None:
     pytest.skip("nvcc not found", allow_module_level=True)
-try:
-    if cp.cuda.runtime.getDeviceCount() < 1:
-        pytest.skip("no CUDA device", allow_module_level=True)
-except Exception:  # pragma: no cover
-    pytest.skip("no CUDA device", allow_module_level=True)
 
 from spqr_format.api import save  # noqa: E402
 from spqr_format.codec.reference import decode_bilevel  # noqa: E402

@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from gpu_env import cupy_or_skip
 
-cp = pytest.importorskip("cupy")
-try:
-    if cp.cuda.runtime.getDeviceCount() < 1:
-        pytest.skip("no CUDA device", allow_module_level=True)
-except Exception:  # pragma: no cover
-    pytest.skip("no CUDA device", allow_module_level=True)
+cp = cupy_or_skip()
 
 from click.testing import CliRunner  # noqa: E402
 

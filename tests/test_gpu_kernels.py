@@ -12,13 +12,9 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from gpu_env import cupy_or_skip
 
-cp = pytest.importorskip("cupy")
-try:
-    if cp.cuda.runtime.getDeviceCount() < 1:
-        pytest.skip("no CUDA device", allow_module_level=True)
-except Exception:  # pragma: no cover - no driver
-    pytest.skip("no CUDA device", allow_module_level=True)
+cp = cupy_or_skip()
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
