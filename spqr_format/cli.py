@@ -599,13 +599,8 @@ def _gpu_time(cp, fn, repeat: int) -> float:
     return times[len(times) // 2]
 
 
-def _packed_bytes(p) -> int:
-    """Bytes of a bilevel tensor's sections (what a decoder reads)."""
-    arrs = (p.codes, p.stats, p.stats2, p.perm, p.outlier_rows, p.outlier_entries)
-    return sum(a.nbytes for a in arrs if a is not None)
-
-
-def _bench_cpu(p, repeat: int) -> list[dict]:
+def _bench_cpu(p, nbytes: int, repeat: int) -> list[dict]:
+    """``nbytes``: the tensor's section bytes (what a decoder reads)."""
     from spqr_format.codec import reference
 
     m, n = p.shape
@@ -618,13 +613,13 @@ def _bench_cpu(p, repeat: int) -> list[dict]:
             op="dequantize-f16",
             batch=None,
             seconds=t_dec,
-            bytes=_packed_bytes(p) + 2 * m * n,
+            bytes=nbytes + 2 * m * n,
         ),
-        dict(device="cpu", op="matvec", batch=1, seconds=t_mv, bytes=_packed_bytes(p)),
+        dict(device="cpu", op="matvec", batch=1, seconds=t_mv, bytes=nbytes),
     ]
 
 
-def _bench_gpu(cp, p, batches, repeat: int) -> list[dict]:
+def _bench_gpu(cp, p, nbytes: int, batches, repeat: int) -> list[dict]:
     from spqr_format.gpu import GpuTensor
 
     m, n = p.shape
@@ -636,7 +631,7 @@ def _bench_gpu(cp, p, batches, repeat: int) -> list[dict]:
             op="dequantize-f16",
             batch=None,
             seconds=_gpu_time(cp, lambda: g.dequantize("float16", out=w), repeat),
-            bytes=g.nbytes + 2 * m * n,
+            bytes=nbytes + 2 * m * n,
         )
     ]
     rng = np.random.default_rng(0)
@@ -651,15 +646,13 @@ def _bench_gpu(cp, p, batches, repeat: int) -> list[dict]:
         t = _gpu_time(cp, fused, repeat)
         t_ref = _gpu_time(cp, lambda x=x: cp.matmul(x, w.T), repeat)  # cuBLAS, f16 weights
         rows.append(
-            dict(
-                device="gpu", op="matmul", batch=b, seconds=t, bytes=g.nbytes, cublas_seconds=t_ref
-            )
+            dict(device="gpu", op="matmul", batch=b, seconds=t, bytes=nbytes, cublas_seconds=t_ref)
         )
     return rows
 
 
 def _gpu_module():
-    """CuPy with a CUDA device, or a clear error (E_NO_GPU)."""
+    """CuPy with a CUDA device, or a BadInputError saying why not."""
     try:
         import cupy as cp
 
@@ -719,15 +712,22 @@ def bench(path, only, device, batches, repeat, as_json):
     batches = list(batches) or [1, 16]
     results = []
     with api.open_file(path) as f:
-        names = list(only) if only else [i.name for i in f.infos() if i.encoding == "bilevel"]
-        for name in names:
-            if f.info(name).encoding != "bilevel":
+        if only:
+            infos = [f.info(n) for n in only]  # E_NOT_FOUND before any timing
+        else:
+            infos = [i for i in f.infos() if i.encoding == "bilevel"]
+        for i in infos:
+            if i.encoding != "bilevel":
                 raise BadInputError(
-                    f"{path}: tensor {name!r} is stored raw; bench times bilevel tensors only"
+                    f"{path}: tensor {i.name!r} is stored raw; bench times bilevel tensors only"
                 )
-        for name in names:
-            p = f.read(name)
-            rows = _bench_cpu(p, repeat) if cp is None else _bench_gpu(cp, p, batches, repeat)
+        for i in infos:
+            name, p = i.name, f.read(i.name)
+            rows = (
+                _bench_cpu(p, i.nbytes, repeat)
+                if cp is None
+                else _bench_gpu(cp, p, i.nbytes, batches, repeat)
+            )
             for r in rows:
                 r.update(tensor=name, shape=list(p.shape), gbs=r["bytes"] / r["seconds"] / 1e9)
                 if "cublas_seconds" in r:
