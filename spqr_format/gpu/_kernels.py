@@ -274,11 +274,9 @@ def tcv_gp_log2(batch: int) -> int:
     return max(0, batch - 1).bit_length()
 
 
-# spqr_tcv_* for batch <= TCV_SMALL_BATCH, and up to batch 8 on matrices with at most
-# TCV_SMALL_WEIGHTS weights; env SPQR_TCV=0: never, =1: always (comparisons)
+# spqr_tcv_* for every slice of up to 8 columns; env SPQR_TCV=0: never (comparisons), =1: the
+# same as automatic since session 9 (kept for scripts that set it)
 TCV_MODE = os.environ.get("SPQR_TCV", "")
-TCV_SMALL_BATCH = 8
-TCV_SMALL_WEIGHTS = 1 << 25
 # tcv_ks: a warp's fixed cost (first loads, outlier corrections, block sum) in chunks
 TCV_WARP_OVERHEAD_CHUNKS = 2
 
@@ -299,12 +297,9 @@ def tcv_wanted(m: int, n: int, batch: int) -> bool:
     ``rows_gathered``): now it is faster up to 8 columns on all six benchmark shapes but
     11008x4096, where it is 1-3 % slower (batch 8, us, one kernel vs split: 8192x28672 60.0 vs
     68.0, 28672x8192 66.3 vs 68.5, 8192x8192 22.1 vs 28.3, 4096x11008 18.5 vs 23.5, 11008x4096
-    25.2 vs 24.5), so TCV_SMALL_BATCH is 8."""
-    if TCV_MODE in ("0", "1"):
-        return TCV_MODE == "1" and batch <= 8
-    if batch > 8:
-        return False
-    return batch <= TCV_SMALL_BATCH or m * n <= TCV_SMALL_WEIGHTS
+    25.2 vs 24.5), so it takes every slice of up to 8 columns (the shape no longer matters;
+    ``m`` and ``n`` stay in the signature, which the C plan header mirrors)."""
+    return TCV_MODE != "0" and batch <= 8
 
 
 def tcg_wanted(m: int, n: int, batch: int) -> bool:

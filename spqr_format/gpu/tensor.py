@@ -449,13 +449,12 @@ class GpuTensor:
         plan = self.tc.plans.get(key)
         if plan is None:
             fn = function(K.tc_name(self.bits, self.stats_bits, nt))
-            regs = int(getattr(fn, "num_regs", 64) or 64)
-            smem = K.tc_smem_bytes(nt, self.tc.MPC)
-            resident = K.tc_resident_blocks(regs, smem)
             tc = self.tc
+            regs = int(getattr(fn, "num_regs", 64) or 64)
+            resident = K.tc_resident_blocks(regs, K.tc_smem_bytes(nt, tc.MPC))
             chunk_bytes = (tc.codes.nbytes + tc.stats.nbytes + tc.stats2.nbytes) // (tc.NC * tc.RB)
             plan = K.tc_splits(tc.RB, tc.NC, _sm_count(), resident, nt, chunk_bytes)
-            self.tc.plans[key] = plan
+            tc.plans[key] = plan
         return plan
 
     def _tcv_plan(self) -> int:

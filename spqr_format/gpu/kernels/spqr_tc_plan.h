@@ -18,8 +18,6 @@
 #define SPQR_PLAN_QUAD_MIN_ROWS 16384 /* _kernels.TC_QUAD_MIN_ROWS */
 #define SPQR_PLAN_QUAD_MAX_PER_ROW 128 /* _kernels.TC_QUAD_MAX_PER_ROW */
 #define SPQR_PLAN_LANES_WARPS_PER_SM 16 /* _kernels.TC_LANES_WARPS_PER_SM */
-#define SPQR_PLAN_TCV_SMALL_BATCH 8  /* _kernels.TCV_SMALL_BATCH */
-#define SPQR_PLAN_TCV_SMALL_WEIGHTS ((int64_t)1 << 25) /* _kernels.TCV_SMALL_WEIGHTS */
 #define SPQR_PLAN_TCV_OVERHEAD 2     /* _kernels.TCV_WARP_OVERHEAD_CHUNKS */
 #define SPQR_PLAN_TCG_MAX_BATCH 2    /* _kernels.TCG_MAX_BATCH */
 #define SPQR_PLAN_TCG_MIN_WEIGHTS ((int64_t)1 << 27) /* _kernels.TCG_MIN_WEIGHTS */
@@ -57,13 +55,12 @@ static inline int64_t spqr_plan_resident(int regs, int64_t smem) {
   return r < 1 ? 1 : r;
 }
 
-/* _kernels.tcv_wanted: the one-kernel path (spqr_tcv_* / spqr_tcg_*) for nb <= 4 columns, up
- * to 8 on small matrices; mode (SPQR_TCV) "0": never, "1": always (nb <= 8) */
+/* _kernels.tcv_wanted: the one-kernel path (spqr_tcv_* / spqr_tcg_*) for every slice of
+ * nb <= 8 columns, whatever the shape (m, n unused); mode (SPQR_TCV) "0": never */
 static inline int spqr_plan_tcv_wanted(int64_t m, int64_t n, int nb, const char* mode) {
-  if (spqr_plan_mode_is(mode, "0") || spqr_plan_mode_is(mode, "1"))
-    return mode[0] == '1' && nb <= 8;
-  if (nb > 8) return 0;
-  return nb <= SPQR_PLAN_TCV_SMALL_BATCH || m * n <= SPQR_PLAN_TCV_SMALL_WEIGHTS;
+  (void)m;
+  (void)n;
+  return !spqr_plan_mode_is(mode, "0") && nb <= 8;
 }
 
 /* _kernels.tcg_wanted: spqr_tcg_* for one-kernel slices of nb <= 2 on large matrices;
