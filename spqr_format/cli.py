@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +30,21 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
+EXIT_CLOSED_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
+
+
+def _closed_pipe() -> None:
+    """The reader of our output went away (``spqr info f.spqr | head``): not an error of the
+    command, so no message; stdout is pointed at /dev/null so that the interpreter's final
+    flush does not complain either, and the exit status is the one SIGPIPE would give."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (e.g. a test runner's buffer)
+        pass
+    sys.exit(EXIT_CLOSED_PIPE)
+
+
 def handle_errors(func: Callable) -> Callable:
     """Turn every expected failure into one line on stderr and exit status 2 (never a
     traceback): typed SpqrErrors, and OS errors on the files the user named."""
@@ -37,6 +53,8 @@ def handle_errors(func: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except BrokenPipeError:
+            _closed_pipe()
         except SpqrError as err:
             _fail(str(err))
         except OSError as err:
@@ -65,7 +83,8 @@ def main() -> None:
       spqr decode model.spqr -o dense.safetensors --dtype float16
       spqr bench model.spqr --device gpu --batch 1 --batch 16
 
-    Exit status: 0 ok, 1 verification failed, 2 bad usage or bad input.
+    Exit status: 0 ok, 1 verification failed, 2 bad usage or bad input, 141 (quietly)
+    when the reader of the output goes away, as with `spqr info f.spqr | head`.
     The file format is specified in SPEC.md.
     """
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -74,6 +76,19 @@ def test_info_table_and_json(encoded):
     assert doc["tensor_count"] == 21 and doc["version"] == "1.0"
     assert doc["metadata"]["encoder.method"] == "rtn"
     assert {t["name"] for t in doc["tensors"]} >= {"lm_head.weight"}
+
+
+def test_closed_output_pipe_ends_quietly_with_141(encoded):
+    # the reader closes the pipe before the command writes: its first write fails with EPIPE
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from spqr_format.cli import main; main()", "info", str(encoded)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
 
 
 def test_verify_passes_on_intact_file_and_fails_with_exit_1_on_damage(encoded, tmp_path):
