@@ -21,6 +21,7 @@ from spqr_format import __version__, api, spec
 from spqr_format.errors import INTEGRITY_ERRORS, BadInputError, SpqrError
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_CLOSED_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
 
 DEFAULT_KEEP_DENSE = ("*embed*", "*norm*", "*lm_head*")
 
@@ -28,9 +29,6 @@ DEFAULT_KEEP_DENSE = ("*embed*", "*norm*", "*lm_head*")
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
-
-
-EXIT_CLOSED_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
 
 
 def _closed_pipe() -> None:
@@ -47,7 +45,8 @@ def _closed_pipe() -> None:
 
 def handle_errors(func: Callable) -> Callable:
     """Turn every expected failure into one line on stderr and exit status 2 (never a
-    traceback): typed SpqrErrors, and OS errors on the files the user named."""
+    traceback): typed SpqrErrors, and OS errors on the files the user named; a closed output
+    pipe ends the command quietly (_closed_pipe)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
