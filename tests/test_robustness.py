@@ -2,7 +2,8 @@
 
 For each damaged copy of a small valid file, opening it and reading every section with CRC
 checks must raise a subclass of SpqrError and nothing else, must not allocate much more than
-the file's size (tracemalloc), and must finish quickly. A single flipped byte must always be
+the file's size (tracemalloc). (No wall-clock bounds here: timing belongs in benchmarks/,
+a loaded machine must not fail the suite.) A single flipped byte must always be
 detected: the header CRC (C-2.3) covers the header, the padding is checked to be zero
 (C-1.5), the section CRCs (C-2.8a) cover the data.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
-import time
 import tracemalloc
 import zlib
 
@@ -94,7 +94,6 @@ def test_the_valid_file_reads(tmp_path, valid, attempt):
 
 
 def test_every_single_byte_flip_is_detected(valid, attempt):
-    start = time.perf_counter()
     doff = data_offset(valid)
     for pos in range(len(valid)):
         damaged = bytearray(valid)
@@ -104,14 +103,11 @@ def test_every_single_byte_flip_is_detected(valid, attempt):
             assert code != "OK", f"flip at {pos} (header) went unnoticed"
         else:  # a section byte or the zero padding between sections
             assert code in ("E_SECTION_CRC", "E_BAD_LAYOUT"), f"flip at {pos}: {code}"
-    assert time.perf_counter() - start < 10
 
 
 def test_every_truncation_is_refused(valid, attempt):
-    start = time.perf_counter()
     for length in range(len(valid)):
         assert attempt(valid[:length]) == "E_TRUNCATED", f"truncated to {length}"
-    assert time.perf_counter() - start < 10
 
 
 def _recrc(buf: bytearray) -> None:
