@@ -7,6 +7,7 @@ so that by the time a caller touches data, every offset and length has been vali
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -50,17 +51,43 @@ class RawTensor:
 
     @classmethod
     def from_array(cls, array: np.ndarray) -> RawTensor:
-        """float32 / float16 arrays; for bf16 build ``RawTensor(DType.BFLOAT16, uint16_bits)``."""
+        """float32, float16 or ``ml_dtypes.bfloat16`` arrays (bf16 is held as its uint16 bit
+        patterns); uint16 bit patterns can also be given as ``RawTensor(DType.BFLOAT16, bits)``."""
+        if array.dtype.name == "bfloat16" and array.dtype.itemsize == 2:
+            return cls(DType.BFLOAT16, array.view(np.uint16))
         kinds = {np.dtype(np.float32): DType.FLOAT32, np.dtype(np.float16): DType.FLOAT16}
         if array.dtype not in kinds:
             raise BadInputError(
-                f"raw tensors are float32 or float16 arrays (or bf16 bits via RawTensor), "
+                f"raw tensors are float32, float16 or bfloat16 (ml_dtypes) arrays, "
                 f"got {array.dtype}"
             )
         return cls(kinds[array.dtype], array)
 
 
 _STORAGE = {DType.FLOAT32: "<f4", DType.FLOAT16: "<f2", DType.BFLOAT16: "<u2"}
+_EMPTY_DIGEST = hashlib.sha256(b"").digest()
+
+
+def array_shape(shape: tuple[int, ...], itemsize: int = 4) -> tuple[int, ...]:
+    """The shape of the array that :meth:`SpqrFile.read` / :meth:`SpqrFile.decode` return.
+
+    It is the stored shape, except for a tensor with zero elements whose other dims multiply
+    past what numpy can index (such as ``[0, 2**40, 2**40]``: numpy refuses any shape whose
+    non-zero dims overflow ``intp``, even when another dim is 0). Such a tensor comes back as
+    an empty array of the same ndim with every dim 0; ``TensorInfo.shape`` keeps the stored
+    shape, and the CLI writes the stored shape to safetensors.
+    """
+    if 0 not in shape:
+        return tuple(shape)
+    total = itemsize
+    for d in shape:
+        if d:
+            total *= d
+    return tuple(shape) if total < 2**62 else (0,) * len(shape)
+
+
+def _empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    return np.empty(array_shape(shape, np.dtype(dtype).itemsize), dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -76,6 +103,13 @@ class TensorInfo:
     bits_per_weight: float  # 8 * nbytes / elements (SPEC section 8)
     outlier_count: int
     params: dict = field(default_factory=dict)
+    # None when this reader implements the tensor's encoding and version; else the code of
+    # the error that reading it raises (E_UNKNOWN_ENCODING / E_UNSUPPORTED_ENCODING_VERSION).
+    unsupported: str | None = None
+
+    @property
+    def supported(self) -> bool:
+        return self.unsupported is None
 
     @property
     def elements(self) -> int:
@@ -97,6 +131,8 @@ class TensorInfo:
             "outlier_count": self.outlier_count,
             "outlier_fraction": self.outlier_fraction,
             "params": self.params,
+            "supported": self.supported,
+            **({"error": self.unsupported} if self.unsupported else {}),
         }
 
 
@@ -221,6 +257,7 @@ class SpqrFile:
             bits_per_weight=8.0 * nbytes / count if count else 0.0,
             outlier_count=outliers,
             params=params,
+            unsupported=self._layout_errors[name].code if name in self._layout_errors else None,
         )
 
     def infos(self) -> list[TensorInfo]:
@@ -241,6 +278,8 @@ class SpqrFile:
             dtype = DType(entry.dtype)
             if entry.encoding == Encoding.RAW:
                 data = np.frombuffer(sections[Role.DATA], dtype=_STORAGE[dtype])
+                if data.size == 0:
+                    return RawTensor(dtype, _empty(entry.shape, _STORAGE[dtype]))
                 return RawTensor(dtype, data.reshape(entry.shape))
             header = BilevelHeader.from_bytes(entry.params)
             return PackedBilevel.from_sections(entry.shape, header, sections, dtype)
@@ -256,7 +295,13 @@ class SpqrFile:
         verify_digest: bool = False,
     ) -> np.ndarray:
         """Dense weights in ``dtype`` (default: the tensor's own). bf16 comes back as uint16
-        bit patterns, since numpy has no bfloat16."""
+        bit patterns (``.view(ml_dtypes.bfloat16)`` gives real bfloat16 values).
+
+        ``verify_digest=True`` also checks the stored SHA-256 of the decoded weights (C-2.12;
+        E_DIGEST_MISMATCH): from the array already decoded when ``dtype`` is the tensor's
+        own, else from a second decode in the tensor's own dtype (raw tensors: the stored
+        bytes). A zero-element tensor whose shape numpy cannot hold comes back as described
+        in :func:`array_shape`."""
         tensor = self.read(name, verify_crc=verify_crc)
         entry = self.entry(name)
         own = DType(entry.dtype)
@@ -301,18 +346,21 @@ def open_file(path: str | os.PathLike[str]) -> SpqrFile:
 
 def convert(data: np.ndarray, src: DType, dst: DType) -> np.ndarray:
     """Convert stored elements between float dtypes with round-to-nearest-even (C-7.5)."""
+    data = np.asarray(data)
     if src == dst:
         return np.array(data, copy=True)
-    as_f32 = (
+    # Arithmetic on a 0-d array gives a numpy scalar and f32_to_bf16_bits flattens, so every
+    # result is brought back to an array of the input's shape (0-d tensors stay 0-d).
+    as_f32 = np.asarray(
         (data.astype(np.uint32) << 16).view(np.float32)
         if src == DType.BFLOAT16
         else data.astype(np.float32)
-    )
+    ).reshape(data.shape)
     if dst == DType.FLOAT32:
         return as_f32
     if dst == DType.FLOAT16:
         return as_f32.astype(np.float16)
-    return reference.f32_to_bf16_bits(as_f32)
+    return reference.f32_to_bf16_bits(as_f32).reshape(data.shape)
 
 
 TensorLike = np.ndarray | RawTensor | BilevelTensor | PackedBilevel
@@ -340,6 +388,9 @@ class SpqrWriter:
             if isinstance(tensor, np.ndarray):
                 tensor = RawTensor.from_array(tensor)
             if isinstance(tensor, RawTensor):
+                bits = tensor.data
+                if tensor.dtype == DType.BFLOAT16 and bits.dtype.name == "bfloat16":
+                    tensor = RawTensor(tensor.dtype, bits.view(np.uint16))  # same bytes
                 # np.require keeps 0-d arrays 0-d (ascontiguousarray makes them 1-d).
                 data = np.require(tensor.data, dtype=_STORAGE[tensor.dtype], requirements="C")
                 self._writer.add_tensor(

@@ -26,8 +26,28 @@ EXIT_CLOSED_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
 DEFAULT_KEEP_DENSE = ("*embed*", "*norm*", "*lm_head*")
 
 
+def safe_text(text: str) -> str:
+    """``text`` with every character a terminal could act on or hide escaped: C0 and C1
+    controls, DEL, bidi and other format characters (U+202E...), separators other than the
+    plain space, unassigned and private code points (whatever ``str.isprintable`` refuses).
+    Names are also checked by the reader (SPEC C-2.10); this is defence in depth for every
+    message that echoes a name, a path or metadata."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        else:
+            cp = ord(ch)
+            out.append(
+                f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}" if cp < 0x10000 else f"\\U{cp:08x}"
+            )
+    return "".join(out)
+
+
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {safe_text(message)}", err=True)
     sys.exit(code)
 
 
@@ -277,7 +297,7 @@ def encode(
                         fnmatch.fnmatchcase(name, p) for p in patterns
                     )
                     if not quantize:
-                        writer.add(name, api.RawTensor(dtype, st.data))
+                        writer.add(name, api.RawTensor(dtype, st.bits()))
                         rows.append(_dense_row(name, st.shape, dtype))
                         continue
                     hessian = _hessian_for(hessians, name, hessian_path)
@@ -295,7 +315,7 @@ def encode(
         if hessians is not None:
             hessians.close()
     for notice in dict.fromkeys(notices):
-        click.echo(f"warning: {notice}", err=True)
+        click.echo(f"warning: {safe_text(notice)}", err=True)
     if report_path:
         _write_json_atomic(report_path, {"settings": config.to_dict(), "tensors": rows})
     if not quiet:
@@ -303,7 +323,7 @@ def encode(
             ["tensor", "shape", "encoding", "bits/w", "outliers %", "rel. W err", "rel. out err"],
             [
                 [
-                    r["name"],
+                    safe_text(r["name"]),
                     "x".join(map(str, r["shape"])),
                     r["encoding"],
                     f"{r['bits_per_weight']:.3f}",
@@ -406,7 +426,9 @@ def calibrate(inputs, output, dtype):
                     raise err.with_context(path=path) from None
     save_hessians(output, accumulators, dtype=dtype)
     for name, acc in accumulators.items():
-        click.echo(f"{name}: {acc.in_features}x{acc.in_features} from {acc.tokens} tokens")
+        click.echo(
+            f"{safe_text(name)}: {acc.in_features}x{acc.in_features} from {acc.tokens} tokens"
+        )
 
 
 def _print_table(headers: list[str], rows: list[list[str]]) -> None:
@@ -462,7 +484,7 @@ def info(path, as_json, show_metadata):
             ["tensor", "shape", "encoding", "dtype", "bits/w", "outliers %", "bytes"],
             [
                 [
-                    i.name,
+                    safe_text(i.name),
                     "x".join(map(str, i.shape)) or "scalar",
                     _enc_label(i),
                     i.dtype,
@@ -479,11 +501,13 @@ def info(path, as_json, show_metadata):
             f"overall, {summary['bits_per_weight_quantized']:.3f} over quantized tensors "
             f"(format {summary['version']})"
         )
-        if show_metadata:
+        if show_metadata:  # ensure_ascii (the default): no raw control or bidi characters
             click.echo(json.dumps(f.metadata, indent=2, sort_keys=True))
 
 
 def _enc_label(i: api.TensorInfo) -> str:
+    if not i.supported:  # listed, but this reader cannot decode it (SPEC C-3.4)
+        return f"{i.encoding} v{i.encoding_version} (unsupported: {i.unsupported})"
     if i.encoding != "bilevel":
         return i.encoding
     p = i.params
@@ -502,8 +526,15 @@ def _enc_label(i: api.TensorInfo) -> str:
 def verify(path, as_json):
     """Check every section CRC and every tensor's decoded-weight digest.
 
-    Exit 0 if all tensors verify, 1 if any is damaged, 2 if the file is not a valid .spqr
-    file at all.
+    \b
+    Exit status:
+      0  every tensor verifies;
+      1  the file is damaged: a header or section CRC, or a decoded-weight digest, does not
+         match, or the file is cut short (E_HEADER_CRC, E_SECTION_CRC, E_DIGEST_MISMATCH,
+         E_TRUNCATED), and nothing in it is invalid;
+      2  the file is invalid or unsupported (any other error code: bad outliers, non-finite
+         statistics, a bad permutation, an unknown encoding...), even where other tensors are
+         also damaged, or it cannot be read, or bad usage.
 
     \b
     Example:
@@ -511,28 +542,56 @@ def verify(path, as_json):
     """
     results = []
     t0 = time.perf_counter()
-    with api.open_file(path) as f:
+    try:
+        f = api.open_file(path)
+    except INTEGRITY_ERRORS as err:  # damage in the header: no tensor can be checked
+        _report_verify(path, as_json, [], t0, file_error=err)
+        sys.exit(EXIT_VERIFY_FAILED)
+    with f:
         with _progress(f.names(), "verifying") as names:
             for name in names:
                 try:
                     f.verify(name)
-                    results.append({"name": name, "ok": True})
-                except INTEGRITY_ERRORS as err:
-                    results.append({"name": name, "ok": False, "code": err.code, "error": str(err)})
+                    results.append({"name": name, "ok": True, "status": "ok"})
                 except SpqrError as err:
-                    results.append({"name": name, "ok": False, "code": err.code, "error": str(err)})
-    bad = [r for r in results if not r["ok"]]
-    if as_json:
-        click.echo(json.dumps({"file": path, "ok": not bad, "tensors": results}, indent=2))
-    else:
-        for r in bad:
-            click.echo(f"FAIL {r['name']}: {r['error']}")
-        click.echo(
-            f"{len(results) - len(bad)} of {len(results)} tensors verified "
-            f"({time.perf_counter() - t0:.2f} s)" + ("" if not bad else "; verification FAILED")
-        )
-    if bad:
+                    status = "damaged" if isinstance(err, INTEGRITY_ERRORS) else "invalid"
+                    results.append(
+                        {"name": name, "ok": False, "status": status, "code": err.code,
+                         "error": str(err)}
+                    )  # fmt: skip
+    _report_verify(path, as_json, results, t0)
+    statuses = {r["status"] for r in results}
+    if "invalid" in statuses:
+        sys.exit(EXIT_BAD_INPUT)
+    if "damaged" in statuses:
         sys.exit(EXIT_VERIFY_FAILED)
+
+
+def _report_verify(path, as_json, results, t0, file_error=None) -> None:
+    bad = [r for r in results if not r["ok"]]
+    if file_error is not None:
+        status = "damaged"
+    elif any(r["status"] == "invalid" for r in bad):
+        status = "invalid"
+    else:
+        status = "damaged" if bad else "ok"
+    if as_json:
+        doc = {"file": path, "ok": status == "ok", "status": status, "tensors": results}
+        if file_error is not None:
+            doc.update(code=file_error.code, error=str(file_error))
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if file_error is not None:
+        click.echo(f"FAIL {safe_text(str(file_error))}")
+        click.echo("file is damaged; verification FAILED")
+        return
+    for r in bad:
+        click.echo(f"FAIL [{r['status']}] {safe_text(r['name'])}: {safe_text(r['error'])}")
+    click.echo(
+        f"{len(results) - len(bad)} of {len(results)} tensors verified "
+        f"({time.perf_counter() - t0:.2f} s)"
+        + ("" if not bad else f"; verification FAILED (file {status})")
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -561,9 +620,20 @@ def verify(path, as_json):
     metavar="NAME",
     help="Decode only these tensors (repeatable).",
 )
+@click.option(
+    "--no-verify-digest",
+    "no_digest",
+    is_flag=True,
+    help="Skip the check of each tensor's stored SHA-256 digest (by default a mismatch is "
+    "an error, E_DIGEST_MISMATCH, and nothing is written). With --dtype other than a "
+    "bilevel tensor's own the check costs a second decode.",
+)
 @handle_errors
-def decode(path, output, dtype, only):
+def decode(path, output, dtype, only, no_digest):
     """Decode a .spqr file to dense weights in a safetensors file.
+
+    Every section CRC and (unless --no-verify-digest) every decoded tensor's digest is
+    checked; on any failure no output file is left.
 
     \b
     Example:
@@ -582,8 +652,8 @@ def decode(path, output, dtype, only):
             layout.append((n, out, tuple(e.shape)))
         with SafetensorsWriter(output, layout) as writer, _progress(layout, "decoding") as items:
             for n, out, _ in items:
-                writer.write(n, f.decode(n, out))
-    click.echo(f"wrote {len(layout)} tensors to {output}", err=True)
+                writer.write(n, f.decode(n, out, verify_digest=not no_digest))
+    click.echo(f"wrote {len(layout)} tensors to {safe_text(output)}", err=True)
 
 
 # --------------------------------------------------------------------------------------

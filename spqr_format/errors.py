@@ -118,6 +118,7 @@ ALL_ERRORS: tuple[type[SpqrError], ...] = (
 
 ERROR_BY_CODE: dict[str, type[SpqrError]] = {cls.code: cls for cls in ALL_ERRORS}
 
-# Errors that mean "the bytes are damaged" rather than "the file is not a valid .spqr file";
+# Errors that mean "the bytes are damaged" (changed or cut short after they were written)
+# rather than "the file is not a valid .spqr file" or "this reader does not implement it";
 # `spqr verify` exits 1 on these and 2 on everything else.
-INTEGRITY_ERRORS = (HeaderCrcError, SectionCrcError, DigestMismatchError)
+INTEGRITY_ERRORS = (HeaderCrcError, SectionCrcError, DigestMismatchError, TruncatedError)

@@ -1,0 +1,317 @@
+"""Hostile files and inputs at the public API and the CLI (issue 16, section 3 and the end of
+section 2). Each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+import spqr_bytes as sb
+from click.testing import CliRunner
+
+from spqr_format import api
+from spqr_format.cli import main
+from spqr_format.codec.rtn import encode_rtn
+from spqr_format.errors import SpqrError
+from spqr_format.safetensors_io import SafetensorsFile, write_safetensors
+
+
+def run(*args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_error(result, code: int = 2, needle: str | None = None) -> None:
+    """One-line error, the exit status asked for, no traceback."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert "Traceback" not in result.output
+    if needle is not None:
+        assert needle in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> pathlib.Path:
+    """raw f32 [8, 40], bilevel (2-level stats, permutation, outliers) and a 0-d raw f32."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 40)).astype(np.float32)
+    t = encode_rtn(
+        w, bits=3, group_size=16, stats_bits=3, stats_group_size=4, outlier_fraction=0.05
+    )
+    t = dataclasses.replace(t, perm=rng.permutation(40).astype(np.uint32))
+    path = tmp_path_factory.mktemp("hard") / "sample.spqr"
+    api.save(path, {"raw.w": w, "q.w": t, "s": np.array(1.5, np.float32)})
+    return path
+
+
+def altered(tmp_path, sample, change, name="altered.spqr") -> pathlib.Path:
+    buf = bytearray(sample.read_bytes())
+    change(buf)
+    out = tmp_path / name
+    out.write_bytes(bytes(buf))
+    return out
+
+
+# --- 1. info lists tensors of an encoding (version) it does not implement --------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, code",
+    [
+        (sb.REC_ENCODING_VERSION, 2, "E_UNSUPPORTED_ENCODING_VERSION"),
+        (sb.REC_ENCODING, 9, "E_UNKNOWN_ENCODING"),
+        (sb.REC_ENCODING, 3, "E_UNKNOWN_ENCODING"),  # channel_mixed: reserved, not implemented
+    ],
+)
+def test_info_lists_unsupported_tensors(tmp_path, sample, field, value, code):
+    path = altered(tmp_path, sample, lambda b: sb.patch_record(b, 1, "<H", field, value))
+    result = run("info", path)
+    assert_clean_error(result, 0)
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
+    assert "unsupported" in lines["q.w"] and code in lines["q.w"]
+    assert "raw" in lines["raw.w"] and "scalar" in lines["s"]
+    doc = json.loads(run("info", "--json", path).stdout)
+    by = {t["name"]: t for t in doc["tensors"]}
+    assert by["q.w"]["supported"] is False and by["q.w"]["error"] == code
+    assert by["raw.w"]["supported"] is True
+    with api.open_file(path) as f:  # the others stay readable (C-3.4)
+        assert f.decode("raw.w").shape == (8, 40)
+        with pytest.raises(SpqrError) as err:
+            f.decode("q.w")
+        assert err.value.code == code
+
+
+# --- 2. a zero-element raw tensor with huge other dims ---------------------------------------
+
+
+def _zero_huge(tmp_path, dims=(0, 2**40, 2**40)) -> pathlib.Path:
+    path = tmp_path / "zero.spqr"
+    api.save(path, {"z": np.zeros((0, 3), np.float32)})
+    buf = bytearray(path.read_bytes())
+    struct.pack_into("<B", buf, sb.tensor_record(0) + sb.REC_NDIM, len(dims))
+    struct.pack_into(f"<{len(dims)}Q", buf, sb.tensor_record(0) + sb.REC_DIMS, *dims)
+    path.write_bytes(bytes(sb.fix_header_crc(buf)))
+    return path
+
+
+@pytest.mark.parametrize("dims", [(0, 2**40, 2**40), (2**40, 2**40, 0), (0, 2**40, 1 << 20)])
+def test_zero_dim_with_huge_dims_reads_decodes_and_verifies(tmp_path, dims):
+    path = _zero_huge(tmp_path, dims)
+    with api.open_file(path) as f:
+        assert f.info("z").shape == dims and f.info("z").elements == 0
+        for a in (f.read("z").data, f.decode("z"), f.decode("z", "bfloat16")):
+            assert a.size == 0 and a.ndim == 3
+        f.verify("z")
+    assert_clean_error(run("verify", path), 0)
+    out = tmp_path / "z.safetensors"
+    assert_clean_error(run("decode", path, "-o", out), 0)
+    header = json.loads(out.read_bytes()[8 : 8 + struct.unpack_from("<Q", out.read_bytes())[0]])
+    assert header["z"]["shape"] == list(dims) and header["z"]["data_offsets"] == [0, 0]
+
+
+# --- 3. a tensor named __metadata__ -----------------------------------------------------------
+
+
+def test_decode_refuses_a_tensor_named_like_safetensors_metadata(tmp_path):
+    path = tmp_path / "m.spqr"
+    api.save(path, {"__metadata__": np.ones(3, np.float32), "b": np.ones(2, np.float32)})
+    out = tmp_path / "out.safetensors"
+    result = run("decode", path, "-o", out)
+    assert_clean_error(result, 2, "E_BAD_INPUT")
+    assert "'__metadata__'" in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == [path]
+    assert_clean_error(run("decode", path, "-o", out, "--tensor", "b"), 0)
+    with SafetensorsFile(out) as st:
+        assert st.names() == ["b"]
+
+
+# --- 6. safetensors input goes through the safetensors library -------------------------------
+
+
+def _st(header, data: bytes = b"") -> bytes:
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+_F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+BAD_SAFETENSORS = {
+    "negative dim": _st({"a": {**_F32x2, "shape": [-1, 2]}}, bytes(8)),
+    "dtype not a string": _st({"a": {**_F32x2, "dtype": 5}}, bytes(8)),
+    "metadata a list": _st({"__metadata__": [1], "a": _F32x2}, bytes(8)),
+    "metadata value not a string": _st({"__metadata__": {"x": 1}, "a": _F32x2}, bytes(8)),
+    "deep JSON": _st(b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"),
+    "float dim": _st({"a": {**_F32x2, "shape": [2.0]}}, bytes(8)),
+    "overlapping offsets": _st({"a": _F32x2, "b": {**_F32x2, "data_offsets": [4, 12]}}, bytes(12)),
+    "offsets past the end": _st({"a": {**_F32x2, "data_offsets": [0, 16]}}, bytes(8)),
+    "shorter than 8 bytes": b"\x01\x00",
+    "huge header length": struct.pack("<Q", 2**63) + b"{}",
+    "header not JSON": _st(b"{nope}"),
+    "header a list": _st(b"[]"),
+    "unknown dtype": _st({"a": {**_F32x2, "dtype": "Q4"}}, bytes(8)),
+    "empty file": b"",
+}
+
+
+@pytest.mark.parametrize("what", BAD_SAFETENSORS)
+def test_encode_refuses_malformed_safetensors_cleanly(tmp_path, what):
+    src = tmp_path / "in.safetensors"
+    src.write_bytes(BAD_SAFETENSORS[what])
+    result = run("encode", src, "-o", tmp_path / "out.spqr", "-q")
+    assert_clean_error(result, 2, "E_BAD_INPUT")
+    assert str(src) in result.output
+    assert not (tmp_path / "out.spqr").exists()
+    with pytest.raises(SpqrError):
+        SafetensorsFile(src)
+
+
+def test_safetensors_bf16_reads_as_real_bfloat16_and_round_trips(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    vals = np.array([[1.0, -2.5, 3.0e38, 1e-40], [0.0, -0.0, 65504.0, 7.0]], np.float32)
+    bf = vals.astype(ml_dtypes.bfloat16)
+    src = tmp_path / "bf.safetensors"
+    save_file({"w.weight": bf, "s": np.array(2.0, ml_dtypes.bfloat16)}, str(src))
+    with SafetensorsFile(src) as st:
+        t = st.get("w.weight")
+        assert t.dtype == "bfloat16" and t.data.dtype == ml_dtypes.bfloat16
+        assert np.array_equal(t.to_float32(), bf.astype(np.float32))
+    spqr = tmp_path / "bf.spqr"
+    assert_clean_error(run("encode", src, "-o", spqr, "--keep-dense", "*", "-q"), 0)
+    with api.open_file(spqr) as f:
+        assert f.info("w.weight").dtype == "bfloat16"
+        assert np.array_equal(f.decode("w.weight"), bf.view(np.uint16))
+        assert f.decode("s").shape == ()
+    out = tmp_path / "dense.safetensors"
+    assert_clean_error(run("decode", spqr, "-o", out), 0)
+    with safe_open(str(out), framework="numpy") as g:  # the library itself loads it as BF16
+        assert g.get_slice("w.weight").get_dtype() == "BF16"
+        assert np.array_equal(g.get_tensor("w.weight").view(np.uint16), bf.view(np.uint16))
+        assert g.get_tensor("s").shape == ()
+
+
+def test_api_accepts_ml_dtypes_bfloat16_arrays(tmp_path):
+    a = np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16)
+    api.save(tmp_path / "a.spqr", {"a": a})
+    with api.open_file(tmp_path / "a.spqr") as f:
+        assert f.info("a").dtype == "bfloat16"
+        assert np.array_equal(f.decode("a").view(ml_dtypes.bfloat16), a)
+    write_safetensors(tmp_path / "a.safetensors", {"a": ("bfloat16", a)})
+    with SafetensorsFile(tmp_path / "a.safetensors") as st:
+        assert np.array_equal(st.get("a").data, a)
+
+
+# --- 9. verify: damaged (exit 1) versus invalid (exit 2) -------------------------------------
+
+
+def _flip_in_section(role):
+    def change(buf):
+        off, _ = sb.section_of(buf, 1, role)
+        buf[off] ^= 0x01
+
+    return change
+
+
+def _with_crcs(change):
+    def inner(buf):
+        change(buf)
+        sb.fix_all(buf)
+
+    return inner
+
+
+def _outlier_values_nan(buf):  # the first outlier entry's value becomes a NaN
+    off, length = sb.section_of(buf, 1, 7)
+    for pos in range(off, off + length, 4):  # first value-carrying entry
+        entry = struct.unpack_from("<I", buf, pos)[0]
+        if entry != 0xFFFFFFFF:
+            struct.pack_into("<I", buf, pos, (entry & 0xFFFF) | (0x7E00 << 16))
+            return
+    raise AssertionError("no outlier entry")
+
+
+@pytest.mark.parametrize(
+    "change, status, codes",
+    [
+        (_flip_in_section(2), 1, {"E_SECTION_CRC"}),  # a bit flip in the codes: damaged
+        (lambda b: b.__setitem__(100, b[100] ^ 1), 1, {"E_HEADER_CRC"}),
+        (lambda b: b.__delitem__(slice(len(b) - 8, None)), 1, {"E_TRUNCATED"}),
+        # A permutation entry swapped, CRCs fixed: a valid file whose digest is stale.
+        (_with_crcs(lambda b: _swap_perm(b)), 1, {"E_DIGEST_MISMATCH"}),
+        # Valid CRCs, invalid content: not damage, the file is invalid (exit 2).
+        (_with_crcs(lambda b: _dup_perm(b)), 2, {"E_BAD_PERMUTATION"}),
+        (_with_crcs(_outlier_values_nan), 2, {"E_NONFINITE", "E_BAD_OUTLIERS"}),
+        (lambda b: sb.patch_record(b, 1, "<H", sb.REC_ENCODING, 9), 2, {"E_UNKNOWN_ENCODING"}),
+    ],
+)
+def test_verify_exit_status_separates_damaged_from_invalid(tmp_path, sample, change, status, codes):
+    path = altered(tmp_path, sample, change)
+    result = run("verify", path)
+    assert_clean_error(result, status)
+    assert any(c in result.output for c in codes), result.output
+    doc = json.loads(run("verify", "--json", path).stdout)
+    assert doc["status"] == {1: "damaged", 2: "invalid"}[status]
+
+
+def _perm_offset(buf) -> tuple[int, int]:
+    return sb.section_of(buf, 1, 5)  # role 5: the permutation
+
+
+def _swap_perm(buf):
+    off, length = _perm_offset(buf)
+    width = length // 40  # u16 or u32 entries, whatever the layout stores
+    a, b = bytes(buf[off : off + width]), bytes(buf[off + width : off + 2 * width])
+    buf[off : off + width], buf[off + width : off + 2 * width] = b, a
+
+
+def _dup_perm(buf):
+    off, length = _perm_offset(buf)
+    width = length // 40
+    buf[off : off + width] = buf[off + width : off + 2 * width]
+
+
+# --- 15. bf16 decode of a 0-d float32 tensor --------------------------------------------------
+
+
+def test_decode_0d_tensor_to_bfloat16(tmp_path, sample):
+    out = tmp_path / "bf.safetensors"
+    assert_clean_error(run("decode", sample, "-o", out, "--dtype", "bfloat16"), 0)
+    with SafetensorsFile(out) as st:
+        s = st.get("s")
+        assert s.shape == () and s.data.dtype == ml_dtypes.bfloat16 and float(s.data) == 1.5
+    with api.open_file(sample) as f:
+        assert f.decode("s", "bfloat16").shape == ()
+        assert f.decode("s", "float16").shape == () and f.decode("s", "float16") == 1.5
+
+
+# --- 16. decode checks digests ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["original", "float32", "bfloat16"])
+def test_decode_refuses_a_stale_digest_and_leaves_no_output(tmp_path, sample, dtype):
+    path = altered(tmp_path, sample, _with_crcs(_swap_perm))
+    out = tmp_path / "w.safetensors"
+    result = run("decode", path, "-o", out, "--dtype", dtype)
+    assert_clean_error(result, 2, "E_DIGEST_MISMATCH")
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert_clean_error(run("decode", path, "-o", out, "--no-verify-digest"), 0)
+    assert out.exists()
+
+
+def test_decode_refuses_a_stale_raw_digest(tmp_path, sample):
+    def change(buf):
+        off, _ = sb.section_of(buf, 0, 1)
+        buf[off] ^= 0x40
+        sb.fix_all(buf)
+
+    path = altered(tmp_path, sample, change)
+    out = tmp_path / "w.safetensors"
+    assert_clean_error(run("decode", path, "-o", out, "--dtype", "float16"), 2, "E_DIGEST")
+    assert not out.exists()
