@@ -844,5 +844,13 @@ def bench(path, only, device, batches, repeat, as_json):
         click.echo("no bilevel tensors in the file", err=True)
 
 
+# --------------------------------------------------------------------------------------
+# conformance (spqr_format/conformance/cli.py)
+# --------------------------------------------------------------------------------------
+from spqr_format.conformance.cli import conformance_group  # noqa: E402
+
+main.add_command(conformance_group)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
