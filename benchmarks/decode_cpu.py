@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from strategies import random_bilevel  # noqa: E402
 
 from spqr_format.codec.bilevel import BilevelParams, PackedBilevel  # noqa: E402
-from spqr_format.codec.packing import pack, unpack_rows  # noqa: E402
+from spqr_format.codec.packing import pack, unpack_stream  # noqa: E402
 from spqr_format.codec.reference import (  # noqa: E402
     decode_bilevel,
     matvec_bilevel,
@@ -43,9 +43,10 @@ def numpy_decode_f16(p: PackedBilevel) -> np.ndarray:
     prm = p.params
     geo = p.geometry
 
-    # codes: numpy bit unpacking vectorized over all 32-element blocks (packing.unpack_rows)
-    q = unpack_rows(p.codes, prm.bits, n).astype(np.float32)
-    sq = unpack_rows(p.stats, prm.stats_bits, 2 * geo.groups).astype(np.float32)
+    # codes: numpy bit unpacking vectorized over all 32-element blocks (packing.unpack_stream)
+    q = unpack_stream(p.codes, prm.bits, m * n).reshape(m, n).astype(np.float32)
+    sq = unpack_stream(p.stats, prm.stats_bits, m * 2 * geo.groups).astype(np.float32)
+    sq = sq.reshape(m, 2 * geo.groups)
     s2 = p.stats2.view(np.float16).astype(np.float32)[np.arange(m) // prm.stats_group_size]
     s = s2[..., 1] + s2[..., 0] * sq[:, 0::2]
     z = s2[..., 3] + s2[..., 2] * sq[:, 1::2]
@@ -55,12 +56,13 @@ def numpy_decode_f16(p: PackedBilevel) -> np.ndarray:
     qg[:, :n] = q
     v = (s[:, :, None] * (qg.reshape(m, G, g) - z[:, :, None])).reshape(m, G * g)[:, :n]
     v = np.ascontiguousarray(v)
-    # outliers: running columns by a per-row prefix sum of the deltas
-    r = p.outlier_rows.astype(np.int64)
+    # outliers: running cells by a per-block prefix sum of the deltas (blocks of 16 rows)
+    r = p.outlier_index.astype(np.int64)
     ent = p.outlier_entries
-    rows = np.repeat(np.arange(m), np.diff(r))
+    blocks = np.repeat(np.arange(r.shape[0] - 1), np.diff(r))
     cs = np.cumsum(ent & 0xFFFF, dtype=np.int64)
-    col = cs - np.concatenate(([0], cs))[r[:-1]][rows] - 1
+    cell = cs - np.concatenate(([0], cs))[r[:-1]][blocks] - 1
+    rows, col = 16 * blocks + cell // n, cell % n
     val = (ent >> 16).astype(np.uint16)
     real = val != 0xFFFF
     v[rows[real], col[real]] = val[real].view(np.float16).astype(np.float32)

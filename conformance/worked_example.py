@@ -94,10 +94,11 @@ Sections:
 
 Decoding, by C-5 .. C-7:
 
-- `codes` row 0 word 0 = 11224 = `0 | 3<<3 | 7<<6 | 5<<9 | 2<<12`: codes `[0, 3, 7, 5, 2]`;
-  row 1 word 0 = 30113: codes `[1, 4, 6, 2, 7]` (each row is 12 words: 128 elements x 3 bits).
-- `stats` row 0 word 0 = 57 = `1 | 2<<2 | 3<<4 | 0<<6`: `(qs, qz)` = (1, 2) for group 0 and
-  (3, 0) for group 1; row 1 word 0 = 228: (0, 1) and (2, 3).
+- `codes` is one word, 986754008 = `11224 | 30113<<15`: its bits 0..14 are row 0,
+  11224 = `0 | 3<<3 | 7<<6 | 5<<9 | 2<<12`, codes `[0, 3, 7, 5, 2]`; bits 15..29 are row 1,
+  30113 = `1 | 4<<3 | 6<<6 | 2<<9 | 7<<12`, codes `[1, 4, 6, 2, 7]` (30 bits of 32 used).
+- `stats` is one word, 58425 = `57 | 228<<8`: row 0 = 57 = `1 | 2<<2 | 3<<4 | 0<<6`,
+  `(qs, qz)` = (1, 2) for group 0 and (3, 0) for group 1; row 1 = 228: (0, 1) and (2, 3).
 - `stats2` tile 0: group 0 `(scale_step, scale_base, zero_step, zero_base)` =
   (0.5, 0.25, 1.0, 1.5), group 1 = (0.125, 1.0, 2.0, -1.0).
 - Row 0, group 0: `s = 0.25 + 0.5*1 = 0.75`, `z = 1.5 + 1.0*2 = 3.5`, so codes 0, 3, 7, 5 give
@@ -105,8 +106,10 @@ Decoding, by C-5 .. C-7:
   `z = -1.0 + 2.0*0 = -1`, code 2 gives 4.125.
 - Row 1, group 0: `s = 0.25`, `z = 2.5`: -0.375, 0.375, 0.875, -0.125; group 1: `s = 1.25`,
   `z = 5`, code 7 gives 2.5.
-- `outlier_rows` = `[0, 0, 1]`; `outlier_entries` = `[0x49000003]`: delta 3 from the running
-  column -1 gives stored column 2, value `0x4900` = 10.0, which replaces 0.875 in row 1.
+- `perm` holds u16 entries (n <= 65536): `[4, 0, 1, 2, 3]`.
+- `outlier_index` = `[0, 1]` (one block of 16 rows); `outlier_entries` = `[0x49000008]`: delta
+  8 from the running cell -1 gives cell 7 = row 1 (7 div 5), stored column 2 (7 mod 5), value
+  `0x4900` = 10.0, which replaces 0.875 in row 1.
 - The permutation puts stored column `j` at original column `perm[j]`, giving `W` =
 
 ```

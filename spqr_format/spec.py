@@ -39,11 +39,17 @@ MAX_NDIM = 8
 MAX_DIM = 1 << 40
 MAX_ELEMENTS = 1 << 48
 MAX_GROUP_SIZE = 1 << 24
-MAX_OUTLIER_ENTRIES = (1 << 32) - 1  # row offsets are u32
+MAX_OUTLIER_ENTRIES = (1 << 32) - 1  # index offsets are u32
 
-# Packed rows (C-5.2): every packed row holds a whole number of 128-element chunks, so a
-# row starts on a 16-byte boundary and a GPU thread can load 16-byte vectors.
-PACK_CHUNK_ELEMENTS = 128
+# Packed streams (C-5.2): elements are packed back to back, with no padding between rows; a
+# stream is padded with zero bits only at its end, to a whole u32 word. Alignment for wide
+# vector loads belongs to the runtime layouts GPU kernels build at upload, not to the file.
+
+# Permutation entries (C-5.7) are u16 when n <= PERM_U16_MAX_N, else u32.
+PERM_U16_MAX_N = 1 << 16
+
+# Outlier index (C-6.1): one u32 offset per block of this many rows.
+OUTLIER_BLOCK_ROWS = 16
 
 # Outlier entries (C-6.2).
 OUTLIER_SKIP_VALUE = 0xFFFF  # value bits of a skip entry
@@ -112,8 +118,8 @@ class Role(enum.IntEnum):
     CODES = 2  # bilevel: packed weight codes
     STATS = 3  # bilevel: first-level statistics (packed codes, or fp16 pairs)
     STATS2 = 4  # bilevel: second-level statistics, fp16
-    PERM = 5  # bilevel: u32 input permutation
-    OUTLIER_ROWS = 6  # bilevel: u32 row offsets into the outlier entries
+    PERM = 5  # bilevel: input permutation (u16 when n <= 65536, else u32)
+    OUTLIER_INDEX = 6  # bilevel: u32 offsets of each 16-row block into the outlier entries
     OUTLIER_ENTRIES = 7  # bilevel: u32 (delta, fp16 value) entries
 
 
@@ -123,7 +129,7 @@ ROLE_NAMES = {
     Role.STATS: "stats",
     Role.STATS2: "stats2",
     Role.PERM: "perm",
-    Role.OUTLIER_ROWS: "outlier_rows",
+    Role.OUTLIER_INDEX: "outlier_index",
     Role.OUTLIER_ENTRIES: "outlier_entries",
 }
 
@@ -150,7 +156,16 @@ def align_up(value: int, alignment: int) -> int:
     return (value + alignment - 1) & ~(alignment - 1)
 
 
-def packed_row_words(count: int, bits: int) -> int:
-    """32-bit words of one packed row of ``count`` elements of ``bits`` bits (C-5.2)."""
-    chunks = -(-count // PACK_CHUNK_ELEMENTS)
-    return chunks * (PACK_CHUNK_ELEMENTS // 32) * bits
+def packed_stream_words(count: int, bits: int) -> int:
+    """32-bit words of a packed stream of ``count`` elements of ``bits`` bits (C-5.2)."""
+    return -(-(count * bits) // 32)
+
+
+def perm_entry_size(n: int) -> int:
+    """Bytes of one ``perm`` entry for ``n`` columns (C-5.7): 2 when n <= 65536, else 4."""
+    return 2 if n <= PERM_U16_MAX_N else 4
+
+
+def outlier_blocks(m: int) -> int:
+    """Row blocks of the outlier index (C-6.1): ceil(m / 16)."""
+    return -(-m // OUTLIER_BLOCK_ROWS)

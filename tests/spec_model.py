@@ -19,25 +19,23 @@ import numpy as np
 
 
 def bits_of_words(words: np.ndarray) -> np.ndarray:
-    """uint32 [m, W] -> uint8 [m, 32*W] with bit k of each row's string at index k."""
-    w = np.asarray(words, dtype="<u4")
-    as_bytes = w.view(np.uint8).reshape(w.shape[0], -1)
-    return np.unpackbits(as_bytes, axis=1, bitorder="little")
+    """uint32 [W] -> uint8 [32*W] with bit k of the stream at index k."""
+    w = np.ascontiguousarray(words, dtype="<u4").reshape(-1)
+    return np.unpackbits(w.view(np.uint8), bitorder="little")
 
 
 def unpack_elements(words: np.ndarray, width: int, count: int) -> np.ndarray:
-    """Elements ``0..count-1`` of ``width`` bits of each packed row (C-5.2), as int64."""
+    """Elements ``0..count-1`` of ``width`` bits of a packed stream (C-5.2), as int64."""
     bits = bits_of_words(words)
-    m = bits.shape[0]
-    assert bits.shape[1] >= count * width
-    per_element = bits[:, : count * width].reshape(m, count, width).astype(np.int64)
+    assert bits.shape[0] >= count * width
+    per_element = bits[: count * width].reshape(count, width).astype(np.int64)
     weights = np.int64(1) << np.arange(width, dtype=np.int64)  # LSB first
-    return (per_element * weights).sum(axis=2)
+    return (per_element * weights).sum(axis=1)
 
 
 def padding_is_zero(words: np.ndarray, width: int, count: int) -> bool:
-    """C-5.2: the bits after element ``count - 1`` of each row are zero."""
-    return not bits_of_words(words)[:, count * width :].any()
+    """C-5.2: the bits after element ``count - 1`` of the stream are zero."""
+    return not bits_of_words(words)[count * width :].any()
 
 
 def f16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -52,7 +50,7 @@ def statistics(p) -> tuple[np.ndarray, np.ndarray]:
     if prm.stats_bits == 0:
         st = np.asarray(p.stats).reshape(m, G, 2)  # C-5.4: (scale, zero) per (row, group)
         return f16_bits_to_f32(st[:, :, 0]), f16_bits_to_f32(st[:, :, 1])
-    q = unpack_elements(p.stats, prm.stats_bits, 2 * G)  # C-5.5
+    q = unpack_elements(p.stats, prm.stats_bits, m * 2 * G).reshape(m, 2 * G)  # C-5.5
     qs = q[:, 0::2].astype(np.float32)
     qz = q[:, 1::2].astype(np.float32)
     tile = np.arange(m) // prm.stats_group_size  # row tile of each row
@@ -66,19 +64,21 @@ def statistics(p) -> tuple[np.ndarray, np.ndarray]:
 
 
 def walk_outliers(p) -> list[tuple[int, int, int]]:
-    """(row, stored column, f16 bits) of every outlier, by walking the raw stream (C-6.2)."""
-    if p.outlier_rows is None:
+    """(row, stored column, f16 bits) of every outlier, by walking the raw stream (C-6.2):
+    blocks of 16 rows, a running cell number restarting at -1 in each block."""
+    if p.outlier_index is None:
         return []
-    r = [int(x) for x in p.outlier_rows]
+    m, n = p.shape
+    r = [int(x) for x in p.outlier_index]
     ent = [int(x) for x in p.outlier_entries]
     out = []
-    for i in range(p.shape[0]):
-        c = -1
-        for e in range(r[i], r[i + 1]):
+    for b in range(len(r) - 1):
+        cell = -1
+        for e in range(r[b], r[b + 1]):
             delta, value = ent[e] & 0xFFFF, ent[e] >> 16
-            c += delta
+            cell += delta
             if value != 0xFFFF:
-                out.append((i, c, value))
+                out.append((16 * b + cell // n, cell % n, value))
     return out
 
 
@@ -86,7 +86,7 @@ def decode_f32(p) -> np.ndarray:
     """W [m, n] float32 in original column order, per SPEC section 7."""
     m, n = p.shape
     prm = p.header.params
-    q = unpack_elements(p.codes, prm.bits, n).astype(np.float32)  # C-5.3
+    q = unpack_elements(p.codes, prm.bits, m * n).reshape(m, n).astype(np.float32)  # C-5.3
     s, z = statistics(p)
     k = np.arange(n) // prm.group_size  # group of each stored column
     diff = np.subtract(q, z[:, k], dtype=np.float32)  # C-7.2: difference rounded ...

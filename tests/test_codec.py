@@ -14,7 +14,7 @@ from strategies import bilevel_tensors, make_outliers, random_bilevel
 from spqr_format.codec import reference
 from spqr_format.codec.bilevel import BilevelParams, BilevelTensor, PackedBilevel
 from spqr_format.codec.outliers import decode_outlier_stream, encode_outlier_stream
-from spqr_format.codec.packing import pack, pack_rows, unpack, unpack_rows
+from spqr_format.codec.packing import pack, pack_stream, unpack, unpack_stream
 from spqr_format.codec.reference import (
     decode_bilevel,
     decode_bilevel_f32,
@@ -30,7 +30,7 @@ from spqr_format.errors import (
     BadPermutationError,
     NonFiniteError,
 )
-from spqr_format.spec import DType, packed_row_words
+from spqr_format.spec import DType, packed_stream_words
 
 FAST = settings(derandomize=True, deadline=None, max_examples=300)
 SLOW = settings(derandomize=True, deadline=None, max_examples=60)
@@ -156,14 +156,17 @@ def test_hand_worked_2x5_example():
     )
     p = pack(t)
     # codes row 0: 0 | 3<<3 | 7<<6 | 5<<9 | 2<<12 = 24 + 448 + 2560 + 8192 = 11224
-    # codes row 1: 1 | 4<<3 | 6<<6 | 2<<9 | 7<<12 = 1 + 32 + 384 + 1024 + 28672 = 30113
-    assert p.codes.shape == (2, 12)  # ceil(5/128) * 4 * 3 words
-    assert p.codes[:, 0].tolist() == [11224, 30113] and not p.codes[:, 1:].any()
+    # codes row 1: 1 | 4<<3 | 6<<6 | 2<<9 | 7<<12 = 1 + 32 + 384 + 1024 + 28672 = 30113,
+    # right after row 0 in the stream (bit 15): one word, 11224 | 30113 << 15
+    assert p.codes.shape == (1,)  # ceil(2 * 5 * 3 / 32) words
+    assert p.codes.tolist() == [11224 | 30113 << 15]
     # stats row 0: [1, 2, 3, 0] in 2 bits: 1 | 2<<2 | 3<<4 = 57; row 1: [0,1,2,3]: 4+32+192 = 228
-    assert p.stats.shape == (2, 8) and p.stats[:, 0].tolist() == [57, 228]
-    # outliers: row 0 none, row 1 one entry: delta 2 - (-1) = 3, value f16(10.0) = 0x4900
-    assert p.outlier_rows.tolist() == [0, 0, 1]
-    assert p.outlier_entries.tolist() == [0x49000003]
+    assert p.stats.shape == (1,) and p.stats.tolist() == [57 | 228 << 8]
+    assert p.perm.dtype == np.uint16  # C-5.7: n <= 65536
+    # outliers: one block of rows 0-1; cell of (1, 2) = 1 * 5 + 2 = 7: delta 7 - (-1) = 8,
+    # value f16(10.0) = 0x4900
+    assert p.outlier_index.tolist() == [0, 1]
+    assert p.outlier_entries.tolist() == [0x49000008]
     assert p.header.outlier_count == 1 and p.header.outlier_entry_count == 1
     expected = np.array(
         [[-0.375, 2.625, 1.125, 4.125, -2.625], [0.375, 10.0, -0.125, 2.5, -0.375]],
@@ -186,13 +189,14 @@ def test_more_than_65536_columns_decode_bit_for_bit_with_skip_entries():
     # 262141 - 131070 = 131071: two skips, then 1.
     assert deltas[:6] == [65535, 65535, 1, 65535, 65535, 1]
     assert skips[:6] == [False, True, False, True, True, False]
-    # row 2: 269999 - (-1) = 270000 = 4 * 65535 + 7860: four skips, then 7860.
-    assert deltas[6:] == [65535] * 4 + [7860] and skips[6:] == [True] * 4 + [False]
-    assert p.outlier_rows.tolist() == [0, 6, 6, 11]
-    assert p.header.outlier_count == 4 and p.header.outlier_entry_count == 11
+    # row 2 (same 16-row block): cell 2 * n + n - 1 = 809999, after cell 262141: a gap of
+    # 547858 = 8 * 65535 + 23578: eight skips, then 23578.
+    assert deltas[6:] == [65535] * 8 + [23578] and skips[6:] == [True] * 8 + [False]
+    assert p.outlier_index.tolist() == [0, 15]
+    assert p.header.outlier_count == 4 and p.header.outlier_entry_count == 15
     np.testing.assert_array_equal(bits32(decode_bilevel_f32(p)), bits32(spec_model.decode_f32(p)))
     np.testing.assert_array_equal(
-        decode_outlier_stream(p.outlier_rows, p.outlier_entries, 3, n, 4).cols, t.outliers.cols
+        decode_outlier_stream(p.outlier_index, p.outlier_entries, 3, n, 4).cols, t.outliers.cols
     )
 
 
@@ -207,28 +211,30 @@ def test_more_than_65536_columns_decode_bit_for_bit_with_skip_entries():
     st.integers(1, 8),
     st.integers(0, 2**32 - 1),
 )
-def test_pack_rows_round_trips_and_matches_spec_bit_layout(m, count, bits, seed):
+def test_pack_stream_round_trips_and_matches_spec_bit_layout(m, count, bits, seed):
     values = np.random.default_rng(seed).integers(0, 1 << bits, size=(m, count), dtype=np.uint8)
-    words = pack_rows(values, bits)
-    assert words.dtype == np.uint32 and words.shape == (m, packed_row_words(count, bits))
-    assert words.shape[1] % (4 * bits) == 0  # 128-element chunks: 16-byte aligned rows
-    np.testing.assert_array_equal(unpack_rows(words, bits, count), values)
-    np.testing.assert_array_equal(spec_model.unpack_elements(words, bits, count), values)
-    assert spec_model.padding_is_zero(words, bits, count)
+    words = pack_stream(values, bits)
+    assert words.dtype == np.uint32 and words.shape == (packed_stream_words(m * count, bits),)
+    assert words.shape[0] == -(-(m * count * bits) // 32)  # no padding but the last word's
+    np.testing.assert_array_equal(unpack_stream(words, bits, m * count), values.reshape(-1))
+    np.testing.assert_array_equal(
+        spec_model.unpack_elements(words, bits, m * count), values.reshape(-1)
+    )
+    assert spec_model.padding_is_zero(words, bits, m * count)
 
 
-def test_pack_rows_straddling_element_follows_spec_example():
+def test_pack_stream_straddling_element_follows_spec_example():
     # C-5.2: with w = 3, element 10 is bits 30, 31 of word 0 and bit 0 of word 1.
-    values = np.zeros((1, 11), dtype=np.uint8)
-    values[0, 10] = 0b101
-    words = pack_rows(values, 3)
-    assert int(words[0, 0]) == 1 << 30 and int(words[0, 1]) == 1
+    values = np.zeros(11, dtype=np.uint8)
+    values[10] = 0b101
+    words = pack_stream(values, 3)
+    assert words.tolist() == [1 << 30, 1]
 
 
-def test_unpack_rows_ignores_padding_elements():
-    words = pack_rows(np.full((2, 5), 3, dtype=np.uint8), 2)
-    words[:, -1] = 0xFFFFFFFF  # garbage in padding
-    np.testing.assert_array_equal(unpack_rows(words, 2, 5), np.full((2, 5), 3))
+def test_unpack_stream_ignores_padding_bits():
+    words = pack_stream(np.full(5, 3, dtype=np.uint8), 2)
+    words[-1] |= np.uint32(0xFFFFFC00)  # garbage after element 4 (bits 10..31)
+    np.testing.assert_array_equal(unpack_stream(words, 2, 5), np.full(5, 3))
 
 
 def assert_same_tensor(a: BilevelTensor, b: BilevelTensor) -> None:
@@ -301,19 +307,24 @@ def _entry(delta: int, value: int = 0x3C00) -> int:
 
 SKIP = _entry(65535, 0xFFFF)
 
-# (R, entries, m, n, outlier_count, error, words expected in the message)
+# (index, entries, m, n, outlier_count, error, words expected in the message); one index
+# entry per block of 16 rows (C-6.1), cells numbered row-major within a block (C-6.2)
 MALFORMED = {
-    "R0_not_zero": ([1, 1], [_entry(1)], 1, 10, 1, BadOutliersError, "R[0]"),
-    "R_decreasing": ([0, 2, 1, 2], [_entry(1), _entry(1)], 3, 10, 2, BadOutliersError, "R[2]"),
-    "R_m_not_E": ([0, 1], [_entry(1), _entry(2)], 1, 10, 2, BadOutliersError, "R[1]"),
+    "index0_not_zero": ([1, 1], [_entry(1)], 1, 10, 1, BadOutliersError, "index[0]"),
+    "index_decreasing": ([0, 2, 1, 2], [_entry(1), _entry(1)], 40, 10, 2, BadOutliersError,
+                         "index[2]"),
+    "index_last_not_E": ([0, 1], [_entry(1), _entry(2)], 1, 10, 2, BadOutliersError, "index[1]"),
+    "index_wrong_length": ([0, 1, 1], [_entry(1)], 16, 10, 1, BadOutliersError, "shape"),
     "delta_zero": ([0, 2], [_entry(1), _entry(0)], 1, 10, 2, BadOutliersError, "delta 0"),
     "skip_short_delta": ([0, 2], [_entry(7, 0xFFFF), _entry(1)], 1, 10, 1, BadOutliersError,
                          "skip"),
-    "skip_last_in_row": ([0, 2, 3], [_entry(1), SKIP, _entry(1)], 2, 10**6, 2, BadOutliersError,
-                         "row 0"),
-    "column_past_n": ([0, 2], [_entry(3), _entry(8)], 1, 10, 2, BadOutliersError, "column 10"),
-    "column_past_n_via_skip": ([0, 2], [SKIP, _entry(1)], 1, 65535, 1, BadOutliersError,
-                               "column 65535"),
+    "skip_last_in_block": ([0, 2, 3], [_entry(1), SKIP, _entry(1)], 20, 10**6, 2,
+                           BadOutliersError, "block 0"),
+    "cell_past_block": ([0, 2], [_entry(3), _entry(8)], 1, 10, 2, BadOutliersError, "cell 10"),
+    "cell_past_last_row_via_skip": ([0, 2], [SKIP, _entry(1)], 1, 65535, 1, BadOutliersError,
+                                    "cell 65535"),
+    "cell_past_short_block": ([0, 0, 1], [_entry(30)], 17, 10, 1, BadOutliersError,
+                              "cell 29"),
     "count_mismatch": ([0, 1], [_entry(1)], 1, 10, 2, BadOutliersError, "outlier_count"),
     "nan_value": ([0, 1], [_entry(1, 0x7E00)], 1, 10, 1, NonFiniteError, "0x7e00"),
     "inf_value": ([0, 1], [_entry(1, 0xFC00)], 1, 10, 1, NonFiniteError, "0xfc00"),
@@ -346,10 +357,10 @@ def test_malformed_stream_is_rejected_by_decoder_and_unpack():
 # Other data checks
 
 
-@pytest.mark.parametrize("perm", [[0, 1, 1, 3], [0, 1, 2, 4], [3, 2, 1, 0xFFFFFFFF]])
+@pytest.mark.parametrize("perm", [[0, 1, 1, 3], [0, 1, 2, 4], [3, 2, 1, 0xFFFF]])
 def test_bad_permutation_is_rejected(perm):
     t = random_bilevel(np.random.default_rng(4), 2, 4, BilevelParams(2, 2), True, 0.0)
-    p = replace_packed(pack(t), perm=np.array(perm, dtype=np.uint32))
+    p = replace_packed(pack(t), perm=np.array(perm, dtype=np.uint16))  # C-5.7: u16 for n <= 2^16
     for fn in (decode_bilevel, reference.validate_packed, unpack):
         with pytest.raises(BadPermutationError):
             fn(p)
@@ -428,7 +439,7 @@ def test_empty_outliers_store_no_outlier_sections():
     t = random_bilevel(np.random.default_rng(8), 2, 9, BilevelParams(3, 4), False, 0.0)
     t.outliers = make_outliers([], [], [])
     p = pack(t)
-    assert not p.header.has_outliers and p.outlier_rows is None and p.outlier_entries is None
+    assert not p.header.has_outliers and p.outlier_index is None and p.outlier_entries is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -132,8 +132,9 @@ def test_outliers_on_beat_off_and_spqr_beats_rtn():
     assert r_on["relative_output_error"] == pytest.approx(
         out_err(w, decode_bilevel_f32(pack(on)), h), rel=1e-3
     )
-    # n = 256: 2G = 32 statistics codes still take a whole 128-element packed row (C-5.5).
-    assert r_rtn["bits_per_weight"] == 3 + 12 * 32 / 256 + 64 * 8 * 16 / (128 * 256)
+    # n = 256: 3-bit codes, 2G = 32 3-bit statistics codes per row (3/8 bit per weight, no
+    # padding: C-5.5), one stats2 record per (16-row tile, group).
+    assert r_rtn["bits_per_weight"] == 3 + 3 * 32 / 256 + 64 * 8 * 16 / (128 * 256)
 
 
 def test_outlier_budget_caps_count():
@@ -397,12 +398,12 @@ def test_bits_per_weight_matches_spec_table():
         (flat // n).astype(np.uint32), (flat % n).astype(np.uint32), np.ones(k, np.float16)
     )
     spqr3 = BilevelParams(3, 16, 3, 16)
-    assert round(bits_per_weight(_blank((m, n), spqr3, True, o)), 3) == 3.961
-    assert round(bits_per_weight(_blank((m, n), BilevelParams(4, 16, 3, 16), True, o)), 3) == 4.961
-    assert round(bits_per_weight(_blank((m, n), BilevelParams(4, 128), True)), 3) == 4.258
+    assert round(bits_per_weight(_blank((m, n), spqr3, True, o)), 3) == 3.949
+    assert round(bits_per_weight(_blank((m, n), BilevelParams(4, 16, 3, 16), True, o)), 3) == 4.949
+    assert round(bits_per_weight(_blank((m, n), BilevelParams(4, 128), True)), 3) == 4.254
     assert bits_per_weight(_blank((m, n), spqr3, False)) == 3.625
-    # Padding: 100 columns take a whole 128-element packed row.
-    assert bits_per_weight(_blank((1, 100), BilevelParams(4, 100), False)) == (16 * 32 + 32) / 100
+    # Padding: 100 4-bit codes take 13 words (the stream ends on a whole word), one fp16 pair.
+    assert bits_per_weight(_blank((1, 100), BilevelParams(4, 100), False)) == (13 * 32 + 32) / 100
 
 
 def test_outlier_entry_count_counts_skips():
@@ -412,9 +413,9 @@ def test_outlier_entry_count_counts_skips():
         np.ones(4, np.float16),
     )
     t = _blank((2, 300000), BilevelParams(3, 300000), False, o)
-    # row 0: 65534 (delta 65535), 65535 (delta 1), 200000 (gap 134465: two skips); row 1:
-    # 65535 (gap 65536: one skip).
-    assert pack(t).header.outlier_entry_count == 4 + 2 + 1
+    # One 16-row block, cells row-major: row 0: 65534 (delta 65535), 65535 (delta 1), 200000
+    # (gap 134465: two skips); row 1, column 65535 is cell 365535 (gap 165535: two skips).
+    assert pack(t).header.outlier_entry_count == 4 + 2 + 2
 
 
 def test_encode_tensor_fallback_and_report():

@@ -75,7 +75,7 @@ def binary(tmp_path_factory):
     cmd = [NVCC, "-O2", "-std=c++17", f"-arch={arch}", "-Xcompiler", "-ffp-contract=off"]
     cmd += ["-I", str(KDIR), str(EXAMPLE / "spqr_matvec.cu"), str(EXAMPLE / "spqr_reader.c")]
     cmd += [str(KDIR / "spqr_host.cu"), str(KDIR / "spqr_tc_host.cu")]
-    cmd += [str(KDIR / "spqr_tile_layout.c"), "-o", str(out)]
+    cmd += [str(KDIR / "spqr_tile_layout.c"), str(KDIR / "spqr_row_layout.c"), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     return out

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from strategies import random_bilevel
 
 from spqr_format.codec.bilevel import BilevelParams
-from spqr_format.codec.packing import pack, pack_rows, unpack_rows
+from spqr_format.codec.packing import pack
+from spqr_format.codec.row_layout import pack_padded_rows, row_words, to_row_layout
 from spqr_format.gpu import tile_layout as TL
 
 
@@ -23,11 +24,11 @@ from spqr_format.gpu import tile_layout as TL
     rows=st.integers(1, 4),
     seed=st.integers(0, 99),
 )
-def test_unpack_fields_matches_unpack_rows(bits, count, rows, seed):
+def test_unpack_fields_reads_padded_rows(bits, count, rows, seed):
     rng = np.random.default_rng(seed)
     vals = rng.integers(0, 1 << bits, size=(rows, count), dtype=np.uint8)
-    words = pack_rows(vals, bits)
-    assert np.array_equal(TL.unpack_fields(np, words, bits, count), unpack_rows(words, bits, count))
+    words = pack_padded_rows(vals, bits)
+    assert words.shape == (rows, row_words(count, bits)) and words.shape[1] % (4 * bits) == 0
     assert np.array_equal(TL.unpack_fields(np, words, bits, count), vals)
 
 
@@ -36,10 +37,12 @@ def test_pair_slots():
 
 
 def _dense_oracle(p):
-    """Dense values (outliers not applied), stored order, from the independent spec model."""
+    """Dense values (outliers not applied), stored order, from the independent spec model
+    (``p`` in the file form)."""
     m, n = p.shape
     s, z = spec_model.statistics(p)
-    q = spec_model.unpack_elements(p.codes, p.params.bits, n).astype(np.float32)
+    q = spec_model.unpack_elements(p.codes, p.params.bits, m * n).reshape(m, n)
+    q = q.astype(np.float32)
     k = np.arange(n) // p.params.group_size
     return np.multiply(s[:, k], np.subtract(q, z[:, k], dtype=np.float32), dtype=np.float32), s, z
 
@@ -56,7 +59,8 @@ def _dense_oracle(p):
 def test_emulated_fragments_within_bound_of_exact_decode(m, n, bits, sb, S, seed):
     rng = np.random.default_rng(seed)
     t = random_bilevel(rng, m, n, BilevelParams(bits, 16, sb, S), True, 0.05)
-    p = pack(t)
+    f = pack(t)
+    p = to_row_layout(f)
     assert TL.ineligible_reason(p) is None and TL.stats_range_ok(p)
     codes = TL.repack_codes(np, p.codes, m, n, bits, rows_per_step=16)
     stats, stats2 = TL.repack_stats(np, p.stats, p.stats2, m, n, bits, sb, S)
@@ -64,7 +68,7 @@ def test_emulated_fragments_within_bound_of_exact_decode(m, n, bits, sb, S, seed
     assert codes.shape == (geo["NC"], geo["RB"], geo["SLABS"], 32, 4)
     assert stats.shape == (geo["NC"], geo["RB"], 32, geo["SWL"])
     emu = TL.emulate_dense(codes, stats, stats2, m, n, bits, sb).astype(np.float64)
-    exact, s, z = _dense_oracle(p)
+    exact, s, z = _dense_oracle(f)
     exact = exact.astype(np.float64)
     r, c = np.repeat(np.arange(m), n), np.tile(np.arange(n), m)
     assert np.array_equal(TL.dense_at(p, r, c).reshape(m, n), exact.astype(np.float32))
@@ -79,7 +83,7 @@ def test_repack_is_a_bijection_of_the_codes():
     m, n, bits = 32, 160, 4
     rng = np.random.default_rng(0)
     t = random_bilevel(rng, m, n, BilevelParams(bits, 16, 3, 16), False, 0.0)
-    p = pack(t)
+    p = to_row_layout(pack(t))
     tl = TL.repack_codes(np, p.codes, m, n, bits)
     counts = np.zeros(1 << bits, dtype=np.int64)
     for i in range(TL.pair_slots(bits)):
@@ -96,7 +100,7 @@ def test_outlier_corrections_restore_the_outlier_values():
     rng = np.random.default_rng(5)
     m, n = 20, 70000  # columns past 65,536: skip entries in the stream
     t = random_bilevel(rng, m, n, BilevelParams(3, 16, 3, 16), True, 0.001)
-    p = pack(t)
+    p = to_row_layout(pack(t))
     ent, dmax = TL.outlier_corrections(p)
     assert ent.shape == np.asarray(p.outlier_entries).shape
     skips = (ent >> 16) == 0xFFFF
@@ -123,10 +127,10 @@ def test_outlier_corrections_restore_the_outlier_values():
 def test_ineligible_configurations_say_why(bits, g, sb, S, m, why):
     rng = np.random.default_rng(1)
     t = random_bilevel(rng, m, 64, BilevelParams(bits, g, sb, S), False, 0.0)
-    assert why in TL.ineligible_reason(pack(t))
+    assert why in TL.ineligible_reason(to_row_layout(pack(t)))
 
 
 def test_small_tile_count_fits_m_below_tile():
     rng = np.random.default_rng(2)
     t = random_bilevel(rng, 5, 64, BilevelParams(3, 16, 3, 8), False, 0.0)
-    assert TL.ineligible_reason(pack(t)) is None  # S >= m: one stats tile
+    assert TL.ineligible_reason(to_row_layout(pack(t))) is None  # S >= m: one stats tile

@@ -15,6 +15,7 @@ from strategies import random_bilevel
 
 from spqr_format.codec.bilevel import BilevelParams
 from spqr_format.codec.packing import pack
+from spqr_format.codec.row_layout import to_row_layout
 from spqr_format.gpu import _kernels as K
 from spqr_format.gpu import tile_layout as TL
 
@@ -120,7 +121,7 @@ def _c_repack(lib, p):
 def test_c_repack_equals_python(lib, m, n, bits, sb, S, frac, seed):
     rng = np.random.default_rng(seed)
     t = random_bilevel(rng, m, n, BilevelParams(bits, 16, sb, S), True, frac)
-    p = pack(t)
+    p = to_row_layout(pack(t))
     got = _c_repack(lib, p)
     assert got is not None
     codes = TL.repack_codes(np, p.codes, m, n, bits)
@@ -142,7 +143,7 @@ def test_c_repack_refuses_what_python_refuses(lib):
         BilevelParams(3, 128, 3, 16),
         BilevelParams(3, 16, 0, 0),
     ):
-        p = pack(random_bilevel(rng, 20, 64, params, False, 0.0))
+        p = to_row_layout(pack(random_bilevel(rng, 20, 64, params, False, 0.0)))
         assert TL.ineligible_reason(p) is not None
         assert _c_repack(lib, p) is None
 
@@ -150,7 +151,7 @@ def test_c_repack_refuses_what_python_refuses(lib):
 def test_c_repack_long_rows_with_skip_entries(lib):
     rng = np.random.default_rng(4)
     t = random_bilevel(rng, 3, 70000, BilevelParams(3, 16, 3, 16), True, 0.0005)
-    p = pack(t)
+    p = to_row_layout(pack(t))
     got = _c_repack(lib, p)
     oents, _ = TL.outlier_corrections(p)
     assert np.array_equal(got[3], oents)

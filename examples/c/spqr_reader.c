@@ -1,6 +1,8 @@
 /* spqr_reader.c -- see spqr_reader.h.  C99, no dependencies. */
 #include "spqr_reader.h"
 
+#include "spqr_gpu.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,7 +25,8 @@ static int fail(char *err, size_t n, const char *fmt, ...) {
 }
 
 static uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
-static uint64_t packed_bytes(uint64_t count, unsigned bits) { return ceil_div(count, 128) * 16 * bits; }
+/* C-5.2: a packed stream of `count` elements of `bits` bits, padded to a whole u32 word */
+static uint64_t stream_bytes(uint64_t count, unsigned bits) { return 4 * ceil_div(count * bits, 32); }
 
 static int read_at(FILE *f, uint64_t off, void *buf, size_t len) {
   if (fseek(f, (long)off, SEEK_SET) != 0) return -1;
@@ -84,6 +87,7 @@ int spqr_read_bilevel(const char *path, const char *name, spqr_host_bilevel *out
     out->group_size = (int)rd32(pp + 4);
     out->stats_group_size = (int)rd32(pp + 8);
     out->outlier_entries = rd64(pp + 24);
+    const uint64_t outlier_count = rd64(pp + 16);
     int64_t m = out->m, n = out->n;
     if (m < 1 || n < 1 || n >= (1ll << 31) || m >= (1ll << 40) || out->bits < 1 ||
         out->bits > 8 || out->stats_bits > 8 || out->group_size < 1 ||
@@ -96,12 +100,12 @@ int spqr_read_bilevel(const char *path, const char *name, spqr_host_bilevel *out
     uint64_t T = out->stats_bits ? ceil_div((uint64_t)m, (uint64_t)out->stats_group_size) : 0;
     /* expected (role, length) list, C-5.1 */
     uint64_t want_len[8] = {0};
-    want_len[2] = (uint64_t)m * packed_bytes((uint64_t)n, (unsigned)out->bits);
-    want_len[3] = out->stats_bits ? (uint64_t)m * packed_bytes(2 * G, (unsigned)out->stats_bits)
+    want_len[2] = stream_bytes((uint64_t)m * (uint64_t)n, (unsigned)out->bits);
+    want_len[3] = out->stats_bits ? stream_bytes((uint64_t)m * 2 * G, (unsigned)out->stats_bits)
                                   : 4ull * (uint64_t)m * G;
     want_len[4] = out->stats_bits ? 8ull * T * G : 0;
-    want_len[5] = (flags & 1) ? 4ull * (uint64_t)n : 0;
-    want_len[6] = (flags & 2) ? 4ull * ((uint64_t)m + 1) : 0;
+    want_len[5] = (flags & 1) ? (n <= SPQR_PERM_U16_MAX_N ? 2ull : 4ull) * (uint64_t)n : 0;
+    want_len[6] = (flags & 2) ? 4ull * (ceil_div((uint64_t)m, SPQR_OUTLIER_BLOCK_ROWS) + 1) : 0;
     want_len[7] = (flags & 2) ? 4ull * out->outlier_entries : 0;
     uint32_t first = rd32(r + 16), count = rd32(r + 20);
     if ((uint64_t)first + count > nsec) { rc = fail(err, errlen, "E_BAD_LAYOUT: sections"); goto done; }
@@ -136,28 +140,42 @@ int spqr_read_bilevel(const char *path, const char *name, spqr_host_bilevel *out
       }
     /* data checks the kernels rely on (C-5.7, C-6.1, C-6.2) */
     if (out->perm) {
-      const uint32_t *p = (const uint32_t *)out->perm;
       unsigned char *hit = (unsigned char *)calloc((size_t)n, 1);
       if (!hit) goto io;
       for (int64_t j = 0; j < n; ++j) {
-        if (p[j] >= (uint64_t)n || hit[p[j]]) { free(hit); rc = fail(err, errlen, "E_BAD_PERMUTATION"); goto done; }
-        hit[p[j]] = 1;
+        const uint64_t pj = n <= SPQR_PERM_U16_MAX_N ? ((const uint16_t *)out->perm)[j]
+                                                     : ((const uint32_t *)out->perm)[j];
+        if (pj >= (uint64_t)n || hit[pj]) { free(hit); rc = fail(err, errlen, "E_BAD_PERMUTATION"); goto done; }
+        hit[pj] = 1;
       }
       free(hit);
     }
-    if (out->orows) {
-      const uint32_t *R = (const uint32_t *)out->orows, *E = (const uint32_t *)out->oents;
-      if (R[0] != 0 || R[m] != out->outlier_entries) { rc = fail(err, errlen, "E_BAD_OUTLIERS: rows"); goto done; }
-      for (int64_t i = 0; i < m; ++i) {
-        if (R[i] > R[i + 1]) { rc = fail(err, errlen, "E_BAD_OUTLIERS: rows"); goto done; }
-        int64_t c = -1;
-        for (uint32_t e = R[i]; e < R[i + 1]; ++e) {
-          uint32_t d = E[e] & 0xFFFFu;
-          c += d;
-          if (d == 0 || c >= n) { rc = fail(err, errlen, "E_BAD_OUTLIERS: row %lld", (long long)i); goto done; }
-        }
+    /* the file's dense sections -> the row layout the kernels read (spqr_row_layout.c) */
+    spqr_bilevel_sections sec = {(const uint32_t *)out->codes, out->stats,
+                                 (const uint16_t *)out->stats2, out->perm,
+                                 (const uint32_t *)out->orows, (const uint32_t *)out->oents,
+                                 m, n, out->bits, out->stats_bits, out->group_size,
+                                 out->stats_group_size, (int64_t)outlier_count,
+                                 (int64_t)out->outlier_entries};
+    spqr_row_sizes z;
+    if (!spqr_row_layout_sizes(&sec, &z)) { rc = fail(err, errlen, "E_BAD_OUTLIERS"); goto done; }
+    void *rl[5] = {0};
+    const int64_t rl_words[5] = {z.codes_words, z.stats_words, z.perm_words, z.orows_words,
+                                 z.oents_words};
+    for (int k = 0; k < 5; ++k)
+      if (rl_words[k] && !(rl[k] = malloc((size_t)rl_words[k] * 4))) {
+        for (int q = 0; q < 5; ++q) free(rl[q]);
+        goto io;
       }
-    }
+    spqr_row_repack(&sec, &z, (uint32_t *)rl[0], (uint32_t *)rl[1], (uint32_t *)rl[2],
+                    (uint32_t *)rl[3], (uint32_t *)rl[4]);
+    free(out->codes); free(out->stats); free(out->perm); free(out->orows); free(out->oents);
+    out->codes = rl[0]; out->codes_len = (size_t)z.codes_words * 4;
+    out->stats = rl[1]; out->stats_len = (size_t)z.stats_words * 4;
+    out->perm = rl[2]; out->perm_len = (size_t)z.perm_words * 4;
+    out->orows = rl[3]; out->orows_len = (size_t)z.orows_words * 4;
+    out->oents = rl[4]; out->oents_len = (size_t)z.oents_words * 4;
+    out->outlier_entries = (uint64_t)z.oents_words;
     rc = 0;
     goto done;
   }

@@ -2,8 +2,9 @@
  *
  * It reads the fixed header, the tensor and section records and the names, checks the
  * structure a GPU launch depends on (magic, version, caps, section bounds and lengths derived
- * from the bilevel parameters, permutation, outlier stream), and loads the sections of one
- * bilevel tensor into host memory.  It does not check CRCs or digests: use `spqr verify`.
+ * from the bilevel parameters, permutation, outlier stream), loads the sections of one
+ * bilevel tensor into host memory and converts them to the row layout the kernels read
+ * (spqr_row_repack, spqr_gpu.h).  It does not check CRCs or digests: use `spqr verify`.
  */
 #ifndef SPQR_READER_H
 #define SPQR_READER_H
@@ -19,8 +20,8 @@ typedef struct spqr_host_bilevel {
   int64_t m, n;
   int bits, stats_bits, group_size, stats_group_size;
   int dtype;                   /* C-3.3: 1 f32, 2 f16, 3 bf16 */
-  uint64_t outlier_entries;    /* E */
-  /* sections (malloc'ed; NULL when absent) and their byte lengths */
+  uint64_t outlier_entries;    /* entries of the row-layout outlier stream (oents) */
+  /* row-layout arrays (spqr_gpu.h; malloc'ed; NULL when absent) and their byte lengths */
   void *codes, *stats, *stats2, *perm, *orows, *oents;
   size_t codes_len, stats_len, stats2_len, perm_len, orows_len, oents_len;
 } spqr_host_bilevel;

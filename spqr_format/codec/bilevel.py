@@ -127,14 +127,16 @@ class BilevelHeader:
 
 @dataclass(frozen=True)
 class BilevelGeometry:
-    """Sizes derived from shape and parameters (SPEC C-5.1 .. C-5.6)."""
+    """Sizes derived from shape and parameters (SPEC C-5.1 .. C-6.1)."""
 
     m: int
     n: int
     groups: int  # G
     tiles: int  # T (0 when stats_bits == 0)
-    code_row_words: int
-    stats_row_words: int  # 0 when stats_bits == 0
+    code_words: int  # u32 words of the codes stream (C-5.3)
+    stats_words: int  # u32 words of the stats stream (C-5.5); 0 when stats_bits == 0
+    perm_dtype: np.dtype  # u16 when n <= 65536, else u32 (C-5.7)
+    outlier_blocks: int  # B = ceil(m / 16) (C-6.1)
 
     @classmethod
     def of(cls, shape: tuple[int, int], params: BilevelParams) -> BilevelGeometry:
@@ -146,10 +148,14 @@ class BilevelGeometry:
             n=n,
             groups=groups,
             tiles=tiles,
-            code_row_words=spec.packed_row_words(n, params.bits),
-            stats_row_words=(
-                spec.packed_row_words(2 * groups, params.stats_bits) if params.stats_bits else 0
+            code_words=spec.packed_stream_words(m * n, params.bits),
+            stats_words=(
+                spec.packed_stream_words(m * 2 * groups, params.stats_bits)
+                if params.stats_bits
+                else 0
             ),
+            perm_dtype=np.dtype(np.uint16 if spec.perm_entry_size(n) == 2 else np.uint32),
+            outlier_blocks=spec.outlier_blocks(m),
         )
 
 
@@ -167,16 +173,16 @@ def section_layout(shape: tuple[int, ...], header: BilevelHeader) -> list[tuple[
         raise LimitError(f"shape {m}x{n} exceeds the caps")
     p = header.params
     geo = BilevelGeometry.of((m, n), p)
-    out = [(Role.CODES, 4 * m * geo.code_row_words)]
+    out = [(Role.CODES, 4 * geo.code_words)]
     if p.stats_bits == 0:
         out.append((Role.STATS, 4 * m * geo.groups))
     else:
-        out.append((Role.STATS, 4 * m * geo.stats_row_words))
+        out.append((Role.STATS, 4 * geo.stats_words))
         out.append((Role.STATS2, 8 * geo.tiles * geo.groups))
     if header.has_perm:
-        out.append((Role.PERM, 4 * n))
+        out.append((Role.PERM, geo.perm_dtype.itemsize * n))
     if header.has_outliers:
-        out.append((Role.OUTLIER_ROWS, 4 * (m + 1)))
+        out.append((Role.OUTLIER_INDEX, 4 * (geo.outlier_blocks + 1)))
         out.append((Role.OUTLIER_ENTRIES, 4 * header.outlier_entry_count))
     return out
 
@@ -221,12 +227,12 @@ class BilevelTensor:
 class PackedBilevel:
     """Physical form of a bilevel tensor: the sections as typed arrays (SPEC C-5.3 .. C-6.2).
 
-    ``codes``  uint32 [m, code_row_words]
+    ``codes``  uint32 [code_words]: one packed stream of the m*n codes, row after row
     ``stats``  stats_bits == 0: uint16 [m, G, 2] (f16 bit patterns);
-               else uint32 [m, stats_row_words]
+               else uint32 [stats_words]: one packed stream of the m*2G statistics codes
     ``stats2`` uint16 [T, G, 4] (f16 bit patterns) or None
-    ``perm``   uint32 [n] or None
-    ``outlier_rows`` uint32 [m + 1] or None; ``outlier_entries`` uint32 [E] or None
+    ``perm``   uint16 [n] (n <= 65536) or uint32 [n], or None
+    ``outlier_index`` uint32 [ceil(m/16) + 1] or None; ``outlier_entries`` uint32 [E] or None
     """
 
     shape: tuple[int, int]
@@ -235,7 +241,7 @@ class PackedBilevel:
     stats: np.ndarray
     stats2: np.ndarray | None
     perm: np.ndarray | None
-    outlier_rows: np.ndarray | None
+    outlier_index: np.ndarray | None
     outlier_entries: np.ndarray | None
     dtype: DType = DType.FLOAT16
 
@@ -254,8 +260,8 @@ class PackedBilevel:
             out.append((Role.STATS2, self.stats2))
         if self.perm is not None:
             out.append((Role.PERM, self.perm))
-        if self.outlier_rows is not None:
-            out.append((Role.OUTLIER_ROWS, self.outlier_rows))
+        if self.outlier_index is not None:
+            out.append((Role.OUTLIER_INDEX, self.outlier_index))
             out.append((Role.OUTLIER_ENTRIES, self.outlier_entries))
         return out
 
@@ -277,7 +283,7 @@ class PackedBilevel:
                 f"{sorted(r.name for r in expected)}"
             )
 
-        def view(role: Role, dt: str, shp: tuple[int, ...]) -> np.ndarray:
+        def view(role: Role, dt, shp: tuple[int, ...]) -> np.ndarray:
             buf = sections[role]
             arr = np.frombuffer(buf, dtype=np.dtype(dt).newbyteorder("<"))
             if arr.nbytes != expected[role]:
@@ -290,19 +296,22 @@ class PackedBilevel:
             stats = view(Role.STATS, "u2", (m, geo.groups, 2))
             stats2 = None
         else:
-            stats = view(Role.STATS, "u4", (m, geo.stats_row_words))
+            stats = view(Role.STATS, "u4", (geo.stats_words,))
             stats2 = view(Role.STATS2, "u2", (geo.tiles, geo.groups, 4))
+        has_out = header.has_outliers
         return cls(
             shape=(m, n),
             header=header,
-            codes=view(Role.CODES, "u4", (m, geo.code_row_words)),
+            codes=view(Role.CODES, "u4", (geo.code_words,)),
             stats=stats,
             stats2=stats2,
-            perm=view(Role.PERM, "u4", (n,)) if header.has_perm else None,
-            outlier_rows=view(Role.OUTLIER_ROWS, "u4", (m + 1,)) if header.has_outliers else None,
+            perm=view(Role.PERM, geo.perm_dtype, (n,)) if header.has_perm else None,
+            outlier_index=(
+                view(Role.OUTLIER_INDEX, "u4", (geo.outlier_blocks + 1,)) if has_out else None
+            ),
             outlier_entries=(
                 view(Role.OUTLIER_ENTRIES, "u4", (header.outlier_entry_count,))
-                if header.has_outliers
+                if has_out
                 else None
             ),
             dtype=dtype,

@@ -1,15 +1,16 @@
 """Bit packing (SPEC C-5.2) and the logical <-> physical conversion of bilevel tensors.
 
-``pack_rows`` / ``unpack_rows`` convert between ``uint8[m, N]`` element values and packed rows
-of ``u32`` words. ``pack`` turns a :class:`BilevelTensor` (what an encoder produces) into a
+``pack_stream`` / ``unpack_stream`` convert between element values and a packed stream of
+``u32`` words. ``pack`` turns a :class:`BilevelTensor` (what an encoder produces) into a
 :class:`PackedBilevel` (the bytes of the file's sections), validating every array first;
 ``unpack`` is its inverse and validates the data-dependent rules of the stream.
 
-Why 32-element blocks: a packed row is padded to 128 elements (C-5.2), so it is a whole number
-of 32-element blocks, and 32 elements of ``w`` bits fill exactly ``w`` words. Element ``e`` of a
-block starts at bit ``e*w``, i.e. in word ``(e*w) // 32`` at shift ``(e*w) % 32`` of the block,
+Why 32-element blocks: 32 elements of ``w`` bits fill exactly ``w`` words, so element ``e`` of a
+block starts at bit ``e*w`` of the block, i.e. in word ``(e*w) // 32`` at shift ``(e*w) % 32``,
 the same for every block. So we loop over the 32 positions (a Python loop of 32 iterations)
-and vectorize over all blocks of all rows: memory stays O(input) and no bit array is built.
+and vectorize over all blocks: memory stays O(input) and no bit array is built. A stream whose
+length is not a multiple of 32 elements is packed as if padded with zero elements, and cut to
+its ``ceil(count * w / 32)`` words.
 """
 
 from __future__ import annotations
@@ -49,29 +50,8 @@ def _check_bits(bits: int) -> int:
     return bits
 
 
-def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack ``uint8[m, N]`` values of ``bits`` bits into ``uint32[m, packed_row_words(N, bits)]``.
-
-    Each row is one packed row of C-5.2: LSB-first bit string, padded with zero elements to a
-    multiple of 128 elements. Values must be ``< 2**bits`` (BadInputError otherwise).
-    """
-    bits = _check_bits(bits)
-    values = np.asarray(values)
-    if values.ndim != 2 or values.dtype != np.uint8:
-        raise BadInputError(
-            f"values must be uint8[m, N], got {values.dtype}{list(values.shape)}", field="values"
-        )
-    m, count = values.shape
-    if values.size and int(values.max()) >> bits:
-        raise BadInputError(f"a value is >= 2**{bits}", field="values")
-    words_per_row = spec.packed_row_words(count, bits)
-    padded = words_per_row * 32 // bits  # elements per padded row, a multiple of 128
-    if padded == count:
-        src = np.ascontiguousarray(values)
-    else:
-        src = np.zeros((m, padded), dtype=np.uint8)
-        src[:, :count] = values
-    blocks = src.reshape(-1, _BLOCK)  # [m * padded/32, 32]
+def _pack_blocks(blocks: np.ndarray, bits: int) -> np.ndarray:
+    """``uint8[k, 32]`` -> ``uint32[k, bits]``: each row of 32 elements packed LSB first."""
     out = np.zeros((blocks.shape[0], bits), dtype=np.uint32)
     for e in range(_BLOCK):
         word, shift = divmod(e * bits, 32)
@@ -80,29 +60,11 @@ def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
         out[:, word] |= col << np.uint32(shift)
         if shift + bits > 32:  # element straddles two words (C-5.2 example, w = 3, e = 10)
             out[:, word + 1] |= col >> np.uint32(32 - shift)
-    return out.reshape(m, words_per_row)
+    return out
 
 
-def unpack_rows(words: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_rows`: ``uint32[m, W]`` packed rows -> ``uint8[m, count]``.
-
-    ``W`` must equal ``packed_row_words(count, bits)``. Padding elements are ignored, as C-5.2
-    requires of decoders (they are not checked to be zero).
-    """
-    bits = _check_bits(bits)
-    words = np.asarray(words)
-    count = int(count)
-    if words.ndim != 2 or words.dtype.kind != "u" or words.dtype.itemsize != 4:
-        raise BadInputError(
-            f"words must be uint32[m, W], got {words.dtype}{list(words.shape)}", field="words"
-        )
-    m, w = words.shape
-    expected = spec.packed_row_words(count, bits)
-    if w != expected:
-        raise BadLayoutError(
-            f"packed rows of {count} {bits}-bit elements are {expected} words, got {w}"
-        )
-    blocks = np.ascontiguousarray(words, dtype=np.uint32).reshape(-1, bits)
+def _unpack_blocks(blocks: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of :func:`_pack_blocks`: ``uint32[k, bits]`` -> ``uint8[k, 32]``."""
     out = np.empty((blocks.shape[0], _BLOCK), dtype=np.uint8)
     mask = np.uint32((1 << bits) - 1)
     for e in range(_BLOCK):
@@ -111,8 +73,56 @@ def unpack_rows(words: np.ndarray, bits: int, count: int) -> np.ndarray:
         if shift + bits > 32:
             v = v | (blocks[:, word + 1] << np.uint32(32 - shift))
         out[:, e] = v & mask
-    rows = out.reshape(m, w * 32 // bits)
-    return rows if rows.shape[1] == count else np.ascontiguousarray(rows[:, :count])
+    return out
+
+
+def pack_stream(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack ``uint8`` values (any shape, C order) of ``bits`` bits into one packed stream:
+    ``uint32[packed_stream_words(values.size, bits)]`` (C-5.2: element ``e`` at bits
+    ``[e*bits, e*bits + bits)``, LSB first, the end padded with zero bits to a whole word).
+    Values must be ``< 2**bits`` (BadInputError otherwise)."""
+    bits = _check_bits(bits)
+    values = np.asarray(values)
+    if values.dtype != np.uint8:
+        raise BadInputError(f"values must be uint8, got {values.dtype}", field="values")
+    flat = np.ascontiguousarray(values).reshape(-1)
+    count = flat.shape[0]
+    if count and int(flat.max()) >> bits:
+        raise BadInputError(f"a value is >= 2**{bits}", field="values")
+    nblocks = -(-count // _BLOCK)
+    if nblocks * _BLOCK != count:
+        src = np.zeros(nblocks * _BLOCK, dtype=np.uint8)
+        src[:count] = flat
+        flat = src
+    words = _pack_blocks(flat.reshape(nblocks, _BLOCK), bits).reshape(-1)
+    return np.ascontiguousarray(words[: spec.packed_stream_words(count, bits)])
+
+
+def unpack_stream(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_stream`: a packed stream -> ``uint8[count]``.
+
+    ``words`` must be ``uint32[packed_stream_words(count, bits)]``. The padding bits after the
+    last element are ignored (C-5.2 requires writers to zero them, not decoders to check).
+    """
+    bits = _check_bits(bits)
+    words = np.asarray(words)
+    count = int(count)
+    if words.ndim != 1 or words.dtype.kind != "u" or words.dtype.itemsize != 4:
+        raise BadInputError(
+            f"words must be a 1-D uint32 array, got {words.dtype}{list(words.shape)}",
+            field="words",
+        )
+    expected = spec.packed_stream_words(count, bits)
+    if words.shape[0] != expected:
+        raise BadLayoutError(
+            f"a packed stream of {count} {bits}-bit elements is {expected} words, "
+            f"got {words.shape[0]}"
+        )
+    nblocks = -(-count // _BLOCK)
+    src = np.zeros(nblocks * bits, dtype=np.uint32)
+    src[:expected] = words
+    out = _unpack_blocks(src.reshape(nblocks, bits), bits).reshape(-1)
+    return out if out.shape[0] == count else np.ascontiguousarray(out[:count])
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,22 +202,22 @@ def check_packed_structure(p: PackedBilevel) -> BilevelGeometry:
         if a.shape != shape:
             raise BadLayoutError(f"{name} has shape {a.shape}, expected {shape}", field=name)
 
-    arr(p.codes, "codes", ("u", 4), (m, geo.code_row_words))
+    arr(p.codes, "codes", ("u", 4), (geo.code_words,))
     if params.stats_bits == 0:
         arr(p.stats, "stats", ("u", 2), (m, geo.groups, 2))
         if p.stats2 is not None:
             raise BadInputError("stats2 must be None when stats_bits is 0", field="stats2")
     else:
-        arr(p.stats, "stats", ("u", 4), (m, geo.stats_row_words))
+        arr(p.stats, "stats", ("u", 4), (geo.stats_words,))
         arr(p.stats2, "stats2", ("u", 2), (geo.tiles, geo.groups, 4))
     if h.has_perm:
-        arr(p.perm, "perm", ("u", 4), (n,))
+        arr(p.perm, "perm", ("u", geo.perm_dtype.itemsize), (n,))
     elif p.perm is not None:
         raise BadInputError("perm is given but the perm flag is clear", field="perm")
     if h.has_outliers:
-        arr(p.outlier_rows, "outlier_rows", ("u", 4), (m + 1,))
+        arr(p.outlier_index, "outlier_index", ("u", 4), (geo.outlier_blocks + 1,))
         arr(p.outlier_entries, "outlier_entries", ("u", 4), (h.outlier_entry_count,))
-    elif p.outlier_rows is not None or p.outlier_entries is not None:
+    elif p.outlier_index is not None or p.outlier_entries is not None:
         raise BadInputError(
             "outlier arrays are given but the outliers flag is clear", field="outliers"
         )
@@ -247,7 +257,7 @@ def pack(t: BilevelTensor) -> PackedBilevel:
     codes = _expect_array(t.codes, "codes", np.uint8, (m, n), BadInputError)
     if int(codes.max()) >> params.bits:
         raise BadInputError(f"a code is >= 2**bits = {1 << params.bits}", field="codes")
-    packed_codes = pack_rows(codes, params.bits)
+    packed_codes = pack_stream(codes, params.bits)
 
     if params.stats_bits == 0:
         stats = _expect_array(t.stats, "stats", np.float16, (m, geo.groups, 2), BadInputError)
@@ -263,7 +273,7 @@ def pack(t: BilevelTensor) -> PackedBilevel:
                 f"a stats code is >= 2**stats_bits = {1 << params.stats_bits}", field="stats"
             )
         # C-5.5: element 2k is the scale code and 2k+1 the zero code of group k.
-        packed_stats = pack_rows(stats.reshape(m, 2 * geo.groups), params.stats_bits)
+        packed_stats = pack_stream(stats, params.stats_bits)
         s2 = _expect_array(
             t.stats2, "stats2", np.float16, (geo.tiles, geo.groups, 4), BadInputError
         )
@@ -277,13 +287,13 @@ def pack(t: BilevelTensor) -> PackedBilevel:
             check_permutation(perm, n)
         except BadPermutationError as exc:
             raise BadInputError(exc.message, field="perm") from None
-        perm = np.ascontiguousarray(perm).copy()
+        perm = perm.astype(geo.perm_dtype)  # C-5.7: u16 entries when n <= 65536
 
-    rows = entries = None
+    index = entries = None
     k = e = 0
     if t.outliers is not None and len(t.outliers) > 0:
         check_outliers(t.outliers, m, n)
-        rows, entries, k = encode_outlier_stream(t.outliers, m, n)
+        index, entries, k = encode_outlier_stream(t.outliers, m, n)
         e = int(entries.shape[0])
         if e > spec.MAX_OUTLIER_ENTRIES:
             raise BadInputError(f"{e} outlier entries exceed the cap", field="outliers")
@@ -302,7 +312,7 @@ def pack(t: BilevelTensor) -> PackedBilevel:
         stats=packed_stats,
         stats2=packed_stats2,
         perm=perm,
-        outlier_rows=rows,
+        outlier_index=index,
         outlier_entries=entries,
         dtype=dtype,
     )
@@ -319,13 +329,14 @@ def unpack(p: PackedBilevel) -> BilevelTensor:
     geo = check_packed_structure(p)
     m, n = p.shape
     params = p.params
-    codes = unpack_rows(p.codes, params.bits, n)
+    codes = unpack_stream(p.codes, params.bits, m * n).reshape(m, n)
     if params.stats_bits == 0:
         check_finite_f16(p.stats, "stats")
         stats = np.ascontiguousarray(p.stats, dtype=np.uint16).view(np.float16).copy()
         stats2 = None
     else:
-        stats = unpack_rows(p.stats, params.stats_bits, 2 * geo.groups).reshape(m, geo.groups, 2)
+        stats = unpack_stream(p.stats, params.stats_bits, m * 2 * geo.groups)
+        stats = stats.reshape(m, geo.groups, 2)
         check_finite_f16(p.stats2, "stats2")
         stats2 = np.ascontiguousarray(p.stats2, dtype=np.uint16).view(np.float16).copy()
     perm = None
@@ -335,7 +346,7 @@ def unpack(p: PackedBilevel) -> BilevelTensor:
     outliers = None
     if p.header.has_outliers:
         outliers = decode_outlier_stream(
-            p.outlier_rows, p.outlier_entries, m, n, p.header.outlier_count
+            p.outlier_index, p.outlier_entries, m, n, p.header.outlier_count
         )
     return BilevelTensor(
         shape=(m, n),

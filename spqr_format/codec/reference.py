@@ -8,10 +8,11 @@ checks the result bit for bit against an independent plain-numpy model of the SP
 
 Decoding works row by row (SPEC C-7.1 .. C-7.5):
 
-1. unpack the row's codes from the packed row (C-5.2) through a 64-bit window refilled one
+1. unpack the row's codes from the packed stream (C-5.2) through a 64-bit window refilled one
    word at a time, so an element straddling two words comes out whole;
 2. compute ``(s, z)`` once per (row, group) (C-7.1) and ``v = s * (f32(q) - z)`` (C-7.2);
-3. walk the row's outlier entries and *replace* ``v`` at each outlier column (C-7.3);
+3. *replace* ``v`` at each of the row's outlier columns (C-7.3); the outlier stream is turned
+   into per-row coordinates once, vectorized, before the kernel runs;
 4. round to the output dtype (C-7.5) and place ``v[i, j]`` at ``W[i, perm[j]]`` (C-7.4), done
    as a gather through the inverse permutation (sequential stores are cheaper than scattered).
 
@@ -28,7 +29,7 @@ from numba import njit, prange
 
 from spqr_format import spec
 from spqr_format.codec.bilevel import BilevelTensor, PackedBilevel
-from spqr_format.codec.outliers import decode_outlier_stream
+from spqr_format.codec.outliers import decode_outlier_stream, outlier_coordinates_unchecked
 from spqr_format.codec.packing import (
     check_finite_f16,
     check_packed_structure,
@@ -87,28 +88,35 @@ def _f32_bits_to_bf16(u):
 
 @njit(cache=True)
 def _decode_row(
-    i, codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, orows, oent, ovals, buf
+    i, codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, optr, ocols, ovals, buf
 ):
     """Decode row ``i`` into ``buf[:n]`` (float32, stored column order, outliers applied).
 
-    ``stats`` float32 [m, G, 2] (sb = 0) / ``stats_words`` uint32 [m, SW] and ``stats2``
-    float32 [T, G, 4] (sb > 0) are pre-widened from f16 (exact, C-7.1). ``orows`` is empty
-    when there are no outliers. Every index is guarded, so that even an unvalidated stream
-    cannot make the kernel touch memory outside its arrays.
+    ``codes`` and ``stats_words`` are the packed streams of C-5.3 / C-5.5. ``stats`` float32
+    [m, G, 2] (sb = 0) and ``stats2`` float32 [T, G, 4] (sb > 0) are pre-widened from f16
+    (exact, C-7.1). The outliers come as per-row coordinates: row ``i``'s are
+    ``ocols[optr[i]:optr[i+1]]`` with values ``ovals``. Every index is guarded, so that even
+    unvalidated data cannot make the kernel touch memory outside its arrays.
     """
-    # 1. codes -> float32 (exact: q < 256). Element j occupies bits [j*b, j*b + b) of the
-    # row's LSB-first bit string (C-5.2); read it as a stream through a 64-bit window that is
-    # refilled with the next word whenever fewer than b bits are left in it, which handles
-    # elements straddling two words. Never reads past word ceil(n*b/32) - 1 of the row.
-    row = codes[i]
+    # 1. codes -> float32 (exact: q < 256). Element (i, j) occupies bits [(i*n + j)*b, +b) of
+    # the stream (C-5.2); read the row through a 64-bit window that is refilled with the next
+    # word whenever fewer than b bits are left in it, which handles elements straddling words.
+    nw = codes.shape[0]
     ub = np.uint64(bits)
     umask = np.uint64((1 << bits) - 1)
+    start = np.int64(i) * np.int64(n) * np.int64(bits)
+    w = start >> 5  # next word to load
+    skip = start & 31
     window = np.uint64(0)
     have = 0  # valid bits in window
-    w = 0  # next word to load
+    if skip and w < nw:
+        window = np.uint64(codes[w]) >> np.uint64(skip)
+        have = 32 - skip
+        w += 1
     for j in range(n):
         if have < bits:
-            window |= np.uint64(row[w]) << np.uint64(have)
+            if w < nw:
+                window |= np.uint64(codes[w]) << np.uint64(have)
             w += 1
             have += 32
         buf[j] = np.float32(window & umask)
@@ -118,19 +126,18 @@ def _decode_row(
     ngroups = (n + g - 1) // g
     smask = (1 << sb) - 1
     t = i // tile_rows if sb > 0 else 0
-    srow = stats_words[i] if sb > 0 else stats_words[0]
-    snw = srow.shape[0]
+    snw = stats_words.shape[0]
     for k in range(ngroups):
         if sb == 0:
             s = stats[i, k, 0]
             z = stats[i, k, 1]
         else:
-            pos = 2 * k * sb
+            pos = (np.int64(i) * (2 * ngroups) + 2 * k) * sb
             w = pos >> 5
             sh = pos & 31
-            x = np.int64(srow[w])
+            x = np.int64(stats_words[w]) if w < snw else np.int64(0)
             if w + 1 < snw:  # may set the sign bit; only bits < 56 are read below
-                x |= np.int64(srow[w + 1]) << 32
+                x |= np.int64(stats_words[w + 1]) << 32
             qs = np.float32((x >> sh) & smask)
             qz = np.float32((x >> (sh + sb)) & smask)  # sh + 2*sb <= 47 bits: inside x
             s = stats2[t, k, 1] + (stats2[t, k, 0] * qs)
@@ -139,30 +146,27 @@ def _decode_row(
         for j in range(k * g, j1):
             buf[j] = s * (buf[j] - z)
     # 3. outliers replace the dense value at their stored column (C-6.2, C-7.3).
-    if orows.shape[0] > 0:
-        ne = oent.shape[0]
-        c = -1
-        for e in range(min(orows[i], ne), min(orows[i + 1], ne)):
-            word = oent[e]
-            c += np.int64(word & 0xFFFF)
-            if (word >> 16) != 0xFFFF and 0 <= c < n:
+    if optr.shape[0] > i + 1:
+        ne = ocols.shape[0]
+        for e in range(min(optr[i], ne), min(optr[i + 1], ne)):
+            c = ocols[e]
+            if 0 <= c < n:
                 buf[c] = ovals[e]
 
 
 @njit(cache=True, parallel=True)
 def _decode_kernel(
-    codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, inv_perm, orows, oent, ovals,
-    mode, out32, out16,
+    m, codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, inv_perm, optr, ocols,
+    ovals, mode, out32, out16,
 ):  # fmt: skip
     """Decode every row; ``mode`` 0 writes float32 to ``out32``, 1 f16 bits / 2 bf16 bits to
     ``out16``. ``inv_perm`` (stored column of original column c) is empty without a
     permutation; every value in it is < n (built by :func:`_inverse_perm`)."""
-    m = codes.shape[0]
     has_perm = inv_perm.shape[0] == n
     for i in prange(m):
         buf = np.empty(n, dtype=np.float32)
         _decode_row(
-            i, codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, orows, oent, ovals,
+            i, codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, optr, ocols, ovals,
             buf,
         )  # fmt: skip
         if mode == 0:
@@ -191,14 +195,13 @@ def _decode_kernel(
 
 @njit(cache=True, parallel=True)
 def _matvec_kernel(
-    codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, orows, oent, ovals, xp, y
+    m, codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, optr, ocols, ovals, xp, y
 ):
     """y[i] = sum_j v[i, j] * xp[j] over stored columns, fp32, 8 interleaved partial sums."""
-    m = codes.shape[0]
     for i in prange(m):
         buf = np.empty(n, dtype=np.float32)
         _decode_row(
-            i, codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, orows, oent, ovals,
+            i, codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, optr, ocols, ovals,
             buf,
         )  # fmt: skip
         acc = np.zeros(8, dtype=np.float32)
@@ -235,7 +238,7 @@ def validate_packed(p: PackedBilevel) -> None:
         check_finite_f16(p.stats2, "stats2")
     if p.header.has_outliers:
         m, n = p.shape
-        decode_outlier_stream(p.outlier_rows, p.outlier_entries, m, n, p.header.outlier_count)
+        decode_outlier_stream(p.outlier_index, p.outlier_entries, m, n, p.header.outlier_count)
 
 
 def _inverse_perm(perm: np.ndarray, n: int) -> np.ndarray:
@@ -252,34 +255,41 @@ def _inverse_perm(perm: np.ndarray, n: int) -> np.ndarray:
     return inv
 
 
-def _kernel_args(p: PackedBilevel):
+def _kernel_args(p: PackedBilevel, validated: bool):
     """Arrays in the exact types the kernels are compiled for (one specialization each)."""
     m, n = p.shape
     prm = p.params
-    codes = np.ascontiguousarray(p.codes, dtype=np.uint32)
+    codes = np.ascontiguousarray(p.codes, dtype=np.uint32).reshape(-1)
     if prm.stats_bits == 0:
         # f16 -> f32 widening is exact (C-7.1); done once here, vectorized.
         stats = np.ascontiguousarray(p.stats, dtype=np.uint16).view(np.float16).astype(np.float32)
-        stats_words = np.zeros((1, 1), dtype=np.uint32)
+        stats_words = np.zeros(1, dtype=np.uint32)
         stats2 = np.zeros((0, 0, 4), dtype=np.float32)
         tile_rows = 1
     else:
         stats = np.zeros((0, 0, 2), dtype=np.float32)
-        stats_words = np.ascontiguousarray(p.stats, dtype=np.uint32)
+        stats_words = np.ascontiguousarray(p.stats, dtype=np.uint32).reshape(-1)
         stats2 = np.ascontiguousarray(p.stats2, dtype=np.uint16).view(np.float16)
         stats2 = stats2.astype(np.float32)
         tile_rows = prm.stats_group_size
-    if p.header.has_outliers:
-        orows = np.ascontiguousarray(p.outlier_rows, dtype=np.uint32)
-        oent = np.ascontiguousarray(p.outlier_entries, dtype=np.uint32)
-        # Value of every entry widened to f32 (skips give NaN, never used).
-        ovals = (oent >> np.uint32(16)).astype(np.uint16).view(np.float16).astype(np.float32)
+    if p.header.has_outliers and p.outlier_entries is not None:
+        # The stream as per-row coordinates (vectorized numpy; validated streams are decoded
+        # with every C-6.x check, others by the non-raising path so that indices stay in range).
+        if validated:
+            o = decode_outlier_stream(
+                p.outlier_index, p.outlier_entries, m, n, p.header.outlier_count
+            )
+        else:
+            o = outlier_coordinates_unchecked(p.outlier_index, p.outlier_entries, m, n)
+        optr = np.searchsorted(o.rows, np.arange(m + 1), side="left").astype(np.int64)
+        ocols = o.cols.astype(np.int64)
+        ovals = o.values.astype(np.float32)
     else:
-        orows = np.zeros(0, dtype=np.uint32)
-        oent = np.zeros(0, dtype=np.uint32)
+        optr = np.zeros(0, dtype=np.int64)
+        ocols = np.zeros(0, dtype=np.int64)
         ovals = np.zeros(0, dtype=np.float32)
-    common = (codes, prm.bits, n, prm.group_size, prm.stats_bits, tile_rows, stats, stats_words)
-    return common, stats2, orows, oent, ovals
+    common = (m, codes, prm.bits, n, prm.group_size, prm.stats_bits, tile_rows, stats)
+    return common, stats_words, stats2, optr, ocols, ovals
 
 
 def decode_bilevel(
@@ -299,7 +309,7 @@ def decode_bilevel(
     else:
         check_packed_structure(p)
     m, n = p.shape
-    common, stats2, orows, oent, ovals = _kernel_args(p)
+    common, stats_words, stats2, optr, ocols, ovals = _kernel_args(p, validate)
     inv_perm = _inverse_perm(p.perm, n) if p.perm is not None else np.zeros(0, np.uint32)
     mode = _MODE[dt]
     if mode == 0:
@@ -308,7 +318,9 @@ def decode_bilevel(
     else:
         out32 = np.zeros((0, 0), dtype=np.float32)
         out16 = np.empty((m, n), dtype=np.uint16)
-    _decode_kernel(*common, stats2, inv_perm, orows, oent, ovals, mode, out32, out16)
+    _decode_kernel(
+        *common, stats_words, stats2, inv_perm, optr, ocols, ovals, mode, out32, out16
+    )
     if mode == 0:
         return out32
     if mode == 1:
@@ -347,9 +359,9 @@ def matvec_bilevel(p: PackedBilevel, x: np.ndarray, *, validate: bool = True) ->
     # Gather to stored column order: stored column j multiplies x[perm[j]] (C-7.4). "clip"
     # only matters for an unvalidated bad perm: unspecified values, but no out-of-range read.
     xp = np.take(x, p.perm, mode="clip") if p.perm is not None else x
-    common, stats2, orows, oent, ovals = _kernel_args(p)
+    common, stats_words, stats2, optr, ocols, ovals = _kernel_args(p, validate)
     y = np.empty(m, dtype=np.float32)
-    _matvec_kernel(*common, stats2, orows, oent, ovals, xp, y)
+    _matvec_kernel(*common, stats_words, stats2, optr, ocols, ovals, xp, y)
     return y
 
 

@@ -19,16 +19,13 @@ from spqr_format.codec.bilevel import (
 from spqr_format.codec.outliers import encode_outlier_stream
 
 
-def _random_packed_rows(rng: np.random.Generator, rows: int, count: int, bits: int) -> np.ndarray:
-    """Random packed rows (C-5.2) of ``count`` elements, padding elements zero."""
-    words = spec.packed_row_words(count, bits)
-    out = rng.integers(0, 1 << 32, size=(rows, words), dtype=np.uint64).astype(np.uint32)
-    used = count * bits  # bits in use per row
-    full = used // 32
-    if full < words:
-        rem = used - 32 * full
-        out[:, full] &= np.uint32((1 << rem) - 1) if rem else np.uint32(0)
-        out[:, full + 1 :] = 0
+def _random_stream(rng: np.random.Generator, count: int, bits: int) -> np.ndarray:
+    """A random packed stream (C-5.2) of ``count`` elements, padding bits zero."""
+    words = spec.packed_stream_words(count, bits)
+    out = rng.integers(0, 1 << 32, size=words, dtype=np.uint64).astype(np.uint32)
+    rem = (count * bits) % 32  # bits in use in the last word
+    if rem:
+        out[-1] &= np.uint32((1 << rem) - 1)
     return out
 
 
@@ -50,14 +47,14 @@ def random_packed(
     params = BilevelParams(bits, group_size, stats_bits, stats_group_size if stats_bits else 0)
     params.validate()
     geo = BilevelGeometry.of((m, n), params)
-    codes = _random_packed_rows(rng, m, n, bits)
+    codes = _random_stream(rng, m * n, bits)
     if stats_bits == 0:
         st = np.empty((m, geo.groups, 2), dtype=np.float16)
         st[..., 0] = rng.uniform(0.001, 0.05, size=(m, geo.groups))
         st[..., 1] = rng.uniform(0, (1 << bits) - 1, size=(m, geo.groups))
         stats, stats2 = st.view(np.uint16), None
     else:
-        stats = _random_packed_rows(rng, m, 2 * geo.groups, stats_bits)
+        stats = _random_stream(rng, m * 2 * geo.groups, stats_bits)
         top = (1 << stats_bits) - 1 or 1
         s2 = np.stack(
             [
@@ -69,7 +66,7 @@ def random_packed(
             axis=-1,
         ).astype(np.float16)
         stats2 = s2.view(np.uint16)
-    p = rng.permutation(n).astype(np.uint32) if perm else None
+    p = rng.permutation(n).astype(geo.perm_dtype) if perm else None
     orows = oents = None
     k = min(int(round(outlier_fraction * n)), n)
     count = entries = 0
@@ -91,6 +88,6 @@ def random_packed(
         stats=stats,
         stats2=stats2,
         perm=p,
-        outlier_rows=orows,
+        outlier_index=orows,
         outlier_entries=oents,
     )

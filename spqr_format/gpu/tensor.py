@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spqr_format.codec.bilevel import BilevelGeometry, PackedBilevel
+from spqr_format.codec.row_layout import RowLayout, row_words, to_row_layout
 from spqr_format.errors import BadInputError
 from spqr_format.gpu import _kernels as K
 
@@ -127,7 +128,7 @@ class TileLayout:
         return sum(a.nbytes for a in arrs if a is not None)
 
 
-def build_tile_layout(p: PackedBilevel, codes_dev, stats_dev, stats2_dev) -> TileLayout | None:
+def build_tile_layout(p: RowLayout, codes_dev, stats_dev, stats2_dev) -> TileLayout | None:
     """Repack ``p`` for the tensor-core kernels (on the GPU, from its already uploaded
     sections), or None when it has no such path (the reason is logged at debug level)."""
     from spqr_format.gpu import tile_layout as TL
@@ -178,8 +179,8 @@ class GpuTensor:
     group_size: int
     stats_bits: int
     stats_group_size: int
-    codes: cp.ndarray  # u32 [m * code_row_words]
-    stats: cp.ndarray  # u32 (sb = 0: f16 pairs; sb > 0: packed rows)
+    codes: cp.ndarray  # u32 [m * code_row_words] (row layout, codec/row_layout.py)
+    stats: cp.ndarray  # u32 (sb = 0: f16 pairs; sb > 0: padded rows)
     stats2: cp.ndarray | None  # u16 [T * G * 4]
     perm: cp.ndarray | None  # u32 [n]
     outlier_rows: cp.ndarray | None  # u32 [m + 1]
@@ -216,6 +217,9 @@ class GpuTensor:
             from spqr_format.codec.reference import validate_packed
 
             validate_packed(p)
+        # The kernels read the row layout (16-byte aligned rows, u32 perm, per-row outlier
+        # offsets), built here from the file's dense sections.
+        p = to_row_layout(p, validated=validate)
         prm = p.params
         has_out = p.header.has_outliers and p.outlier_entries is not None
         from spqr_format.spec import DTYPE_NAMES
@@ -322,8 +326,8 @@ class GpuTensor:
             np.int32(max(self.stats_group_size, 1)),
             np.int32(self.stats_bits),
             np.int32(geo.groups),
-            np.int64(geo.code_row_words),
-            np.int64(geo.stats_row_words),
+            np.int64(row_words(self.n, self.bits)),
+            np.int64(row_words(2 * geo.groups, self.stats_bits) if self.stats_bits else 0),
         )
 
     def dequantize_into(self, out_ptr, ldo: int, out_code: int) -> None:

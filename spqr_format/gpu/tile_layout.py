@@ -1,8 +1,8 @@
 """The GPU tile layout: a lossless load-time repack of a ``bilevel`` tensor for the
 tensor-core kernels (``kernels/spqr_tc.cu``).
 
-The file layout (SPEC sections 5-6) is a row-major bit string, which any decoder can read but
-which puts the 8 codes an ``mma.sync.m16n8k16`` thread needs in 8 different places. This module
+It starts from the row layout (:mod:`spqr_format.codec.row_layout`: each row a padded bit string,
+built from the file's dense streams at upload), which any kernel can read but which puts the 8 codes an ``mma.sync.m16n8k16`` thread needs in 8 different places. This module
 rearranges the same codes and statistics once, when a tensor is uploaded, so that each thread
 of a warp finds its whole A fragment for several k-tiles in one 16-byte load, and the
 statistics of its two rows next to it. Nothing is re-quantized: every code and statistic is
@@ -44,17 +44,17 @@ Definitions (``B`` code bits, ``SB`` statistics bits, fast path only for ``group
 * ``stats2``: u32 ``[NC, RB, MPC, 2]``: per chunk, block and group of the chunk, the f16 pairs
   ``(scale_step, -zero_step)`` and ``(scale_base, -zero_base)`` of the block's stats tile
   (the block lies in one tile: ``stats_group_size % 16 == 0`` or ``>= m``).
-* ``outlier_entries``: the file's entries with each non-skip value replaced by
+* ``outlier_entries``: the row layout's entries with each non-skip value replaced by
   ``f16(o - w)``, ``w`` the exact dense value at that position (SPEC C-7.2): the kernels add
   ``(o - w) * x`` to the dense product instead of replacing weights inside a fragment.
-  ``outlier_rows`` is the file's.
+  ``outlier_rows`` is the row layout's.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from spqr_format.codec.bilevel import PackedBilevel
+from spqr_format.codec.row_layout import RowLayout
 from spqr_format.gpu._kernels import TC_BITS, TC_STATS_BITS
 
 TILE = 16
@@ -104,7 +104,7 @@ def geometry(m: int, n: int, bits: int, stats_bits: int) -> dict:
     )
 
 
-def ineligible_reason(p: PackedBilevel) -> str | None:
+def ineligible_reason(p: RowLayout) -> str | None:
     """Why ``p`` has no tensor-core path (None when it has one). Structural checks only; the
     numeric range check is in :func:`stats_range_ok`."""
     prm = p.params
@@ -153,7 +153,7 @@ def _pack_slots(xp, a, bits: int):
 
 
 def repack_codes(xp, codes_words, m: int, n: int, bits: int, rows_per_step: int = 2048):
-    """File code rows ``[m, W]`` -> tile-layout codes u32 ``[NC, RB, SLABS, 32, 4]``."""
+    """Row-layout code rows ``[m, W]`` -> tile-layout codes u32 ``[NC, RB, SLABS, 32, 4]``."""
     geo = geometry(m, n, bits, 1)
     rb_total, nc, r, slabs = geo["RB"], geo["NC"], geo["R"], geo["SLABS"]
     ppw = pair_slots(bits)
@@ -207,7 +207,7 @@ def repack_stats(xp, stats_words, stats2_u16, m: int, n: int, bits: int, stats_b
 
 
 # --- exact dense values at chosen positions (host, numpy) ---------------------------------
-def dense_at(p: PackedBilevel, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def dense_at(p: RowLayout, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """SPEC C-7.1/7.2 dense value (f32, outliers not applied) at stored ``(rows, cols)``."""
     prm = p.params
     b, g, sb = prm.bits, prm.group_size, prm.stats_bits
@@ -239,7 +239,7 @@ def dense_at(p: PackedBilevel, rows: np.ndarray, cols: np.ndarray) -> np.ndarray
     return (s * (q - z)).astype(np.float32)
 
 
-def outlier_corrections(p: PackedBilevel) -> tuple[np.ndarray | None, float]:
+def outlier_corrections(p: RowLayout) -> tuple[np.ndarray | None, float]:
     """The tile layout's outlier entries (values ``f16(o - w)``) and ``max |o - w|`` (f32)."""
     if not p.header.has_outliers or p.outlier_entries is None:
         return None, 0.0
@@ -265,7 +265,7 @@ def outlier_corrections(p: PackedBilevel) -> tuple[np.ndarray | None, float]:
     return out, float(np.max(np.abs(d32))) if d32.size else 0.0
 
 
-def stats_range_ok(p: PackedBilevel) -> bool:
+def stats_range_ok(p: RowLayout) -> bool:
     """Whether every scale / zero / product stays well inside f16 (the fragments are f16)."""
     prm = p.params
     s2 = np.asarray(p.stats2).view(np.float16).astype(np.float64)  # [T, G, 4]

@@ -1,5 +1,5 @@
 /* spqr_gpu.h -- C interface of the spqr-format GPU kernels (spqr_kernels.cu, spqr_tc.cu,
- * spqr_host.cu, spqr_tc_host.cu, spqr_tile_layout.c).
+ * spqr_host.cu, spqr_tc_host.cu, spqr_row_layout.c, spqr_tile_layout.c).
  *
  * Three pieces, use any:
  *
@@ -17,13 +17,24 @@
  *     k-slicing is the plain C header spqr_tc_plan.h); or launch the kernels yourself
  *     (contracts below).
  *
- * Data: the sections of one `bilevel` tensor (SPEC.md sections 5-6) copied to device memory
- * byte for byte, unchanged (no repack).  Every section pointer must be 16-byte aligned
- * (cudaMalloc gives 256; a .spqr file aligns sections to >= 64 bytes, so a mapped file region
- * registered with cudaHostRegister also works).  The kernels do NOT validate the data: run the
- * checks of SPEC C-5.7, C-5.8, C-6.1, C-6.2 (perm is a permutation, outlier columns < n,
- * R[m] = E, ...) before upload, as `spqr_format.codec.reference.validate_packed` does; invalid
- * data can make a kernel read out of bounds.
+ * Data: one `bilevel` tensor in the ROW LAYOUT, in device memory.  A .spqr file packs each
+ * section densely (SPEC C-5.2: one bit stream per section, no padding between rows); the
+ * kernels want every row on a 16-byte boundary and a row's outliers behind per-row offsets.
+ * The row layout is that, built once on the host at load time (spqr_row_repack below, C99, or
+ * spqr_format/codec/row_layout.py; both bit for bit the same):
+ *   codes  u32 [m][code_row_words]: row i = its n codes LSB first, zero-padded to a multiple of
+ *          128 elements;
+ *   stats  sb = 0: the file's f16 (scale, zero) pairs [m][G][2]; sb > 0: u32
+ *          [m][stats_row_words], row i = its 2G statistics codes, padded as codes are;
+ *   stats2 the file's section, u16 [T][G][4];
+ *   perm   u32 [n] (the file stores u16 entries when n <= 65536);
+ *   orows  u32 [m + 1] per-row offsets into oents, and oents the outlier entries of SPEC C-6.2
+ *          with blocks of ONE row (the running column restarts at -1 in every row).
+ * Every pointer must be 16-byte aligned (cudaMalloc gives 256).  The kernels do NOT validate
+ * the data: validate the file's sections first (SPEC C-5.7, C-5.8, C-6.1, C-6.2: perm is a
+ * permutation, outliers in range, ...), as `spqr_format.codec.reference.validate_packed` does
+ * (spqr_row_repack also refuses a broken outlier stream); invalid data can make a kernel read
+ * out of bounds.
  *
  * Sizes: m, n >= 1, n < 2^31, m * ceil(n/32) < 2^62.  bits b in 1..8, group size g >= 1,
  * stats_bits sb in 0..8 (0 = fp16 statistics), stats_group_size S >= 1 when sb > 0.
@@ -155,8 +166,8 @@
  *   tl_codes  u32 [NC][RB][SLABS][32 lanes][4]   one 16-byte load per lane and slab
  *   tl_stats  u32 [NC][RB][32 lanes][SWL]        (scale code, zero code) pairs, rows g, g+8
  *   tl_stats2 u32 [NC][RB][MPC][2]               f16 pairs (sstep, -zstep), (sbase, -zbase)
- *   tl_oents  u32 [E]                            the file's entries, values f16(o - w)
- * plus the file's outlier_rows and perm.
+ *   tl_oents  u32 [E]                            the row layout's oents, values f16(o - w)
+ * plus the row layout's orows and perm.
  *
  * spqr_tc_prepare_x(x, ldx, perm, n, nb, NT, KT, xfrag, xt, bp, diag, xsum)
  *   x [nb][ldx] f16 (nb <= 64); NT = n-tiles of 8 batch columns (1, 2, 4 or 8 >= nb/8);
@@ -221,14 +232,14 @@
 extern "C" {
 #endif
 
-/* One bilevel tensor on the device: section pointers and the parameters of its record. */
+/* One bilevel tensor on the device, in the row layout, and the parameters of its record. */
 typedef struct spqr_bilevel {
-  const uint32_t *codes;      /* section `codes`                                        */
-  const uint32_t *stats;      /* section `stats` (sb = 0: f16 pairs viewed as u32)      */
+  const uint32_t *codes;      /* row-layout codes [m][code_row_words]                   */
+  const uint32_t *stats;      /* row-layout stats (sb = 0: f16 pairs viewed as u32)     */
   const uint16_t *stats2;     /* section `stats2` or NULL                               */
-  const uint32_t *perm;       /* section `perm` or NULL                                 */
-  const uint32_t *orows;      /* section `outlier_rows` or NULL                         */
-  const uint32_t *oents;      /* section `outlier_entries` or NULL                      */
+  const uint32_t *perm;       /* u32 [n] or NULL                                        */
+  const uint32_t *orows;      /* per-row outlier offsets [m + 1] or NULL                */
+  const uint32_t *oents;      /* per-row outlier entries or NULL                        */
   int64_t m, n;               /* dims[0], dims[1]                                       */
   int32_t bits, stats_bits;   /* params: b, sb                                          */
   int32_t group_size;         /* g                                                      */
@@ -257,10 +268,45 @@ int spqr_matvec(const spqr_bilevel *t, const void *x, int64_t ldx, int in_dtype,
 int spqr_dequantize(const spqr_bilevel *t, void *out, int64_t ldo, int out_dtype, void *stream);
 
 /* ------------------------------------------------------------------------------------------
+ * Host-side row-layout repack (spqr_row_layout.c: C99, no CUDA, no allocation): the file's
+ * sections of one bilevel tensor (host memory, as read from the file) -> the row layout that
+ * spqr_bilevel points to.  Call spqr_row_layout_sizes, allocate, call spqr_row_repack, upload.
+ * ------------------------------------------------------------------------------------------ */
+#define SPQR_OUTLIER_BLOCK_ROWS 16 /* SPEC C-6.1 */
+#define SPQR_PERM_U16_MAX_N 65536  /* SPEC C-5.7: u16 perm entries when n <= this */
+
+typedef struct spqr_bilevel_sections {
+  const uint32_t *codes;     /* section `codes`: packed stream of m*n codes                */
+  const void *stats;         /* section `stats`: f16 pairs (sb = 0) or packed stream       */
+  const uint16_t *stats2;    /* section `stats2` or NULL                                   */
+  const void *perm;          /* section `perm` (u16 when n <= 65536, else u32) or NULL     */
+  const uint32_t *oindex;    /* section `outlier_index` [ceil(m/16) + 1] or NULL           */
+  const uint32_t *oents;     /* section `outlier_entries` [E] or NULL                      */
+  int64_t m, n;              /* dims[0], dims[1]                                           */
+  int32_t bits, stats_bits, group_size, stats_group_size;
+  int64_t outlier_count;     /* params: K                                                  */
+  int64_t outlier_entries;   /* params: E                                                  */
+} spqr_bilevel_sections;
+
+typedef struct spqr_row_sizes { /* u32 words of each row-layout array */
+  int64_t code_row_words, stats_row_words;
+  int64_t codes_words, stats_words, perm_words, orows_words, oents_words;
+} spqr_row_sizes;
+
+/* Sizes of the row-layout arrays.  Walks the outlier stream once: returns 0 when it breaks
+ * SPEC C-6.1 / C-6.2 (E_BAD_OUTLIERS) or a non-skip value is not finite (E_NONFINITE). */
+int spqr_row_layout_sizes(const spqr_bilevel_sections *s, spqr_row_sizes *z);
+
+/* Fills the row-layout arrays (sizes from spqr_row_layout_sizes; perm, orows, oents may be
+ * NULL when the tensor has none).  Returns 1, or 0 on a broken outlier stream. */
+int spqr_row_repack(const spqr_bilevel_sections *s, const spqr_row_sizes *z, uint32_t *codes,
+                    uint32_t *stats, uint32_t *perm, uint32_t *orows, uint32_t *oents);
+
+/* ------------------------------------------------------------------------------------------
  * Host-side tile-layout repack (spqr_tile_layout.c: C99, no CUDA; compile it without
  * floating-point contraction, e.g. -ffp-contract=off).  Produces the arrays of section
  * "Tile layout" above, bit for bit as spqr_format/gpu/tile_layout.py, from HOST copies of the
- * sections (pass an spqr_bilevel whose pointers are host pointers); upload them yourself, then
+ * row layout (pass an spqr_bilevel whose pointers are host pointers); upload them yourself, then
  * launch with spqr_tc_matmul (spqr_tc_host.cu, below).
  * ------------------------------------------------------------------------------------------ */
 #define SPQR_TILE_F16_SAFE 30000.0 /* |s| (2^b - 1 + |z|) and |z| must stay below this */
@@ -287,8 +333,8 @@ int spqr_tile_repack(const spqr_bilevel *t, uint32_t *tl_codes, uint32_t *tl_sta
 typedef struct spqr_tile {
   const uint32_t *codes, *stats, *stats2; /* spqr_tile_repack's arrays, on the device        */
   const uint32_t *oents;                  /* its tl_oents on the device, or NULL             */
-  const uint32_t *orows;                  /* section `outlier_rows` on the device, or NULL   */
-  const uint32_t *perm;                   /* section `perm` on the device, or NULL           */
+  const uint32_t *orows;                  /* row-layout orows on the device, or NULL         */
+  const uint32_t *perm;                   /* row-layout perm (u32) on the device, or NULL    */
   int64_t m, n;                           /* dims[0], dims[1]                                */
   int64_t outlier_entries;                /* E (0 without outliers)                          */
   int32_t bits, stats_bits;               /* params: b, sb                                   */
