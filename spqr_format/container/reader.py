@@ -128,7 +128,13 @@ class ContainerReader:
             if not stat.S_ISREG(st.st_mode):
                 raise IoError("not a regular file")
             if st.st_size < spec.FIXED_HEADER_SIZE:
-                # Also covers the empty file, which mmap cannot map.
+                # Also covers the empty file, which mmap cannot map. C-9.2 step 1: the bytes
+                # there are must be a prefix of the magic (else E_BAD_MAGIC), then E_TRUNCATED.
+                head = os.pread(fd, len(spec.MAGIC), 0)
+                if head != spec.MAGIC[: len(head)]:
+                    raise BadMagicError(
+                        f"first {len(head)} bytes are {head.hex(' ')}, not the .spqr magic"
+                    )
                 raise TruncatedError(
                     f"file is {st.st_size} bytes, shorter than the {spec.FIXED_HEADER_SIZE}-byte"
                     " fixed header"
