@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from spqr_format import spec
-from spqr_format.codec.bilevel import BilevelTensor, PackedBilevel
+from spqr_format.codec.bilevel import BilevelTensor, Outliers, PackedBilevel
 from spqr_format.codec.outliers import decode_outlier_stream, outlier_coordinates_unchecked
 from spqr_format.codec.packing import (
     check_finite_f16,
@@ -222,12 +222,14 @@ def _matvec_kernel(
 # Python entry points
 
 
-def validate_packed(p: PackedBilevel) -> None:
-    """Every data-dependent check required before decoding (C-5.7, C-5.8, C-6.1, C-6.2).
+def validate_packed(p: PackedBilevel) -> Outliers | None:
+    """Every data-dependent check required before decoding, in the order of SPEC C-9.3.
 
     Structure (array dtypes and shapes against the header), perm is a permutation
     (E_BAD_PERMUTATION), stats (sb = 0) and stats2 f16 values finite (E_NONFINITE), outlier
-    stream valid (E_BAD_OUTLIERS / E_NONFINITE). All checks are vectorized numpy.
+    stream valid (E_BAD_OUTLIERS / E_NONFINITE, rules in the order of C-6.2). All checks are
+    vectorized numpy. Returns the outliers in coordinate form (None without outliers), which
+    the decoder then uses instead of parsing the stream a second time.
     """
     check_packed_structure(p)
     if p.perm is not None:
@@ -236,9 +238,24 @@ def validate_packed(p: PackedBilevel) -> None:
         check_finite_f16(p.stats, "stats")
     else:
         check_finite_f16(p.stats2, "stats2")
-    if p.header.has_outliers:
-        m, n = p.shape
-        decode_outlier_stream(p.outlier_index, p.outlier_entries, m, n, p.header.outlier_count)
+    if not p.header.has_outliers:
+        return None
+    m, n = p.shape
+    return decode_outlier_stream(
+        p.outlier_index, p.outlier_entries, m, n, p.header.outlier_count
+    )
+
+
+def _checked(p: PackedBilevel, validate: bool) -> Outliers | None:
+    """Validate (C-9.3) or only check the structure; either way the outliers as coordinates
+    (from the non-raising parser when not validating, so that indices stay in range)."""
+    if validate:
+        return validate_packed(p)
+    check_packed_structure(p)
+    if not p.header.has_outliers:
+        return None
+    m, n = p.shape
+    return outlier_coordinates_unchecked(p.outlier_index, p.outlier_entries, m, n)
 
 
 def _inverse_perm(perm: np.ndarray, n: int) -> np.ndarray:
@@ -255,8 +272,9 @@ def _inverse_perm(perm: np.ndarray, n: int) -> np.ndarray:
     return inv
 
 
-def _kernel_args(p: PackedBilevel, validated: bool):
-    """Arrays in the exact types the kernels are compiled for (one specialization each)."""
+def _kernel_args(p: PackedBilevel, o: Outliers | None):
+    """Arrays in the exact types the kernels are compiled for (one specialization each);
+    ``o`` the outliers in coordinate form (from :func:`_checked`)."""
     m, n = p.shape
     prm = p.params
     codes = np.ascontiguousarray(p.codes, dtype=np.uint32).reshape(-1)
@@ -272,15 +290,7 @@ def _kernel_args(p: PackedBilevel, validated: bool):
         stats2 = np.ascontiguousarray(p.stats2, dtype=np.uint16).view(np.float16)
         stats2 = stats2.astype(np.float32)
         tile_rows = prm.stats_group_size
-    if p.header.has_outliers and p.outlier_entries is not None:
-        # The stream as per-row coordinates (vectorized numpy; validated streams are decoded
-        # with every C-6.x check, others by the non-raising path so that indices stay in range).
-        if validated:
-            o = decode_outlier_stream(
-                p.outlier_index, p.outlier_entries, m, n, p.header.outlier_count
-            )
-        else:
-            o = outlier_coordinates_unchecked(p.outlier_index, p.outlier_entries, m, n)
+    if o is not None and len(o) > 0:
         optr = np.searchsorted(o.rows, np.arange(m + 1), side="left").astype(np.int64)
         ocols = o.cols.astype(np.int64)
         ovals = o.values.astype(np.float32)
@@ -304,12 +314,9 @@ def decode_bilevel(
     an invalid stream then decodes to unspecified values, but never unsafe memory accesses.
     """
     dt = spec.parse_dtype(dtype, p.dtype)
-    if validate:
-        validate_packed(p)
-    else:
-        check_packed_structure(p)
+    o = _checked(p, validate)
     m, n = p.shape
-    common, stats_words, stats2, optr, ocols, ovals = _kernel_args(p, validate)
+    common, stats_words, stats2, optr, ocols, ovals = _kernel_args(p, o)
     inv_perm = _inverse_perm(p.perm, n) if p.perm is not None else np.zeros(0, np.uint32)
     mode = _MODE[dt]
     if mode == 0:
@@ -347,10 +354,7 @@ def matvec_bilevel(p: PackedBilevel, x: np.ndarray, *, validate: bool = True) ->
     product, at most ``ceil(n/8)`` additions per lane, 3 for combining the lanes). It is
     independent of cancellation only through ``sum_j |W_ij x_j|``.
     """
-    if validate:
-        validate_packed(p)
-    else:
-        check_packed_structure(p)
+    o = _checked(p, validate)
     m, n = p.shape
     x = np.asarray(x)
     if x.shape != (n,):
@@ -359,7 +363,7 @@ def matvec_bilevel(p: PackedBilevel, x: np.ndarray, *, validate: bool = True) ->
     # Gather to stored column order: stored column j multiplies x[perm[j]] (C-7.4). "clip"
     # only matters for an unvalidated bad perm: unspecified values, but no out-of-range read.
     xp = np.take(x, p.perm, mode="clip") if p.perm is not None else x
-    common, stats_words, stats2, optr, ocols, ovals = _kernel_args(p, validate)
+    common, stats_words, stats2, optr, ocols, ovals = _kernel_args(p, o)
     y = np.empty(m, dtype=np.float32)
     _matvec_kernel(*common, stats_words, stats2, optr, ocols, ovals, xp, y)
     return y

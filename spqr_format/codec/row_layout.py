@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spqr_format.codec.bilevel import BilevelHeader, BilevelParams, PackedBilevel
+from spqr_format.codec.bilevel import BilevelHeader, BilevelParams, Outliers, PackedBilevel
 from spqr_format.codec.outliers import (
     decode_outlier_stream,
     encode_outlier_stream,
@@ -89,10 +89,13 @@ class RowLayout:
         return self.header.params
 
 
-def to_row_layout(p: PackedBilevel, *, validated: bool = True) -> RowLayout:
+def to_row_layout(
+    p: PackedBilevel, *, validated: bool = True, outliers: Outliers | None = None
+) -> RowLayout:
     """Build the row layout of a file-form tensor. ``validated`` says the caller has run the
-    data checks (``reference.validate_packed``); without them the outlier stream is read by
-    the non-raising path, so a bad stream gives unspecified values but in-range indices."""
+    data checks (``reference.validate_packed``, whose result may be passed as ``outliers`` to
+    save parsing the stream again); without them the outlier stream is read by the
+    non-raising path, so a bad stream gives unspecified values but in-range indices."""
     m, n = p.shape
     prm = p.params
     geo = p.geometry
@@ -105,7 +108,9 @@ def to_row_layout(p: PackedBilevel, *, validated: bool = True) -> RowLayout:
     rows = entries = None
     header = p.header
     if p.header.has_outliers and p.outlier_entries is not None:
-        if validated:
+        if outliers is not None:
+            coords = outliers
+        elif validated:
             coords = decode_outlier_stream(
                 p.outlier_index, p.outlier_entries, m, n, p.header.outlier_count
             )
