@@ -767,7 +767,7 @@ for _minor in (1, 65535):
         f"container-minor-version-{_minor}",
         "decode",
         ["container", "version"],
-        ["C-2.4"],
+        ["C-2.4", "C-13.1"],
         f"version 1.{_minor}: a reader of 1.0 must accept any minor version of major 1",
     )(
         lambda v=_minor: decode_vector(

@@ -97,13 +97,32 @@ CLAUSES = {
 }
 
 
+# The order of checks (SPEC C-9.2: container, C-9.3: tensors) decides the code when one fault
+# breaks several rules; every reject vector is an instance of that order.
+_CONTAINER = (
+    "E_TRUNCATED",
+    "E_BAD_MAGIC",
+    "E_UNSUPPORTED_VERSION",
+    "E_HEADER_CRC",
+    "E_UNKNOWN_FEATURE",
+    "E_BAD_NAME",
+    "E_DUPLICATE_NAME",
+    "E_BAD_METADATA",
+)
+_BOTH = ("E_LIMIT", "E_BAD_FIELD", "E_BAD_LAYOUT")
+ORDER_CLAUSES = {
+    code: ["C-9.2"] if code in _CONTAINER else ["C-9.2", "C-9.3"] if code in _BOTH else ["C-9.3"]
+    for code in CLAUSES
+}
+
+
 def reject(code: str, variant: str, base: str, description: str, clauses=(), labels=()):
     """Register ``reject-<code>-<variant>``: ``mutate(image)`` edits the base file's image in
     place (or returns the final bytes)."""
     short = code.removeprefix("E_").lower().replace("_", "-")
 
     def deco(mutate):
-        cl = sorted(set(CLAUSES[code]) | set(clauses))
+        cl = sorted(set(CLAUSES[code]) | set(clauses) | set(ORDER_CLAUSES[code]) | {"C-9.1"})
         vector(
             f"reject-{short}-{variant}",
             "reject",
