@@ -315,3 +315,46 @@ def test_decode_refuses_a_stale_raw_digest(tmp_path, sample):
     out = tmp_path / "w.safetensors"
     assert_clean_error(run("decode", path, "-o", out, "--dtype", "float16"), 2, "E_DIGEST")
     assert not out.exists()
+
+
+# --- 4, 5, 13 at the CLI: metadata and names are refused at open -----------------------------
+
+
+def _with_metadata(tmp_path, raw: bytes) -> pathlib.Path:
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent / "fuzz"))
+    import spqr_mutator
+
+    path = tmp_path / "m.spqr"
+    api.save(path, {"w": np.ones(2, np.float32)}, metadata={"a.b": 1})
+    buf = spqr_mutator._rebuild(bytearray(path.read_bytes()), meta=raw)
+    path.write_bytes(bytes(sb.fix_all(buf)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"a.b":1e999}', b'{"a.b":1' + b"0" * 400 + b"}", b'{"a.b":[' + b"[]," * 2**20 + b"[]]}"],
+)
+def test_info_refuses_non_finite_or_huge_metadata(tmp_path, raw):
+    path = _with_metadata(tmp_path, raw)
+    result = run("info", "--json", "--metadata", path)
+    assert_clean_error(result, 2, "E_BAD_METADATA")
+    assert "Infinity" not in result.output
+
+
+def test_info_escapes_names_it_prints(tmp_path, monkeypatch):
+    """Names with C1/bidi characters are refused (C-2.10); a name that passes the reader is
+    still printed escaped when it holds other non-printables (defence in depth)."""
+    from spqr_format.cli import safe_text
+
+    assert safe_text("a\u202eb\x85c\u2028d\u200be") == "a\\u202eb\\x85c\\u2028d\\u200be"
+    path = tmp_path / "n.spqr"
+    api.save(path, {"zero\u200bwidth": np.ones(2, np.float32)})
+    result = run("info", path)
+    assert_clean_error(result, 0)
+    assert "zero\\u200bwidth" in result.output and "\u200b" not in result.output
+    with pytest.raises(SpqrError) as err:
+        api.save(tmp_path / "bidi.spqr", {"x\u202eevil": np.ones(2, np.float32)})
+    assert err.value.code == "E_BAD_INPUT" and not (tmp_path / "bidi.spqr").exists()

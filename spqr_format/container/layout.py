@@ -10,6 +10,7 @@ a file the reader would refuse. Nothing here knows about quantization or does fi
 from __future__ import annotations
 
 import json
+import math
 import operator
 import re
 import struct
@@ -44,11 +45,25 @@ DIGEST_SIZE = 32
 PARAMS_SIZE = 40
 U16_MAX = 0xFFFF
 
-# C-2.11: top-level metadata keys are namespaced ("model.architecture").
+# C-2.11: top-level metadata keys are namespaced ("model.architecture"); the WHOLE key must
+# match (fullmatch).
 METADATA_KEY_RE = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)+")
+# C-2.11: metadata holds at most this many JSON values in all (objects, arrays, strings,
+# numbers, true/false/null each count one; keys do not). (spec.py should carry it.)
+MAX_METADATA_VALUES = 1 << 20
 _DEPTH_CHUNK = 1 << 20
-# C-2.10: U+0000..U+001F and U+007F are not allowed in names.
-_NAME_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# C-2.10: names hold no C0 control (U+0000..U+001F), DEL (U+007F), C1 control
+# (U+0080..U+009F), nor bidi formatting character (U+061C, U+200E, U+200F, U+202A..U+202E,
+# U+2066..U+2069): they would let a name print as another one.
+_NAME_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# A JSON string token (RFC 8259 grammar, unrolled so the regex engine never backtracks), or
+# an unterminated one running to the end of the text: every match attempt from a quote then
+# succeeds, so the scan is linear (a pattern that could fail would be retried from every
+# later quote: quadratic on '"\\"\\"\\"...').
+_JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+# A \u escape of a surrogate: the only way a lone surrogate can enter (strict UTF-8 has none).
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -237,7 +252,8 @@ def header_length(
 
 
 def check_name(raw: bytes) -> str:
-    """C-2.10: a name is UTF-8, 1..1024 bytes, without C0 controls or DEL (E_BAD_NAME)."""
+    """C-2.10: a name is UTF-8, 1..1024 bytes, without C0/C1 controls, DEL or bidi
+    formatting characters (E_BAD_NAME)."""
     if not 1 <= len(raw) <= spec.MAX_NAME_LENGTH:
         raise BadNameError(
             f"a name is 1..{spec.MAX_NAME_LENGTH} bytes of UTF-8, got {len(raw)} bytes",
@@ -251,7 +267,8 @@ def check_name(raw: bytes) -> str:
     bad = _NAME_CONTROL_RE.search(name)
     if bad is not None:
         raise BadNameError(
-            f"name {name!r} contains control character U+{ord(bad.group()):04X}", field="name"
+            f"name {name!r} contains control or bidi formatting character U+{ord(bad.group()):04X}",
+            field="name",
         )
     return name
 
@@ -329,6 +346,7 @@ def _bracket_depth_ok(raw: bytes, limit: int) -> bool:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json hands the keys over unescaped: {"a":1,"\\u0061":2} is a duplicate here.
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
@@ -339,6 +357,67 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise BadMetadataError(f"{name} is not JSON (RFC 8259)", field="metadata")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadMetadataError(
+            f"number {text[:40]!r} is not finite as an IEEE binary64 value", field="metadata"
+        )
+    return value
+
+
+def _finite_int(text: str) -> int:
+    value = int(text)
+    try:
+        float(value)  # rounds to nearest; OverflowError exactly when that is infinite
+    except OverflowError:
+        raise BadMetadataError(
+            f"number {text[:40]}... ({len(text)} digits) is not finite as an IEEE binary64 value",
+            field="metadata",
+        ) from None
+    return value
+
+
+def count_json_values(raw: bytes) -> int:
+    """How many JSON values the text ``raw`` holds (exact for valid JSON), without parsing.
+
+    C-speed byte operations only, so text of any size is measured before anything is built:
+    strings are replaced by ``""`` (one regex pass), white space is dropped, then in valid
+    JSON every value is the top-level one, follows a comma, or is the first element of a
+    non-empty array or object: ``1 + commas + opens - empty containers``. For invalid JSON the
+    count is meaningless, but such text is refused by the parser anyway.
+    """
+    stripped = _JSON_STRING_RE.sub(b'""', raw).translate(None, b" \t\n\r")
+    opens = stripped.count(b"[") + stripped.count(b"{")
+    empty = stripped.count(b"[]") + stripped.count(b"{}")
+    return 1 + stripped.count(b",") + opens - empty
+
+
+def _check_no_lone_surrogates(obj: Any) -> None:
+    """Every string and key is valid Unicode: no surrogate code point survived the parse."""
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                _check_string(key)
+                stack.append(child)
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            _check_string(value)
+
+
+def _check_string(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadMetadataError(
+            f"string {text[:40]!r} holds a lone surrogate U+{ord(text[exc.start]):04X}",
+            field="metadata",
+        ) from None
 
 
 def check_metadata_keys(obj: Any) -> None:
@@ -360,18 +439,30 @@ def parse_metadata(raw: bytes | memoryview) -> dict[str, Any]:
     if len(raw) == 0:
         return {}
     raw = bytes(raw)
+    if raw.startswith(_UTF8_BOM):
+        raise BadMetadataError("starts with a UTF-8 byte order mark", field="metadata")
+    values = count_json_values(raw)  # before json builds a single object
+    if values > MAX_METADATA_VALUES:
+        raise BadMetadataError(
+            f"{values} JSON values, over the cap of {MAX_METADATA_VALUES}", field="metadata"
+        )
+    if not _bracket_depth_ok(raw, spec.MAX_METADATA_DEPTH):
+        raise BadMetadataError(
+            f"nesting deeper than {spec.MAX_METADATA_DEPTH} (objects and arrays both count) "
+            "or unbalanced brackets",
+            field="metadata",
+        )
     try:
         text = raw.decode("utf-8", errors="strict")
     except UnicodeDecodeError as exc:
         raise BadMetadataError(f"not UTF-8 ({exc.reason})", field="metadata") from None
-    if not _bracket_depth_ok(raw, spec.MAX_METADATA_DEPTH):
-        raise BadMetadataError(
-            f"nesting deeper than {spec.MAX_METADATA_DEPTH} or unbalanced brackets",
-            field="metadata",
-        )
     try:
         obj = json.loads(
-            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+            text,
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            parse_int=_finite_int,
         )
     except BadMetadataError:
         raise
@@ -379,6 +470,8 @@ def parse_metadata(raw: bytes | memoryview) -> dict[str, Any]:
         raise BadMetadataError("nesting too deep", field="metadata") from None
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         raise BadMetadataError(f"invalid JSON: {exc}", field="metadata") from None
+    if _SURROGATE_ESCAPE_RE.search(raw) is not None:  # only then can a lone surrogate exist
+        _check_no_lone_surrogates(obj)
     check_metadata_keys(obj)
     return obj
 
