@@ -566,6 +566,13 @@ _BAD_NAMES = {
     "tab": b"\tw",
     "unit-separator": b"w\x1f",
     "del": b"w\x7f",
+    # C-2.10 also forbids C1 controls and the bidirectional formatting characters
+    "c1-nel": "w\u0085x".encode(),
+    "c1-csi": "w\u009b".encode(),
+    "bidi-rlo": "w\u202e.tensor".encode(),
+    "bidi-lri": "\u2066w".encode(),
+    "bidi-alm": "w\u061c".encode(),
+    "bidi-rlm": "w\u200f".encode(),
 }
 for _v, _nm in _BAD_NAMES.items():
     reject("E_BAD_NAME", _v, "raw", f"tensor 1 is named {_nm[:40]!r}")(
@@ -643,6 +650,18 @@ _BAD_META = {
     "whitespace-only": b"   ",
     "utf8-bom": b'\xef\xbb\xbf{"user.a": 1}',
     "nul-byte": b'{"user.a": 1}\x00',
+    # C-2.11: numbers must be finite binary64, escapes must not leave lone surrogates
+    "number-1e999": b'{"user.a": 1e999}',
+    "number-minus-1e400": b'{"user.a": [-1e400]}',
+    "integer-400-digits": b'{"user.a": 1' + b"0" * 400 + b"}",
+    "lone-high-surrogate": b'{"user.a": "x\\ud800"}',
+    "lone-low-surrogate": b'{"user.a": "\\udc00x"}',
+    "high-surrogate-then-letter": b'{"user.a": "\\ud83dA"}',
+    "lone-surrogate-in-key": b'{"user.a": {"\\udfff": 1}}',
+    # C-2.11 / C-2.9: at most 1,048,576 JSON values; the object, the array and 1,048,575
+    # elements are 1,048,577, one over the cap
+    "values-over-cap": b'{"user.a": [' + b",".join([b"0"] * 1_048_575) + b"]}",
+    "values-over-cap-empty-arrays": b'{"user.a": [' + b",".join([b"[]"] * 1_048_575) + b"]}",
 }
 for _v, _meta in _BAD_META.items():
     if _meta is None:
