@@ -13,8 +13,41 @@ Names are imported lazily, so ``import spqr_format`` is cheap and `spqr info` st
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 
 __version__ = "0.1.0"
+
+
+def _numba_cache_dir() -> str | None:
+    """Where numba's on-disk cache (``cache=True`` kernels) goes: never inside the installed
+    package. Without this, numba writes ``__pycache__/*.nbi``/``*.nbc`` next to the modules;
+    in site-packages those files outlive ``pip uninstall`` and turn ``spqr_format`` into a
+    namespace package that shadows a later editable install.
+
+    ``$XDG_CACHE_HOME/spqr-format/numba`` (default ``~/.cache/...``), else a per-user
+    directory under the temp dir; None when neither is writable."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    uid = getattr(os, "getuid", lambda: "user")()
+    for path in (
+        os.path.join(base, "spqr-format", "numba"),
+        os.path.join(tempfile.gettempdir(), f"spqr-format-numba-{uid}"),
+    ):
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError:
+            continue
+        if os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
+            return path
+    return None
+
+
+# Before numba is imported (by the codec, lazily), and only when the user has not chosen.
+if "NUMBA_CACHE_DIR" not in os.environ:
+    _dir = _numba_cache_dir()
+    if _dir is not None:
+        os.environ["NUMBA_CACHE_DIR"] = _dir
+    del _dir
 
 _EXPORTS = {
     "RawTensor": "spqr_format.api",

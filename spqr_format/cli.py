@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -49,6 +50,37 @@ def safe_text(text: str) -> str:
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     click.echo(f"error: {safe_text(message)}", err=True)
     sys.exit(code)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """True when paths ``a`` and ``b`` name one file: the same inode when both exist (hard
+    links, symlinks, ./x/../in), else the same resolved path."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_same_file(dest: str | None, option: str, **inputs: str | None) -> None:
+    """E_BAD_INPUT (exit 2) before any work when an output would replace one of the command's
+    own inputs (data loss); ``inputs`` maps a description to a path."""
+    if dest is None:
+        return
+    for what, path in inputs.items():
+        if path is not None and _same_file(dest, path):
+            raise BadInputError(
+                f"{option} {dest!r} is the same file as the {what.replace('_', ' ')} "
+                f"{path!r}; refusing to replace it (choose another output path)"
+            )
+
+
+def _finite_float(ctx, param, value):
+    """click callback: refuse inf and nan (FloatRange lets them through) before any work."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value!r}")
+    return value
 
 
 def _closed_pipe() -> None:
@@ -169,12 +201,14 @@ DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
 @click.option(
     "--outlier-fraction",
     type=click.FloatRange(0.0, 0.5, max_open=True),
+    callback=_finite_float,
     help="Outlier budget: at most this fraction of weights kept in fp16 (rtn: "
     "exactly this fraction, largest magnitudes).",
 )
 @click.option(
     "--outlier-threshold",
     type=click.FloatRange(0.0, min_open=True),
+    callback=_finite_float,
     help="SpQR's tau (gptq): keep weights whose Hessian-normalised error exceeds "
     "tau x the layer mean. Lower = more outliers.",
 )
@@ -185,7 +219,10 @@ DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
     help="Column order of the gptq solver; act_order stores a permutation.",
 )
 @click.option(
-    "--percdamp", type=click.FloatRange(0.0), help="Hessian damping, relative to the mean diagonal."
+    "--percdamp",
+    type=click.FloatRange(0.0),
+    callback=_finite_float,
+    help="Hessian damping, relative to the mean diagonal.",
 )
 @click.option(
     "--keep-dense",
@@ -264,6 +301,11 @@ def encode(
     elif overrides.get("method") == "gptq" and base.method == "rtn":
         overrides.setdefault("percdamp", 0.01)  # GPTQ's own default; rtn presets carry 0
     config: EncoderConfig = base.with_overrides(**overrides)
+    _check_settings_storable(config)
+    refuse_same_file(output, "-o/--output", input=input_path, hessian_file=hessian_path)
+    refuse_same_file(
+        report_path, "--report", input=input_path, hessian_file=hessian_path, output=output
+    )
     patterns = keep_dense or DEFAULT_KEEP_DENSE
     hessians = SafetensorsFile(hessian_path) if hessian_path else None
     rows, notices = [], []
@@ -336,6 +378,19 @@ def encode(
                 for r in rows
             ],
         )
+
+
+def _check_settings_storable(config) -> None:
+    """Every setting must be storable in the file's metadata (finite JSON numbers, C-2.11):
+    checked before any tensor is read, so that a bad setting never costs a whole encode."""
+    settings = config.to_dict()
+    for key, value in settings.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInputError(f"setting {key} must be finite, got {value!r}", field=key)
+    try:
+        json.dumps(settings, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"settings cannot be stored in the metadata: {exc}") from None
 
 
 def _hessian_for(hessians, name: str, path: str | None):
@@ -414,6 +469,8 @@ def calibrate(inputs, output, dtype):
     from spqr_format.codec.hessian import HessianAccumulator, save_hessians
     from spqr_format.safetensors_io import SafetensorsFile
 
+    for i, path in enumerate(inputs):
+        refuse_same_file(output, "-o/--output", **{f"input_{i + 1}": path})
     accumulators: dict[str, HessianAccumulator] = {}
     for path in inputs:
         with SafetensorsFile(path) as src, _progress(src.names(), f"reading {path}") as names:
@@ -641,6 +698,7 @@ def decode(path, output, dtype, only, no_digest):
     """
     from spqr_format.safetensors_io import SafetensorsWriter
 
+    refuse_same_file(output, "-o/--output", input=path)
     with api.open_file(path) as f:
         names = list(only) if only else f.names()
         for n in names:

@@ -358,3 +358,238 @@ def test_info_escapes_names_it_prints(tmp_path, monkeypatch):
     with pytest.raises(SpqrError) as err:
         api.save(tmp_path / "bidi.spqr", {"x\u202eevil": np.ones(2, np.float32)})
     assert err.value.code == "E_BAD_INPUT" and not (tmp_path / "bidi.spqr").exists()
+
+
+# --- 7. FIFOs as input or --hessians -----------------------------------------------------------
+
+
+@pytest.fixture
+def small_st(tmp_path) -> pathlib.Path:
+    src = tmp_path / "in.safetensors"
+    w = np.random.default_rng(1).standard_normal((8, 32)).astype(np.float32)
+    write_safetensors(src, {"a.weight": ("float32", w)})
+    return src
+
+
+@pytest.mark.parametrize("where", ["input", "hessians", "calibrate"])
+def test_fifo_inputs_are_refused_not_waited_on(tmp_path, small_st, where):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.spqr"
+    if where == "input":
+        result = run("encode", fifo, "-o", out, "-q")
+    elif where == "hessians":
+        result = run("encode", small_st, "--hessians", fifo, "-o", out, "-q")
+    else:
+        result = run("calibrate", fifo, "-o", tmp_path / "H.safetensors")
+    assert_clean_error(result, 2, "E_IO")
+    assert "not a regular file" in result.output and not out.exists()
+
+
+# --- 8. outputs that would replace an input ----------------------------------------------------
+
+
+def _same_file_cases(tmp_path, src: pathlib.Path) -> dict[str, pathlib.Path]:
+    import os
+
+    (tmp_path / "x").mkdir()
+    os.symlink(src, tmp_path / "link.safetensors")
+    os.link(src, tmp_path / "hard.safetensors")
+    return {
+        "plain": src,
+        "dotdot": tmp_path / "x" / ".." / src.name,
+        "symlink": tmp_path / "link.safetensors",
+        "hardlink": tmp_path / "hard.safetensors",
+    }
+
+
+@pytest.mark.parametrize("how", ["plain", "dotdot", "symlink", "hardlink"])
+def test_encode_refuses_to_overwrite_its_input_or_hessians(tmp_path, small_st, how):
+    before = small_st.read_bytes()
+    target = _same_file_cases(tmp_path, small_st)[how]
+    assert_clean_error(run("encode", small_st, "-o", target, "-q"), 2, "same file")
+    h = tmp_path / "H.safetensors"
+    assert_clean_error(run("calibrate", small_st, "-o", h), 0)
+    h_before = h.read_bytes()
+    assert_clean_error(run("encode", small_st, "--hessians", h, "-o", h, "-q"), 2, "same file")
+    assert_clean_error(
+        run("encode", small_st, "-o", tmp_path / "o.spqr", "--report", target, "-q"),
+        2,
+        "same file",
+    )
+    assert small_st.read_bytes() == before and h.read_bytes() == h_before
+    assert not (tmp_path / "o.spqr").exists()
+    # calibrate reading the file it would write
+    assert_clean_error(run("calibrate", small_st, "-o", target), 2, "same file")
+    assert small_st.read_bytes() == before
+
+
+@pytest.mark.parametrize("how", ["plain", "dotdot", "symlink", "hardlink"])
+def test_decode_refuses_to_overwrite_its_input(tmp_path, sample, how):
+    import os
+    import shutil
+
+    src = tmp_path / "f.spqr"
+    shutil.copy(sample, src)
+    before = src.read_bytes()
+    (tmp_path / "x").mkdir()
+    target = {
+        "plain": src,
+        "dotdot": tmp_path / "x" / ".." / "f.spqr",
+        "symlink": tmp_path / "l.spqr",
+        "hardlink": tmp_path / "h.spqr",
+    }[how]
+    if how == "symlink":
+        os.symlink(src, target)
+    if how == "hardlink":
+        os.link(src, target)
+    assert_clean_error(run("decode", src, "-o", target), 2, "same file")
+    assert src.read_bytes() == before
+
+
+# --- 10. settings are validated before any work ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--outlier-threshold", "inf", "--method", "gptq"], "--outlier-threshold"),
+        (["--outlier-threshold", "nan", "--method", "gptq"], "--outlier-threshold"),
+        (["--outlier-threshold", "-1"], "--outlier-threshold"),
+        (["--outlier-fraction", "nan"], "--outlier-fraction"),
+        (["--outlier-fraction", "inf"], "--outlier-fraction"),
+        (["--percdamp", "inf"], "--percdamp"),
+        (["--percdamp", "nan"], "--percdamp"),
+    ],
+)
+def test_bad_settings_are_refused_before_encoding(tmp_path, small_st, monkeypatch, args, needle):
+    import spqr_format.codec.presets as presets
+
+    def never(*a, **k):  # the encode must not start
+        raise AssertionError("encode_tensor was called")
+
+    monkeypatch.setattr(presets, "encode_tensor", never)
+    out = tmp_path / "o.spqr"
+    result = run("encode", small_st, "-o", out, "-q", *args)
+    assert_clean_error(result, 2, needle)
+    assert not out.exists()
+
+
+# --- 11. numba's cache stays out of the package ------------------------------------------------
+
+
+def test_numba_cache_goes_to_the_user_cache_dir(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import spqr_format
+
+    pkg = pathlib.Path(spqr_format.__file__).parent
+
+    def in_package() -> set:
+        return {(p, p.stat().st_mtime_ns) for p in pkg.rglob("*.nb[ic]")}
+
+    before = in_package()
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    code = (
+        "import os, numpy as np, spqr_format\n"
+        "from spqr_format.codec.rtn import encode_rtn\n"
+        "from spqr_format.codec.packing import pack\n"
+        "from spqr_format.codec import reference\n"
+        "print(os.environ['NUMBA_CACHE_DIR'])\n"
+        "t = encode_rtn(np.ones((4, 16), np.float32), bits=3, group_size=16)\n"
+        "reference.decode_bilevel(pack(t))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cache = tmp_path / "xdg" / "spqr-format" / "numba"
+    assert proc.stdout.strip() == str(cache)
+    assert list(cache.rglob("*.nbi")), "numba wrote no index into the cache dir"
+    assert in_package() == before, "numba wrote cache files inside the package"
+    # A user's own choice wins.
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os, spqr_format; print(os.environ['NUMBA_CACHE_DIR'])"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.stdout.strip() == str(tmp_path / "mine")
+
+
+# --- 14. stale temporary files of killed writers -----------------------------------------------
+
+
+def test_stale_temp_files_of_dead_writers_are_cleaned(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from spqr_format import atomic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = atomic._host_tag()
+    old = time.time() - 2 * atomic.STALE_AFTER_S
+    target = tmp_path / "m.spqr"
+
+    serial = iter(range(100))
+
+    def temp(name, pid, kind="tmp", host=host, age=old):
+        p = tmp_path / f".{name}.{kind}-{pid}-{host}-{next(serial):016x}"
+        p.write_bytes(b"partial")
+        os.utime(p, (age, age))
+        return p
+
+    stale = temp("m.spqr", dead.pid)
+    stale_spool = temp("m.spqr", dead.pid, kind="spool")
+    keep = [
+        temp("m.spqr", os.getpid()),  # its writer is alive
+        temp("m.spqr", dead.pid, age=time.time()),  # too recent to judge
+        temp("m.spqr", dead.pid, host="0" * 8),  # another machine's
+        temp("other.spqr", dead.pid),  # another destination's
+    ]
+    legacy = tmp_path / ".m.spqr.tmp-0123456789abcdef"  # old format, no owner: kept
+    legacy.write_bytes(b"x")
+    api.save(target, {"w": np.ones(2, np.float32)})
+    assert not stale.exists() and not stale_spool.exists()
+    assert all(p.exists() for p in keep) and legacy.exists()
+    assert target.exists()
+
+
+def test_killed_writer_leaves_a_temp_that_the_next_write_removes(tmp_path):
+    """SIGKILL mid-write, then the next write of the same file cleans up (age forced)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from spqr_format import atomic
+
+    target = tmp_path / "k.spqr"
+    code = (
+        "import sys, time, numpy as np\n"
+        "from spqr_format.api import SpqrWriter\n"
+        f"w = SpqrWriter({str(target)!r})\n"
+        "w.add('a', np.ones(4, np.float32))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".k.spqr.")]
+    assert left, "the killed writer left no temporary file (nothing to test)"
+    for p in left:
+        old = time.time() - 2 * atomic.STALE_AFTER_S
+        os.utime(p, (old, old))
+    api.save(target, {"w": np.ones(2, np.float32)})
+    assert not any(p.exists() for p in left)
+    assert [p.name for p in tmp_path.iterdir()] == ["k.spqr"]

@@ -20,7 +20,6 @@ import operator
 import os
 import struct
 import sys
-import tempfile
 import weakref
 import zlib
 from collections.abc import Sequence
@@ -187,7 +186,9 @@ class ContainerWriter:
         if metadata is not None:
             self.set_metadata(metadata)
         try:
-            fd, self._spool_path = tempfile.mkstemp(prefix=f".{self._base}.spool-", dir=self._dir)
+            # Named after its owner (PID, host), so a later writer of the same destination can
+            # remove it if this process is killed (atomic.clean_stale_temps). Mode 0600.
+            fd, self._spool_path = create_temp_beside(self.path, kind="spool", mode=0o600)
         except OSError as exc:
             raise IoError(
                 f"cannot create a spool file: {exc.strerror or exc}", path=self.path
