@@ -73,6 +73,17 @@ def test_reference_decoder_passes_every_fast_vector(doc):
     assert res["summary"]["passed"] == sum(v["suite"] == "fast" for v in doc["vectors"])
 
 
+def test_independent_numpy_decoder_passes_every_fast_vector(doc):
+    # conformance/numpy_decoder.py: written from SPEC.md alone (imports nothing of
+    # spqr_format), checked against the same vectors, as gguf-py is checked against ggml
+    res = runner.run(backends.load_backend("numpy"), CONF, suite="fast")
+    failed = [(c["id"], c.get("problems")) for c in res["cases"] if c["status"] != "pass"]
+    assert not failed, failed[:10]
+    assert res["summary"]["passed"] == sum(v["suite"] == "fast" for v in doc["vectors"])
+    src = (CONF / "numpy_decoder.py").read_text(encoding="utf-8")
+    assert not re.search(r"^\s*(from|import)\s+spqr_format", src, re.M)
+
+
 def test_every_must_clause_has_a_vector(doc):
     must = must_clauses((ROOT / "SPEC.md").read_text(encoding="utf-8"))
     assert len(must) >= 10  # the parser found the clauses

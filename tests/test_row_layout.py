@@ -11,7 +11,6 @@ import subprocess
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from strategies import bilevel_tensors, make_outliers, random_bilevel
 
 from spqr_format.codec.bilevel import BilevelParams

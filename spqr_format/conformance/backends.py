@@ -169,10 +169,45 @@ class GpuDecoder:
         return out
 
 
+class NumpyDecoder:
+    """The second, independent decoder: ``conformance/numpy_decoder.py`` of the source tree,
+    written from SPEC.md alone (standard library + numpy, nothing from ``spqr_format``), as
+    gguf-py is a second implementation next to ggml. Its ``SpecError`` carries the code."""
+
+    name = "numpy"
+    SOURCE = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "conformance",
+        "numpy_decoder.py",
+    )
+
+    def __init__(self) -> None:
+        if not os.path.isfile(self.SOURCE):
+            raise BackendUnavailable(
+                f"--backend numpy needs the source tree's {self.SOURCE} (not installed with the "
+                "package): run from a checkout, or pass --decoder with its command line"
+            )
+        spec = importlib.util.spec_from_file_location("spqr_numpy_decoder", self.SOURCE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        self._m = module
+
+    def decode(self, path) -> dict[str, Decoded]:
+        # decode_file_info: {name: (dtype name, dims, array in its own dtype)}; it keeps the
+        # true shape of zero-size tensors numpy cannot allocate (e.g. [0, 2^40, 2^40])
+        out = {}
+        for n, (dtype_name, dims, arr) in self._m.decode_file_info(path).items():
+            out[n] = _to_decoded(arr, dtype_name, dims)
+        return out
+
+    def matvec(self, path, xs) -> dict[str, np.ndarray]:
+        return {n: self._m.matvec(path, n, np.asarray(x, np.float32)) for n, x in xs.items()}
+
+
 BACKENDS: dict[str, str] = {
     "cpu": "spqr_format.conformance.backends:ReferenceDecoder",
     "gpu": "spqr_format.conformance.backends:GpuDecoder",
-    # "numpy": the independent plain-numpy decoder, once it exists (module:attribute).
+    "numpy": "spqr_format.conformance.backends:NumpyDecoder",
 }
 
 
