@@ -292,16 +292,17 @@ class SpqrFile:
         dtype: DTypeLike = None,
         *,
         verify_crc: bool = True,
-        verify_digest: bool = False,
+        verify_digest: bool = True,
     ) -> np.ndarray:
         """Dense weights in ``dtype`` (default: the tensor's own). bf16 comes back as uint16
         bit patterns (``.view(ml_dtypes.bfloat16)`` gives real bfloat16 values).
 
-        ``verify_digest=True`` also checks the stored SHA-256 of the decoded weights (C-2.12;
-        E_DIGEST_MISMATCH): from the array already decoded when ``dtype`` is the tensor's
-        own, else from a second decode in the tensor's own dtype (raw tensors: the stored
-        bytes). A zero-element tensor whose shape numpy cannot hold comes back as described
-        in :func:`array_shape`."""
+        The stored SHA-256 of the decoded weights is checked (C-2.12: a decoder MUST, unless
+        its user asks not to: ``verify_digest=False``; E_DIGEST_MISMATCH). It covers the
+        tensor's own dtype: a bilevel tensor decoded to another dtype is decoded once in f32
+        and rounded to both (C-7.5), a raw tensor's stored bytes are hashed as they are. A
+        zero-element tensor whose shape numpy cannot hold comes back as described in
+        :func:`array_shape`."""
         tensor = self.read(name, verify_crc=verify_crc)
         entry = self.entry(name)
         own = DType(entry.dtype)
@@ -310,12 +311,15 @@ class SpqrFile:
             if isinstance(tensor, RawTensor):
                 out = convert(tensor.data, tensor.dtype, out_dtype)
                 own_bytes = tensor.data
-            else:
+            elif out_dtype == own or not verify_digest:
                 out = reference.decode_bilevel(tensor, out_dtype)
-                own_bytes = out if out_dtype == own else None
+                own_bytes = out
+            else:
+                # one decode: v in f32, then the C-7.5 rounding to each dtype (v is finite)
+                v = reference.decode_bilevel(tensor, DType.FLOAT32)
+                own_bytes = convert(v, DType.FLOAT32, own)
+                out = convert(v, DType.FLOAT32, out_dtype)
             if verify_digest:
-                if own_bytes is None:
-                    own_bytes = reference.decode_bilevel(tensor, own, validate=False)
                 if reference.tensor_digest(own_bytes) != entry.digest:
                     raise DigestMismatchError(
                         "decoded weights do not match the stored SHA-256 digest (C-2.12)"
@@ -359,8 +363,16 @@ def convert(data: np.ndarray, src: DType, dst: DType) -> np.ndarray:
     if dst == DType.FLOAT32:
         return as_f32
     if dst == DType.FLOAT16:
-        with np.errstate(over="ignore"):  # beyond the f16 range: infinity (C-7.5), no warning
-            return as_f32.astype(np.float16)
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond the range: infinity
+            out = as_f32.astype(np.float16)
+        nan = np.isnan(as_f32)
+        if nan.any():
+            # C-7.5: a quiet NaN of the same sign with the top bits of the payload (numpy keeps
+            # a signalling NaN signalling)
+            u = as_f32.view(np.uint32)[nan]
+            bits = ((u >> 16) & 0x8000) | 0x7E00 | ((u >> 13) & 0x3FF)
+            out.view(np.uint16)[nan] = bits.astype(np.uint16)
+        return out
     return reference.f32_to_bf16_bits(as_f32).reshape(data.shape)
 
 

@@ -1345,5 +1345,5 @@ def _(im):
         with open(p, "wb") as f:
             f.write(im.to_bytes())
         with api.open_file(p) as f:
-            w = f.decode("w", "float32")
+            w = f.decode("w", "float32", verify_digest=False)  # its digest is being remade
     im.tensors[0].digest = hashlib.sha256(np.ascontiguousarray(w, "<f4").tobytes()).digest()
