@@ -20,14 +20,12 @@ from spqr_format.codec.bilevel import (
     BilevelHeader,
     BilevelTensor,
     PackedBilevel,
-    section_layout,
 )
 from spqr_format.codec.packing import pack
+from spqr_format.codec.validation import check_tensor_header
 from spqr_format.container import ContainerReader, ContainerWriter, TensorEntry
 from spqr_format.errors import (
-    BadFieldError,
     BadInputError,
-    BadLayoutError,
     DigestMismatchError,
     SpqrError,
     UnknownEncodingError,
@@ -136,44 +134,16 @@ class TensorInfo:
         }
 
 
-def _check_supported(entry: TensorEntry) -> Encoding:
-    try:
-        enc = Encoding(entry.encoding)
-    except ValueError:
-        raise UnknownEncodingError(
-            f"encoding id {entry.encoding} is not defined by SPEC 1.0"
-        ) from None
-    if enc not in spec.ENCODING_VERSIONS:
-        raise UnknownEncodingError(
-            f"encoding {spec.ENCODING_NAMES[enc]!r} (id {int(enc)}) is reserved and not implemented"
-        )
-    if entry.encoding_version not in spec.ENCODING_VERSIONS[enc]:
-        raise UnsupportedEncodingVersionError(
-            f"{spec.ENCODING_NAMES[enc]} version {entry.encoding_version} not implemented "
-            f"(known: {spec.ENCODING_VERSIONS[enc]})"
-        )
-    return enc
-
-
-def _expected_layout(entry: TensorEntry) -> list[tuple[Role, int]]:
-    enc = _check_supported(entry)
-    if enc == Encoding.RAW:
-        if any(entry.params):
-            raise BadFieldError("raw tensors have all-zero params (C-4.1)", field="params")
-        count = int(np.prod(entry.shape, dtype=object)) if entry.shape else 1
-        return [(Role.DATA, count * spec.DTYPE_SIZES[DType(entry.dtype)])]
-    return section_layout(entry.shape, BilevelHeader.from_bytes(entry.params))
-
-
-def _check_layout(entry: TensorEntry) -> None:
-    expected = _expected_layout(entry)
-    found = [(s.role, s.length) for s in entry.sections]
-    if [(int(r), n) for r, n in expected] != found:
-
-        def show(items):
-            return ", ".join(f"{spec.ROLE_NAMES.get(r, r)}:{n}" for r, n in items)
-
-        raise BadLayoutError(f"sections [{show(found)}] but the encoding needs [{show(expected)}]")
+def _check_header(entry: TensorEntry) -> None:
+    """The encoding layer's header checks (C-9.3) of one record: codec/validation.py."""
+    check_tensor_header(
+        entry.encoding,
+        entry.encoding_version,
+        entry.dtype,
+        entry.shape,
+        entry.params,
+        [(s.role, s.length) for s in entry.sections],
+    )
 
 
 class SpqrFile:
@@ -191,7 +161,7 @@ class SpqrFile:
         try:
             for entry in self._reader.tensors:
                 try:
-                    _check_layout(entry)
+                    _check_header(entry)
                 except (UnknownEncodingError, UnsupportedEncodingVersionError) as err:
                     # C-3.4: the other tensors stay readable; this one fails when asked for.
                     self._layout_errors[entry.name] = err.with_context(

@@ -29,13 +29,9 @@ from numba import njit, prange
 
 from spqr_format import spec
 from spqr_format.codec.bilevel import BilevelTensor, Outliers, PackedBilevel
-from spqr_format.codec.outliers import decode_outlier_stream, outlier_coordinates_unchecked
-from spqr_format.codec.packing import (
-    check_finite_f16,
-    check_packed_structure,
-    check_permutation,
-    pack,
-)
+from spqr_format.codec.outliers import outlier_coordinates_unchecked
+from spqr_format.codec.packing import check_packed_structure, pack
+from spqr_format.codec.validation import check_bilevel_data
 from spqr_format.errors import BadInputError, BadLayoutError
 from spqr_format.spec import DType
 
@@ -223,27 +219,10 @@ def _matvec_kernel(
 
 
 def validate_packed(p: PackedBilevel) -> Outliers | None:
-    """Every data-dependent check required before decoding, in the order of SPEC C-9.3.
-
-    Structure (array dtypes and shapes against the header), perm is a permutation
-    (E_BAD_PERMUTATION), stats (sb = 0) and stats2 f16 values finite (E_NONFINITE), outlier
-    stream valid (E_BAD_OUTLIERS / E_NONFINITE, rules in the order of C-6.2). All checks are
-    vectorized numpy. Returns the outliers in coordinate form (None without outliers), which
-    the decoder then uses instead of parsing the stream a second time.
-    """
-    check_packed_structure(p)
-    if p.perm is not None:
-        check_permutation(p.perm, p.shape[1])
-    if p.params.stats_bits == 0:
-        check_finite_f16(p.stats, "stats")
-    else:
-        check_finite_f16(p.stats2, "stats2")
-    if not p.header.has_outliers:
-        return None
-    m, n = p.shape
-    return decode_outlier_stream(
-        p.outlier_index, p.outlier_entries, m, n, p.header.outlier_count
-    )
+    """Every data-dependent check required before decoding, in the order of SPEC C-9.3
+    (:func:`spqr_format.codec.validation.check_bilevel_data`); returns the outliers in
+    coordinate form (None without outliers)."""
+    return check_bilevel_data(p)
 
 
 def _checked(p: PackedBilevel, validate: bool) -> Outliers | None:

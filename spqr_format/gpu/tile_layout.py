@@ -1,8 +1,9 @@
 """The GPU tile layout: a lossless load-time repack of a ``bilevel`` tensor for the
 tensor-core kernels (``kernels/spqr_tc.cu``).
 
-It starts from the row layout (:mod:`spqr_format.codec.row_layout`: each row a padded bit string,
-built from the file's dense streams at upload), which any kernel can read but which puts the 8 codes an ``mma.sync.m16n8k16`` thread needs in 8 different places. This module
+It starts from the row layout (:mod:`spqr_format.codec.row_layout`: each row a padded bit
+string, built from the file's dense streams at upload), which any kernel can read but which
+puts the 8 codes an ``mma.sync.m16n8k16`` thread needs in 8 different places. This module
 rearranges the same codes and statistics once, when a tensor is uploaded, so that each thread
 of a warp finds its whole A fragment for several k-tiles in one 16-byte load, and the
 statistics of its two rows next to it. Nothing is re-quantized: every code and statistic is
