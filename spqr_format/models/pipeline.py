@@ -1,0 +1,554 @@
+"""Quantize a whole Hugging Face model into one ``.spqr`` file, block by block (GPTQ/SpQR).
+
+The loop (the one the CLI's ``spqr quantize-model`` and the Python API both call):
+
+1. the calibration windows go through the embeddings: a pre-hook on the first block stores
+   its inputs (hidden states and every other argument, e.g. masks and rotary embeddings) and
+   stops the forward;
+2. for each block: forward hooks on its linear layers accumulate float64 Hessians
+   ``H = (2/N) sum x x^T`` (:mod:`spqr_format.codec.hessian`) over all calibration windows in
+   one pass (SpQR's default, not ``--true-sequential``); each weight is encoded with the
+   configuration (:func:`spqr_format.codec.presets.encode_tensor`); the block's weights are
+   replaced by the *decoded* quantized weights, exactly what a reader of the file gets; the
+   block runs again and its outputs are the next block's inputs;
+3. everything outside the blocks (embeddings, norms, ``lm_head`` unless asked) is stored raw in
+   its own dtype.
+
+Only one block's activations and Hessians are in memory at a time (the inputs and outputs of
+that block for all windows, and the Hessians of its layers). Each finished block is written to
+``OUT.partial/block-NNNNN.spqr`` (atomically); ``resume=True`` reuses the finished blocks of an
+interrupted run with the same settings, and the final file is assembled from these checkpoints
+in either case, so a resumed run writes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from spqr_format import __version__, api, spec
+from spqr_format.codec import reference
+from spqr_format.codec.hessian import HessianAccumulator
+from spqr_format.codec.packing import pack
+from spqr_format.codec.presets import EncoderConfig, encode_tensor, get_preset
+from spqr_format.errors import BadInputError, SpqrError
+from spqr_format.models import data as calib_data
+from spqr_format.models import hf
+from spqr_format.models._deps import require_torch
+from spqr_format.models.walker import LinearLayer, find_blocks, find_linears
+from spqr_format.spec import DType
+
+PARTIAL_SUFFIX = ".partial"
+RUN_FILE = "run.json"
+PIPELINE_VERSION = 1
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class QuantizeResult:
+    path: str
+    reports: list[dict]  # one row per tensor of the file, in file order
+    metadata: dict
+    seconds: float
+    resumed_blocks: int
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end a forward pass early."""
+
+
+def _torch_dtype_to_spqr(torch, dt) -> DType:
+    if dt == torch.float16:
+        return DType.FLOAT16
+    if dt == torch.bfloat16:
+        return DType.BFLOAT16
+    return DType.FLOAT32
+
+
+def raw_tensor(torch, t, dt) -> api.RawTensor:
+    """A torch tensor as a RawTensor in torch dtype ``dt`` (float32/float16/bfloat16)."""
+    t = t.detach().to("cpu", dtype=dt).contiguous()
+    if dt == torch.bfloat16:
+        return api.RawTensor(DType.BFLOAT16, t.view(torch.int16).numpy().view(np.uint16).copy())
+    if dt == torch.float16:
+        return api.RawTensor(DType.FLOAT16, t.numpy().copy())
+    return api.RawTensor(DType.FLOAT32, t.to(torch.float32).numpy().copy())
+
+
+def decoded_f32(packed) -> np.ndarray:
+    """The weights a reader of the file gets (decoded in the tensor's own dtype), as f32."""
+    own = packed.dtype
+    return api.convert(reference.decode_bilevel(packed, own), own, DType.FLOAT32)
+
+
+def dense_row(name: str, shape, dtype: DType) -> dict:
+    return {
+        "name": name,
+        "encoding": "raw",
+        "shape": list(shape),
+        "bits_per_weight": float(8 * spec.DTYPE_SIZES[dtype]),
+        "outliers": 0,
+        "outlier_percent": 0.0,
+        "relative_weight_error": 0.0,
+        "relative_output_error": None,
+    }
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0.0, s)
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def _unique_state(model, torch) -> list[tuple[str, object]]:
+    """``state_dict`` entries, tied duplicates dropped (first name kept)."""
+    seen = set()
+    out = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        out.append((name, t))
+    return out
+
+
+def _block_call(block, entry):
+    args, kwargs = entry
+    out = block(*args, **kwargs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    elif hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state
+    return out
+
+
+def _with_hidden(entry, hidden):
+    args, kwargs = entry
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def quantize_model(
+    model_dir: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    preset: str = "spqr-3bit",
+    config: EncoderConfig | None = None,
+    calib: str,
+    data_dir: str | None = None,
+    samples: int = 128,
+    seq_len: int = 2048,
+    seed: int = 0,
+    device: str = "cpu",
+    resume: bool = False,
+    quantize_lm_head: bool = False,
+    progress: ProgressFn | None = None,
+) -> QuantizeResult:
+    """Quantize the model in ``model_dir`` into ``output`` (a ``.spqr`` file, atomically).
+
+    ``config`` (default: the preset ``preset``) sets the encoder; ``calib`` is a text file or
+    ``wikitext2`` (resolved in ``data_dir`` / ``$SPQR_DATA_DIR``); ``samples`` windows of
+    ``seq_len`` tokens are drawn with ``seed``. ``progress`` receives event dicts (``kind``:
+    ``stage``, ``block_start``, ``layer_done``, ``block_done``, ``done``).
+    """
+    t_start = time.perf_counter()
+    model_dir = os.fspath(model_dir)
+    output = os.fspath(output)
+    emit = progress or (lambda ev: None)
+
+    if device != "cpu":
+        if str(device).startswith("cuda"):
+            raise BadInputError(
+                "--device cuda: the GPU encoder is not built yet; quantize with --device cpu "
+                "(the file is the same; load_model(..., device='cuda') runs it on a GPU)",
+                field="device",
+            )
+        raise BadInputError(f"unknown device {device!r} (expected cpu)", field="device")
+    for what, v in (("samples", samples), ("seq_len", seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BadInputError(f"{what} must be a positive integer, got {v!r}", field=what)
+    if seq_len < 2:
+        raise BadInputError(f"seq_len must be >= 2, got {seq_len}", field="seq_len")
+    if config is None:
+        config = get_preset(preset)
+    if not isinstance(config, EncoderConfig):
+        raise BadInputError(f"config must be an EncoderConfig, got {type(config).__name__}")
+    if os.path.isdir(output):
+        raise BadInputError("output is a directory", path=output)
+
+    torch = require_torch()
+    weight_files = hf.check_model_dir(model_dir)
+    hf_config = hf.load_config(model_dir)
+    max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(
+        hf_config, "n_positions", None
+    )
+    if isinstance(max_pos, int) and seq_len > max_pos:
+        raise BadInputError(
+            f"--seq-len {seq_len} exceeds the model's {max_pos} positions", path=model_dir
+        )
+
+    # Calibration tokens (before the model is loaded: a bad text fails fast).
+    emit({"kind": "stage", "stage": "tokenizing calibration text"})
+    tokenizer = hf.load_tokenizer(model_dir)
+    src = calib_data.resolve_text(calib, purpose="calib", data_dir=data_dir)
+    ids = calib_data.tokenize(tokenizer, calib_data.read_text(src))
+    windows = calib_data.calibration_windows(ids, samples, seq_len, seed, path=src.path)
+    vocab = getattr(hf_config, "vocab_size", None)
+    if isinstance(vocab, int) and windows.size and int(windows.max()) >= vocab:
+        raise BadInputError(
+            f"tokenizer produced id {int(windows.max())} >= the model's vocab_size {vocab}",
+            path=model_dir,
+        )
+
+    emit({"kind": "stage", "stage": "loading model"})
+    model = hf.load_hf_model(model_dir)
+    prefix, blocks = find_blocks(model)
+    state = _unique_state(model, torch)
+    orig_dtypes = {name: t.dtype for name, t in state}
+    model.float()
+
+    layers_per_block = [find_linears(b) for b in blocks]
+    lm_head_name = None
+    lm_head_layer = None
+    if quantize_lm_head:
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out_emb is None or not isinstance(out_emb, torch.nn.Linear):
+            raise BadInputError(
+                f"--quantize-lm-head: {type(model).__name__} has no linear output layer"
+            )
+        lm_head_name = next(n for n, m in model.named_modules() if m is out_emb)
+        in_emb = model.get_input_embeddings()
+        if in_emb is not None and out_emb.weight is in_emb.weight:
+            out_emb.weight = torch.nn.Parameter(out_emb.weight.detach().clone())  # untie
+            hf_config.tie_word_embeddings = False
+            state = _unique_state(model, torch)
+            orig_dtypes.setdefault(lm_head_name + ".weight", orig_dtypes.get(
+                next(n for n, t in state if t is in_emb.weight), torch.float32))
+        lm_head_layer = LinearLayer(lm_head_name, out_emb, transposed=False)
+
+    quant_names: dict[str, tuple[int | str, LinearLayer]] = {}
+    for i, layers in enumerate(layers_per_block):
+        for lay in layers:
+            quant_names[f"{prefix}.{i}.{lay.name}.weight"] = (i, lay)
+    if lm_head_layer is not None:
+        quant_names[f"{lm_head_name}.weight"] = ("lm_head", lm_head_layer)
+    state_names = {n for n, _ in state}
+    for n in quant_names:
+        if n not in state_names:  # a tied or non-parameter weight: cannot store it once
+            raise BadInputError(f"layer weight {n!r} is not in the model's state dict")
+
+    model_config = hf.config_json(hf_config)
+    tok_sha = hf.tokenizer_hashes(model_dir)
+    weights_sha = {os.path.basename(p): hf.sha256_file(p) for p in weight_files}
+    calibration = {
+        "name": src.name,
+        "split": src.split,
+        "sha256": hf.sha256_file(src.path),
+        "text_tokens": int(len(ids)),
+        "samples": samples,
+        "seq_len": seq_len,
+        "tokens": int(samples * seq_len),
+        "seed": seed,
+        "windows_sha256": calib_data.token_digest(windows),
+        "sampling": "distinct non-overlapping windows, numpy default_rng(seed)",
+    }
+    run_info = {
+        "pipeline_version": PIPELINE_VERSION,
+        "tool_version": __version__,
+        "encoder": config.to_dict(),
+        "calibration": calibration,
+        "weights_sha256": weights_sha,
+        "quantize_lm_head": bool(quantize_lm_head),
+        "blocks": f"{prefix}[{len(blocks)}]",
+    }
+    fingerprint = hashlib.sha256(
+        json.dumps(run_info, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+    partial = output + PARTIAL_SUFFIX
+    resumed = 0
+    if os.path.isdir(partial):
+        if resume:
+            _check_run(partial, fingerprint)
+        else:
+            shutil.rmtree(partial)
+    os.makedirs(partial, exist_ok=True)
+    _write_json_atomic(os.path.join(partial, RUN_FILE), {"fingerprint": fingerprint, **run_info})
+
+    # -- 1. inputs of the first block ------------------------------------------------------
+    emit({"kind": "stage", "stage": "embedding calibration windows"})
+    inputs: list = []
+
+    def catcher(module, args, kwargs):
+        inputs.append((tuple(args), dict(kwargs)))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(catcher, with_kwargs=True)
+    try:
+        for w in windows:
+            try:
+                model(input_ids=torch.from_numpy(w).unsqueeze(0), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if len(inputs) != len(windows):
+        raise BadInputError(
+            f"cannot walk {type(model).__name__}: its forward did not reach {prefix}.0"
+        )
+
+    # -- 2. block by block -----------------------------------------------------------------
+    nblocks = len(blocks)
+    reports: dict[str, dict] = {}
+    t_loop = time.perf_counter()
+    encoded_blocks = 0
+    for i, block in enumerate(blocks):
+        layers = layers_per_block[i]
+        ckpt = os.path.join(partial, f"block-{i:05d}.spqr")
+        t_block = time.perf_counter()
+        emit({"kind": "block_start", "block": i, "blocks": nblocks, "layers": len(layers)})
+        if resume and os.path.isfile(ckpt):
+            reports.update(_apply_checkpoint(ckpt, fingerprint, prefix, i, layers))
+            resumed += 1
+        else:
+            names = [f"{prefix}.{i}.{lay.name}.weight" for lay in layers]
+            hess = _collect_hessians(torch, block, layers, names, inputs)
+            block_reports = {}
+            with api.SpqrWriter(ckpt, metadata={}) as writer:
+                for j, (lay, name) in enumerate(zip(layers, names, strict=True)):
+                    t_layer = time.perf_counter()
+                    packed, rep = _encode_layer(torch, lay, name, hess.pop(name), config,
+                                                orig_dtypes[name])  # fmt: skip
+                    writer.add(name, packed)
+                    block_reports[name] = rep
+                    emit({"kind": "layer_done", "block": i, "blocks": nblocks, "layer": lay.name,
+                          "index": j, "layers": len(layers), "report": rep,
+                          "seconds": time.perf_counter() - t_layer})  # fmt: skip
+                writer.set_metadata(
+                    {"checkpoint.fingerprint": fingerprint, "checkpoint.reports": block_reports}
+                )
+            del hess
+            reports.update(block_reports)
+            encoded_blocks += 1
+        # the quantized block's outputs feed the next block
+        if i + 1 < nblocks or lm_head_layer is not None:
+            inputs = [_with_hidden(e, _block_call(block, e)) for e in inputs]
+        elapsed = time.perf_counter() - t_loop
+        per_block = elapsed / max(1, i + 1 - resumed) if encoded_blocks else 0.0
+        emit({"kind": "block_done", "block": i, "blocks": nblocks,
+              "seconds": time.perf_counter() - t_block, "elapsed": elapsed,
+              "eta": per_block * (nblocks - i - 1)})  # fmt: skip
+    del inputs
+
+    # -- lm_head (optional): its inputs come from the model with all blocks quantized -------
+    if lm_head_layer is not None:
+        name = f"{lm_head_name}.weight"
+        ckpt = os.path.join(partial, "lm_head.spqr")
+        if resume and os.path.isfile(ckpt):
+            reports.update(_apply_checkpoint(ckpt, fingerprint, None, None, [lm_head_layer],
+                                             names=[name]))  # fmt: skip
+        else:
+            emit({"kind": "stage", "stage": f"calibrating {lm_head_name}"})
+            acc = HessianAccumulator(lm_head_layer.in_features, name=name)
+
+            def head_hook(module, args):
+                acc.add(args[0].detach().reshape(-1, acc.in_features).float().numpy())
+                raise _Stop
+
+            h = lm_head_layer.module.register_forward_pre_hook(head_hook)
+            try:
+                for w in windows:
+                    try:
+                        model(input_ids=torch.from_numpy(w).unsqueeze(0), use_cache=False)
+                    except _Stop:
+                        pass
+            finally:
+                h.remove()
+            packed, rep = _encode_layer(torch, lm_head_layer, name, acc.hessian(), config,
+                                        orig_dtypes[name])  # fmt: skip
+            with api.SpqrWriter(ckpt) as writer:
+                writer.add(name, packed)
+                writer.set_metadata(
+                    {"checkpoint.fingerprint": fingerprint, "checkpoint.reports": {name: rep}}
+                )
+            reports[name] = rep
+
+    # -- 3. the file ------------------------------------------------------------------------
+    emit({"kind": "stage", "stage": f"writing {output}"})
+    transposed = sorted(n for n, (_, lay) in quant_names.items() if lay.transposed)
+    skipped = []
+    rows = []
+    metadata = {
+        "provenance.tool": "spqr-format",
+        "provenance.tool_version": __version__,
+        "encoder.method": config.method,
+        "encoder.preset": config.preset,
+        "encoder.settings": config.to_dict(),
+        "model.config": model_config,
+        "model.architecture": type(model).__name__,
+        "model.blocks": {"prefix": prefix, "count": nblocks,
+                         "layers": [lay.name for lay in layers_per_block[0]]},  # fmt: skip
+        "model.transposed": transposed,
+        "model.tokenizer_sha256": tok_sha,
+        "model.weights_sha256": weights_sha,
+        "model.lm_head_quantized": lm_head_name if lm_head_layer is not None else None,
+        "calibration.set": calibration,
+        "pipeline.settings": {"version": PIPELINE_VERSION, "order": "sequential, one pass per block",
+                     "hessian": "float64, H = (2/N) sum x x^T over all calibration tokens"},
+    }  # fmt: skip
+    ckpt_files = {}
+    with api.SpqrWriter(output, metadata=metadata) as writer:
+        for name, t in state:
+            if name in quant_names:
+                owner = quant_names[name][0]
+                fname = "lm_head.spqr" if owner == "lm_head" else f"block-{owner:05d}.spqr"
+                if fname not in ckpt_files:
+                    for f in ckpt_files.values():
+                        f.close()
+                    ckpt_files = {fname: api.open_file(os.path.join(partial, fname))}
+                packed = ckpt_files[fname].read(name)
+                writer.add(name, packed)
+                rows.append({"name": name, "encoding": "bilevel", **reports[name]})
+                continue
+            if not t.is_floating_point() or t.dtype not in (
+                torch.float32, torch.float16, torch.bfloat16, torch.float64
+            ):
+                skipped.append(name)  # integer buffers (position ids...) rebuilt from config
+                continue
+            dt = orig_dtypes.get(name, t.dtype)
+            if dt == torch.float64:
+                dt = torch.float32
+            raw = raw_tensor(torch, t, dt)
+            writer.add(name, raw)
+            rows.append(dense_row(name, t.shape, raw.dtype))
+        for f in ckpt_files.values():
+            f.close()
+        metadata["model.skipped"] = skipped
+        metadata["encoder.report"] = rows
+        writer.set_metadata(metadata)
+    shutil.rmtree(partial, ignore_errors=True)
+    seconds = time.perf_counter() - t_start
+    emit({"kind": "done", "seconds": seconds, "path": output})
+    return QuantizeResult(output, rows, metadata, seconds, resumed)
+
+
+def _check_run(partial: str, fingerprint: str) -> None:
+    p = os.path.join(partial, RUN_FILE)
+    try:
+        with open(p, encoding="utf-8") as f:
+            found = json.load(f).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != fingerprint:
+        raise BadInputError(
+            "checkpoints were made by a run with other settings, model or calibration "
+            "(remove the directory or run without --resume)",
+            path=partial,
+        )
+
+
+def _collect_hessians(torch, block, layers, names, inputs) -> dict[str, HessianAccumulator]:
+    """One pass of all calibration inputs through ``block`` (original weights), recording the
+    input of every linear layer into its Hessian."""
+    accs = {n: HessianAccumulator(lay.in_features, name=n) for lay, n in zip(layers, names)}
+    handles = []
+    for lay, n in zip(layers, names, strict=True):
+        acc = accs[n]
+
+        def hook(module, args, out, acc=acc):
+            acc.add(args[0].detach().reshape(-1, acc.in_features).float().numpy())
+
+        handles.append(lay.module.register_forward_hook(hook))
+    try:
+        for e in inputs:
+            _block_call(block, e)
+    finally:
+        for h in handles:
+            h.remove()
+    for n, acc in accs.items():
+        if acc.tokens == 0:
+            raise BadInputError(
+                "this layer saw no input in its block's forward (the block does not use it)",
+                tensor=n,
+            )
+    return accs
+
+
+def _encode_layer(torch, lay: LinearLayer, name: str, acc, config, orig_dtype):
+    """Encode one layer, put its decoded weights into the model; returns (packed, report)."""
+    h = acc.hessian() if isinstance(acc, HessianAccumulator) else acc
+    w = lay.weight_out_in().numpy()
+    dtype = _torch_dtype_to_spqr(torch, orig_dtype)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            tensor, report = encode_tensor(w, config, h, name, dtype=dtype)
+    except SpqrError as err:
+        raise err.with_context(tensor=name) from None
+    packed = pack(tensor)
+    lay.set_weight_out_in(torch.from_numpy(decoded_f32(packed)))
+    return packed, report
+
+
+def _apply_checkpoint(ckpt, fingerprint, prefix, i, layers, names=None) -> dict:
+    """Put a finished block's decoded weights into the model; returns its reports."""
+    torch = require_torch()
+    if names is None:
+        names = [f"{prefix}.{i}.{lay.name}.weight" for lay in layers]
+    with api.open_file(ckpt) as f:
+        meta = f.metadata
+        if meta.get("checkpoint.fingerprint") != fingerprint:
+            raise BadInputError("checkpoint is from another run", path=ckpt)
+        for lay, n in zip(layers, names, strict=True):
+            packed = f.read(n)
+            lay.set_weight_out_in(torch.from_numpy(decoded_f32(packed)))
+        return dict(meta["checkpoint.reports"])
+
+
+def _write_json_atomic(path: str, doc: dict) -> None:
+    from spqr_format.atomic import atomic_output
+
+    with atomic_output(path, "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=True)
+
+
+def format_event(ev: dict) -> str | None:
+    """One progress line for an event of :func:`quantize_model` (None: nothing to print)."""
+    k = ev["kind"]
+    if k == "stage":
+        return ev["stage"]
+    if k == "layer_done":
+        r = ev["report"]
+        return (
+            f"  block {ev['block'] + 1}/{ev['blocks']} layer {ev['index'] + 1}/{ev['layers']} "
+            f"{ev['layer']}: {r['bits_per_weight']:.3f} bits/w, "
+            f"{r['outlier_percent']:.2f}% outliers, rel. out err "
+            f"{r['relative_output_error'] if r['relative_output_error'] is None else format(r['relative_output_error'], '.4g')}"  # noqa: E501
+            f" ({ev['seconds']:.1f}s)"
+        )
+    if k == "block_done":
+        return (
+            f"block {ev['block'] + 1}/{ev['blocks']} done in {ev['seconds']:.1f}s; "
+            f"elapsed {_fmt_s(ev['elapsed'])}, ETA {_fmt_s(ev['eta'])}"
+        )
+    if k == "done":
+        return f"wrote {ev['path']} in {_fmt_s(ev['seconds'])}"
+    return None
+
+
+__all__ = ["QuantizeResult", "format_event", "quantize_model"]
