@@ -292,10 +292,10 @@ def quantize_model(
 
     # -- 1. inputs of the first block ------------------------------------------------------
     emit({"kind": "stage", "stage": "embedding calibration windows"})
-    inputs: list = []
+    captured: list = []
 
     def catcher(module, args, kwargs):
-        inputs.append((tuple(args), dict(kwargs)))
+        captured.append((tuple(args), dict(kwargs)))
         raise _Stop
 
     handle = blocks[0].register_forward_pre_hook(catcher, with_kwargs=True)
@@ -307,6 +307,7 @@ def quantize_model(
                 pass
     finally:
         handle.remove()
+    inputs = captured
     if len(inputs) != len(windows):
         raise BadInputError(
             f"cannot walk {type(model).__name__}: its forward did not reach {prefix}.0"
@@ -408,8 +409,9 @@ def quantize_model(
         "model.weights_sha256": weights_sha,
         "model.lm_head_quantized": lm_head_name if lm_head_layer is not None else None,
         "calibration.set": calibration,
-        "pipeline.settings": {"version": PIPELINE_VERSION, "order": "sequential, one pass per block",
-                     "hessian": "float64, H = (2/N) sum x x^T over all calibration tokens"},
+        "pipeline.settings": {
+            "version": PIPELINE_VERSION, "order": "sequential, one pass per block",
+            "hessian": "float64, H = (2/N) sum x x^T over all calibration tokens"},
     }  # fmt: skip
     ckpt_files = {}
     with api.SpqrWriter(output, metadata=metadata) as writer:
@@ -465,7 +467,8 @@ def _check_run(partial: str, fingerprint: str) -> None:
 def _collect_hessians(torch, block, layers, names, inputs) -> dict[str, HessianAccumulator]:
     """One pass of all calibration inputs through ``block`` (original weights), recording the
     input of every linear layer into its Hessian."""
-    accs = {n: HessianAccumulator(lay.in_features, name=n) for lay, n in zip(layers, names)}
+    pairs = list(zip(layers, names, strict=True))
+    accs = {n: HessianAccumulator(lay.in_features, name=n) for lay, n in pairs}
     handles = []
     for lay, n in zip(layers, names, strict=True):
         acc = accs[n]
