@@ -5,7 +5,9 @@ SPEC.md (in the source tree) is the normative format specification. Main entry p
 - :func:`open` / :class:`SpqrFile`: read, decode and verify a .spqr file;
 - :func:`save` / :class:`SpqrWriter`: write one atomically;
 - :mod:`spqr_format.codec`: encoders and the numba reference decoder;
-- :mod:`spqr_format.gpu`: CUDA kernels (optional, needs CuPy).
+- :mod:`spqr_format.gpu`: CUDA kernels (optional, needs CuPy);
+- :func:`quantize_model` / :func:`load_model`: whole Hugging Face models (optional extra
+  ``models``: torch and transformers).
 
 Names are imported lazily, so ``import spqr_format`` is cheap and `spqr info` starts fast.
 """
@@ -61,6 +63,8 @@ _EXPORTS = {
     "Outliers": "spqr_format.codec.bilevel",
     "PackedBilevel": "spqr_format.codec.bilevel",
     "DType": "spqr_format.spec",
+    "load_model": "spqr_format.models.loader",
+    "quantize_model": "spqr_format.models.pipeline",
     "Encoding": "spqr_format.spec",
 }
 

@@ -909,6 +909,13 @@ from spqr_format.conformance.cli import conformance_group  # noqa: E402
 
 main.add_command(conformance_group)
 
+# --------------------------------------------------------------------------------------
+# whole models (spqr_format/models/cli.py)
+# --------------------------------------------------------------------------------------
+from spqr_format.models.cli import eval_cmd, quantize_model_cmd  # noqa: E402
+
+main.add_command(quantize_model_cmd), main.add_command(eval_cmd)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

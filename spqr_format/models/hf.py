@@ -91,6 +91,10 @@ def load_hf_model(model_dir: str, *, dtype=None):
     cls = model_class(config)
     _offline()
     try:
+        require_transformers().utils.logging.disable_progress_bar()
+    except AttributeError:  # pragma: no cover - older transformers
+        pass
+    try:
         model = cls.from_pretrained(
             model_dir,
             dtype="auto" if dtype is None else dtype,
