@@ -119,8 +119,9 @@ def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_
 def eval_cmd(model, ppl_text, model_dir, data_dir, seq_len, stride, max_tokens, as_json):
     """Perplexity of a .spqr model (with --model-dir) or of a Hugging Face model directory.
 
-    Sliding windows of --seq-len tokens every --stride tokens; each token is scored once,
-    with up to seq_len - 1 tokens of context (stride = seq_len: disjoint windows). The model
+    Sliding windows of --seq-len tokens every --stride tokens; each token is scored at most
+    once, with up to seq_len - 1 tokens of context (stride = seq_len: disjoint windows, whose
+    first tokens are not scored). The model
     runs on CPU in float32 (a .spqr model with its dequantized weights).
 
     \b

@@ -3,8 +3,9 @@
 Windows of ``seq_len`` tokens start every ``stride`` tokens; each window scores only the
 tokens that no earlier window scored (all of them in the first window except its first
 token), every scored token seeing up to ``seq_len - 1`` tokens of context. With
-``stride == seq_len`` the windows are disjoint. ``ppl = exp(sum NLL / tokens scored)``, the
-sum in float64.
+``stride == seq_len`` the windows are disjoint and, as in Hugging Face's perplexity guide, the
+first token of each window (which has no context in it) is not scored.
+``ppl = exp(sum NLL / tokens scored)``, the sum in float64.
 """
 
 from __future__ import annotations

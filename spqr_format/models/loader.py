@@ -89,6 +89,9 @@ def load_model(
                                         "quantized 2-D weight", path=path, tensor=name)  # fmt: skip
                 t = t.t().contiguous()
             state[name] = t
+    for dup, first in (meta.get("model.tied") or {}).items():
+        if first in state and dup not in state:
+            state[dup] = state[first]  # tied weights share one tensor again
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = cls._from_config(config, attn_implementation="eager")

@@ -114,15 +114,21 @@ def _fmt_s(s: float) -> str:
 
 def _unique_state(model, torch) -> list[tuple[str, object]]:
     """``state_dict`` entries, tied duplicates dropped (first name kept)."""
-    seen = set()
-    out = []
+    return [(n, t) for n, t in model.state_dict(keep_vars=True).items() if n not in _tied(model)]
+
+
+def _tied(model) -> dict[str, str]:
+    """``{name: first name}`` of state_dict entries that share another entry's storage."""
+    seen: dict = {}
+    out = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
-        if key is not None and key in seen:
+        if not t.numel():
             continue
-        if key is not None:
-            seen.add(key)
-        out.append((name, t))
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if key in seen:
+            out[name] = seen[key]
+        else:
+            seen[key] = name
     return out
 
 
@@ -405,6 +411,7 @@ def quantize_model(
         "model.blocks": {"prefix": prefix, "count": nblocks,
                          "layers": [lay.name for lay in layers_per_block[0]]},  # fmt: skip
         "model.transposed": transposed,
+        "model.tied": _tied(model),
         "model.tokenizer_sha256": tok_sha,
         "model.weights_sha256": weights_sha,
         "model.lm_head_quantized": lm_head_name if lm_head_layer is not None else None,

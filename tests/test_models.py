@@ -1,0 +1,318 @@
+"""Whole models: quantize tiny Hugging Face models block by block, load them back, evaluate.
+
+Needs torch, transformers and tokenizers (the ``models`` extra); skipped cleanly without them.
+Every model is built here from a config with a fixed seed, with a tokenizer trained offline
+on a generated corpus (tests/tiny_models.py): nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+import tiny_models as tm  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+import spqr_format  # noqa: E402
+from spqr_format.cli import main  # noqa: E402
+from spqr_format.errors import BadInputError  # noqa: E402
+from spqr_format.models import data, hf  # noqa: E402
+from spqr_format.models.evaluate import perplexity  # noqa: E402
+from spqr_format.models.loader import load_model  # noqa: E402
+from spqr_format.models.pipeline import quantize_model  # noqa: E402
+from spqr_format.models.walker import find_blocks, find_linears  # noqa: E402
+
+SAMPLES, SEQ = 4, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The models are tiny: torch's thread pool only costs time (20x on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    text = tm.make_corpus()
+    p = d / "corpus.txt"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+_built: dict = {}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, corpus):
+    def get(family: str, dtype=None):
+        key = (family, dtype)
+        if key not in _built:
+            d = tmp_path_factory.mktemp(f"{family}-model")
+            tm.build_model(family, d, corpus.read_text(encoding="utf-8"), dtype=dtype)
+            _built[key] = d
+        return _built[key]
+
+    return get
+
+
+def _quantize(mdir, out, corpus, **kw):
+    kw.setdefault("preset", "spqr-3bit")
+    return quantize_model(mdir, out, calib=str(corpus), samples=SAMPLES, seq_len=SEQ, **kw)
+
+
+def test_cli_preset_names_match_the_presets():
+    from spqr_format.codec.presets import PRESETS
+    from spqr_format.models.cli import PRESET_NAMES
+
+    assert tuple(PRESETS) == PRESET_NAMES
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "bert"])
+def test_quantize_load_exact(family, model_dir, corpus, tmp_path):
+    mdir = model_dir(family)
+    out = tmp_path / "m.spqr"
+    res = _quantize(mdir, out, corpus)
+    assert not os.path.exists(str(out) + ".partial")
+
+    ref = hf.load_hf_model(str(mdir))
+    prefix, blocks = find_blocks(ref)
+    expected_q = {
+        f"{prefix}.{i}.{lay.name}.weight": lay.transposed
+        for i, b in enumerate(blocks)
+        for lay in find_linears(b)
+    }
+    assert len(expected_q) == len(blocks) * len(find_linears(blocks[0])) >= 8
+    with spqr_format.open(out) as f:
+        infos = {i.name: i for i in f.infos()}
+        for name, info in infos.items():
+            assert info.encoding == ("bilevel" if name in expected_q else "raw"), name
+        assert set(expected_q) <= set(infos)
+        meta = f.metadata
+        assert meta["model.architecture"] == tm.ARCH[family]
+        assert meta["model.config"]["model_type"] == ref.config.model_type
+        assert "tokenizer.json" in meta["model.tokenizer_sha256"]
+        cal = meta["calibration.set"]
+        assert (cal["samples"], cal["seq_len"], cal["tokens"]) == (SAMPLES, SEQ, SAMPLES * SEQ)
+        assert cal["text_tokens"] > SAMPLES * SEQ and cal["name"] == "corpus.txt"
+        assert meta["encoder.settings"]["preset"] == "spqr-3bit"
+        assert [r["name"] for r in meta["encoder.report"]] == f.names()
+        assert sorted(meta["model.transposed"]) == sorted(n for n, t in expected_q.items() if t)
+        # The reference: the original model with the dequantized weights put in.
+        sd = ref.state_dict()
+        for name, transposed in expected_q.items():
+            w = torch.from_numpy(f.decode(name, "float32"))
+            sd[name].copy_(w.t() if transposed else w)
+    assert [r["encoding"] for r in res.reports].count("bilevel") == len(expected_q)
+
+    loaded = load_model(out, mdir)
+    got = loaded.state_dict()
+    for name, t in ref.state_dict().items():
+        if t.is_floating_point():
+            assert torch.equal(got[name], t), name
+    x = torch.arange(3, 3 + 24).unsqueeze(0) % ref.config.vocab_size
+    with torch.no_grad():
+        a = ref(input_ids=x).logits
+        b = loaded(input_ids=x).logits
+    assert torch.equal(a, b)
+
+
+def test_fp16_model_keeps_its_dtype(model_dir, corpus, tmp_path):
+    mdir = model_dir("llama", torch.float16)
+    out = tmp_path / "m16.spqr"
+    _quantize(mdir, out, corpus, preset="gptq-4bit-g128")
+    with spqr_format.open(out) as f:
+        assert {i.dtype for i in f.infos()} == {"float16"}
+    m = load_model(out)
+    assert {p.dtype for p in m.parameters()} == {torch.float16}
+
+
+def test_quantize_lm_head(model_dir, corpus, tmp_path):
+    out = tmp_path / "head.spqr"
+    _quantize(model_dir("llama"), out, corpus, preset="rtn-4bit-g128", quantize_lm_head=True)
+    with spqr_format.open(out) as f:
+        assert f.info("lm_head.weight").encoding == "bilevel"
+        assert f.info("model.embed_tokens.weight").encoding == "raw"
+        w = f.decode("lm_head.weight", "float32")
+    m = load_model(out)
+    assert np.array_equal(m.lm_head.weight.detach().numpy(), w)
+
+
+def test_resume_is_byte_identical(model_dir, corpus, tmp_path):
+    mdir = model_dir("llama")
+    full = tmp_path / "full.spqr"
+    _quantize(mdir, full, corpus)
+
+    out = tmp_path / "cut.spqr"
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_block_0(ev):
+        if ev["kind"] == "block_done" and ev["block"] == 0:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _quantize(mdir, out, corpus, progress=stop_after_block_0)
+    partial = str(out) + ".partial"
+    assert not out.exists() and os.path.isfile(os.path.join(partial, "block-00000.spqr"))
+    assert not os.path.exists(os.path.join(partial, "block-00001.spqr"))
+
+    # Settings that differ from the checkpoints' are refused.
+    r = CliRunner().invoke(main, ["quantize-model", str(mdir), "-o", str(out), "--calib",
+                                  str(corpus), "--samples", "5", "--seq-len", str(SEQ),
+                                  "--resume"])  # fmt: skip
+    assert r.exit_code == 2 and "other settings" in r.output, r.output
+
+    r = CliRunner().invoke(main, ["quantize-model", str(mdir), "-o", str(out), "--calib",
+                                  str(corpus), "--samples", str(SAMPLES), "--seq-len", str(SEQ),
+                                  "--resume"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "(1 blocks resumed)" in r.output
+    assert out.read_bytes() == full.read_bytes()
+    assert not os.path.exists(partial)
+
+
+def test_cli_quantize_and_eval(model_dir, corpus, tmp_path):
+    mdir = model_dir("gpt2")
+    out = tmp_path / "g.spqr"
+    r = CliRunner().invoke(main, ["quantize-model", str(mdir), "-o", str(out), "--preset",
+                                  "gptq-3bit-g128", "--calib", str(corpus), "--samples", "4",
+                                  "--seq-len", "32"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "block 2/2 done" in r.output and "ETA" in r.output
+    assert "layer 4/4 mlp.c_proj" in r.output
+    docs = []
+    opts = ["--ppl", str(corpus), "--seq-len", "64", "--stride", "32", "--max-tokens", "600"]
+    for target in ([str(out), "--model-dir", str(mdir)], [str(mdir)]):
+        r = CliRunner().invoke(main, ["eval", *target, *opts, "--json"])
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)
+        assert (doc["seq_len"], doc["stride"], doc["text_tokens"]) == (64, 32, 600)
+        assert doc["tokens"] == 599 and math.isfinite(doc["perplexity"])
+        docs.append(doc)
+    assert docs[0]["source"] == ".spqr file" and docs[1]["source"] == "model directory"
+    r = CliRunner().invoke(main, ["eval", str(mdir), "--ppl", str(corpus), "--seq-len", "64",
+                                  "--max-tokens", "300"])  # fmt: skip
+    assert r.exit_code == 0 and "context 64, stride 64" in r.output
+
+
+def test_perplexity_windows_score_each_token_once():
+    class Uniform(torch.nn.Module):
+        """A 'causal LM' that gives the token it sees probability 1/2 as the next one."""
+
+        def forward(self, input_ids, use_cache=False):
+            v = 10
+            logits = torch.zeros(*input_ids.shape, v)
+            logits.scatter_(2, input_ids.unsqueeze(2), math.log(v - 1))  # p = 1/2
+            return type("Out", (), {"logits": logits})()
+
+    Uniform.__name__ = "UniformForCausalLM"
+    ids = np.arange(100) % 10
+    for seq, stride in ((16, 16), (16, 5), (7, 1)):
+        res = perplexity(Uniform(), ids, seq_len=seq, stride=stride)
+        # stride < seq_len: every token after the first; disjoint windows (HF's method):
+        # the first token of each window has no context and is not scored
+        assert res["tokens"] == (99 if stride < seq else 100 - res["windows"])
+        expected = math.log(2 * (10 - 1))  # every token differs from the one before
+        assert res["nll"] == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def trained_llama(tmp_path_factory, corpus):
+    d = tmp_path_factory.mktemp("trained")
+    tm.build_model("llama", d, corpus.read_text(encoding="utf-8"), train_steps=150, seed=1)
+    return d
+
+
+def test_trained_model_quantized_ppl_is_close(trained_llama, corpus, tmp_path):
+    out = tmp_path / "t.spqr"
+    quantize_model(trained_llama, out, preset="spqr-3bit", calib=str(corpus), samples=8,
+                   seq_len=64)  # fmt: skip
+    tok = hf.load_tokenizer(str(trained_llama))
+    ids = data.tokenize(tok, corpus.read_text(encoding="utf-8"))[-1500:]
+    fp = perplexity(hf.load_hf_model(str(trained_llama)), ids, seq_len=64)["perplexity"]
+    q = perplexity(load_model(out), ids, seq_len=64)["perplexity"]
+    vocab = len(tok)
+    assert fp < vocab / 3  # it learned something
+    print(f"trained tiny llama: fp32 ppl {fp:.3f}, spqr-3bit ppl {q:.3f}")
+    assert fp <= q * 1.05 and q < 1.5 * fp, (fp, q)
+
+
+def _one_line_error(r, *needles):
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in r.output, r.output
+    for n in needles:
+        assert n in lines[0], r.output
+
+
+def test_bad_inputs(model_dir, corpus, tmp_path):
+    mdir = str(model_dir("llama"))
+    out = str(tmp_path / "x.spqr")
+    run = CliRunner().invoke
+
+    def q(*args):
+        return run(main, ["quantize-model", *args])
+
+    base = ["-o", out, "--calib", str(corpus)]
+    _one_line_error(q(str(tmp_path / "missing"), *base), "model directory not found")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(q(str(empty), *base), "no config.json")
+    (empty / "config.json").write_text((model_dir("llama") / "config.json").read_text())
+    _one_line_error(q(str(empty), *base), "no *.safetensors")
+    _one_line_error(q(mdir, *base, "--samples", "0"), "--samples")
+    _one_line_error(q(mdir, *base, "--samples", "1000", "--seq-len", "64"), "too short",
+                    "corpus.txt")  # fmt: skip
+    _one_line_error(q(mdir, *base, "--seq-len", "4096"), "positions")
+    _one_line_error(q(mdir, *base, "--device", "cuda"), "GPU encoder is not built")
+    small = ["--samples", "2", "--seq-len", "32"]
+    _one_line_error(q(mdir, "-o", out, "--calib", str(tmp_path / "nope.txt"), *small), "nope.txt")
+    _one_line_error(q(mdir, "-o", out, "--calib", "wikitext2", *small), "data directory")
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+    _one_line_error(run(main, ["eval", out, "--ppl", str(corpus)]), "no such file")
+    spqr_format.save(out, {"w": np.zeros((2, 2), np.float32)})
+    _one_line_error(run(main, ["eval", out, "--ppl", str(corpus)]), "--model-dir")
+    _one_line_error(run(main, ["eval", out, "--model-dir", mdir, "--ppl", str(corpus)]),
+                    "not a whole-model file")  # fmt: skip
+    _one_line_error(run(main, ["eval", mdir, "--ppl", str(corpus), "--stride", "600"]),
+                    "--stride")  # fmt: skip
+    _one_line_error(run(main, ["eval", str(model_dir("bert")), "--ppl", str(corpus)]),
+                    "causal language model")  # fmt: skip
+
+
+def test_walker_refuses_a_model_without_blocks():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    with pytest.raises(BadInputError, match="no list of repeated blocks"):
+        find_blocks(model)
+    mixed = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 4))])
+    with pytest.raises(BadInputError):
+        find_blocks(torch.nn.Sequential(mixed))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and CuPy)")
+def test_load_model_on_gpu(model_dir, corpus, tmp_path):  # pragma: no cover - GPU only
+    pytest.importorskip("cupy")
+    from spqr_format.gpu.nn import SpQRLinear
+
+    out = tmp_path / "gpu.spqr"
+    _quantize(model_dir("llama"), out, corpus)
+    m = load_model(out, device="cuda")
+    assert sum(isinstance(x, SpQRLinear) for x in m.modules()) == 14
+    ref = load_model(out).half().cuda()
+    x = torch.arange(3, 27, device="cuda").unsqueeze(0)
+    a, b = ref(input_ids=x).logits.float(), m(input_ids=x).logits.float()
+    assert torch.allclose(a, b, atol=5e-2, rtol=5e-2)
