@@ -123,8 +123,8 @@ def _progress(items, label: str):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="spqr")
 def main() -> None:
-    """Encode, calibrate, inspect, verify, decode and benchmark .spqr files (sparse-quantized
-    LLM weights).
+    """Quantize models and tensors, inspect, verify, decode, evaluate and benchmark .spqr files
+    (sparse-quantized LLM weights), and check decoders against the conformance vectors.
 
     \b
     Quick start:
@@ -914,7 +914,8 @@ main.add_command(conformance_group)
 # --------------------------------------------------------------------------------------
 from spqr_format.models.cli import eval_cmd, quantize_model_cmd  # noqa: E402
 
-main.add_command(quantize_model_cmd), main.add_command(eval_cmd)
+main.add_command(quantize_model_cmd)
+main.add_command(eval_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover
