@@ -128,6 +128,8 @@ def main() -> None:
 
     \b
     Quick start:
+      spqr quantize-model ./hf-model -o model.spqr --preset spqr-3bit --calib text.txt
+      spqr eval model.spqr --model-dir ./hf-model --ppl test.txt
       spqr encode model.safetensors -o model.spqr --outlier-fraction 0.01
       spqr info model.spqr
       spqr verify model.spqr
