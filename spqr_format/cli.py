@@ -684,8 +684,8 @@ def _report_verify(path, as_json, results, t0, file_error=None) -> None:
     "no_digest",
     is_flag=True,
     help="Skip the check of each tensor's stored SHA-256 digest (by default a mismatch is "
-    "an error, E_DIGEST_MISMATCH, and nothing is written). With --dtype other than a "
-    "bilevel tensor's own the check costs a second decode.",
+    "an error, E_DIGEST_MISMATCH, and nothing is written). The check costs one SHA-256 "
+    "per tensor.",
 )
 @handle_errors
 def decode(path, output, dtype, only, no_digest):
