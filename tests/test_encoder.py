@@ -485,3 +485,11 @@ def test_identical_rows_do_not_become_all_outliers():
     assert t.outliers is None
     t1 = encode_gptq(w[:1], h, bits=3, group_size=16, outlier_threshold=0.2)  # m = 1
     assert t1.outliers is None
+
+
+@pytest.mark.parametrize("tau", [float("inf"), float("nan"), 0.0, -1.0])
+def test_api_refuses_a_threshold_that_cannot_be_stored_before_encoding(tau):
+    # the CLI guards this too; the config itself must, so that the API never runs a whole
+    # encode whose settings cannot then be written as JSON metadata
+    with pytest.raises(BadInputError, match="outlier_threshold"):
+        get_preset("spqr-3bit", outlier_threshold=tau)

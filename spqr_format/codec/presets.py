@@ -87,8 +87,13 @@ class EncoderConfig:
             raise bad("block_size", f"must be a positive integer, got {bs!r}")
         tau = self.outlier_threshold
         if tau is not None:
-            if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-                raise bad("outlier_threshold", f"must be > 0 or null, got {tau!r}")
+            if (
+                isinstance(tau, bool)
+                or not isinstance(tau, (int, float))
+                or not (math.isfinite(tau) and tau > 0)
+            ):
+                # inf would run the whole encode and then fail to store the setting (JSON)
+                raise bad("outlier_threshold", f"must be a finite number > 0 or null, got {tau!r}")
             if self.method == "rtn":
                 raise bad("outlier_threshold", "needs a Hessian; use outlier_budget with rtn")
         b = self.outlier_budget
