@@ -78,6 +78,7 @@ def test_caps_table_matches_constants():
     assert rows["tensor_count"] == f"{spec.MAX_TENSOR_COUNT:,}"
     assert rows["name length"] == f"{spec.MAX_NAME_LENGTH} bytes"
     assert rows["metadata JSON nesting depth"] == str(spec.MAX_METADATA_DEPTH)
+    assert rows["metadata JSON values"] == f"{spec.MAX_METADATA_VALUES:,}"
     assert rows["ndim"] == str(spec.MAX_NDIM)
     assert rows["header_length"] == f"{spec.MAX_HEADER_LENGTH >> 20} MiB"
     assert rows["metadata_length"] == f"{spec.MAX_METADATA_LENGTH >> 20} MiB"

@@ -48,9 +48,6 @@ U16_MAX = 0xFFFF
 # C-2.11: top-level metadata keys are namespaced ("model.architecture"); the WHOLE key must
 # match (fullmatch).
 METADATA_KEY_RE = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)+")
-# C-2.11: metadata holds at most this many JSON values in all (objects, arrays, strings,
-# numbers, true/false/null each count one; keys do not). (spec.py should carry it.)
-MAX_METADATA_VALUES = 1 << 20
 _DEPTH_CHUNK = 1 << 20
 # C-2.10: names hold no C0 control (U+0000..U+001F), DEL (U+007F), C1 control
 # (U+0080..U+009F), nor bidi formatting character (U+061C, U+200E, U+200F, U+202A..U+202E,
@@ -442,9 +439,10 @@ def parse_metadata(raw: bytes | memoryview) -> dict[str, Any]:
     if raw.startswith(_UTF8_BOM):
         raise BadMetadataError("starts with a UTF-8 byte order mark", field="metadata")
     values = count_json_values(raw)  # before json builds a single object
-    if values > MAX_METADATA_VALUES:
+    if values > spec.MAX_METADATA_VALUES:
         raise BadMetadataError(
-            f"{values} JSON values, over the cap of {MAX_METADATA_VALUES}", field="metadata"
+            f"{values} JSON values, over the cap of {spec.MAX_METADATA_VALUES}",
+            field="metadata",
         )
     if not _bracket_depth_ok(raw, spec.MAX_METADATA_DEPTH):
         raise BadMetadataError(
