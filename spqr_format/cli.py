@@ -6,7 +6,7 @@ mismatching data), 2 bad usage or bad input (unreadable or invalid files, bad op
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import functools
 import json
 import math
@@ -20,11 +20,10 @@ import numpy as np
 
 from spqr_format import __version__, api, spec
 from spqr_format.errors import INTEGRITY_ERRORS, BadInputError, SpqrError
+from spqr_format.models import DEFAULT_KEEP_DENSE
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_CLOSED_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
-
-DEFAULT_KEEP_DENSE = ("*embed*", "*norm*", "*lm_head*")
 
 
 def safe_text(text: str) -> str:
@@ -276,10 +275,8 @@ def encode(
       spqr encode model.safetensors --preset gptq-4bit-g128 --hessians H.safetensors \\
            --perm-order identity -o model.spqr
     """
-    import warnings
-
-    from spqr_format.codec.presets import EncoderConfig, encode_tensor, get_preset
-    from spqr_format.safetensors_io import SafetensorsFile
+    from spqr_format.codec.presets import EncoderConfig, get_preset
+    from spqr_format.models.tensors import encode_safetensors
 
     overrides = {
         k: v
@@ -308,57 +305,21 @@ def encode(
     refuse_same_file(
         report_path, "--report", input=input_path, hessian_file=hessian_path, output=output
     )
-    patterns = keep_dense or DEFAULT_KEEP_DENSE
-    hessians = SafetensorsFile(hessian_path) if hessian_path else None
-    rows, notices = [], []
-    try:
-        with SafetensorsFile(input_path) as src:
-            metadata = {
-                "provenance.tool": "spqr-format",
-                "provenance.tool_version": __version__,
-                "encoder.method": config.method,
-                "encoder.preset": config.preset,
-                "encoder.settings": config.to_dict(),
-                "encoder.keep_dense": list(patterns),
-            }
-            if src.metadata:
-                metadata["model.safetensors_metadata"] = dict(src.metadata)
-            with (
-                api.SpqrWriter(output, metadata=metadata) as writer,
-                _progress(src.names(), "encoding") as names,
-            ):
-                for name in names:
-                    st = src.get(name)
-                    if st.dtype not in ("float32", "float16", "bfloat16"):
-                        raise BadInputError(
-                            f"dtype {st.dtype} cannot be stored: .spqr holds float32, float16 "
-                            "and bfloat16 tensors (SPEC C-3.3)",
-                            path=input_path,
-                            tensor=name,
-                        )
-                    dtype = spec.DTYPE_BY_NAME[st.dtype]
-                    quantize = len(st.shape) == 2 and not any(
-                        fnmatch.fnmatchcase(name, p) for p in patterns
-                    )
-                    if not quantize:
-                        writer.add(name, api.RawTensor(dtype, st.bits()))
-                        rows.append(_dense_row(name, st.shape, dtype))
-                        continue
-                    hessian = _hessian_for(hessians, name, hessian_path)
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        tensor, report = encode_tensor(
-                            st.to_float32(), config, hessian, name, dtype=dtype
-                        )
-                    notices.extend(str(w.message) for w in caught)
-                    writer.add(name, tensor)
-                    rows.append({"name": name, "encoding": "bilevel", **report})
-                metadata["encoder.report"] = rows
-                writer.set_metadata(metadata)
-    finally:
-        if hessians is not None:
-            hessians.close()
-    for notice in dict.fromkeys(notices):
+    with contextlib.ExitStack() as stack:
+
+        def progress(names):
+            return stack.enter_context(_progress(names, "encoding"))
+
+        result = encode_safetensors(
+            input_path,
+            output,
+            config,
+            hessian_path=hessian_path,
+            keep_dense=keep_dense or None,
+            progress=progress,
+        )
+    rows, notices = result.rows, result.notices
+    for notice in notices:
         click.echo(f"warning: {safe_text(notice)}", err=True)
     if report_path:
         _write_json_atomic(report_path, {"settings": config.to_dict(), "tensors": rows})
@@ -393,33 +354,6 @@ def _check_settings_storable(config) -> None:
         json.dumps(settings, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise BadInputError(f"settings cannot be stored in the metadata: {exc}") from None
-
-
-def _hessian_for(hessians, name: str, path: str | None):
-    """The Hessian of tensor ``name`` (read lazily from the mmap'd file) or None."""
-    if hessians is None or name not in hessians.names():
-        return None
-    h = hessians.get(name)
-    if h.dtype not in ("float32", "float64") or len(h.shape) != 2:
-        raise BadInputError(
-            f"Hessian must be a 2-D float32/float64 matrix, got {h.dtype}{list(h.shape)}",
-            path=path,
-            tensor=name,
-        )
-    return h.data
-
-
-def _dense_row(name: str, shape, dtype) -> dict:
-    return {
-        "name": name,
-        "encoding": "raw",
-        "shape": list(shape),
-        "bits_per_weight": float(8 * spec.DTYPE_SIZES[dtype]),
-        "outliers": 0,
-        "outlier_percent": 0.0,
-        "relative_weight_error": 0.0,
-        "relative_output_error": None,
-    }
 
 
 def _write_json_atomic(path: str, doc: dict) -> None:

@@ -388,3 +388,17 @@ def test_bench_bad_requests_exit_2(encoded, tmp_path):
     if not _has_gpu():
         result = run("bench", str(encoded), "--device", "gpu")
         assert result.exit_code == 2 and "needs CuPy and a CUDA device" in result.output
+
+
+def test_encode_is_the_library_loop_byte_for_byte(encoded, tmp_path):
+    # `spqr encode` is a thin layer over spqr_format.models.tensors.encode_safetensors
+    from spqr_format.codec.presets import get_preset
+    from spqr_format.models.tensors import encode_safetensors
+
+    config = get_preset("rtn-3bit-g16-bilevel", outlier_budget=0.01)
+    out = tmp_path / "api.spqr"
+    result = encode_safetensors(str(SAMPLE), str(out), config)
+    assert out.read_bytes() == encoded.read_bytes()
+    with api.open_file(out) as f:
+        assert [r["name"] for r in result.rows] == f.names()
+    assert result.metadata["encoder.report"] == result.rows

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import importlib
 
+# Tensors ``spqr encode`` / :func:`~spqr_format.models.tensors.encode_safetensors` store raw by
+# default (glob patterns of names): here so that the CLI can show it without importing more.
+DEFAULT_KEEP_DENSE = ("*embed*", "*norm*", "*lm_head*")
+
 _EXPORTS = {
     "quantize_model": "spqr_format.models.pipeline",
     "QuantizeResult": "spqr_format.models.pipeline",

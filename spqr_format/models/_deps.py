@@ -22,7 +22,5 @@ def require_transformers():
     try:
         import transformers
     except ImportError:
-        raise BadInputError(
-            f"whole-model commands need transformers ({INSTALL_HINT})"
-        ) from None
+        raise BadInputError(f"whole-model commands need transformers ({INSTALL_HINT})") from None
     return transformers

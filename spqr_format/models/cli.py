@@ -36,27 +36,60 @@ def safe_text(text: str) -> str:
 
 @click.command("quantize-model")
 @click.argument("model_dir", metavar="MODEL_DIR", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Output .spqr file (written atomically).")
-@click.option("--preset", type=click.Choice(PRESET_NAMES), default="spqr-3bit", show_default=True,
-              help="Encoder configuration of every block's linear layers.")
-@click.option("--calib", required=True, metavar="FILE|wikitext2",
-              help="Calibration text: a UTF-8 text file, or wikitext2 (train split, else valid; "
-              "found in --data-dir or $SPQR_DATA_DIR).")
-@click.option("--data-dir", type=click.Path(file_okay=False),
-              help="Directory holding wikitext-2/wiki.*.tokens (default $SPQR_DATA_DIR).")
-@click.option("--samples", type=int, default=128, show_default=True,
-              help="Calibration windows (distinct, non-overlapping, drawn with --seed).")
-@click.option("--seq-len", type=int, default=2048, show_default=True,
-              help="Tokens per calibration window.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output .spqr file (written atomically).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(PRESET_NAMES),
+    default="spqr-3bit",
+    show_default=True,
+    help="Encoder configuration of every block's linear layers.",
+)
+@click.option(
+    "--calib",
+    required=True,
+    metavar="FILE|wikitext2",
+    help="Calibration text: a UTF-8 text file, or wikitext2 (train split, else valid; "
+    "found in --data-dir or $SPQR_DATA_DIR).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Directory holding wikitext-2/wiki.*.tokens (default $SPQR_DATA_DIR).",
+)
+@click.option(
+    "--samples",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Calibration windows (distinct, non-overlapping, drawn with --seed).",
+)
+@click.option(
+    "--seq-len", type=int, default=2048, show_default=True, help="Tokens per calibration window."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window draw.")
-@click.option("--device", default="cpu", show_default=True,
-              help="Where the encoder runs (cpu; the GPU encoder is not built yet).")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted run from the block checkpoints in OUT.partial/ "
-              "(same settings: the file is byte-identical to an uninterrupted run).")
-@click.option("--quantize-lm-head", is_flag=True,
-              help="Also quantize the output layer (calibrated on the quantized model).")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where the encoder runs (cpu; the GPU encoder is not built yet).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run from the block checkpoints in OUT.partial/ "
+    "(same settings: the file is byte-identical to an uninterrupted run).",
+)
+@click.option(
+    "--quantize-lm-head",
+    is_flag=True,
+    help="Also quantize the output layer (calibrated on the quantized model).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @handle_errors
 def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_len, seed,
@@ -103,15 +136,27 @@ def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_
 
 @click.command("eval")
 @click.argument("model", metavar="MODEL.spqr|MODEL_DIR", type=click.Path())
-@click.option("--ppl", "ppl_text", required=True, metavar="FILE|wikitext2",
-              help="Text to measure perplexity on (wikitext2: the test split, found in "
-              "--data-dir or $SPQR_DATA_DIR).")
-@click.option("--model-dir", type=click.Path(file_okay=False),
-              help="The original model directory (tokenizer) for a .spqr file.")
-@click.option("--data-dir", type=click.Path(file_okay=False),
-              help="Directory holding wikitext-2/wiki.*.tokens (default $SPQR_DATA_DIR).")
-@click.option("--seq-len", type=int, default=512, show_default=True,
-              help="Context length of each window.")
+@click.option(
+    "--ppl",
+    "ppl_text",
+    required=True,
+    metavar="FILE|wikitext2",
+    help="Text to measure perplexity on (wikitext2: the test split, found in "
+    "--data-dir or $SPQR_DATA_DIR).",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(file_okay=False),
+    help="The original model directory (tokenizer) for a .spqr file.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Directory holding wikitext-2/wiki.*.tokens (default $SPQR_DATA_DIR).",
+)
+@click.option(
+    "--seq-len", type=int, default=512, show_default=True, help="Context length of each window."
+)
 @click.option("--stride", type=int, default=None, help="Window step (default: --seq-len).")
 @click.option("--max-tokens", type=int, default=None, help="Only the first N tokens of the text.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -89,9 +89,7 @@ def calibration_windows(
     """``samples`` distinct, non-overlapping windows of ``seq_len`` tokens, chosen at random
     (seeded) among the ``len(ids) // seq_len`` windows of the text; ``[samples, seq_len]``."""
     if samples < 1 or seq_len < 2:
-        raise BadInputError(
-            f"need --samples >= 1 and --seq-len >= 2, got {samples} and {seq_len}"
-        )
+        raise BadInputError(f"need --samples >= 1 and --seq-len >= 2, got {samples} and {seq_len}")
     available = len(ids) // seq_len
     if available < samples:
         raise BadInputError(

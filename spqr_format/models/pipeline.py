@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spqr_format import __version__, api, spec
+from spqr_format import __version__, api
 from spqr_format.codec import reference
 from spqr_format.codec.hessian import HessianAccumulator
 from spqr_format.codec.packing import pack
@@ -43,6 +43,7 @@ from spqr_format.errors import BadInputError, SpqrError
 from spqr_format.models import data as calib_data
 from spqr_format.models import hf
 from spqr_format.models._deps import require_torch
+from spqr_format.models.tensors import dense_row
 from spqr_format.models.walker import LinearLayer, find_blocks, find_linears
 from spqr_format.spec import DType
 
@@ -88,19 +89,6 @@ def decoded_f32(packed) -> np.ndarray:
     """The weights a reader of the file gets (decoded in the tensor's own dtype), as f32."""
     own = packed.dtype
     return api.convert(reference.decode_bilevel(packed, own), own, DType.FLOAT32)
-
-
-def dense_row(name: str, shape, dtype: DType) -> dict:
-    return {
-        "name": name,
-        "encoding": "raw",
-        "shape": list(shape),
-        "bits_per_weight": float(8 * spec.DTYPE_SIZES[dtype]),
-        "outliers": 0,
-        "outlier_percent": 0.0,
-        "relative_weight_error": 0.0,
-        "relative_output_error": None,
-    }
 
 
 def _fmt_s(s: float) -> str:
@@ -243,8 +231,10 @@ def quantize_model(
             out_emb.weight = torch.nn.Parameter(out_emb.weight.detach().clone())  # untie
             hf_config.tie_word_embeddings = False
             state = _unique_state(model, torch)
-            orig_dtypes.setdefault(lm_head_name + ".weight", orig_dtypes.get(
-                next(n for n, t in state if t is in_emb.weight), torch.float32))
+            orig_dtypes.setdefault(
+                lm_head_name + ".weight",
+                orig_dtypes.get(next(n for n, t in state if t is in_emb.weight), torch.float32),
+            )
         lm_head_layer = LinearLayer(lm_head_name, out_emb, transposed=False)
 
     quant_names: dict[str, tuple[int | str, LinearLayer]] = {}
@@ -435,7 +425,10 @@ def quantize_model(
                 rows.append({"name": name, "encoding": "bilevel", **reports[name]})
                 continue
             if not t.is_floating_point() or t.dtype not in (
-                torch.float32, torch.float16, torch.bfloat16, torch.float64
+                torch.float32,
+                torch.float16,
+                torch.bfloat16,
+                torch.float64,
             ):
                 skipped.append(name)  # integer buffers (position ids...) rebuilt from config
                 continue

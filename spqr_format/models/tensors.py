@@ -1,0 +1,127 @@
+"""Encode the tensors of a safetensors file into one ``.spqr`` file: the loop behind
+``spqr encode`` and :func:`encode_safetensors` (no torch needed).
+
+Each tensor is stored ``raw`` when it is not 2-D or its name matches one of ``keep_dense``
+(embeddings, norms and ``lm_head`` by default), else quantized with the encoder configuration
+(:func:`spqr_format.codec.presets.encode_tensor`), with its Hessian when the Hessian file has
+one of that name. Whole Hugging Face models, calibrated block by block, go through
+:mod:`spqr_format.models.pipeline` instead; both write the same per-tensor report rows.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from spqr_format import __version__, api, spec
+from spqr_format.codec.presets import EncoderConfig, encode_tensor
+from spqr_format.errors import BadInputError
+from spqr_format.models import DEFAULT_KEEP_DENSE
+from spqr_format.safetensors_io import SafetensorsFile
+
+
+@dataclass
+class EncodeResult:
+    """What :func:`encode_safetensors` wrote: one report row per tensor (file order), the
+    encoder's warnings (deduplicated), and the file's metadata."""
+
+    rows: list[dict]
+    notices: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+
+def dense_row(name: str, shape, dtype: spec.DType) -> dict:
+    """The report row of a tensor stored ``raw``."""
+    return {
+        "name": name,
+        "encoding": "raw",
+        "shape": list(shape),
+        "bits_per_weight": float(8 * spec.DTYPE_SIZES[dtype]),
+        "outliers": 0,
+        "outlier_percent": 0.0,
+        "relative_weight_error": 0.0,
+        "relative_output_error": None,
+    }
+
+
+def _hessian_for(hessians: SafetensorsFile | None, name: str, path: str | None):
+    """The Hessian of tensor ``name`` (read lazily from the mmap'd file) or None."""
+    if hessians is None or name not in hessians.names():
+        return None
+    h = hessians.get(name)
+    if h.dtype not in ("float32", "float64") or len(h.shape) != 2:
+        raise BadInputError(
+            f"Hessian must be a 2-D float32/float64 matrix, got {h.dtype}{list(h.shape)}",
+            path=path,
+            tensor=name,
+        )
+    return h.data
+
+
+def encode_safetensors(
+    input_path: str,
+    output: str,
+    config: EncoderConfig,
+    *,
+    hessian_path: str | None = None,
+    keep_dense: Sequence[str] | None = None,
+    progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+) -> EncodeResult:
+    """Quantize the 2-D weights of the safetensors file ``input_path`` into ``output``
+    (written atomically: nothing appears unless every tensor was encoded).
+
+    ``keep_dense``: glob patterns of tensor names stored raw (default
+    :data:`DEFAULT_KEEP_DENSE`). ``progress`` wraps the iteration over tensor names (a
+    progress bar); the default iterates silently."""
+    patterns = tuple(keep_dense or DEFAULT_KEEP_DENSE)
+    hessians = SafetensorsFile(hessian_path) if hessian_path else None
+    rows: list[dict] = []
+    notices: list[str] = []
+    try:
+        with SafetensorsFile(input_path) as src:
+            metadata = {
+                "provenance.tool": "spqr-format",
+                "provenance.tool_version": __version__,
+                "encoder.method": config.method,
+                "encoder.preset": config.preset,
+                "encoder.settings": config.to_dict(),
+                "encoder.keep_dense": list(patterns),
+            }
+            if src.metadata:
+                metadata["model.safetensors_metadata"] = dict(src.metadata)
+            names = src.names()
+            with api.SpqrWriter(output, metadata=metadata) as writer:
+                for name in progress(names) if progress else names:
+                    st = src.get(name)
+                    if st.dtype not in ("float32", "float16", "bfloat16"):
+                        raise BadInputError(
+                            f"dtype {st.dtype} cannot be stored: .spqr holds float32, float16 "
+                            "and bfloat16 tensors (SPEC C-3.3)",
+                            path=input_path,
+                            tensor=name,
+                        )
+                    dtype = spec.DTYPE_BY_NAME[st.dtype]
+                    quantize = len(st.shape) == 2 and not any(
+                        fnmatch.fnmatchcase(name, p) for p in patterns
+                    )
+                    if not quantize:
+                        writer.add(name, api.RawTensor(dtype, st.bits()))
+                        rows.append(dense_row(name, st.shape, dtype))
+                        continue
+                    hessian = _hessian_for(hessians, name, hessian_path)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        tensor, report = encode_tensor(
+                            st.to_float32(), config, hessian, name, dtype=dtype
+                        )
+                    notices.extend(str(w.message) for w in caught)
+                    writer.add(name, tensor)
+                    rows.append({"name": name, "encoding": "bilevel", **report})
+                metadata["encoder.report"] = rows
+                writer.set_metadata(metadata)
+    finally:
+        if hessians is not None:
+            hessians.close()
+    return EncodeResult(rows, list(dict.fromkeys(notices)), metadata)
