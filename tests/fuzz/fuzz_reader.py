@@ -52,10 +52,24 @@ WORK = tempfile.mkdtemp(prefix="spqr-fuzz-", dir=TMPDIR)
 PATH = os.path.join(WORK, "input.spqr")
 
 
+# Peak RSS may not grow by more than this while one input is handled (SPQR_FUZZ_GROWTH_MB):
+# libFuzzer's -rss_limit_mb watches the process's peak, so after one spike it blames whatever
+# input comes next; this check names the input that made the spike.
+GROWTH_LIMIT_KB = int(os.environ.get("SPQR_FUZZ_GROWTH_MB", "256")) << 10
+
+
+class OverAllocation(Exception):
+    """An input made the process's peak memory grow by more than GROWTH_LIMIT_KB."""
+
+
 def test_one_input(data: bytes) -> None:
     with open(PATH, "wb") as f:
         f.write(data)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     spqr_mutator.check_file(PATH)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    if grown > GROWTH_LIMIT_KB:
+        raise OverAllocation(f"peak RSS grew by {grown >> 10} MiB on a {len(data)}-byte input")
 
 
 def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
