@@ -43,7 +43,7 @@ from spqr_format.errors import BadInputError, SpqrError
 from spqr_format.models import data as calib_data
 from spqr_format.models import hf
 from spqr_format.models._deps import require_torch
-from spqr_format.models.tensors import dense_row
+from spqr_format.models.tensors import dense_row, encoder_metadata
 from spqr_format.models.walker import LinearLayer, find_blocks, find_linears
 from spqr_format.spec import DType
 
@@ -391,11 +391,7 @@ def quantize_model(
     skipped = []
     rows = []
     metadata = {
-        "provenance.tool": "spqr-format",
-        "provenance.tool_version": __version__,
-        "encoder.method": config.method,
-        "encoder.preset": config.preset,
-        "encoder.settings": config.to_dict(),
+        **encoder_metadata(config),
         "model.config": model_config,
         "model.architecture": type(model).__name__,
         "model.blocks": {"prefix": prefix, "count": nblocks,

@@ -46,6 +46,18 @@ def dense_row(name: str, shape, dtype: spec.DType) -> dict:
     }
 
 
+def encoder_metadata(config: EncoderConfig) -> dict:
+    """The metadata keys every encoder run writes (SPEC C-2.11 namespaces ``provenance.`` and
+    ``encoder.``): the tool, its version and the configuration."""
+    return {
+        "provenance.tool": "spqr-format",
+        "provenance.tool_version": __version__,
+        "encoder.method": config.method,
+        "encoder.preset": config.preset,
+        "encoder.settings": config.to_dict(),
+    }
+
+
 def _hessian_for(hessians: SafetensorsFile | None, name: str, path: str | None):
     """The Hessian of tensor ``name`` (read lazily from the mmap'd file) or None."""
     if hessians is None or name not in hessians.names():
@@ -81,14 +93,7 @@ def encode_safetensors(
     notices: list[str] = []
     try:
         with SafetensorsFile(input_path) as src:
-            metadata = {
-                "provenance.tool": "spqr-format",
-                "provenance.tool_version": __version__,
-                "encoder.method": config.method,
-                "encoder.preset": config.preset,
-                "encoder.settings": config.to_dict(),
-                "encoder.keep_dense": list(patterns),
-            }
+            metadata = {**encoder_metadata(config), "encoder.keep_dense": list(patterns)}
             if src.metadata:
                 metadata["model.safetensors_metadata"] = dict(src.metadata)
             names = src.names()
