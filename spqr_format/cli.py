@@ -510,6 +510,68 @@ def _enc_label(i: api.TensorInfo) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------
+@main.command()
+@click.argument("path", metavar="FILE.spqr", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    help="Also draw bits/weight, outlier % and error per quantized tensor to this PNG "
+    "(needs matplotlib).",
+)
+@handle_errors
+def report(path, as_json, plot_path):
+    """What quantization cost, per tensor: bits/weight and outlier % (from the file's
+    sections) and the relative weight and output errors the encoder recorded.
+
+    \b
+    Example:
+      spqr report model.spqr
+      spqr report model.spqr --plot layers.png
+    """
+    from spqr_format.report import build_report, plot_report
+
+    refuse_same_file(plot_path, "--plot", input=path)
+    with api.open_file(path) as f:
+        rows, summary = build_report(f)
+    if plot_path:
+        plot_report(rows, plot_path, title=os.path.basename(path))
+    if as_json:
+        click.echo(json.dumps({"file": path, **summary, "tensors": [r.to_dict() for r in rows]}))
+        return
+
+    def err(v):
+        return "-" if v is None else f"{v:.4g}"
+
+    _print_table(
+        ["tensor", "shape", "encoding", "bits/w", "outliers %", "rel. W err", "rel. out err"],
+        [
+            [
+                safe_text(r.name),
+                "x".join(map(str, r.shape)) or "scalar",
+                r.encoding,
+                f"{r.bits_per_weight:.3f}",
+                f"{r.outlier_percent:.3f}",
+                err(r.relative_weight_error),
+                err(r.relative_output_error),
+            ]
+            for r in rows
+        ],
+    )
+    click.echo(
+        f"{summary['quantized_tensors']} of {summary['tensors']} tensors quantized"
+        f" (preset {summary['preset'] or 'not recorded'}): "
+        f"{summary['bits_per_weight_quantized']:.3f} bits/weight quantized, "
+        f"{summary['bits_per_weight_all']:.3f} overall; mean rel. W err "
+        f"{err(summary['mean_relative_weight_error'])}, rel. out err "
+        f"{err(summary['mean_relative_output_error'])} (weighted by size)"
+    )
+
+
+# --------------------------------------------------------------------------------------
 # verify
 # --------------------------------------------------------------------------------------
 @main.command()

@@ -402,3 +402,34 @@ def test_encode_is_the_library_loop_byte_for_byte(encoded, tmp_path):
     with api.open_file(out) as f:
         assert [r["name"] for r in result.rows] == f.names()
     assert result.metadata["encoder.report"] == result.rows
+
+
+def test_report_gives_file_sizes_and_recorded_errors(encoded):
+    result = CliRunner().invoke(main, ["report", str(encoded), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    with api.open_file(encoded) as f:
+        infos = {i.name: i for i in f.infos()}
+        recorded = {r["name"]: r for r in f.metadata["encoder.report"]}
+    assert [t["name"] for t in doc["tensors"]] == list(infos)
+    for t in doc["tensors"]:
+        assert t["bits_per_weight"] == infos[t["name"]].bits_per_weight
+        assert t["relative_weight_error"] == recorded[t["name"]]["relative_weight_error"]
+    assert doc["quantized_tensors"] == sum(i.encoding == "bilevel" for i in infos.values())
+    table = CliRunner().invoke(main, ["report", str(encoded)])
+    assert table.exit_code == 0 and "bits/weight quantized" in table.output
+
+
+def test_report_plot_needs_matplotlib_and_says_so(encoded, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if absent
+    out = tmp_path / "r.png"
+    result = CliRunner().invoke(main, ["report", str(encoded), "--plot", str(out)])
+    assert result.exit_code == 2 and "matplotlib" in result.output and not out.exists()
+
+
+def test_report_plot_writes_a_png(encoded, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "r.png"
+    result = CliRunner().invoke(main, ["report", str(encoded), "--plot", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
