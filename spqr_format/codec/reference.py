@@ -29,9 +29,8 @@ from numba import njit, prange
 
 from spqr_format import spec
 from spqr_format.codec.bilevel import BilevelTensor, Outliers, PackedBilevel
-from spqr_format.codec.outliers import outlier_coordinates_unchecked
-from spqr_format.codec.packing import check_packed_structure, pack
-from spqr_format.codec.validation import check_bilevel_data
+from spqr_format.codec.packing import pack
+from spqr_format.codec.validation import check_bilevel_data, checked_outliers
 from spqr_format.errors import BadInputError, BadLayoutError
 from spqr_format.spec import DType
 
@@ -225,18 +224,6 @@ def validate_packed(p: PackedBilevel) -> Outliers | None:
     return check_bilevel_data(p)
 
 
-def _checked(p: PackedBilevel, validate: bool) -> Outliers | None:
-    """Validate (C-9.3) or only check the structure; either way the outliers as coordinates
-    (from the non-raising parser when not validating, so that indices stay in range)."""
-    if validate:
-        return validate_packed(p)
-    check_packed_structure(p)
-    if not p.header.has_outliers:
-        return None
-    m, n = p.shape
-    return outlier_coordinates_unchecked(p.outlier_index, p.outlier_entries, m, n)
-
-
 def _inverse_perm(perm: np.ndarray, n: int) -> np.ndarray:
     """``inv[perm[j]] = j``, so that ``W[i, c] = v[i, inv[c]]`` (C-7.4 as a gather).
 
@@ -253,7 +240,7 @@ def _inverse_perm(perm: np.ndarray, n: int) -> np.ndarray:
 
 def _kernel_args(p: PackedBilevel, o: Outliers | None):
     """Arrays in the exact types the kernels are compiled for (one specialization each);
-    ``o`` the outliers in coordinate form (from :func:`_checked`)."""
+    ``o`` the outliers in coordinate form (from ``validation.checked_outliers``)."""
     m, n = p.shape
     prm = p.params
     codes = np.ascontiguousarray(p.codes, dtype=np.uint32).reshape(-1)
@@ -293,7 +280,7 @@ def decode_bilevel(
     an invalid stream then decodes to unspecified values, but never unsafe memory accesses.
     """
     dt = spec.parse_dtype(dtype, p.dtype)
-    o = _checked(p, validate)
+    o = checked_outliers(p, validate)
     m, n = p.shape
     common, stats_words, stats2, optr, ocols, ovals = _kernel_args(p, o)
     inv_perm = _inverse_perm(p.perm, n) if p.perm is not None else np.zeros(0, np.uint32)
@@ -333,7 +320,7 @@ def matvec_bilevel(p: PackedBilevel, x: np.ndarray, *, validate: bool = True) ->
     product, at most ``ceil(n/8)`` additions per lane, 3 for combining the lanes). It is
     independent of cancellation only through ``sum_j |W_ij x_j|``.
     """
-    o = _checked(p, validate)
+    o = checked_outliers(p, validate)
     m, n = p.shape
     x = np.asarray(x)
     if x.shape != (n,):
@@ -383,6 +370,22 @@ def tensor_digest(decoded: np.ndarray) -> bytes:
     # uint8 view also serves zero-size arrays, which memoryview.cast refuses.
     a = np.require(a, dtype=a.dtype.newbyteorder("<"), requirements="C")
     return hashlib.sha256(a.reshape(-1).view(np.uint8)).digest()
+
+
+def f32_to_f16(a: np.ndarray) -> np.ndarray:
+    """float32 array -> float16, round to nearest even (C-7.5), vectorized: values beyond the
+    largest finite f16 become infinities, subnormals are kept, and a NaN becomes a quiet NaN of
+    the same sign with the top bits of its payload (the decoder's rule; numpy's own cast keeps
+    a signalling NaN signalling)."""
+    a = np.asarray(a, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = a.astype(np.float16)
+    nan = np.isnan(a)
+    if nan.any():
+        u = a.view(np.uint32)[nan]
+        bits = ((u >> 16) & 0x8000) | 0x7E00 | ((u >> 13) & 0x3FF)
+        out.view(np.uint16)[nan] = bits.astype(np.uint16)
+    return out
 
 
 def f32_to_bf16_bits(a: np.ndarray) -> np.ndarray:

@@ -23,13 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spqr_format.codec.bilevel import BilevelHeader, BilevelParams, Outliers, PackedBilevel
-from spqr_format.codec.outliers import (
-    decode_outlier_stream,
-    encode_outlier_stream,
-    outlier_coordinates_unchecked,
-)
+from spqr_format.codec.bilevel import BilevelHeader, BilevelParams, PackedBilevel
+from spqr_format.codec.outliers import encode_outlier_stream
 from spqr_format.codec.packing import _pack_blocks, unpack_stream
+from spqr_format.codec.validation import checked_outliers
 from spqr_format.spec import DType
 
 ROW_CHUNK_ELEMENTS = 128  # a padded row holds whole chunks of 128 elements (16 * b bytes)
@@ -89,13 +86,11 @@ class RowLayout:
         return self.header.params
 
 
-def to_row_layout(
-    p: PackedBilevel, *, validated: bool = True, outliers: Outliers | None = None
-) -> RowLayout:
-    """Build the row layout of a file-form tensor. ``validated`` says the caller has run the
-    data checks (``reference.validate_packed``, whose result may be passed as ``outliers`` to
-    save parsing the stream again); without them the outlier stream is read by the
-    non-raising path, so a bad stream gives unspecified values but in-range indices."""
+def to_row_layout(p: PackedBilevel, *, validate: bool = True) -> RowLayout:
+    """Build the row layout of a file-form tensor. ``validate`` runs the data checks of SPEC
+    C-9.3 first (the kernels trust their input); without them the outlier stream is read by
+    the non-raising path, so a bad stream gives unspecified values but in-range indices."""
+    coords = checked_outliers(p, validate)
     m, n = p.shape
     prm = p.params
     geo = p.geometry
@@ -107,15 +102,7 @@ def to_row_layout(
     perm = None if p.perm is None else np.asarray(p.perm).astype(np.uint32)
     rows = entries = None
     header = p.header
-    if p.header.has_outliers and p.outlier_entries is not None:
-        if outliers is not None:
-            coords = outliers
-        elif validated:
-            coords = decode_outlier_stream(
-                p.outlier_index, p.outlier_entries, m, n, p.header.outlier_count
-            )
-        else:
-            coords = outlier_coordinates_unchecked(p.outlier_index, p.outlier_entries, m, n)
+    if coords is not None:
         rows, entries, k = encode_outlier_stream(coords, m, n, block_rows=1)
         header = BilevelHeader(
             params=prm,

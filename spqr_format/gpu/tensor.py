@@ -213,14 +213,9 @@ class GpuTensor:
         when the configuration has a tensor-core path; it costs one more copy of the codes and
         statistics on the GPU.
         """
-        coords = None
-        if validate:
-            from spqr_format.codec.reference import validate_packed
-
-            coords = validate_packed(p)
         # The kernels read the row layout (16-byte aligned rows, u32 perm, per-row outlier
-        # offsets), built here from the file's dense sections.
-        p = to_row_layout(p, validated=validate, outliers=coords)
+        # offsets), built here from the file's dense sections, after the data checks.
+        p = to_row_layout(p, validate=validate)
         prm = p.params
         has_out = p.header.has_outliers and p.outlier_entries is not None
         from spqr_format.spec import DTYPE_NAMES
