@@ -333,16 +333,7 @@ def convert(data: np.ndarray, src: DType, dst: DType) -> np.ndarray:
     if dst == DType.FLOAT32:
         return as_f32
     if dst == DType.FLOAT16:
-        with np.errstate(over="ignore", invalid="ignore"):  # beyond the range: infinity
-            out = as_f32.astype(np.float16)
-        nan = np.isnan(as_f32)
-        if nan.any():
-            # C-7.5: a quiet NaN of the same sign with the top bits of the payload (numpy keeps
-            # a signalling NaN signalling)
-            u = as_f32.view(np.uint32)[nan]
-            bits = ((u >> 16) & 0x8000) | 0x7E00 | ((u >> 13) & 0x3FF)
-            out.view(np.uint16)[nan] = bits.astype(np.uint16)
-        return out
+        return reference.f32_to_f16(as_f32)
     return reference.f32_to_bf16_bits(as_f32).reshape(data.shape)
 
 

@@ -21,7 +21,6 @@ with ``register_backend("numpy", "<module>:<class>")``, or is added to ``BACKEND
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -132,6 +131,7 @@ class GpuDecoder:
         import cupy as cp
 
         from spqr_format import api, spec
+        from spqr_format.codec import reference
         from spqr_format.codec.bilevel import PackedBilevel
         from spqr_format.errors import DigestMismatchError
         from spqr_format.gpu.tensor import GpuTensor
@@ -149,7 +149,7 @@ class GpuDecoder:
                 w = cp.asnumpy(t.dequantize(own))
                 if own == "bfloat16":
                     w = w.view(np.uint16)
-                if hashlib.sha256(np.ascontiguousarray(w).tobytes()).digest() != e.digest:
+                if reference.tensor_digest(w) != e.digest:  # C-2.12
                     raise DigestMismatchError("decoded weights do not match the digest", tensor=n)
                 out[n] = _to_decoded(w, own, e.shape)
         return out
