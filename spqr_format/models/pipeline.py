@@ -67,6 +67,21 @@ class _Stop(Exception):
     """Raised by the capture hook to end a forward pass early."""
 
 
+def _run_to_hook(torch, model, module, hook, windows, *, with_kwargs: bool = False) -> None:
+    """Run every calibration window through ``model`` with ``hook`` as a forward pre-hook of
+    ``module``; the hook records what it needs and raises :class:`_Stop`, so nothing after
+    ``module`` is computed."""
+    handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+    try:
+        for w in windows:
+            try:
+                model(input_ids=torch.from_numpy(w).unsqueeze(0), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+
+
 def _torch_dtype_to_spqr(torch, dt) -> DType:
     if dt == torch.float16:
         return DType.FLOAT16
@@ -294,15 +309,7 @@ def quantize_model(
         captured.append((tuple(args), dict(kwargs)))
         raise _Stop
 
-    handle = blocks[0].register_forward_pre_hook(catcher, with_kwargs=True)
-    try:
-        for w in windows:
-            try:
-                model(input_ids=torch.from_numpy(w).unsqueeze(0), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
+    _run_to_hook(torch, model, blocks[0], catcher, windows, with_kwargs=True)
     inputs = captured
     if len(inputs) != len(windows):
         raise BadInputError(
@@ -367,15 +374,7 @@ def quantize_model(
                 acc.add(args[0].detach().reshape(-1, acc.in_features).float().numpy())
                 raise _Stop
 
-            h = lm_head_layer.module.register_forward_pre_hook(head_hook)
-            try:
-                for w in windows:
-                    try:
-                        model(input_ids=torch.from_numpy(w).unsqueeze(0), use_cache=False)
-                    except _Stop:
-                        pass
-            finally:
-                h.remove()
+            _run_to_hook(torch, model, lm_head_layer.module, head_hook, windows)
             packed, rep = _encode_layer(torch, lm_head_layer, name, acc.hessian(), config,
                                         orig_dtypes[name])  # fmt: skip
             with api.SpqrWriter(ckpt) as writer:
