@@ -74,7 +74,8 @@ def tokenize(tokenizer, text: str) -> np.ndarray:
             chunk.append(line)
             size += len(line)
         if chunk and (line is None or size >= 1 << 16):
-            ids.extend(tokenizer("".join(chunk), add_special_tokens=False)["input_ids"])
+            enc = tokenizer("".join(chunk), add_special_tokens=False, verbose=False)
+            ids.extend(enc["input_ids"])
             chunk, size = [], 0
     return np.asarray(ids, dtype=np.int64)
 
