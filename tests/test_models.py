@@ -207,6 +207,27 @@ def test_cli_quantize_and_eval(model_dir, corpus, tmp_path):
                                   "--max-tokens", "300"])  # fmt: skip
     assert r.exit_code == 0 and "context 64, stride 64" in r.output
 
+    # several models: one tokenizer (the directory's), the same windows, one table
+    r = CliRunner().invoke(main, ["eval", str(mdir), str(out), *opts])
+    assert r.exit_code == 0, r.output
+    assert "| model | perplexity | change | file MB |" in r.output
+    by_model = {d["model"]: d["perplexity"] for d in docs}
+    for path in (str(mdir), str(out)):
+        assert f"| {path} | {by_model[path]:.3f} |" in r.output
+    r = CliRunner().invoke(main, ["eval", str(mdir), str(out), *opts, "--json"])
+    assert [d["perplexity"] for d in json.loads(r.stdout)] == [by_model[str(mdir)],
+                                                               by_model[str(out)]]
+
+    # quantize-model --eval-ppl: the same table after the file is written
+    out2 = tmp_path / "g2.spqr"
+    r = CliRunner().invoke(main, ["quantize-model", str(mdir), "-o", str(out2), "--preset",
+                                  "gptq-3bit-g128", "--calib", str(corpus), "--samples", "4",
+                                  "--seq-len", "32", "-q", "--eval-ppl", str(corpus),
+                                  "--eval-seq-len", "64"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert out2.read_bytes() == out.read_bytes()
+    assert "| model | perplexity | change | file MB |" in r.output and str(out2) in r.output
+
 
 def test_perplexity_windows_score_each_token_once():
     class Uniform(torch.nn.Module):
@@ -292,6 +313,10 @@ def test_bad_inputs(model_dir, corpus, tmp_path):
                     "--stride")  # fmt: skip
     _one_line_error(run(main, ["eval", str(model_dir("bert")), "--ppl", str(corpus)]),
                     "causal language model")  # fmt: skip
+    out3 = str(tmp_path / "y.spqr")
+    _one_line_error(q(mdir, "-o", out3, "--calib", str(corpus), "--eval-ppl",
+                      str(tmp_path / "none.txt")), "none.txt")  # fmt: skip
+    assert not os.path.exists(out3)
 
 
 def test_walker_refuses_a_model_without_blocks():

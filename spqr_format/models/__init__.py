@@ -7,7 +7,8 @@ function here is called, so ``import spqr_format.models`` is cheap and works wit
 - :func:`quantize_model`: a local HF model directory -> one ``.spqr`` file (sequential,
   GPTQ/SpQR-style calibration; :mod:`spqr_format.models.pipeline`);
 - :func:`load_model`: the model back from the file (+ its config/tokenizer directory);
-- :func:`perplexity`: sliding-window perplexity of a causal LM on a text.
+- :func:`perplexity`: sliding-window perplexity of a causal LM on a text;
+  :func:`evaluate_models`: the same for several models (directories, ``.spqr`` files) at once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _EXPORTS = {
     "load_model": "spqr_format.models.loader",
     "load_tokenizer": "spqr_format.models.hf",
     "perplexity": "spqr_format.models.evaluate",
+    "evaluate_models": "spqr_format.models.evaluate",
     "find_blocks": "spqr_format.models.walker",
     "find_linears": "spqr_format.models.walker",
 }

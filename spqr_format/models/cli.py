@@ -90,10 +90,20 @@ def safe_text(text: str) -> str:
     is_flag=True,
     help="Also quantize the output layer (calibrated on the quantized model).",
 )
+@click.option(
+    "--eval-ppl",
+    metavar="FILE|wikitext2",
+    help="Afterwards, measure the perplexity of the original and the quantized model on this "
+    "text (wikitext2: the test split) and print both (as spqr eval does).",
+)
+@click.option(
+    "--eval-seq-len", type=int, default=512, show_default=True, help="Context of --eval-ppl."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @handle_errors
 def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_len, seed,
-                       device, resume, quantize_lm_head, quiet):  # fmt: skip
+                       device, resume, quantize_lm_head, eval_ppl, eval_seq_len,
+                       quiet):  # fmt: skip
     """Quantize a local Hugging Face model into one .spqr file, block by block.
 
     The calibration windows run through the embeddings; then, for each transformer block,
@@ -105,7 +115,7 @@ def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_
     Example:
       spqr quantize-model ./my-llama -o my-llama.spqr --preset spqr-3bit \\
            --calib train.txt --samples 128 --seq-len 2048
-      spqr eval my-llama.spqr --model-dir ./my-llama --ppl test.txt
+      spqr eval ./my-llama my-llama.spqr --ppl test.txt
     """
     from spqr_format.models.pipeline import format_event, quantize_model
 
@@ -113,6 +123,14 @@ def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_
         if v < 1 or (opt == "--seq-len" and v < 2):
             raise BadInputError(f"{opt} must be at least {2 if opt == '--seq-len' else 1}, "
                                 f"got {v}", field=opt)  # fmt: skip
+
+    if eval_ppl:  # a bad --eval-ppl fails before the work, not after it
+        from spqr_format.models.data import resolve_text
+
+        resolve_text(eval_ppl, purpose="eval", data_dir=data_dir)
+        if eval_seq_len < 2:
+            raise BadInputError(f"--eval-seq-len must be at least 2, got {eval_seq_len}",
+                                field="--eval-seq-len")  # fmt: skip
 
     def progress(ev):
         line = None if quiet else format_event(ev)
@@ -132,10 +150,19 @@ def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_
         f"over them, {len(result.reports) - len(q)} raw tensors"
         + (f" ({result.resumed_blocks} blocks resumed)" if result.resumed_blocks else "")
     )
+    if eval_ppl:
+        from spqr_format.models.evaluate import evaluate_models
+
+        rows = evaluate_models(
+            [model_dir, output], eval_ppl, data_dir=data_dir, seq_len=eval_seq_len,
+            on_result=lambda res: click.echo(_ppl_line(res)),
+        )  # fmt: skip
+        click.echo(ppl_table(rows))
 
 
 @click.command("eval")
-@click.argument("model", metavar="MODEL.spqr|MODEL_DIR", type=click.Path())
+@click.argument("models", metavar="MODEL_DIR|MODEL.spqr...", nargs=-1, required=True,
+                type=click.Path())  # fmt: skip
 @click.option(
     "--ppl",
     "ppl_text",
@@ -147,7 +174,8 @@ def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_
 @click.option(
     "--model-dir",
     type=click.Path(file_okay=False),
-    help="The original model directory (tokenizer) for a .spqr file.",
+    help="The original model directory (tokenizer) for .spqr files "
+    "(default: the first MODEL_DIR given).",
 )
 @click.option(
     "--data-dir",
@@ -159,59 +187,65 @@ def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_
 )
 @click.option("--stride", type=int, default=None, help="Window step (default: --seq-len).")
 @click.option("--max-tokens", type=int, default=None, help="Only the first N tokens of the text.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="cpu (float32, dequantized weights) or cuda[:N] (float16, SpQRLinear kernels).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list for several models).")
 @handle_errors
-def eval_cmd(model, ppl_text, model_dir, data_dir, seq_len, stride, max_tokens, as_json):
-    """Perplexity of a .spqr model (with --model-dir) or of a Hugging Face model directory.
+def eval_cmd(models, ppl_text, model_dir, data_dir, seq_len, stride, max_tokens, device,
+             as_json):  # fmt: skip
+    """Perplexity of Hugging Face model directories and/or .spqr models, in one table.
 
-    Sliding windows of --seq-len tokens every --stride tokens; each token is scored at most
-    once, with up to seq_len - 1 tokens of context (stride = seq_len: disjoint windows, whose
-    first tokens are not scored). The model
-    runs on CPU in float32 (a .spqr model with its dequantized weights).
+    Every model is scored on the same tokens with the same windows: windows of --seq-len
+    tokens every --stride tokens; each token is scored at most once, with up to seq_len - 1
+    tokens of context (stride = seq_len: disjoint windows, whose first tokens are not
+    scored). With several models, a table follows with each one's change against the first.
 
     \b
     Example:
-      spqr eval ./my-llama --ppl test.txt --seq-len 512
-      spqr eval my-llama.spqr --model-dir ./my-llama --ppl test.txt --seq-len 512 --json
+      spqr eval ./my-llama my-llama.spqr --ppl test.txt --seq-len 512
+      spqr eval my-llama.spqr --model-dir ./my-llama --ppl wikitext2 --data-dir data --json
     """
-    from spqr_format.models import data, hf
-    from spqr_format.models._deps import require_torch
-    from spqr_format.models.evaluate import perplexity
-    from spqr_format.models.loader import load_model
+    from spqr_format.models.evaluate import evaluate_models
 
-    stride = seq_len if stride is None else stride
-    if seq_len < 2 or not 1 <= stride <= seq_len:
-        raise BadInputError(f"need --seq-len >= 2 and 1 <= --stride <= --seq-len, got "
-                            f"{seq_len} and {stride}", field="--stride")  # fmt: skip
-    if max_tokens is not None and max_tokens < 2:
-        raise BadInputError(f"--max-tokens must be at least 2, got {max_tokens}")
-    if os.path.isdir(model):
-        tok_dir = model
-        source = "model directory"
-    elif os.path.isfile(model):
-        if model_dir is None:
-            raise BadInputError("a .spqr model needs --model-dir (its tokenizer)", path=model)
-        tok_dir = model_dir
-        source = ".spqr file"
-    else:
-        raise BadInputError("no such file or directory", path=model)
-    src = data.resolve_text(ppl_text, purpose="eval", data_dir=data_dir)
-    tokenizer = hf.load_tokenizer(tok_dir)
-    ids = data.tokenize(tokenizer, data.read_text(src))
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    torch = require_torch()
-    if source == "model directory":
-        m = hf.load_hf_model(model, dtype=torch.float32)
-    else:
-        m = load_model(model, model_dir).float()
-    res = perplexity(m, ids, seq_len=seq_len, stride=stride)
-    res.update(model=model, source=source, text=src.name, text_path=src.path, split=src.split)
+    def line(res):
+        if not as_json:
+            click.echo(_ppl_line(res))
+
+    rows = evaluate_models(
+        models, ppl_text, model_dir=model_dir, data_dir=data_dir, seq_len=seq_len,
+        stride=stride, max_tokens=max_tokens, device=device, on_result=line,
+    )  # fmt: skip
     if as_json:
-        click.echo(json.dumps(res, indent=2))
-        return
-    click.echo(
-        f"{safe_text(model)}: perplexity {res['perplexity']:.4f} on {safe_text(src.name)} "
-        f"({res['tokens']} tokens scored of {res['text_tokens']}, context {seq_len}, "
-        f"stride {stride}, {res['windows']} windows, {res['seconds']:.1f}s)"
+        click.echo(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+    elif len(rows) > 1:
+        click.echo(ppl_table(rows))
+
+
+def _ppl_line(res: dict) -> str:
+    return (
+        f"{safe_text(res['model'])}: perplexity {res['perplexity']:.4f} on "
+        f"{safe_text(res['text'])} ({res['tokens']} tokens scored of {res['text_tokens']}, "
+        f"context {res['seq_len']}, stride {res['stride']}, {res['windows']} windows, "
+        f"{res['seconds']:.1f}s)"
     )
+
+
+def ppl_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`evaluate_models` rows, deltas against the first row."""
+    base = rows[0]["perplexity"]
+    out = ["", "| model | perplexity | change | file MB |", "|---|---|---|---|"]
+    for r in rows:
+        path = r["model"]
+        if os.path.isdir(path):
+            size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+                       if f.endswith((".safetensors", ".bin")))  # fmt: skip
+        else:
+            size = os.path.getsize(path)
+        change = r["perplexity"] - base
+        out.append(f"| {safe_text(path)} | {r['perplexity']:.3f} | "
+                   f"{change:+.3f} ({100 * change / base:+.2f} %) | {size / 1e6:.2f} |")  # fmt: skip
+    return "\n".join(out)
