@@ -209,8 +209,10 @@ def main() -> None:
     }
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
-    print(f"best test ppl {best[0]:.2f} at step {best[1]}; fp16 checkpoint "
-          f"{ppl16['perplexity']:.2f}; {n_params / 1e6:.2f} M parameters -> {args.out}")  # fmt: skip
+    print(
+        f"best test ppl {best[0]:.2f} at step {best[1]}; fp16 checkpoint "
+        f"{ppl16['perplexity']:.2f}; {n_params / 1e6:.2f} M parameters -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

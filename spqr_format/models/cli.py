@@ -246,6 +246,7 @@ def ppl_table(rows: list[dict]) -> str:
         else:
             size = os.path.getsize(path)
         change = r["perplexity"] - base
+        pct = 100 * change / base
         out.append(f"| {safe_text(path)} | {r['perplexity']:.3f} | "
-                   f"{change:+.3f} ({100 * change / base:+.2f} %) | {size / 1e6:.2f} |")  # fmt: skip
+                   f"{change:+.3f} ({pct:+.2f} %) | {size / 1e6:.2f} |")  # fmt: skip
     return "\n".join(out)
