@@ -552,3 +552,42 @@ def encode_cmpq(
         "counted_bits": int(used),
     }
     return t, report
+
+
+def encode_cmpq_tensor(
+    weight: np.ndarray,
+    config: CmpqConfig,
+    hessian: np.ndarray | None,
+    name: str | None = None,
+    *,
+    dtype: DType | None = None,
+) -> tuple[cm.ChannelMixedTensor, dict]:
+    """:func:`encode_cmpq` with the per-tensor report every encoder writes (the keys of
+    ``presets.encode_tensor``'s report, measured on the packed tensor, plus the allocation)."""
+    from spqr_format.codec.channel_mixed_ref import decode_channel_mixed_f32
+    from spqr_format.codec.presets import relative_output_error
+
+    w = np.asarray(weight, dtype=np.float32)
+    if dtype is None:
+        dtype = DType.FLOAT16 if getattr(weight, "dtype", None) == np.float16 else DType.FLOAT32
+    t, alloc = encode_cmpq(w, hessian, config, name=name, dtype=dtype)
+    packed = cm.pack(t)
+    q = decode_channel_mixed_f32(packed, validate=False)
+    d = q - w
+    wn = float(np.sqrt(np.einsum("ij,ij->", w, w, dtype=np.float64)))
+    dn = float(np.sqrt(np.einsum("ij,ij->", d, d, dtype=np.float64)))
+    k = len(t.outliers) if t.outliers is not None else 0
+    report = {
+        "method": "cmpq",
+        "preset": config.preset,
+        "fallback": False,
+        "warning": None,
+        "shape": list(t.shape),
+        "bits_per_weight": cm.bits_per_weight(packed),
+        "outliers": k,
+        "outlier_percent": 100.0 * k / (t.shape[0] * t.shape[1]),
+        "relative_weight_error": dn / wn if wn > 0 else (0.0 if dn == 0 else math.inf),
+        "relative_output_error": relative_output_error(w, q, hessian),
+        **alloc,
+    }
+    return t, report
