@@ -13,6 +13,10 @@ Two workloads:
     ``sum_l tr(D_l H_l D_l^T) / sum_l tr(W_l H_l W_l^T)``.
 
 Run: ``python benchmarks/encoder_quality.py [--workload synthetic|text|both] [--json out.json]``.
+``--cmpq`` instead compares CMPQ (encoding ``channel_mixed``, issue 19) with bilevel RTN / GPTQ /
+SpQR at equal counted bits (SPEC sections 8 and 12.4: every section counted): each bilevel row
+is followed by CMPQ at exactly that row's bits per weight, then CMPQ alone at 2.2 / 2.5 / 3.0 /
+3.5 bits.
 A random-init model has Gaussian weights and none of the massive activation channels trained
 LLMs grow (LLM.int8, Dettmers et al. 2022), so ``TEXT_CONFIG`` plants ``hot_channels`` residual
 channels with a large LayerNorm gain; the weights stay Gaussian. Read (b) with that in mind.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import sys
 import time
@@ -237,6 +242,100 @@ def evaluate(layers, rows):
     return results
 
 
+def cmpq_configs():
+    """(label, bilevel config) pairs of the CMPQ comparison: 2-bit and 3-bit RTN / GPTQ at
+    g128 and g64 (fp16 statistics), SpQR-style 2- and 3-bit (3-bit statistics, outliers)."""
+    g = get_preset
+    return [
+        ("rtn b2 g128", g("rtn-4bit-g128", bits=2, group_size=128)),
+        ("gptq b2 g128", g("gptq-3bit-g128", bits=2)),
+        ("rtn b2 g64", g("rtn-4bit-g128", bits=2, group_size=64)),
+        ("gptq b2 g64", g("gptq-3bit-g128", bits=2, group_size=64)),
+        ("spqr b2 g16 s3", g("spqr-3bit", bits=2)),
+        ("rtn b3 g128", g("rtn-4bit-g128", bits=3)),
+        ("gptq b3 g128", g("gptq-3bit-g128")),
+        ("gptq b3 g64", g("gptq-3bit-g128", group_size=64)),
+        ("spqr b3 g16 s3", PRESETS["spqr-3bit"]),
+    ]
+
+
+def _measure(layers, encode_one):
+    num_c = num_t = den_c = den_t = bits = 0.0
+    count = 0
+    for name, w, hc, ht in layers:
+        q, b = encode_one(name, w, hc)
+        d = w - q
+        num_c += _trace(d, hc)
+        den_c += _trace(w, hc)
+        num_t += _trace(d, ht)
+        den_t += _trace(w, ht)
+        bits += b
+        count += w.size
+    return bits / count, num_c / den_c, num_t / den_t
+
+
+def evaluate_cmpq(layers, targets=(2.2, 2.5, 3.0, 3.5), allocators=("norm", "rd")):
+    """Rows (label, counted bits, rel. output error calib, held-out, seconds). CMPQ meets the
+    bilevel row's bits per weight over the whole workload (each tensor at that target)."""
+    from spqr_format.codec import channel_mixed as cm
+    from spqr_format.codec.channel_mixed_ref import decode_channel_mixed_f32
+    from spqr_format.codec.cmpq import CmpqConfig, encode_cmpq
+
+    def bilevel(cfg):
+        def one(name, w, hc):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t, rep = encode_tensor(w, cfg, hc, name=name)
+            return decode_bilevel_f32(pack(t)), rep["bits_per_weight"] * w.size
+
+        return one
+
+    def cmpq(target, allocator):
+        def one(name, w, hc):
+            t, _ = encode_cmpq(w, hc, CmpqConfig(target_bits=target, allocator=allocator),
+                               name=name)  # fmt: skip
+            p = cm.pack(t)
+            return decode_channel_mixed_f32(p), sum(cm.section_bits(p).values())
+
+        return one
+
+    rows = []
+
+    def run(label, fn):
+        t0 = time.perf_counter()
+        try:
+            b, ec, et = _measure(layers, fn)
+        except Exception as exc:  # an unreachable target: say so in the table
+            rows.append((label, None, None, None, str(exc).split(": ", 1)[-1][:90]))
+            return None
+        rows.append((label, b, ec, et, time.perf_counter() - t0))
+        print(f"  {label}: {b:.4f} bits, {ec:.5f}", file=sys.stderr)
+        return b
+
+    for label, cfg in cmpq_configs():
+        b = run(label, bilevel(cfg))
+        if b is not None:
+            for a in allocators:
+                # floor to 1e-6 bits: the same counted bits or a hair fewer
+                run(f"  cmpq {a} @ {label}", cmpq(math.floor(b * 1e6) / 1e6, a))
+    for target in targets:
+        for a in allocators:
+            run(f"cmpq {a} {target}", cmpq(target, a))
+    return rows
+
+
+def cmpq_table(title: str, rows) -> str:
+    lines = [f"### {title}", "",
+             "| config | counted bits/weight | rel. output err (calib) | rel. output err (held-out) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for label, b, ec, et, extra in rows:
+        if b is None:
+            lines.append(f"| {label} | unreachable: {extra} | - | - |")
+        else:
+            lines.append(f"| {label} | {b:.4f} | {ec:.5f} | {et:.5f} |")
+    return "\n".join(lines)
+
+
 def table(title: str, results) -> str:
     lines = [
         f"### {title}",
@@ -261,8 +360,23 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=8192, help="synthetic calibration tokens")
     ap.add_argument("--data", default=DATA, help="directory with wiki.{valid,test}.tokens")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--cmpq", action="store_true",
+                    help="CMPQ vs bilevel at equal counted bits (issue 19) instead")  # fmt: skip
     args = ap.parse_args(argv)
     out = {}
+    if args.cmpq:
+        if args.workload in ("synthetic", "both"):
+            rows = evaluate_cmpq(synthetic_layers(args.size, args.tokens))
+            out["cmpq_synthetic"] = rows
+            print(cmpq_table(f"CMPQ, synthetic {args.size}x{args.size}", rows), "\n")
+        if args.workload in ("text", "both"):
+            rows = evaluate_cmpq(text_layers(TEXT_CONFIG, args.data))
+            out["cmpq_text"] = rows
+            print(cmpq_table("CMPQ, WikiText-2 activations, tiny transformer", rows), "\n")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
     if args.workload in ("synthetic", "both"):
         print("synthetic ...", file=sys.stderr)
         res = evaluate(synthetic_layers(args.size, args.tokens), configs())

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Independent `.spqr` v1.0 decoder in plain Python + numpy, written from SPEC.md alone.
+"""Independent `.spqr` v1.1 decoder in plain Python + numpy, written from SPEC.md alone.
+
+(v1.1: `channel_mixed`, encoding 3, was added from SPEC section 12 alone; see A20-A22.)
 
 Written as an outside implementer would (llama.cpp, a Rust loader): only SPEC.md and
 conformance/README.md were read; nothing of spqr_format/ or tests/ was read or imported.
@@ -136,6 +138,19 @@ A19. C-7.5 / numpy: a zero-element raw tensor of shape [0, 2^40, 2^40] is valid 
     overflows, even with zero elements; decode_file returns such a tensor as shape (0,) and the
     CLI writes the true shape from the record. A limitation of numpy, not of the spec.
 
+A20. SPEC 1.1 section 12 (channel_mixed), written from its text: C-12.8 lists the header
+    checks as params (table_rows), shape, width counts against n, roles and lengths; the data
+    checks as perm, finite tables, the outlier stream (C-6.2 without rule 6). I reuse the
+    bilevel outlier checker with K = the stream's own non-skip count, which makes rule 6
+    vacuous, as C-12.1 says.
+
+A21. C-12.2 "the width counts MUST sum to n": the counts are u32, so the sum is computed
+    with Python integers (no overflow). C-12.3 runs start at word boundaries; the padding bits
+    of each run's last word are ignored (C-5.2).
+
+A22. C-12.5 table blocks: T = 1 when R = 0 else ceil(m / R), row i uses block i // R;
+    entry t * L + o_j + q. Nothing says the entries are sorted, so none is assumed.
+
 Conformance results (SPEC 1.0 final, vectors as generated in the working tree):
     fast suite 314/314 (decode 45, matvec 6, reject 263), full suite all pass; no vector failure
     had to be attributed to the spec or the vectors.
@@ -166,11 +181,13 @@ MAX_OUTLIER_ENTRIES = (1 << 32) - 1
 
 DTYPES = {1: ("float32", 4, "F32"), 2: ("float16", 2, "F16"), 3: ("bfloat16", 2, "BF16")}
 ROLE_DATA, ROLE_CODES, ROLE_STATS, ROLE_STATS2, ROLE_PERM, ROLE_OIDX, ROLE_OENT = 1, 2, 3, 4, 5, 6, 7
+ROLE_TABLES = 8  # SPEC 1.1, C-2.7
 
 _HDR = struct.Struct("<8sHHIQIIQQQII")
 _TREC = struct.Struct("<IIHHBBHII8Q32s40s")
 _SREC = struct.Struct("<QQIHHQ")
 _BPARAMS = struct.Struct("<BBHIIIQQQ")
+_CPARAMS = struct.Struct("<8III")  # C-12.1: c[1..8], table_rows, outlier_entry_count
 
 F32 = np.float32
 
@@ -502,7 +519,7 @@ def _parse_container(buf):
         off, length, scrc, role, r1, r2 = _SREC.unpack_from(buf, sbase + 32 * i)
         if r1 or r2:
             raise SpecError("E_BAD_FIELD", "section %d: reserved field not zero" % i)
-        if role < 1 or role > 7:
+        if role < 1 or role > 8:
             raise SpecError("E_BAD_FIELD", "section %d: role %d" % (i, role))
         sections.append((off, length, scrc, role))
     # 10. tensor records
@@ -618,7 +635,7 @@ def _bilevel_lengths(t):
 
 def _check_tensor_header(t, sections):
     ti = t.index
-    if t.encoding not in (1, 2):
+    if t.encoding not in (1, 2, 3):
         raise SpecError("E_UNKNOWN_ENCODING", "tensor %r: encoding %d" % (t.name, t.encoding))
     if t.encoding_version != 1:
         raise SpecError("E_UNSUPPORTED_ENCODING_VERSION", "tensor %r: encoding %d version %d"
@@ -628,6 +645,8 @@ def _check_tensor_header(t, sections):
         if any(t.params):
             raise SpecError("E_BAD_FIELD", "tensor %r: raw params not zero" % t.name)
         want = [(ROLE_DATA, t.count * DTYPES[t.dtype][1])]
+    elif t.encoding == 3:
+        want = _channel_mixed_header(t)
     else:
         bits, sb, flags, g, S, r1, K, E, r2 = _BPARAMS.unpack_from(t.params, 0)
         if r1 or r2:
@@ -663,6 +682,31 @@ def _check_tensor_header(t, sections):
         if s[1] != length:
             raise SpecError("E_BAD_LAYOUT", "tensor %r: role %d section of %d bytes, expected %d"
                             % (t.name, r, s[1], length))
+
+
+def _channel_mixed_header(t):
+    """C-12.8 header part: table_rows, shape, width counts, then the section lengths."""
+    vals = _CPARAMS.unpack_from(t.params, 0)
+    c = [0] + list(vals[:8])  # c[b] for b = 1..8
+    R, E = vals[8], vals[9]
+    if R > MAX_GROUP:
+        raise SpecError("E_BAD_FIELD", "tensor %r: table_rows %d" % (t.name, R))
+    if t.ndim != 2 or t.dims[0] < 1 or t.dims[1] < 1:
+        raise SpecError("E_BAD_SHAPE", "tensor %r: channel_mixed shape %s" % (t.name, list(t.dims)))
+    m, n = t.dims
+    if sum(c) != n:
+        raise SpecError("E_BAD_FIELD", "tensor %r: width counts sum to %d, n = %d"
+                        % (t.name, sum(c), n))
+    T = 1 if R == 0 else _ceil(m, R)
+    L = sum(c[b] << b for b in range(1, 9))
+    t.cp = dict(c=c, R=R, E=E, T=T, L=L)
+    want = [(ROLE_CODES, 4 * sum(_ceil(m * c[b] * b, 32) for b in range(1, 9))),
+            (ROLE_PERM, (2 if n <= 65536 else 4) * n)]
+    if E > 0:
+        want.append((ROLE_OIDX, 4 * (_ceil(m, 16) + 1)))
+        want.append((ROLE_OENT, 4 * E))
+    want.append((ROLE_TABLES, 2 * T * L))
+    return want
 
 
 # ----------------------------------------------------------------------------------------
@@ -703,6 +747,59 @@ def _expand_cols(a, g, n):
     return np.repeat(a, counts, axis=1)
 
 
+def _read_perm(t, secdata, n):
+    """C-5.7: perm entries, a permutation of 0..n-1 (E_BAD_PERMUTATION)."""
+    perm = np.frombuffer(secdata[ROLE_PERM], dtype="<u2" if n <= 65536 else "<u4").astype(np.int64)
+    if perm.size and int(perm.max()) >= n:
+        raise SpecError("E_BAD_PERMUTATION", "tensor %r: perm entry %d >= n = %d"
+                        % (t.name, int(perm.max()), n))
+    seen = np.bincount(perm, minlength=n)
+    if np.any(seen != 1):
+        raise SpecError("E_BAD_PERMUTATION", "tensor %r: column %d appears %d times"
+                        % (t.name, int(np.argmax(seen != 1)), int(seen[np.argmax(seen != 1)])))
+    return perm
+
+
+def _decode_channel_mixed(t, secdata):
+    """C-12.8 data checks and the C-12.7 decode; float32 W[m, n] in original column order."""
+    p = t.cp
+    m, n = t.dims
+    c, R, E, T, L = p["c"], p["R"], p["E"], p["T"], p["L"]
+    perm = _read_perm(t, secdata, n)
+    tab = np.frombuffer(secdata[ROLE_TABLES], dtype="<u2").reshape(T, L)
+    if np.any((tab & 0x7C00) == 0x7C00):
+        raise SpecError("E_NONFINITE", "tensor %r: non-finite f16 in tables" % t.name)
+    out = None
+    if E > 0:
+        ent = np.frombuffer(secdata[ROLE_OENT], dtype="<u4")
+        K = int(np.count_nonzero((ent >> 16) != 0xFFFF))  # rule 6 of C-6.2 does not apply
+        out = _outlier_stream(t, secdata, m, n, E, K)
+    # codes (C-12.3): one packed stream per run, each starting at a word boundary
+    q = np.empty((m, n), np.int64)
+    offs = np.empty(n, np.int64)  # o_j (C-12.2)
+    codes = secdata[ROLE_CODES]
+    word = 0
+    s = 0
+    o = 0
+    for b in range(1, 9):
+        if c[b] == 0:
+            continue
+        nw = _ceil(m * c[b] * b, 32)
+        run = unpack_stream(codes[4 * word:4 * (word + nw)], m * c[b], b)
+        q[:, s:s + c[b]] = run.reshape(m, c[b])
+        offs[s:s + c[b]] = o + (np.arange(c[b], dtype=np.int64) << b)
+        word += nw
+        s += c[b]
+        o += c[b] << b
+    blk = np.zeros(m, np.int64) if R == 0 else np.arange(m, dtype=np.int64) // R
+    v = f16_bits_to_f32(tab[blk[:, None], offs[None, :] + q])  # C-12.7
+    if out is not None and out[0].size:
+        v[out[0], out[1]] = out[2]
+    W = np.empty_like(v)
+    W[:, perm] = v
+    return W
+
+
 def _decode_bilevel(t, secdata):
     """Data checks of C-9.3 (permutation, finite stats, outliers) and the decode of section 7.
     Returns the float32 W[m, n] in original column order."""
@@ -713,14 +810,7 @@ def _decode_bilevel(t, secdata):
     # permutation (E_BAD_PERMUTATION)
     perm = None
     if p["perm"]:
-        perm = np.frombuffer(secdata[ROLE_PERM], dtype="<u2" if n <= 65536 else "<u4").astype(np.int64)
-        if perm.size and int(perm.max()) >= n:
-            raise SpecError("E_BAD_PERMUTATION", "tensor %r: perm entry %d >= n = %d"
-                            % (t.name, int(perm.max()), n))
-        seen = np.bincount(perm, minlength=n)
-        if np.any(seen != 1):
-            raise SpecError("E_BAD_PERMUTATION", "tensor %r: column %d appears %d times"
-                            % (t.name, int(np.argmax(seen != 1)), int(seen[np.argmax(seen != 1)])))
+        perm = _read_perm(t, secdata, n)
     # finite statistics (E_NONFINITE, C-5.8)
     if sb == 0:
         st = np.frombuffer(secdata[ROLE_STATS], dtype="<u2").reshape(m, G, 2)
@@ -734,49 +824,58 @@ def _decode_bilevel(t, secdata):
     # outlier stream (C-6.1, C-6.2 in order)
     out_rows = out_cols = out_vals = None
     if p["outliers"]:
-        E, K = p["E"], p["K"]
-        NB = _ceil(m, 16)
-        X = np.frombuffer(secdata[ROLE_OIDX], dtype="<u4").astype(np.int64)
-        if X[0] != 0 or X[-1] != E or np.any(np.diff(X) < 0):
-            raise SpecError("E_BAD_OUTLIERS", "tensor %r: bad outlier_index" % t.name)
-        ent = np.frombuffer(secdata[ROLE_OENT], dtype="<u4")
-        delta = (ent & 0xFFFF).astype(np.int64)
-        value = (ent >> 16).astype(np.uint16)
-        if np.any(delta < 1):
-            i = int(np.argmax(delta < 1))
-            raise SpecError("E_BAD_OUTLIERS", "tensor %r: entry %d: delta 0" % (t.name, i))
-        skip = value == 0xFFFF
-        if np.any(skip & (delta != 65535)):
-            i = int(np.argmax(skip & (delta != 65535)))
-            raise SpecError("E_BAD_OUTLIERS", "tensor %r: entry %d: skip with delta %d"
-                            % (t.name, i, int(delta[i])))
-        nonempty = X[1:] > X[:-1]
-        last = X[1:][nonempty] - 1
-        if last.size and np.any(skip[last]):
-            raise SpecError("E_BAD_OUTLIERS", "tensor %r: a block ends with a skip" % t.name)
-        counts = np.diff(X)
-        block = np.repeat(np.arange(NB, dtype=np.int64), counts)
-        C0 = np.zeros(E + 1, dtype=np.int64)
-        np.cumsum(delta, out=C0[1:])
-        pcell = C0[1:] - C0[X[:-1]][block] - 1
-        rows_in_block = np.minimum(16, m - 16 * block)
-        real = ~skip
-        bad = real & (pcell >= rows_in_block * n)
-        if np.any(bad):
-            i = int(np.argmax(bad))
-            raise SpecError("E_BAD_OUTLIERS", "tensor %r: entry %d: cell %d past its block"
-                            % (t.name, i, int(pcell[i])))
-        nreal = int(np.count_nonzero(real))
-        if nreal != K:
-            raise SpecError("E_BAD_OUTLIERS", "tensor %r: %d outliers, outlier_count %d"
-                            % (t.name, nreal, K))
-        vals = value[real]
-        if np.any((vals & 0x7C00) == 0x7C00):
-            raise SpecError("E_NONFINITE", "tensor %r: non-finite outlier value" % t.name)
-        pr = pcell[real]
-        out_rows = 16 * block[real] + pr // n
-        out_cols = pr % n
-        out_vals = f16_bits_to_f32(vals)
+        out_rows, out_cols, out_vals = _outlier_stream(t, secdata, m, n, p["E"], p["K"])
+    return _bilevel_values(t, secdata, p, m, n, b, sb, g, S, G, st if sb == 0 else st2, perm,
+                           out_rows, out_cols, out_vals)
+
+
+def _outlier_stream(t, secdata, m, n, E, K):
+    """C-6.1 and C-6.2, rule by rule; (rows, stored cols, f32 values) of the outliers."""
+    NB = _ceil(m, 16)
+    X = np.frombuffer(secdata[ROLE_OIDX], dtype="<u4").astype(np.int64)
+    if X[0] != 0 or X[-1] != E or np.any(np.diff(X) < 0):
+        raise SpecError("E_BAD_OUTLIERS", "tensor %r: bad outlier_index" % t.name)
+    ent = np.frombuffer(secdata[ROLE_OENT], dtype="<u4")
+    delta = (ent & 0xFFFF).astype(np.int64)
+    value = (ent >> 16).astype(np.uint16)
+    if np.any(delta < 1):
+        i = int(np.argmax(delta < 1))
+        raise SpecError("E_BAD_OUTLIERS", "tensor %r: entry %d: delta 0" % (t.name, i))
+    skip = value == 0xFFFF
+    if np.any(skip & (delta != 65535)):
+        i = int(np.argmax(skip & (delta != 65535)))
+        raise SpecError("E_BAD_OUTLIERS", "tensor %r: entry %d: skip with delta %d"
+                        % (t.name, i, int(delta[i])))
+    nonempty = X[1:] > X[:-1]
+    last = X[1:][nonempty] - 1
+    if last.size and np.any(skip[last]):
+        raise SpecError("E_BAD_OUTLIERS", "tensor %r: a block ends with a skip" % t.name)
+    counts = np.diff(X)
+    block = np.repeat(np.arange(NB, dtype=np.int64), counts)
+    C0 = np.zeros(E + 1, dtype=np.int64)
+    np.cumsum(delta, out=C0[1:])
+    pcell = C0[1:] - C0[X[:-1]][block] - 1
+    rows_in_block = np.minimum(16, m - 16 * block)
+    real = ~skip
+    bad = real & (pcell >= rows_in_block * n)
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        raise SpecError("E_BAD_OUTLIERS", "tensor %r: entry %d: cell %d past its block"
+                        % (t.name, i, int(pcell[i])))
+    nreal = int(np.count_nonzero(real))
+    if nreal != K:
+        raise SpecError("E_BAD_OUTLIERS", "tensor %r: %d outliers, outlier_count %d"
+                        % (t.name, nreal, K))
+    vals = value[real]
+    if np.any((vals & 0x7C00) == 0x7C00):
+        raise SpecError("E_NONFINITE", "tensor %r: non-finite outlier value" % t.name)
+    pr = pcell[real]
+    return 16 * block[real] + pr // n, pr % n, f16_bits_to_f32(vals)
+
+
+def _bilevel_values(t, secdata, p, m, n, b, sb, g, S, G, st_any, perm, out_rows, out_cols,
+                    out_vals):
+    st = st2 = st_any
     # statistics (C-7.1)
     if sb == 0:
         s_g = f16_bits_to_f32(st[:, :, 0])
@@ -841,7 +940,7 @@ def _decode(path, check_crc=True, check_digest=True, want_f32=False):
             arr = np.frombuffer(data, dtype=npdt)
             f32 = None
         else:
-            f32 = _decode_bilevel(t, secdata)
+            f32 = (_decode_channel_mixed if t.encoding == 3 else _decode_bilevel)(t, secdata)
             arr = _from_f32(f32, dt)
             if check_digest and hashlib.sha256(arr.astype(arr.dtype.newbyteorder("<"), copy=False)
                                                .tobytes()).digest() != t.digest:

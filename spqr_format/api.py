@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spqr_format import spec
-from spqr_format.codec import reference
+from spqr_format.codec import channel_mixed as cm
+from spqr_format.codec import channel_mixed_ref, reference
 from spqr_format.codec.bilevel import (
     BilevelHeader,
     BilevelTensor,
@@ -217,6 +218,16 @@ class SpqrFile:
                 "outlier_entries": header.outlier_entry_count,
             }
             outliers = header.outlier_count
+        elif entry.encoding == Encoding.CHANNEL_MIXED and name not in self._layout_errors:
+            h = cm.ChannelMixedHeader.from_bytes(entry.params)
+            params = {
+                "width_counts": {str(b): c for b, c in zip(cm.WIDTHS, h.width_counts) if c},
+                "table_rows": h.table_rows,
+                "permutation": True,
+                "outlier_entries": h.outlier_entry_count,
+            }
+            # no outlier_count in the params (C-12.1): entries, skips included (an upper bound)
+            outliers = h.outlier_entry_count
         return TensorInfo(
             name=name,
             encoding=enc_name,
@@ -234,7 +245,9 @@ class SpqrFile:
         return [self.info(n) for n in self._entries]
 
     # -- data access ---------------------------------------------------------------------
-    def read(self, name: str, *, verify_crc: bool = True) -> RawTensor | PackedBilevel:
+    def read(
+        self, name: str, *, verify_crc: bool = True
+    ) -> RawTensor | PackedBilevel | cm.PackedChannelMixed:
         """The tensor in its physical form, as zero-copy views of the file (C-2.8a: CRCs
         checked unless ``verify_crc=False``)."""
         entry = self.entry(name)
@@ -251,6 +264,9 @@ class SpqrFile:
                 if data.size == 0:
                     return RawTensor(dtype, _empty(entry.shape, _STORAGE[dtype]))
                 return RawTensor(dtype, data.reshape(entry.shape))
+            if entry.encoding == Encoding.CHANNEL_MIXED:
+                mh = cm.ChannelMixedHeader.from_bytes(entry.params)
+                return cm.PackedChannelMixed.from_sections(entry.shape, mh, sections, dtype)
             header = BilevelHeader.from_bytes(entry.params)
             return PackedBilevel.from_sections(entry.shape, header, sections, dtype)
         except SpqrError as err:
@@ -277,16 +293,21 @@ class SpqrFile:
         entry = self.entry(name)
         own = DType(entry.dtype)
         out_dtype = spec.parse_dtype(dtype, own)
+        dec = (
+            channel_mixed_ref.decode_channel_mixed
+            if isinstance(tensor, cm.PackedChannelMixed)
+            else reference.decode_bilevel
+        )
         try:
             if isinstance(tensor, RawTensor):
                 out = convert(tensor.data, tensor.dtype, out_dtype)
                 own_bytes = tensor.data
             elif out_dtype == own or not verify_digest:
-                out = reference.decode_bilevel(tensor, out_dtype)
+                out = dec(tensor, out_dtype)
                 own_bytes = out
             else:
                 # one decode: v in f32, then the C-7.5 rounding to each dtype (v is finite)
-                v = reference.decode_bilevel(tensor, DType.FLOAT32)
+                v = dec(tensor, DType.FLOAT32)
                 own_bytes = convert(v, DType.FLOAT32, own)
                 out = convert(v, DType.FLOAT32, out_dtype)
             if verify_digest:
@@ -337,7 +358,14 @@ def convert(data: np.ndarray, src: DType, dst: DType) -> np.ndarray:
     return reference.f32_to_bf16_bits(as_f32).reshape(data.shape)
 
 
-TensorLike = np.ndarray | RawTensor | BilevelTensor | PackedBilevel
+TensorLike = (
+    np.ndarray
+    | RawTensor
+    | BilevelTensor
+    | PackedBilevel
+    | cm.ChannelMixedTensor
+    | cm.PackedChannelMixed
+)
 
 
 class SpqrWriter:
@@ -376,6 +404,20 @@ class SpqrWriter:
                     params=bytes(40),
                     sections=[(int(Role.DATA), data)],
                     digest=reference.tensor_digest(data),
+                )
+                return
+            if isinstance(tensor, (cm.ChannelMixedTensor, cm.PackedChannelMixed)):
+                pm = cm.pack(tensor) if isinstance(tensor, cm.ChannelMixedTensor) else tensor
+                decoded = channel_mixed_ref.decode_channel_mixed(pm, pm.dtype)
+                self._writer.add_tensor(
+                    name,
+                    encoding=int(Encoding.CHANNEL_MIXED),
+                    encoding_version=1,
+                    dtype=int(pm.dtype),
+                    shape=tuple(pm.shape),
+                    params=pm.header.to_bytes(),
+                    sections=[(int(r), np.ascontiguousarray(a)) for r, a in pm.sections()],
+                    digest=reference.tensor_digest(decoded),
                 )
                 return
             packed = pack(tensor) if isinstance(tensor, BilevelTensor) else tensor
@@ -421,7 +463,8 @@ def save(
     progress: Callable[[str], None] | None = None,
 ) -> None:
     """Write tensors to ``path`` atomically. numpy float16/float32 arrays are stored ``raw``;
-    ``BilevelTensor`` / ``PackedBilevel`` as ``bilevel``."""
+    ``BilevelTensor`` / ``PackedBilevel`` as ``bilevel``; ``ChannelMixedTensor`` /
+    ``PackedChannelMixed`` as ``channel_mixed``."""
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     with SpqrWriter(path, metadata=metadata, alignment=alignment) as writer:
         for name, tensor in items:

@@ -180,8 +180,44 @@ DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
 )
 @click.option(
     "--method",
-    type=click.Choice(["rtn", "gptq"]),
-    help="rtn: round-to-nearest; gptq: Hessian-aware solver (SpQR with outliers).",
+    type=click.Choice(["rtn", "gptq", "cmpq"]),
+    help="rtn: round-to-nearest; gptq: Hessian-aware solver (SpQR with outliers); cmpq: "
+    "channel-wise mixed precision (encoding channel_mixed; needs --hessians and --target-bits).",
+)
+@click.option(
+    "--target-bits",
+    type=click.FloatRange(0.0, min_open=True),
+    callback=_finite_float,
+    help="cmpq: bits per weight of every quantized tensor, counting every section (codes, "
+    "tables, permutation, outliers and their index); met to within 32 bits per tensor.",
+)
+@click.option(
+    "--widths",
+    help="cmpq: candidate column widths, comma-separated (default 2,3,4).",
+)
+@click.option(
+    "--allocator",
+    type=click.Choice(["norm", "rd"]),
+    help="cmpq: norm = wider codes for columns of larger activation norm (CMPQ); rd = greedy "
+    "rate-distortion on the Hessian diagonal.",
+)
+@click.option(
+    "--table-rows",
+    type=click.IntRange(0, spec.MAX_GROUP_SIZE),
+    help="cmpq: rows per lookup-table block; 0 (default) = one table per column.",
+)
+@click.option(
+    "--act-outliers",
+    type=click.FloatRange(0.0, 0.5, max_open=True),
+    callback=_finite_float,
+    help="cmpq: fraction of activation outliers, largest |w| x activation norm (default 0.0045).",
+)
+@click.option(
+    "--sens-outliers",
+    type=click.FloatRange(0.0, 0.5, max_open=True),
+    callback=_finite_float,
+    help="cmpq: fraction of quantization-sensitive outliers, largest Hessian-weighted error "
+    "(default 0.0005).",
 )
 @click.option("--bits", type=click.IntRange(1, 8), help="Bits per weight code.")
 @click.option(
@@ -247,6 +283,12 @@ def encode(
     preset,
     hessian_path,
     method,
+    target_bits,
+    widths,
+    allocator,
+    table_rows,
+    act_outliers,
+    sens_outliers,
     bits,
     group_size,
     stats_bits,
@@ -263,9 +305,10 @@ def encode(
     """Quantize the 2-D weights of a safetensors file into a .spqr file.
 
     Tensors matching --keep-dense, and all tensors that are not 2-D, are stored as they are
-    (encoding raw); the rest are quantized (encoding bilevel). The report gives, per tensor,
-    bits/weight (SPEC section 8), outlier %, relative weight error and, with Hessians, the
-    relative output error tr((W-Q) H (W-Q)^T) / tr(W H W^T).
+    (encoding raw); the rest are quantized (encoding bilevel; with --method cmpq, encoding
+    channel_mixed at --target-bits counted bits per weight). The report gives, per tensor,
+    bits/weight (SPEC sections 8 and 12.4), outlier %, relative weight error and, with
+    Hessians, the relative output error tr((W-Q) H (W-Q)^T) / tr(W H W^T).
 
     \b
     Examples:
@@ -274,32 +317,36 @@ def encode(
       spqr encode model.safetensors --hessians H.safetensors --preset spqr-3bit -o model.spqr
       spqr encode model.safetensors --preset gptq-4bit-g128 --hessians H.safetensors \\
            --perm-order identity -o model.spqr
+      spqr encode model.safetensors --method cmpq --target-bits 2.2 \\
+           --hessians H.safetensors -o model.spqr
     """
-    from spqr_format.codec.presets import EncoderConfig, get_preset
     from spqr_format.models.tensors import encode_safetensors
 
-    overrides = {
-        k: v
-        for k, v in dict(
-            method=method, bits=bits, group_size=group_size, stats_bits=stats_bits,
-            stats_group_size=stats_group_size, outlier_budget=outlier_fraction,
+    cmpq_opts = dict(
+        target_bits=target_bits, widths=widths, allocator=allocator, table_rows=table_rows,
+        act_outliers=act_outliers, sens_outliers=sens_outliers,
+    )  # fmt: skip
+    if method == "cmpq":
+        bilevel_opts = dict(
+            bits=bits, group_size=group_size, stats_bits=stats_bits,
+            stats_group_size=stats_group_size, outlier_fraction=outlier_fraction,
             outlier_threshold=outlier_threshold, perm_order=perm_order, percdamp=percdamp,
-        ).items()
-        if v is not None
-    }  # fmt: skip
-    if no_outliers:
-        overrides.update(outlier_budget=None, outlier_threshold=None)
-    if stats_bits == 0:
-        overrides["stats_group_size"] = 0
-    base = get_preset(preset or DEFAULT_CONFIG["preset"])
-    if stats_bits and stats_group_size is None and base.stats_group_size == 0:
-        overrides["stats_group_size"] = 16  # turning bilevel statistics on: SpQR's tile height
-    if overrides.get("method") == "rtn":
-        overrides.setdefault("perm_order", "identity")
-        overrides.setdefault("outlier_threshold", None)
-    elif overrides.get("method") == "gptq" and base.method == "rtn":
-        overrides.setdefault("percdamp", 0.01)  # GPTQ's own default; rtn presets carry 0
-    config: EncoderConfig = base.with_overrides(**overrides)
+        )  # fmt: skip
+        given = [k for k, v in bilevel_opts.items() if v is not None] + (
+            ["no_outliers"] if no_outliers else []
+        )
+        if given:
+            opts = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise BadInputError(f"{opts} do not apply to --method cmpq")
+        config = _cmpq_config(preset, hessian_path, **cmpq_opts)
+    elif any(v is not None for v in cmpq_opts.values()):
+        given = ", ".join("--" + k.replace("_", "-") for k, v in cmpq_opts.items() if v is not None)
+        raise BadInputError(f"{given} only apply to --method cmpq")
+    else:
+        config = _bilevel_config(
+            preset, method, bits, group_size, stats_bits, stats_group_size, outlier_fraction,
+            outlier_threshold, no_outliers, perm_order, percdamp,
+        )  # fmt: skip
     _check_settings_storable(config)
     refuse_same_file(output, "-o/--output", input=input_path, hessian_file=hessian_path)
     refuse_same_file(
@@ -341,6 +388,60 @@ def encode(
                 for r in rows
             ],
         )
+
+
+def _cmpq_config(preset, hessian_path, **opts):
+    """The CMPQ encoder configuration of ``spqr encode --method cmpq``: exit-2 errors, before
+    any tensor is read, for a missing target or Hessian file, a bilevel preset, bad widths."""
+    from spqr_format.codec.cmpq import CmpqConfig
+
+    if preset is not None:
+        raise BadInputError("--preset names a bilevel configuration; not with --method cmpq")
+    if opts["target_bits"] is None:
+        raise BadInputError("--method cmpq needs --target-bits (e.g. 2.5)")
+    if hessian_path is None:
+        raise BadInputError(
+            "--method cmpq needs --hessians (activation statistics from spqr calibrate)"
+        )
+    if opts["widths"] is not None:
+        try:
+            opts["widths"] = tuple(int(v) for v in opts["widths"].split(","))
+        except ValueError:
+            raise BadInputError(
+                f"--widths must be comma-separated integers 1..8, got {opts['widths']!r}"
+            ) from None
+    return CmpqConfig(**{k: v for k, v in opts.items() if v is not None})
+
+
+def _bilevel_config(
+    preset, method, bits, group_size, stats_bits, stats_group_size, outlier_fraction,
+    outlier_threshold, no_outliers, perm_order, percdamp,
+):  # fmt: skip
+    from spqr_format.codec.presets import EncoderConfig, get_preset
+
+    overrides = {
+        k: v
+        for k, v in dict(
+            method=method, bits=bits, group_size=group_size, stats_bits=stats_bits,
+            stats_group_size=stats_group_size, outlier_budget=outlier_fraction,
+            outlier_threshold=outlier_threshold, perm_order=perm_order, percdamp=percdamp,
+        ).items()
+        if v is not None
+    }  # fmt: skip
+    if no_outliers:
+        overrides.update(outlier_budget=None, outlier_threshold=None)
+    if stats_bits == 0:
+        overrides["stats_group_size"] = 0
+    base = get_preset(preset or DEFAULT_CONFIG["preset"])
+    if stats_bits and stats_group_size is None and base.stats_group_size == 0:
+        overrides["stats_group_size"] = 16  # turning bilevel statistics on: SpQR's tile height
+    if overrides.get("method") == "rtn":
+        overrides.setdefault("perm_order", "identity")
+        overrides.setdefault("outlier_threshold", None)
+    elif overrides.get("method") == "gptq" and base.method == "rtn":
+        overrides.setdefault("percdamp", 0.01)  # GPTQ's own default; rtn presets carry 0
+    config: EncoderConfig = base.with_overrides(**overrides)
+    return config
 
 
 def _check_settings_storable(config) -> None:
@@ -455,7 +556,7 @@ def info(path, as_json, show_metadata):
         infos = f.infos()
         total_bytes = sum(i.nbytes for i in infos)
         total_elems = sum(i.elements for i in infos)
-        quant = [i for i in infos if i.encoding == "bilevel"]
+        quant = [i for i in infos if i.encoding in ("bilevel", "channel_mixed")]
         q_bytes = sum(i.nbytes for i in quant)
         q_elems = sum(i.elements for i in quant)
         summary = {
@@ -501,6 +602,11 @@ def info(path, as_json, show_metadata):
 def _enc_label(i: api.TensorInfo) -> str:
     if not i.supported:  # listed, but this reader cannot decode it (SPEC C-3.4)
         return f"{i.encoding} v{i.encoding_version} (unsupported: {i.unsupported})"
+    if i.encoding == "channel_mixed":
+        p = i.params
+        widths = " ".join(f"w{b}x{c}" for b, c in p["width_counts"].items())
+        tables = f" tables/{p['table_rows']}rows" if p["table_rows"] else ""
+        return f"channel_mixed {widths}{tables}"
     if i.encoding != "bilevel":
         return i.encoding
     p = i.params

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import enum
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"
 
 # C-2.1: eight bytes, PNG-style: a high-bit byte catches 7-bit transfers, CR LF catches
 # newline translation, 0x1A stops `type` on Windows.
 MAGIC = b"\x89SPQR\r\n\x1a"
 
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 0  # what a writer writes for a file that uses nothing added after 1.0 (C-13.1)
+# C-13.1: a file with a channel_mixed tensor (added in 1.1) is written as version 1.1.
+VERSION_MINOR_CHANNEL_MIXED = 1
 
 FIXED_HEADER_SIZE = 64
 TENSOR_RECORD_SIZE = 160
@@ -99,7 +101,7 @@ class Encoding(enum.IntEnum):
 
     RAW = 1
     BILEVEL = 2
-    CHANNEL_MIXED = 3  # reserved for CMPQ; no v1.0 decoder reads it
+    CHANNEL_MIXED = 3  # CMPQ channel-wise mixed precision, added in 1.1 (SPEC section 12)
 
 
 ENCODING_NAMES = {
@@ -108,8 +110,8 @@ ENCODING_NAMES = {
     Encoding.CHANNEL_MIXED: "channel_mixed",
 }
 
-# Encoding versions a v1.0 reader understands (C-3.5).
-ENCODING_VERSIONS = {Encoding.RAW: (1,), Encoding.BILEVEL: (1,)}
+# Encoding versions this reader understands (C-3.5).
+ENCODING_VERSIONS = {Encoding.RAW: (1,), Encoding.BILEVEL: (1,), Encoding.CHANNEL_MIXED: (1,)}
 
 
 class Role(enum.IntEnum):
@@ -121,7 +123,8 @@ class Role(enum.IntEnum):
     STATS2 = 4  # bilevel: second-level statistics, fp16
     PERM = 5  # bilevel: input permutation (u16 when n <= 65536, else u32)
     OUTLIER_INDEX = 6  # bilevel: u32 offsets of each 16-row block into the outlier entries
-    OUTLIER_ENTRIES = 7  # bilevel: u32 (delta, fp16 value) entries
+    OUTLIER_ENTRIES = 7  # bilevel, channel_mixed: u32 (delta, fp16 value) entries
+    TABLES = 8  # channel_mixed: fp16 lookup tables, one per stored column
 
 
 ROLE_NAMES = {
@@ -132,6 +135,7 @@ ROLE_NAMES = {
     Role.PERM: "perm",
     Role.OUTLIER_INDEX: "outlier_index",
     Role.OUTLIER_ENTRIES: "outlier_entries",
+    Role.TABLES: "tables",
 }
 
 

@@ -454,7 +454,7 @@ STRIDED = np.arange(8, dtype="<f4")[::2]
         ("t", {"sections": [(2, b""), (1, b"")]}),
         ("t", {"sections": [(2, b""), (2, b"")]}),
         ("t", {"sections": [(0, b"")]}),
-        ("t", {"sections": [(8, b"")]}),
+        ("t", {"sections": [(9, b"")]}),  # 8 is tables (1.1)
         ("t", {"sections": [(1, b"")] * 17}),
         ("t", {"sections": [(1, BIG_ENDIAN)]}),
         ("t", {"sections": [(1, STRIDED)]}),
@@ -626,7 +626,7 @@ def _secs(n):
         (lambda b: put(b, "<H", s_off(b, 1) + 22, 1), "E_BAD_FIELD"),  # section reserved
         (lambda b: put(b, "<Q", s_off(b, 1) + 24, 1 << 63), "E_BAD_FIELD"),
         (lambda b: put(b, "<H", s_off(b, 0) + 20, 0), "E_BAD_FIELD"),  # role 0
-        (lambda b: put(b, "<H", s_off(b, 0) + 20, 8), "E_BAD_FIELD"),
+        (lambda b: put(b, "<H", s_off(b, 0) + 20, 9), "E_BAD_FIELD"),  # 8 is tables (1.1)
         (lambda b: put(b, "<H", s_off(b, 1) + 20, 2), "E_BAD_LAYOUT"),  # repeated role
         (lambda b: put(b, "<H", s_off(b, 1) + 20, 1), "E_BAD_LAYOUT"),  # decreasing role
     ],

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spqr_format import spec
+from spqr_format.codec import channel_mixed as cm
 from spqr_format.codec.bilevel import BilevelHeader, Outliers, PackedBilevel, section_layout
 from spqr_format.codec.outliers import decode_outlier_stream, outlier_coordinates_unchecked
 from spqr_format.codec.packing import check_finite_f16, check_packed_structure, check_permutation
@@ -46,6 +47,7 @@ class TensorHeader:
     encoding: Encoding
     bilevel: BilevelHeader | None
     layout: tuple[tuple[Role, int], ...]
+    channel_mixed: cm.ChannelMixedHeader | None = None
 
 
 def check_encoding(encoding: int, encoding_version: int) -> Encoding:
@@ -78,11 +80,15 @@ def check_tensor_header(
     in file order; the container has already checked that roles strictly increase)."""
     enc = check_encoding(encoding, encoding_version)
     bilevel = None
+    mixed = None
     if enc == Encoding.RAW:
         if any(params):
             raise BadFieldError("raw tensors have all-zero params (C-4.1)", field="params")
         count = int(np.prod(shape, dtype=object)) if len(shape) else 1
         layout = [(Role.DATA, count * spec.DTYPE_SIZES[DType(dtype)])]
+    elif enc == Encoding.CHANNEL_MIXED:
+        mixed = cm.ChannelMixedHeader.from_bytes(params)  # C-12.1: table_rows
+        layout = cm.section_layout(tuple(shape), mixed)  # shape, sum of counts, lengths
     else:
         bilevel = BilevelHeader.from_bytes(params)  # params in C-5.1 order
         layout = section_layout(tuple(shape), bilevel)  # shape, then the derived lengths
@@ -93,7 +99,7 @@ def check_tensor_header(
             return ", ".join(f"{spec.ROLE_NAMES.get(r, r)}:{n}" for r, n in items)
 
         raise BadLayoutError(f"sections [{show(found)}] but the encoding needs [{show(layout)}]")
-    return TensorHeader(enc, bilevel, tuple(layout))
+    return TensorHeader(enc, bilevel, tuple(layout), mixed)
 
 
 def check_bilevel_data(p: PackedBilevel) -> Outliers | None:

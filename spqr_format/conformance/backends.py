@@ -100,12 +100,18 @@ class ReferenceDecoder:
 
     def matvec(self, path, xs) -> dict[str, np.ndarray]:
         from spqr_format import api
-        from spqr_format.codec import reference
+        from spqr_format.codec import channel_mixed, channel_mixed_ref, reference
 
         out = {}
         with api.open_file(path) as f:
             for n, x in xs.items():
-                out[n] = reference.matvec_bilevel(f.read(n), np.asarray(x, np.float32))
+                t = f.read(n)
+                mv = (
+                    channel_mixed_ref.matvec_channel_mixed
+                    if isinstance(t, channel_mixed.PackedChannelMixed)
+                    else reference.matvec_bilevel
+                )
+                out[n] = mv(t, np.asarray(x, np.float32))
         return out
 
 

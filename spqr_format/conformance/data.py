@@ -183,3 +183,20 @@ def convert_f32(v: np.ndarray, dtype: DType) -> np.ndarray:
         with np.errstate(over="ignore"):
             return v.astype(np.float16)
     return f32_to_bf16_bits(v)
+
+
+def channel_mixed_model_f32(t) -> np.ndarray:
+    """SPEC C-12.7 written out with numpy on the logical form (no packing involved):
+    ``v[i, j] = tables[t(i), o_j + q[i, j]]``, outliers replace, ``W[:, perm[j]] = v[:, j]``."""
+    m, n = t.shape
+    widths = np.asarray(t.widths).astype(np.int64)
+    sizes = np.left_shift(1, widths)
+    offs = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    blk = np.zeros(m, np.int64) if t.table_rows == 0 else np.arange(m) // t.table_rows
+    v = np.asarray(t.tables)[blk[:, None], offs[None, :] + t.codes].astype(np.float32)
+    o = t.outliers
+    if o is not None and len(o):
+        v[o.rows.astype(np.int64), o.cols.astype(np.int64)] = o.values.astype(np.float32)
+    w = np.empty_like(v)
+    w[:, np.asarray(t.perm).astype(np.int64)] = v
+    return w

@@ -36,11 +36,13 @@ import numpy as np
 from spqr_format import api, spec
 from spqr_format.api import RawTensor
 from spqr_format.codec.bilevel import BilevelTensor
+from spqr_format.codec.channel_mixed import ChannelMixedTensor
 from spqr_format.conformance import image as img
 from spqr_format.conformance import layout_faults as lf
 from spqr_format.conformance import manifest, stfile
 from spqr_format.conformance.data import (
     as_f16,
+    channel_mixed_model_f32,
     convert_f32,
     logical_decode_f32,
     make_bilevel,
@@ -75,14 +77,19 @@ class VectorSpec:
     clauses: list[str]
     description: str
     build: Callable[[], Built]
+    spec_version: str = "1.0"  # the SPEC version that added what the vector covers (C-13.3)
 
 
 REGISTRY: list[VectorSpec] = []
 
 
-def vector(id, kind, labels, clauses, description, suite="fast"):
+def vector(id, kind, labels, clauses, description, suite="fast", spec_version="1.0"):
     def deco(fn):
-        REGISTRY.append(VectorSpec(id, kind, suite, list(labels), list(clauses), description, fn))
+        REGISTRY.append(
+            VectorSpec(
+                id, kind, suite, list(labels), list(clauses), description, fn, spec_version
+            )
+        )
         return fn
 
     return deco
@@ -119,8 +126,13 @@ def expected_file(data: bytes, logical: dict | None = None) -> bytes:
     dec = decode_all(data)
     if logical:
         for name, t in logical.items():
-            if isinstance(t, BilevelTensor):
-                want = convert_f32(logical_decode_f32(t), DType(t.dtype))
+            if isinstance(t, (BilevelTensor, ChannelMixedTensor)):
+                f32 = (
+                    channel_mixed_model_f32(t)
+                    if isinstance(t, ChannelMixedTensor)
+                    else logical_decode_f32(t)
+                )
+                want = convert_f32(f32, DType(t.dtype))
                 got = dec[name][1]
                 if (
                     want.view(np.uint8).tobytes()
@@ -172,7 +184,12 @@ def matvec_vector(tensors: dict[str, BilevelTensor], key: str) -> Built:
     xs, ys, absdot = {}, {}, {}
     for name, t in tensors.items():
         w = dec[name]
-        assert np.array_equal(w.view(np.uint32), logical_decode_f32(t).view(np.uint32))
+        model = (
+            channel_mixed_model_f32(t)
+            if isinstance(t, ChannelMixedTensor)
+            else logical_decode_f32(t)
+        )
+        assert np.array_equal(w.view(np.uint32), model.view(np.uint32))
         x = matvec_x(f"{key}/{name}", t.shape[1])
         prods = w.astype(np.float64) * x.astype(np.float64)  # exact: 24 + 24 bits < 53
         ys[name] = ("F64", np.array([math.fsum(row) for row in prods], dtype=np.float64))
@@ -994,6 +1011,9 @@ _mv(
 
 
 from spqr_format.conformance import rejects as _rejects  # noqa: E402,F401  (registers rejects)
+from spqr_format.conformance import (  # noqa: E402,F401  (registers channel_mixed vectors)
+    channel_mixed_vectors as _cmv,
+)
 
 
 def manifest_entry(v: VectorSpec, built: Built) -> dict:
@@ -1001,7 +1021,7 @@ def manifest_entry(v: VectorSpec, built: Built) -> dict:
         "id": v.id,
         "kind": v.kind,
         "suite": v.suite,
-        "spec_version": spec.SPEC_VERSION,
+        "spec_version": v.spec_version,
         "labels": v.labels,
         "clauses": sorted(set(v.clauses), key=_clause_key),
         "description": v.description,

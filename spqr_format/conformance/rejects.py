@@ -116,7 +116,10 @@ ORDER_CLAUSES = {
 }
 
 
-def reject(code: str, variant: str, base: str, description: str, clauses=(), labels=()):
+def reject(
+    code: str, variant: str, base: str, description: str, clauses=(), labels=(),
+    spec_version: str = "1.0",
+):  # fmt: skip
     """Register ``reject-<code>-<variant>``: ``mutate(image)`` edits the base file's image in
     place (or returns the final bytes)."""
     short = code.removeprefix("E_").lower().replace("_", "-")
@@ -129,6 +132,7 @@ def reject(code: str, variant: str, base: str, description: str, clauses=(), lab
             ["reject", code, f"base-{base}", *labels],
             cl,
             description,
+            spec_version=spec_version,
         )(lambda: reject_vector(BASES[base](), mutate, code))
         return mutate
 
@@ -477,7 +481,7 @@ reject(
     "a section record's reserved u64 is 2^63",
     ["C-2.5"],
 )(lambda im: setattr(im.tensors[0].sections[2], "reserved64", 1 << 63))
-for _r in (0, 8, 0xFFFF):
+for _r in (0, 9, 0xFFFF):  # 8 is `tables` since 1.1 (C-13.3)
     reject("E_BAD_FIELD", f"role-{_r}", "raw", f"a section with role {_r}", ["C-2.7"])(
         lambda im, r=_r: setattr(im.tensors[1].sections[0], "role", r)
     )
@@ -949,21 +953,13 @@ def _(im):
 
 # ---------------------------------------------------------------------------------------------
 # E_UNKNOWN_ENCODING / E_UNSUPPORTED_ENCODING_VERSION
-for _e in (3, 4, 0xFFFF):
+for _e in (4, 0xFFFF):  # id 3 is channel_mixed since 1.1 (C-13.3): see channel_mixed_vectors
     reject(
         "E_UNKNOWN_ENCODING",
         f"raw-as-{_e}",
         "raw",
         f"a raw-like tensor (one data section, zero params) with encoding {_e}",
-        ["C-12.1"] if _e == 3 else [],
     )(lambda im, e=_e: setattr(im.tensors[1], "encoding", e))
-reject(
-    "E_UNKNOWN_ENCODING",
-    "bilevel-as-3",
-    "bilevel",
-    "a bilevel tensor's encoding set to 3 (channel_mixed, reserved)",
-    ["C-12.1"],
-)(lambda im: setattr(im.tensors[0], "encoding", 3))
 reject(
     "E_UNKNOWN_ENCODING",
     "opaque-params",

@@ -372,7 +372,12 @@ class ContainerWriter:
             FixedHeader(
                 magic=spec.MAGIC,
                 version_major=spec.VERSION_MAJOR,
-                version_minor=spec.VERSION_MINOR,
+                # C-13.1: the lowest minor version whose additions the file uses
+                version_minor=(
+                    spec.VERSION_MINOR_CHANNEL_MIXED
+                    if any(r.encoding == spec.Encoding.CHANNEL_MIXED for r in self._records)
+                    else spec.VERSION_MINOR
+                ),
                 alignment=self.alignment,
                 required_features=0,
                 tensor_count=len(self._records),

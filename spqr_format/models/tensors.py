@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from spqr_format import __version__, api, spec
+from spqr_format.codec.cmpq import CmpqConfig
 from spqr_format.codec.presets import EncoderConfig, encode_tensor
 from spqr_format.errors import BadInputError
 from spqr_format.models import DEFAULT_KEEP_DENSE
@@ -46,7 +47,7 @@ def dense_row(name: str, shape, dtype: spec.DType) -> dict:
     }
 
 
-def encoder_metadata(config: EncoderConfig) -> dict:
+def encoder_metadata(config: EncoderConfig | CmpqConfig) -> dict:
     """The metadata keys every encoder run writes (SPEC C-2.11 namespaces ``provenance.`` and
     ``encoder.``): the tool, its version and the configuration."""
     return {
@@ -75,7 +76,7 @@ def _hessian_for(hessians: SafetensorsFile | None, name: str, path: str | None):
 def encode_safetensors(
     input_path: str,
     output: str,
-    config: EncoderConfig,
+    config: EncoderConfig | CmpqConfig,
     *,
     hessian_path: str | None = None,
     keep_dense: Sequence[str] | None = None,
@@ -118,12 +119,21 @@ def encode_safetensors(
                     hessian = _hessian_for(hessians, name, hessian_path)
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
-                        tensor, report = encode_tensor(
-                            st.to_float32(), config, hessian, name, dtype=dtype
-                        )
+                        if config.method == "cmpq":
+                            from spqr_format.codec.cmpq import encode_cmpq_tensor
+
+                            tensor, report = encode_cmpq_tensor(
+                                st.to_float32(), config, hessian, name, dtype=dtype
+                            )
+                            encoding = "channel_mixed"
+                        else:
+                            tensor, report = encode_tensor(
+                                st.to_float32(), config, hessian, name, dtype=dtype
+                            )
+                            encoding = "bilevel"
                     notices.extend(str(w.message) for w in caught)
                     writer.add(name, tensor)
-                    rows.append({"name": name, "encoding": "bilevel", **report})
+                    rows.append({"name": name, "encoding": encoding, **report})
                 metadata["encoder.report"] = rows
                 writer.set_metadata(metadata)
     finally:
