@@ -1,0 +1,640 @@
+"""GPTQ / SpQR solver in PyTorch: the algorithm of :mod:`gptq` on any torch device (GPU encoder).
+
+The same solver as the numba reference (:func:`spqr_format.codec.gptq.encode_gptq`), returning
+the same :class:`BilevelTensor`, so packing, writing and decoding are unchanged; only where the
+arithmetic runs differs. Semantics kept from the reference (see its module doc):
+
+- damping ``percdamp * mean(diag H)``, dead columns (``diag H == 0``: weights zeroed, diagonal
+  set to 1), ``act_order`` (descending ``diag H``, stable), more damping with a warning when the
+  Hessian is not positive definite;
+- ``U`` the upper factor of ``H^-1`` from one float64 Cholesky of the reversed Hessian and one
+  triangular inverse; the column solve runs in float32 with blocked lazy updates (per column
+  inside a group's segment, one GEMM for the rest of the block, one GEMM per block for the rest
+  of the matrix);
+- per-group min-max statistics fitted on the current error-compensated weights, quantized to
+  fp16 or bilevel exactly as :mod:`quantizer` does (same f32/f64 operations, so the stored
+  statistics match the reference's for the same weights), and every weight's value is the
+  *decoded* value of its nearest code, so the solver's reconstruction is what the normative
+  decoder returns (bit for bit);
+- SpQR outliers: ``T = tau * mean_j(Var_i W[i, j] / d_j^2)``, leave-one-out suspects at each
+  group start (vectorised over rows and positions: only the row's minimum and maximum change
+  the fit when left out), the per-column test ``((w - q) / d)^2 > T``, outliers stored as the
+  fp16 of the current weight with the nearest dense code under them, the budget spent group by
+  group (suspects first, then each column's largest errors, ties by row).
+
+Not bit-identical to the numba path (float32 sums in another order, a multiply by ``1/s`` to
+seed the code search; the search itself compares decoded values), so a GPTQ decision can flip
+and propagate; the layer output error ``tr((W-Q) H (W-Q)^T)`` stays within 2 % of the reference
+(tests/test_gptq_torch.py).
+
+GPU-minded: weights are kept transposed (``WT[n, m]``: a column is one contiguous vector), every
+step works on all rows at once, nothing inside the column loop synchronises with the host (the
+outlier budget is counted on the device), statistics for a group are a handful of vector ops.
+
+torch is imported lazily (an optional extra): importing this module does not need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+
+import numpy as np
+
+from spqr_format.codec.bilevel import BilevelTensor, Outliers
+from spqr_format.codec.gptq import _cap, check_options
+from spqr_format.codec.hessian import SYMMETRY_RTOL, check_hessian
+from spqr_format.codec.quantizer import F16_MAX, ZERO_LIMIT, check_weight
+from spqr_format.errors import BadInputError
+from spqr_format.spec import DType
+
+INSTALL_HINT = "pip install 'spqr-format[torch]'"
+IMPLEMENTATION = "spqr_format.codec.gptq_torch"
+
+
+def require_torch():
+    try:
+        import torch
+    except ImportError:
+        raise BadInputError(f"the torch encoder needs PyTorch ({INSTALL_HINT})") from None
+    return torch
+
+
+def resolve_device(device=None, like=None):
+    """A ``torch.device`` for ``device`` (default: ``like``'s device if it is a tensor, else
+    cpu). ``cuda`` without a usable GPU is a :class:`BadInputError` (one clear line)."""
+    torch = require_torch()
+    if device is None:
+        device = like.device if isinstance(like, torch.Tensor) else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BadInputError(f"unknown device {device!r} (expected cpu or cuda[:N])") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BadInputError(f"unknown device {device!r} (expected cpu or cuda[:N])")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInputError(
+                f"--device {device}: CUDA is not available (torch {torch.__version__}, "
+                f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'})",
+                field="device",
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BadInputError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible",
+                field="device",
+            )
+    return dev
+
+
+@contextlib.contextmanager
+def _ieee_float32(torch):
+    """float32 GEMMs in full precision (no TF32) while the solver runs; restored afterwards."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def _sync(torch, dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _f32_floor(x: float) -> float:
+    """The largest float32 <= ``x`` (inf stays inf): comparing a float32 tensor with it gives
+    exactly ``value > x`` of the float64 comparison the reference makes."""
+    if not math.isfinite(x):
+        return x
+    f = np.float32(x)
+    if float(f) > x:
+        f = np.nextafter(f, np.float32(-np.inf))
+    return float(f)
+
+
+# -- inputs --------------------------------------------------------------------------------
+
+
+def _weight_on(torch, weight, dev, name):
+    """The weight as a float32 ``[m, n]`` tensor on ``dev`` (always a copy), checked as
+    :func:`quantizer.check_weight` checks numpy weights."""
+    if isinstance(weight, np.ndarray):
+        return torch.from_numpy(check_weight(weight, name)).to(dev)
+    if not isinstance(weight, torch.Tensor):
+        raise BadInputError(
+            f"weight must be a numpy array or torch tensor, got {type(weight).__name__}",
+            tensor=name,
+        )
+    if weight.ndim != 2:
+        raise BadInputError(f"weight must be 2-D, got shape {tuple(weight.shape)}", tensor=name)
+    if weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise BadInputError(f"weight is empty (shape {tuple(weight.shape)})", tensor=name)
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise BadInputError(
+            f"weight dtype must be float16/bfloat16/float32/float64, got {weight.dtype}",
+            tensor=name,
+        )
+    w = weight.detach().to(device=dev, dtype=torch.float32, copy=True).contiguous()
+    nonfinite, peak = torch.stack([(~torch.isfinite(w)).sum().float(), w.abs().max()]).tolist()
+    if nonfinite:
+        bad = tuple(int(i) for i in torch.nonzero(~torch.isfinite(w))[0].tolist())
+        raise BadInputError(
+            f"weight has {int(nonfinite)} non-finite values (first at {bad})", tensor=name
+        )
+    if peak > F16_MAX:
+        raise BadInputError(
+            f"weight magnitude {peak:g} exceeds the fp16 range used for statistics and outliers",
+            tensor=name,
+        )
+    return w
+
+
+def _hessian_on(torch, h, n, dev, name):
+    """The Hessian as a float64 ``[n, n]`` tensor on ``dev`` (not copied when it already is
+    one; only read), checked as :func:`hessian.check_hessian` checks numpy Hessians."""
+    if isinstance(h, np.ndarray):
+        check_hessian(h, n, name=name)
+        return torch.from_numpy(np.asarray(h, dtype=np.float64)).to(dev)
+    if not isinstance(h, torch.Tensor):
+        raise BadInputError(
+            f"Hessian must be a numpy array or torch tensor, got {type(h).__name__}", tensor=name
+        )
+    if tuple(h.shape) != (n, n):
+        raise BadInputError(
+            f"Hessian shape {tuple(h.shape)} does not match the weight's {n} input columns",
+            tensor=name,
+        )
+    if not h.is_floating_point():
+        raise BadInputError(f"Hessian dtype must be floating point, got {h.dtype}", tensor=name)
+    h = h.detach().to(device=dev, dtype=torch.float64)
+    finite = bool(torch.isfinite(h).all())
+    if not finite:
+        raise BadInputError("Hessian has non-finite values", tensor=name)
+    scale = float(h.abs().max())
+    asym = 0.0
+    step = max(1, (64 << 20) // (8 * n))
+    for i0 in range(0, n, step):
+        asym = max(asym, float((h[i0 : i0 + step] - h[:, i0 : i0 + step].T).abs().max()))
+    if asym > SYMMETRY_RTOL * scale:
+        raise BadInputError(
+            f"Hessian is not symmetric (max |H - H^T| = {asym:.3g}, max |H| = {scale:.3g})",
+            tensor=name,
+        )
+    if bool((torch.diagonal(h) < 0).any()):
+        raise BadInputError("Hessian has negative diagonal entries", tensor=name)
+    if scale == 0:
+        warnings.warn(
+            f"Hessian of {name or 'tensor'} is all zero (no input ever active); "
+            "GPTQ reduces to zeroing the weight",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return h
+
+
+# -- the shared quantizer arithmetic, in torch (mirrors codec/quantizer.py) ---------------
+
+
+def minmax_stats_t(torch, cur, bits: int, keep=None):
+    """:func:`quantizer.minmax_stats` over dim 0 of ``cur[g, m]`` (a group, transposed):
+    float32 ``(scale, zero)`` of shape ``[m]``; ``keep`` (same shape) excludes weights."""
+    maxq = float((1 << bits) - 1)
+    if keep is None:
+        lo = cur.amin(0)
+        hi = cur.amax(0)
+    else:
+        lo = torch.where(keep, cur, math.inf).amin(0)
+        hi = torch.where(keep, cur, -math.inf).amax(0)
+        empty = ~keep.any(0)
+        lo = torch.where(empty, 0.0, lo)
+        hi = torch.where(empty, 0.0, hi)
+    lo = lo.double()
+    hi = hi.double()
+    deg = hi <= lo
+    lo = torch.where(deg, lo.clamp(max=0.0), lo)
+    hi = torch.where(deg, hi.clamp(min=0.0), hi)
+    rng = hi - lo
+    need = torch.maximum(lo.abs(), hi.abs()) * maxq / ZERO_LIMIT
+    pad = torch.where(rng < need, (need - rng) / 2.0, 0.0)
+    lo = lo - pad
+    hi = hi + pad
+    rng = hi - lo
+    scale = rng / maxq
+    pos = scale > 0
+    zero = torch.where(pos, -lo / torch.where(pos, scale, 1.0), 0.0)
+    scale = scale.clamp(max=F16_MAX)
+    return scale.float(), zero.float()
+
+
+def _f16(x):
+    """:func:`quantizer.f16_round` of a float32 tensor."""
+    return x.clamp(-F16_MAX, F16_MAX).half()
+
+
+def nearest_code_t(torch, x, base, step, qmax: int):
+    """:func:`quantizer.nearest_code` (float32 decoded values, ties to the lower code)."""
+    pos = step > 0
+    q0 = torch.round((x - base) / torch.where(pos, step, 1.0))
+    q0 = torch.where(pos, q0, 0.0).clamp_(0, qmax)
+    best_q = q0
+    best_d = ((base + step * q0) - x).abs()
+    for off in (-1.0, 1.0):
+        q = (q0 + off).clamp_(0, qmax)
+        d = ((base + step * q) - x).abs()
+        better = (d < best_d) | ((d == best_d) & (q < best_q))
+        best_q = torch.where(better, q, best_q)
+        best_d = torch.where(better, d, best_d)
+    return best_q
+
+
+def _second_level_t(torch, x, sbits: int, tile: int):
+    """:func:`quantizer._second_level` for one group (``x[m]`` float32): codes (float32
+    values), step and base (fp16 ``[T]``), and their decoded float32 value per row."""
+    m = x.shape[0]
+    t = -(-m // tile)
+    pad = t * tile - m
+    xp = x if pad == 0 else torch.cat([x, x[(t - 1) * tile].expand(pad)])
+    xt = xp.view(t, tile)
+    lo = xt.amin(1)
+    hi = xt.amax(1)
+    qmax = float((1 << sbits) - 1)
+    base = _f16(lo)
+    step = _f16(((hi.double() - lo.double()) / qmax).float())
+    base32 = base.float().repeat_interleave(tile)[:m]
+    step32 = step.float().repeat_interleave(tile)[:m]
+    codes = nearest_code_t(torch, x, base32, step32, int(qmax))
+    # C-7.1 exactly: product rounded to f32, then sum rounded to f32.
+    dec = base32 + step32 * codes
+    return codes, step, base, dec
+
+
+def quantize_stats_t(torch, scale, zero, params):
+    """:func:`quantizer.quantize_stats` for one group: decoded ``(scale, zero)`` float32
+    ``[m]``, the stored statistics ``[m, 2]`` (fp16, or uint8 codes) and the second-level
+    record ``[T, 4]`` fp16 (None with fp16 statistics)."""
+    if params.stats_bits == 0:
+        s16 = _f16(scale)
+        z16 = _f16(zero)
+        return s16.float(), z16.float(), torch.stack([s16, z16], -1), None
+    sb, tile = params.stats_bits, params.stats_group_size
+    qs, s_step, s_base, dec_s = _second_level_t(torch, scale, sb, tile)
+    qz, z_step, z_base, dec_z = _second_level_t(torch, zero, sb, tile)
+    stored = torch.stack([qs, qz], -1).to(torch.uint8)
+    return dec_s, dec_z, stored, torch.stack([s_step, s_base, z_step, z_base], -1)
+
+
+def _choose(torch, x, s, z, a, maxq: int, offs):
+    """Nearest code in *decoded* value to each entry of ``x[..., m]`` (row statistics ``s, z``
+    ``[m]``, ``a = 1/s`` or 0): the candidates around ``round(x/s + z)``, their decoded f32
+    values ``s * (q - z)`` and the index of the nearest (ties to the lower code, as
+    :func:`quantizer.code_scalar`). The seed may be one code off; the search corrects it."""
+    t = torch.addcmul(z, x, a).clamp_(0, maxq).add_(0.5).floor_()
+    cand = (t.unsqueeze(0) + offs).clamp_(0, maxq)
+    dec = (cand - z).mul_(s)
+    k = (dec - x).abs_().argmin(0, keepdim=True)
+    return cand, dec, k
+
+
+def _loo(torch, cur, d, maxq: int):
+    """SpQR's leave-one-out estimate (:func:`gptq._loo_scores`) for a group ``cur[g, m]``
+    (transposed) with ``d[g]`` float64: ``score[k, i]`` = the drop in the Hessian-weighted
+    error of a plain ``b``-bit min-max fit of row ``i``'s group when weight ``k`` is left out.
+
+    Leaving out a weight changes the fit only when it is the row's (first) minimum or maximum,
+    so three fits per row suffice: the full one and the two without an extreme."""
+    g, m = cur.shape
+    if g < 2:
+        return torch.zeros((g, m), dtype=torch.float64, device=cur.device)
+    x = cur.double()
+    fq = float(maxq)
+    dd = d.view(g, 1)
+    srt = x.sort(0).values
+    lo1, lo2, hi2, hi1 = srt[0], srt[1], srt[-2], srt[-1]
+    ilo = x.argmin(0)  # first index of the minimum, as the reference's strict scan
+    ihi = x.argmax(0)
+    pos = torch.arange(g, device=cur.device).view(g, 1)
+    at_lo = pos == ilo
+    at_hi = (pos == ihi) & ~at_lo
+
+    def fit(lo, hi):
+        ok = hi > lo
+        s = torch.where(ok, (hi - lo) / fq, 1.0)
+        z = -lo / s
+        q = torch.floor(x / s + z + 0.5).clamp_(0.0, fq)
+        r = (s * (q - z) - x) / dd
+        return r * r, ok
+
+    e0, ok0 = fit(lo1, hi1)
+    e0 = torch.where(ok0, e0, 0.0)
+    base = e0.sum(0)
+    same = base - e0  # the fit is unchanged: only k's own error disappears
+    one = ilo == ihi
+    lo_a = lo2
+    hi_a = torch.where(one, hi2, hi1)
+    e_a, ok_a = fit(lo_a, hi_a)
+    loo_a = torch.where(pos == ilo, 0.0, e_a).sum(0)
+    keep_a = (lo_a == lo1) & (hi_a == hi1)
+    lo_b = torch.where(one, lo2, lo1)
+    hi_b = hi2
+    e_b, ok_b = fit(lo_b, hi_b)
+    loo_b = torch.where(pos == ihi, 0.0, e_b).sum(0)
+    keep_b = (lo_b == lo1) & (hi_b == hi1)
+    at_a = torch.where(ok_a, torch.where(keep_a, same, loo_a), 0.0)
+    at_b = torch.where(ok_b, torch.where(keep_b, same, loo_b), 0.0)
+    loo = torch.where(at_lo, at_a, torch.where(at_hi, at_b, same))
+    return base - loo
+
+
+def _rank_desc(torch, key):
+    """Position of each entry of the 1-D ``key`` in descending order, ties by index."""
+    order = torch.sort(key, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(0, order, torch.arange(key.numel(), device=key.device))
+    return rank
+
+
+# -- the solver -----------------------------------------------------------------------------
+
+
+def encode_gptq_torch(
+    weight,
+    hessian,
+    *,
+    bits: int,
+    group_size: int,
+    stats_bits: int = 0,
+    stats_group_size: int = 0,
+    perm_order: str = "identity",
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    outlier_threshold: float | None = None,
+    outlier_budget: float | None = None,
+    leave_one_out: bool = True,
+    dtype: DType = DType.FLOAT16,
+    name: str | None = None,
+    info: dict | None = None,
+    device=None,
+) -> BilevelTensor:
+    """:func:`spqr_format.codec.gptq.encode_gptq` in torch, on ``device`` (default: the
+    weight's device if it is a tensor, else cpu).
+
+    ``weight`` and ``hessian`` are numpy arrays or torch tensors (on any device; copied to
+    ``device``). Same options, checks and result; ``info`` also receives
+    ``reconstruction_permuted`` and ``reconstruction`` (the solver's reconstruction, stored and
+    original column order: float32 torch tensors on ``device``, equal to the decoded tensor),
+    ``device`` and ``implementation``.
+    """
+    torch = require_torch()
+    t_start = time.perf_counter()
+    dev = resolve_device(device, weight)
+    with _ieee_float32(torch), torch.no_grad():
+        w = _weight_on(torch, weight, dev, name)
+        m, n = w.shape
+        params, tau, budget, dtype = check_options(
+            bits, group_size, stats_bits, stats_group_size, perm_order, percdamp, block_size,
+            outlier_threshold, outlier_budget, dtype, name,
+        )  # fmt: skip
+        h = _hessian_on(torch, hessian, n, dev, name)
+        times: dict[str, float] = {}
+        _sync(torch, dev)
+        t0 = time.perf_counter()
+        times["validate"] = t0 - t_start
+
+        diag = torch.diagonal(h).clone()
+        perm = None
+        if perm_order == "act_order":
+            perm = torch.sort(-diag, stable=True).indices
+            diag = diag[perm]
+            wt = w.t()[perm].contiguous()  # [n, m]: stored column j is row j
+        else:
+            wt = w.t().contiguous()
+        del w
+        dead = diag == 0
+        mean_diag = float(diag.mean())
+        damp = percdamp * mean_diag
+        wt.masked_fill_(dead.view(n, 1), 0.0)
+        n_dead = int(dead.sum())
+        _sync(torch, dev)
+        t1 = time.perf_counter()
+        times["permute"] = t1 - t0
+
+        u32, d64, extra = _upper_inverse_factor(torch, h, perm, dead, damp, mean_diag, name)
+        del h
+        _sync(torch, dev)
+        t2 = time.perf_counter()
+        times["cholesky"] = t2 - t1
+
+        t, thr = _solve(torch, wt, u32, d64, params, perm, tau, budget, leave_one_out,
+                        block_size, dtype)  # fmt: skip
+        _sync(torch, dev)
+        t3 = time.perf_counter()
+        times["solve"] = t3 - t2
+        times["total"] = t3 - t_start
+        if info is not None:
+            rec_p = wt.t()
+            if perm is None:
+                rec = rec_p.contiguous()
+            else:
+                rec = torch.empty((m, n), dtype=torch.float32, device=dev)
+                rec.index_copy_(1, perm, rec_p)
+            info.update(
+                times=times,
+                damping=damp,
+                extra_damping=extra,
+                dead_columns=n_dead,
+                outlier_threshold=None if not math.isfinite(thr) else thr,
+                zero_limit=ZERO_LIMIT,
+                reconstruction_permuted=rec_p,
+                reconstruction=rec,
+                device=str(dev),
+                implementation=IMPLEMENTATION,
+            )
+    return t
+
+
+def _upper_inverse_factor(torch, h, perm, dead, damp, mean_diag, name):
+    """``U`` (upper, ``U^T U = H^-1``; float32) and ``diag(U)`` (float64) of the permuted,
+    damped Hessian, and the extra damping needed (as :func:`gptq._upper_inverse_factor`): one
+    float64 Cholesky of the reversed matrix ``J H J = L L^T`` and one triangular inverse,
+    ``U = J L^-1 J``."""
+    n = h.shape[0]
+    dev = h.device
+    ro = perm.flip(0) if perm is not None else torch.arange(n - 1, -1, -1, device=dev)
+    dead_rev = dead.flip(0)
+    mean_diag = mean_diag or 1.0
+    extra = 0.0
+    for _attempt in range(14):
+        rev = h.index_select(0, ro).index_select(1, ro)
+        dg = rev.diagonal()
+        dg.add_(damp)
+        dg.copy_(torch.where(dead_rev, 1.0, dg))
+        if extra:
+            dg.add_(extra)
+        low, status = torch.linalg.cholesky_ex(rev)
+        del rev
+        if int(status) == 0:
+            break
+        del low
+        extra = mean_diag * 1e-6 if extra == 0 else extra * 10
+    else:
+        raise BadInputError("Hessian is not positive definite even after damping", tensor=name)
+    if extra:
+        warnings.warn(
+            f"Hessian of {name or 'tensor'} is not positive definite; added damping "
+            f"{extra / mean_diag:.3g} x mean diagonal",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    eye = torch.eye(n, dtype=torch.float64, device=dev)
+    linv = torch.linalg.solve_triangular(low, eye, upper=False)
+    del low, eye
+    d64 = linv.diagonal().flip(0).clone()
+    u32 = linv.float().flip(0, 1)  # J L^-1 J
+    return u32, d64, extra
+
+
+def _solve(torch, wt, u, d64, params, perm, tau, budget, leave_one_out, block_size, dtype):
+    """The column loop (``wt[n, m]``: permuted, dead columns zeroed; overwritten with the
+    reconstruction)."""
+    n, m = wt.shape
+    dev = wt.device
+    thr = math.inf
+    if tau is not None:
+        if m > 1:
+            var = torch.empty(n, dtype=torch.float64, device=dev)
+            step = max(1, (64 << 20) // (8 * m))
+            for c0 in range(0, n, step):
+                var[c0 : c0 + step] = wt[c0 : c0 + step].double().var(dim=1, correction=1)
+            scale = float((var / d64**2).mean())
+        else:
+            scale = 0.0
+        # Identical rows: no scale to measure errors against (see the reference).
+        thr = float(tau * scale) if scale > 0 else math.inf
+    elif budget is not None:
+        thr = 0.0
+    thr32 = _f32_floor(thr)
+    use_loo = leave_one_out and tau is not None
+    outliers_on = math.isfinite(thr)
+    bits = params.bits
+    maxq = (1 << bits) - 1
+    g = params.group_size
+    G = -(-n // g)
+    sb = params.stats_bits
+    qt = torch.zeros((n, m), dtype=torch.uint8, device=dev)
+    om = torch.zeros((n, m), dtype=torch.bool, device=dev) if outliers_on else None
+    st = torch.zeros((G, m, 2), dtype=torch.float16 if sb == 0 else torch.uint8, device=dev)
+    st2 = (
+        None
+        if sb == 0
+        else torch.zeros((G, -(-m // params.stats_group_size), 4), dtype=torch.float16, device=dev)
+    )
+    d32 = d64.float()
+    offs = torch.tensor([-1.0, 0.0, 1.0], device=dev).view(3, 1)
+    offs2 = offs.view(3, 1, 1)
+    used = torch.zeros((), dtype=torch.int64, device=dev)
+    caps = None
+    if budget is not None:
+        ends = [min((k + 1) * g, n) for k in range(G)]
+        caps = torch.tensor([_cap(budget, m, n, e) for e in ends], dtype=torch.int64, device=dev)
+    bmax = min(block_size, n)
+    et = torch.empty((bmax, m), dtype=torch.float32, device=dev)
+    s_cur = z_cur = a_cur = None
+    for b0 in range(0, n, block_size):
+        b1 = min(b0 + block_size, n)
+        j = b0
+        while j < b1:
+            k = j // g
+            if j % g == 0:  # a group starts: fit its statistics on the current weights
+                ge = min(j + g, n)
+                if ge > b1:  # columns past the block still owe this block's pending updates
+                    tail = wt[b1:ge] - u[b0:j, b1:ge].t() @ et[: j - b0]
+                    cur = torch.cat([wt[j:b1], tail])
+                else:
+                    cur = wt[j:ge]
+                keep = None
+                if use_loo:
+                    score = _loo(torch, cur, d64[j:ge], maxq)
+                    sus = score > thr
+                    if budget is not None:
+                        # Suspects become outliers outright under a budget, limited to the
+                        # allowance left at the group's end (ties by row-major position).
+                        left = (caps[k] - used).clamp_(min=0)
+                        flat = torch.where(sus, score, -math.inf).t().reshape(-1)
+                        sus = sus & (_rank_desc(torch, flat) < left).view(m, -1).t()
+                        om[j:ge] = sus
+                        used += sus.sum()
+                    keep = ~sus
+                s1, z1 = minmax_stats_t(torch, cur, bits, keep)
+                s_cur, z_cur, stored, rec2 = quantize_stats_t(torch, s1, z1, params)
+                st[k] = stored
+                if st2 is not None:
+                    st2[k] = rec2
+                a_cur = torch.where(s_cur > 0, 1.0 / s_cur, 0.0)
+                del cur, keep
+            je = min(b1, (k + 1) * g)
+            ws = wt[j:je]
+            es = et[j - b0 : je - b0]
+            us = u[j:je, j:je]
+            ds = d32[j:je]
+            oms = om[j:je] if outliers_on else None
+            for c in range(je - j):
+                x = ws[c]
+                e = es[c]
+                _cand, dec, kk = _choose(torch, x, s_cur, z_cur, a_cur, maxq, offs)
+                v = dec.gather(0, kk).squeeze(0)
+                torch.sub(x, v, out=e)
+                e.div_(ds[c])
+                if outliers_on:
+                    ne2 = e * e
+                    if budget is None:
+                        o = ne2 > thr32
+                    else:
+                        cand = (ne2 > thr32) & ~oms[c]
+                        allowed = torch.minimum(cand.sum(), (caps[k] - used).clamp_(min=0))
+                        rank = _rank_desc(torch, torch.where(cand, ne2, -math.inf))
+                        o = oms[c] | (cand & (rank < allowed))
+                        used += allowed
+                    oms[c] = o
+                    v = torch.where(o, _f16(x).float(), v)
+                    torch.sub(x, v, out=e)
+                    e.div_(ds[c])
+                x.copy_(v)
+                if c + 1 < je - j:
+                    ws[c + 1 :].addcmul_(us[c, c + 1 :].view(-1, 1), e.view(1, -1), value=-1.0)
+            # The codes of the segment, chosen against its reconstruction: the decoded value
+            # of the nearest code (itself) or, under an outlier, the code nearest the outlier.
+            cand, _dec, kk = _choose(torch, ws, s_cur, z_cur, a_cur, maxq, offs2)
+            qt[j:je] = cand.gather(0, kk).squeeze(0).to(torch.uint8)
+            if je < b1:
+                wt[je:b1].addmm_(u[j:je, je:b1].t(), es, alpha=-1.0)
+            j = je
+        if b1 < n:
+            # Lazy update of the rest, in row chunks to bound the temporary.
+            step = max(1, (256 << 20) // (4 * m))
+            for c0 in range(b1, n, step):
+                c1 = min(c0 + step, n)
+                wt[c0:c1].addmm_(u[b0:b1, c0:c1].t(), et[: b1 - b0], alpha=-1.0)
+    outliers = None
+    if outliers_on and bool(om.any()):
+        idx = om.t().nonzero()
+        rows, cols = idx[:, 0], idx[:, 1]
+        outliers = Outliers(
+            rows=rows.cpu().numpy().astype(np.uint32),
+            cols=cols.cpu().numpy().astype(np.uint32),
+            values=wt[cols, rows].half().cpu().numpy(),
+        )
+    t = BilevelTensor(
+        shape=(m, n),
+        params=params,
+        codes=qt.t().contiguous().cpu().numpy(),
+        stats=st.permute(1, 0, 2).contiguous().cpu().numpy(),
+        stats2=None if st2 is None else st2.permute(1, 0, 2).contiguous().cpu().numpy(),
+        perm=None if perm is None else perm.cpu().numpy().astype(np.uint32),
+        outliers=outliers,
+        dtype=dtype,
+    )
+    return t, thr
