@@ -638,3 +638,166 @@ def _solve(torch, wt, u, d64, params, perm, tau, budget, leave_one_out, block_si
         dtype=dtype,
     )
     return t, thr
+
+
+# -- one tensor with a configuration, and Hessians, on a torch device ---------------------
+
+
+def _default_dtype_t(torch, weight) -> DType:
+    dt = getattr(weight, "dtype", None)
+    if dt in (np.float16, torch.float16):
+        return DType.FLOAT16
+    if dt == torch.bfloat16:
+        return DType.BFLOAT16
+    return DType.FLOAT32
+
+
+def output_errors(torch, w, q, h) -> tuple[float, float | None]:
+    """``(|Q - W| / |W|, tr((W-Q) H (W-Q)^T) / tr(W H W^T))`` on the tensors' device, as
+    :func:`presets.encode_tensor` reports them (float32 GEMMs in row chunks, float64 sums;
+    the second is None without ``h``)."""
+    d = q - w
+    wn = float(torch.linalg.vector_norm(w, dtype=torch.float64))
+    dn = float(torch.linalg.vector_norm(d, dtype=torch.float64))
+    rel_w = dn / wn if wn > 0 else (0.0 if dn == 0 else math.inf)
+    if h is None:
+        return rel_w, None
+    h32 = h.to(dtype=torch.float32)
+    m, n = w.shape
+    step = max(1, (256 << 20) // (4 * max(n, 1)))
+    num = torch.zeros((), dtype=torch.float64, device=w.device)
+    den = torch.zeros((), dtype=torch.float64, device=w.device)
+    for r0 in range(0, m, step):
+        wc, dc = w[r0 : r0 + step], d[r0 : r0 + step]
+        num += ((dc @ h32) * dc).sum(dtype=torch.float64)
+        den += ((wc @ h32) * wc).sum(dtype=torch.float64)
+    num, den = float(num), float(den)
+    return rel_w, (num / den if den > 0 else (0.0 if num == 0 else math.inf))
+
+
+def encode_tensor_torch(
+    weight,
+    config,
+    hessian=None,
+    name: str | None = None,
+    *,
+    dtype: DType | None = None,
+    info: dict | None = None,
+    device=None,
+):
+    """:func:`spqr_format.codec.presets.encode_tensor` with the torch solver on ``device``.
+
+    ``weight`` / ``hessian``: numpy arrays or torch tensors. Returns ``(tensor, report)`` with
+    the same report keys (errors measured on ``device`` against the solver's reconstruction,
+    which equals the decoded tensor). ``info`` receives the solver's facts plus ``packed`` (the
+    packed tensor) and ``reconstruction`` (decoded float32 ``[m, n]`` on ``device``). An
+    ``rtn`` configuration runs the CPU RTN encoder (it has no solve) and is measured here.
+    """
+    torch = require_torch()
+    from spqr_format.codec.packing import pack
+    from spqr_format.codec.presets import EncoderConfig, make_report, rtn_fallback_warning
+    from spqr_format.codec.reference import decode_bilevel_f32
+    from spqr_format.codec.rtn import encode_rtn
+
+    if not isinstance(config, EncoderConfig):
+        raise BadInputError(
+            f"config must be an EncoderConfig, got {type(config).__name__}", tensor=name
+        )
+    dev = resolve_device(device, weight)
+    dt = _default_dtype_t(torch, weight) if dtype is None else dtype
+    warning = None
+    method = config.method
+    if method == "gptq" and hessian is None:
+        warning = rtn_fallback_warning(config, name)
+        warnings.warn(warning, RuntimeWarning, stacklevel=2)
+        method = "rtn"
+    common = dict(
+        bits=config.bits,
+        group_size=config.group_size,
+        stats_bits=config.stats_bits,
+        stats_group_size=config.stats_group_size,
+        dtype=dt,
+        name=name,
+    )
+    solver: dict = {}
+    with torch.no_grad(), _ieee_float32(torch):
+        w = _weight_on(torch, weight, dev, name)
+        hs = None if hessian is None else _hessian_on(torch, hessian, w.shape[1], dev, name)
+        if method == "rtn":
+            t = encode_rtn(w.cpu().numpy(), outlier_fraction=config.outlier_budget or 0.0,
+                           **common)  # fmt: skip
+            packed = pack(t)
+            rec = torch.from_numpy(decode_bilevel_f32(packed, validate=False)).to(dev)
+        else:
+            t = encode_gptq_torch(
+                w,
+                hs,
+                perm_order=config.perm_order,
+                percdamp=config.percdamp,
+                block_size=config.block_size,
+                outlier_threshold=config.outlier_threshold,
+                outlier_budget=config.outlier_budget,
+                leave_one_out=config.leave_one_out,
+                info=solver,
+                device=dev,
+                **common,
+            )
+            packed = pack(t)
+            rec = solver["reconstruction"]
+        rel_w, rel_out = output_errors(torch, w, rec, hs)
+    report = make_report(t, packed, config, method, warning, rel_w, rel_out)
+    if info is not None:
+        info.update(solver)
+        info.update(packed=packed, reconstruction=rec, device=str(dev),
+                    implementation=IMPLEMENTATION)  # fmt: skip
+    return t, report
+
+
+class HessianAccumulatorTorch:
+    """:class:`spqr_format.codec.hessian.HessianAccumulator` on a torch device: the plain
+    float64 sum ``sum_t x_t x_t^T`` (one GEMM per chunk of tokens), divided once, mirrored from
+    the lower triangle so it is exactly symmetric. Nothing synchronises with the host until
+    :meth:`hessian` (the finiteness check is accumulated on the device)."""
+
+    def __init__(self, in_features: int, *, device, name: str | None = None) -> None:
+        self.torch = require_torch()
+        self.name = name
+        self.in_features = int(in_features)
+        self.device = self.torch.device(device)
+        self._sum = None
+        self._finite = None
+        self.tokens = 0
+
+    def add(self, batch) -> None:
+        torch = self.torch
+        x = batch.detach()
+        n = self.in_features
+        if x.ndim < 1 or x.shape[-1] != n:
+            raise BadInputError(
+                f"activation batch has shape {tuple(x.shape)}, expected [..., {n}]",
+                tensor=self.name,
+            )
+        if not x.is_floating_point():
+            raise BadInputError(
+                f"activations must be floating point, got {x.dtype}", tensor=self.name
+            )
+        x = x.reshape(-1, n)
+        if self._sum is None:
+            self._sum = torch.zeros((n, n), dtype=torch.float64, device=self.device)
+            self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+        rows = max(1, (256 << 20) // (8 * n))
+        for i in range(0, x.shape[0], rows):
+            xc = x[i : i + rows].to(device=self.device, dtype=torch.float64)
+            self._finite &= torch.isfinite(xc).all()
+            self._sum.addmm_(xc.t(), xc)
+        self.tokens += x.shape[0]
+
+    def hessian(self):
+        """``(2/N) * sum x x^T`` as a float64 ``[n, n]`` tensor on the device."""
+        torch = self.torch
+        if self._sum is None or self.tokens == 0:
+            raise BadInputError("no activations were added to the Hessian", tensor=self.name)
+        if not bool(self._finite):
+            raise BadInputError("activation batch has non-finite values", tensor=self.name)
+        h = torch.tril(self._sum) * (2.0 / self.tokens)
+        return h + torch.tril(h, -1).t()
