@@ -277,7 +277,9 @@ def test_bad_inputs(model_dir, corpus, tmp_path):
     _one_line_error(q(mdir, *base, "--samples", "1000", "--seq-len", "64"), "too short",
                     "corpus.txt")  # fmt: skip
     _one_line_error(q(mdir, *base, "--seq-len", "4096"), "positions")
-    _one_line_error(q(mdir, *base, "--device", "cuda"), "GPU encoder is not built")
+    if not torch.cuda.is_available():
+        _one_line_error(q(mdir, *base, "--device", "cuda"), "--device cuda", "CUDA is not available")
+    _one_line_error(q(mdir, *base, "--device", "tpu"), "unknown device 'tpu'")
     small = ["--samples", "2", "--seq-len", "32"]
     _one_line_error(q(mdir, "-o", out, "--calib", str(tmp_path / "nope.txt"), *small), "nope.txt")
     _one_line_error(q(mdir, "-o", out, "--calib", "wikitext2", *small), "data directory")
