@@ -338,3 +338,47 @@ def test_warnings_do_not_leak_state():
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(prev)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", ["spqr-3bit", "spqr-3bit-budget", "gptq-4bit-g128",
+                                    "odd-g10-s2", "g300-block32"])  # fmt: skip
+def test_cuda_graphs_match_eager(config, monkeypatch):  # pragma: no cover - GPU only
+    """The captured steps replay exactly the eager kernels: identical results."""
+    from spqr_format.codec import gptq_torch
+
+    w, h = make_problem(300, 400, seed=8, dead=(7,))
+    kw = CONFIGS[config]
+    info: dict = {}
+    a = encode_gptq_torch(w, h, **kw, device="cuda", info=info)
+    assert info["cuda_graphs"], info["cuda_graphs_error"]
+    monkeypatch.setattr(gptq_torch, "CUDA_GRAPHS", False)
+    b = encode_gptq_torch(w, h, **kw, device="cuda")
+    for x, y in ((a.codes, b.codes), (a.stats, b.stats), (a.stats2, b.stats2)):
+        np.testing.assert_array_equal(x, y)
+    assert (a.outliers is None) == (b.outliers is None)
+    if a.outliers is not None:
+        for f in ("rows", "cols", "values"):
+            np.testing.assert_array_equal(getattr(a.outliers, f), getattr(b.outliers, f))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", ["spqr-3bit", "gptq-4bit-g128"])
+def test_cuda_larger_layer_within_2_percent(config):  # pragma: no cover - GPU only
+    """A 1024 x 2048 layer (a realistic group count per row) on the GPU against numba."""
+    import time
+
+    w, h = make_problem(1024, 2048, seed=9, tokens=4096, hot=16)
+    kw = CONFIGS[config]
+    t0 = time.perf_counter()
+    ref = encode_gptq(w, h, **kw)
+    t1 = time.perf_counter()
+    info: dict = {}
+    got = encode_gptq_torch(w, h, **kw, device="cuda", info=info)
+    t2 = time.perf_counter()
+    q_ref, q_got = decode_bilevel_f32(pack(ref)), decode_bilevel_f32(pack(got))
+    np.testing.assert_array_equal(q_got, info["reconstruction"].cpu().numpy())
+    e_ref, e_got = out_err(w, q_ref, h), out_err(w, q_got, h)
+    print(f"\n{config} 1024x2048: numba {t1 - t0:.2f} s err {e_ref:.5f}; cuda {t2 - t1:.2f} s "
+          f"err {e_got:.5f} (graphs {info['cuda_graphs']}); times {info['times']}")  # fmt: skip
+    assert abs(e_got / e_ref - 1) <= 0.02, (e_ref, e_got)

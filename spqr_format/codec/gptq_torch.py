@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 
@@ -51,6 +52,9 @@ from spqr_format.errors import BadInputError
 from spqr_format.spec import DType
 
 INSTALL_HINT = "pip install 'spqr-format[torch]'"
+# Capture the solver's repeated steps as CUDA graphs (SPQR_GPTQ_CUDA_GRAPHS=0: eager kernels;
+# the results are identical, only the launch overhead differs).
+CUDA_GRAPHS = os.environ.get("SPQR_GPTQ_CUDA_GRAPHS", "1") != "0"
 IMPLEMENTATION = "spqr_format.codec.gptq_torch"
 
 
@@ -264,8 +268,8 @@ def _second_level_t(torch, x, sbits: int, tile: int):
     qmax = float((1 << sbits) - 1)
     base = _f16(lo)
     step = _f16(((hi.double() - lo.double()) / qmax).float())
-    base32 = base.float().repeat_interleave(tile)[:m]
-    step32 = step.float().repeat_interleave(tile)[:m]
+    base32 = base.float().view(t, 1).expand(t, tile).reshape(-1)[:m]
+    step32 = step.float().view(t, 1).expand(t, tile).reshape(-1)[:m]
     codes = nearest_code_t(torch, x, base32, step32, int(qmax))
     # C-7.1 exactly: product rounded to f32, then sum rounded to f32.
     dec = base32 + step32 * codes
@@ -428,8 +432,15 @@ def encode_gptq_torch(
         t2 = time.perf_counter()
         times["cholesky"] = t2 - t1
 
-        t, thr = _solve(torch, wt, u32, d64, params, perm, tau, budget, leave_one_out,
-                        block_size, dtype)  # fmt: skip
+        t, thr, graphs_error = _solve(torch, wt, u32, d64, params, perm, tau, budget,
+                                      leave_one_out, block_size, dtype, CUDA_GRAPHS)  # fmt: skip
+        if graphs_error is not None:
+            warnings.warn(
+                f"CUDA graph capture failed ({graphs_error}); the GPU encoder ran eager "
+                "kernels (same result, slower)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         _sync(torch, dev)
         t3 = time.perf_counter()
         times["solve"] = t3 - t2
@@ -452,6 +463,8 @@ def encode_gptq_torch(
                 reconstruction=rec,
                 device=str(dev),
                 implementation=IMPLEMENTATION,
+                cuda_graphs=dev.type == "cuda" and CUDA_GRAPHS and graphs_error is None,
+                cuda_graphs_error=graphs_error,
             )
     return t
 
@@ -497,9 +510,58 @@ def _upper_inverse_factor(torch, h, perm, dead, damp, mean_diag, name):
     return u32, d64, extra
 
 
-def _solve(torch, wt, u, d64, params, perm, tau, budget, leave_one_out, block_size, dtype):
+class _Steps:
+    """Runs a step function that reads and writes only its own static buffers: eagerly, or on
+    CUDA captured once per key as a CUDA graph and replayed (one launch instead of hundreds of
+    small kernels). The first call of a key runs eagerly (on a side stream, as capture wants a
+    warm-up) and its results are used; later calls replay. If capture fails, everything runs
+    eagerly from then on (``error`` says why); the results are the same either way."""
+
+    def __init__(self, torch, dev, enabled: bool) -> None:
+        self.torch = torch
+        self.dev = dev
+        self.enabled = enabled and dev.type == "cuda"
+        self.graphs: dict = {}
+        self.error: str | None = None
+
+    def run(self, key, fn) -> None:
+        if not self.enabled:
+            fn()
+            return
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        torch = self.torch
+        cur = torch.cuda.current_stream(self.dev)
+        side = torch.cuda.Stream(self.dev)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            fn()  # the warm-up is this step's real run
+        cur.wait_stream(side)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()  # recorded, not run
+        except Exception as err:  # pragma: no cover - depends on the torch/CUDA build
+            self.enabled = False
+            self.error = f"{type(err).__name__}: {err}"
+            self.graphs.clear()
+            torch.cuda.synchronize(self.dev)
+            return
+        self.graphs[key] = graph
+
+
+def _solve(torch, wt, u, d64, params, perm, tau, budget, leave_one_out, block_size, dtype,
+           use_graphs):  # fmt: skip
     """The column loop (``wt[n, m]``: permuted, dead columns zeroed; overwritten with the
-    reconstruction)."""
+    reconstruction). Returns ``(tensor, threshold, graphs error or None)``.
+
+    Two steps repeat: the *fit* at every group start (leave-one-out suspects, statistics, their
+    quantization) and the *segment* solve (the columns of one group inside one block, one at a
+    time, with per-column updates inside the segment). Both read and write only static buffers
+    (copied in and out around them), so on CUDA each is captured once per width and replayed.
+    """
     n, m = wt.shape
     dev = wt.device
     thr = math.inf
@@ -519,98 +581,156 @@ def _solve(torch, wt, u, d64, params, perm, tau, budget, leave_one_out, block_si
     thr32 = _f32_floor(thr)
     use_loo = leave_one_out and tau is not None
     outliers_on = math.isfinite(thr)
+    premark = use_loo and budget is not None  # suspects become outliers at the group start
     bits = params.bits
     maxq = (1 << bits) - 1
     g = params.group_size
     G = -(-n // g)
     sb = params.stats_bits
+    T = -(-m // params.stats_group_size) if sb else 0
+    stat_dt = torch.float16 if sb == 0 else torch.uint8
     qt = torch.zeros((n, m), dtype=torch.uint8, device=dev)
     om = torch.zeros((n, m), dtype=torch.bool, device=dev) if outliers_on else None
-    st = torch.zeros((G, m, 2), dtype=torch.float16 if sb == 0 else torch.uint8, device=dev)
-    st2 = (
-        None
-        if sb == 0
-        else torch.zeros((G, -(-m // params.stats_group_size), 4), dtype=torch.float16, device=dev)
-    )
+    st = torch.zeros((G, m, 2), dtype=stat_dt, device=dev)
+    st2 = None if sb == 0 else torch.zeros((G, T, 4), dtype=torch.float16, device=dev)
     d32 = d64.float()
-    offs = torch.tensor([-1.0, 0.0, 1.0], device=dev).view(3, 1)
-    offs2 = offs.view(3, 1, 1)
-    used = torch.zeros((), dtype=torch.int64, device=dev)
     caps = None
     if budget is not None:
         ends = [min((k + 1) * g, n) for k in range(G)]
         caps = torch.tensor([_cap(budget, m, n, e) for e in ends], dtype=torch.int64, device=dev)
     bmax = min(block_size, n)
     et = torch.empty((bmax, m), dtype=torch.float32, device=dev)
-    s_cur = z_cur = a_cur = None
+
+    # Static state shared by the steps.
+    f32 = dict(dtype=torch.float32, device=dev)
+    s_buf = torch.zeros(m, **f32)
+    z_buf = torch.zeros(m, **f32)
+    a_buf = torch.zeros(m, **f32)
+    used = torch.zeros((), dtype=torch.int64, device=dev)
+    cap_buf = torch.zeros((), dtype=torch.int64, device=dev)
+    offs = torch.tensor([-1.0, 0.0, 1.0], **f32).view(3, 1)
+    offs2 = offs.view(3, 1, 1)
+    fit_bufs: dict = {}
+    seg_bufs: dict = {}
+
+    def fit_buffers(gw):
+        if gw not in fit_bufs:
+            fit_bufs[gw] = dict(
+                cur=torch.empty((gw, m), **f32),
+                dg=torch.empty(gw, dtype=torch.float64, device=dev),
+                stored=torch.empty((m, 2), dtype=stat_dt, device=dev),
+                rec2=torch.empty((T, 4), dtype=torch.float16, device=dev) if sb else None,
+                sus=torch.zeros((gw, m), dtype=torch.bool, device=dev) if premark else None,
+            )
+        return fit_bufs[gw]
+
+    def seg_buffers(w):
+        if w not in seg_bufs:
+            seg_bufs[w] = dict(
+                ws=torch.empty((w, m), **f32),
+                es=torch.empty((w, m), **f32),
+                us=torch.empty((w, w), **f32),
+                ds=torch.empty(w, **f32),
+                oms=torch.zeros((w, m), dtype=torch.bool, device=dev) if outliers_on else None,
+                qs=torch.empty((w, m), dtype=torch.uint8, device=dev),
+            )
+        return seg_bufs[w]
+
+    def fit_step(cur, dg, stored, rec2, sus):
+        keep = None
+        if use_loo:
+            score = _loo(torch, cur, dg, maxq)
+            su = score > thr
+            if budget is not None:
+                # Under a budget, suspects become outliers outright, limited to the allowance
+                # left at the group's end (ties by row-major position, as select_top).
+                left = (cap_buf - used).clamp_(min=0)
+                flat = torch.where(su, score, -math.inf).t().reshape(-1)
+                su = su & (_rank_desc(torch, flat) < left).view(m, -1).t()
+                used.add_(su.sum())
+                sus.copy_(su)
+            keep = ~su
+        s1, z1 = minmax_stats_t(torch, cur, bits, keep)
+        sd, zd, sto, r2 = quantize_stats_t(torch, s1, z1, params)
+        s_buf.copy_(sd)
+        z_buf.copy_(zd)
+        a_buf.copy_(torch.where(sd > 0, 1.0 / sd, 0.0))
+        stored.copy_(sto)
+        if r2 is not None:
+            rec2.copy_(r2)
+
+    def seg_step(ws, es, us, ds, oms, qs):
+        w = ws.shape[0]
+        for c in range(w):
+            x = ws[c]
+            e = es[c]
+            _cand, dec, kk = _choose(torch, x, s_buf, z_buf, a_buf, maxq, offs)
+            v = dec.gather(0, kk).squeeze(0)
+            torch.sub(x, v, out=e)
+            e.div_(ds[c])
+            if outliers_on:
+                ne2 = e * e
+                if budget is None:
+                    o = ne2 > thr32
+                else:
+                    # The column's largest errors above the threshold, while the cap allows
+                    # (pre-marked suspects are outliers already and counted).
+                    cand = (ne2 > thr32) & ~oms[c]
+                    allowed = torch.minimum(cand.sum(), (cap_buf - used).clamp_(min=0))
+                    rank = _rank_desc(torch, torch.where(cand, ne2, -math.inf))
+                    o = oms[c] | (cand & (rank < allowed))
+                    used.add_(allowed)
+                oms[c] = o
+                v = torch.where(o, _f16(x).float(), v)
+                torch.sub(x, v, out=e)
+                e.div_(ds[c])
+            x.copy_(v)
+            if c + 1 < w:
+                ws[c + 1 :].addcmul_(us[c, c + 1 :].view(-1, 1), e.view(1, -1), value=-1.0)
+        # The codes, chosen against the reconstruction: the decoded value of the nearest code
+        # (that code) or, under an outlier, the code nearest the outlier's value.
+        cand, _dec, kk = _choose(torch, ws, s_buf, z_buf, a_buf, maxq, offs2)
+        qs.copy_(cand.gather(0, kk).squeeze(0))
+
+    steps = _Steps(torch, dev, use_graphs)
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
         j = b0
         while j < b1:
             k = j // g
+            if budget is not None:
+                cap_buf.copy_(caps[k])
             if j % g == 0:  # a group starts: fit its statistics on the current weights
                 ge = min(j + g, n)
+                fb = fit_buffers(ge - j)
                 if ge > b1:  # columns past the block still owe this block's pending updates
-                    tail = wt[b1:ge] - u[b0:j, b1:ge].t() @ et[: j - b0]
-                    cur = torch.cat([wt[j:b1], tail])
+                    fb["cur"][: b1 - j].copy_(wt[j:b1])
+                    torch.sub(wt[b1:ge], u[b0:j, b1:ge].t() @ et[: j - b0],
+                              out=fb["cur"][b1 - j :])  # fmt: skip
                 else:
-                    cur = wt[j:ge]
-                keep = None
-                if use_loo:
-                    score = _loo(torch, cur, d64[j:ge], maxq)
-                    sus = score > thr
-                    if budget is not None:
-                        # Suspects become outliers outright under a budget, limited to the
-                        # allowance left at the group's end (ties by row-major position).
-                        left = (caps[k] - used).clamp_(min=0)
-                        flat = torch.where(sus, score, -math.inf).t().reshape(-1)
-                        sus = sus & (_rank_desc(torch, flat) < left).view(m, -1).t()
-                        om[j:ge] = sus
-                        used += sus.sum()
-                    keep = ~sus
-                s1, z1 = minmax_stats_t(torch, cur, bits, keep)
-                s_cur, z_cur, stored, rec2 = quantize_stats_t(torch, s1, z1, params)
-                st[k] = stored
+                    fb["cur"].copy_(wt[j:ge])
+                fb["dg"].copy_(d64[j:ge])
+                steps.run(("fit", ge - j), lambda fb=fb: fit_step(**fb))
+                st[k] = fb["stored"]
                 if st2 is not None:
-                    st2[k] = rec2
-                a_cur = torch.where(s_cur > 0, 1.0 / s_cur, 0.0)
-                del cur, keep
+                    st2[k] = fb["rec2"]
+                if premark:
+                    om[j:ge] = fb["sus"]
             je = min(b1, (k + 1) * g)
-            ws = wt[j:je]
-            es = et[j - b0 : je - b0]
-            us = u[j:je, j:je]
-            ds = d32[j:je]
-            oms = om[j:je] if outliers_on else None
-            for c in range(je - j):
-                x = ws[c]
-                e = es[c]
-                _cand, dec, kk = _choose(torch, x, s_cur, z_cur, a_cur, maxq, offs)
-                v = dec.gather(0, kk).squeeze(0)
-                torch.sub(x, v, out=e)
-                e.div_(ds[c])
-                if outliers_on:
-                    ne2 = e * e
-                    if budget is None:
-                        o = ne2 > thr32
-                    else:
-                        cand = (ne2 > thr32) & ~oms[c]
-                        allowed = torch.minimum(cand.sum(), (caps[k] - used).clamp_(min=0))
-                        rank = _rank_desc(torch, torch.where(cand, ne2, -math.inf))
-                        o = oms[c] | (cand & (rank < allowed))
-                        used += allowed
-                    oms[c] = o
-                    v = torch.where(o, _f16(x).float(), v)
-                    torch.sub(x, v, out=e)
-                    e.div_(ds[c])
-                x.copy_(v)
-                if c + 1 < je - j:
-                    ws[c + 1 :].addcmul_(us[c, c + 1 :].view(-1, 1), e.view(1, -1), value=-1.0)
-            # The codes of the segment, chosen against its reconstruction: the decoded value
-            # of the nearest code (itself) or, under an outlier, the code nearest the outlier.
-            cand, _dec, kk = _choose(torch, ws, s_cur, z_cur, a_cur, maxq, offs2)
-            qt[j:je] = cand.gather(0, kk).squeeze(0).to(torch.uint8)
+            sg = seg_buffers(je - j)
+            sg["ws"].copy_(wt[j:je])
+            sg["us"].copy_(u[j:je, j:je])
+            sg["ds"].copy_(d32[j:je])
+            if outliers_on:
+                sg["oms"].copy_(om[j:je])
+            steps.run(("seg", je - j), lambda sg=sg: seg_step(**sg))
+            wt[j:je] = sg["ws"]
+            et[j - b0 : je - b0] = sg["es"]
+            qt[j:je] = sg["qs"]
+            if outliers_on:
+                om[j:je] = sg["oms"]
             if je < b1:
-                wt[je:b1].addmm_(u[j:je, je:b1].t(), es, alpha=-1.0)
+                wt[je:b1].addmm_(u[j:je, je:b1].t(), sg["es"], alpha=-1.0)
             j = je
         if b1 < n:
             # Lazy update of the rest, in row chunks to bound the temporary.
@@ -618,6 +738,8 @@ def _solve(torch, wt, u, d64, params, perm, tau, budget, leave_one_out, block_si
             for c0 in range(b1, n, step):
                 c1 = min(c0 + step, n)
                 wt[c0:c1].addmm_(u[b0:b1, c0:c1].t(), et[: b1 - b0], alpha=-1.0)
+    graphs_error = steps.error
+    del steps, fit_bufs, seg_bufs
     outliers = None
     if outliers_on and bool(om.any()):
         idx = om.t().nonzero()
@@ -637,7 +759,7 @@ def _solve(torch, wt, u, d64, params, perm, tau, budget, leave_one_out, block_si
         outliers=outliers,
         dtype=dtype,
     )
-    return t, thr
+    return t, thr, graphs_error
 
 
 # -- one tensor with a configuration, and Hessians, on a torch device ---------------------
