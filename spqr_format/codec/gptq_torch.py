@@ -523,6 +523,7 @@ class _Steps:
         self.enabled = enabled and dev.type == "cuda"
         self.graphs: dict = {}
         self.error: str | None = None
+        self.side = torch.cuda.Stream(dev) if self.enabled else None
 
     def run(self, key, fn) -> None:
         if not self.enabled:
@@ -534,19 +535,25 @@ class _Steps:
             return
         torch = self.torch
         cur = torch.cuda.current_stream(self.dev)
-        side = torch.cuda.Stream(self.dev)
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
+        self.side.wait_stream(cur)
+        # capture_begin/end rather than torch.cuda.graph(): that one synchronises, collects
+        # garbage and empties the allocator's cache at every capture.
+        with torch.cuda.stream(self.side):
             fn()  # the warm-up is this step's real run
-        cur.wait_stream(side)
-        try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()  # recorded, not run
-        except Exception as err:  # pragma: no cover - depends on the torch/CUDA build
-            self.enabled = False
-            self.error = f"{type(err).__name__}: {err}"
-            self.graphs.clear()
+            try:
+                graph.capture_begin()
+                try:
+                    fn()  # recorded, not run
+                finally:
+                    graph.capture_end()
+            except Exception as err:  # pragma: no cover - depends on the torch/CUDA build
+                self.enabled = False
+                self.error = f"{type(err).__name__}: {err}"
+                self.graphs.clear()
+                graph = None
+        cur.wait_stream(self.side)
+        if graph is None:  # pragma: no cover
             torch.cuda.synchronize(self.dev)
             return
         self.graphs[key] = graph
