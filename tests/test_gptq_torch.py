@@ -91,8 +91,16 @@ CONFIGS = {
     "budget-only": preset_kw("gptq-3bit-g128", group_size=16, outlier_budget=0.01),
     "spqr-no-loo-identity": preset_kw("spqr-3bit", leave_one_out=False, perm_order="identity"),
     # groups across block boundaries, a 2-bit second level in tiles of 4 rows
-    "odd-g10-s2": dict(bits=3, group_size=10, stats_bits=2, stats_group_size=4, block_size=16,
-                       outlier_threshold=0.3, perm_order="act_order", percdamp=0.1),
+    "odd-g10-s2": dict(
+        bits=3,
+        group_size=10,
+        stats_bits=2,
+        stats_group_size=4,
+        block_size=16,
+        outlier_threshold=0.3,
+        perm_order="act_order",
+        percdamp=0.1,
+    ),
     # one group wider than several blocks
     "g300-block32": dict(bits=2, group_size=300, block_size=32, perm_order="identity"),
 }
@@ -149,8 +157,11 @@ def test_output_error_within_2_percent_and_decode_is_the_reconstruction(config, 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "params",
-    [dict(bits=4, group_size=128), dict(bits=3, group_size=16, stats_bits=3, stats_group_size=16),
-     dict(bits=2, group_size=7, stats_bits=4, stats_group_size=5)],  # fmt: skip
+    [
+        dict(bits=4, group_size=128),
+        dict(bits=3, group_size=16, stats_bits=3, stats_group_size=16),
+        dict(bits=2, group_size=7, stats_bits=4, stats_group_size=5),
+    ],  # fmt: skip
 )
 def test_identity_hessian_is_exactly_rtn(params, device):
     """With H = I there is no error feedback: GPTQ is RTN, so statistics (fp16 rounding,

@@ -278,7 +278,9 @@ def test_bad_inputs(model_dir, corpus, tmp_path):
                     "corpus.txt")  # fmt: skip
     _one_line_error(q(mdir, *base, "--seq-len", "4096"), "positions")
     if not torch.cuda.is_available():
-        _one_line_error(q(mdir, *base, "--device", "cuda"), "--device cuda", "CUDA is not available")
+        _one_line_error(
+            q(mdir, *base, "--device", "cuda"), "--device cuda", "CUDA is not available"
+        )
     _one_line_error(q(mdir, *base, "--device", "tpu"), "unknown device 'tpu'")
     small = ["--samples", "2", "--seq-len", "32"]
     _one_line_error(q(mdir, "-o", out, "--calib", str(tmp_path / "nope.txt"), *small), "nope.txt")

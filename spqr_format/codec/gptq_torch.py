@@ -491,7 +491,6 @@ def _upper_inverse_factor(torch, h, perm, dead, damp, mean_diag, name):
         del rev
         if int(status) == 0:
             break
-        del low
         extra = mean_diag * 1e-6 if extra == 0 else extra * 10
     else:
         raise BadInputError("Hessian is not positive definite even after damping", tensor=name)
@@ -746,7 +745,7 @@ def _solve(torch, wt, u, d64, params, perm, tau, budget, leave_one_out, block_si
                 c1 = min(c0 + step, n)
                 wt[c0:c1].addmm_(u[b0:b1, c0:c1].t(), et[: b1 - b0], alpha=-1.0)
     graphs_error = steps.error
-    del steps, fit_bufs, seg_bufs
+    del steps  # the graphs and their memory
     outliers = None
     if outliers_on and bool(om.any()):
         idx = om.t().nonzero()

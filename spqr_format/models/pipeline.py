@@ -18,10 +18,12 @@ Only one block's activations and Hessians are in memory at a time (the inputs an
 that block for all windows, and the Hessians of its layers). With ``device="cuda"`` the
 embeddings still run on the CPU; each block is moved to the GPU while it is processed (its
 activations, Hessians and the torch encoder, :mod:`spqr_format.codec.gptq_torch`, live there)
-and back afterwards, so the rest of the model never occupies GPU memory. Each finished block is written to
-``OUT.partial/block-NNNNN.spqr`` (atomically); ``resume=True`` reuses the finished blocks of an
-interrupted run with the same settings, and the final file is assembled from these checkpoints
-in either case, so a resumed run writes the same bytes as an uninterrupted one.
+and back afterwards, so the rest of the model never occupies GPU memory.
+
+Each finished block is written to ``OUT.partial/block-NNNNN.spqr`` (atomically);
+``resume=True`` reuses the finished blocks of an interrupted run with the same settings (and
+the same encoder and device kind), and the final file is assembled from these checkpoints in
+either case, so a resumed run writes the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -351,8 +353,10 @@ def quantize_model(
         raise _Stop
 
     _run_to_hook(torch, model, blocks[0], catcher, windows, with_kwargs=True)
-    inputs = captured if dev is None else [_to_device(torch, e, dev) for e in captured]
-    del captured
+    inputs = captured
+    if dev is not None:
+        inputs = [_to_device(torch, e, dev) for e in captured]
+        captured.clear()  # the CPU copies
     if len(inputs) != len(windows):
         raise BadInputError(
             f"cannot walk {type(model).__name__}: its forward did not reach {prefix}.0"
