@@ -24,6 +24,7 @@ from hypothesis import strategies as st  # noqa: E402
 from spqr_format.codec.gptq import encode_gptq  # noqa: E402
 from spqr_format.codec.gptq_torch import (  # noqa: E402
     HessianAccumulatorTorch,
+    SharedProducts,
     encode_gptq_torch,
     encode_tensor_torch,
     resolve_device,
@@ -284,10 +285,21 @@ def test_hessian_accumulator_torch(device):
     rng = np.random.default_rng(7)
     a = HessianAccumulator(24)
     b = HessianAccumulatorTorch(24, device=device)
+    # Two layers fed the very same tensor share its x^T x through SharedProducts.
+    shared = SharedProducts()
+    c1 = HessianAccumulatorTorch(24, device=device)
+    c2 = HessianAccumulatorTorch(24, device=device)
     for _ in range(3):
         x = rng.standard_normal((2, 17, 24)).astype(np.float32)
         a.add(x)
-        b.add(torch.from_numpy(x).to(device))
+        xt = torch.from_numpy(x).to(device)
+        b.add(xt)
+        c1.add(xt, shared)
+        c2.add(xt, shared)
+    assert shared.source is xt
+    for c in (c1, c2):
+        assert c.tokens == b.tokens
+        assert torch.equal(c.hessian(), b.hessian())
     hb = b.hessian().cpu().numpy()
     assert b.tokens == a.tokens == 102
     np.testing.assert_allclose(hb, a.hessian(), rtol=1e-12, atol=1e-12)

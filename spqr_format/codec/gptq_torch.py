@@ -881,6 +881,20 @@ def encode_tensor_torch(
     return t, report
 
 
+class SharedProducts:
+    """The last input batch of a forward and its ``x^T x`` chunks, for the layers fed the very
+    same tensor (see :meth:`HessianAccumulatorTorch.add`); holds the tensor until replaced."""
+
+    def __init__(self) -> None:
+        self.source = None
+        self.products: list = []
+        self.finite = None
+        self.device = None
+
+    def clear(self) -> None:
+        self.__init__()
+
+
 class HessianAccumulatorTorch:
     """:class:`spqr_format.codec.hessian.HessianAccumulator` on a torch device: the plain
     float64 sum ``sum_t x_t x_t^T`` (one GEMM per chunk of tokens), divided once, mirrored from
@@ -896,7 +910,10 @@ class HessianAccumulatorTorch:
         self._finite = None
         self.tokens = 0
 
-    def add(self, batch) -> None:
+    def add(self, batch, shared: SharedProducts | None = None) -> None:
+        """Add a batch ``[..., in_features]``. With ``shared``, a batch that is the very
+        tensor the previous ``add`` through ``shared`` got (layers fed one input, e.g. q/k/v)
+        reuses its ``x^T x`` instead of recomputing it; the sums are the same either way."""
         torch = self.torch
         x = batch.detach()
         n = self.in_features
@@ -909,16 +926,27 @@ class HessianAccumulatorTorch:
             raise BadInputError(
                 f"activations must be floating point, got {x.dtype}", tensor=self.name
             )
-        x = x.reshape(-1, n)
         if self._sum is None:
             self._sum = torch.zeros((n, n), dtype=torch.float64, device=self.device)
             self._finite = torch.ones((), dtype=torch.bool, device=self.device)
-        rows = max(1, (256 << 20) // (8 * n))
-        for i in range(0, x.shape[0], rows):
-            xc = x[i : i + rows].to(device=self.device, dtype=torch.float64)
-            self._finite &= torch.isfinite(xc).all()
-            self._sum.addmm_(xc.t(), xc)
-        self.tokens += x.shape[0]
+        if shared is not None and shared.source is batch and shared.device == self.device:
+            prods, finite = shared.products, shared.finite
+        else:
+            x = x.reshape(-1, n)
+            rows = max(1, (256 << 20) // (8 * n))
+            prods = []
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
+            for i in range(0, x.shape[0], rows):
+                xc = x[i : i + rows].to(device=self.device, dtype=torch.float64)
+                finite &= torch.isfinite(xc).all()
+                prods.append(xc.t() @ xc)
+            if shared is not None:
+                shared.source, shared.products, shared.finite = batch, prods, finite
+                shared.device = self.device
+        for p in prods:
+            self._sum += p
+        self._finite &= finite
+        self.tokens += batch.numel() // n
 
     def hessian(self):
         """``(2/N) * sum x x^T`` as a float64 ``[n, n]`` tensor on the device."""

@@ -517,19 +517,23 @@ def _collect_hessians(torch, block, layers, names, inputs, dev=None) -> dict:
     """One pass of all calibration inputs through ``block`` (original weights), recording the
     input of every linear layer into its Hessian (on ``dev`` when given)."""
     pairs = list(zip(layers, names, strict=True))
+    shared = None
     if dev is None:
         accs = {n: HessianAccumulator(lay.in_features, name=n) for lay, n in pairs}
     else:
-        from spqr_format.codec.gptq_torch import HessianAccumulatorTorch
+        from spqr_format.codec.gptq_torch import HessianAccumulatorTorch, SharedProducts
 
         accs = {n: HessianAccumulatorTorch(lay.in_features, device=dev, name=n) for lay, n in pairs}
+        shared = SharedProducts()  # q/k/v (gate/up) see one tensor: one x^T x for them
     handles = []
     for lay, n in zip(layers, names, strict=True):
         acc = accs[n]
 
         def hook(module, args, out, acc=acc):
-            x = args[0].detach().reshape(-1, acc.in_features)
-            acc.add(x.float().numpy() if dev is None else x)
+            if dev is None:
+                acc.add(args[0].detach().reshape(-1, acc.in_features).float().numpy())
+            else:
+                acc.add(args[0] if args[0].dtype == torch.float32 else args[0].float(), shared)
 
         handles.append(lay.module.register_forward_hook(hook))
     try:
@@ -538,6 +542,8 @@ def _collect_hessians(torch, block, layers, names, inputs, dev=None) -> dict:
     finally:
         for h in handles:
             h.remove()
+        if shared is not None:
+            shared.clear()
     for n, acc in accs.items():
         if acc.tokens == 0:
             raise BadInputError(
