@@ -179,6 +179,24 @@ def test_identity_hessian_is_exactly_rtn(params, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reconstruction_rounded_like_the_decoder(dtype, device):
+    """The pipeline puts back the reconstruction rounded to the tensor's dtype on the device;
+    a reader (and a resumed run) decodes the file in that dtype: the same numbers."""
+    from spqr_format.models.pipeline import decoded_f32
+    from spqr_format.spec import DType
+
+    w, h = make_problem(40, 96, seed=10)
+    w[0, :4] = [3000.0, -7000.0, 0.5, 60000.0]  # large values: outliers and coarse steps
+    dt = DType.FLOAT16 if dtype == "float16" else DType.BFLOAT16
+    info: dict = {}
+    t = encode_gptq_torch(w, h, **CONFIGS["spqr-3bit"], dtype=dt, info=info, device=device)
+    rec = info["reconstruction"]
+    put_back = rec.to(getattr(torch, dtype)).float().cpu().numpy()
+    np.testing.assert_array_equal(put_back, decoded_f32(pack(t)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_torch_inputs_on_device_and_determinism(device):
     w, h = make_problem(40, 96, seed=5)
     kw = CONFIGS["spqr-3bit-budget"]
