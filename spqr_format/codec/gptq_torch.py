@@ -22,14 +22,18 @@ arithmetic runs differs. Semantics kept from the reference (see its module doc):
   fp16 of the current weight with the nearest dense code under them, the budget spent group by
   group (suspects first, then each column's largest errors, ties by row).
 
-Not bit-identical to the numba path (float32 sums in another order, a multiply by ``1/s`` to
-seed the code search; the search itself compares decoded values), so a GPTQ decision can flip
-and propagate; the layer output error ``tr((W-Q) H (W-Q)^T)`` stays within 2 % of the reference
+Not guaranteed bit-identical to the numba path (float32 GEMMs and sums in another order; on
+torch's CPU the small test problems do come out identical), so a GPTQ decision can flip and
+propagate; the layer output error ``tr((W-Q) H (W-Q)^T)`` stays within 2 % of the reference
 (tests/test_gptq_torch.py).
 
 GPU-minded: weights are kept transposed (``WT[n, m]``: a column is one contiguous vector), every
 step works on all rows at once, nothing inside the column loop synchronises with the host (the
 outlier budget is counted on the device), statistics for a group are a handful of vector ops.
+The two steps that repeat (a group's fit, a segment's column solve) work on static buffers, so
+on CUDA each is captured once per layer and width as a CUDA graph and replayed: one launch
+instead of a few hundred small kernels (``SPQR_GPTQ_CUDA_GRAPHS=0`` runs them eagerly; the
+result is the same).
 
 torch is imported lazily (an optional extra): importing this module does not need it.
 """
