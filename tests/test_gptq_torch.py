@@ -139,7 +139,9 @@ def test_output_error_within_2_percent_and_decode_is_the_reconstruction(config, 
     e_ref, e_got = out_err(w, q_ref, h), out_err(w, q_got, h)
     assert abs(e_got / e_ref - 1) <= 0.02, (config, e_ref, e_got)
     assert info["dead_columns"] == 2
-    np.testing.assert_array_equal(q_got[:, [5, 200]], np.zeros((77, 2)) + q_got[:, [5, 200]])
+    # Dead columns are zeroed: they decode to the code nearest 0, as in the reference.
+    dead_got, dead_ref = np.abs(q_got[:, [5, 200]]).max(), np.abs(q_ref[:, [5, 200]]).max()
+    assert dead_got <= 2 * dead_ref + 1e-3, (dead_got, dead_ref)
     budget = kw.get("outlier_budget")
     k_got = 0 if got.outliers is None else len(got.outliers)
     k_ref = 0 if ref.outliers is None else len(ref.outliers)
