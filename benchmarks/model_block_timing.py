@@ -1,18 +1,24 @@
-"""Quantization time and peak memory per transformer block of a Llama-7B-shaped model, on CPU,
-extrapolated to 7B (32 blocks) and 70B (80 blocks of hidden 8192 / MLP 28672).
+"""Quantization time and peak memory per transformer block of a Llama-7B-shaped model, on CPU
+or GPU, extrapolated to 7B (32 blocks) and 70B (80 blocks of hidden 8192 / MLP 28672).
 
     python benchmarks/model_block_timing.py [--blocks 1] [--hidden 4096] [--mlp 11008] \\
-        [--samples 16] [--seq-len 512] [--preset spqr-3bit] [--json out.json]
+        [--samples 16] [--seq-len 512] [--preset spqr-3bit] [--device cpu|cuda] [--json out.json]
 
 Builds a model with random weights (``LlamaConfig``, fp16 weights on disk, a small word-level
 tokenizer trained on generated text: weights and activations are random, which is fine for
 timing), runs ``spqr_format.quantize_model`` on it, and reports per block: seconds (Hessians,
 encoding of each linear layer, the forward that feeds the next block), and the process's peak
-RSS above the loaded model. Needs the ``models`` extra (torch, transformers).
+RSS above the loaded model; with ``--device cuda`` (the torch GPU encoder) also the peak GPU
+memory of each block (``torch.cuda.max_memory_allocated``, reset at every block start; CUDA,
+cuBLAS and cuSOLVER are initialised before the clock starts). Needs the ``models`` extra
+(torch, transformers).
 
 The extrapolation is linear in blocks, and for 70B scales each layer's GPTQ time by
 (n_out * n_in^2) (the column solve with blocked updates) relative to the measured layer of the
-same kind; it is an estimate, stated as one.
+same kind; it is an estimate, stated as one. On the GPU the column loop is bound by kernel
+launches (one short sequence of vector kernels per column), so its time grows with n_in, not
+n_out * n_in^2: the GPU result gives both, ``extrapolated_70b_hours`` scaled by n_in and
+``extrapolated_70b_hours_flops_bound`` by n_out * n_in^2 (an upper estimate).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--preset", default="spqr-3bit")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu (numba encoder) or cuda[:N] (torch)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
 
@@ -53,6 +60,17 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        if not torch.cuda.is_available():
+            print(f"error: --device {args.device}: CUDA is not available", file=sys.stderr)
+            return 2
+        dev = torch.device(args.device)
+        # Context, cuBLAS and cuSOLVER handles before the clock starts.
+        a = torch.eye(64, dtype=torch.float64, device=dev)
+        torch.linalg.cholesky_ex(a)
+        torch.linalg.solve_triangular(a, a, upper=False)
+        (a.float() @ a.float()).sum().item()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         text = make_corpus(n_sentences=args.samples * args.seq_len // 4 + 2000, seed=1)
@@ -76,15 +94,21 @@ def main(argv=None) -> int:
 
         def progress(ev):
             ev = dict(ev, t=time.perf_counter() - t0, rss_mb=_rss_mb())
+            if cuda:
+                if ev["kind"] == "block_start":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                ev["gpu_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+                ev["gpu_reserved_mb"] = torch.cuda.max_memory_reserved(dev) / 2**20
             events.append(ev)
             if ev["kind"] in ("block_done", "layer_done", "stage"):
                 what = ev.get("layer") or ev.get("stage") or f"block {ev.get('block')}"
-                print(f"  {ev['t']:8.1f} s  rss {ev['rss_mb']:8.0f} MB  {ev['kind']}: {what}",
-                      flush=True)  # fmt: skip
+                gpu = f"  gpu peak {ev['gpu_peak_mb']:7.0f} MB" if cuda else ""
+                print(f"  {ev['t']:8.1f} s  rss {ev['rss_mb']:8.0f} MB{gpu}  {ev['kind']}: "
+                      f"{what}", flush=True)  # fmt: skip
 
         spqr_format.quantize_model(
             model_dir, os.path.join(tmp, "m.spqr"), preset=args.preset, calib=calib,
-            samples=args.samples, seq_len=args.seq_len, progress=progress,
+            samples=args.samples, seq_len=args.seq_len, progress=progress, device=args.device,
         )  # fmt: skip
     total = time.perf_counter() - t0
     blocks = [e for e in events if e["kind"] == "block_done"]
@@ -108,22 +132,28 @@ def main(argv=None) -> int:
               "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
               "down_proj": (4096, 11008)}  # fmt: skip
 
-    def block_seconds(target: dict, hidden: int) -> float:
-        """A block of ``target`` shapes, scaled from the measured one layer by layer."""
+    def block_seconds(target: dict, hidden: int, by_columns: bool = False) -> float:
+        """A block of ``target`` shapes, scaled from the measured one layer by layer (by
+        n_out * n_in^2, or by n_in with ``by_columns``)."""
         sec = 0.0
         for name, measured in enc.items():
             key = name.rsplit(".", 1)[-1]
             (o, i), (to, ti) = shapes7[key], target[key]
-            sec += measured * (to * ti * ti) / (o * i * i)
+            sec += measured * ((ti / i) if by_columns else (to * ti * ti) / (o * i * i))
         return sec + other * (hidden * hidden) / (h * h)  # Hessians ~ tokens x n_in^2
 
-    block7, block70 = block_seconds(llama7, 4096), block_seconds(shapes70, 8192)
+    block7 = block_seconds(llama7, 4096)
+    block70_flops = block_seconds(shapes70, 8192)
+    block70 = block_seconds(shapes70, 8192, by_columns=cuda)
     result = {
         "shape": {"hidden": h, "mlp": m, "blocks_measured": len(blocks)},
         "calibration_tokens": args.samples * args.seq_len,
         "preset": args.preset,
         "torch_threads": torch.get_num_threads(),
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "seconds_per_block": per_block,
+        "seconds_per_block_each": [e["seconds"] for e in blocks],
         "encode_seconds_per_layer": enc,
         "other_seconds_per_block": other,
         "peak_rss_above_model_mb": peak,
@@ -131,6 +161,19 @@ def main(argv=None) -> int:
         "extrapolated_7b_minutes": 32 * block7 / 60,
         "extrapolated_70b_hours": 80 * block70 / 3600,
     }
+    if cuda:
+        result["gpu_peak_allocated_mb_per_block"] = [e["gpu_peak_mb"] for e in blocks]
+        result["gpu_peak_reserved_mb_per_block"] = [e["gpu_reserved_mb"] for e in blocks]
+        # peak since the block started, read after each layer (cumulative within the block)
+        result["gpu_peak_allocated_mb_after_layer"] = {
+            e["layer"]: e["gpu_peak_mb"] for e in layers if e["block"] == blocks[-1]["block"]
+        }
+        result["extrapolated_70b_hours_flops_bound"] = 80 * block70_flops / 3600
+        result["extrapolation"] = (
+            "7B: 32 blocks of the measured block; 70B: 80 blocks, each layer's encode time "
+            "scaled by n_in (launch-bound column loop) or by n_out*n_in^2 (flops bound), the "
+            "rest by hidden^2; an estimate, not a measurement"
+        )
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as fh:

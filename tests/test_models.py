@@ -298,7 +298,11 @@ def test_bad_inputs(model_dir, corpus, tmp_path):
     _one_line_error(q(mdir, *base, "--samples", "1000", "--seq-len", "64"), "too short",
                     "corpus.txt")  # fmt: skip
     _one_line_error(q(mdir, *base, "--seq-len", "4096"), "positions")
-    _one_line_error(q(mdir, *base, "--device", "cuda"), "GPU encoder is not built")
+    if not torch.cuda.is_available():
+        _one_line_error(
+            q(mdir, *base, "--device", "cuda"), "--device cuda", "CUDA is not available"
+        )
+    _one_line_error(q(mdir, *base, "--device", "tpu"), "unknown device 'tpu'")
     small = ["--samples", "2", "--seq-len", "32"]
     _one_line_error(q(mdir, "-o", out, "--calib", str(tmp_path / "nope.txt"), *small), "nope.txt")
     _one_line_error(q(mdir, "-o", out, "--calib", "wikitext2", *small), "data directory")
@@ -341,3 +345,86 @@ def test_load_model_on_gpu(model_dir, corpus, tmp_path):  # pragma: no cover - G
     x = torch.arange(3, 27, device="cuda").unsqueeze(0)
     a, b = ref(input_ids=x).logits.float(), m(input_ids=x).logits.float()
     assert torch.allclose(a, b, atol=5e-2, rtol=5e-2)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_after_block_0(mdir, out, corpus, **kw):
+    def stop(ev):
+        if ev["kind"] == "block_done" and ev["block"] == 0:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        _quantize(mdir, out, corpus, progress=stop, **kw)
+
+
+def _interrupted_then_resumed(mdir, out, corpus, **kw):
+    """Quantize, stopped after block 0, then resumed: returns the QuantizeResult."""
+    _interrupt_after_block_0(mdir, out, corpus, **kw)
+    res = _quantize(mdir, out, corpus, resume=True, **kw)
+    assert res.resumed_blocks == 1
+    return res
+
+
+def _check_gpu_encoder_file(path, mdir, cpu_path, device_kind):
+    with spqr_format.open(path) as f, spqr_format.open(cpu_path) as c:
+        impl = f.metadata["encoder.implementation"]
+        assert impl["solver"] == "spqr_format.codec.gptq_torch"
+        assert impl["device"] == device_kind
+        assert c.metadata["encoder.implementation"]["device"] == "cpu"
+        assert f.names() == c.names()
+        got = {r["name"]: r for r in f.metadata["encoder.report"] if r["encoding"] == "bilevel"}
+        ref = {r["name"]: r for r in c.metadata["encoder.report"] if r["encoding"] == "bilevel"}
+        assert got.keys() == ref.keys() and len(got) == 14
+        # Later blocks see slightly different inputs (other decisions upstream): the errors
+        # agree on average, layer by layer loosely.
+        e_got = np.mean([r["relative_output_error"] for r in got.values()])
+        e_ref = np.mean([r["relative_output_error"] for r in ref.values()])
+        assert abs(e_got / e_ref - 1) < 0.05, (e_got, e_ref)
+        # The model holds what the file decodes to.
+        sd = load_model(path, mdir).state_dict()
+        for name in got:
+            assert torch.equal(sd[name], torch.from_numpy(f.decode(name, "float32"))), name
+
+
+def test_gpu_encoder_path_on_torch_cpu(model_dir, corpus, tmp_path, monkeypatch):
+    """The --device cuda code path (torch accumulators and encoder, block moves, weights put
+    back from the reconstruction, checkpoints) run on torch's CPU device."""
+    from spqr_format.models import pipeline
+
+    mdir = model_dir("llama")
+    cpu = tmp_path / "cpu.spqr"
+    _quantize(mdir, cpu, corpus)
+    monkeypatch.setattr(pipeline, "_encoder_device", lambda d: None if d == "cpu" else
+                        torch.device("cpu"))  # fmt: skip
+    full = tmp_path / "t.spqr"
+    _quantize(mdir, full, corpus, device="torch-cpu")
+    _check_gpu_encoder_file(full, mdir, cpu, "cpu")
+    cut = tmp_path / "cut.spqr"
+    _interrupted_then_resumed(mdir, cut, corpus, device="torch-cpu")
+    assert cut.read_bytes() == full.read_bytes()
+    # Checkpoints of one encoder are not resumed with the other.
+    _interrupt_after_block_0(mdir, cut, corpus, device="torch-cpu")
+    with pytest.raises(BadInputError, match="other settings"):
+        _quantize(mdir, cut, corpus, resume=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantize_on_cuda(model_dir, corpus, tmp_path):  # pragma: no cover - GPU only
+    mdir = model_dir("llama")
+    cpu = tmp_path / "cpu.spqr"
+    _quantize(mdir, cpu, corpus)
+    gpu = tmp_path / "gpu.spqr"
+    _quantize(mdir, gpu, corpus, device="cuda")
+    _check_gpu_encoder_file(gpu, mdir, cpu, "cuda")
+    cut = tmp_path / "cut.spqr"
+    _interrupted_then_resumed(mdir, cut, corpus, device="cuda")
+    assert cut.read_bytes() == gpu.read_bytes()
+    # fp16 model: the weights put back are rounded to fp16 exactly as a reader decodes them
+    m16 = model_dir("llama", torch.float16)
+    a, b = tmp_path / "a16.spqr", tmp_path / "b16.spqr"
+    _quantize(m16, a, corpus, preset="gptq-4bit-g128", device="cuda")
+    _interrupted_then_resumed(m16, b, corpus, preset="gptq-4bit-g128", device="cuda")
+    assert a.read_bytes() == b.read_bytes()

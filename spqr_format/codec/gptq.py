@@ -310,6 +310,43 @@ def inverse_cholesky_upper(h: np.ndarray, *, name: str | None = None) -> tuple[n
     )
 
 
+def check_options(
+    bits, group_size, stats_bits, stats_group_size, perm_order, percdamp, block_size,
+    outlier_threshold, outlier_budget, dtype, name,
+):  # fmt: skip
+    """Validate the solver's options (shared by this solver and :mod:`gptq_torch`).
+
+    Returns ``(params, tau, budget, dtype)`` with the normalisations of :func:`encode_gptq`:
+    ``tau = inf`` means no threshold, ``budget == 0`` turns outliers off.
+    """
+    params = check_params(bits, group_size, stats_bits, stats_group_size, name)
+    if perm_order not in PERM_ORDERS:
+        raise BadInputError(
+            f"perm_order must be one of {PERM_ORDERS}, got {perm_order!r}", tensor=name
+        )
+    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
+        raise BadInputError(f"percdamp must be finite and >= 0, got {percdamp!r}", tensor=name)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise BadInputError(
+            f"block_size must be a positive integer, got {block_size!r}", tensor=name
+        )
+    tau = outlier_threshold
+    if tau is not None and (not isinstance(tau, (int, float)) or not tau > 0 or math.isnan(tau)):
+        raise BadInputError(f"outlier_threshold must be > 0, got {tau!r}", tensor=name)
+    if tau is not None and math.isinf(tau):
+        tau = None
+    budget = outlier_budget
+    if budget is not None and (not isinstance(budget, (int, float)) or not 0 <= budget < 1):
+        raise BadInputError(f"outlier_budget must be in [0, 1), got {budget!r}", tensor=name)
+    if budget == 0:
+        tau, budget = None, None
+    try:
+        dtype = DType(dtype)
+    except ValueError:
+        raise BadInputError(f"unknown dtype {dtype!r}", tensor=name) from None
+    return params, tau, budget, dtype
+
+
 def encode_gptq(
     weight: np.ndarray,
     hessian: np.ndarray,
@@ -338,32 +375,11 @@ def encode_gptq(
     """
     t_start = time.perf_counter()
     w = check_weight(weight, name)
-    params = check_params(bits, group_size, stats_bits, stats_group_size, name)
     m, n = w.shape
-    if perm_order not in PERM_ORDERS:
-        raise BadInputError(
-            f"perm_order must be one of {PERM_ORDERS}, got {perm_order!r}", tensor=name
-        )
-    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
-        raise BadInputError(f"percdamp must be finite and >= 0, got {percdamp!r}", tensor=name)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise BadInputError(
-            f"block_size must be a positive integer, got {block_size!r}", tensor=name
-        )
-    tau = outlier_threshold
-    if tau is not None and (not isinstance(tau, (int, float)) or not tau > 0 or math.isnan(tau)):
-        raise BadInputError(f"outlier_threshold must be > 0, got {tau!r}", tensor=name)
-    if tau is not None and math.isinf(tau):
-        tau = None
-    budget = outlier_budget
-    if budget is not None and (not isinstance(budget, (int, float)) or not 0 <= budget < 1):
-        raise BadInputError(f"outlier_budget must be in [0, 1), got {budget!r}", tensor=name)
-    if budget == 0:
-        tau, budget = None, None
-    try:
-        dtype = DType(dtype)
-    except ValueError:
-        raise BadInputError(f"unknown dtype {dtype!r}", tensor=name) from None
+    params, tau, budget, dtype = check_options(
+        bits, group_size, stats_bits, stats_group_size, perm_order, percdamp, block_size,
+        outlier_threshold, outlier_budget, dtype, name,
+    )  # fmt: skip
     hs = check_hessian(hessian, n, name=name)  # not copied: only read below
     times: dict[str, float] = {}
     t0 = time.perf_counter()

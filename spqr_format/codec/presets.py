@@ -192,6 +192,39 @@ def _default_dtype(weight: np.ndarray) -> DType:
     return DType.FLOAT16 if getattr(weight, "dtype", None) == np.float16 else DType.FLOAT32
 
 
+def make_report(
+    t: BilevelTensor,
+    packed: PackedBilevel,
+    config: EncoderConfig,
+    method: str,
+    warning: str | None,
+    relative_weight_error: float,
+    relative_output_error: float | None,
+) -> dict:
+    """The report row of one encoded tensor (keys listed in :func:`encode_tensor`)."""
+    k = len(t.outliers) if t.outliers is not None else 0
+    return {
+        "method": method,
+        "preset": config.preset,
+        "fallback": warning is not None,
+        "warning": warning,
+        "shape": list(t.shape),
+        "bits_per_weight": bits_per_weight(packed),
+        "outliers": k,
+        "outlier_percent": 100.0 * k / (t.shape[0] * t.shape[1]),
+        "relative_weight_error": relative_weight_error,
+        "relative_output_error": relative_output_error,
+    }
+
+
+def rtn_fallback_warning(config: EncoderConfig, name: str | None) -> str:
+    """The warning of a ``gptq`` configuration encoding a tensor without a Hessian."""
+    return (
+        f"tensor {name or '?'}: no Hessian, encoded with RTN "
+        f"({config.bits}-bit, g{config.group_size}) instead of {config.preset or 'gptq'}"
+    )
+
+
 def encode_tensor(
     weight: np.ndarray,
     config: EncoderConfig,
@@ -218,10 +251,7 @@ def encode_tensor(
     warning = None
     method = config.method
     if method == "gptq" and hessian is None:
-        warning = (
-            f"tensor {name or '?'}: no Hessian, encoded with RTN "
-            f"({config.bits}-bit, g{config.group_size}) instead of {config.preset or 'gptq'}"
-        )
+        warning = rtn_fallback_warning(config, name)
         warnings.warn(warning, RuntimeWarning, stacklevel=2)
         method = "rtn"
     common = dict(
@@ -256,19 +286,7 @@ def encode_tensor(
     wn = float(np.sqrt(np.einsum("ij,ij->", w, w, dtype=np.float64)))  # f64 sums, no f64 copy
     dn = float(np.sqrt(np.einsum("ij,ij->", d, d, dtype=np.float64)))
     del d
-    k = len(t.outliers) if t.outliers is not None else 0
-    report = {
-        "method": method,
-        "preset": config.preset,
-        "fallback": warning is not None,
-        "warning": warning,
-        "shape": list(t.shape),
-        "bits_per_weight": bits_per_weight(packed),
-        "outliers": k,
-        "outlier_percent": 100.0 * k / (t.shape[0] * t.shape[1]),
-        "relative_weight_error": dn / wn if wn > 0 else (0.0 if dn == 0 else math.inf),
-        "relative_output_error": (
-            relative_output_error(w, q, hessian) if hessian is not None else None
-        ),
-    }
+    rel_w = dn / wn if wn > 0 else (0.0 if dn == 0 else math.inf)
+    rel_out = relative_output_error(w, q, hessian) if hessian is not None else None
+    report = make_report(t, packed, config, method, warning, rel_w, rel_out)
     return t, report

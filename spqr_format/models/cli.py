@@ -77,7 +77,9 @@ def safe_text(text: str) -> str:
     "--device",
     default="cpu",
     show_default=True,
-    help="Where the encoder runs (cpu; the GPU encoder is not built yet).",
+    help="Where the encoder runs: cpu (the numba reference encoder) or cuda / cuda:N (the "
+    "torch GPU encoder: each block, its activations and Hessians on the GPU while it is "
+    "quantized; same file semantics). --resume needs the same device as the interrupted run.",
 )
 @click.option(
     "--resume",

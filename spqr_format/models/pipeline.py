@@ -15,10 +15,15 @@ The loop (the one the CLI's ``spqr quantize-model`` and the Python API both call
    its own dtype.
 
 Only one block's activations and Hessians are in memory at a time (the inputs and outputs of
-that block for all windows, and the Hessians of its layers). Each finished block is written to
-``OUT.partial/block-NNNNN.spqr`` (atomically); ``resume=True`` reuses the finished blocks of an
-interrupted run with the same settings, and the final file is assembled from these checkpoints
-in either case, so a resumed run writes the same bytes as an uninterrupted one.
+that block for all windows, and the Hessians of its layers). With ``device="cuda"`` the
+embeddings still run on the CPU; each block is moved to the GPU while it is processed (its
+activations, Hessians and the torch encoder, :mod:`spqr_format.codec.gptq_torch`, live there)
+and back afterwards, so the rest of the model never occupies GPU memory.
+
+Each finished block is written to ``OUT.partial/block-NNNNN.spqr`` (atomically);
+``resume=True`` reuses the finished blocks of an interrupted run with the same settings (and
+the same encoder and device kind), and the final file is assembled from these checkpoints in
+either case, so a resumed run writes the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -152,6 +157,47 @@ def _with_hidden(entry, hidden):
     return args, {**kwargs, "hidden_states": hidden}
 
 
+def _encoder_device(device):
+    """None for the CPU reference encoder, else the ``torch.device`` of the GPU encoder."""
+    if device is None or str(device) == "cpu":
+        return None
+    if not (isinstance(device, str) and device.split(":")[0] == "cuda") and not (
+        hasattr(device, "type") and device.type == "cuda"
+    ):
+        raise BadInputError(f"unknown device {device!r} (expected cpu or cuda[:N])",
+                            field="device")  # fmt: skip
+    require_torch()
+    from spqr_format.codec.gptq_torch import resolve_device
+
+    return resolve_device(device)
+
+
+def _implementation(torch, dev) -> dict:
+    """What encoded the file: the solver, the device kind (both in the checkpoints'
+    fingerprint: a run is resumed only with the same encoder) and, for the GPU, its name."""
+    if dev is None:
+        return {"solver": "spqr_format.codec.gptq (numpy + numba)", "device": "cpu"}
+    from spqr_format.codec.gptq_torch import IMPLEMENTATION
+
+    out = {"solver": IMPLEMENTATION, "device": dev.type, "torch_version": torch.__version__}
+    if dev.type == "cuda":
+        out.update(device_name=torch.cuda.get_device_name(dev), cuda_version=torch.version.cuda)
+    return out
+
+
+def _to_device(torch, obj, dev):
+    """Tensors inside ``obj`` (nested tuples, lists, dicts) moved to ``dev``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, tuple):
+        return tuple(_to_device(torch, o, dev) for o in obj)
+    if isinstance(obj, list):
+        return [_to_device(torch, o, dev) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(torch, v, dev) for k, v in obj.items()}
+    return obj
+
+
 def quantize_model(
     model_dir: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -173,21 +219,16 @@ def quantize_model(
     ``config`` (default: the preset ``preset``) sets the encoder; ``calib`` is a text file or
     ``wikitext2`` (resolved in ``data_dir`` / ``$SPQR_DATA_DIR``); ``samples`` windows of
     ``seq_len`` tokens are drawn with ``seed``. ``progress`` receives event dicts (``kind``:
-    ``stage``, ``block_start``, ``layer_done``, ``block_done``, ``done``).
+    ``stage``, ``block_start``, ``layer_done``, ``block_done``, ``done``). ``device``:
+    ``cpu`` (the numba reference encoder) or ``cuda[:N]`` (the torch encoder; each block is
+    processed on the GPU, the rest of the model stays on the CPU).
     """
     t_start = time.perf_counter()
     model_dir = os.fspath(model_dir)
     output = os.fspath(output)
     emit = progress or (lambda ev: None)
 
-    if device != "cpu":
-        if str(device).startswith("cuda"):
-            raise BadInputError(
-                "--device cuda: the GPU encoder is not built yet; quantize with --device cpu "
-                "(the file is the same; load_model(..., device='cuda') runs it on a GPU)",
-                field="device",
-            )
-        raise BadInputError(f"unknown device {device!r} (expected cpu)", field="device")
+    dev = _encoder_device(device)  # None: the numba reference on the CPU
     for what, v in (("samples", samples), ("seq_len", seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise BadInputError(f"{what} must be a positive integer, got {v!r}", field=what)
@@ -201,6 +242,7 @@ def quantize_model(
         raise BadInputError("output is a directory", path=output)
 
     torch = require_torch()
+    implementation = _implementation(torch, dev)
     weight_files = hf.check_model_dir(model_dir)
     hf_config = hf.load_config(model_dir)
     max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(
@@ -282,6 +324,7 @@ def quantize_model(
         "pipeline_version": PIPELINE_VERSION,
         "tool_version": __version__,
         "encoder": config.to_dict(),
+        "encoder_implementation": {k: implementation[k] for k in ("solver", "device")},
         "calibration": calibration,
         "weights_sha256": weights_sha,
         "quantize_lm_head": bool(quantize_lm_head),
@@ -311,6 +354,9 @@ def quantize_model(
 
     _run_to_hook(torch, model, blocks[0], catcher, windows, with_kwargs=True)
     inputs = captured
+    if dev is not None:
+        inputs = [_to_device(torch, e, dev) for e in captured]
+        captured.clear()  # the CPU copies
     if len(inputs) != len(windows):
         raise BadInputError(
             f"cannot walk {type(model).__name__}: its forward did not reach {prefix}.0"
@@ -326,18 +372,20 @@ def quantize_model(
         ckpt = os.path.join(partial, f"block-{i:05d}.spqr")
         t_block = time.perf_counter()
         emit({"kind": "block_start", "block": i, "blocks": nblocks, "layers": len(layers)})
+        if dev is not None:
+            block.to(dev)
         if resume and os.path.isfile(ckpt):
             reports.update(_apply_checkpoint(ckpt, fingerprint, prefix, i, layers))
             resumed += 1
         else:
             names = [f"{prefix}.{i}.{lay.name}.weight" for lay in layers]
-            hess = _collect_hessians(torch, block, layers, names, inputs)
+            hess = _collect_hessians(torch, block, layers, names, inputs, dev)
             block_reports = {}
             with api.SpqrWriter(ckpt, metadata={}) as writer:
                 for j, (lay, name) in enumerate(zip(layers, names, strict=True)):
                     t_layer = time.perf_counter()
                     packed, rep = _encode_layer(torch, lay, name, hess.pop(name), config,
-                                                orig_dtypes[name])  # fmt: skip
+                                                orig_dtypes[name], dev)  # fmt: skip
                     writer.add(name, packed)
                     block_reports[name] = rep
                     emit({"kind": "layer_done", "block": i, "blocks": nblocks, "layer": lay.name,
@@ -352,12 +400,16 @@ def quantize_model(
         # the quantized block's outputs feed the next block
         if i + 1 < nblocks or lm_head_layer is not None:
             inputs = [_with_hidden(e, _block_call(block, e)) for e in inputs]
+        if dev is not None:
+            block.to("cpu")
         elapsed = time.perf_counter() - t_loop
         per_block = elapsed / max(1, i + 1 - resumed) if encoded_blocks else 0.0
         emit({"kind": "block_done", "block": i, "blocks": nblocks,
               "seconds": time.perf_counter() - t_block, "elapsed": elapsed,
               "eta": per_block * (nblocks - i - 1)})  # fmt: skip
     del inputs
+    if dev is not None:
+        torch.cuda.empty_cache()
 
     # -- lm_head (optional): its inputs come from the model with all blocks quantized -------
     if lm_head_layer is not None:
@@ -376,7 +428,7 @@ def quantize_model(
 
             _run_to_hook(torch, model, lm_head_layer.module, head_hook, windows)
             packed, rep = _encode_layer(torch, lm_head_layer, name, acc.hessian(), config,
-                                        orig_dtypes[name])  # fmt: skip
+                                        orig_dtypes[name], dev)  # fmt: skip
             with api.SpqrWriter(ckpt) as writer:
                 writer.add(name, packed)
                 writer.set_metadata(
@@ -391,6 +443,7 @@ def quantize_model(
     rows = []
     metadata = {
         **encoder_metadata(config),
+        "encoder.implementation": implementation,
         "model.config": model_config,
         "model.architecture": type(model).__name__,
         "model.blocks": {"prefix": prefix, "count": nblocks,
@@ -403,7 +456,8 @@ def quantize_model(
         "calibration.set": calibration,
         "pipeline.settings": {
             "version": PIPELINE_VERSION, "order": "sequential, one pass per block",
-            "hessian": "float64, H = (2/N) sum x x^T over all calibration tokens"},
+            "hessian": "float64, H = (2/N) sum x x^T over all calibration tokens",
+            "device": implementation["device"]},
     }  # fmt: skip
     ckpt_files = {}
     with api.SpqrWriter(output, metadata=metadata) as writer:
@@ -459,17 +513,27 @@ def _check_run(partial: str, fingerprint: str) -> None:
         )
 
 
-def _collect_hessians(torch, block, layers, names, inputs) -> dict[str, HessianAccumulator]:
+def _collect_hessians(torch, block, layers, names, inputs, dev=None) -> dict:
     """One pass of all calibration inputs through ``block`` (original weights), recording the
-    input of every linear layer into its Hessian."""
+    input of every linear layer into its Hessian (on ``dev`` when given)."""
     pairs = list(zip(layers, names, strict=True))
-    accs = {n: HessianAccumulator(lay.in_features, name=n) for lay, n in pairs}
+    shared = None
+    if dev is None:
+        accs = {n: HessianAccumulator(lay.in_features, name=n) for lay, n in pairs}
+    else:
+        from spqr_format.codec.gptq_torch import HessianAccumulatorTorch, SharedProducts
+
+        accs = {n: HessianAccumulatorTorch(lay.in_features, device=dev, name=n) for lay, n in pairs}
+        shared = SharedProducts()  # q/k/v (gate/up) see one tensor: one x^T x for them
     handles = []
     for lay, n in zip(layers, names, strict=True):
         acc = accs[n]
 
         def hook(module, args, out, acc=acc):
-            acc.add(args[0].detach().reshape(-1, acc.in_features).float().numpy())
+            if dev is None:
+                acc.add(args[0].detach().reshape(-1, acc.in_features).float().numpy())
+            else:
+                acc.add(args[0] if args[0].dtype == torch.float32 else args[0].float(), shared)
 
         handles.append(lay.module.register_forward_hook(hook))
     try:
@@ -478,6 +542,8 @@ def _collect_hessians(torch, block, layers, names, inputs) -> dict[str, HessianA
     finally:
         for h in handles:
             h.remove()
+        if shared is not None:
+            shared.clear()
     for n, acc in accs.items():
         if acc.tokens == 0:
             raise BadInputError(
@@ -487,11 +553,32 @@ def _collect_hessians(torch, block, layers, names, inputs) -> dict[str, HessianA
     return accs
 
 
-def _encode_layer(torch, lay: LinearLayer, name: str, acc, config, orig_dtype):
-    """Encode one layer, put its decoded weights into the model; returns (packed, report)."""
-    h = acc.hessian() if isinstance(acc, HessianAccumulator) else acc
-    w = lay.weight_out_in().numpy()
+def _encode_layer(torch, lay: LinearLayer, name: str, acc, config, orig_dtype, dev=None):
+    """Encode one layer, put its decoded weights into the model; returns (packed, report).
+
+    With ``dev`` the torch encoder runs there; the weights put back are its reconstruction
+    (equal to the decoded tensor) rounded to the tensor's own dtype, exactly what
+    :func:`decoded_f32` gives a reader of the file (and a resumed run)."""
+    h = acc.hessian() if hasattr(acc, "hessian") else acc
     dtype = _torch_dtype_to_spqr(torch, orig_dtype)
+    if dev is not None:
+        from spqr_format.codec.gptq_torch import encode_tensor_torch
+
+        info: dict = {}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                _, report = encode_tensor_torch(lay.weight_out_in(), config, h, name,
+                                                dtype=dtype, info=info, device=dev)  # fmt: skip
+        except SpqrError as err:
+            raise err.with_context(tensor=name) from None
+        del h
+        rec = info["reconstruction"]
+        if dtype != DType.FLOAT32:
+            rec = rec.to(torch.float16 if dtype == DType.FLOAT16 else torch.bfloat16).float()
+        lay.set_weight_out_in(rec)
+        return info["packed"], report
+    w = lay.weight_out_in().numpy()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
