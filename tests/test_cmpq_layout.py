@@ -66,9 +66,7 @@ def emulate_matmul(L: CL.CmpqLayout, x: np.ndarray, nb: int, min_tiles: int, spl
 def test_layout_decodes_and_multiplies_like_the_reference(
     m, n, rows, density, batch, min_tiles, splits, seed
 ):
-    t = synth.random_channel_mixed_tensor(
-        m, n, table_rows=rows, outlier_density=density, seed=seed
-    )
+    t = synth.random_channel_mixed_tensor(m, n, table_rows=rows, outlier_density=density, seed=seed)
     p = cm.pack(t)
     want = ref.decode_channel_mixed(p, "float32")
     L = CL.to_cmpq_layout(p)

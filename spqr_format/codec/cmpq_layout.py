@@ -85,7 +85,7 @@ def tiles(layout: CmpqLayout, nb: int, min_tiles: int = 1) -> tuple[np.ndarray, 
     rows, smem = [], 4
     total = int(layout.runs[:, 6].sum()) if layout.runs.size else 0
     cap = max(1, total // max(1, min_tiles))
-    for start, count, b, code_off, tab_off, pad0, chunks, _ in layout.runs.tolist():
+    for _start, _count, b, code_off, tab_off, pad0, chunks, _ in layout.runs.tolist():
         step = min(tile_chunks(b, nb), cap)
         for k0 in range(0, chunks, step):
             nch = min(step, chunks - k0)
@@ -125,7 +125,9 @@ def _set_codes(cw: np.ndarray, rows, jloc, q, b: int) -> None:
     if np.any(st):
         k2, w2, r2, sh2, q2 = k[st], w[st] + 1, rows[st], sh[st], q[st]
         hi = np.uint64(32) - sh2
-        np.bitwise_and.at(cw, (k2, w2, r2), (~(mask >> hi) & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+        np.bitwise_and.at(
+            cw, (k2, w2, r2), (~(mask >> hi) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        )
         np.bitwise_or.at(cw, (k2, w2, r2), (q2 >> hi).astype(np.uint32))
 
 
@@ -150,7 +152,9 @@ def to_cmpq_layout(p: cm.PackedChannelMixed, *, validate: bool = True) -> CmpqLa
         words = np.asarray(p.codes[r.word_offset : r.word_offset + r.words], np.uint32)
         code_parts.append(_chunk_words(words, m, r.count, r.bits))
         t = np.zeros((T, (k * CHUNK) << r.bits), np.uint16)
-        t[:, : r.count << r.bits] = file_tables[:, r.table_offset : r.table_offset + (r.count << r.bits)]
+        t[:, : r.count << r.bits] = file_tables[
+            :, r.table_offset : r.table_offset + (r.count << r.bits)
+        ]
         tab_parts.append(t)
         code_off += k * r.bits * m
         tab_off += (k * CHUNK) << r.bits
@@ -171,7 +175,7 @@ def to_cmpq_layout(p: cm.PackedChannelMixed, *, validate: bool = True) -> CmpqLa
         rows, cols, vals = rows[order], cols[order], vals[order]
         ocolp = np.empty(rows.shape[0], np.uint32)
         ocorr = np.empty(rows.shape[0], np.float32)
-        for ri, (start, count, b, _c, toff, p0, _k, _) in enumerate(runs):
+        for ri, (start, count, b, _c, _toff, p0, _k, _) in enumerate(runs):
             sel = np.nonzero((cols >= start) & (cols < start + count))[0]
             if sel.size == 0:
                 continue
@@ -188,7 +192,9 @@ def to_cmpq_layout(p: cm.PackedChannelMixed, *, validate: bool = True) -> CmpqLa
         ocol = cols.astype(np.uint32)
         oval = vals.view(np.uint16)
     codes = (
-        np.concatenate([c.reshape(-1) for c in code_parts]) if code_parts else np.zeros(1, np.uint32)
+        np.concatenate([c.reshape(-1) for c in code_parts])
+        if code_parts
+        else np.zeros(1, np.uint32)
     )
     Lp = int(sum(t.shape[1] for t in tab_parts))
     tables = np.concatenate(tab_parts, axis=1).reshape(-1) if tab_parts else np.zeros(1, np.uint16)

@@ -17,7 +17,15 @@ from spqr_format.codec import channel_mixed as cm
 from spqr_format.codec import cmpq_layout as CL
 from spqr_format.errors import BadInputError
 from spqr_format.gpu import _kernels as K
-from spqr_format.gpu.tensor import _dtype_code, _ptr, _raise_smem_limit, _sm_count, _upload, cp, module
+from spqr_format.gpu.tensor import (
+    _dtype_code,
+    _ptr,
+    _raise_smem_limit,
+    _sm_count,
+    _upload,
+    cp,
+    module,
+)
 
 _functions: dict[tuple[int, str], object] = {}
 

@@ -136,9 +136,10 @@ def _cupy_stream(ptr: int):
 def replace_linear(
     model: nn.Module, path: str | os.PathLike[str], *, suffix: str = ".weight", strict: bool = False
 ) -> list[str]:
-    """Swap every ``nn.Linear`` of ``model`` whose weight is a ``bilevel`` or ``channel_mixed`` tensor of the
-    ``.spqr`` file ``path`` (named ``<module name><suffix>``) for an :class:`SpQRLinear` on the
-    linear's device. Returns the names replaced. ``strict``: fail when a Linear has no tensor.
+    """Swap every ``nn.Linear`` of ``model`` whose weight is a ``bilevel`` or ``channel_mixed``
+    tensor of the ``.spqr`` file ``path`` (named ``<module name><suffix>``) for an
+    :class:`SpQRLinear` on the linear's device. Returns the names replaced. ``strict``: fail
+    when a Linear has no tensor.
     """
     from spqr_format.api import open_file
     from spqr_format.codec.bilevel import PackedBilevel
