@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gpu_env import cupy_or_skip
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from tests.gpu_env import cupy_or_skip
 
 cp = cupy_or_skip()
 
