@@ -8,6 +8,11 @@ rotated and graphed). Also the dequantize kernel's bandwidth. Writes JSON and, w
 matplotlib is available, a plot of speedup vs batch per shape.
 
     python benchmarks/gpu_matvec.py --out results.json --plot speedup.png
+
+``--encoding channel_mixed --target-bits 2.5`` benchmarks random CMPQ tensors (2- and 3-bit
+columns meeting 2.5 counted bits per weight, one table per column, --cmpq-outliers) instead;
+``--encoding channel_mixed,bilevel`` runs both, each row naming its encoding, against the same
+cuBLAS baseline.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cupy as cp  # noqa: E402
 
 from spqr_format.gpu import GpuTensor  # noqa: E402
-from spqr_format.gpu.synth import random_packed  # noqa: E402
+from spqr_format.gpu.synth import random_channel_mixed, random_packed  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
 BATCHES = [1, 4, 16, 64]
@@ -100,23 +105,40 @@ def _without_tc(g: GpuTensor) -> GpuTensor:
     return dataclasses.replace(g, tc=None)
 
 
-def bench_shape(m, n, batches, rotate_bytes, reps, stream, torch, args) -> list[dict]:
+def bench_shape(
+    m, n, batches, rotate_bytes, reps, stream, torch, args, encoding="bilevel"
+) -> list[dict]:
     t0 = time.time()
-    p = random_packed(
-        m,
-        n,
-        bits=args.bits,
-        group_size=args.group_size,
-        stats_bits=args.stats_bits,
-        stats_group_size=args.stats_group_size,
-        outlier_fraction=args.outliers,
-        seed=m + n,
-    )
+    if encoding == "channel_mixed":
+        p = random_channel_mixed(
+            m,
+            n,
+            target_bits=args.target_bits,
+            outlier_fraction=args.cmpq_outliers,
+            seed=m + n,
+        )
+    else:
+        p = random_packed(
+            m,
+            n,
+            bits=args.bits,
+            group_size=args.group_size,
+            stats_bits=args.stats_bits,
+            stats_group_size=args.stats_group_size,
+            outlier_fraction=args.outliers,
+            seed=m + n,
+        )
     cp.cuda.Device().synchronize()
     t_load = time.perf_counter()
     g0 = GpuTensor.from_packed(p, validate=False)
     cp.cuda.Device().synchronize()
     t_load = time.perf_counter() - t_load  # upload + tile-layout repack (+ kernel compile once)
+    if encoding == "channel_mixed":
+        from spqr_format.codec import channel_mixed as cm
+
+        counted_bits = cm.bits_per_weight(p)
+    else:
+        counted_bits = None
     ncopy = max(2, math.ceil(rotate_bytes / g0.nbytes))
     copies = [g0] + [_clone(g0) for _ in range(ncopy - 1)]
     # the copies were made on CuPy's default stream; `stream` does not wait for it
@@ -152,7 +174,7 @@ def bench_shape(m, n, batches, rotate_bytes, reps, stream, torch, args) -> list[
         t = statistics.median(_time_graph(rec, reps, stream)) / ncopy
         hot = statistics.median(_time_graph(lambda: rec([g0] * ncopy), reps, stream)) / ncopy
         simt = None
-        if args.compare_simt and g0.tc is not None:
+        if args.compare_simt and getattr(g0, "tc", None) is not None:
             simt = (
                 statistics.median(
                     _time_graph(lambda: rec([_without_tc(c) for c in copies]), reps, stream)
@@ -160,12 +182,18 @@ def bench_shape(m, n, batches, rotate_bytes, reps, stream, torch, args) -> list[
                 / ncopy
             )
         row = dict(
+            encoding=encoding,
             shape=[m, n],
             batch=batch,
-            path="tensor-core" if g0.tc is not None else "simt",
+            path=(
+                "cmpq"
+                if encoding == "channel_mixed"
+                else ("tensor-core" if g0.tc is not None else "simt")
+            ),
+            counted_bits_per_weight=counted_bits,
             load_s=t_load,
             simt_us=None if simt is None else simt * 1e3,
-            tile_layout_bytes=None if g0.tc is None else g0.tc.nbytes,
+            tile_layout_bytes=None if getattr(g0, "tc", None) is None else g0.tc.nbytes,
             us=t * 1e3,
             us_l2_hot=hot * 1e3,
             compressed_bytes=comp_bytes,
@@ -206,7 +234,9 @@ def bench_shape(m, n, batches, rotate_bytes, reps, stream, torch, args) -> list[
     cp.get_default_memory_pool().free_all_blocks()
     if torch is not None:
         torch.cuda.empty_cache()
-    print(f"# shape {m}x{n} done in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+    print(
+        f"# {encoding} shape {m}x{n} done in {time.time() - t0:.1f}s", file=sys.stderr, flush=True
+    )
     return rows
 
 
@@ -224,6 +254,19 @@ def main(argv=None) -> int:
     ap.add_argument("--stats-group-size", type=int, default=16)
     ap.add_argument("--outliers", type=float, default=0.01)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument(
+        "--encoding",
+        default="bilevel",
+        help="bilevel, channel_mixed, or a comma list (e.g. channel_mixed,bilevel)",
+    )
+    ap.add_argument(
+        "--target-bits",
+        type=float,
+        default=2.5,
+        help="channel_mixed: counted bits per weight (2- and 3-bit columns)",
+    )
+    ap.add_argument("--cmpq-outliers", type=float, default=0.005,
+                    help="channel_mixed: outlier fraction")  # fmt: skip
     ap.add_argument(
         "--compare-simt",
         action="store_true",
@@ -244,10 +287,15 @@ def main(argv=None) -> int:
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     read_gbs = streaming_read_gbs(2.0, stream)
     rows = []
+    encodings = [e.strip() for e in args.encoding.split(",") if e.strip()]
+    for e in encodings:
+        if e not in ("bilevel", "channel_mixed"):
+            ap.error(f"unknown encoding {e!r}")
     for m, n in shapes:
-        rows += bench_shape(
-            m, n, batches, args.rotate_gib * (1 << 30), args.reps, stream, torch, args
-        )
+        for e in encodings:
+            rows += bench_shape(
+                m, n, batches, args.rotate_gib * (1 << 30), args.reps, stream, torch, args, e
+            )
     for r in rows:
         r["pct_stream_read"] = 100 * r["gbs"] / read_gbs
         r["dequant_pct_stream_read"] = 100 * r["dequant_gbs"] / read_gbs
@@ -260,6 +308,9 @@ def main(argv=None) -> int:
             stats_bits=args.stats_bits,
             stats_group_size=args.stats_group_size,
             outlier_fraction=args.outliers,
+            encodings=encodings,
+            cmpq_target_bits=args.target_bits,
+            cmpq_outlier_fraction=args.cmpq_outliers,
             perm=True,
             rotate_gib=args.rotate_gib,
         ),
@@ -267,13 +318,13 @@ def main(argv=None) -> int:
     )
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"device {result['device']}, streaming read {read_gbs:.0f} GB/s")
-    hdr = (
-        f"{'shape':>12} {'b':>3} {'us':>8} {'GB/s':>7} {'%read':>6} {'cuBLAS us':>9} {'speedup':>7}"
-    )
+    hdr = f"{'enc':>6} {'shape':>12} {'b':>3} {'us':>8} {'GB/s':>7} {'%read':>6}"
+    hdr += f" {'cuBLAS us':>9} {'speedup':>7}"
     print(hdr + f" {'L2hot us':>8} {'deq us':>7} {'deq %':>6} {'simt us':>8}")
     for r in rows:
         print(
-            f"{r['shape'][0]:>5}x{r['shape'][1]:<6} {r['batch']:>3} {r['us']:8.1f} "
+            f"{r['encoding'][:6]:>6} {r['shape'][0]:>5}x{r['shape'][1]:<6} {r['batch']:>3} "
+            f"{r['us']:8.1f} "
             f"{r['gbs']:7.0f} {r['pct_stream_read']:6.1f} {r.get('cublas_us', float('nan')):9.1f} "
             f"{r.get('speedup', float('nan')):7.2f} {r['us_l2_hot']:8.1f} {r['dequant_us']:7.1f} "
             f"{r['dequant_pct_stream_read']:6.1f} {r['simt_us'] or float('nan'):8.1f}"
@@ -289,10 +340,18 @@ def main(argv=None) -> int:
         else:
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for m, n in shapes:
-                rs = [r for r in rows if r["shape"] == [m, n] and "speedup" in r]
-                ax.plot(
-                    [r["batch"] for r in rs], [r["speedup"] for r in rs], "o-", label=f"{m}x{n}"
-                )
+                for e in encodings:
+                    rs = [
+                        r
+                        for r in rows
+                        if r["shape"] == [m, n] and "speedup" in r and r["encoding"] == e
+                    ]
+                    ax.plot(
+                        [r["batch"] for r in rs],
+                        [r["speedup"] for r in rs],
+                        "o-",
+                        label=f"{e} {m}x{n}",
+                    )
             ax.set_xscale("log", base=2)
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_xlabel("batch")

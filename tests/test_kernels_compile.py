@@ -42,8 +42,12 @@ def cubins(tmp_path_factory):
         return list(pool.map(build, jobs))
 
 
-SOURCES = (K.KERNEL_SOURCE, K.TC_SOURCE)
-NAMES = {K.KERNEL_SOURCE: K.all_kernel_names, K.TC_SOURCE: K.tc_kernel_names}
+SOURCES = (K.KERNEL_SOURCE, K.TC_SOURCE, K.CMPQ_SOURCE)
+NAMES = {
+    K.KERNEL_SOURCE: K.all_kernel_names,
+    K.TC_SOURCE: K.tc_kernel_names,
+    K.CMPQ_SOURCE: K.cmpq_kernel_names,
+}
 
 
 @pytest.mark.parametrize(

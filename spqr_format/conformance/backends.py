@@ -116,8 +116,9 @@ class ReferenceDecoder:
 
 
 class GpuDecoder:
-    """The CUDA kernels (``spqr_format.gpu.GpuTensor``): bilevel tensors are dequantized on the
-    GPU (bit-exact path), raw tensors and all header / data checks stay on the CPU."""
+    """The CUDA kernels (``spqr_format.gpu.GpuTensor``): bilevel and channel_mixed tensors are
+    dequantized on the GPU (bit-exact paths), raw tensors and all header / data checks stay on
+    the CPU."""
 
     name = "gpu"
 
@@ -139,6 +140,7 @@ class GpuDecoder:
         from spqr_format import api, spec
         from spqr_format.codec import reference
         from spqr_format.codec.bilevel import PackedBilevel
+        from spqr_format.codec.channel_mixed import PackedChannelMixed
         from spqr_format.errors import DigestMismatchError
         from spqr_format.gpu.tensor import GpuTensor
 
@@ -148,7 +150,7 @@ class GpuDecoder:
                 e = f.entry(n)
                 own = spec.DTYPE_NAMES[spec.DType(e.dtype)]
                 p = f.read(n)  # CRCs (C-2.8a)
-                if not isinstance(p, PackedBilevel):
+                if not isinstance(p, (PackedBilevel, PackedChannelMixed)):
                     out[n] = _to_decoded(f.decode(n, None, verify_digest=True), own, e.shape)
                     continue
                 t = GpuTensor.from_packed(p, validate=True, name=n, tensor_cores=False)

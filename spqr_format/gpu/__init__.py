@@ -1,9 +1,12 @@
-"""GPU decoder and fused matvec/matmul for ``bilevel`` tensors.
+"""GPU decoder and fused matvec/matmul for ``bilevel`` and ``channel_mixed`` tensors.
 
-The kernels are plain CUDA C (``kernels/spqr_kernels.cu``, documented in
-``kernels/spqr_gpu.h``) and have no Python dependency. This package adds:
+The kernels are plain CUDA C (``kernels/spqr_kernels.cu``, ``spqr_tc.cu``, and
+``spqr_cmpq.cu`` for ``channel_mixed``, documented in ``kernels/spqr_gpu.h``) and have no
+Python dependency. This package adds:
 
-* :class:`GpuTensor` (CuPy): upload a tensor's sections, ``dequantize``, ``matvec``, ``matmul``;
+* :class:`GpuTensor` (CuPy): upload a tensor's sections, ``dequantize``, ``matvec``, ``matmul``
+  (a ``channel_mixed`` tensor gives a :class:`spqr_format.gpu.cmpq.GpuCmpqTensor`, same
+  interface);
 * :mod:`spqr_format.gpu.nn` (torch): ``SpQRLinear`` and ``replace_linear``.
 
 Importing this package needs neither CuPy nor torch; using :class:`GpuTensor` needs CuPy and a

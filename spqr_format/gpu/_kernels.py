@@ -466,3 +466,40 @@ def tc_workspace_layout(m: int, n: int, kt: int, batch: int, splits: int) -> tup
 
 def tc_workspace_bytes(m: int, n: int, kt: int, batch: int, splits: int) -> int:
     return tc_workspace_layout(m, n, kt, batch, splits)[2]
+
+
+# --- channel_mixed (spqr_cmpq.cu, CMPQ chunk layout: codec/cmpq_layout.py) ------------------
+CMPQ_SOURCE = KERNEL_DIR / "spqr_cmpq.cu"
+CMPQ_NB = (1, 2, 4, 8, 16)  # batch columns per matmul launch (larger batches: slices of 16)
+CMPQ_MAX_BATCH = CMPQ_NB[-1]
+CMPQ_ROWS = 256  # rows per block of spqr_cmpq_mm_* (SPQR_CMPQ_ROWS in the kernel)
+CMPQ_BLOCKS_PER_SM = int(os.environ.get("SPQR_CMPQ_BLOCKS_PER_SM") or 4)
+CMPQ_DQ_ROWS = 16  # rows per block of spqr_cmpq_dequant_* (at least m / 65535)
+
+
+def cmpq_nb(batch: int) -> int:
+    for nb in CMPQ_NB:
+        if batch <= nb:
+            return nb
+    return CMPQ_NB[-1]
+
+
+def cmpq_target_tiles(m: int, sm_count: int) -> int:
+    """Column tiles wanted so that (row blocks) x (k-splits) fills the GPU
+    (CMPQ_BLOCKS_PER_SM blocks per multiprocessor)."""
+    row_tiles = -(-m // CMPQ_ROWS)
+    return max(1, -(-(CMPQ_BLOCKS_PER_SM * sm_count) // row_tiles))
+
+
+def cmpq_splits(m: int, ntiles: int, sm_count: int) -> int:
+    """k-splits (grid.y) of spqr_cmpq_mm_*: each split sums tiles y, y + splits, ..."""
+    return max(1, min(ntiles, cmpq_target_tiles(m, sm_count)))
+
+
+def cmpq_kernel_names() -> list[str]:
+    names = ["spqr_cmpq_prepare_x"]
+    for nb in CMPQ_NB:
+        names += [f"spqr_cmpq_mm_nb{nb}", f"spqr_cmpq_finish_nb{nb}"]
+    for oc in OUT_NAMES.values():
+        names += [f"spqr_cmpq_dequant_{oc}", f"spqr_cmpq_dequant_outliers_{oc}"]
+    return sorted(names)

@@ -25,7 +25,8 @@ _TORCH_CODES = {torch.float16: 1, torch.bfloat16: 2}
 
 
 class SpQRLinear(nn.Module):
-    """Drop-in replacement of ``nn.Linear`` whose weight is a ``bilevel`` tensor on the GPU.
+    """Drop-in replacement of ``nn.Linear`` whose weight is a ``bilevel`` or ``channel_mixed``
+    tensor on the GPU (a ``GpuTensor`` or ``GpuCmpqTensor``).
 
     ``forward(x)``: ``x[..., in_features]`` in float16 or bfloat16 on the GPU; returns
     ``x @ W^T + bias`` in the dtype of ``x``. Batches of 1..64 rows (and more) use the fused
@@ -50,9 +51,13 @@ class SpQRLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = self.weight_gpu
+        if getattr(g, "encoding", "bilevel") == "channel_mixed":
+            counts = {b + 1: c for b, c in enumerate(g.width_counts) if c}
+            enc = f"channel_mixed, width_counts={counts}, table_rows={g.table_rows}"
+        else:
+            enc = f"bits={g.bits}, group_size={g.group_size}, stats_bits={g.stats_bits}"
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bits={g.bits}, group_size={g.group_size}, stats_bits={g.stats_bits}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, {enc}, "
             f"bias={self.bias is not None}"
         )
 
@@ -60,7 +65,10 @@ class SpQRLinear(nn.Module):
         """The compressed sections as torch tensors sharing the device memory (DLPack)."""
         g = self.weight_gpu
         out = {}
-        for key in ("codes", "stats", "stats2", "perm", "outlier_rows", "outlier_entries"):
+        keys = ("codes", "stats", "stats2", "perm", "outlier_rows", "outlier_entries")
+        if getattr(g, "encoding", "bilevel") == "channel_mixed":
+            keys = ("codes", "tables", "perm", "orows", "ocolp", "ocorr")
+        for key in keys:
             a = getattr(g, key)
             if a is not None:
                 out[key] = torch.from_dlpack(a)
@@ -128,12 +136,14 @@ def _cupy_stream(ptr: int):
 def replace_linear(
     model: nn.Module, path: str | os.PathLike[str], *, suffix: str = ".weight", strict: bool = False
 ) -> list[str]:
-    """Swap every ``nn.Linear`` of ``model`` whose weight is a ``bilevel`` tensor of the
-    ``.spqr`` file ``path`` (named ``<module name><suffix>``) for an :class:`SpQRLinear` on the
-    linear's device. Returns the names replaced. ``strict``: fail when a Linear has no tensor.
+    """Swap every ``nn.Linear`` of ``model`` whose weight is a ``bilevel`` or ``channel_mixed``
+    tensor of the ``.spqr`` file ``path`` (named ``<module name><suffix>``) for an
+    :class:`SpQRLinear` on the linear's device. Returns the names replaced. ``strict``: fail
+    when a Linear has no tensor.
     """
     from spqr_format.api import open_file
     from spqr_format.codec.bilevel import PackedBilevel
+    from spqr_format.codec.channel_mixed import PackedChannelMixed
     from spqr_format.gpu.tensor import GpuTensor
 
     replaced = []
@@ -148,9 +158,9 @@ def replace_linear(
                     raise KeyError(f"{path}: no tensor {key!r} for nn.Linear {mod_name!r}")
                 continue
             p = f.read(key)
-            if not isinstance(p, PackedBilevel):
+            if not isinstance(p, (PackedBilevel, PackedChannelMixed)):
                 if strict:
-                    raise TypeError(f"{key!r} is not bilevel-encoded")
+                    raise TypeError(f"{key!r} is neither bilevel- nor channel_mixed-encoded")
                 continue
             if tuple(p.shape) != (module.out_features, module.in_features):
                 raise ValueError(

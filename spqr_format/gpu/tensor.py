@@ -206,6 +206,8 @@ class GpuTensor:
         tensor_cores: bool | None = None,
     ) -> GpuTensor:
         """Upload the sections of ``p`` as they are (views of a mapped file upload directly).
+        A ``channel_mixed`` tensor gives a :class:`spqr_format.gpu.cmpq.GpuCmpqTensor` (same
+        ``dequantize`` / ``matvec`` / ``matmul`` / ``matmul_into`` interface).
 
         ``validate`` runs the data checks of SPEC C-5.7/5.8/6.1/6.2 first (the kernels trust
         their input: an invalid perm or outlier column would read out of bounds).
@@ -213,6 +215,12 @@ class GpuTensor:
         when the configuration has a tensor-core path; it costs one more copy of the codes and
         statistics on the GPU.
         """
+        from spqr_format.codec.channel_mixed import PackedChannelMixed
+
+        if isinstance(p, PackedChannelMixed):  # CMPQ: its own kernels and layout
+            from spqr_format.gpu.cmpq import GpuCmpqTensor
+
+            return GpuCmpqTensor.from_packed(p, validate=validate, name=name)
         # The kernels read the row layout (16-byte aligned rows, u32 perm, per-row outlier
         # offsets), built here from the file's dense sections, after the data checks.
         p = to_row_layout(p, validate=validate)
@@ -259,8 +267,12 @@ class GpuTensor:
 
         with open_file(path) as f:
             p = f.read(name, verify_crc=verify_crc)
-            if not isinstance(p, PackedBilevel):
-                raise BadInputError(f"tensor {name!r} is not bilevel-encoded", tensor=name)
+            from spqr_format.codec.channel_mixed import PackedChannelMixed
+
+            if not isinstance(p, (PackedBilevel, PackedChannelMixed)):
+                raise BadInputError(
+                    f"tensor {name!r} is neither bilevel- nor channel_mixed-encoded", tensor=name
+                )
             return cls.from_packed(p, validate=validate, name=name, tensor_cores=tensor_cores)
 
     # --- geometry ---------------------------------------------------------------------------

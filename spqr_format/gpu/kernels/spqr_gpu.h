@@ -1,5 +1,6 @@
 /* spqr_gpu.h -- C interface of the spqr-format GPU kernels (spqr_kernels.cu, spqr_tc.cu,
- * spqr_host.cu, spqr_tc_host.cu, spqr_row_layout.c, spqr_tile_layout.c).
+ * spqr_host.cu, spqr_tc_host.cu, spqr_row_layout.c, spqr_tile_layout.c; spqr_cmpq.cu for
+ * channel_mixed, section "channel_mixed" below).
  *
  * Three pieces, use any:
  *
@@ -223,6 +224,60 @@
  * Workspace (16-byte aligned): xfrag (NT*KT*256 bytes), x'^T (n*bp*2 rounded to 16), part
  * (splits*8*NT*M16*4, at least KT*8: spqr_tcg_* keeps xsum there; not used by spqr_tcv_*).
  * Everything is deterministic (no atomics).
+ * ------------------------------------------------------------------------------------------ */
+
+/* ------------------------------------------------------------------------------------------
+ * channel_mixed (CMPQ, SPEC section 12): spqr_cmpq.cu.  Same conventions as above (no headers,
+ * NVRTC or nvcc, extern "C" __global__ entry points, asynchronous launches, no -ftz needed or
+ * harmful; dtype codes 0 = f32, 1 = f16, 2 = bf16).
+ *
+ * Data: one channel_mixed tensor in the CMPQ CHUNK LAYOUT, in device memory, built once at
+ * load time from the file's sections by spqr_format/codec/cmpq_layout.py (its docstring is the
+ * normative description; no C twin yet).  Per run r (width b, stored columns s..s+c-1),
+ * K = ceil(c/32) chunks of 32 columns (the last padded with zero codes and zero tables):
+ *   runs   i64 [nruns][8]: start s, count c, bits b, code_off, tab_off, pad_start, K, 0
+ *          (runs by increasing b, only non-empty ones);
+ *   codes  u32: word code_off + (k*b + w)*m + i holds codes 32k..32k+31 of row i, run r
+ *          (LSB first, as SPEC C-5.2 within the 32 codes); at each outlier the code whose table
+ *          value is nearest to the outlier;
+ *   tables u16 (f16 bits) [T][Lp]: table of run r's padded column jl for row block t at
+ *          t*Lp + tab_off + (jl << b), 2^b entries;  T = 1 (R = 0) or ceil(m/R);
+ *   pcol   u32 [np]: original column of padded column jp (run r: pad_start + jl), 0xFFFFFFFF
+ *          for padding;  perm u32 [n] (stored -> original), inv_perm u32 [n];
+ *   orows  u32 [m+1] per-row offsets (NULL: no outliers), ocol u32 stored column, ocolp u32
+ *          padded column, oval u16 f16 value, ocorr f32 f32(o) - f32(T[q]) for the stored code.
+ * The kernels do not validate: validate the file's sections first (SPEC C-12.8).
+ * Sizes: m, n >= 1, m < 2^31, every index below 2^62.
+ *
+ * spqr_cmpq_dequant_{f32|f16|bf16}(codes, tables, runs, nruns, inv_perm, out, ldo, m, n, R,
+ *                                  Lp, rows_per_block)
+ *   Dense part of the decode, bit-exact (SPEC C-12.7): out[i*ldo + c] = tables[t(i)*Lp + ... +
+ *   q] for the stored column inv_perm[c] (f16: the bits; f32: exact widening; bf16: RNE of
+ *   that).  grid (ceil(n/256), ceil(m/rows_per_block)) with ceil(m/rows_per_block) <= 65535,
+ *   block 256 (one thread per output column, rows_per_block rows each).
+ * spqr_cmpq_dequant_outliers_{f32|f16|bf16}(orows, ocol, oval, perm, out, ldo, m)
+ *   Outlier pass (C-7.3): out[i*ldo + perm[ocol[k]]] = oval[k].  After the dense pass on the
+ *   same stream; only with outliers.  grid ceil(m/8), block 256 (one warp per row).
+ *
+ * spqr_cmpq_prepare_x(x, ldx, in_dtype, pcol, np, xs, ldxs, batch)
+ *   xs[b][jp] = f32(x[b][pcol[jp]]) (0 for padding and for b >= batch): x [batch][ldx] in
+ *   in_dtype (0/1/2), xs f32 [NB][ldxs], ldxs >= np.  grid (ceil(np/256), NB), block 256.
+ * spqr_cmpq_mm_nb{NB}(codes, tables, tiles, ntiles, xs, ldxs, part, m, R, Lp)  NB in 1,2,4,8,16
+ *   Partial products over column tiles: part[y][b][i] = sum over the tiles y, y + gridDim.y,
+ *   ... of sum over the tile's columns of f32(T[q]) * xs[b][jp] (f32, fixed order).  tiles
+ *   i64 [ntiles][8]: bits, chunks (nch), first code word (code_off + k0*b*m), first table entry
+ *   (tab_off + (32*k0 << b)), first padded column (pad_start + 32*k0), 0, 0, 0: chunks of one
+ *   run (cmpq_layout.tiles).  One thread per row, SPQR_CMPQ_ROWS (256) rows per block, one
+ *   specialised loop per width (codes via b coalesced u32 loads per 32 columns, tables in
+ *   shared memory as f32, scaled by x' when NB = 1).  grid (ceil(m/256), splits <= ntiles),
+ *   block 256, dynamic shared memory max over tiles of 4*(32*nch << b) + (NB > 1 ?
+ *   4*32*nch*NB : 0) bytes (raise the limit above 48 KiB).  part f32 [splits][NB][m].
+ * spqr_cmpq_finish_nb{NB}(part, splits, orows, ocolp, ocorr, xs, ldxs, y, ldy, out_dtype, m,
+ *                         batch)
+ *   y[b*ldy + i] = sum over y of part[y][b][i] + sum over row i's outliers of ocorr *
+ *   xs[b][ocolp], rounded to out_dtype, for b < batch.  grid ceil(m/8), block 256 (one warp per
+ *   row); orows/ocolp/ocorr NULL without outliers.  Batches above 16: slices of 16 rows.
+ * Workspace (Python layer): xs [NB][ldxs] then part [splits][NB][m], f32.  Deterministic.
  * ------------------------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------------------------

@@ -1,0 +1,251 @@
+"""CuPy layer for ``channel_mixed`` (CMPQ) tensors: upload, dequantize, fused matvec / matmul.
+
+The sibling of :class:`spqr_format.gpu.tensor.GpuTensor` (which dispatches here for
+``channel_mixed`` tensors, so ``GpuTensor.from_packed`` / ``from_file`` accept both). The
+kernels are ``kernels/spqr_cmpq.cu`` (contract in ``kernels/spqr_gpu.h``); they read the CMPQ
+chunk layout built once at upload by :mod:`spqr_format.codec.cmpq_layout`. Launches go to
+CuPy's current stream; nothing synchronises the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from spqr_format.codec import channel_mixed as cm
+from spqr_format.codec import cmpq_layout as CL
+from spqr_format.errors import BadInputError
+from spqr_format.gpu import _kernels as K
+from spqr_format.gpu.tensor import (
+    _dtype_code,
+    _ptr,
+    _raise_smem_limit,
+    _sm_count,
+    _upload,
+    cp,
+    module,
+)
+
+_functions: dict[tuple[int, str], object] = {}
+
+
+def function(name: str):
+    key = (cp.cuda.Device().id, name)
+    fn = _functions.get(key)
+    if fn is None:
+        fn = _functions[key] = module(K.CMPQ_SOURCE).get_function(name)
+    return fn
+
+
+@dataclass
+class _Plan:
+    tiles: object  # cp int64 [ntiles * 8]
+    ntiles: int
+    smem: int
+    splits: int
+
+
+@dataclass
+class GpuCmpqTensor:
+    """A ``channel_mixed`` tensor on the GPU in the CMPQ chunk layout."""
+
+    shape: tuple[int, int]
+    table_rows: int
+    Lp: int
+    np_: int
+    runs_host: np.ndarray  # int64 [nruns, 8]
+    codes: cp.ndarray
+    tables: cp.ndarray
+    runs: cp.ndarray
+    pcol: cp.ndarray
+    perm: cp.ndarray
+    inv_perm: cp.ndarray
+    orows: cp.ndarray | None = None
+    ocol: cp.ndarray | None = None
+    ocolp: cp.ndarray | None = None
+    oval: cp.ndarray | None = None
+    ocorr: cp.ndarray | None = None
+    dtype: str = "float16"
+    name: str | None = None
+    plans: dict = field(default_factory=dict)
+    encoding = "channel_mixed"
+    tc = None  # no tensor-core layout (benchmarks look for it)
+
+    @classmethod
+    def from_packed(
+        cls, p: cm.PackedChannelMixed, *, validate: bool = True, name: str | None = None
+    ) -> GpuCmpqTensor:
+        """Validate (SPEC C-12.8 data checks; the kernels trust their input), repack into the
+        chunk layout on the host, upload."""
+        from spqr_format.spec import DTYPE_NAMES
+
+        L = CL.to_cmpq_layout(p, validate=validate)
+        out = L.has_outliers
+        return cls(
+            shape=tuple(L.shape),
+            table_rows=L.table_rows,
+            Lp=L.Lp,
+            np_=L.np_,
+            runs_host=L.runs,
+            codes=_upload(L.codes, np.uint32),
+            tables=_upload(L.tables, np.uint16),
+            runs=_upload(L.runs, np.int64),
+            pcol=_upload(L.pcol, np.uint32),
+            perm=_upload(L.perm, np.uint32),
+            inv_perm=_upload(L.inv_perm, np.uint32),
+            orows=_upload(L.orows, np.uint32) if out else None,
+            ocol=_upload(L.ocol, np.uint32) if out else None,
+            ocolp=_upload(L.ocolp, np.uint32) if out else None,
+            oval=_upload(L.oval, np.uint16) if out else None,
+            ocorr=_upload(L.ocorr, np.float32) if out else None,
+            dtype=DTYPE_NAMES[L.dtype],
+            name=name,
+        )
+
+    # --- geometry -----------------------------------------------------------------------
+    @property
+    def m(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.shape[1]
+
+    @property
+    def width_counts(self) -> tuple[int, ...]:
+        counts = [0] * 8
+        for r in self.runs_host.tolist():
+            counts[r[2] - 1] = r[1]
+        return tuple(counts)
+
+    @property
+    def nbytes(self) -> int:
+        arrs = (self.codes, self.tables, self.perm, self.orows, self.ocolp, self.ocorr)
+        return sum(a.nbytes for a in arrs if a is not None)
+
+    def matvec_supported(self) -> bool:
+        return True
+
+    def _plan(self, nb: int) -> _Plan:
+        key = (cp.cuda.Device().id, nb)
+        plan = self.plans.get(key)
+        if plan is None:
+            sms = _sm_count()
+            info = CL.CmpqLayout.__new__(CL.CmpqLayout)
+            info.shape, info.runs = self.shape, self.runs_host
+            tl, smem = CL.tiles(info, nb, K.cmpq_target_tiles(self.m, sms))
+            ntiles = int(tl.shape[0])
+            plan = _Plan(cp.asarray(tl.reshape(-1)), ntiles, smem,
+                         K.cmpq_splits(self.m, ntiles, sms))  # fmt: skip
+            self.plans[key] = plan
+        return plan
+
+    def _ldxs(self) -> int:
+        return 4 * -(-max(self.np_, 1) // 4)
+
+    def workspace_bytes(self, batch: int) -> int:
+        """Bytes of workspace :meth:`matmul_into` needs: x' (f32 [nb][ldxs]) then the partial
+        sums (f32 [splits][nb][m]), for the largest slice of ``batch``."""
+        best = 0
+        sizes = {min(batch, K.CMPQ_MAX_BATCH)}
+        if batch > K.CMPQ_MAX_BATCH and batch % K.CMPQ_MAX_BATCH:
+            sizes.add(batch % K.CMPQ_MAX_BATCH)
+        for s in sizes:
+            nb = K.cmpq_nb(s)
+            plan = self._plan(nb)
+            best = max(best, 4 * nb * (self._ldxs() + plan.splits * self.m))
+        return best
+
+    # --- dequantize -----------------------------------------------------------------------
+    def dequantize(self, dtype: str | None = None, out=None):
+        """Dense ``W[m, n]`` (original column order), bit-exact with SPEC C-12.7 (bf16 as
+        uint16 bit patterns when ``out`` is not given)."""
+        dtype = dtype or self.dtype
+        oc = _dtype_code(dtype)
+        m, n = self.shape
+        if out is None:
+            out = cp.empty((m, n), dtype=np.float32 if oc == 0 else np.uint16)
+            if oc == 1:
+                out = out.view(np.float16)
+        self.dequantize_into(_ptr(out), n, oc)
+        return out
+
+    def dequantize_into(self, out_ptr, ldo: int, out_code: int) -> None:
+        m, n = self.shape
+        oc = K.OUT_NAMES[out_code]
+        rpb = max(K.CMPQ_DQ_ROWS, -(-m // 65535))
+        function(f"spqr_cmpq_dequant_{oc}")(
+            (-(-n // 256), -(-m // rpb)),
+            (256,),
+            (self.codes, self.tables, self.runs, np.int32(self.runs_host.shape[0]),
+             self.inv_perm, np.uint64(out_ptr), np.int64(ldo), np.int64(m), np.int64(n),
+             np.int64(self.table_rows), np.int64(self.Lp), np.int32(rpb)),
+        )  # fmt: skip
+        if self.orows is not None:
+            function(f"spqr_cmpq_dequant_outliers_{oc}")(
+                (-(-m // 8),),
+                (256,),
+                (self.orows, self.ocol, self.oval, self.perm, np.uint64(out_ptr),
+                 np.int64(ldo), np.int64(m)),
+            )  # fmt: skip
+
+    # --- matvec / matmul --------------------------------------------------------------------
+    def matvec(self, x, out=None):
+        if x.ndim != 1:
+            raise BadInputError(f"matvec takes x of shape ({self.n},), got {x.shape}")
+        y = self.matmul(x.reshape(1, -1), out=None if out is None else out.reshape(1, -1))
+        return y.reshape(-1)
+
+    def matmul(self, X, out=None, workspace=None):
+        """``Y = X W^T`` for ``X`` of shape ``[batch, n]`` (f16, bf16 as uint16, or f32)."""
+        if X.ndim != 2 or X.shape[1] != self.n:
+            raise BadInputError(f"X must have shape (batch, {self.n}), got {X.shape}")
+        X = cp.ascontiguousarray(X)
+        batch = X.shape[0]
+        code = _dtype_code(X.dtype)
+        if out is None:
+            out = cp.empty((batch, self.m), dtype=X.dtype)
+        if workspace is None:
+            workspace = cp.empty(max(1, self.workspace_bytes(batch) // 4), dtype=np.float32)
+        self.matmul_into(_ptr(X), self.n, code, _ptr(out), self.m, code, batch, _ptr(workspace))
+        return out
+
+    def matmul_into(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr) -> None:
+        """Raw-pointer form: ``Y[b, :] = W X[b, :]`` on CuPy's current stream, no allocation
+        (``ws_ptr``: :meth:`workspace_bytes` bytes). Per slice of up to 16 rows: prepare x',
+        the fused kernel (k-split partial sums), the finish kernel (sums, outliers, rounding)."""
+        m, n = self.shape
+        xsz = 4 if in_code == 0 else 2
+        ysz = 4 if out_code == 0 else 2
+        ldxs = self._ldxs()
+        for b0 in range(0, batch, K.CMPQ_MAX_BATCH):
+            nbt = min(K.CMPQ_MAX_BATCH, batch - b0)
+            nb = K.cmpq_nb(nbt)
+            plan = self._plan(nb)
+            xs = int(ws_ptr)
+            part = xs + 4 * nb * ldxs
+            function("spqr_cmpq_prepare_x")(
+                (-(-self.np_ // 256), nb),
+                (256,),
+                (np.uint64(int(x_ptr) + xsz * b0 * int(ldx)), np.int64(ldx), np.int32(in_code),
+                 self.pcol, np.int64(self.np_), np.uint64(xs), np.int64(ldxs), np.int32(nbt)),
+            )  # fmt: skip
+            fn = function(f"spqr_cmpq_mm_nb{nb}")
+            _raise_smem_limit(fn, plan.smem)
+            fn(
+                (-(-m // K.CMPQ_ROWS), plan.splits),
+                (K.CMPQ_ROWS,),
+                (self.codes, self.tables, plan.tiles, np.int32(plan.ntiles), np.uint64(xs),
+                 np.int64(ldxs), np.uint64(part), np.int64(m), np.int64(self.table_rows),
+                 np.int64(self.Lp)),
+                shared_mem=plan.smem,
+            )  # fmt: skip
+            function(f"spqr_cmpq_finish_nb{nb}")(
+                (-(-m // 8),),
+                (256,),
+                (np.uint64(part), np.int32(plan.splits), _ptr(self.orows), _ptr(self.ocolp),
+                 _ptr(self.ocorr), np.uint64(xs), np.int64(ldxs),
+                 np.uint64(int(y_ptr) + ysz * b0 * int(ldy)), np.int64(ldy), np.int32(out_code),
+                 np.int64(m), np.int32(nbt)),
+            )  # fmt: skip
