@@ -39,7 +39,7 @@ def run(w, h, target, rows_per_table):
     left = budget - n * cost(cands[0])
     if left < 0:
         return None, None
-    for lo, hi in zip(cands[:-1], cands[1:]):
+    for lo, hi in zip(cands[:-1], cands[1:], strict=False):
         step = cost(hi) - cost(lo)
         if n * step <= left:
             widths[:] = hi
@@ -65,7 +65,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     (_, w, h, _), = synthetic_layers(args.size, 8192)
     w = w.astype(np.float64)
-    print(f"| target bits | rows per table R | counted bits | rel. output err |")
+    print("| target bits | rows per table R | counted bits | rel. output err |")
     print("|---|---|---|---|")
     for target in (2.2, 2.5, 3.0, 3.5):
         for r in (args.size, args.size // 2, args.size // 4, args.size // 8, args.size // 16):

@@ -194,7 +194,7 @@ F32 = np.float32
 
 class SpecError(Exception):
     def __init__(self, code, message=""):
-        super().__init__("%s: %s" % (code, message))
+        super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
 
@@ -352,7 +352,7 @@ def check_metadata(raw):
     try:
         text = bytes(raw).decode("utf-8", errors="strict")
     except UnicodeDecodeError as exc:
-        _meta_err("not UTF-8: %s" % exc)
+        _meta_err(f"not UTF-8: {exc}")
     if text.startswith("\ufeff"):
         _meta_err("byte order mark")
     n = len(text)
@@ -424,10 +424,10 @@ def check_metadata(raw):
             key, pos = _scan_string(text, pos, True)
             keys = stack[-1]
             if key in keys:
-                _meta_err("duplicate key %r" % key)
+                _meta_err(f"duplicate key {key!r}")
             keys.add(key)
             if len(stack) == 1 and not _TOPKEY.fullmatch(key):
-                _meta_err("top-level key %r is not namespace.name" % key)
+                _meta_err(f"top-level key {key!r} is not namespace.name")
             state = _S_COLON
         elif state == _S_COLON:
             if c != ":":
@@ -458,7 +458,7 @@ def _read_bytes(path):
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise SpecError("E_IO", "%s: %s" % (path, exc))
+        raise SpecError("E_IO", f"{path}: {exc}")
 
 
 def _parse_container(buf):
@@ -500,7 +500,7 @@ def _parse_container(buf):
     crc = zlib.crc32(b"\0\0\0\0", crc)
     crc = zlib.crc32(mv[60:header_length], crc)
     if crc != hcrc:
-        raise SpecError("E_HEADER_CRC", "header crc %08x, computed %08x" % (hcrc, crc))
+        raise SpecError("E_HEADER_CRC", f"header crc {hcrc:08x}, computed {crc:08x}")
     # 7.
     want = _align(header_length, alignment)
     if data_offset != want:
@@ -511,7 +511,7 @@ def _parse_container(buf):
         raise SpecError("E_BAD_LAYOUT", "non-zero header padding")
     # 8.
     if req_features != 0:
-        raise SpecError("E_UNKNOWN_FEATURE", "required_features 0x%x" % req_features)
+        raise SpecError("E_UNKNOWN_FEATURE", f"required_features 0x{req_features:x}")
     # 9. section records
     sbase = 64 + 160 * tcount
     sections = []
@@ -564,7 +564,7 @@ def _parse_container(buf):
             raise SpecError("E_BAD_LAYOUT", "tensor %d: sections %d..%d past section_count %d"
                             % (ti, t.first_section, end - 1, scount))
         roles = [sections[s][3] for s in range(t.first_section, end)]
-        for a, b in zip(roles, roles[1:]):
+        for a, b in zip(roles, roles[1:], strict=False):
             if b <= a:
                 raise SpecError("E_BAD_LAYOUT", "tensor %d: roles %s not strictly increasing"
                                 % (ti, roles))
@@ -634,7 +634,6 @@ def _bilevel_lengths(t):
 
 
 def _check_tensor_header(t, sections):
-    ti = t.index
     if t.encoding not in (1, 2, 3):
         raise SpecError("E_UNKNOWN_ENCODING", "tensor %r: encoding %d" % (t.name, t.encoding))
     if t.encoding_version != 1:
@@ -643,16 +642,16 @@ def _check_tensor_header(t, sections):
     secs = [sections[i] for i in range(t.first_section, t.first_section + t.section_count)]
     if t.encoding == 1:
         if any(t.params):
-            raise SpecError("E_BAD_FIELD", "tensor %r: raw params not zero" % t.name)
+            raise SpecError("E_BAD_FIELD", f"tensor {t.name!r}: raw params not zero")
         want = [(ROLE_DATA, t.count * DTYPES[t.dtype][1])]
     elif t.encoding == 3:
         want = _channel_mixed_header(t)
     else:
         bits, sb, flags, g, S, r1, K, E, r2 = _BPARAMS.unpack_from(t.params, 0)
         if r1 or r2:
-            raise SpecError("E_BAD_FIELD", "tensor %r: reserved params not zero" % t.name)
+            raise SpecError("E_BAD_FIELD", f"tensor {t.name!r}: reserved params not zero")
         if flags & ~3:
-            raise SpecError("E_BAD_FIELD", "tensor %r: unknown flags 0x%x" % (t.name, flags))
+            raise SpecError("E_BAD_FIELD", f"tensor {t.name!r}: unknown flags 0x{flags:x}")
         if not 1 <= bits <= 8:
             raise SpecError("E_BAD_FIELD", "tensor %r: bits %d" % (t.name, bits))
         if not 1 <= g <= MAX_GROUP:
@@ -671,14 +670,13 @@ def _check_tensor_header(t, sections):
         if K > E:
             raise SpecError("E_BAD_FIELD", "tensor %r: outlier_count %d > entries %d" % (t.name, K, E))
         if t.ndim != 2 or t.dims[0] < 1 or t.dims[1] < 1:
-            raise SpecError("E_BAD_SHAPE", "tensor %r: bilevel shape %s" % (t.name, list(t.dims)))
+            raise SpecError("E_BAD_SHAPE", f"tensor {t.name!r}: bilevel shape {list(t.dims)}")
         t.bp = dict(bits=bits, sb=sb, g=g, S=S, K=K, E=E, perm=bool(flags & 1), outliers=has_out)
         want = _bilevel_lengths(t)
     roles = [s[3] for s in secs]
     if roles != [r for r, _ in want]:
-        raise SpecError("E_BAD_LAYOUT", "tensor %r: roles %s, expected %s"
-                        % (t.name, roles, [r for r, _ in want]))
-    for s, (r, length) in zip(secs, want):
+        raise SpecError("E_BAD_LAYOUT", f"tensor {t.name!r}: roles {roles}, expected {[r for r, _ in want]}")
+    for s, (r, length) in zip(secs, want, strict=False):
         if s[1] != length:
             raise SpecError("E_BAD_LAYOUT", "tensor %r: role %d section of %d bytes, expected %d"
                             % (t.name, r, s[1], length))
@@ -692,7 +690,7 @@ def _channel_mixed_header(t):
     if R > MAX_GROUP:
         raise SpecError("E_BAD_FIELD", "tensor %r: table_rows %d" % (t.name, R))
     if t.ndim != 2 or t.dims[0] < 1 or t.dims[1] < 1:
-        raise SpecError("E_BAD_SHAPE", "tensor %r: channel_mixed shape %s" % (t.name, list(t.dims)))
+        raise SpecError("E_BAD_SHAPE", f"tensor {t.name!r}: channel_mixed shape {list(t.dims)}")
     m, n = t.dims
     if sum(c) != n:
         raise SpecError("E_BAD_FIELD", "tensor %r: width counts sum to %d, n = %d"
@@ -768,7 +766,7 @@ def _decode_channel_mixed(t, secdata):
     perm = _read_perm(t, secdata, n)
     tab = np.frombuffer(secdata[ROLE_TABLES], dtype="<u2").reshape(T, L)
     if np.any((tab & 0x7C00) == 0x7C00):
-        raise SpecError("E_NONFINITE", "tensor %r: non-finite f16 in tables" % t.name)
+        raise SpecError("E_NONFINITE", f"tensor {t.name!r}: non-finite f16 in tables")
     out = None
     if E > 0:
         ent = np.frombuffer(secdata[ROLE_OENT], dtype="<u4")
@@ -815,12 +813,12 @@ def _decode_bilevel(t, secdata):
     if sb == 0:
         st = np.frombuffer(secdata[ROLE_STATS], dtype="<u2").reshape(m, G, 2)
         if np.any((st & 0x7C00) == 0x7C00):
-            raise SpecError("E_NONFINITE", "tensor %r: non-finite f16 in stats" % t.name)
+            raise SpecError("E_NONFINITE", f"tensor {t.name!r}: non-finite f16 in stats")
     else:
         T = _ceil(m, S)
         st2 = np.frombuffer(secdata[ROLE_STATS2], dtype="<u2").reshape(T, G, 4)
         if np.any((st2 & 0x7C00) == 0x7C00):
-            raise SpecError("E_NONFINITE", "tensor %r: non-finite f16 in stats2" % t.name)
+            raise SpecError("E_NONFINITE", f"tensor {t.name!r}: non-finite f16 in stats2")
     # outlier stream (C-6.1, C-6.2 in order)
     out_rows = out_cols = out_vals = None
     if p["outliers"]:
@@ -834,7 +832,7 @@ def _outlier_stream(t, secdata, m, n, E, K):
     NB = _ceil(m, 16)
     X = np.frombuffer(secdata[ROLE_OIDX], dtype="<u4").astype(np.int64)
     if X[0] != 0 or X[-1] != E or np.any(np.diff(X) < 0):
-        raise SpecError("E_BAD_OUTLIERS", "tensor %r: bad outlier_index" % t.name)
+        raise SpecError("E_BAD_OUTLIERS", f"tensor {t.name!r}: bad outlier_index")
     ent = np.frombuffer(secdata[ROLE_OENT], dtype="<u4")
     delta = (ent & 0xFFFF).astype(np.int64)
     value = (ent >> 16).astype(np.uint16)
@@ -849,7 +847,7 @@ def _outlier_stream(t, secdata, m, n, E, K):
     nonempty = X[1:] > X[:-1]
     last = X[1:][nonempty] - 1
     if last.size and np.any(skip[last]):
-        raise SpecError("E_BAD_OUTLIERS", "tensor %r: a block ends with a skip" % t.name)
+        raise SpecError("E_BAD_OUTLIERS", f"tensor {t.name!r}: a block ends with a skip")
     counts = np.diff(X)
     block = np.repeat(np.arange(NB, dtype=np.int64), counts)
     C0 = np.zeros(E + 1, dtype=np.int64)
@@ -868,7 +866,7 @@ def _outlier_stream(t, secdata, m, n, E, K):
                         % (t.name, nreal, K))
     vals = value[real]
     if np.any((vals & 0x7C00) == 0x7C00):
-        raise SpecError("E_NONFINITE", "tensor %r: non-finite outlier value" % t.name)
+        raise SpecError("E_NONFINITE", f"tensor {t.name!r}: non-finite outlier value")
     pr = pcell[real]
     return 16 * block[real] + pr // n, pr % n, f16_bits_to_f32(vals)
 
@@ -935,7 +933,7 @@ def _decode(path, check_crc=True, check_digest=True, want_f32=False):
         if t.encoding == 1:
             data = secdata[ROLE_DATA]
             if check_digest and hashlib.sha256(data).digest() != t.digest:
-                raise SpecError("E_DIGEST_MISMATCH", "tensor %r: digest mismatch" % name)
+                raise SpecError("E_DIGEST_MISMATCH", f"tensor {name!r}: digest mismatch")
             npdt = {1: "<f4", 2: "<f2", 3: "<u2"}[dt]
             arr = np.frombuffer(data, dtype=npdt)
             f32 = None
@@ -944,7 +942,7 @@ def _decode(path, check_crc=True, check_digest=True, want_f32=False):
             arr = _from_f32(f32, dt)
             if check_digest and hashlib.sha256(arr.astype(arr.dtype.newbyteorder("<"), copy=False)
                                                .tobytes()).digest() != t.digest:
-                raise SpecError("E_DIGEST_MISMATCH", "tensor %r: digest mismatch" % name)
+                raise SpecError("E_DIGEST_MISMATCH", f"tensor {name!r}: digest mismatch")
         try:
             arr = arr.reshape(t.dims)
         except ValueError:
@@ -978,7 +976,7 @@ def matvec(path, name, x):
     """y = W x in float64 from the decoded float32 W (C-7.6)."""
     res = _decode(path, want_f32=True)
     if name not in res:
-        raise SpecError("E_NOT_FOUND", "no tensor %r" % name)
+        raise SpecError("E_NOT_FOUND", f"no tensor {name!r}")
     W = res[name][3]
     return W.astype(np.float64) @ np.asarray(x, dtype=np.float64)
 
@@ -1045,7 +1043,7 @@ def _cli_matvec(a, b, outp):
     items = []
     for name, x in xs.items():
         if name not in res:
-            raise SpecError("E_NOT_FOUND", "x names tensor %r not in the file" % name)
+            raise SpecError("E_NOT_FOUND", f"x names tensor {name!r} not in the file")
         W = res[name][3]
         y = W.astype(np.float64) @ x.astype(np.float64)
         items.append((name, "F64", [W.shape[0]], y.astype("<f8").tobytes()))
@@ -1062,7 +1060,7 @@ def main(argv):
             sys.stderr.write("usage: numpy_decoder.py INPUT OUTPUT | --matvec INPUT X OUTPUT\n")
             return 2
     except SpecError as exc:
-        sys.stderr.write("%s: %s\n" % (exc.code, exc.message))
+        sys.stderr.write(f"{exc.code}: {exc.message}\n")
         return 1
     except MemoryError:
         sys.stderr.write("internal failure: out of memory\n")

@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spqr_format as sf
-from spqr_format import spec
 from spqr_format.cli import main
 from spqr_format.codec import channel_mixed as cm
 from spqr_format.codec import channel_mixed_ref as ref

@@ -125,7 +125,7 @@ class ChannelMixedGeometry:
         m, n = shape
         runs = []
         start = word = tab = 0
-        for b, c in zip(WIDTHS, counts):
+        for b, c in zip(WIDTHS, counts, strict=False):
             if c == 0:
                 continue
             words = spec.packed_stream_words(m * c, b)

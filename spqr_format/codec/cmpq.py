@@ -287,7 +287,7 @@ def _allocate_norm(
     order = np.argsort(-stat, kind="stable")  # largest statistic first
     widths = np.full(n, cands[0], np.int64)
     left = budget - n * _col_cost(m, cands[0], blocks)
-    for lo, hi in zip(cands[:-1], cands[1:]):
+    for lo, hi in zip(cands[:-1], cands[1:], strict=False):
         step = _col_cost(m, hi, blocks) - _col_cost(m, lo, blocks)
         if n * step <= left:
             widths[:] = hi
@@ -545,7 +545,7 @@ def encode_cmpq(
         "target_bits": config.target_bits,
         "allocator": config.allocator,
         "table_rows": rows,
-        "width_counts": {str(b): c_ for b, c_ in zip(cm.WIDTHS, counts) if c_},
+        "width_counts": {str(b): c_ for b, c_ in zip(cm.WIDTHS, counts, strict=False) if c_},
         "activation_outliers": int(act.size),
         "sensitive_outliers": int(sens.size),
         "fill_outliers": int(r.size - act.size - sens.size),

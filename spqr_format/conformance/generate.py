@@ -1010,10 +1010,10 @@ _mv(
 )
 
 
-from spqr_format.conformance import rejects as _rejects  # noqa: E402,F401  (registers rejects)
 from spqr_format.conformance import (  # noqa: E402,F401  (registers channel_mixed vectors)
     channel_mixed_vectors as _cmv,
 )
+from spqr_format.conformance import rejects as _rejects  # noqa: E402,F401  (registers rejects)
 
 
 def manifest_entry(v: VectorSpec, built: Built) -> dict:
