@@ -9,9 +9,9 @@ This module is the single place that knows which specialisations exist; the comp
 from __future__ import annotations
 
 import logging
-import os
-import shlex
 from pathlib import Path
+
+from spqr_format.gpu import plan
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 KERNEL_SOURCE = KERNEL_DIR / "spqr_kernels.cu"
@@ -22,28 +22,43 @@ TC_SOURCE = KERNEL_DIR / "spqr_tc.cu"
 # Options shared by nvcc (compile test, C example) and NVRTC (CuPy).  No fast math: the matvec
 # kernels rely on f32 subnormals, the dequantizer on IEEE rounding.
 COMPILE_OPTIONS = ("--std=c++17",)
-# Experiments only: extra -D options (e.g. "-DSPQR_NB1_R=2 -DSPQR_DENSE_UNROLL=1").
-# Threads per block of the whole-row dequantizer (<= 256; env SPQR_DQ_THREADS for tuning).
-DQ_THREADS = min(256, int(os.environ.get("SPQR_DQ_THREADS", "0")) // 32 * 32)
-# Rows per block of the dequantizer when a permutation is present (2, or 1: env SPQR_DQ_ROWS).
-DQ_ROWS = 1 if os.environ.get("SPQR_DQ_ROWS", "2") == "1" else 2
+# Kernel choice: the launch plan (plan.py). Its one override, SPQR_GPU_PLAN, also carries the
+# experiments' tuning knobs read below (dq_threads, dq_rows, ...) and extra -D options
+# (defines=...), the latter read once at import since they must match the compiled module.
+EXTRA_DEFINES = tuple(plan.option("defines", ()))
+_DEFS = dict(d[2:].partition("=")[::2] for d in EXTRA_DEFINES if d.startswith("-D"))
 # Two rows per block: blocks of up to 256 threads while the staged pair rows take at most
 # DQ2_SMEM_MAX bytes; above that, up to DQ2_WIDE_SMEM_MAX (two blocks per multiprocessor on an
 # H100/H200), blocks of 512 threads (H200: 8192x28672 262 us against 319 with one row per block
-# and 332 with 256 threads). Env SPQR_DQ2_SMEM_MAX, SPQR_DQ2_WIDE_SMEM_MAX.
-DQ2_SMEM_MAX = int(os.environ.get("SPQR_DQ2_SMEM_MAX", str(64 * 1024)))
-DQ2_WIDE_SMEM_MAX = int(os.environ.get("SPQR_DQ2_WIDE_SMEM_MAX", str(113 * 1024)))
-# The octet dequantizer (no permutation, f16/bf16 output, specialised bit widths, g % 16 == 0)
-# is used where it applies; env SPQR_DQ_OCT=0 falls back to the row kernel (A/B),
-# SPQR_DQO_THREADS sets its block size.
-DQ_OCT = os.environ.get("SPQR_DQ_OCT", "1") != "0"
-EXTRA_DEFINES = tuple(shlex.split(os.environ.get("SPQR_GPU_DEFINES", "")))
-_DEFS = dict(d[2:].partition("=")[::2] for d in EXTRA_DEFINES if d.startswith("-D"))
+# and 332 with 256 threads). Override keys dq2_smem_max, dq2_wide_smem_max.
+DQ2_SMEM_MAX = 64 * 1024
+DQ2_WIDE_SMEM_MAX = 113 * 1024
+
+
+def dq2_smem_max() -> int:
+    return plan.option("dq2_smem_max", DQ2_SMEM_MAX)
+
+
+def dq2_wide_smem_max() -> int:
+    return plan.option("dq2_wide_smem_max", DQ2_WIDE_SMEM_MAX)
+
+
+def dq_rows() -> int:
+    """Rows per block of the dequantizer with a permutation (2; override dq_rows=1)."""
+    return plan.option("dq_rows", 2)
+
+
+def dq_oct() -> bool:
+    """The octet dequantizer (no permutation) where it applies (override dq_oct=0: off)."""
+    return bool(plan.option("dq_oct", 1))
+
 
 MATVEC_BITS = (2, 3, 4, 8)  # bit widths with a fused matvec kernel
 DEQUANT_BITS = (2, 3, 4, 8)  # specialised dequantizers; others use the generic one (B = 0)
-NB_CHOICES = (1, 2, 4)  # batch columns per block (larger batches: several slices of 4)
-ROWS_PER_BLOCK = {1: int(_DEFS.get("SPQR_NB1_R") or 4), 2: 4, 4: 4}
+# batch columns per block of spqr_matvec_* (larger batches: several slices of 4); batch 1 always
+# takes the row sweep spqr_mv1_* (the old NB = 1 kernel was 1.9x slower, H100 session 1: deleted)
+NB_CHOICES = (2, 4)
+ROWS_PER_BLOCK = {2: 4, 4: 4}
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 OUT_NAMES = {0: "f32", 1: "f16", 2: "bf16"}
 
@@ -83,9 +98,9 @@ def dequant_row_name(bits: int, stats_bits: int, out_code: int) -> str:
 def dequant_row_geometry(n: int, smem: int = 0) -> int:
     """Threads per block of the whole-row dequantizer (one block per row, thread per 16 columns):
     128, or 256 when a row's shared memory (``smem`` bytes) limits the blocks per multiprocessor
-    (measured on an H200: more rows in flight beat more threads per row); env SPQR_DQ_THREADS
-    overrides."""
-    cap = DQ_THREADS or (256 if smem > 28 * 1024 else 128)
+    (measured on an H200: more rows in flight beat more threads per row); override key
+    dq_threads."""
+    cap = plan.option("dq_threads", 0) // 32 * 32 or (256 if smem > 28 * 1024 else 128)
     units = -(-n // 16)  # 16-column units (one per thread)
     return max(32, min(cap, 32 * -(-units // 32)))
 
@@ -103,11 +118,11 @@ def dequant_row2_smem(n: int) -> int:
 
 def dequant_row2_threads(n: int, smem: int) -> int:
     """Threads per block of the two-row dequantizer for ``smem`` bytes of staged rows."""
-    return 512 if smem > DQ2_SMEM_MAX else max(64, dequant_row_geometry(n, smem))
+    return 512 if smem > dq2_smem_max() else max(64, dequant_row_geometry(n, smem))
 
 
 def dequant_row2_supported(bits: int, group_size: int, out_code: int) -> bool:
-    return DQ_ROWS == 2 and bits in DEQUANT_BITS and group_size % 16 == 0 and out_code in (1, 2)
+    return dq_rows() == 2 and bits in DEQUANT_BITS and group_size % 16 == 0 and out_code in (1, 2)
 
 
 def dequant_oct_name(bits: int, stats_bits: int, out_code: int) -> str:
@@ -117,7 +132,7 @@ def dequant_oct_name(bits: int, stats_bits: int, out_code: int) -> str:
 
 def dequant_oct_supported(bits: int, group_size: int, out_code: int, n: int) -> bool:
     return (
-        DQ_OCT
+        dq_oct()
         and bits in DEQUANT_BITS
         and group_size % 16 == 0
         and out_code in (1, 2)
@@ -125,15 +140,14 @@ def dequant_oct_supported(bits: int, group_size: int, out_code: int, n: int) -> 
     )
 
 
-_DQO_THREADS = int(os.environ.get("SPQR_DQO_THREADS", "0")) // 32 * 32
 DQO_STAGES = int(_DEFS.get("SPQR_DQO_STAGES") or 4)  # must match the kernel's define
 
 
 def dequant_oct_geometry(n: int) -> int:
     """Threads per block of the octet dequantizer: 128, or 256 for rows of more than 8,192
     columns (measured on an H200: 8192x28672 239 us against 303 with 128, 4096x4096 15.7 against
-    17.8 with 256); env SPQR_DQO_THREADS overrides."""
-    return _DQO_THREADS or (256 if n > 8192 else 128)
+    17.8 with 256); override key dqo_threads."""
+    return plan.option("dqo_threads", 0) // 32 * 32 or (256 if n > 8192 else 128)
 
 
 def dequant_oct_smem(bits: int, stats_bits: int, threads: int) -> int:
@@ -259,14 +273,18 @@ def tcg_name(bits: int, stats_bits: int) -> str:
 
 
 TCV_SMEM = TC_WARPS * (4 * 32 + 16 * 8) * 4  # static shared memory of spqr_tcv_* (red, osm)
-# spqr_tcg_* instead of spqr_tcv_* for slices of at most TCG_MAX_BATCH columns (each batch
-# column of each of a round's 4 groups in its own mma column, 8 in all) on matrices of at
-# least TCG_MIN_WEIGHTS weights, or of at least TCG_MIN_ROWS rows and TCG_MIN_ROWS^2 weights
-# (tcg_wanted); env SPQR_TCG=0: never, =1: whenever it can
+# spqr_tcg_* (each batch column of each of a round's 4 groups in its own mma column, 8 in all)
+# takes slices of at most TCG_MAX_BATCH columns on "large" shapes (plan.shape_class). H200,
+# session 7, us, batch 1 / 2, tcg vs tcv: faster on 8192x28672 44.9 vs 49.7, 28672x8192 46.8
+# vs 55.0, 11008x4096 17.6 vs 19.6 / 20.8 vs 22.0, 8192x8192 18.5 vs 19.0 / 20.9 vs 20.7,
+# 6144x6144 14.9 vs 15.7 / 17.5 vs 17.9, 5120x5120 13.3 vs 14.0 / 15.7 vs 15.9, level on
+# 8192x4096; slower on 4096x11008 15.7 vs 15.3 / 18.7 vs 17.9, 4096x8192 14.2 vs 13.4,
+# 4096x4096 10.8 vs 10.5 (its x' group sums cost a fixed ~0.5 us).
+# spqr_tcv_* takes every other slice of up to 8 columns (session 9: faster than the k-split
+# path up to 8 columns on all six benchmark shapes but 11008x4096, 1-3 % slower there).
 TCG_MAX_BATCH = 2
-TCG_MIN_WEIGHTS = 1 << 27
-TCG_MIN_ROWS = 5120
-TCG_MODE = os.environ.get("SPQR_TCG", "")
+# tcv_ks: a warp's fixed cost (first loads, outlier corrections, block sum) in chunks
+TCV_WARP_OVERHEAD_CHUNKS = 2
 
 
 def tcv_gp_log2(batch: int) -> int:
@@ -274,56 +292,12 @@ def tcv_gp_log2(batch: int) -> int:
     return max(0, batch - 1).bit_length()
 
 
-# spqr_tcv_* for every slice of up to 8 columns; env SPQR_TCV=0: never (comparisons), =1: the
-# same as automatic since session 9 (kept for scripts that set it)
-TCV_MODE = os.environ.get("SPQR_TCV", "")
-# tcv_ks: a warp's fixed cost (first loads, outlier corrections, block sum) in chunks
-TCV_WARP_OVERHEAD_CHUNKS = 2
-
-
-def tcv_wanted(m: int, n: int, batch: int) -> bool:
-    """Whether a slice of ``batch`` <= 8 columns uses the one-kernel path (spqr_tcv_* or
-    spqr_tcg_*) rather than the k-split tile kernel and spqr_tc_finish (H200 measurements,
-    sessions 5 and 6).
-
-    Up to 4 columns it is faster on every shape measured, tall ones included since its
-    outlier corrections come after the chunk loop and the k-slicing counts a warp's fixed
-    cost (batch 1: 28672x8192 50.7 vs 60.2 us, 11008x4096 19.0 vs 21.1, 8192x28672 48.0 vs
-    61.3, 4096x4096 11.0 vs 14.2; batch 4: 28672x8192 69.7 vs 72.9, 11008x4096 25.6 vs 25.2).
-    Its warps read x' on their own (the split kernel shares one copy per block): from 5
-    columns on that cost more than the split path's extra kernels except on small matrices
-    (session 6, batch 8: 8192x28672 84.0 vs 71.7 us, 4096x11008 23.6 vs 22.0, 4096x4096 16.3
-    vs 19.1) until its outlier epilogue kept its x'^T gathers in flight (session 9,
-    ``rows_gathered``): now it is faster up to 8 columns on all six benchmark shapes but
-    11008x4096, where it is 1-3 % slower (batch 8, us, one kernel vs split: 8192x28672 60.0 vs
-    68.0, 28672x8192 66.3 vs 68.5, 8192x8192 22.1 vs 28.3, 4096x11008 18.5 vs 23.5, 11008x4096
-    25.2 vs 24.5), so it takes every slice of up to 8 columns (the shape no longer matters;
-    ``m`` and ``n`` stay in the signature, which the C plan header mirrors)."""
-    return TCV_MODE != "0" and batch <= 8
-
-
-def tcg_wanted(m: int, n: int, batch: int) -> bool:
-    """Whether a one-kernel slice of at most 2 columns takes the group-separated kernel
-    (``spqr_tcg_*``; env SPQR_TCG=0: never, =1: whenever it can). It saves the f16x2 FMAs per
-    weight pair but its x' group sums cost a fixed ~0.5 us, and with few row blocks (more
-    k-slices per block) it loses (H200, session 7, us, batch 1 / 2, tcg vs tcv): faster on
-    8192x28672 44.9 vs 49.7, 28672x8192 46.8 vs 55.0, 11008x4096 17.6 vs 19.6 / 20.8 vs 22.0,
-    8192x8192 18.5 vs 19.0 / 20.9 vs 20.7, 6144x6144 14.9 vs 15.7 / 17.5 vs 17.9, 5120x5120
-    13.3 vs 14.0 / 15.7 vs 15.9, level on 8192x4096 13.5 vs 13.4 / 15.4 vs 15.0; slower on
-    4096x11008 15.7 vs 15.3 / 18.7 vs 17.9, 4096x8192 14.2 vs 13.4, 4096x4096 10.8 vs 10.5."""
-    if TCG_MODE == "0" or batch > TCG_MAX_BATCH or not tcv_wanted(m, n, batch):
-        return False
-    if TCG_MODE == "1" or m * n >= TCG_MIN_WEIGHTS:
-        return True
-    return m >= TCG_MIN_ROWS and m * n >= TCG_MIN_ROWS * TCG_MIN_ROWS
-
-
 def tcv_ks(rb: int, nc: int, sm_count: int, resident: int) -> int:
     """log2 of the k-slices per row block of ``spqr_tcv_*`` (KS in 1, 2, 4, 8 with at most
     ``TC_WARPS`` and at most ``nc``): the fewest (waves of blocks) x (chunks per warp plus a
     warp's fixed cost, ``TCV_WARP_OVERHEAD_CHUNKS``), more slices on a tie. H200, session 6:
     the fastest k-slicing at batch 1 on all nine shapes measured (1024x4096 to 57344x8192),
-    within 3 % of the fastest at batch 4. Env SPQR_TCV_KS (1..8) overrides."""
+    within 3 % of the fastest at batch 4. Override key tcv_ks (1..8)."""
     slots = max(1, resident * sm_count)
     best, best_cost = 0, None
     k = 0
@@ -334,7 +308,7 @@ def tcv_ks(rb: int, nc: int, sm_count: int, resident: int) -> int:
         if best_cost is None or cost <= best_cost:
             best, best_cost = k, cost
         k += 1
-    override = int(os.environ.get("SPQR_TCV_KS") or 0)
+    override = plan.option("tcv_ks", 0)
     if override:
         best = min(max(override, 1), TC_WARPS).bit_length() - 1
     return best
@@ -399,7 +373,7 @@ def tc_splits(
         cost = waves * per * slots * TC_WARPS * chunk_bytes * 2 + real * 80 * nt * 16 * rb
         if best_cost is None or cost < best_cost:
             best, best_cost = real, cost
-    override = int(os.environ.get("SPQR_TC_SPLITS") or 0)
+    override = plan.option("tc_splits", 0)
     if override:
         best = max(1, min(override, nc))
     per = -(-nc // best)
@@ -425,11 +399,10 @@ def tc_xt_pitch(batch: int) -> int:
 TC_QUAD_MIN_ROWS = 16384
 TC_QUAD_MAX_PER_ROW = 128
 # finish kernel, pitch 8 and 16: the fewest lanes per row (4 or 8) that still gives this many
-# warps per multiprocessor, else 16 (env SPQR_TC_FINISH_LANES: force 4, 8, 16 or 32). H200,
+# warps per multiprocessor, else 16 (override key finish_lanes: force 4, 8, 16 or 32). H200,
 # session 6 (.device/2): the best or within 3 % of it on the six benchmark shapes at batch 8
 # and 16; one row per warp (32, the session-5 scheme) was up to 20 % slower.
 TC_LANES_WARPS_PER_SM = 16
-TC_FINISH_LANES = int(os.environ.get("SPQR_TC_FINISH_LANES") or 0)
 
 
 def tc_finish_lanes(pitch: int, m: int, entries: int, sms: int) -> int:
@@ -440,8 +413,9 @@ def tc_finish_lanes(pitch: int, m: int, entries: int, sms: int) -> int:
         return 8 if quad else 32
     if pitch > 16:
         return 32
-    if TC_FINISH_LANES in (4, 8, 16, 32):
-        return TC_FINISH_LANES
+    forced = plan.option("finish_lanes", 0)
+    if forced in (4, 8, 16, 32):
+        return forced
     for lanes in (4, 8):
         if m * lanes >= 32 * TC_LANES_WARPS_PER_SM * sms:
             return lanes
@@ -449,7 +423,7 @@ def tc_finish_lanes(pitch: int, m: int, entries: int, sms: int) -> int:
 
 
 # x'^T staged in shared memory by the finish kernel up to this size (0: never)
-TC_FINISH_SMEM_MAX = int(os.environ.get("SPQR_TC_FINISH_SMEM_MAX") or 96 * 1024)
+TC_FINISH_SMEM_MAX = 96 * 1024
 
 
 def tc_workspace_layout(m: int, n: int, kt: int, batch: int, splits: int) -> tuple[int, int, int]:
@@ -473,7 +447,7 @@ CMPQ_SOURCE = KERNEL_DIR / "spqr_cmpq.cu"
 CMPQ_NB = (1, 2, 4, 8, 16)  # batch columns per matmul launch (larger batches: slices of 16)
 CMPQ_MAX_BATCH = CMPQ_NB[-1]
 CMPQ_ROWS = 256  # rows per block of spqr_cmpq_mm_* (SPQR_CMPQ_ROWS in the kernel)
-CMPQ_BLOCKS_PER_SM = int(os.environ.get("SPQR_CMPQ_BLOCKS_PER_SM") or 4)
+CMPQ_BLOCKS_PER_SM = 4  # override key cmpq_blocks_per_sm
 CMPQ_DQ_ROWS = 16  # rows per block of spqr_cmpq_dequant_* (at least m / 65535)
 
 
@@ -488,7 +462,8 @@ def cmpq_target_tiles(m: int, sm_count: int) -> int:
     """Column tiles wanted so that (row blocks) x (k-splits) fills the GPU
     (CMPQ_BLOCKS_PER_SM blocks per multiprocessor)."""
     row_tiles = -(-m // CMPQ_ROWS)
-    return max(1, -(-(CMPQ_BLOCKS_PER_SM * sm_count) // row_tiles))
+    per_sm = plan.option("cmpq_blocks_per_sm", CMPQ_BLOCKS_PER_SM)
+    return max(1, -(-(per_sm * sm_count) // row_tiles))
 
 
 def cmpq_splits(m: int, ntiles: int, sm_count: int) -> int:

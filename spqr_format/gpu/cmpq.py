@@ -144,7 +144,7 @@ class GpuCmpqTensor:
     def _ldxs(self) -> int:
         return 4 * -(-max(self.np_, 1) // 4)
 
-    def workspace_bytes(self, batch: int) -> int:
+    def workspace_bytes(self, batch: int, in_code: int = 1) -> int:
         """Bytes of workspace :meth:`matmul_into` needs: x' (f32 [nb][ldxs]) then the partial
         sums (f32 [splits][nb][m]), for the largest slice of ``batch``."""
         best = 0

@@ -29,8 +29,10 @@ class SpQRLinear(nn.Module):
     tensor on the GPU (a ``GpuTensor`` or ``GpuCmpqTensor``).
 
     ``forward(x)``: ``x[..., in_features]`` in float16 or bfloat16 on the GPU; returns
-    ``x @ W^T + bias`` in the dtype of ``x``. Batches of 1..64 rows (and more) use the fused
-    kernels when the configuration has one (else dequantize + GEMM, logged once).
+    ``x @ W^T + bias`` in the dtype of ``x``. The launch plan (:mod:`spqr_format.gpu.plan`)
+    picks the path: fused kernels for small batches, dequantize + cuBLAS (on torch's stream,
+    into a workspace from torch's allocator) for large ones and for configurations without a
+    fused kernel (logged once).
     """
 
     def __init__(self, weight, bias: torch.Tensor | None = None, name: str | None = None):
@@ -90,11 +92,11 @@ class SpQRLinear(nn.Module):
         if batch > 0:
             g = self.weight_gpu
             code = _TORCH_CODES[x.dtype]
-            ws = None
-            if g.matvec_supported():
-                ws = torch.empty(
-                    g.workspace_bytes(batch) // 4, dtype=torch.float32, device=x.device
-                )
+            # the fused kernels' scratch, or (launch plan path "dense", large batches) the
+            # dequantized weights; torch's caching allocator reuses it across layers and calls
+            ws = torch.empty(
+                -(-g.workspace_bytes(batch, code) // 4), dtype=torch.float32, device=x.device
+            )
             stream = torch.cuda.current_stream(x.device)
             with cp.cuda.Device(x.device.index), _cupy_stream(stream.cuda_stream):
                 g.matmul_into(
@@ -105,7 +107,7 @@ class SpQRLinear(nn.Module):
                     self.out_features,
                     code,
                     batch,
-                    ws.data_ptr() if ws is not None else 0,
+                    ws.data_ptr(),
                 )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

@@ -12,12 +12,15 @@ Needs CuPy and a CUDA device; imported lazily by :mod:`spqr_format.gpu`.
   SPEC layout directly. Tensors with a tensor-core path (bits 2/3/4, group size 16, 1..4-bit
   statistics, see :mod:`spqr_format.gpu.tile_layout`) are also repacked once, on the GPU, into
   the tile layout that ``kernels/spqr_tc.cu`` reads; f16 matvec / matmul then run on tensor
-  cores (``SPQR_GPU_TC=0`` or ``tensor_cores=False`` turns this off).
+  cores (``tensor_cores=False``, or ``SPQR_GPU_PLAN=tc=0`` for experiments, turns this off).
+* Which path a matmul takes is the launch plan's choice (:mod:`spqr_format.gpu.plan`): fused
+  tensor-core or SIMT kernels for small batches, and above the plan's crossover (or for a
+  configuration without a fused kernel) ``dense``: dequantize into a workspace in the input
+  dtype and one cuBLAS GEMM (f32 accumulation) on the same stream, the reason logged once.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 
@@ -27,6 +30,7 @@ from spqr_format.codec.bilevel import BilevelGeometry, PackedBilevel
 from spqr_format.codec.row_layout import RowLayout, row_words, to_row_layout
 from spqr_format.errors import BadInputError
 from spqr_format.gpu import _kernels as K
+from spqr_format.gpu import plan as P
 
 try:  # pragma: no cover - exercised only where CuPy is installed
     import cupy as cp
@@ -35,10 +39,6 @@ except ImportError as exc:  # pragma: no cover
         "spqr_format.gpu needs CuPy (pip install cupy-cuda12x or cupy-cuda13x) and a CUDA GPU"
     ) from exc
 
-# Batch 1 uses the row-sweep kernel (spqr_mv1_*); SPQR_GPU_MV1=0 selects the older
-# block-per-4-rows kernel (experiments).
-USE_MV1 = os.environ.get("SPQR_GPU_MV1", "1") != "0"
-USE_TC = os.environ.get("SPQR_GPU_TC", "1") != "0"
 _lock = threading.Lock()
 _modules: dict[tuple[int, str], cp.RawModule] = {}
 _functions: dict[tuple[int, str], object] = {}
@@ -211,9 +211,9 @@ class GpuTensor:
 
         ``validate`` runs the data checks of SPEC C-5.7/5.8/6.1/6.2 first (the kernels trust
         their input: an invalid perm or outlier column would read out of bounds).
-        ``tensor_cores`` (default: on unless ``SPQR_GPU_TC=0``) also builds the tile layout
-        when the configuration has a tensor-core path; it costs one more copy of the codes and
-        statistics on the GPU.
+        ``tensor_cores`` (default: on unless ``SPQR_GPU_PLAN`` has ``tc=0``) also builds the
+        tile layout when the configuration has a tensor-core path; it costs one more copy of
+        the codes and statistics on the GPU.
         """
         from spqr_format.codec.channel_mixed import PackedChannelMixed
 
@@ -248,7 +248,7 @@ class GpuTensor:
             t.inv_perm[t.perm] = cp.arange(t.perm.size, dtype=cp.uint32)
             if t.perm.size <= 65536:
                 t.dq2_slots = (t.inv_perm ^ ((t.inv_perm >> 3) & 0x1C)).astype(cp.uint16)
-        if USE_TC if tensor_cores is None else tensor_cores:
+        if bool(P.option("tc", 1)) if tensor_cores is None else tensor_cores:
             t.tc = build_tile_layout(p, t.codes, t.stats, t.stats2)
         return t
 
@@ -350,7 +350,7 @@ class GpuTensor:
 
         def launch(name: str, blocks: int, threads: int, smem: int, *args) -> None:
             fn = function(name)
-            _raise_smem_limit(fn, smem)
+            _raise_smem_limit(fn, smem, self.name, name)
             fn((blocks,), (threads,), args, shared_mem=smem)
 
         # Without a permutation (f16/bf16, specialised bits, g % 16 == 0) the octet kernel
@@ -446,7 +446,24 @@ class GpuTensor:
             )
 
     # --- matvec / matmul ----------------------------------------------------------------------
-    def workspace_bytes(self, batch: int) -> int:
+    def plan_for(self, batch: int, in_code: int = 1) -> P.Decision:
+        """The launch plan's path for a matmul of ``batch`` rows of dtype code ``in_code``
+        (1: f16, 2: bf16) on the current device."""
+        layout = P.layout_of(
+            self.tc is not None, K.matvec_supported(self.bits, self.group_size), in_code
+        )
+        return P.decide(_gpu_class(), layout, self.m, self.n, batch)
+
+    def dense_workspace_bytes(self, in_code: int = 1) -> int:
+        """Bytes of the dequantized weights the ``dense`` path uses (input dtype, 256-aligned)."""
+        esz = 4 if in_code == 0 else 2
+        return 256 * -(-(self.m * self.n * esz) // 256)
+
+    def workspace_bytes(self, batch: int, in_code: int = 1) -> int:
+        """Workspace of :meth:`matmul_into` for ``batch`` rows of dtype code ``in_code``: the
+        dequantized weights when the plan takes the ``dense`` path, else the fused kernels'."""
+        if self.plan_for(batch, in_code).path == "dense":
+            return self.dense_workspace_bytes(in_code)
         old = 4 * K.workspace_floats(self.n, batch, self.m)[2]
         if self.tc is None:
             return old
@@ -499,22 +516,27 @@ class GpuTensor:
             raise BadInputError("x must be float16 or bfloat16 (uint16 bit patterns)")
         if out is None:
             out = cp.empty((batch, self.m), dtype=X.dtype)
-        if workspace is None and self.matvec_supported():
-            workspace = cp.empty(self.workspace_bytes(batch) // 4, dtype=np.float32)
+        if workspace is None:
+            workspace = cp.empty(-(-self.workspace_bytes(batch, code) // 4), dtype=np.float32)
         self.matmul_into(_ptr(X), self.n, code, _ptr(out), self.m, code, batch, _ptr(workspace))
         return out
 
     def matmul_into(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr) -> None:
         """Raw-pointer form: ``Y[b, :] = W X[b, :]`` on CuPy's current stream, no allocation
-        when the fused kernel applies (``ws_ptr``: :meth:`workspace_bytes` bytes)."""
+        (``ws_ptr``: :meth:`workspace_bytes` bytes for this batch and ``in_code``; 0 lets the
+        dense path allocate from CuPy's pool). The path is the launch plan's
+        (:meth:`plan_for`)."""
         m, n = self.shape
         if batch < 1:
             return
-        if self.tc is not None and in_code == 1:
-            self._tc_matmul(x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr)
+        if in_code not in (1, 2):
+            raise BadInputError("x must be float16 or bfloat16 (uint16 bit patterns)")
+        d = self.plan_for(batch, in_code)
+        if d.path == "dense":
+            self._dense(x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr, d)
             return
-        if not K.matvec_supported(self.bits, self.group_size):
-            self._fallback(x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch)
+        if d.path in ("tcg", "tcv", "tc_split"):
+            self._tc_matmul(x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr, d)
             return
         ldxs, ldx16, _ = K.workspace_floats(n, batch)
         xs = int(ws_ptr)
@@ -538,7 +560,7 @@ class GpuTensor:
             ),
         )
         common_tail = self._layout_args()
-        if batch == 1 and USE_MV1:
+        if batch == 1:  # plan path mv1
             # row-sweep kernel (outliers and rounding included); with several column splits a
             # small kernel adds the splits' partial sums
             part = x16 + 4 * ldx16
@@ -601,11 +623,13 @@ class GpuTensor:
             ),
         )
 
-    def _tc_matmul(self, x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr) -> None:
+    def _tc_matmul(self, x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr, d) -> None:
         """Tensor-core path, per slice of 64 batch columns: prepare the x' fragments, then for
         <= 8 columns one kernel (spqr_tcv_*, or spqr_tcg_* for <= 2 on large matrices: product,
         outlier corrections, rounding), else the k-split tile kernel and the finish kernel
-        (split sums, outlier corrections, rounding)."""
+        (split sums, outlier corrections, rounding). ``d``: the plan's decision for the whole
+        batch; a slice narrower than ``batch`` takes the plan's choice for its width unless the
+        decision came from the override."""
         tc = self.tc
         m, n = self.shape
         m16 = 16 * tc.RB
@@ -621,8 +645,13 @@ class GpuTensor:
             xb = int(x_ptr) + 2 * b0 * int(ldx)
             yb = int(y_ptr) + ysz * b0 * int(ldy)
             total = nt * tc.KT * 32
-            tcv = K.tcv_wanted(m, n, nb)
-            tcg = tcv and K.tcg_wanted(m, n, nb)
+            path = d.path
+            if nb != batch and d.entry >= 0:
+                path = P.decide(_gpu_class(), "tc", m, n, nb).path
+            if path not in ("tcg", "tcv", "tc_split") or not P.can_run(path, "tc", nb):
+                path = "tc_split"  # e.g. a forced one-kernel path on a slice too wide for it
+            tcv = path in ("tcv", "tcg")
+            tcg = path == "tcg"
             function("spqr_tc_prepare_x")(
                 (-(-total // 256),),
                 (256,),
@@ -674,7 +703,7 @@ class GpuTensor:
                 continue
             fmain = function(K.tc_name(self.bits, self.stats_bits, nt))
             msmem = K.tc_smem_bytes(nt, tc.MPC)
-            _raise_smem_limit(fmain, msmem)
+            _raise_smem_limit(fmain, msmem, self.name, K.tc_name(self.bits, self.stats_bits, nt))
             fmain(
                 (-(-tc.RB // K.TC_WARPS), splits),
                 (32 * K.TC_WARPS,),
@@ -703,7 +732,7 @@ class GpuTensor:
             grid = rows_grid
             if smem_x:
                 smem = xbytes
-                _raise_smem_limit(fin, smem)
+                _raise_smem_limit(fin, smem, self.name, K.tc_finish_name(bp))
                 per_sm = max(1, min(8, (227 * 1024) // (smem + 1024)))
                 grid = min(rows_grid, per_sm * _sm_count())
             fin(
@@ -730,26 +759,113 @@ class GpuTensor:
                 shared_mem=smem,
             )
 
-    def _fallback(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch) -> None:
-        """No fused kernel for this configuration: dequantize to f16/bf16 + cuBLAS GEMM."""
-        key = (self.bits, self.group_size, self.stats_bits)
+    def _dense(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr, d) -> None:
+        """The ``dense`` path: dequantize W (bit-exact, in the input dtype) into the workspace,
+        then one cuBLAS GEMM with f32 accumulation on the current stream."""
+        m, n = self.shape
+        fused = K.matvec_supported(self.bits, self.group_size) or self.tc is not None
+        key = (self.name, self.shape, self.bits, self.group_size, self.stats_bits, d.reason)
         if key not in _noticed:
             _noticed.add(key)
-            K.log.warning(
-                "spqr_format.gpu: no fused matvec for bits=%d group_size=%d (fused kernels: "
-                "bits in %s, group_size a multiple of 16); using dequantize + cuBLAS",
-                self.bits,
-                self.group_size,
-                K.MATVEC_BITS,
+            if not fused:
+                K.log.warning(
+                    "spqr_format.gpu: tensor %s: no fused matmul for bits=%d group_size=%d "
+                    "(fused kernels: bits in %s, group_size a multiple of 16); using "
+                    "dequantize + cuBLAS",
+                    self.name or "?",
+                    self.bits,
+                    self.group_size,
+                    K.MATVEC_BITS,
+                )
+            else:
+                K.log.info(
+                    "spqr_format.gpu: tensor %s (%dx%d): batch %d -> dequantize + cuBLAS "
+                    "(launch plan: %s)",
+                    self.name or "?",
+                    m,
+                    n,
+                    batch,
+                    d.reason,
+                )
+        need = self.dense_workspace_bytes(in_code)
+        buf = None
+        if not int(ws_ptr):
+            buf = cp.empty(need // 2, dtype=np.uint16)
+            ws_ptr = buf.data.ptr
+        self.dequantize_into(int(ws_ptr), n, in_code)
+        gemm_rowmajor(
+            int(x_ptr),
+            int(ldx),
+            in_code,
+            int(ws_ptr),
+            n,
+            int(y_ptr),
+            int(ldy),
+            out_code,
+            batch,
+            m,
+            n,
+            tensor=self.name,
+        )
+
+
+_CUDA_TYPES = {0: 0, 1: 2, 2: 14}  # dtype code -> cudaDataType (R_32F, R_16F, R_16BF)
+_ONE = np.ones(1, dtype=np.float32)
+_ZERO = np.zeros(1, dtype=np.float32)
+INT32_MAX = 2**31 - 1
+
+
+def gemm_rowmajor(
+    x_ptr, ldx, in_code, w_ptr, ldw, y_ptr, ldy, out_code, batch, m, n, tensor=None
+) -> None:
+    """``Y[batch, m] = X[batch, n] W[m, n]^T`` (row-major, X and W in dtype ``in_code``, Y in
+    ``out_code``) by cublasGemmEx with f32 accumulation (CUBLAS_COMPUTE_32F) on CuPy's current
+    stream. Raises :class:`BadInputError` naming ``tensor`` when a dimension passes cuBLAS's
+    32-bit limit."""
+    from cupy_backends.cuda.libs import cublas
+
+    for what, v in (("rows", m), ("columns", n), ("batch", batch), ("ldx", ldx), ("ldy", ldy)):
+        if v > INT32_MAX:
+            raise BadInputError(
+                f"{what} = {v} exceeds cuBLAS's limit {INT32_MAX}",
+                tensor=tensor,
             )
-        m, n = self.shape
-        # f32 weights (exact decode) and an f32 cuBLAS GEMM: the result meets the same bound as
-        # the fused kernels; f16 weights would add a rounding of every weight.
-        w = cp.empty((m, n), dtype=np.float32)
-        self.dequantize_into(_ptr(w), n, 0)
-        xs = _view(x_ptr, (batch, ldx), np.uint16 if in_code == 2 else np.float16, in_code)
-        ys = xs[:, :n].astype(np.float32) @ w.T
-        _store(ys, y_ptr, ldy, out_code, batch, m)
+    # column-major view: Y^T (m x batch, ld ldy) = W^T' (W stored n x m, ld ldw)^T X^T
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.gemmEx(
+        handle,
+        cublas.CUBLAS_OP_T,
+        cublas.CUBLAS_OP_N,
+        m,
+        batch,
+        n,
+        _ONE.ctypes.data,
+        w_ptr,
+        _CUDA_TYPES[in_code],
+        ldw,
+        x_ptr,
+        _CUDA_TYPES[in_code],
+        ldx,
+        _ZERO.ctypes.data,
+        y_ptr,
+        _CUDA_TYPES[out_code],
+        ldy,
+        68,  # CUBLAS_COMPUTE_32F
+        -1,  # CUBLAS_GEMM_DEFAULT
+    )
+
+
+_gpu_classes: dict[int, str] = {}
+
+
+def _gpu_class() -> str:
+    """The launch plan's GPU class of the current device."""
+    dev = cp.cuda.Device()
+    c = _gpu_classes.get(dev.id)
+    if c is None:
+        cc = int(dev.compute_capability)
+        c = _gpu_classes[dev.id] = P.gpu_class(cc, _sm_count())
+    return c
 
 
 def _device_attr(name: str) -> int:
@@ -776,9 +892,17 @@ def _smem_optin() -> int:
 _smem_set: dict[int, int] = {}
 
 
-def _raise_smem_limit(fn, smem: int) -> None:
+def _raise_smem_limit(fn, smem: int, tensor: str | None = None, kernel: str = "") -> None:
     """Opt a kernel in to ``smem`` bytes of dynamic shared memory when that is more than the
-    48 KiB every launch may use (once per size)."""
+    48 KiB every launch may use (once per size); a size above the device's opt-in limit raises
+    :class:`BadInputError` naming the tensor, the kernel and the limit."""
+    limit = _smem_optin() + 1024
+    if smem > limit:
+        raise BadInputError(
+            f"kernel {kernel or '?'} needs {smem} bytes of shared "
+            f"memory per block; this device allows {limit}",
+            tensor=tensor,
+        )
     if smem > 48 * 1024 and _smem_set.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _smem_set[id(fn)] = smem

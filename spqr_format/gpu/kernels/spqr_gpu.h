@@ -80,12 +80,13 @@
  *                               stats_row_words, nbatch)
  *   y[b][i] = sum_j W[i,j] x[b][j] for b < nbatch (needs spqr_prepare_x first, same stream).
  *   B in {2,3,4,8} (bits), h = fp16 statistics (sb = 0), q = packed statistics (sb 1..8),
- *   NB in {1,2,4}: batch columns per block (grid.y slices cover any nbatch).  Requires
+ *   NB in {2,4}: batch columns per block (grid.y slices cover any nbatch; nbatch = 1 takes
+ *   spqr_mv1_*, the old NB = 1 kernel is deleted).  Requires
  *   g % 16 == 0.
  *   codes u32 [m][code_row_words]; stats u32 (sb=0: [m*G] f16 pairs; sb>0: [m][stats_row_words]);
  *   stats2 u16 [T][G][4] or NULL; orows u32[m+1] / oents u32[E] or both NULL (no outliers);
  *   y [nbatch][ldy] f16/bf16 (out_dtype 1/2).  S = stats_group_size (any value when sb = 0).
- *   Launch: R = 4 rows per block (SPQR_NB1_R, default 4, for NB = 1); NB = 1, 2 or 4 by batch;
+ *   Launch: R = 4 rows per block; NB = 2 (nbatch <= 2) or 4;
  *           grid (ceil(m/R), ceil(nbatch/NB)); block 32*(W + o) threads where o = 1 when the
  *           tensor has outliers (that warp computes the outlier corrections) and W, the warps
  *           splitting the columns, is any value in 1..8 (the launchers use
@@ -190,8 +191,8 @@
  *   slices in order.  gp_log2: smallest with 2^gp_log2 >= nb.  grid ceil(RB / RPB); no
  *   dynamic shared memory.  orows / tl_oents NULL: no outliers.  Any ks_log2 gives a
  *   correct result; spqr_tc_matmul picks the one that fills the GPU best, and uses this
- *   kernel for nb <= 8 (_kernels.tcv_wanted); for nb <= 2 and m*n >= 2^27, or m >= 5120 and
- *   m*n >= 5120^2 (_kernels.tcg_wanted), the next one.
+ *   kernel for nb <= 8 (launch plan path tcv); for nb <= 2 on "large" shapes (plan path tcg,
+ *   plan.shape_class), the next one.
  *
  * spqr_tcg_b{B}_s{SB}(tl_codes, tl_stats, tl_stats2, xfrag, xsum, orows, tl_oents, xt, bp, RB,
  *                     NC, ks_log2, m, nb, y, ldy, out_dtype)                  (nb <= 2, NT = 1)
@@ -405,11 +406,21 @@ size_t spqr_tc_workspace_bytes(const spqr_tile *t, int batch);
  * synchronisation: prepare + spqr_tcg_* (<= 2 rows on large matrices) or spqr_tcv_* (<= 8
  * rows), else prepare, tile kernel, finish.  Same arithmetic and tolerance as the Python layer's
  * tensor-core path, and bit-identical to it for the same k-split (which is
- * chosen from the device's multiprocessor count and the kernel's registers; the environment
- * variable SPQR_TC_SPLITS overrides it in both).  Returns the launch error as an int
- * (cudaError_t): cudaErrorNotSupported for a configuration without a kernel. */
+ * chosen from the device's multiprocessor count and the kernel's registers; the override
+ * SPQR_GPU_PLAN=tc_splits=N forces it in both).  Which kernel takes a slice is the launch plan
+ * (spqr_launch_plan.h); where it says "dense" this launcher still runs the fused kernels (it
+ * does not link cuBLAS): ask spqr_launch_plan_path first.  Returns the launch error as an int
+ * (cudaError_t): cudaErrorNotSupported for a configuration without a kernel,
+ * cudaErrorInvalidValue for a malformed SPQR_GPU_PLAN. */
 int spqr_tc_matmul(const spqr_tile *t, const void *x, int64_t ldx, void *y, int64_t ldy,
                    int out_dtype, int batch, void *workspace, void *stream);
+
+/* The launch plan's path (SPQR_PATH_* of spqr_launch_plan.h: 0 tcg, 1 tcv, 2 tc_split, 3 mv1,
+ * 4 simt, 5 dense) for a matmul of `batch` rows of an m x n tensor on the current device;
+ * layout 0: tile layout with f16 input, 1: fused SIMT kernels, 2: none.  With path 5 the
+ * Python layer dequantizes (spqr_dequantize) into a workspace and runs one GEMM (cublasGemmEx,
+ * f32 accumulation).  -1 for a malformed SPQR_GPU_PLAN or bad arguments. */
+int spqr_launch_plan_path(int64_t m, int64_t n, int layout, int batch);
 
 #ifdef __cplusplus
 }

@@ -10,8 +10,8 @@
 
 namespace {
 
-int nb_of(int batch) { return batch <= 1 ? 1 : batch <= 2 ? 2 : 4; }
-int rows_of(int nb) { return nb == 1 ? SPQR_NB1_R : 4; }
+int nb_of(int batch) { return batch <= 2 ? 2 : 4; }  // batch 1: the row sweep (spqr_mv1_*)
+int rows_of(int nb) { (void)nb; return 4; }
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t packed_words(int64_t count, int bits) { return ceil_div(count, 128) * 4 * bits; }
 
@@ -20,15 +20,15 @@ typedef void (*matvec_fn)(const u32*, const u32*, const u16*, const u32*, const 
                           int, int, int, i64, i64, int);
 
 #define SPQR_MV(B, S, NB) &spqr_matvec_b##B##_##S##_nb##NB
-#define SPQR_MV_NB(B, S) {SPQR_MV(B, S, 1), SPQR_MV(B, S, 2), SPQR_MV(B, S, 4)}
+#define SPQR_MV_NB(B, S) {SPQR_MV(B, S, 2), SPQR_MV(B, S, 4)}
 
 matvec_fn pick_matvec(int bits, int sb, int nb) {
-  static const matvec_fn h[4][3] = {SPQR_MV_NB(2, h), SPQR_MV_NB(3, h), SPQR_MV_NB(4, h),
+  static const matvec_fn h[4][2] = {SPQR_MV_NB(2, h), SPQR_MV_NB(3, h), SPQR_MV_NB(4, h),
                                     SPQR_MV_NB(8, h)};
-  static const matvec_fn q[4][3] = {SPQR_MV_NB(2, q), SPQR_MV_NB(3, q), SPQR_MV_NB(4, q),
+  static const matvec_fn q[4][2] = {SPQR_MV_NB(2, q), SPQR_MV_NB(3, q), SPQR_MV_NB(4, q),
                                     SPQR_MV_NB(8, q)};
   int bi = bits == 2 ? 0 : bits == 3 ? 1 : bits == 4 ? 2 : bits == 8 ? 3 : -1;
-  int ni = nb == 1 ? 0 : nb == 2 ? 1 : 2;
+  int ni = nb == 2 ? 0 : 1;
   if (bi < 0) return nullptr;
   return sb ? q[bi][ni] : h[bi][ni];
 }

@@ -24,11 +24,7 @@
 // No headers: f16/bf16 conversions are PTX `cvt` instructions (sm_80+), so NVRTC needs no include
 // path and the file has no dependency beyond the compiler.
 
-// Tuning knobs (defaults are what the Python layer and spqr_host.cu assume; SPQR_NB1_R must
-// match the rows per block the launcher uses).
-#ifndef SPQR_NB1_R
-#define SPQR_NB1_R 4
-#endif
+// Tuning knobs (defaults are what the Python layer and spqr_host.cu assume).
 #ifndef SPQR_DENSE_UNROLL
 #define SPQR_DENSE_UNROLL 2
 #endif
@@ -1576,8 +1572,9 @@ extern "C" __global__ void spqr_mv1_finish(const float* __restrict__ part, int n
 }
 
 // Rows per block for each batch width: keeps accumulators + decoded codes in registers.
+// No NB = 1 entry: batch 1 always takes the row sweep spqr_mv1_* (the launch plan never
+// picked the old NB = 1 kernel, 1.9x slower on an H100; deleted).
 #define SPQR_MATVEC_ALL_NB(B, SNAME, PACKED)  \
-  SPQR_MATVEC_ENTRY(B, SNAME, PACKED, SPQR_NB1_R, 1, SPQR_NB1_MINB)   \
   SPQR_MATVEC_ENTRY(B, SNAME, PACKED, 4, 2, 1)   \
   SPQR_MATVEC_ENTRY(B, SNAME, PACKED, 4, 4, 1)
 // NB = 8 (R = 2) measured 3x slower per column than NB = 4 on an H100 (x' traffic, 154
@@ -1588,11 +1585,6 @@ extern "C" __global__ void spqr_mv1_finish(const float* __restrict__ part, int n
   SPQR_MATVEC_ALL_NB(B, q, true)  \
   SPQR_MV1_ENTRY(B, h, false)     \
   SPQR_MV1_ENTRY(B, q, true)
-
-// Register cap of the batch-1 kernels (__launch_bounds__ min blocks of 288 threads).
-#ifndef SPQR_NB1_MINB
-#define SPQR_NB1_MINB 1
-#endif
 
 // SPQR_FAST_BUILD (experiments only): just the 3-bit kernels, for quick NVRTC builds.
 #ifndef SPQR_FAST_BUILD

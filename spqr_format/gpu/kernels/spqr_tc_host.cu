@@ -3,10 +3,14 @@
 // object with the tensor-core kernels and spqr_tc_matmul / spqr_tc_workspace_bytes.  The tile
 // arrays come from spqr_tile_repack (spqr_tile_layout.c) and are uploaded by the caller.
 //
-// The selection logic (which kernel takes a slice, the k-split, the k-slicing, the outlier
-// pass's lanes) is spqr_tc_plan.h, which tests/test_gpu_plan.py checks against
-// spqr_format/gpu/_kernels.py; the launches mirror GpuTensor._tc_matmul. With the same device
-// and the same environment overrides the result is bit-identical to the Python layer's.
+// Which kernel takes a slice is the launch plan (spqr_launch_plan.h, generated from
+// spqr_format/gpu/plan.py); the k-split, the k-slicing and the outlier pass's lanes are
+// spqr_tc_plan.h, which tests/test_gpu_plan.py checks against spqr_format/gpu/_kernels.py. The
+// launches mirror GpuTensor._tc_matmul. With the same device and the same SPQR_GPU_PLAN the
+// result is bit-identical to the Python layer's, except where the plan says "dense"
+// (dequantize + cuBLAS, which this launcher does not link): there it runs the fused kernels
+// the plan picks below its crossover; C callers can ask spqr_launch_plan_path first and call
+// spqr_dequantize + their own GEMM.
 
 #include <cuda_runtime.h>
 #include <stdlib.h>
@@ -14,6 +18,7 @@
 #include "spqr_gpu.h"
 #include "spqr_tc.cu"
 #include "spqr_tc_plan.h"
+#include "spqr_launch_plan.h"
 
 namespace {
 
@@ -25,9 +30,17 @@ const int64_t FINISH_SMEM_MAX = 96 * 1024;  // _kernels.TC_FINISH_SMEM_MAX (defa
 int64_t cdiv(int64_t a, int64_t b) { return spqr_plan_cdiv(a, b); }
 int tc_nt(int nb) { return spqr_plan_nt(nb); }
 int xt_pitch(int nb) { return spqr_plan_xt_pitch(nb); }
-int env_int(const char* name) {
-  const char* v = getenv(name);
-  return v ? atoi(v) : 0;
+// The override SPQR_GPU_PLAN, parsed on every call (as the Python layer reads it on every plan
+// decision); -1 when malformed.
+int plan_override(spqr_plan_override* o) { return spqr_plan_parse(getenv(SPQR_PLAN_ENV), o); }
+int pos(int v) { return v > 0 ? v : 0; }
+
+int gpu_class_of_current_device() {
+  int dev = 0, major = 0, minor = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  return spqr_plan_gpu_class(10 * major + minor);
 }
 
 typedef void (*tc_fn)(const uint4*, const u32*, const uint2*, const uint2*, float*, int, int, int,
@@ -77,22 +90,14 @@ int64_t resident_blocks(const void* fn, int64_t smem) {
   return spqr_plan_resident(regs, smem);
 }
 
-bool tcv_wanted(const spqr_tile* t, int nb) {
-  return spqr_plan_tcv_wanted(t->m, t->n, nb, getenv("SPQR_TCV"));
-}
-
-bool tcg_wanted(const spqr_tile* t, int nb) {
-  return spqr_plan_tcg_wanted(t->m, t->n, nb, getenv("SPQR_TCV"), getenv("SPQR_TCG"));
-}
-
 // log2 of the k-slices of the one-kernel path (its k-slicing plan uses spqr_tcv_*'s registers)
-int tcv_ks(const spqr_tile* t, tcv_fn fn, int sms) {
+int tcv_ks(const spqr_tile* t, tcv_fn fn, int sms, const spqr_plan_override* o) {
   const int64_t slots = resident_blocks((const void*)fn, SPQR_PLAN_TCV_SMEM) * sms;
-  return spqr_plan_tcv_ks(t->d.RB, t->d.NC, slots, env_int("SPQR_TCV_KS"));
+  return spqr_plan_tcv_ks(t->d.RB, t->d.NC, slots, pos(o->tcv_ks));
 }
 
-int finish_lanes(int bp, int64_t m, int64_t entries, int sms) {
-  return spqr_plan_finish_lanes(bp, m, entries, sms, env_int("SPQR_TC_FINISH_LANES"));
+int finish_lanes(int bp, int64_t m, int64_t entries, int sms, const spqr_plan_override* o) {
+  return spqr_plan_finish_lanes(bp, m, entries, sms, pos(o->finish_lanes));
 }
 
 finish_fn pick_finish(int bp) {  // _kernels.tc_finish_name
@@ -106,14 +111,15 @@ finish_fn pick_finish(int bp) {  // _kernels.tc_finish_name
 }
 
 // _kernels.tc_splits: the k-split of least estimated cost (spqr_tc_plan.h).
-void tc_plan(const spqr_tile* t, int nt, tc_fn fn, int* splits, int* per) {
+void tc_plan(const spqr_tile* t, int nt, tc_fn fn, const spqr_plan_override* o, int* splits,
+             int* per) {
   int dev = 0, sms = 1;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const int64_t resident = resident_blocks((const void*)fn, 2LL * nt * t->d.MPC * 256);
   const int64_t chunk_bytes = t->d.SLABS * 512 + t->d.SWL * 128 + t->d.MPC * 8;
-  spqr_plan_splits(t->d.RB, t->d.NC, nt, chunk_bytes, resident * sms, env_int("SPQR_TC_SPLITS"),
-                   splits, per);
+  spqr_plan_splits(t->d.RB, t->d.NC, nt, chunk_bytes, resident * sms, pos(o->tc_splits), splits,
+                   per);
 }
 
 // Byte offsets of x'^T and the partial sums in the workspace, and its size.
@@ -133,8 +139,10 @@ extern "C" size_t spqr_tc_workspace_bytes(const spqr_tile* t, int batch) {
   const int nt = tc_nt(nb);
   tc_fn fn = pick_tc(t->bits, t->stats_bits, nt);
   if (!fn) return 0;
+  spqr_plan_override o;
+  if (plan_override(&o) != 0) return 0;
   int splits, per;
-  tc_plan(t, nt, fn, &splits, &per);
+  tc_plan(t, nt, fn, &o, &splits, &per);
   int64_t xt, part, end;
   tc_layout(t, nb, splits, &xt, &part, &end);
   return (size_t)end;
@@ -149,13 +157,28 @@ extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, vo
   int dev = 0, sms = 1;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  spqr_plan_override o;
+  if (plan_override(&o) != 0) return cudaErrorInvalidValue;  // malformed SPQR_GPU_PLAN
+  const int gpu = gpu_class_of_current_device();
+  // the plan's path for the whole batch (GpuTensor.plan_for); "dense" (not linked here): the
+  // plan's fused choice per slice, as with dense_from=0
+  const int whole = spqr_plan_decide(gpu, SPQR_LAYOUT_TC, t->m, t->n, batch, &o);
+  const int forced = o.path >= 0 && spqr_plan_can_run(o.path, SPQR_LAYOUT_TC, batch);
+  spqr_plan_override fused = o;
+  if (whole == SPQR_PATH_DENSE) fused.dense_from = 0;
   for (int b0 = 0; b0 < batch; b0 += TC_MAX_BATCH) {
     const int nb = batch - b0 < TC_MAX_BATCH ? batch - b0 : TC_MAX_BATCH;
     const int nt = tc_nt(nb);
     tc_fn fmain = pick_tc(t->bits, t->stats_bits, nt);
     if (!fmain) return cudaErrorNotSupported;
+    int path = whole;  // _tc_matmul: a narrower slice takes the plan's choice for its width
+    if (whole == SPQR_PATH_DENSE || (nb != batch && !forced))
+      path = spqr_plan_decide(gpu, SPQR_LAYOUT_TC, t->m, t->n, nb, &fused);
+    if ((path != SPQR_PATH_TCG && path != SPQR_PATH_TCV && path != SPQR_PATH_TC_SPLIT) ||
+        !spqr_plan_can_run(path, SPQR_LAYOUT_TC, nb))
+      path = SPQR_PATH_TC_SPLIT;
     int splits, per;
-    tc_plan(t, nt, fmain, &splits, &per);
+    tc_plan(t, nt, fmain, &o, &splits, &per);
     int64_t xt_off, part_off, end;
     tc_layout(t, nb, splits, &xt_off, &part_off, &end);
     char* ws = (char*)workspace;
@@ -166,24 +189,24 @@ extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, vo
     const u16* xb = (const u16*)x + (int64_t)b0 * ldx;
     char* yb = (char*)y + (int64_t)ysz * b0 * ldy;
     const int64_t total = (int64_t)nt * t->d.KT * 32;
-    const bool tcg = tcg_wanted(t, nb);
+    const bool tcg = path == SPQR_PATH_TCG;
     spqr_tc_prepare_x<<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(
         xb, ldx, t->perm, t->n, nb, nt, t->d.KT, xfrag, xt, bp, tcg ? 1 : 0, tcg ? part : NULL);
     if (tcg) {  // group-separated one kernel; group sums of x' in the partial-sums region
       tcv_fn fv = pick_tcv(t->bits, t->stats_bits);  // its k-slicing plan (same registers)
       tcg_fn fg = pick_tcg(t->bits, t->stats_bits);
-      const int ks = tcv_ks(t, fv, sms);
+      const int ks = tcv_ks(t, fv, sms, &o);
       fg<<<(unsigned)cdiv(t->d.RB, TC_WARPS >> ks), 32 * TC_WARPS, 0, stream>>>(
           (const uint4*)t->codes, t->stats, (const uint2*)t->stats2, xfrag, (const float2*)part,
           t->orows, t->oents, xt, bp, (int)t->d.RB, (int)t->d.NC, ks, t->m, nb, (void*)yb, ldy,
           out_dtype);
       continue;
     }
-    if (tcv_wanted(t, nb)) {  // one kernel: outliers and rounding, no partial sums
+    if (path == SPQR_PATH_TCV) {  // one kernel: outliers and rounding, no partial sums
       tcv_fn fv = pick_tcv(t->bits, t->stats_bits);
       int gp = 0;
       while ((1 << gp) < nb) ++gp;
-      const int ks = tcv_ks(t, fv, sms);
+      const int ks = tcv_ks(t, fv, sms, &o);
       fv<<<(unsigned)cdiv(t->d.RB, TC_WARPS >> ks), 32 * TC_WARPS, 0, stream>>>(
           (const uint4*)t->codes, t->stats, (const uint2*)t->stats2, xfrag, t->orows, t->oents,
           xt, bp, (int)t->d.RB, (int)t->d.NC, ks, gp, t->m, nb, (void*)yb, ldy, out_dtype);
@@ -197,7 +220,7 @@ extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, vo
                       (int)t->d.RB, (int)t->d.NC, per, t->d.M16, nb);
     const int64_t xbytes = 16 * cdiv(t->n * bp * 2, 16);
     const bool smem_x = t->orows != NULL && nb <= 8 && xbytes <= FINISH_SMEM_MAX;
-    const int lanes = finish_lanes(bp, t->m, t->outlier_entries, sms);
+    const int lanes = finish_lanes(bp, t->m, t->outlier_entries, sms, &o);
     const int64_t rows_grid = cdiv(t->m, 256 / lanes);  // 8 warps of 32 / lanes rows each
     finish_fn fin = pick_finish(bp);
     int64_t grid = rows_grid;
@@ -215,4 +238,10 @@ extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, vo
                                                 t->n, (void*)yb, ldy, out_dtype, t->m, nb);
   }
   return (int)cudaGetLastError();
+}
+
+extern "C" int spqr_launch_plan_path(int64_t m, int64_t n, int layout, int batch) {
+  spqr_plan_override o;
+  if (plan_override(&o) != 0 || layout < 0 || layout > SPQR_LAYOUT_NONE || batch < 1) return -1;
+  return spqr_plan_decide(gpu_class_of_current_device(), layout, m, n, batch, &o);
 }

@@ -5,13 +5,13 @@
  * compiles this header with the host C compiler and checks that the two agree, so the C
  * launcher and the Python layer pick the same kernels (and give bit-identical results).
  *
- * Modes are the values of the environment overrides ("" or NULL: automatic). */
+ * Which path takes a slice (one kernel, group-separated, k-split) is the launch plan,
+ * spqr_launch_plan.h (generated from spqr_format/gpu/plan.py).  Overrides are the parsed
+ * items of SPQR_GPU_PLAN (spqr_plan_parse; 0 or -1: automatic). */
 #ifndef SPQR_TC_PLAN_H
 #define SPQR_TC_PLAN_H
 
 #include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
 #define SPQR_PLAN_WARPS 8          /* warps per block of the tile kernels (SPQR_TC_WARPS) */
 #define SPQR_PLAN_MAX_BATCH 64     /* _kernels.TC_MAX_BATCH */
@@ -19,17 +19,10 @@
 #define SPQR_PLAN_QUAD_MAX_PER_ROW 128 /* _kernels.TC_QUAD_MAX_PER_ROW */
 #define SPQR_PLAN_LANES_WARPS_PER_SM 16 /* _kernels.TC_LANES_WARPS_PER_SM */
 #define SPQR_PLAN_TCV_OVERHEAD 2     /* _kernels.TCV_WARP_OVERHEAD_CHUNKS */
-#define SPQR_PLAN_TCG_MAX_BATCH 2    /* _kernels.TCG_MAX_BATCH */
-#define SPQR_PLAN_TCG_MIN_WEIGHTS ((int64_t)1 << 27) /* _kernels.TCG_MIN_WEIGHTS */
-#define SPQR_PLAN_TCG_MIN_ROWS ((int64_t)5120)        /* _kernels.TCG_MIN_ROWS */
 /* static shared memory of spqr_tcv_* / spqr_tcg_* (_kernels.TCV_SMEM) */
 #define SPQR_PLAN_TCV_SMEM (SPQR_PLAN_WARPS * (4 * 32 + 16 * 8) * 4)
 
 static inline int64_t spqr_plan_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-static inline int spqr_plan_mode_is(const char* mode, const char* value) {
-  return mode != NULL && strcmp(mode, value) == 0;
-}
 
 /* _kernels.tc_nt: n-tiles of 8 batch columns for a slice of nb <= 64 columns */
 static inline int spqr_plan_nt(int nb) { return nb <= 8 ? 1 : nb <= 16 ? 2 : nb <= 32 ? 4 : 8; }
@@ -55,28 +48,9 @@ static inline int64_t spqr_plan_resident(int regs, int64_t smem) {
   return r < 1 ? 1 : r;
 }
 
-/* _kernels.tcv_wanted: the one-kernel path (spqr_tcv_* / spqr_tcg_*) for every slice of
- * nb <= 8 columns, whatever the shape (m, n unused); mode (SPQR_TCV) "0": never */
-static inline int spqr_plan_tcv_wanted(int64_t m, int64_t n, int nb, const char* mode) {
-  (void)m;
-  (void)n;
-  return !spqr_plan_mode_is(mode, "0") && nb <= 8;
-}
-
-/* _kernels.tcg_wanted: spqr_tcg_* for one-kernel slices of nb <= 2 on large matrices;
- * tcg (SPQR_TCG) "0": never, "1": whenever the one-kernel path is taken */
-static inline int spqr_plan_tcg_wanted(int64_t m, int64_t n, int nb, const char* tcv,
-                                       const char* tcg) {
-  if (spqr_plan_mode_is(tcg, "0") || nb > SPQR_PLAN_TCG_MAX_BATCH ||
-      !spqr_plan_tcv_wanted(m, n, nb, tcv))
-    return 0;
-  if (spqr_plan_mode_is(tcg, "1") || m * n >= SPQR_PLAN_TCG_MIN_WEIGHTS) return 1;
-  return m >= SPQR_PLAN_TCG_MIN_ROWS && m * n >= SPQR_PLAN_TCG_MIN_ROWS * SPQR_PLAN_TCG_MIN_ROWS;
-}
-
 /* _kernels.tcv_ks: log2 of the k-slices per row block of the one-kernel path (fewest waves x
  * (chunks per warp + a warp's fixed cost), more slices on a tie); slots = resident blocks x
- * multiprocessors; override (SPQR_TCV_KS) > 0 forces one */
+ * multiprocessors; override (SPQR_GPU_PLAN tcv_ks) > 0 forces one */
 static inline int spqr_plan_tcv_ks(int64_t rb, int64_t nc, int64_t slots, int override) {
   int best = 0;
   int64_t best_cost = -1;
@@ -99,7 +73,7 @@ static inline int spqr_plan_tcv_ks(int64_t rb, int64_t nc, int64_t slots, int ov
 }
 
 /* _kernels.tc_finish_lanes: lanes per row of the outlier pass for x'^T pitch bp; override
- * (SPQR_TC_FINISH_LANES) 4, 8, 16 or 32 forces one for pitch 8 and 16 */
+ * (SPQR_GPU_PLAN finish_lanes) 4, 8, 16 or 32 forces one for pitch 8 and 16 */
 static inline int spqr_plan_finish_lanes(int bp, int64_t m, int64_t entries, int sms,
                                          int override) {
   if (bp < 8)
@@ -114,7 +88,7 @@ static inline int spqr_plan_finish_lanes(int bp, int64_t m, int64_t entries, int
 /* _kernels.tc_splits: the k-split of least estimated cost (chunk steps on the critical path
  * costed as the bytes all resident warps stream, plus the partial sums' traffic); chunk_bytes:
  * tile-layout bytes per warp and chunk (SLABS*512 + SWL*128 + MPC*8); override
- * (SPQR_TC_SPLITS) > 0 forces one */
+ * (SPQR_GPU_PLAN tc_splits) > 0 forces one */
 static inline void spqr_plan_splits(int64_t rb, int64_t nc, int nt, int64_t chunk_bytes,
                                     int64_t slots, int override, int* splits, int* per) {
   const int64_t groups = spqr_plan_cdiv(rb, SPQR_PLAN_WARPS);
