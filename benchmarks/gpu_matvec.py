@@ -4,8 +4,12 @@ For each shape (out x in) and batch: the time of one call, measured as CUDA-grap
 back-to-back calls that rotate through >= --rotate-gib of weight copies (so L2, 60 MiB on an
 H200, stays cold); GB/s of compressed bytes read; % of the streaming-read bandwidth measured
 in the same run; speedup over cuBLAS fp16 (torch ``F.linear`` on fp16 weight copies, also
-rotated and graphed). Also the dequantize kernel's bandwidth. Writes JSON and, when
-matplotlib is available, a plot of speedup vs batch per shape.
+rotated and graphed). Also the dequantize kernel's bandwidth. Each row names the launch plan's
+path and entry (``spqr_format/gpu/plan.py``) that ran; ``--compare-paths`` also times the fused
+kernels (``SPQR_GPU_PLAN=dense_from=0``) and dequantize + cuBLAS (``path=dense``) at every
+batch, the measurements the plan's crossovers come from. Writes JSON and, when matplotlib is
+available, a plot of speedup over cuBLAS fp16 against batch per shape (solid: the plan's
+choice; dotted / dashed: fused / dense when compared).
 
     python benchmarks/gpu_matvec.py --out results.json --plot speedup.png
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -32,10 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cupy as cp  # noqa: E402
 
 from spqr_format.gpu import GpuTensor  # noqa: E402
+from spqr_format.gpu import plan as P  # noqa: E402
 from spqr_format.gpu.synth import random_channel_mixed, random_packed  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
-BATCHES = [1, 4, 16, 64]
+BATCHES = [1, 4, 8, 16, 32, 64, 128, 512, 2048]
 
 _READ_SRC = r"""
 extern "C" __global__ void stream_read(const uint4* __restrict__ p, long long n, unsigned* out) {
@@ -161,18 +167,62 @@ def bench_shape(
         w_fp16 = torch.randn(m, n, device="cuda", dtype=torch.float16) * 0.02
         wcopies = [w_fp16] + [w_fp16.clone() for _ in range(nw - 1)]
 
+    base_override = os.environ.get(P.ENV, "")
+    variants = {"plan": base_override}
+    if args.compare_paths and encoding == "bilevel":
+        sep = "," if base_override else ""
+        variants["fused"] = base_override + sep + "dense_from=0"
+        variants["dense"] = base_override + sep + "path=dense"
+
+    def ws_bytes(batch):
+        best = 0
+        for ov in variants.values():
+            os.environ[P.ENV] = ov
+            best = max(best, g0.workspace_bytes(batch))
+        os.environ[P.ENV] = base_override
+        return best
+
     for batch in batches:
         x = cp.asarray(np.random.default_rng(batch).standard_normal((batch, n)), dtype=cp.float16)
         y = cp.empty((batch, m), dtype=cp.float16)
-        ws = cp.empty(g0.workspace_bytes(batch) // 4, dtype=cp.float32)
+        ws = cp.empty(-(-ws_bytes(batch) // 4), dtype=cp.float32)
         cp.cuda.Device().synchronize()
 
         def rec(cs=copies, x=x, y=y, ws=ws, batch=batch):
             for c in cs:
                 c.matmul_into(x.data.ptr, n, 1, y.data.ptr, m, 1, batch, ws.data.ptr)
 
-        t = statistics.median(_time_graph(rec, reps, stream)) / ncopy
-        hot = statistics.median(_time_graph(lambda: rec([g0] * ncopy), reps, stream)) / ncopy
+        def timed(ov, cs=copies, rec=rec, batch=batch):
+            """us per call with SPQR_GPU_PLAN=ov while recording (None + the error on failure)"""
+            os.environ[P.ENV] = ov
+            try:
+                return statistics.median(_time_graph(lambda: rec(cs), reps, stream)) / ncopy, None
+            except Exception as exc:  # noqa: BLE001 - report and go on with the next case
+                print(f"# {m}x{n} b{batch} {ov!r}: {exc!r}", file=sys.stderr, flush=True)
+                cp.cuda.Device().synchronize()
+                return float("nan"), repr(exc)
+            finally:
+                os.environ[P.ENV] = base_override
+
+        t, err = timed(base_override)
+        hot, _ = timed(base_override, [g0] * ncopy)
+        extra = {}
+        for name, ov in variants.items():
+            if name != "plan":
+                tv, e2 = timed(ov)
+                extra[f"{name}_us"] = tv * 1e3
+                if e2:
+                    extra[f"{name}_error"] = e2
+        if encoding == "bilevel":
+            d = g0.plan_for(batch, 1)
+            extra.update(
+                plan_path=d.path,
+                plan_entry=d.entry,
+                plan_reason=d.reason,
+                plan_override=base_override,
+            )
+        if err:
+            extra["error"] = err
         simt = None
         if args.compare_simt and getattr(g0, "tc", None) is not None:
             simt = (
@@ -202,6 +252,7 @@ def bench_shape(
             copies=ncopy,
             dequant_us=td * 1e3,
             dequant_gbs=deq_gbs,
+            **extra,
         )
         if wcopies is not None:
             xt = torch.randn(batch, n, device="cuda", dtype=torch.float16)
@@ -227,6 +278,9 @@ def bench_shape(
             row["cublas_us"] = tc * 1e3
             row["cublas_gbs"] = 2 * m * n / (tc * 1e-3) / 1e9
             row["speedup"] = tc / t
+            for name in ("fused", "dense"):
+                if f"{name}_us" in row:
+                    row[f"{name}_speedup"] = tc * 1e3 / row[f"{name}_us"]
             del gr
         rows.append(row)
     copies.clear()
@@ -272,6 +326,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="also time the SIMT kernels (SPEC layout) where the tensor-core path is used",
     )
+    ap.add_argument(
+        "--compare-paths",
+        action="store_true",
+        help="also time the fused kernels and dequantize + cuBLAS at every batch",
+    )
     args = ap.parse_args(argv)
     shapes = SHAPES
     if args.shapes:
@@ -314,20 +373,25 @@ def main(argv=None) -> int:
             perm=True,
             rotate_gib=args.rotate_gib,
         ),
+        plan_table=P.describe().splitlines(),
         results=rows,
     )
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"device {result['device']}, streaming read {read_gbs:.0f} GB/s")
-    hdr = f"{'enc':>6} {'shape':>12} {'b':>3} {'us':>8} {'GB/s':>7} {'%read':>6}"
+    hdr = f"{'enc':>6} {'shape':>12} {'b':>4} {'us':>8} {'GB/s':>7} {'%read':>6}"
     hdr += f" {'cuBLAS us':>9} {'speedup':>7}"
-    print(hdr + f" {'L2hot us':>8} {'deq us':>7} {'deq %':>6} {'simt us':>8}")
+    hdr += f" {'L2hot us':>8} {'deq us':>7} {'deq %':>6} {'simt us':>8}"
+    print(hdr + f" {'path':>8} {'entry':>5} {'fused us':>8} {'dense us':>8}")
+    nan = float("nan")
     for r in rows:
         print(
-            f"{r['encoding'][:6]:>6} {r['shape'][0]:>5}x{r['shape'][1]:<6} {r['batch']:>3} "
+            f"{r['encoding'][:6]:>6} {r['shape'][0]:>5}x{r['shape'][1]:<6} {r['batch']:>4} "
             f"{r['us']:8.1f} "
             f"{r['gbs']:7.0f} {r['pct_stream_read']:6.1f} {r.get('cublas_us', float('nan')):9.1f} "
             f"{r.get('speedup', float('nan')):7.2f} {r['us_l2_hot']:8.1f} {r['dequant_us']:7.1f} "
-            f"{r['dequant_pct_stream_read']:6.1f} {r['simt_us'] or float('nan'):8.1f}"
+            f"{r['dequant_pct_stream_read']:6.1f} {r['simt_us'] or nan:8.1f}"
+            f" {r.get('plan_path', r['path']):>8} {r.get('plan_entry', -1):>5}"
+            f" {r.get('fused_us', nan):8.1f} {r.get('dense_us', nan):8.1f}"
         )
     if args.plot:
         try:
@@ -346,18 +410,30 @@ def main(argv=None) -> int:
                         for r in rows
                         if r["shape"] == [m, n] and "speedup" in r and r["encoding"] == e
                     ]
-                    ax.plot(
+                    (line,) = ax.plot(
                         [r["batch"] for r in rs],
                         [r["speedup"] for r in rs],
                         "o-",
-                        label=f"{e} {m}x{n}",
+                        label=f"{e} {m}x{n} (plan)",
                     )
+                    for name, style in (("fused", ":"), ("dense", "--")):
+                        pts = [r for r in rs if f"{name}_speedup" in r]
+                        if pts:
+                            ax.plot(
+                                [r["batch"] for r in pts],
+                                [r[f"{name}_speedup"] for r in pts],
+                                style,
+                                color=line.get_color(),
+                                lw=1,
+                                label=f"{m}x{n} {name}",
+                            )
             ax.set_xscale("log", base=2)
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_xlabel("batch")
+            ax.set_yscale("log", base=2)
             ax.set_ylabel("speedup over cuBLAS fp16")
             ax.set_title(f"SpQR fused kernels, {result['device']}")
-            ax.legend()
+            ax.legend(fontsize=6, ncol=2)
             fig.tight_layout()
             fig.savefig(args.plot, dpi=120)
     return 0

@@ -24,7 +24,6 @@ if NVCC is None:
 from spqr_format.api import save  # noqa: E402
 from spqr_format.codec.reference import decode_bilevel  # noqa: E402
 from spqr_format.gpu import GpuTensor  # noqa: E402
-from spqr_format.gpu import _kernels as K  # noqa: E402
 from spqr_format.gpu.synth import random_packed  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -117,7 +116,7 @@ def test_c_example_matches_python(binary, tmp_path, m, n, kw):
     assert total == pytest.approx(float(y.astype(np.float64).sum()), rel=1e-9)
 
 
-@pytest.mark.parametrize("tcv,tcg", [("", ""), ("0", ""), ("", "1")])
+@pytest.mark.parametrize("path", ["", "tc_split", "tcg"])
 @pytest.mark.parametrize(
     "m,n,kw,splits",
     [
@@ -126,20 +125,15 @@ def test_c_example_matches_python(binary, tmp_path, m, n, kw):
         (20000, 2048, dict(bits=4, stats_bits=3, outlier_fraction=0.01), "3"),
     ],
 )
-def test_c_example_tensor_cores_match_python(
-    binary, tmp_path, monkeypatch, m, n, kw, splits, tcv, tcg
-):
+def test_c_example_tensor_cores_match_python(binary, tmp_path, monkeypatch, m, n, kw, splits, path):
     """`spqr_matvec FILE NAME SEED tc`: host repack (spqr_tile_repack) + spqr_tc_matmul gives
     the Python tensor-core path's y bit for bit on each batch-1 path: the one-kernel path
-    (default), the k-split path and its outlier pass (SPQR_TCV=0, with the same k-split
-    SPQR_TC_SPLITS; 20,000 rows take the four-rows-per-warp pass) and the group-separated
-    kernel (SPQR_TCG=1)."""
+    (the plan's choice), the k-split path and its outlier pass (SPQR_GPU_PLAN path=tc_split,
+    with the same forced k-split; 20,000 rows take the four-rows-per-warp pass) and the
+    group-separated kernel (path=tcg). Both layers read SPQR_GPU_PLAN on every call."""
     p = random_packed(m, n, seed=m, **kw)
     seed = 777
-    monkeypatch.setenv("SPQR_TC_SPLITS", splits)
-    for var, value, attr in (("SPQR_TCV", tcv, "TCV_MODE"), ("SPQR_TCG", tcg, "TCG_MODE")):
-        monkeypatch.setenv(var, value)  # the C launcher reads it per call
-        monkeypatch.setattr(K, attr, value)  # the Python layer read it at import
+    monkeypatch.setenv("SPQR_GPU_PLAN", f"tc_splits={splits}" + (f",path={path}" if path else ""))
     path, digest, _ = run_example(binary, tmp_path, p, str(seed), "tc")
     g = GpuTensor.from_file(path, "layer.weight", tensor_cores=True)
     assert g.tc is not None

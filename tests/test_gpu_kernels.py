@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from unittest import mock
 
 import numpy as np
@@ -25,6 +26,7 @@ from spqr_format.codec.packing import pack  # noqa: E402
 from spqr_format.codec.reference import decode_bilevel  # noqa: E402
 from spqr_format.gpu import GpuTensor  # noqa: E402
 from spqr_format.gpu import _kernels as K  # noqa: E402
+from spqr_format.gpu import plan as P  # noqa: E402
 from spqr_format.spec import DType  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -213,6 +215,17 @@ def _bound_tc(t, w32: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return 5 * 2.0**-11 * a1 + 2.0**-11 * oc + 2.0**-20 * np.abs(xp).sum(1)[:, None] + sub + acc
 
 
+def _bound_dense(w32: np.ndarray, xs: np.ndarray, ulp: float) -> np.ndarray:
+    """Error bound of the ``dense`` path (W dequantized bit-exactly into the input dtype, then
+    cublasGemmEx with f32 accumulation), per (batch, row): each weight rounded once to the
+    dtype (relative ``ulp``, plus half the smallest f16 subnormal, 2^-25, absolute), then an
+    f32 sum of n products in any order cuBLAS picks (split-K included): (n + 64) * u * A with
+    A = sum_j |W_ij x_j| (first-order gamma_k bound, chain length < n + 64)."""
+    n = w32.shape[1]
+    a = np.abs(xs) @ np.abs(w32.astype(np.float64)).T
+    return ulp * a + 2.0**-25 * np.abs(xs).sum(1)[:, None] + (n + 64) * U * a * (1 + ulp)
+
+
 def _check_matmul(t, batch: int, dtype: str, rng, tensor_cores=None):
     p = pack(t)
     m, n = t.shape
@@ -230,12 +243,18 @@ def _check_matmul(t, batch: int, dtype: str, rng, tensor_cores=None):
         ulp = 2.0**-8  # unit roundoff of bf16
     ref = x64 @ w32.astype(np.float64).T  # [batch, m]
     g = GpuTensor.from_packed(p, tensor_cores=tensor_cores)
+    path = g.plan_for(batch, 1 if dtype == "float16" else 2).path
     out = g.matmul(xd) if batch > 1 or rng.integers(2) else g.matvec(xd[0]).reshape(1, -1)
     got = cp.asnumpy(out)
     got = (got.astype(np.uint32) << 16).view(np.float32) if dtype == "bfloat16" else got
     got = got.astype(np.float64)
-    uses_tc = g.tc is not None and dtype == "float16"
-    bound = _bound_tc(t, w32, x64) if uses_tc else _bound(t, w32, x64)
+    if path == "dense":
+        bound = _bound_dense(w32, x64, ulp)
+    elif path in ("tcg", "tcv", "tc_split"):
+        assert g.tc is not None and dtype == "float16"
+        bound = _bound_tc(t, w32, x64)
+    else:
+        bound = _bound(t, w32, x64)
     # final rounding to f16/bf16: relative unit roundoff, plus half the smallest subnormal
     tol = (bound + np.abs(ref) * ulp) * (1 + 2 * ulp) + 2.0**-25 + 1e-30
     err = np.abs(got - ref)
@@ -333,7 +352,7 @@ TC_PARAMS = st.builds(
         [(0.0, "uniform"), (0.01, "uniform"), (0.2, "uniform"), (0.3, "full_rows")]
     ),
     batch=st.sampled_from([1, 2, 3, 7, 8, 9, 16, 17, 32, 33, 64, 65]),
-    tcg=st.sampled_from(["", "1"]),  # "1": spqr_tcg_* for batch <= 2 (else large matrices)
+    tcg=st.sampled_from(["", "1"]),  # "1": path=tcg (spqr_tcg_* for batch <= 2)
     seed=st.integers(0, 2**31),
 )
 def test_tensor_core_matmul_random(m, n, params, perm, outl, batch, tcg, seed):
@@ -341,7 +360,7 @@ def test_tensor_core_matmul_random(m, n, params, perm, outl, batch, tcg, seed):
     t = random_bilevel(rng, m, n, params, perm, outl[0], outlier_layout=outl[1])
     p = pack(t)
     assert GpuTensor.from_packed(p).tc is not None
-    with mock.patch.object(K, "TCG_MODE", tcg):
+    with mock.patch.dict(os.environ, {P.ENV: "path=tcg" if tcg else ""}):
         _check_matmul(t, batch, "float16", rng)
 
 
@@ -365,16 +384,15 @@ def test_tensor_core_matmul_shapes(m, n, bits, sb, perm, frac, batch):
 @pytest.mark.parametrize("ks", [1, 2, 4, 8])
 @pytest.mark.parametrize("batch", [1, 2, 3, 8])
 def test_tensor_core_small_batch_every_k_slicing(monkeypatch, ks, batch):
-    """The batch <= 8 kernels (spqr_tcv_*, and spqr_tcg_* for batch <= 2 unless SPQR_TCG=0)
-    with each k-slicing of their row blocks: row blocks past the end inside a block, fewer
-    chunks than slices, rows full of outliers."""
-    monkeypatch.setenv("SPQR_TCV_KS", str(ks))
-    monkeypatch.setattr(K, "TCV_MODE", "1")  # also on tall matrices (default: the split path)
+    """The batch <= 8 kernels (spqr_tcv_*, and spqr_tcg_* for batch <= 2) with each k-slicing
+    of their row blocks: row blocks past the end inside a block, fewer chunks than slices,
+    rows full of outliers."""
     rng = np.random.default_rng(ks * 10 + batch)
-    for tcg in ("1", "0") if batch <= K.TCG_MAX_BATCH else ("",):
-        monkeypatch.setattr(K, "TCG_MODE", tcg)
+    for path in ("tcg", "tcv") if batch <= K.TCG_MAX_BATCH else ("tcv",):
+        monkeypatch.setenv(P.ENV, f"tcv_ks={ks},path={path}")
         for m, n in ((100, 4096), (37, 700), (16, 64), (300, 64)):
             t = random_bilevel(rng, m, n, BilevelParams(3, 16, 3, 16), True, 0.05)
+            assert GpuTensor.from_packed(pack(t)).plan_for(batch).path == path
             _check_matmul(t, batch, "float16", rng)
 
 
@@ -384,17 +402,16 @@ def test_tensor_core_split_path_outlier_pass_every_batch_width(monkeypatch, batc
     rows full of outliers next to rows with none (in one warp's rows: the long ones go to the
     one-row-per-warp fallback), every row full (long rows on the lanes-per-row path), skip
     entries (70,000 columns), a row count that is not a multiple of 8."""
-    monkeypatch.setattr(K, "TCV_MODE", "0")
     rng = np.random.default_rng(1000 + batch)
     p3 = BilevelParams(3, 16, 3, 16)
     cases = ((37, 700, 0.3, "full_rows"), (203, 512, 0.05, "uniform"), (19, 300, 1.0, "uniform"))
     # pitch 8 and 16: every lanes-per-row scheme (small matrices would get one row per warp)
     for lanes in (4, 8, 16, 32) if 4 < K.tc_xt_pitch(batch) <= 16 else (0,):
-        monkeypatch.setattr(K, "TC_FINISH_LANES", lanes)
+        monkeypatch.setenv(P.ENV, "path=tc_split" + (f",finish_lanes={lanes}" if lanes else ""))
         for m, n, frac, layout in cases:
             t = random_bilevel(rng, m, n, p3, True, frac, outlier_layout=layout)
             _check_matmul(t, batch, "float16", rng)
-    monkeypatch.setattr(K, "TC_FINISH_LANES", 0)
+    monkeypatch.setenv(P.ENV, "path=tc_split")
     # rows whose outliers are all past column 65,535 (skip entries first), some rows empty
     t = random_bilevel(rng, 21, 70000, p3, True, 0.0)
     rows = np.repeat(np.arange(0, 21, 2), 40)
