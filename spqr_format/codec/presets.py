@@ -26,10 +26,10 @@ import numpy as np
 
 from spqr_format import spec
 from spqr_format.codec.bilevel import BilevelTensor, PackedBilevel
-from spqr_format.codec.gptq import PERM_ORDERS, encode_gptq
+from spqr_format.codec.gptq import OUTLIER_SELECTS, PERM_ORDERS, encode_gptq
 from spqr_format.codec.hessian import validate_hessian
 from spqr_format.codec.packing import pack
-from spqr_format.codec.quantizer import check_params
+from spqr_format.codec.quantizer import STATS_SEARCHES, check_params
 from spqr_format.codec.reference import decode_bilevel_f32
 from spqr_format.codec.rtn import encode_rtn
 from spqr_format.errors import BadInputError
@@ -61,6 +61,10 @@ class EncoderConfig:
     leave_one_out: bool = True
     preset: str | None = None
     version: int = CONFIG_VERSION
+    # Added after the first presets; left out of to_dict() at their defaults so that configs
+    # (and files) of the original presets stay byte-identical.
+    stats_search: str = "minmax"
+    outlier_select: str = "column"
 
     def __post_init__(self) -> None:
         def bad(field: str, msg: str) -> BadInputError:
@@ -103,12 +107,31 @@ class EncoderConfig:
             raise bad("outlier_budget", f"must be a fraction in [0, 1) or null, got {b!r}")
         if not isinstance(self.leave_one_out, bool):
             raise bad("leave_one_out", f"must be true or false, got {self.leave_one_out!r}")
+        if self.stats_search not in STATS_SEARCHES:
+            raise bad("stats_search", f"must be one of {STATS_SEARCHES}, got {self.stats_search!r}")
+        if self.outlier_select not in OUTLIER_SELECTS:
+            raise bad(
+                "outlier_select", f"must be one of {OUTLIER_SELECTS}, got {self.outlier_select!r}"
+            )
+        if self.outlier_select == "impact":
+            if self.method != "gptq":
+                raise bad("outlier_select", "impact needs a Hessian (method gptq)")
+            if tau is not None:
+                raise bad(
+                    "outlier_threshold", "must be null with outlier_select impact (the budget "
+                    "sets the threshold)"
+                )
         if self.preset is not None and not isinstance(self.preset, str):
             raise bad("preset", f"must be a string or null, got {self.preset!r}")
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict of every field (for the file's ``encoder.settings`` metadata)."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able dict of every field (for the file's ``encoder.settings`` metadata);
+        fields added after version 1 appear only when they differ from their defaults."""
+        d = dataclasses.asdict(self)
+        for key, default in _LATE_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
@@ -125,6 +148,8 @@ class EncoderConfig:
         """A validated copy with some knobs changed (the ``preset`` name is kept)."""
         return EncoderConfig.from_dict({**self.to_dict(), **overrides})
 
+
+_LATE_DEFAULTS = {"stats_search": "minmax", "outlier_select": "column"}
 
 _SPQR = dict(
     method="gptq", group_size=16, stats_bits=3, stats_group_size=16, perm_order="act_order",
@@ -235,7 +260,12 @@ def encode_tensor(
     if method == "rtn":
         if hessian is not None and isinstance(weight, np.ndarray) and weight.ndim == 2:
             hessian = validate_hessian(hessian, weight.shape[1], name=name)
-        t = encode_rtn(weight, outlier_fraction=config.outlier_budget or 0.0, **common)
+        t = encode_rtn(
+            weight,
+            outlier_fraction=config.outlier_budget or 0.0,
+            stats_search=config.stats_search,
+            **common,
+        )
     else:
         t = encode_gptq(
             weight,
@@ -246,6 +276,8 @@ def encode_tensor(
             outlier_threshold=config.outlier_threshold,
             outlier_budget=config.outlier_budget,
             leave_one_out=config.leave_one_out,
+            stats_search=config.stats_search,
+            outlier_select=config.outlier_select,
             info=info,
             **common,
         )
