@@ -389,6 +389,7 @@ def plan(
 
     imp = importance or {}
     ms: dict[str, list[Measurement]] = {}
+    check_target(target_bits, {n: tuple(get(n)[0].shape) for n in names}, candidates)
     elements: dict[str, int] = {}
     for n in names:
         if progress:

@@ -10,9 +10,13 @@ RTN, GPTQ and SpQR are configurations of one encoder, all producing the ``bileve
 | gptq-3bit-g128 | gptq | 3 | 128 | fp16 | act_order | none | 0.01 |
 | rtn-4bit-g128 | rtn | 4 | 128 | fp16 | none | none | - |
 | rtn-3bit-g16-bilevel | rtn | 3 | 16 | 3-bit, S=16 | none | none | - |
+| q2-g16 / q3-g16 / q4-g16 | gptq, mse stats | 2/3/4 | 16 | 3-bit, S=16 | act_order | impact, 0.5/1/0.3 % | 0.01 |
+| q3-g128 / q4-g128 | gptq, mse stats | 3/4 | 128 | fp16 | act_order | impact, 0.5/0.2 % | 0.01 |
 
 SpQR settings follow the reference README (tau 0.2, percdamp 1.0, act_order); GPTQ's follow the
-GPTQ paper (percdamp 0.01, act_order as in SPEC section 8's worked example).
+GPTQ paper (percdamp 0.01, act_order as in SPEC section 8's worked example). The ``q*`` presets
+(issue 18) were chosen by measurement: clipped statistics (``stats_search="mse"``) and a fixed
+outlier budget spent by impact (``outlier_select="impact"``) instead of SpQR's tau.
 """
 
 from __future__ import annotations
@@ -178,6 +182,29 @@ PRESETS: dict[str, EncoderConfig] = {
         preset="rtn-3bit-g16-bilevel",
     ),  # fmt: skip
 }
+
+# Issue 18 presets: GPTQ with damping 0.01, clipped ("mse") statistics and outliers chosen by
+# impact under a fixed budget (measurements: benchmarks/results/encoder-quality-2026-12-07.md).
+_Q = dict(
+    method="gptq", perm_order="act_order", percdamp=0.01, outlier_threshold=None,
+    leave_one_out=True, stats_search="mse", outlier_select="impact",
+)  # fmt: skip
+_BILEVEL = dict(stats_bits=3, stats_group_size=16)
+_FP16 = dict(stats_bits=0, stats_group_size=0)
+PRESETS.update(
+    {
+        "q2-g16": EncoderConfig(**_Q, **_BILEVEL, bits=2, group_size=16, outlier_budget=0.005,
+                                preset="q2-g16"),
+        "q3-g16": EncoderConfig(**_Q, **_BILEVEL, bits=3, group_size=16, outlier_budget=0.01,
+                                preset="q3-g16"),
+        "q3-g128": EncoderConfig(**_Q, **_FP16, bits=3, group_size=128, outlier_budget=0.005,
+                                 preset="q3-g128"),
+        "q4-g16": EncoderConfig(**_Q, **_BILEVEL, bits=4, group_size=16, outlier_budget=0.003,
+                                preset="q4-g16"),
+        "q4-g128": EncoderConfig(**_Q, **_FP16, bits=4, group_size=128, outlier_budget=0.002,
+                                 preset="q4-g128"),
+    }
+)  # fmt: skip
 
 
 def get_preset(name: str, **overrides) -> EncoderConfig:

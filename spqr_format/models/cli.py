@@ -13,7 +13,8 @@ from spqr_format.errors import BadInputError
 # The names of spqr_format.codec.presets.PRESETS (not imported here: it loads numba, and
 # `spqr --help` should stay fast); tests/test_models.py checks that they agree.
 PRESET_NAMES = ("spqr-3bit", "spqr-4bit", "gptq-4bit-g128", "gptq-3bit-g128", "rtn-4bit-g128",
-                "rtn-3bit-g16-bilevel")  # fmt: skip
+                "rtn-3bit-g16-bilevel", "q2-g16", "q3-g16", "q3-g128", "q4-g16",
+                "q4-g128")  # fmt: skip
 
 
 def handle_errors(func):
