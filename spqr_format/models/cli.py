@@ -91,10 +91,17 @@ def safe_text(text: str) -> str:
     is_flag=True,
     help="Also quantize the output layer (calibrated on the quantized model).",
 )
+@click.option(
+    "--target-bits",
+    type=float,
+    help="Total bits/weight of the quantized layers (as `spqr info` counts them): a "
+    "configuration per layer is chosen by rate-distortion on measured output errors "
+    "(replaces --preset; one extra calibration pass).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @handle_errors
 def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_len, seed,
-                       device, resume, quantize_lm_head, quiet):  # fmt: skip
+                       device, resume, quantize_lm_head, target_bits, quiet):  # fmt: skip
     """Quantize a local Hugging Face model into one .spqr file, block by block.
 
     The calibration windows run through the embeddings; then, for each transformer block,
@@ -123,7 +130,7 @@ def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_
     result = quantize_model(
         model_dir, output, preset=preset, calib=calib, data_dir=data_dir, samples=samples,
         seq_len=seq_len, seed=seed, device=device, resume=resume,
-        quantize_lm_head=quantize_lm_head, progress=progress,
+        quantize_lm_head=quantize_lm_head, progress=progress, target_bits=target_bits,
     )  # fmt: skip
     q = [r for r in result.reports if r["encoding"] == "bilevel"]
     weights = sum(r["shape"][0] * r["shape"][1] for r in q)
