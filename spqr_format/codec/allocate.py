@@ -381,24 +381,19 @@ def plan(
     candidates: Sequence[EncoderConfig] = DEFAULT_CANDIDATES,
     importance: dict[str, float] | None = None,
     progress: Callable[[str], None] | None = None,
+    measured: dict[str, list[Measurement]] | None = None,
 ) -> Allocation:
     """Measure, allocate and fill for the tensors ``names``; ``get(name)`` returns the tensor's
     ``(weight [m, n], hessian [n, n])`` (loaded on demand, so only one is in memory at a time).
-    ``importance``: per-tensor weights of the output errors (default 1)."""
+    ``importance``: per-tensor weights of the output errors (default 1). ``measured``: the
+    result of :func:`measure_all` for these names and candidates, to plan several targets from
+    one measurement."""
     import warnings
 
     imp = importance or {}
-    ms: dict[str, list[Measurement]] = {}
     check_target(target_bits, {n: tuple(get(n)[0].shape) for n in names}, candidates)
-    elements: dict[str, int] = {}
-    for n in names:
-        if progress:
-            progress(n)
-        w, h = get(n)
-        elements[n] = int(w.shape[0] * w.shape[1])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            ms[n] = measure(w, h, candidates, n, imp.get(n, 1.0))
+    ms = measured if measured is not None else measure_all(names, get, candidates, imp, progress)
+    elements = {n: int(get(n)[0].size) for n in names}
     alloc = allocate(ms, elements, target_bits)
     alloc.candidates = list(candidates)
 
@@ -411,3 +406,25 @@ def plan(
         return bits, imp.get(n, 1.0) * err
 
     return fill_with_outliers(alloc, encode_measure)
+
+
+def measure_all(
+    names: Sequence[str],
+    get: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    candidates: Sequence[EncoderConfig] = DEFAULT_CANDIDATES,
+    importance: dict[str, float] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[Measurement]]:
+    """:func:`measure` for every tensor of ``names``."""
+    import warnings
+
+    imp = importance or {}
+    ms: dict[str, list[Measurement]] = {}
+    for n in names:
+        if progress:
+            progress(n)
+        w, h = get(n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ms[n] = measure(w, h, candidates, n, imp.get(n, 1.0))
+    return ms
