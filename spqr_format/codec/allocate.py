@@ -329,14 +329,15 @@ def fill_with_outliers(
     """Step 3: spend the gap between the plan and the target on extra outliers.
 
     ``encode_measure(name, config)`` encodes one tensor and returns its exact (bits, error).
-    Tensors whose chosen configuration selects outliers by impact get a larger budget, largest
-    tensor first, re-measured each time (secant on the outlier budget); a change is kept only if
+    Tensors whose chosen configuration is gptq without tau get a larger outlier budget spent by
+    impact (``outlier_select="impact"``), largest tensor first, re-measured each time (secant on the outlier budget); a change is kept only if
     it does not pass the target. Stops once the total is within ``tolerance`` below the target.
     """
     total = sum(alloc.weights.values())
     budget_bits = alloc.target_bits * total
+    # Any gptq choice without a tau can take outliers by impact (one without any gets them).
     order = sorted(
-        (n for n, c in alloc.choice.items() if c.outlier_select == "impact" and c.outlier_budget),
+        (n for n, c in alloc.choice.items() if c.method == "gptq" and c.outlier_threshold is None),
         key=lambda n: -alloc.weights[n],
     )
     for n in order:
@@ -344,7 +345,9 @@ def fill_with_outliers(
         if gap < tolerance * total * 0.5:
             break
         cfg = alloc.choice[n]
-        b0, bits0 = cfg.outlier_budget, alloc.bits[n]
+        b0, bits0 = cfg.outlier_budget or 0.0, alloc.bits[n]
+        if cfg.outlier_select != "impact":
+            cfg = cfg.with_overrides(outlier_select="impact", outlier_budget=None)
         per = 33.0  # bits per extra outlier, first guess; refined from each measurement
         best = None
         for _ in range(max_tries):

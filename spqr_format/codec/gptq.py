@@ -58,6 +58,7 @@ from spqr_format.codec.quantizer import (
     f16_round_scalar,
     minmax_stats,
     quantize_stats,
+    refine_second_level,
 )
 from spqr_format.codec.rtn import select_top
 from spqr_format.errors import BadInputError
@@ -65,6 +66,9 @@ from spqr_format.spec import DType
 
 PERM_ORDERS = ("identity", "act_order")
 OUTLIER_SELECTS = ("column", "impact")
+# stats_search "mse" with bilevel statistics also picks the second-level codes by error
+# (quantizer.refine_second_level); SPQR_REFINE2=0 turns that off for measurements.
+_REFINE2 = os.environ.get("SPQR_REFINE2", "1") != "0"
 # Columns a numba kernel call handles before its errors go to the rest of the block by GEMM
 # (two-level lazy updates); 0 = numba updates the whole block itself, BLAS is then called only
 # once per block. SPQR_GPTQ_SEGMENT overrides it for benchmarking.
@@ -502,6 +506,7 @@ def _solve(
     # columns): the cap is the whole budget from the first column on, not a share per group.
     whole_cap = outlier_select == "impact"
     wt_all = 1.0 / d64**2 if stats_search == "mse" else None
+    refine2 = _REFINE2
     maxq = (1 << params.bits) - 1
     g = params.group_size
     G = -(-n // g)
@@ -553,6 +558,8 @@ def _solve(
                 else:
                     s1, z1 = minmax_stats(cur, params.bits, mask=keep)
                 qs = quantize_stats(s1[:, None], z1[:, None], params)
+                if wt_all is not None and refine2:
+                    qs = refine_second_level(cur, qs, params, wt_all[j:ge], keep)
                 k = j // g
                 stats[:, k, :] = qs.stats[:, 0, :]
                 if stats2 is not None:

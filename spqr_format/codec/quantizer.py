@@ -305,6 +305,97 @@ def quantize_stats(scale: np.ndarray, zero: np.ndarray, params: BilevelParams) -
     )
 
 
+@numba.njit(cache=True)
+def _row_error(w, wt, keep, i, s, z, maxq, best):  # pragma: no cover - compiled
+    err = 0.0
+    for j in range(w.shape[1]):
+        if keep[i, j]:
+            x = w[i, j]
+            q = code_scalar(x, s, z, maxq)
+            e = np.float64(s * (np.float32(q) - z) - x)
+            err += e * e * wt[j]
+            if err >= best:
+                return err
+    return err
+
+
+@numba.njit(cache=True, parallel=True)
+def _refine_codes(w, wt, keep, cs, cz, s_step, s_base, z_step, z_base, tile, sqmax, maxq):
+    # pragma: no cover - compiled
+    """Per row of ``w[m, g]``: the second-level codes of scale (then zero) within one code of
+    the nearest ones with the least weighted error of the row's codes (decoded C-7.1)."""
+    m = w.shape[0]
+    for i in numba.prange(m):
+        t = i // tile
+        sb = np.float32(s_base[t])
+        ss = np.float32(s_step[t])
+        zb = np.float32(z_base[t])
+        zs = np.float32(z_step[t])
+        a0 = np.int64(cs[i])
+        b0 = np.int64(cz[i])
+        z = zb + zs * np.float32(b0)
+        best = _row_error(w, wt, keep, i, sb + ss * np.float32(a0), z, maxq, np.inf)
+        ba = a0
+        for a in (a0 - 1, a0 + 1):
+            if 0 <= a <= sqmax:
+                e = _row_error(w, wt, keep, i, sb + ss * np.float32(a), z, maxq, best)
+                if e < best:
+                    best = e
+                    ba = a
+        s = sb + ss * np.float32(ba)
+        bb = b0
+        for b in (b0 - 1, b0 + 1):
+            if 0 <= b <= sqmax:
+                e = _row_error(w, wt, keep, i, s, zb + zs * np.float32(b), maxq, best)
+                if e < best:
+                    best = e
+                    bb = b
+        cs[i] = ba
+        cz[i] = bb
+
+
+def refine_second_level(
+    w: np.ndarray,
+    qs: QuantizedStats,
+    params: BilevelParams,
+    weight: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+) -> QuantizedStats:
+    """Second-level codes chosen by error instead of by nearness: for one group ``w[m, g]``
+    whose statistics ``qs`` (one group: ``[m, 1]``) were quantized with ``stats_bits > 0``,
+    each row's scale code, then zero code, moves by one step where that lowers
+    ``sum_j weight[j] (w_j - deq_j)^2`` over the weights in ``mask`` (codes chosen against the
+    decoded statistics). The second-level records (``stats2``) are unchanged; fp16 statistics
+    are returned as they are."""
+    if params.stats_bits == 0:
+        return qs
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    m, g = w.shape
+    keep = (
+        np.ones((m, g), np.bool_)
+        if mask is None
+        else np.ascontiguousarray(np.broadcast_to(mask, (m, g)), dtype=np.bool_)
+    )
+    wt = np.ones(g) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
+    cs = qs.stats[:, 0, 0].astype(np.int64)
+    cz = qs.stats[:, 0, 1].astype(np.int64)
+    st2 = qs.stats2[:, 0, :]
+    _refine_codes(
+        w, wt, keep, cs, cz, st2[:, 0].astype(np.float32), st2[:, 1].astype(np.float32),
+        st2[:, 2].astype(np.float32), st2[:, 3].astype(np.float32), params.stats_group_size,
+        (1 << params.stats_bits) - 1, (1 << params.bits) - 1,
+    )  # fmt: skip
+    tile = params.stats_group_size
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return np.repeat(a.astype(np.float32), tile, axis=0)[:m]
+
+    dec_s = rows(st2[:, 1]) + rows(st2[:, 0]) * cs.astype(np.float32)
+    dec_z = rows(st2[:, 3]) + rows(st2[:, 2]) * cz.astype(np.float32)
+    stats = np.stack([cs.astype(np.uint8), cz.astype(np.uint8)], axis=-1)[:, None, :]
+    return QuantizedStats(scale=dec_s[:, None], zero=dec_z[:, None], stats=stats, stats2=qs.stats2)
+
+
 def dequant(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
     """Decoded dense value ``s * (f32(q) - z)`` (C-7.2); ``scale``/``zero`` broadcast against q."""
     return scale * (q.astype(np.float32) - zero)
