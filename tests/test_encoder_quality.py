@@ -128,6 +128,17 @@ def test_plan_meets_the_target_within_tolerance(target):
     json.dumps(a.to_metadata(), allow_nan=False)
 
 
+def test_plan_objectives_and_bad_objective():
+    ts = _tensors()
+    rel = allocate.plan(list(ts), ts.__getitem__, 3.5)
+    ab = allocate.plan(list(ts), ts.__getitem__, 3.5, objective="absolute")
+    assert rel.objective == "relative" and ab.objective == "absolute"
+    # l2 has the largest weights (x3): absolute errors give it more bits than relative ones
+    assert ab.bits["l2.weight"] >= rel.bits["l2.weight"]
+    with pytest.raises(BadInputError, match="objective"):
+        allocate.plan(list(ts), ts.__getitem__, 3.5, objective="loss")
+
+
 def test_plan_refuses_a_target_below_the_cheapest_before_encoding():
     ts = _tensors()  # 64-96 rows: the permutation alone costs 0.33-0.5 bits/weight
     with pytest.raises(BadInputError, match="below the smallest reachable"):
