@@ -58,9 +58,7 @@ def build_report(f: api.SpqrFile) -> tuple[list[ReportRow], dict]:
     alloc = f.metadata.get("encoder.allocation")
     chosen = {}
     if isinstance(alloc, dict) and isinstance(alloc.get("tensors"), dict):
-        chosen = {
-            k: v.get("label") for k, v in alloc["tensors"].items() if isinstance(v, dict)
-        }
+        chosen = {k: v.get("label") for k, v in alloc["tensors"].items() if isinstance(v, dict)}
     rows = []
     for i in f.infos():
         rec = recorded.get(i.name, {})

@@ -15,10 +15,10 @@ from spqr_format import api
 from spqr_format.cli import main
 from spqr_format.codec import allocate
 from spqr_format.codec.hessian import HessianAccumulator
+from spqr_format.codec.packing import pack
 from spqr_format.codec.presets import PRESETS, EncoderConfig, encode_tensor, get_preset
 from spqr_format.codec.quantizer import clipped_stats, dequant, minmax_stats
 from spqr_format.codec.reference import decode_bilevel_f32
-from spqr_format.codec.packing import pack
 from spqr_format.errors import BadInputError
 from spqr_format.safetensors_io import write_safetensors
 
@@ -179,7 +179,8 @@ def model_files(tmp_path_factory):
         {**{n: ("float32", w) for n, (w, _) in ts.items()},
          "norm.weight": ("float32", np.ones(64, np.float32))},
     )  # fmt: skip
-    write_safetensors(d / "H.safetensors", {n: ("float32", h.astype(np.float32)) for n, (_, h) in ts.items()})
+    hs = {n: ("float32", h.astype(np.float32)) for n, (_, h) in ts.items()}
+    write_safetensors(d / "H.safetensors", hs)
     return d
 
 

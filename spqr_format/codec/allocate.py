@@ -347,8 +347,9 @@ def fill_with_outliers(
 
     ``encode_measure(name, config)`` encodes one tensor and returns its exact (bits, error).
     Tensors whose chosen configuration is gptq without tau get a larger outlier budget spent by
-    impact (``outlier_select="impact"``), largest tensor first, re-measured each time (secant on the outlier budget); a change is kept only if
-    it does not pass the target. Stops once the total is within ``tolerance`` below the target.
+    impact (``outlier_select="impact"``), largest tensor first, re-measured each time (secant
+    on the outlier budget); a change is kept only if it does not pass the target. Stops once
+    the total is within ``tolerance`` below the target.
     """
     total = sum(alloc.weights.values())
     budget_bits = alloc.target_bits * total
@@ -381,9 +382,11 @@ def fill_with_outliers(
                 per = extra / k
             if sum(alloc.bits.values()) - alloc.bits[n] + bits <= budget_bits:
                 best = (trial, bits, err)
-                if budget_bits - (sum(alloc.bits.values()) - alloc.bits[n] + bits) < (
-                    tolerance * total * 0.5
-                ) or want >= MAX_FILL_BUDGET:
+                if (
+                    budget_bits - (sum(alloc.bits.values()) - alloc.bits[n] + bits)
+                    < (tolerance * total * 0.5)
+                    or want >= MAX_FILL_BUDGET
+                ):
                     break
                 b0, bits0 = trial.outlier_budget, bits
                 cfg = trial
@@ -424,11 +427,7 @@ def plan(
             den = float(np.einsum("ij,ij->", w32 @ np.asarray(h, np.float32), w32,
                                   dtype=np.float64))  # fmt: skip
             imp[n] = imp.get(n, 1.0) / den if den > 0 else imp.get(n, 1.0)
-    ms = (
-        measured
-        if measured is not None
-        else measure_all(names, get, candidates, imp, progress)
-    )
+    ms = measured if measured is not None else measure_all(names, get, candidates, imp, progress)
     elements = {n: int(get(n)[0].size) for n in names}
     alloc = allocate(ms, elements, target_bits)
     alloc.candidates = list(candidates)

@@ -49,9 +49,9 @@ import numpy as np
 from spqr_format.codec.bilevel import BilevelTensor, Outliers
 from spqr_format.codec.hessian import check_hessian
 from spqr_format.codec.quantizer import (
+    STATS_SEARCHES,
     ZERO_LIMIT,
     check_params,
-    STATS_SEARCHES,
     check_weight,
     clipped_stats,
     code_scalar,
@@ -586,9 +586,10 @@ def _solve(
                     codes, omask,
                 )  # fmt: skip
             else:
+                cap = _cap(budget, m, n, n if whole_cap else min(j // g * g + g, n))
                 used = _solve_columns(
                     wb, eb, ub, d32[b0:b1], j - b0, je - b0, kend, s_cur, z_cur, maxq, thr,
-                    _cap(budget, m, n, n if whole_cap else min(j // g * g + g, n)), b0, used, codes, omask, ne2, qb, vb,
+                    cap, b0, used, codes, omask, ne2, qb, vb,
                 )  # fmt: skip
             if kend < b1 - b0:
                 wb[:, je - b0 :] -= eb[:, j - b0 : je - b0] @ ub[j - b0 : je - b0, je - b0 :]

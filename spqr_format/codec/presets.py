@@ -10,8 +10,8 @@ RTN, GPTQ and SpQR are configurations of one encoder, all producing the ``bileve
 | gptq-3bit-g128 | gptq | 3 | 128 | fp16 | act_order | none | 0.01 |
 | rtn-4bit-g128 | rtn | 4 | 128 | fp16 | none | none | - |
 | rtn-3bit-g16-bilevel | rtn | 3 | 16 | 3-bit, S=16 | none | none | - |
-| q2-g16 / q3-g16 / q4-g16 | gptq, mse stats | 2/3/4 | 16 | 3-bit, S=16 | act_order | impact, 0.5/1/0.3 % | 0.01 |
-| q3-g128 / q4-g128 | gptq, mse stats | 3/4 | 128 | fp16 | act_order | impact, 0.5/0.2 % | 0.01 |
+| q2/q3/q4-g16 | gptq, mse | 2/3/4 | 16 | 3-bit, S=16 | act_order | impact 0.5/1/0.3 % | 0.01 |
+| q3/q4-g128 | gptq, mse | 3/4 | 128 | fp16 | act_order | impact 0.5/0.2 % | 0.01 |
 
 SpQR settings follow the reference README (tau 0.2, percdamp 1.0, act_order); GPTQ's follow the
 GPTQ paper (percdamp 0.01, act_order as in SPEC section 8's worked example). The ``q*`` presets
@@ -122,8 +122,8 @@ class EncoderConfig:
                 raise bad("outlier_select", "impact needs a Hessian (method gptq)")
             if tau is not None:
                 raise bad(
-                    "outlier_threshold", "must be null with outlier_select impact (the budget "
-                    "sets the threshold)"
+                    "outlier_threshold",
+                    "must be null with outlier_select impact (the budget sets the threshold)",
                 )
         if self.preset is not None and not isinstance(self.preset, str):
             raise bad("preset", f"must be a string or null, got {self.preset!r}")

@@ -112,9 +112,7 @@ def _allocate(src, hessians, input_path, hessian_path, patterns, target_bits, ca
                 path=hessian_path,
                 tensor=n,
             )
-    target = allocate.check_target(
-        target_bits, {n: tuple(src.get(n).shape) for n in names}, cands
-    )
+    target = allocate.check_target(target_bits, {n: tuple(src.get(n).shape) for n in names}, cands)
 
     def get(n):
         return src.get(n).to_float32(), _hessian_for(hessians, n, hessian_path)
