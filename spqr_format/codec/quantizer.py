@@ -17,6 +17,7 @@ operations with round-to-nearest-even and are never fused, exactly as C-7 requir
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numba
@@ -89,6 +90,8 @@ def range_stats(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, 
 # of [lo, hi] nearest 0 by these factors (1 = min-max); 8 common factors, then 4 one-sided
 # trials, 12 error evaluations per group (encoder speed, issue 18: within 1.5x of min-max).
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
+# One-sided trials reach this many grid steps either side of the best common factor.
+CLIP_REACH = int(os.environ.get("SPQR_CLIP_REACH", "1"))
 STATS_SEARCHES = ("minmax", "mse")
 
 
@@ -110,7 +113,7 @@ def _grid_error(w, wt, keep, r, lo, hi, fq, best):  # pragma: no cover - compile
 
 
 @numba.njit(cache=True, parallel=True)
-def _clip_search(w, wt, keep, maxq, grid, lo_out, hi_out):  # pragma: no cover - compiled
+def _clip_search(w, wt, keep, maxq, grid, reach, lo_out, hi_out):  # pragma: no cover
     """Per row of ``w[R, g]``: the ``[lo, hi]`` with the least ``sum_j wt[j] (w - deq)^2`` over
     the kept weights, among the min-max range shrunk by ``grid`` (both ends by one factor, then
     each end alone to the best factor's grid neighbours). Rows with no range get their min-max
@@ -145,16 +148,16 @@ def _clip_search(w, wt, keep, maxq, grid, lo_out, hi_out):  # pragma: no cover -
         blo = c + grid[bk] * (lo - c)
         bhi = c + grid[bk] * (hi - c)
         # one end at a time, to the grid neighbours of the best common shrink
-        for k in (bk - 1, bk + 1):
-            if 0 <= k < K:
+        for k in range(bk - reach, bk + reach + 1):
+            if k != bk and 0 <= k < K:
                 a = c + grid[k] * (lo - c)
                 if a < bhi:
                     e = _grid_error(w, wt, keep, r, a, bhi, fq, best)
                     if e < best:
                         best = e
                         blo = a
-        for k in (bk - 1, bk + 1):
-            if 0 <= k < K:
+        for k in range(bk - reach, bk + reach + 1):
+            if k != bk and 0 <= k < K:
                 b = c + grid[k] * (hi - c)
                 if b > blo:
                     e = _grid_error(w, wt, keep, r, blo, b, fq, best)
@@ -191,7 +194,8 @@ def clipped_stats(
     wt = np.ones(g) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
     lo = np.empty(w2.shape[0])
     hi = np.empty(w2.shape[0])
-    _clip_search(w2, wt, k2, (1 << bits) - 1, np.asarray(grid, dtype=np.float64), lo, hi)
+    grid = np.asarray(grid, dtype=np.float64)
+    _clip_search(w2, wt, k2, (1 << bits) - 1, grid, CLIP_REACH, lo, hi)
     return range_stats(lo.reshape(lead), hi.reshape(lead), bits)
 
 
