@@ -106,6 +106,14 @@ def _allocate(src, hessians, input_path, hessian_path, patterns, target_bits, ca
             )
         h = hessians.get(n)
         k = src.get(n).shape[1]
+        if h.dtype not in ("float32", "float64"):
+            raise BadInputError(
+                f"Hessian must be float32/float64, got {h.dtype}", path=hessian_path, tensor=n
+            )
+        if src.get(n).dtype not in ("float32", "float16", "bfloat16"):
+            raise BadInputError(
+                f"dtype {src.get(n).dtype} cannot be quantized", path=input_path, tensor=n
+            )
         if list(h.shape) != [k, k]:
             raise BadInputError(
                 f"Hessian shape {list(h.shape)} does not match the tensor's {k} input columns",
