@@ -234,3 +234,16 @@ def test_cli_target_bits_needs_every_hessian(model_files, tmp_path):
     r = run("encode", model_files / "m.safetensors", "--hessians", part, "--target-bits", "3",
             "-o", out)  # fmt: skip
     assert r.exit_code == 2 and "l1.weight" in r.output and not out.exists()
+
+
+def test_cli_target_bits_bad_hessian_shape_named_before_work(model_files, tmp_path):
+    out = tmp_path / "o.spqr"
+    bad = tmp_path / "Hbad.safetensors"
+    ts = _tensors()
+    hs = {n: ("float32", h.astype(np.float32)) for n, (_, h) in ts.items()}
+    hs["l1.weight"] = ("float32", np.eye(5, dtype=np.float32))
+    write_safetensors(bad, hs)
+    r = run("encode", model_files / "m.safetensors", "--hessians", bad, "--target-bits", "3",
+            "-o", out)  # fmt: skip
+    assert r.exit_code == 2 and "l1.weight" in r.output and "does not match" in r.output
+    assert not out.exists()
