@@ -74,7 +74,16 @@ def configs():
             "rtn-3bit-g16-bilevel, 0.5% outl.",
             get_preset("rtn-3bit-g16-bilevel", outlier_budget=0.005),
         ),
-    ]
+    ] + new_configs()
+
+
+def new_configs():
+    """The issue-18 presets (clipped statistics, impact outliers, percdamp 0.01)."""
+    return [(name, PRESETS[name]) for name in ("q2-g16", "q3-g128", "q3-g16", "q4-g128", "q4-g16")]
+
+
+OLD_SHORT = ("spqr-3bit", "spqr-4bit", "gptq-4bit-g128", "gptq-3bit-g128")
+TARGETS = (2.5, 3.0, 3.5, 4.0)
 
 
 # ---- workloads ------------------------------------------------------------------------------
@@ -204,6 +213,10 @@ def _trace(d: np.ndarray, h: np.ndarray) -> float:
 
 
 def evaluate(layers, rows):
+    return _evaluate_with(layers, rows, None)
+
+
+def _evaluate_with(layers, rows, per_layer):
     results = []
     for label, cfg in rows:
         num_c = num_t = den_c = den_t = 0.0
@@ -215,7 +228,7 @@ def evaluate(layers, rows):
         for name, w, hc, ht in layers:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t, rep = encode_tensor(w, cfg, hc, name=name)
+                t, rep = encode_tensor(w, per_layer[name] if per_layer else cfg, hc, name=name)
             d = w - decode_bilevel_f32(pack(t))
             num_c += _trace(d, hc)
             den_c += _trace(w, hc)
@@ -235,7 +248,7 @@ def evaluate(layers, rows):
                 relative_output_error=num_c / den_c,
                 relative_output_error_heldout=num_t / den_t,
                 seconds=time.perf_counter() - t0,
-                settings=cfg.to_dict(),
+                settings=None if cfg is None else cfg.to_dict(),
             )
         )
         print(f"  {label}: done in {results[-1]['seconds']:.1f} s", file=sys.stderr)
@@ -334,6 +347,31 @@ def cmpq_table(title: str, rows) -> str:
         else:
             lines.append(f"| {label} | {b:.4f} | {ec:.5f} | {et:.5f} |")
     return "\n".join(lines)
+def evaluate_targets(layers, targets=TARGETS):
+    """``--target-bits`` rows: the allocator (:mod:`spqr_format.codec.allocate`) over the
+    workload's layers with their calibration Hessians, each layer encoded with its allocated
+    configuration and measured like the preset rows."""
+    from spqr_format.codec import allocate
+
+    by_name = {name: (w, hc) for name, w, hc, _ in layers}
+    out = []
+    t0 = time.perf_counter()
+    measured = allocate.measure_all(list(by_name), by_name.__getitem__)
+    print(f"  candidates measured in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    for tb in targets:
+        t0 = time.perf_counter()
+        try:
+            alloc = allocate.plan(list(by_name), by_name.__getitem__, tb, measured=measured)
+        except Exception as e:  # an unreachable target is reported, not fatal
+            print(f"  target {tb}: {e}", file=sys.stderr)
+            continue
+        rows = [(f"target-bits {tb}", None)]
+        res = _evaluate_with(layers, rows, alloc.choice)[0]
+        res["seconds"] = time.perf_counter() - t0
+        res["allocation"] = {k: allocate.config_label(c) for k, c in alloc.choice.items()}
+        out.append(res)
+        print(f"  target {tb}: done in {res['seconds']:.1f} s", file=sys.stderr)
+    return out
 
 
 def table(title: str, results) -> str:
@@ -362,7 +400,22 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--cmpq", action="store_true",
                     help="CMPQ vs bilevel at equal counted bits (issue 19) instead")  # fmt: skip
+    ap.add_argument(
+        "--short",
+        action="store_true",
+        help="only the old spqr/gptq presets, the new presets and the --target-bits rows",
+    )
+    ap.add_argument("--layers", type=int, help="text workload: transformer blocks (default 2)")
+    ap.add_argument("--no-targets", action="store_true", help="skip the --target-bits rows")
     args = ap.parse_args(argv)
+    rows = configs()
+    if args.short:
+        rows = [(k, PRESETS[k]) for k in OLD_SHORT] + new_configs()
+
+    def run(layers):
+        res = evaluate(layers, rows)
+        return res if args.no_targets else res + evaluate_targets(layers)
+
     out = {}
     if args.cmpq:
         if args.workload in ("synthetic", "both"):
@@ -379,15 +432,16 @@ def main(argv=None) -> int:
         return 0
     if args.workload in ("synthetic", "both"):
         print("synthetic ...", file=sys.stderr)
-        res = evaluate(synthetic_layers(args.size, args.tokens), configs())
+        res = run(synthetic_layers(args.size, args.tokens))
         out["synthetic"] = res
         print(table(f"(a) synthetic {args.size}x{args.size}, {args.tokens} tokens", res), "\n")
     if args.workload in ("text", "both"):
         print("text ...", file=sys.stderr)
-        layers = text_layers(TEXT_CONFIG, args.data)
-        res = evaluate(layers, configs())
+        cfg = dict(TEXT_CONFIG, **({"n_layers": args.layers} if args.layers else {}))
+        layers = text_layers(cfg, args.data)
+        res = run(layers)
         out["text"] = res
-        c = TEXT_CONFIG
+        c = cfg
         title = (
             f"(b) WikiText-2 activations, tiny transformer d={c['d_model']} ff={c['d_ff']} "
             f"layers={c['n_layers']} ({len(layers)} linears), "

@@ -94,6 +94,7 @@ def main(argv=None) -> int:
             stats_group_size=cfg.stats_group_size, perm_order=cfg.perm_order,
             percdamp=cfg.percdamp, outlier_threshold=cfg.outlier_threshold,
             outlier_budget=cfg.outlier_budget, leave_one_out=cfg.leave_one_out,
+            stats_search=cfg.stats_search, outlier_select=cfg.outlier_select,
         )  # fmt: skip
         peak = tracemalloc.get_traced_memory()[1] - base
         tracemalloc.stop()

@@ -19,7 +19,8 @@ import os
 import sys
 import time
 
-PRESETS = ["spqr-3bit", "spqr-4bit", "gptq-4bit-g128", "gptq-3bit-g128", "rtn-4bit-g128"]
+PRESETS = ["spqr-3bit", "spqr-4bit", "gptq-4bit-g128", "gptq-3bit-g128", "rtn-4bit-g128",
+           "q2-g16", "q3-g128", "q3-g16", "q4-g128", "q4-g16"]  # fmt: skip
 
 
 def main() -> None:
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the encoder runs (cpu or cuda)")
     ap.add_argument("--eval-device", default="cpu", help="where perplexity runs (cpu or cuda)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--targets", default="2.5,3.0,3.5,4.0",
+                    help="--target-bits runs (comma-separated; empty: none)")  # fmt: skip
     args = ap.parse_args()
 
     import torch
@@ -49,12 +52,19 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     model_dir = args.model_dir
     files, extra = [], {}
-    for preset in args.presets.split(","):
-        out = os.path.join(args.out_dir, f"{preset}.spqr")
+    runs = [(p, None) for p in args.presets.split(",") if p]
+    runs += [(f"target-bits {t}", float(t)) for t in args.targets.split(",") if t]
+    for preset, target in runs:
+        out = os.path.join(args.out_dir, f"{preset.replace(' ', '-')}.spqr")
         t0 = time.perf_counter()
-        res = quantize_model(model_dir, out, preset=preset, calib="wikitext2",
-                             data_dir=args.data_dir, samples=args.samples,
-                             seq_len=args.seq_len, seed=args.seed, device=args.device)  # fmt: skip
+        try:
+            res = quantize_model(model_dir, out, preset="spqr-3bit" if target else preset,
+                                 calib="wikitext2", data_dir=args.data_dir,
+                                 samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                                 device=args.device, target_bits=target)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - an unreachable target is reported, not fatal
+            print(f"{preset}: {e}", file=sys.stderr)
+            continue
         q = [r for r in res.reports if r["encoding"] == "bilevel"]
         nq = sum(r["shape"][0] * r["shape"][1] for r in q)
         bits_linear = sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in q) / nq

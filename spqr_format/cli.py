@@ -151,6 +151,11 @@ PRESET_NAMES = (
     "gptq-3bit-g128",
     "rtn-4bit-g128",
     "rtn-3bit-g16-bilevel",
+    "q2-g16",
+    "q3-g16",
+    "q3-g128",
+    "q4-g16",
+    "q4-g128",
 )
 # Without --preset: SpQR's 3-bit layout with round-to-nearest (needs no calibration).
 DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
@@ -183,13 +188,6 @@ DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
     type=click.Choice(["rtn", "gptq", "cmpq"]),
     help="rtn: round-to-nearest; gptq: Hessian-aware solver (SpQR with outliers); cmpq: "
     "channel-wise mixed precision (encoding channel_mixed; needs --hessians and --target-bits).",
-)
-@click.option(
-    "--target-bits",
-    type=click.FloatRange(0.0, min_open=True),
-    callback=_finite_float,
-    help="cmpq: bits per weight of every quantized tensor, counting every section (codes, "
-    "tables, permutation, outliers and their index); met to within 32 bits per tensor.",
 )
 @click.option(
     "--widths",
@@ -251,6 +249,15 @@ DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
 )
 @click.option("--no-outliers", is_flag=True, help="Turn outliers off (threshold and budget).")
 @click.option(
+    "--target-bits",
+    type=float,
+    help="Total bits/weight of the quantized tensors (as `spqr info` counts them, every "
+    "section included). bilevel: a configuration per tensor (bits 2/3/4/8, group size, "
+    "outliers) is chosen by rate-distortion on measured output errors, replacing --preset and "
+    "the knobs. --method cmpq: every tensor's channel widths meet it (to within 32 bits). "
+    "Needs --hessians for every quantized tensor.",
+)
+@click.option(
     "--perm-order",
     type=click.Choice(["identity", "act_order"]),
     help="Column order of the gptq solver; act_order stores a permutation.",
@@ -296,6 +303,7 @@ def encode(
     outlier_fraction,
     outlier_threshold,
     no_outliers,
+    target_bits,
     perm_order,
     percdamp,
     keep_dense,
@@ -339,8 +347,9 @@ def encode(
             opts = ", ".join("--" + k.replace("_", "-") for k in given)
             raise BadInputError(f"{opts} do not apply to --method cmpq")
         config = _cmpq_config(preset, hessian_path, **cmpq_opts)
-    elif any(v is not None for v in cmpq_opts.values()):
-        given = ", ".join("--" + k.replace("_", "-") for k, v in cmpq_opts.items() if v is not None)
+    elif any(v is not None for k, v in cmpq_opts.items() if k != "target_bits"):
+        given = ", ".join("--" + k.replace("_", "-") for k, v in cmpq_opts.items()
+                          if v is not None and k != "target_bits")  # fmt: skip
         raise BadInputError(f"{given} only apply to --method cmpq")
     else:
         config = _bilevel_config(
@@ -348,6 +357,31 @@ def encode(
             outlier_threshold, no_outliers, perm_order, percdamp,
         )  # fmt: skip
     _check_settings_storable(config)
+    alloc_bits = None if method == "cmpq" else target_bits  # cmpq: each tensor meets it
+    if alloc_bits is not None:
+        if not math.isfinite(target_bits) or target_bits <= 0:
+            raise BadInputError(
+                f"--target-bits must be a finite number > 0, got {target_bits!r}",
+                field="target_bits",
+            )
+        mixed = [o for o, v in (("--preset", preset), ("--method", method), ("--bits", bits),
+                 ("--group-size", group_size), ("--stats-bits", stats_bits),
+                 ("--stats-group-size", stats_group_size),
+                 ("--outlier-fraction", outlier_fraction),
+                 ("--outlier-threshold", outlier_threshold), ("--perm-order", perm_order),
+                 ("--percdamp", percdamp)) if v is not None]  # fmt: skip
+        if mixed or no_outliers:
+            raise BadInputError(
+                f"--target-bits chooses the configuration of every tensor; it cannot be "
+                f"combined with {', '.join(mixed or ['--no-outliers'])}",
+                field="target_bits",
+            )
+        if not hessian_path:
+            raise BadInputError(
+                "--target-bits needs --hessians (the allocator measures each tensor's output "
+                "error)",
+                field="hessians",
+            )
     refuse_same_file(output, "-o/--output", input=input_path, hessian_file=hessian_path)
     refuse_same_file(
         report_path, "--report", input=input_path, hessian_file=hessian_path, output=output
@@ -364,15 +398,19 @@ def encode(
             hessian_path=hessian_path,
             keep_dense=keep_dense or None,
             progress=progress,
+            target_bits=alloc_bits,
         )
     rows, notices = result.rows, result.notices
     for notice in notices:
         click.echo(f"warning: {safe_text(notice)}", err=True)
     if report_path:
-        _write_json_atomic(report_path, {"settings": config.to_dict(), "tensors": rows})
+        settings = result.metadata.get("encoder.settings", config.to_dict())
+        _write_json_atomic(report_path, {"settings": settings, "tensors": rows})
     if not quiet:
+        alloc = [safe_text(r.get("config", "-")) for r in rows] if alloc_bits is not None else None
         _print_table(
-            ["tensor", "shape", "encoding", "bits/w", "outliers %", "rel. W err", "rel. out err"],
+            ["tensor", "shape", "encoding", "bits/w", "outliers %", "rel. W err", "rel. out err"]
+            + (["config"] if alloc else []),
             [
                 [
                     safe_text(r["name"]),
@@ -385,9 +423,16 @@ def encode(
                     if r["relative_output_error"] is None
                     else f"{r['relative_output_error']:.4g}",
                 ]
-                for r in rows
+                + ([alloc[k]] if alloc else [])
+                for k, r in enumerate(rows)
             ],
         )
+        if alloc_bits is not None:
+            a = result.metadata["encoder.allocation"]
+            click.echo(
+                f"target {a['target_bits']:g} bits/weight: allocated "
+                f"{a['bits_per_weight']:.4f} over the quantized tensors"
+            )
 
 
 def _cmpq_config(preset, hessian_path, **opts):
@@ -652,8 +697,10 @@ def report(path, as_json, plot_path):
     def err(v):
         return "-" if v is None else f"{v:.4g}"
 
+    allocated = summary.get("allocation") is not None
     _print_table(
-        ["tensor", "shape", "encoding", "bits/w", "outliers %", "rel. W err", "rel. out err"],
+        ["tensor", "shape", "encoding", "bits/w", "outliers %", "rel. W err", "rel. out err"]
+        + (["config"] if allocated else []),
         [
             [
                 safe_text(r.name),
@@ -664,9 +711,17 @@ def report(path, as_json, plot_path):
                 err(r.relative_weight_error),
                 err(r.relative_output_error),
             ]
+            + ([safe_text(r.config or "-")] if allocated else [])
             for r in rows
         ],
     )
+    if allocated:
+        a = summary["allocation"]
+        click.echo(
+            f"allocation: target {a['target_bits']:g} bits/weight, planned "
+            f"{a['bits_per_weight']:.4f}; configurations: "
+            + ", ".join(f"{safe_text(k)} x{v}" for k, v in a["configs"].items())
+        )
     click.echo(
         f"{summary['quantized_tensors']} of {summary['tensors']} tensors quantized"
         f" (preset {summary['preset'] or 'not recorded'}): "

@@ -26,6 +26,7 @@ class ReportRow:
     relative_weight_error: float | None  # from encoder.report, when recorded
     relative_output_error: float | None
     elements: int
+    config: str | None = None  # the allocated configuration (files written with --target-bits)
 
     def to_dict(self) -> dict:
         return {
@@ -37,6 +38,7 @@ class ReportRow:
             "relative_weight_error": self.relative_weight_error,
             "relative_output_error": self.relative_output_error,
             "elements": self.elements,
+            "config": self.config,
         }
 
 
@@ -53,6 +55,10 @@ def build_report(f: api.SpqrFile) -> tuple[list[ReportRow], dict]:
     report = f.metadata.get("encoder.report")
     if isinstance(report, list):
         recorded = {r.get("name"): r for r in report if isinstance(r, dict)}
+    alloc = f.metadata.get("encoder.allocation")
+    chosen = {}
+    if isinstance(alloc, dict) and isinstance(alloc.get("tensors"), dict):
+        chosen = {k: v.get("label") for k, v in alloc["tensors"].items() if isinstance(v, dict)}
     rows = []
     for i in f.infos():
         rec = recorded.get(i.name, {})
@@ -66,6 +72,7 @@ def build_report(f: api.SpqrFile) -> tuple[list[ReportRow], dict]:
                 relative_weight_error=_finite_or_none(rec.get("relative_weight_error")),
                 relative_output_error=_finite_or_none(rec.get("relative_output_error")),
                 elements=i.elements,
+                config=chosen.get(i.name) if isinstance(chosen.get(i.name), str) else None,
             )
         )
     quant = [r for r in rows if r.encoding == "bilevel"]
@@ -87,7 +94,18 @@ def build_report(f: api.SpqrFile) -> tuple[list[ReportRow], dict]:
         "mean_relative_weight_error": mean("relative_weight_error"),
         "mean_relative_output_error": mean("relative_output_error"),
         "preset": f.metadata.get("encoder.preset"),
+        "allocation": None,
     }
+    if chosen:
+        configs: dict[str, int] = {}
+        for r in quant:
+            if r.config:
+                configs[r.config] = configs.get(r.config, 0) + 1
+        summary["allocation"] = {
+            "target_bits": _finite_or_none(alloc.get("target_bits")),
+            "bits_per_weight": _finite_or_none(alloc.get("bits_per_weight")),
+            "configs": configs,
+        }
     return rows, summary
 
 

@@ -49,19 +49,26 @@ import numpy as np
 from spqr_format.codec.bilevel import BilevelTensor, Outliers
 from spqr_format.codec.hessian import check_hessian
 from spqr_format.codec.quantizer import (
+    STATS_SEARCHES,
     ZERO_LIMIT,
     check_params,
     check_weight,
+    clipped_stats,
     code_scalar,
     f16_round_scalar,
     minmax_stats,
     quantize_stats,
+    refine_second_level,
 )
 from spqr_format.codec.rtn import select_top
 from spqr_format.errors import BadInputError
 from spqr_format.spec import DType
 
 PERM_ORDERS = ("identity", "act_order")
+OUTLIER_SELECTS = ("column", "impact")
+# stats_search "mse" with bilevel statistics also picks the second-level codes by error
+# (quantizer.refine_second_level); SPQR_REFINE2=0 turns that off for measurements.
+_REFINE2 = os.environ.get("SPQR_REFINE2", "1") != "0"
 # Columns a numba kernel call handles before its errors go to the rest of the block by GEMM
 # (two-level lazy updates); 0 = numba updates the whole block itself, BLAS is then called only
 # once per block. SPQR_GPTQ_SEGMENT overrides it for benchmarking.
@@ -361,6 +368,8 @@ def encode_gptq(
     outlier_threshold: float | None = None,
     outlier_budget: float | None = None,
     leave_one_out: bool = True,
+    stats_search: str = "minmax",
+    outlier_select: str = "column",
     dtype: DType = DType.FLOAT16,
     name: str | None = None,
     info: dict | None = None,
@@ -371,6 +380,11 @@ def encode_gptq(
     ``percdamp``: damping added to the diagonal, relative to its mean (SpQR uses 1.0).
     ``outlier_threshold``: SpQR's tau (None = no outliers); ``outlier_budget``: cap as a fraction
     of weights; ``leave_one_out``: fit statistics without LOO suspects (SpQR's default).
+    ``stats_search``: ``minmax`` (SpQR) or ``mse`` (clipping grid minimising the GPTQ-weighted
+    error of each group, :func:`~spqr_format.codec.quantizer.clipped_stats`).
+    ``outlier_select``: ``column`` (the rules above) or ``impact``: with a budget and no tau, the
+    threshold is the budget's quantile of the leave-one-out error reductions of the input
+    weights, so the budget goes to the weights whose removal lowers the layer's error most.
     ``info``, if given, receives timings per stage and solver facts (damping, dead columns).
     """
     t_start = time.perf_counter()
@@ -380,6 +394,20 @@ def encode_gptq(
         bits, group_size, stats_bits, stats_group_size, perm_order, percdamp, block_size,
         outlier_threshold, outlier_budget, dtype, name,
     )  # fmt: skip
+    if stats_search not in STATS_SEARCHES:
+        raise BadInputError(
+            f"stats_search must be one of {STATS_SEARCHES}, got {stats_search!r}", tensor=name
+        )
+    if outlier_select not in OUTLIER_SELECTS:
+        raise BadInputError(
+            f"outlier_select must be one of {OUTLIER_SELECTS}, got {outlier_select!r}", tensor=name
+        )
+    if outlier_select == "impact" and tau is not None:
+        raise BadInputError(
+            "outlier_select 'impact' sets its own threshold from outlier_budget; "
+            "outlier_threshold must be None",
+            tensor=name,
+        )
     hs = check_hessian(hessian, n, name=name)  # not copied: only read below
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -423,8 +451,9 @@ def encode_gptq(
     numba.set_num_threads(max(1, min(_NUMBA_THREADS, numba.config.NUMBA_NUM_THREADS)))
     try:
         t, thr = _solve(
-            w, u, d64, params, perm, tau, budget, leave_one_out, block_size, dtype, times
-        )
+            w, u, d64, params, perm, tau, budget, leave_one_out, block_size, dtype, times,
+            stats_search, outlier_select,
+        )  # fmt: skip
     finally:
         numba.set_num_threads(prev_threads)
     t3 = time.perf_counter()
@@ -444,11 +473,49 @@ def encode_gptq(
     return t
 
 
-def _solve(w, u, d64, params, perm, tau, budget, leave_one_out, block_size, dtype, times):
+def _impact_threshold(w, d64, maxq, g, budget) -> float:
+    """The ``floor(budget * m * n)``-th largest leave-one-out error reduction of ``w`` (min-max
+    groups of ``g`` columns, errors normalised by ``d``): the outlier threshold that spends the
+    budget on the weights of most impact (measured before the solve, on the input weights;
+    estimated from a sample of rows on large layers)."""
+    m, n = w.shape
+    k = int(math.floor(budget * m * n + 1e-9))
+    if k <= 0:
+        return np.inf
+    # A quantile needs no census: at most ~2^20 scores, from evenly spaced rows (all columns,
+    # so the few hot columns that take most outliers are always seen).
+    stride = max(1, (m * n) >> 20)
+    rows = np.arange(0, m, stride)
+    ws = w[rows] if stride > 1 else w
+    ms = len(rows)
+    scores = np.empty((ms, n), np.float32)
+    scratch = np.empty((ms, g))
+    for c0 in range(0, n, g):
+        c1 = min(c0 + g, n)
+        scores[:, c0:c1] = _loo_scores(
+            np.ascontiguousarray(ws[:, c0:c1]), d64[c0:c1], maxq, scratch[:, : c1 - c0]
+        )
+    flat = scores.ravel()
+    ks = max(1, int(round(k * flat.size / (m * n))))
+    kth = float(np.partition(flat, flat.size - ks)[flat.size - ks])
+    # Errors of exactly representable weights (0) never need an outlier.
+    return max(kth, float(np.finfo(np.float32).tiny))
+
+
+def _solve(
+    w, u, d64, params, perm, tau, budget, leave_one_out, block_size, dtype, times,
+    stats_search="minmax", outlier_select="column",
+):  # fmt: skip
     """The column loop of :func:`encode_gptq` (``w`` permuted, dead columns zeroed, in place)."""
     m, n = w.shape
     thr = np.inf
-    if tau is not None:
+    use_loo = leave_one_out and tau is not None
+    if outlier_select == "impact" and budget is not None:
+        ti = time.perf_counter()
+        thr = _impact_threshold(w, d64, (1 << params.bits) - 1, params.group_size, budget)
+        use_loo = leave_one_out
+        times["impact"] = time.perf_counter() - ti
+    elif tau is not None:
         var = np.zeros(n)
         if m > 1:  # in column chunks: no m x n float64 temporary
             for c0 in range(0, n, 256):
@@ -459,7 +526,11 @@ def _solve(w, u, d64, params, perm, tau, budget, leave_one_out, block_size, dtyp
         thr = float(tau * scale) if scale > 0 else np.inf
     elif budget is not None:
         thr = 0.0
-    use_loo = leave_one_out and tau is not None
+    # Under "impact" the threshold already spends the budget where it matters (often a few hot
+    # columns): the cap is the whole budget from the first column on, not a share per group.
+    whole_cap = outlier_select == "impact"
+    wt_all = 1.0 / d64**2 if stats_search == "mse" else None
+    refine2 = _REFINE2
     maxq = (1 << params.bits) - 1
     g = params.group_size
     G = -(-n // g)
@@ -499,15 +570,20 @@ def _solve(w, u, d64, params, perm, tau, budget, leave_one_out, block_size, dtyp
                         # Under a budget, suspects become outliers outright (a suspect left out
                         # of the fit but refused as an outlier would be clamped badly), so
                         # they are limited to the allowance left at the group's end.
-                        left = max(_cap(budget, m, n, ge) - used, 0)
+                        left = max(_cap(budget, m, n, n if whole_cap else ge) - used, 0)
                         if int(sus.sum()) > left:
                             sus = select_top(np.where(sus, score, -np.inf), left)
                         omask[:, j:ge] = sus
                         used += int(sus.sum())
                     keep = ~sus
                     t_loo += time.perf_counter() - tl
-                s1, z1 = minmax_stats(cur, params.bits, mask=keep)
+                if wt_all is not None:
+                    s1, z1 = clipped_stats(cur, params.bits, wt_all[j:ge], mask=keep)
+                else:
+                    s1, z1 = minmax_stats(cur, params.bits, mask=keep)
                 qs = quantize_stats(s1[:, None], z1[:, None], params)
+                if wt_all is not None and refine2:
+                    qs = refine_second_level(cur, qs, params, wt_all[j:ge], keep)
                 k = j // g
                 stats[:, k, :] = qs.stats[:, 0, :]
                 if stats2 is not None:
@@ -526,9 +602,10 @@ def _solve(w, u, d64, params, perm, tau, budget, leave_one_out, block_size, dtyp
                     codes, omask,
                 )  # fmt: skip
             else:
+                cap = _cap(budget, m, n, n if whole_cap else min(j // g * g + g, n))
                 used = _solve_columns(
                     wb, eb, ub, d32[b0:b1], j - b0, je - b0, kend, s_cur, z_cur, maxq, thr,
-                    _cap(budget, m, n, min(j // g * g + g, n)), b0, used, codes, omask, ne2, qb, vb,
+                    cap, b0, used, codes, omask, ne2, qb, vb,
                 )  # fmt: skip
             if kend < b1 - b0:
                 wb[:, je - b0 :] -= eb[:, j - b0 : je - b0] @ ub[j - b0 : je - b0, je - b0 :]

@@ -10,9 +10,13 @@ RTN, GPTQ and SpQR are configurations of one encoder, all producing the ``bileve
 | gptq-3bit-g128 | gptq | 3 | 128 | fp16 | act_order | none | 0.01 |
 | rtn-4bit-g128 | rtn | 4 | 128 | fp16 | none | none | - |
 | rtn-3bit-g16-bilevel | rtn | 3 | 16 | 3-bit, S=16 | none | none | - |
+| q2/q3/q4-g16 | gptq, mse | 2/3/4 | 16 | 3-bit, S=16 | act_order | impact 0.5/1/0.3 % | 0.01 |
+| q3/q4-g128 | gptq, mse | 3/4 | 128 | fp16 | act_order | impact 0.5/0.2 % | 0.01 |
 
 SpQR settings follow the reference README (tau 0.2, percdamp 1.0, act_order); GPTQ's follow the
-GPTQ paper (percdamp 0.01, act_order as in SPEC section 8's worked example).
+GPTQ paper (percdamp 0.01, act_order as in SPEC section 8's worked example). The ``q*`` presets
+(issue 18) were chosen by measurement: clipped statistics (``stats_search="mse"``) and a fixed
+outlier budget spent by impact (``outlier_select="impact"``) instead of SpQR's tau.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import numpy as np
 
 from spqr_format import spec
 from spqr_format.codec.bilevel import BilevelTensor, PackedBilevel
-from spqr_format.codec.gptq import PERM_ORDERS, encode_gptq
+from spqr_format.codec.gptq import OUTLIER_SELECTS, PERM_ORDERS, encode_gptq
 from spqr_format.codec.hessian import validate_hessian
 from spqr_format.codec.packing import pack
-from spqr_format.codec.quantizer import check_params
+from spqr_format.codec.quantizer import STATS_SEARCHES, check_params
 from spqr_format.codec.reference import decode_bilevel_f32
 from spqr_format.codec.rtn import encode_rtn
 from spqr_format.errors import BadInputError
@@ -61,6 +65,10 @@ class EncoderConfig:
     leave_one_out: bool = True
     preset: str | None = None
     version: int = CONFIG_VERSION
+    # Added after the first presets; left out of to_dict() at their defaults so that configs
+    # (and files) of the original presets stay byte-identical.
+    stats_search: str = "minmax"
+    outlier_select: str = "column"
 
     def __post_init__(self) -> None:
         def bad(field: str, msg: str) -> BadInputError:
@@ -103,12 +111,31 @@ class EncoderConfig:
             raise bad("outlier_budget", f"must be a fraction in [0, 1) or null, got {b!r}")
         if not isinstance(self.leave_one_out, bool):
             raise bad("leave_one_out", f"must be true or false, got {self.leave_one_out!r}")
+        if self.stats_search not in STATS_SEARCHES:
+            raise bad("stats_search", f"must be one of {STATS_SEARCHES}, got {self.stats_search!r}")
+        if self.outlier_select not in OUTLIER_SELECTS:
+            raise bad(
+                "outlier_select", f"must be one of {OUTLIER_SELECTS}, got {self.outlier_select!r}"
+            )
+        if self.outlier_select == "impact":
+            if self.method != "gptq":
+                raise bad("outlier_select", "impact needs a Hessian (method gptq)")
+            if tau is not None:
+                raise bad(
+                    "outlier_threshold",
+                    "must be null with outlier_select impact (the budget sets the threshold)",
+                )
         if self.preset is not None and not isinstance(self.preset, str):
             raise bad("preset", f"must be a string or null, got {self.preset!r}")
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict of every field (for the file's ``encoder.settings`` metadata)."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able dict of every field (for the file's ``encoder.settings`` metadata);
+        fields added after version 1 appear only when they differ from their defaults."""
+        d = dataclasses.asdict(self)
+        for key, default in _LATE_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
@@ -125,6 +152,8 @@ class EncoderConfig:
         """A validated copy with some knobs changed (the ``preset`` name is kept)."""
         return EncoderConfig.from_dict({**self.to_dict(), **overrides})
 
+
+_LATE_DEFAULTS = {"stats_search": "minmax", "outlier_select": "column"}
 
 _SPQR = dict(
     method="gptq", group_size=16, stats_bits=3, stats_group_size=16, perm_order="act_order",
@@ -153,6 +182,29 @@ PRESETS: dict[str, EncoderConfig] = {
         preset="rtn-3bit-g16-bilevel",
     ),  # fmt: skip
 }
+
+# Issue 18 presets: GPTQ with damping 0.01, clipped ("mse") statistics and outliers chosen by
+# impact under a fixed budget (measurements: benchmarks/results/encoder-quality-2026-12-07.md).
+_Q = dict(
+    method="gptq", perm_order="act_order", percdamp=0.01, outlier_threshold=None,
+    leave_one_out=True, stats_search="mse", outlier_select="impact",
+)  # fmt: skip
+_BILEVEL = dict(stats_bits=3, stats_group_size=16)
+_FP16 = dict(stats_bits=0, stats_group_size=0)
+PRESETS.update(
+    {
+        "q2-g16": EncoderConfig(**_Q, **_BILEVEL, bits=2, group_size=16, outlier_budget=0.005,
+                                preset="q2-g16"),
+        "q3-g16": EncoderConfig(**_Q, **_BILEVEL, bits=3, group_size=16, outlier_budget=0.01,
+                                preset="q3-g16"),
+        "q3-g128": EncoderConfig(**_Q, **_FP16, bits=3, group_size=128, outlier_budget=0.005,
+                                 preset="q3-g128"),
+        "q4-g16": EncoderConfig(**_Q, **_BILEVEL, bits=4, group_size=16, outlier_budget=0.003,
+                                preset="q4-g16"),
+        "q4-g128": EncoderConfig(**_Q, **_FP16, bits=4, group_size=128, outlier_budget=0.002,
+                                 preset="q4-g128"),
+    }
+)  # fmt: skip
 
 
 def get_preset(name: str, **overrides) -> EncoderConfig:
@@ -265,7 +317,12 @@ def encode_tensor(
     if method == "rtn":
         if hessian is not None and isinstance(weight, np.ndarray) and weight.ndim == 2:
             hessian = validate_hessian(hessian, weight.shape[1], name=name)
-        t = encode_rtn(weight, outlier_fraction=config.outlier_budget or 0.0, **common)
+        t = encode_rtn(
+            weight,
+            outlier_fraction=config.outlier_budget or 0.0,
+            stats_search=config.stats_search,
+            **common,
+        )
     else:
         t = encode_gptq(
             weight,
@@ -276,6 +333,8 @@ def encode_tensor(
             outlier_threshold=config.outlier_threshold,
             outlier_budget=config.outlier_budget,
             leave_one_out=config.leave_one_out,
+            stats_search=config.stats_search,
+            outlier_select=config.outlier_select,
             info=info,
             **common,
         )

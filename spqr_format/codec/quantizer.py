@@ -17,6 +17,7 @@ operations with round-to-nearest-even and are never fused, exactly as C-7 requir
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numba
@@ -43,7 +44,6 @@ def minmax_stats(
     ``c``) get a range that includes 0 and ``c``, so ``c`` and 0 are both exactly representable
     up to the fp16 rounding of the scale; an all-zero group gets ``s = 0, z = 0`` (decodes to 0).
     """
-    maxq = float((1 << bits) - 1)
     w = np.asarray(w, dtype=np.float32)
     if mask is None:
         lo = w.min(axis=-1)
@@ -54,8 +54,20 @@ def minmax_stats(
         empty = ~mask.any(axis=-1)
         lo = np.where(empty, 0.0, lo)
         hi = np.where(empty, 0.0, hi)
-    lo = lo.astype(np.float64)
-    hi = hi.astype(np.float64)
+    return range_stats(lo, hi, bits)
+
+
+def range_stats(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """First-level statistics of the grid spanning ``[lo, hi]`` (arrays of one shape).
+
+    The rules of :func:`minmax_stats` (which is this function applied to each group's min and
+    max): a degenerate range is widened to include 0, a narrow range far from 0 is widened until
+    ``|z| <= ZERO_LIMIT``. Used by clipping searches, which pick a ``[lo, hi]`` inside the
+    group's min-max range.
+    """
+    maxq = float((1 << bits) - 1)
+    lo = np.asarray(lo).astype(np.float64)
+    hi = np.asarray(hi).astype(np.float64)
     # Degenerate range: include 0 so the constant is the top or bottom of the grid.
     deg = hi <= lo
     lo = np.where(deg, np.minimum(lo, 0.0), lo)
@@ -72,6 +84,119 @@ def minmax_stats(
         zero = np.where(scale > 0, -lo / np.where(scale > 0, scale, 1.0), 0.0)
     scale = np.minimum(scale, F16_MAX)
     return scale.astype(np.float32), zero.astype(np.float32)
+
+
+# Clipping grid of the "mse" statistics search: each end of the range moves towards the point
+# of [lo, hi] nearest 0 by these factors (1 = min-max); 8 common factors, then 4 one-sided
+# trials, 12 error evaluations per group (encoder speed, issue 18: within 1.5x of min-max).
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
+# One-sided trials reach this many grid steps either side of the best common factor.
+CLIP_REACH = int(os.environ.get("SPQR_CLIP_REACH", "1"))
+STATS_SEARCHES = ("minmax", "mse")
+
+
+@numba.njit(cache=True)
+def _grid_error(w, wt, keep, r, lo, hi, fq, best):  # pragma: no cover - compiled
+    s = (hi - lo) / fq
+    inv = 1.0 / s
+    z = -lo * inv
+    err = 0.0
+    for j in range(w.shape[1]):
+        if keep[r, j]:
+            x = np.float64(w[r, j])
+            q = min(max(np.floor(x * inv + z + 0.5), 0.0), fq)
+            e = s * (q - z) - x
+            err += e * e * wt[j]
+            if err >= best:
+                return err
+    return err
+
+
+@numba.njit(cache=True, parallel=True)
+def _clip_search(w, wt, keep, maxq, grid, reach, lo_out, hi_out):  # pragma: no cover
+    """Per row of ``w[R, g]``: the ``[lo, hi]`` with the least ``sum_j wt[j] (w - deq)^2`` over
+    the kept weights, among the min-max range shrunk by ``grid`` (both ends by one factor, then
+    each end alone to the best factor's grid neighbours). Rows with no range get their min-max
+    (or 0, 0)."""
+    R, g = w.shape
+    fq = np.float64(maxq)
+    K = grid.shape[0]
+    for r in numba.prange(R):
+        lo = np.inf
+        hi = -np.inf
+        for j in range(g):
+            if keep[r, j]:
+                x = np.float64(w[r, j])
+                lo = min(lo, x)
+                hi = max(hi, x)
+        if lo > hi:
+            lo = 0.0
+            hi = 0.0
+        lo_out[r] = lo
+        hi_out[r] = hi
+        if not hi > lo:
+            continue
+        c = min(max(0.0, lo), hi)
+        best = np.inf
+        bk = 0
+        for k in range(K):
+            p = grid[k]
+            e = _grid_error(w, wt, keep, r, c + p * (lo - c), c + p * (hi - c), fq, best)
+            if e < best:
+                best = e
+                bk = k
+        blo = c + grid[bk] * (lo - c)
+        bhi = c + grid[bk] * (hi - c)
+        # one end at a time, to the grid neighbours of the best common shrink
+        for k in range(bk - reach, bk + reach + 1):
+            if k != bk and 0 <= k < K:
+                a = c + grid[k] * (lo - c)
+                if a < bhi:
+                    e = _grid_error(w, wt, keep, r, a, bhi, fq, best)
+                    if e < best:
+                        best = e
+                        blo = a
+        for k in range(bk - reach, bk + reach + 1):
+            if k != bk and 0 <= k < K:
+                b = c + grid[k] * (hi - c)
+                if b > blo:
+                    e = _grid_error(w, wt, keep, r, blo, b, fq, best)
+                    if e < best:
+                        best = e
+                        bhi = b
+        lo_out[r] = blo
+        hi_out[r] = bhi
+
+
+def clipped_stats(
+    w: np.ndarray,
+    bits: int,
+    weight: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    grid=CLIP_GRID,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Error-minimising first-level statistics over the last axis of ``w`` (``[..., g]``).
+
+    Like :func:`minmax_stats`, but the range is the clipped ``[lo, hi]`` (searched over
+    ``grid``, see :data:`CLIP_GRID`) with the least weighted squared error
+    ``sum_j weight[j] (w_j - deq_j)^2`` over the weights in ``mask`` (default all; ``weight``
+    default 1, one value per position of the last axis: GPTQ passes ``1 / d_j^2``, the cost of an
+    error in column ``j``). Weights outside the range are clamped to its ends (or become
+    outliers). Returns f32 ``(scale, zero)`` through :func:`range_stats`.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    lead, g = w.shape[:-1], w.shape[-1]
+    w2 = np.ascontiguousarray(w.reshape(-1, g))
+    if mask is None:
+        k2 = np.ones(w2.shape, dtype=np.bool_)
+    else:
+        k2 = np.ascontiguousarray(np.broadcast_to(mask, w.shape).reshape(-1, g), dtype=np.bool_)
+    wt = np.ones(g) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
+    lo = np.empty(w2.shape[0])
+    hi = np.empty(w2.shape[0])
+    grid = np.asarray(grid, dtype=np.float64)
+    _clip_search(w2, wt, k2, (1 << bits) - 1, grid, CLIP_REACH, lo, hi)
+    return range_stats(lo.reshape(lead), hi.reshape(lead), bits)
 
 
 def f16_round(x: np.ndarray) -> np.ndarray:
@@ -180,6 +305,103 @@ def quantize_stats(scale: np.ndarray, zero: np.ndarray, params: BilevelParams) -
         stats=np.stack([qs, qz], axis=-1),
         stats2=np.stack([s_step, s_base, z_step, z_base], axis=-1),
     )
+
+
+@numba.njit(cache=True)
+def _row_error(w, wt, keep, i, s, z, maxq, best):  # pragma: no cover - compiled
+    err = 0.0
+    s64 = np.float64(s)
+    z64 = np.float64(z)
+    fq = np.float64(maxq)
+    inv = 1.0 / s64 if s64 > 0 else 0.0
+    for j in range(w.shape[1]):
+        if keep[i, j]:
+            # the fast code (round of x/s + z): off the exact nearest only at rounding ties,
+            # which is harmless for choosing statistics; the solver picks the exact codes
+            x = np.float64(w[i, j])
+            q = min(max(np.floor(x * inv + z64 + 0.5), 0.0), fq)
+            e = s64 * (q - z64) - x
+            err += e * e * wt[j]
+            if err >= best:
+                return err
+    return err
+
+
+@numba.njit(cache=True, parallel=True)
+def _refine_codes(w, wt, keep, cs, cz, s_step, s_base, z_step, z_base, tile, sqmax, maxq):
+    # pragma: no cover - compiled
+    """Per row of ``w[m, g]``: the second-level codes of scale (then zero) within one code of
+    the nearest ones with the least weighted error of the row's codes (decoded C-7.1)."""
+    m = w.shape[0]
+    for i in numba.prange(m):
+        t = i // tile
+        sb = np.float32(s_base[t])
+        ss = np.float32(s_step[t])
+        zb = np.float32(z_base[t])
+        zs = np.float32(z_step[t])
+        a0 = np.int64(cs[i])
+        b0 = np.int64(cz[i])
+        z = zb + zs * np.float32(b0)
+        best = _row_error(w, wt, keep, i, sb + ss * np.float32(a0), z, maxq, np.inf)
+        ba = a0
+        for a in (a0 - 1, a0 + 1):
+            if 0 <= a <= sqmax:
+                e = _row_error(w, wt, keep, i, sb + ss * np.float32(a), z, maxq, best)
+                if e < best:
+                    best = e
+                    ba = a
+        s = sb + ss * np.float32(ba)
+        bb = b0
+        for b in (b0 - 1, b0 + 1):
+            if 0 <= b <= sqmax:
+                e = _row_error(w, wt, keep, i, s, zb + zs * np.float32(b), maxq, best)
+                if e < best:
+                    best = e
+                    bb = b
+        cs[i] = ba
+        cz[i] = bb
+
+
+def refine_second_level(
+    w: np.ndarray,
+    qs: QuantizedStats,
+    params: BilevelParams,
+    weight: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+) -> QuantizedStats:
+    """Second-level codes chosen by error instead of by nearness: for one group ``w[m, g]``
+    whose statistics ``qs`` (one group: ``[m, 1]``) were quantized with ``stats_bits > 0``,
+    each row's scale code, then zero code, moves by one step where that lowers
+    ``sum_j weight[j] (w_j - deq_j)^2`` over the weights in ``mask`` (codes chosen against the
+    decoded statistics). The second-level records (``stats2``) are unchanged; fp16 statistics
+    are returned as they are."""
+    if params.stats_bits == 0:
+        return qs
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    m, g = w.shape
+    keep = (
+        np.ones((m, g), np.bool_)
+        if mask is None
+        else np.ascontiguousarray(np.broadcast_to(mask, (m, g)), dtype=np.bool_)
+    )
+    wt = np.ones(g) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
+    cs = qs.stats[:, 0, 0].astype(np.int64)
+    cz = qs.stats[:, 0, 1].astype(np.int64)
+    st2 = qs.stats2[:, 0, :]
+    _refine_codes(
+        w, wt, keep, cs, cz, st2[:, 0].astype(np.float32), st2[:, 1].astype(np.float32),
+        st2[:, 2].astype(np.float32), st2[:, 3].astype(np.float32), params.stats_group_size,
+        (1 << params.stats_bits) - 1, (1 << params.bits) - 1,
+    )  # fmt: skip
+    tile = params.stats_group_size
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return np.repeat(a.astype(np.float32), tile, axis=0)[:m]
+
+    dec_s = rows(st2[:, 1]) + rows(st2[:, 0]) * cs.astype(np.float32)
+    dec_z = rows(st2[:, 3]) + rows(st2[:, 2]) * cz.astype(np.float32)
+    stats = np.stack([cs.astype(np.uint8), cz.astype(np.uint8)], axis=-1)[:, None, :]
+    return QuantizedStats(scale=dec_s[:, None], zero=dec_z[:, None], stats=stats, stats2=qs.stats2)
 
 
 def dequant(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from spqr_format.codec.quantizer import (
     check_params,
     check_weight,
     choose_codes,
+    clipped_stats,
     minmax_stats,
     quantize_stats,
 )
@@ -69,6 +70,7 @@ def encode_rtn(
     stats_bits: int = 0,
     stats_group_size: int = 0,
     outlier_fraction: float = 0.0,
+    stats_search: str = "minmax",
     dtype: DType = DType.FLOAT16,
     name: str | None = None,
 ) -> BilevelTensor:
@@ -77,6 +79,7 @@ def encode_rtn(
     ``bits``: code width; ``group_size``: columns per first-level group; ``stats_bits`` /
     ``stats_group_size``: 0 / 0 for fp16 statistics, else the second level (SPEC C-7.1);
     ``outlier_fraction``: share of weights in [0, 1) kept in fp16 (rule in the module doc);
+    ``stats_search``: ``minmax`` or ``mse`` (clipped range of least squared error);
     ``dtype``: the dtype the tensor decodes to. Raises :class:`BadInputError` (naming ``name``)
     for non-finite, non-2-D, empty or out-of-range input and for bad parameters.
     """
@@ -110,7 +113,12 @@ def encode_rtn(
         out_mask = select_top(score, k)
         keep = valid & ~out_mask
 
-    scale, zero = minmax_stats(wg, params.bits, mask=keep)
+    if stats_search == "mse":
+        scale, zero = clipped_stats(wg, params.bits, mask=keep)
+    elif stats_search == "minmax":
+        scale, zero = minmax_stats(wg, params.bits, mask=keep)
+    else:
+        raise BadInputError(f"unknown stats_search {stats_search!r}", tensor=name)
     qs = quantize_stats(scale, zero, params)
 
     target = wg

@@ -13,7 +13,8 @@ from spqr_format.errors import BadInputError
 # The names of spqr_format.codec.presets.PRESETS (not imported here: it loads numba, and
 # `spqr --help` should stay fast); tests/test_models.py checks that they agree.
 PRESET_NAMES = ("spqr-3bit", "spqr-4bit", "gptq-4bit-g128", "gptq-3bit-g128", "rtn-4bit-g128",
-                "rtn-3bit-g16-bilevel")  # fmt: skip
+                "rtn-3bit-g16-bilevel", "q2-g16", "q3-g16", "q3-g128", "q4-g16",
+                "q4-g128")  # fmt: skip
 
 
 def handle_errors(func):
@@ -93,6 +94,13 @@ def safe_text(text: str) -> str:
     help="Also quantize the output layer (calibrated on the quantized model).",
 )
 @click.option(
+    "--target-bits",
+    type=float,
+    help="Total bits/weight of the quantized layers (as `spqr info` counts them): a "
+    "configuration per layer is chosen by rate-distortion on measured output errors "
+    "(replaces --preset; one extra calibration pass).",
+)
+@click.option(
     "--eval-ppl",
     metavar="FILE|wikitext2",
     help="Afterwards, measure the perplexity of the original and the quantized model on this "
@@ -104,7 +112,7 @@ def safe_text(text: str) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @handle_errors
 def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_len, seed,
-                       device, resume, quantize_lm_head, eval_ppl, eval_seq_len,
+                       device, resume, quantize_lm_head, target_bits, eval_ppl, eval_seq_len,
                        quiet):  # fmt: skip
     """Quantize a local Hugging Face model into one .spqr file, block by block.
 
@@ -142,7 +150,7 @@ def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_
     result = quantize_model(
         model_dir, output, preset=preset, calib=calib, data_dir=data_dir, samples=samples,
         seq_len=seq_len, seed=seed, device=device, resume=resume,
-        quantize_lm_head=quantize_lm_head, progress=progress,
+        quantize_lm_head=quantize_lm_head, progress=progress, target_bits=target_bits,
     )  # fmt: skip
     q = [r for r in result.reports if r["encoding"] == "bilevel"]
     weights = sum(r["shape"][0] * r["shape"][1] for r in q)

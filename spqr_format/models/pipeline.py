@@ -40,10 +40,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from spqr_format import __version__, api
-from spqr_format.codec import reference
+from spqr_format.codec import allocate, reference
 from spqr_format.codec.hessian import HessianAccumulator
 from spqr_format.codec.packing import pack
-from spqr_format.codec.presets import EncoderConfig, encode_tensor, get_preset
+from spqr_format.codec.presets import _LATE_DEFAULTS, EncoderConfig, encode_tensor, get_preset
 from spqr_format.errors import BadInputError, SpqrError
 from spqr_format.models import data as calib_data
 from spqr_format.models import hf
@@ -213,6 +213,7 @@ def quantize_model(
     resume: bool = False,
     quantize_lm_head: bool = False,
     progress: ProgressFn | None = None,
+    target_bits: float | None = None,
 ) -> QuantizeResult:
     """Quantize the model in ``model_dir`` into ``output`` (a ``.spqr`` file, atomically).
 
@@ -222,6 +223,8 @@ def quantize_model(
     ``stage``, ``block_start``, ``layer_done``, ``block_done``, ``done``). ``device``:
     ``cpu`` (the numba reference encoder) or ``cuda[:N]`` (the torch encoder; each block is
     processed on the GPU, the rest of the model stays on the CPU).
+    ``target_bits``: allocate a configuration per block layer instead of ``config`` (see
+    :func:`_allocation_pass`); not combined with ``quantize_lm_head``.
     """
     t_start = time.perf_counter()
     model_dir = os.fspath(model_dir)
@@ -238,6 +241,19 @@ def quantize_model(
         config = get_preset(preset)
     if not isinstance(config, EncoderConfig):
         raise BadInputError(f"config must be an EncoderConfig, got {type(config).__name__}")
+    if dev is not None:
+        # The torch encoder implements the SpQR/GPTQ solver (min-max statistics, tau or
+        # column-budget outliers); the clipped statistics, impact outliers and the allocator's
+        # measurements of issue 18 run on the CPU encoder only.
+        late = [f"{k}={getattr(config, k)!r}" for k, v in _LATE_DEFAULTS.items()
+                if getattr(config, k) != v]  # fmt: skip
+        if late or target_bits is not None:
+            what = ", ".join(late) if late else "--target-bits"
+            raise BadInputError(
+                f"--device cuda: the GPU encoder does not implement {what} yet; "
+                "use --device cpu, or a spqr-*/gptq-*/rtn-* preset on the GPU",
+                field="device",
+            )
     if os.path.isdir(output):
         raise BadInputError("output is a directory", path=output)
 
@@ -305,6 +321,15 @@ def quantize_model(
         if n not in state_names:  # a tied or non-parameter weight: cannot store it once
             raise BadInputError(f"layer weight {n!r} is not in the model's state dict")
 
+    if target_bits is not None:
+        if quantize_lm_head:
+            raise BadInputError("--target-bits does not cover --quantize-lm-head yet",
+                                field="target_bits")  # fmt: skip
+        shapes = {
+            n: tuple(lay.module.weight.shape[:: -1 if lay.transposed else 1])
+            for n, (_, lay) in quant_names.items()
+        }
+        target_bits = allocate.check_target(target_bits, shapes)
     model_config = hf.config_json(hf_config)
     tok_sha = hf.tokenizer_hashes(model_dir)
     weights_sha = {os.path.basename(p): hf.sha256_file(p) for p in weight_files}
@@ -361,6 +386,18 @@ def quantize_model(
         raise BadInputError(
             f"cannot walk {type(model).__name__}: its forward did not reach {prefix}.0"
         )
+    configs: dict[str, EncoderConfig] = {}
+    alloc = None
+    if target_bits is not None:
+        alloc = _allocation_pass(torch, blocks, layers_per_block, prefix, inputs, target_bits,
+                                 emit)  # fmt: skip
+        configs = alloc.choice
+        run_info["allocation"] = {n: c.to_dict() for n, c in sorted(configs.items())}
+        fingerprint = hashlib.sha256(
+            json.dumps(run_info, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
+        _write_json_atomic(os.path.join(partial, RUN_FILE),
+                           {"fingerprint": fingerprint, **run_info})  # fmt: skip
 
     # -- 2. block by block -----------------------------------------------------------------
     nblocks = len(blocks)
@@ -384,8 +421,11 @@ def quantize_model(
             with api.SpqrWriter(ckpt, metadata={}) as writer:
                 for j, (lay, name) in enumerate(zip(layers, names, strict=True)):
                     t_layer = time.perf_counter()
-                    packed, rep = _encode_layer(torch, lay, name, hess.pop(name), config,
+                    packed, rep = _encode_layer(torch, lay, name, hess.pop(name),
+                                                configs.get(name, config),
                                                 orig_dtypes[name], dev)  # fmt: skip
+                    if name in configs:
+                        rep["config"] = allocate.config_label(configs[name])
                     writer.add(name, packed)
                     block_reports[name] = rep
                     emit({"kind": "layer_done", "block": i, "blocks": nblocks, "layer": lay.name,
@@ -489,6 +529,10 @@ def quantize_model(
             rows.append(dense_row(name, t.shape, raw.dtype))
         for f in ckpt_files.values():
             f.close()
+        if alloc is not None:
+            from spqr_format.models.tensors import allocation_metadata
+
+            metadata.update(allocation_metadata(alloc))
         metadata["model.skipped"] = skipped
         metadata["encoder.report"] = rows
         writer.set_metadata(metadata)
@@ -496,6 +540,30 @@ def quantize_model(
     seconds = time.perf_counter() - t_start
     emit({"kind": "done", "seconds": seconds, "path": output})
     return QuantizeResult(output, rows, metadata, seconds, resumed)
+
+
+def _allocation_pass(torch, blocks, layers_per_block, prefix, inputs, target_bits, emit):
+    """``--target-bits``: one pass over the *unquantized* blocks (the calibration inputs
+    propagate through the original weights), measuring every candidate configuration of every
+    layer on its Hessian (:mod:`spqr_format.codec.allocate`), then the allocation. The
+    Hessians are kept (float32) until the outlier fill is done: n^2 x 4 bytes per layer."""
+    hs: dict[str, np.ndarray] = {}
+    ws: dict[str, LinearLayer] = {}
+    for i, block in enumerate(blocks):
+        emit({"kind": "stage", "stage": f"measuring candidates, block {i + 1}/{len(blocks)}"})
+        names = [f"{prefix}.{i}.{lay.name}.weight" for lay in layers_per_block[i]]
+        accs = _collect_hessians(torch, block, layers_per_block[i], names, inputs)
+        for lay, n in zip(layers_per_block[i], names, strict=True):
+            hs[n] = accs.pop(n).hessian().astype(np.float32)
+            ws[n] = lay
+        if i + 1 < len(blocks):
+            with torch.no_grad():
+                inputs = [_with_hidden(e, _block_call(block, e)) for e in inputs]
+
+    def get(n):
+        return ws[n].weight_out_in().numpy().astype(np.float32), hs[n]
+
+    return allocate.plan(list(hs), get, target_bits)
 
 
 def _check_run(partial: str, fingerprint: str) -> None:

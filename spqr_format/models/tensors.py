@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from spqr_format import __version__, api, spec
+from spqr_format.codec.allocate import config_label
 from spqr_format.codec.cmpq import CmpqConfig
 from spqr_format.codec.presets import EncoderConfig, encode_tensor
 from spqr_format.errors import BadInputError
@@ -73,6 +74,61 @@ def _hessian_for(hessians: SafetensorsFile | None, name: str, path: str | None):
     return h.data
 
 
+def allocation_metadata(alloc) -> dict:
+    """Metadata keys of a ``--target-bits`` run: the allocation, and the encoder keys saying
+    that no single preset was used."""
+    return {
+        "encoder.preset": f"target-bits {alloc.target_bits:g}",
+        "encoder.settings": {"target_bits": alloc.target_bits, "allocator": "rate-distortion"},
+        "encoder.allocation": alloc.to_metadata(),
+    }
+
+
+def _is_quantized(name: str, shape, patterns) -> bool:
+    return len(shape) == 2 and not any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _allocate(src, hessians, input_path, hessian_path, patterns, target_bits, candidates):
+    """Checks (target reachable, a Hessian per quantized tensor: before any encode), then the
+    allocation of :mod:`spqr_format.codec.allocate`."""
+    from spqr_format.codec import allocate
+
+    cands = tuple(candidates or allocate.DEFAULT_CANDIDATES)
+    names = [n for n in src.names() if _is_quantized(n, src.get(n).shape, patterns)]
+    for n in names:
+        if hessians is None or n not in hessians.names():
+            raise BadInputError(
+                "--target-bits needs a Hessian for every quantized tensor (the allocator "
+                "measures output errors); "
+                + ("no --hessians file given" if hessians is None else "none in the Hessian file"),
+                path=hessian_path or input_path,
+                tensor=n,
+                field="hessians",
+            )
+        h = hessians.get(n)
+        k = src.get(n).shape[1]
+        if h.dtype not in ("float32", "float64"):
+            raise BadInputError(
+                f"Hessian must be float32/float64, got {h.dtype}", path=hessian_path, tensor=n
+            )
+        if src.get(n).dtype not in ("float32", "float16", "bfloat16"):
+            raise BadInputError(
+                f"dtype {src.get(n).dtype} cannot be quantized", path=input_path, tensor=n
+            )
+        if list(h.shape) != [k, k]:
+            raise BadInputError(
+                f"Hessian shape {list(h.shape)} does not match the tensor's {k} input columns",
+                path=hessian_path,
+                tensor=n,
+            )
+    target = allocate.check_target(target_bits, {n: tuple(src.get(n).shape) for n in names}, cands)
+
+    def get(n):
+        return src.get(n).to_float32(), _hessian_for(hessians, n, hessian_path)
+
+    return allocate.plan(names, get, target, cands)
+
+
 def encode_safetensors(
     input_path: str,
     output: str,
@@ -81,20 +137,35 @@ def encode_safetensors(
     hessian_path: str | None = None,
     keep_dense: Sequence[str] | None = None,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+    target_bits: float | None = None,
+    candidates=None,
 ) -> EncodeResult:
     """Quantize the 2-D weights of the safetensors file ``input_path`` into ``output``
     (written atomically: nothing appears unless every tensor was encoded).
 
     ``keep_dense``: glob patterns of tensor names stored raw (default
     :data:`DEFAULT_KEEP_DENSE`). ``progress`` wraps the iteration over tensor names (a
-    progress bar); the default iterates silently."""
+    progress bar); the default iterates silently.
+
+    ``target_bits``: instead of one ``config`` for all, allocate a configuration per tensor
+    among ``candidates`` (default :data:`~spqr_format.codec.allocate.DEFAULT_CANDIDATES`) so
+    that the quantized tensors take ``target_bits`` bits/weight (within 0.01 below; see
+    :mod:`spqr_format.codec.allocate`). Needs a Hessian for every quantized tensor; the target
+    and the Hessians are checked before anything is encoded. The allocation is recorded in
+    the ``encoder.allocation`` metadata."""
     patterns = tuple(keep_dense or DEFAULT_KEEP_DENSE)
     hessians = SafetensorsFile(hessian_path) if hessian_path else None
     rows: list[dict] = []
     notices: list[str] = []
+    alloc = None
     try:
         with SafetensorsFile(input_path) as src:
+            if target_bits is not None:
+                alloc = _allocate(src, hessians, input_path, hessian_path, patterns,
+                                  target_bits, candidates)  # fmt: skip
             metadata = {**encoder_metadata(config), "encoder.keep_dense": list(patterns)}
+            if alloc is not None:
+                metadata.update(allocation_metadata(alloc))
             if src.metadata:
                 metadata["model.safetensors_metadata"] = dict(src.metadata)
             names = src.names()
@@ -109,14 +180,13 @@ def encode_safetensors(
                             tensor=name,
                         )
                     dtype = spec.DTYPE_BY_NAME[st.dtype]
-                    quantize = len(st.shape) == 2 and not any(
-                        fnmatch.fnmatchcase(name, p) for p in patterns
-                    )
+                    quantize = _is_quantized(name, st.shape, patterns)
                     if not quantize:
                         writer.add(name, api.RawTensor(dtype, st.bits()))
                         rows.append(dense_row(name, st.shape, dtype))
                         continue
                     hessian = _hessian_for(hessians, name, hessian_path)
+                    cfg = config if alloc is None else alloc.choice[name]
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
                         if config.method == "cmpq":
@@ -128,11 +198,13 @@ def encode_safetensors(
                             encoding = "channel_mixed"
                         else:
                             tensor, report = encode_tensor(
-                                st.to_float32(), config, hessian, name, dtype=dtype
+                                st.to_float32(), cfg, hessian, name, dtype=dtype
                             )
                             encoding = "bilevel"
                     notices.extend(str(w.message) for w in caught)
                     writer.add(name, tensor)
+                    if alloc is not None:
+                        report["config"] = config_label(cfg)
                     rows.append({"name": name, "encoding": encoding, **report})
                 metadata["encoder.report"] = rows
                 writer.set_metadata(metadata)
