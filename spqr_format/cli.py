@@ -290,7 +290,6 @@ def encode(
     preset,
     hessian_path,
     method,
-    target_bits,
     widths,
     allocator,
     table_rows,
