@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from spqr_format import api
 from spqr_format.errors import BadInputError
 
+QUANTIZED = ("bilevel", "channel_mixed")  # the encodings a report summarises
+
 
 @dataclass(frozen=True)
 class ReportRow:
@@ -75,7 +77,7 @@ def build_report(f: api.SpqrFile) -> tuple[list[ReportRow], dict]:
                 config=chosen.get(i.name) if isinstance(chosen.get(i.name), str) else None,
             )
         )
-    quant = [r for r in rows if r.encoding == "bilevel"]
+    quant = [r for r in rows if r.encoding in QUANTIZED]
 
     def mean(key: str) -> float | None:
         pairs = [(getattr(r, key), r.elements) for r in quant if getattr(r, key) is not None]
@@ -121,9 +123,9 @@ def plot_report(rows: list[ReportRow], path: str, title: str = "") -> None:
         raise BadInputError(
             "--plot needs matplotlib (pip install 'spqr-format[plot]')", field="plot"
         ) from None
-    quant = [r for r in rows if r.encoding == "bilevel"]
+    quant = [r for r in rows if r.encoding in QUANTIZED]
     if not quant:
-        raise BadInputError("the file has no quantized (bilevel) tensor to plot", field="plot")
+        raise BadInputError("the file has no quantized (bilevel or channel_mixed) tensor to plot", field="plot")
     x = range(len(quant))
     err_key = (
         "relative_output_error"

@@ -428,3 +428,42 @@ def test_quantize_on_cuda(model_dir, corpus, tmp_path):  # pragma: no cover - GP
     _quantize(m16, a, corpus, preset="gptq-4bit-g128", device="cuda")
     _interrupted_then_resumed(m16, b, corpus, preset="gptq-4bit-g128", device="cuda")
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_cmpq_model_quantize_load(model_dir, corpus, tmp_path):
+    """--method cmpq: every block linear becomes a channel_mixed tensor at the target (each
+    layer met within 32 bits), the file loads back exactly as decoded, and an unreachable
+    target is refused before any output exists."""
+    from spqr_format.codec.cmpq import CmpqConfig
+
+    mdir = model_dir("llama")
+    out = tmp_path / "c.spqr"
+    res = quantize_model(mdir, out, config=CmpqConfig(target_bits=5.0), calib=str(corpus),
+                         samples=SAMPLES, seq_len=SEQ)  # fmt: skip
+    quant = [r for r in res.reports if r["encoding"] == "channel_mixed"]
+    assert len(quant) >= 8 and not [r for r in res.reports if r["encoding"] == "bilevel"]
+    with spqr_format.open(out) as f:
+        infos = {i.name: i for i in f.infos()}
+        for r in quant:
+            info = infos[r["name"]]
+            assert info.encoding == "channel_mixed"
+            m, n = info.shape
+            assert 5.0 - 32 / (m * n) <= info.bits_per_weight <= 5.0 + 1e-9, r["name"]
+        ref = hf.load_hf_model(str(mdir))
+        sd = ref.state_dict()
+        for r in quant:
+            sd[r["name"]].copy_(torch.from_numpy(f.decode(r["name"], "float32")))
+        assert f.metadata["encoder.method"] == "cmpq"
+    loaded = load_model(out, mdir)
+    x = torch.arange(3, 3 + 24).unsqueeze(0) % ref.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(ref(input_ids=x).logits, loaded(input_ids=x).logits)
+
+    r = CliRunner().invoke(main, ["quantize-model", str(mdir), "-o", str(tmp_path / "u.spqr"),
+                                  "--method", "cmpq", "--target-bits", "2", "--calib",
+                                  str(corpus), "--samples", "2", "--seq-len", "32"])  # fmt: skip
+    _one_line_error(r, "unreachable", "target_bits")
+    assert not (tmp_path / "u.spqr").exists() and not (tmp_path / "u.spqr.partial").exists()
+    r = CliRunner().invoke(main, ["quantize-model", str(mdir), "-o", str(tmp_path / "u.spqr"),
+                                  "--method", "cmpq", "--calib", str(corpus)])  # fmt: skip
+    _one_line_error(r, "--target-bits")

@@ -94,11 +94,20 @@ def safe_text(text: str) -> str:
     help="Also quantize the output layer (calibrated on the quantized model).",
 )
 @click.option(
+    "--method",
+    type=click.Choice(["bilevel", "cmpq"]),
+    default="bilevel",
+    show_default=True,
+    help="bilevel: SpQR/GPTQ/RTN per --preset or --target-bits; cmpq: channel-wise mixed "
+    "precision (encoding channel_mixed; every layer at --target-bits, CPU encoder).",
+)
+@click.option(
     "--target-bits",
     type=float,
-    help="Total bits/weight of the quantized layers (as `spqr info` counts them): a "
+    help="Total bits/weight of the quantized layers (as `spqr info` counts them). bilevel: a "
     "configuration per layer is chosen by rate-distortion on measured output errors "
-    "(replaces --preset; one extra calibration pass).",
+    "(replaces --preset; one extra calibration pass). cmpq: each layer's channel widths "
+    "meet it.",
 )
 @click.option(
     "--eval-ppl",
@@ -111,9 +120,10 @@ def safe_text(text: str) -> str:
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @handle_errors
-def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_len, seed,
-                       device, resume, quantize_lm_head, target_bits, eval_ppl, eval_seq_len,
-                       quiet):  # fmt: skip
+@click.pass_context
+def quantize_model_cmd(ctx, model_dir, output, preset, calib, data_dir, samples, seq_len, seed,
+                       device, resume, quantize_lm_head, method, target_bits, eval_ppl,
+                       eval_seq_len, quiet):  # fmt: skip
     """Quantize a local Hugging Face model into one .spqr file, block by block.
 
     The calibration windows run through the embeddings; then, for each transformer block,
@@ -125,6 +135,9 @@ def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_
     Example:
       spqr quantize-model ./my-llama -o my-llama.spqr --preset spqr-3bit \\
            --calib train.txt --samples 128 --seq-len 2048
+      spqr quantize-model ./my-llama -o my-llama-3.5.spqr --target-bits 3.5 --calib train.txt
+      spqr quantize-model ./my-llama -o my-llama-cmpq.spqr --method cmpq --target-bits 2.5 \\
+           --calib train.txt
       spqr eval ./my-llama my-llama.spqr --ppl test.txt
     """
     from spqr_format.models.pipeline import format_event, quantize_model
@@ -142,17 +155,31 @@ def quantize_model_cmd(model_dir, output, preset, calib, data_dir, samples, seq_
             raise BadInputError(f"--eval-seq-len must be at least 2, got {eval_seq_len}",
                                 field="--eval-seq-len")  # fmt: skip
 
+    config = None
+    if method == "cmpq":
+        from click.core import ParameterSource
+
+        from spqr_format.codec.cmpq import CmpqConfig
+
+        if target_bits is None:
+            raise BadInputError("--method cmpq needs --target-bits (e.g. 2.5)",
+                                field="target_bits")  # fmt: skip
+        if ctx.get_parameter_source("preset") is not ParameterSource.DEFAULT:
+            raise BadInputError("--preset does not apply to --method cmpq", field="preset")
+        config = CmpqConfig(target_bits=target_bits)
+        target_bits = None  # not the bilevel allocator's target
+
     def progress(ev):
         line = None if quiet else format_event(ev)
         if line:
             click.echo(safe_text(line), err=True)
 
     result = quantize_model(
-        model_dir, output, preset=preset, calib=calib, data_dir=data_dir, samples=samples,
-        seq_len=seq_len, seed=seed, device=device, resume=resume,
+        model_dir, output, preset=preset, config=config, calib=calib, data_dir=data_dir,
+        samples=samples, seq_len=seq_len, seed=seed, device=device, resume=resume,
         quantize_lm_head=quantize_lm_head, progress=progress, target_bits=target_bits,
     )  # fmt: skip
-    q = [r for r in result.reports if r["encoding"] == "bilevel"]
+    q = [r for r in result.reports if r["encoding"] in ("bilevel", "channel_mixed")]
     weights = sum(r["shape"][0] * r["shape"][1] for r in q)
     bits = sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in q)
     click.echo(

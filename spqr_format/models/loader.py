@@ -84,7 +84,7 @@ def load_model(
             arr = f.decode(name)
             t = _to_torch(torch, arr, own)
             if name in transposed:
-                if info.encoding != "bilevel" or t.ndim != 2:
+                if info.encoding not in ("bilevel", "channel_mixed") or t.ndim != 2:
                     raise BadInputError("model.transposed names a tensor that is not a "
                                         "quantized 2-D weight", path=path, tensor=name)  # fmt: skip
                 t = t.t().contiguous()

@@ -40,7 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from spqr_format import __version__, api
-from spqr_format.codec import allocate, reference
+from spqr_format.codec import allocate, channel_mixed_ref, reference
+from spqr_format.codec import channel_mixed as cm
+from spqr_format.codec.cmpq import CmpqConfig, encode_cmpq_tensor, reachable_bits
 from spqr_format.codec.hessian import HessianAccumulator
 from spqr_format.codec.packing import pack
 from spqr_format.codec.presets import _LATE_DEFAULTS, EncoderConfig, encode_tensor, get_preset
@@ -108,7 +110,11 @@ def raw_tensor(torch, t, dt) -> api.RawTensor:
 def decoded_f32(packed) -> np.ndarray:
     """The weights a reader of the file gets (decoded in the tensor's own dtype), as f32."""
     own = packed.dtype
-    return api.convert(reference.decode_bilevel(packed, own), own, DType.FLOAT32)
+    if isinstance(packed, cm.PackedChannelMixed):
+        dec = channel_mixed_ref.decode_channel_mixed(packed, own)
+    else:
+        dec = reference.decode_bilevel(packed, own)
+    return api.convert(dec, own, DType.FLOAT32)
 
 
 def _fmt_s(s: float) -> str:
@@ -239,8 +245,17 @@ def quantize_model(
         raise BadInputError(f"seq_len must be >= 2, got {seq_len}", field="seq_len")
     if config is None:
         config = get_preset(preset)
-    if not isinstance(config, EncoderConfig):
-        raise BadInputError(f"config must be an EncoderConfig, got {type(config).__name__}")
+    if not isinstance(config, (EncoderConfig, CmpqConfig)):
+        raise BadInputError(
+            f"config must be an EncoderConfig or a CmpqConfig, got {type(config).__name__}"
+        )
+    if isinstance(config, CmpqConfig) and (dev is not None or target_bits is not None):
+        raise BadInputError(
+            "CMPQ (channel_mixed) sets its bits per layer from its own target "
+            "(CmpqConfig.target_bits) and runs on the CPU encoder: no --target-bits allocation "
+            "or --device cuda with it",
+            field="device" if dev is not None else "target_bits",
+        )
     if dev is not None:
         # The torch encoder implements the SpQR/GPTQ solver (min-max statistics, tau or
         # column-budget outliers); the clipped statistics, impact outliers and the allocator's
@@ -320,6 +335,17 @@ def quantize_model(
     for n in quant_names:
         if n not in state_names:  # a tied or non-parameter weight: cannot store it once
             raise BadInputError(f"layer weight {n!r} is not in the model's state dict")
+    if isinstance(config, CmpqConfig):  # an unreachable target fails before any work
+        for n, (_, lay) in quant_names.items():
+            m_out, n_in = lay.weight_out_in().shape
+            lo, hi = reachable_bits(m_out, n_in, config)
+            if not lo - 1e-9 <= config.target_bits <= hi + 1e-9:
+                raise BadInputError(
+                    f"CMPQ target {config.target_bits} bits/weight is unreachable on this "
+                    f"{m_out}x{n_in} layer: widths {list(config.widths)} with the configured "
+                    f"outliers reach {lo:.4f} to {hi:.4f}",
+                    tensor=n, field="target_bits",
+                )  # fmt: skip
 
     if target_bits is not None:
         if quantize_lm_head:
@@ -511,7 +537,8 @@ def quantize_model(
                     ckpt_files = {fname: api.open_file(os.path.join(partial, fname))}
                 packed = ckpt_files[fname].read(name)
                 writer.add(name, packed)
-                rows.append({"name": name, "encoding": "bilevel", **reports[name]})
+                enc = "channel_mixed" if isinstance(config, CmpqConfig) else "bilevel"
+                rows.append({"name": name, "encoding": enc, **reports[name]})
                 continue
             if not t.is_floating_point() or t.dtype not in (
                 torch.float32,
@@ -650,10 +677,13 @@ def _encode_layer(torch, lay: LinearLayer, name: str, acc, config, orig_dtype, d
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            tensor, report = encode_tensor(w, config, h, name, dtype=dtype)
+            if isinstance(config, CmpqConfig):
+                tensor, report = encode_cmpq_tensor(w, config, h, name, dtype=dtype)
+            else:
+                tensor, report = encode_tensor(w, config, h, name, dtype=dtype)
     except SpqrError as err:
         raise err.with_context(tensor=name) from None
-    packed = pack(tensor)
+    packed = cm.pack(tensor) if isinstance(config, CmpqConfig) else pack(tensor)
     lay.set_weight_out_in(torch.from_numpy(decoded_f32(packed)))
     return packed, report
 
