@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--targets", default="2.5,3.0,3.5,4.0",
                     help="--target-bits runs (comma-separated; empty: none)")  # fmt: skip
+    ap.add_argument("--cmpq-targets", default="3.0,3.5,4.0",
+                    help="--method cmpq --target-bits runs (comma-separated; empty: none)")
     args = ap.parse_args()
 
     import torch
@@ -52,20 +54,25 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     model_dir = args.model_dir
     files, extra = [], {}
-    runs = [(p, None) for p in args.presets.split(",") if p]
-    runs += [(f"target-bits {t}", float(t)) for t in args.targets.split(",") if t]
-    for preset, target in runs:
+    from spqr_format.codec.cmpq import CmpqConfig
+
+    runs = [(p, None, None) for p in args.presets.split(",") if p]
+    runs += [(f"target-bits {t}", float(t), None) for t in args.targets.split(",") if t]
+    runs += [(f"cmpq {t}", None, CmpqConfig(target_bits=float(t)))
+             for t in args.cmpq_targets.split(",") if t]  # fmt: skip
+    for preset, target, config in runs:
         out = os.path.join(args.out_dir, f"{preset.replace(' ', '-')}.spqr")
         t0 = time.perf_counter()
         try:
-            res = quantize_model(model_dir, out, preset="spqr-3bit" if target else preset,
-                                 calib="wikitext2", data_dir=args.data_dir,
+            plain = target is None and config is None
+            res = quantize_model(model_dir, out, preset=preset if plain else "spqr-3bit",
+                                 config=config, calib="wikitext2", data_dir=args.data_dir,
                                  samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                                  device=args.device, target_bits=target)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - an unreachable target is reported, not fatal
             print(f"{preset}: {e}", file=sys.stderr)
             continue
-        q = [r for r in res.reports if r["encoding"] == "bilevel"]
+        q = [r for r in res.reports if r["encoding"] in ("bilevel", "channel_mixed")]
         nq = sum(r["shape"][0] * r["shape"][1] for r in q)
         bits_linear = sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in q) / nq
         files.append(out)
