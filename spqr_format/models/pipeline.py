@@ -58,7 +58,7 @@ from spqr_format.spec import DType
 
 PARTIAL_SUFFIX = ".partial"
 RUN_FILE = "run.json"
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: Hessians summed in fixed window chunks (distributed.py)
 
 ProgressFn = Callable[[dict], None]
 
@@ -584,7 +584,8 @@ def quantize_model(
             "calibration.set": calibration,
             "pipeline.settings": {
                 "version": PIPELINE_VERSION, "order": "sequential, one pass per block",
-                "hessian": "float64, H = (2/N) sum x x^T over all calibration tokens",
+                "hessian": "float64, H = (2/N) sum x x^T over all calibration tokens, "
+                       "summed per chunk of 4 windows, chunks in order",
                 "device": implementation["device"]},
         }  # fmt: skip
         ckpt_files = {}
