@@ -81,6 +81,18 @@ class HessianAccumulator:
                 self._sum += xc.T @ xc
         self.tokens += x.shape[0]
 
+    def merge(self, partial_sum: np.ndarray | None, tokens: int) -> None:
+        """Add another accumulator's plain sum (``sum x x^T`` over ``tokens`` rows, lower
+        triangle as :meth:`add` leaves it): how chunk sums are folded in a fixed order so the
+        result does not depend on how many processes computed them
+        (:mod:`spqr_format.models.distributed`)."""
+        if partial_sum is None or tokens == 0:
+            return
+        if self._sum is None:
+            self._sum = np.zeros_like(partial_sum, dtype=np.float64)
+        self._sum += partial_sum
+        self.tokens += int(tokens)
+
     def hessian(self) -> np.ndarray:
         """``(2/N) * sum x x^T`` as float64 ``[n, n]`` (exactly symmetric)."""
         if self._sum is None or self.tokens == 0:

@@ -7,6 +7,7 @@ function here is called, so ``import spqr_format.models`` is cheap and works wit
 - :func:`quantize_model`: a local HF model directory -> one ``.spqr`` file (sequential,
   GPTQ/SpQR-style calibration; :mod:`spqr_format.models.pipeline`);
 - :func:`load_model`: the model back from the file (+ its config/tokenizer directory);
+  :func:`load_model_tp`: the same sharded over torchrun ranks (tensor parallel);
 - :func:`perplexity`: sliding-window perplexity of a causal LM on a text;
   :func:`evaluate_models`: the same for several models (directories, ``.spqr`` files) at once.
 """
@@ -23,6 +24,7 @@ _EXPORTS = {
     "quantize_model": "spqr_format.models.pipeline",
     "QuantizeResult": "spqr_format.models.pipeline",
     "load_model": "spqr_format.models.loader",
+    "load_model_tp": "spqr_format.models.tp",
     "load_tokenizer": "spqr_format.models.hf",
     "perplexity": "spqr_format.models.evaluate",
     "evaluate_models": "spqr_format.models.evaluate",

@@ -139,6 +139,8 @@ def quantize_model_cmd(ctx, model_dir, output, preset, calib, data_dir, samples,
       spqr quantize-model ./my-llama -o my-llama-cmpq.spqr --method cmpq --target-bits 2.5 \\
            --calib train.txt
       spqr eval ./my-llama my-llama.spqr --ppl test.txt
+      torchrun --nproc-per-node 4 -m spqr_format quantize-model ./my-llama -o my-llama.spqr \\
+           --calib train.txt     # 4 CPU processes (gloo), the same file as one process
     """
     from spqr_format.models.pipeline import format_event, quantize_model
 
@@ -174,11 +176,17 @@ def quantize_model_cmd(ctx, model_dir, output, preset, calib, data_dir, samples,
         if line:
             click.echo(safe_text(line), err=True)
 
+    from spqr_format.models.distributed import quantize_model_distributed, torchrun_world
+
+    if torchrun_world() > 1:  # launched by torchrun: this process is one rank
+        quantize_model = quantize_model_distributed  # noqa: F811
     result = quantize_model(
         model_dir, output, preset=preset, config=config, calib=calib, data_dir=data_dir,
         samples=samples, seq_len=seq_len, seed=seed, device=device, resume=resume,
         quantize_lm_head=quantize_lm_head, progress=progress, target_bits=target_bits,
     )  # fmt: skip
+    if torchrun_world() > 1 and os.environ.get("RANK", "0") != "0":
+        return  # rank 0 reports (and runs --eval-ppl)
     q = [r for r in result.reports if r["encoding"] in ("bilevel", "channel_mixed")]
     weights = sum(r["shape"][0] * r["shape"][1] for r in q)
     bits = sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in q)

@@ -50,13 +50,15 @@ from spqr_format.errors import BadInputError, SpqrError
 from spqr_format.models import data as calib_data
 from spqr_format.models import hf
 from spqr_format.models._deps import require_torch
+from spqr_format.models.distributed import Group
+from spqr_format.models.distributed import collect_hessians as _collect_chunked
 from spqr_format.models.tensors import dense_row, encoder_metadata
 from spqr_format.models.walker import LinearLayer, find_blocks, find_linears
 from spqr_format.spec import DType
 
 PARTIAL_SUFFIX = ".partial"
 RUN_FILE = "run.json"
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: Hessians summed in fixed window chunks (distributed.py)
 
 ProgressFn = Callable[[dict], None]
 
@@ -220,6 +222,7 @@ def quantize_model(
     quantize_lm_head: bool = False,
     progress: ProgressFn | None = None,
     target_bits: float | None = None,
+    group: Group | None = None,
 ) -> QuantizeResult:
     """Quantize the model in ``model_dir`` into ``output`` (a ``.spqr`` file, atomically).
 
@@ -231,6 +234,9 @@ def quantize_model(
     processed on the GPU, the rest of the model stays on the CPU).
     ``target_bits``: allocate a configuration per block layer instead of ``config`` (see
     :func:`_allocation_pass`); not combined with ``quantize_lm_head``.
+    ``group``: the ranks of a torchrun launch (:mod:`spqr_format.models.distributed`, which
+    calls this with it); None is one process. The file is the same bytes for any number of
+    ranks: the Hessians are summed in a fixed chunk order in every case.
     """
     t_start = time.perf_counter()
     model_dir = os.fspath(model_dir)
@@ -271,6 +277,13 @@ def quantize_model(
             )
     if os.path.isdir(output):
         raise BadInputError("output is a directory", path=output)
+    group = group or Group()
+    if group.world > 1 and (dev is not None or target_bits is not None):
+        raise BadInputError(
+            "torchrun: several processes run the CPU encoder only, without --target-bits, "
+            "for now (see spqr_format.models.distributed)",
+            field="device" if dev is not None else "target_bits",
+        )
 
     torch = require_torch()
     implementation = _implementation(torch, dev)
@@ -387,13 +400,19 @@ def quantize_model(
 
     partial = output + PARTIAL_SUFFIX
     resumed = 0
-    if os.path.isdir(partial):
-        if resume:
-            _check_run(partial, fingerprint)
-        else:
-            shutil.rmtree(partial)
-    os.makedirs(partial, exist_ok=True)
-    _write_json_atomic(os.path.join(partial, RUN_FILE), {"fingerprint": fingerprint, **run_info})
+
+    def setup_partial():  # rank 0 owns the checkpoints
+        if os.path.isdir(partial):
+            if resume:
+                _check_run(partial, fingerprint)
+            else:
+                shutil.rmtree(partial)
+        os.makedirs(partial, exist_ok=True)
+        _write_json_atomic(os.path.join(partial, RUN_FILE),
+                           {"fingerprint": fingerprint, **run_info})  # fmt: skip
+
+    group.run(setup_partial, on=0)
+    group.owns_partial = True
 
     # -- 1. inputs of the first block ------------------------------------------------------
     emit({"kind": "stage", "stage": "embedding calibration windows"})
@@ -403,12 +422,14 @@ def quantize_model(
         captured.append((tuple(args), dict(kwargs)))
         raise _Stop
 
-    _run_to_hook(torch, model, blocks[0], catcher, windows, with_kwargs=True)
+    my_ids = group.window_ids(len(windows))  # this rank's windows (all of them in one process)
+    group.run(lambda: _run_to_hook(torch, model, blocks[0], catcher, [windows[g] for g in my_ids],
+                                   with_kwargs=True))  # fmt: skip
     inputs = captured
     if dev is not None:
         inputs = [_to_device(torch, e, dev) for e in captured]
         captured.clear()  # the CPU copies
-    if len(inputs) != len(windows):
+    if len(inputs) != len(my_ids):
         raise BadInputError(
             f"cannot walk {type(model).__name__}: its forward did not reach {prefix}.0"
         )
@@ -437,35 +458,59 @@ def quantize_model(
         emit({"kind": "block_start", "block": i, "blocks": nblocks, "layers": len(layers)})
         if dev is not None:
             block.to(dev)
-        if resume and os.path.isfile(ckpt):
-            reports.update(_apply_checkpoint(ckpt, fingerprint, prefix, i, layers))
+        if resume and group.broadcast(os.path.isfile(ckpt) if group.rank == 0 else None):
+            reports.update(_apply_checkpoint(ckpt, fingerprint, prefix, i, layers, group=group))
             resumed += 1
         else:
             names = [f"{prefix}.{i}.{lay.name}.weight" for lay in layers]
-            hess = _collect_hessians(torch, block, layers, names, inputs, dev)
-            block_reports = {}
-            with api.SpqrWriter(ckpt, metadata={}) as writer:
+            if dev is None:  # chunked: the same sums for any number of ranks
+                mods = [(n, lay.module, lay.in_features) for lay, n in zip(layers, names, strict=1)]
+                hess = _collect_chunked(torch, group, mods,
+                                        lambda k, b=block, e=inputs: _block_call(b, e[k]),
+                                        my_ids, len(windows))  # fmt: skip
+                group.run(lambda h=hess: _check_seen(h))
+            else:
+                hess = _collect_hessians(torch, block, layers, names, inputs, dev)
+            mine = {}
+
+            def encode_mine(i=i, layers=layers, names=names, hess=hess, mine=mine):
                 for j, (lay, name) in enumerate(zip(layers, names, strict=True)):
+                    if group.owner(j) != group.rank:
+                        continue
                     t_layer = time.perf_counter()
                     packed, rep = _encode_layer(torch, lay, name, hess.pop(name),
                                                 configs.get(name, config),
                                                 orig_dtypes[name], dev)  # fmt: skip
                     if name in configs:
                         rep["config"] = allocate.config_label(configs[name])
-                    writer.add(name, packed)
-                    block_reports[name] = rep
+                    mine[name] = (packed, rep)
                     emit({"kind": "layer_done", "block": i, "blocks": nblocks, "layer": lay.name,
                           "index": j, "layers": len(layers), "report": rep,
                           "seconds": time.perf_counter() - t_layer})  # fmt: skip
-                writer.set_metadata(
-                    {"checkpoint.fingerprint": fingerprint, "checkpoint.reports": block_reports}
-                )
+
+            group.run(encode_mine)
             del hess
+            done = group.merge(mine)  # every rank gets every layer's packed tensor
+            for lay, name in zip(layers, names, strict=True):
+                if name not in mine:
+                    lay.set_weight_out_in(torch.from_numpy(decoded_f32(done[name][0])))
+            block_reports = {name: done[name][1] for name in names}
+
+            def write_ckpt(ckpt=ckpt, names=names, done=done, block_reports=block_reports):
+                with api.SpqrWriter(ckpt, metadata={}) as writer:
+                    for name in names:
+                        writer.add(name, done[name][0])
+                    writer.set_metadata({"checkpoint.fingerprint": fingerprint,
+                                         "checkpoint.reports": block_reports})  # fmt: skip
+
+            group.run(write_ckpt, on=0)
+            del done, mine
             reports.update(block_reports)
             encoded_blocks += 1
         # the quantized block's outputs feed the next block
         if i + 1 < nblocks or lm_head_layer is not None:
-            inputs = [_with_hidden(e, _block_call(block, e)) for e in inputs]
+            inputs = group.run(lambda block=block, inputs=inputs: [
+                _with_hidden(e, _block_call(block, e)) for e in inputs])  # fmt: skip
         if dev is not None:
             block.to("cpu")
         elapsed = time.perf_counter() - t_loop
@@ -481,89 +526,110 @@ def quantize_model(
     if lm_head_layer is not None:
         name = f"{lm_head_name}.weight"
         ckpt = os.path.join(partial, "lm_head.spqr")
-        if resume and os.path.isfile(ckpt):
+        if resume and group.broadcast(os.path.isfile(ckpt) if group.rank == 0 else None):
             reports.update(_apply_checkpoint(ckpt, fingerprint, None, None, [lm_head_layer],
-                                             names=[name]))  # fmt: skip
+                                             names=[name], group=group))  # fmt: skip
         else:
             emit({"kind": "stage", "stage": f"calibrating {lm_head_name}"})
-            acc = HessianAccumulator(lm_head_layer.in_features, name=name)
+            head = lm_head_layer.module
 
-            def head_hook(module, args):
-                acc.add(args[0].detach().reshape(-1, acc.in_features).float().numpy())
-                raise _Stop
+            def head_window(k):  # stops the forward once lm_head's input is recorded
+                def stop(module, args, out):
+                    raise _Stop
 
-            _run_to_hook(torch, model, lm_head_layer.module, head_hook, windows)
-            packed, rep = _encode_layer(torch, lm_head_layer, name, acc.hessian(), config,
-                                        orig_dtypes[name], dev)  # fmt: skip
-            with api.SpqrWriter(ckpt) as writer:
-                writer.add(name, packed)
-                writer.set_metadata(
-                    {"checkpoint.fingerprint": fingerprint, "checkpoint.reports": {name: rep}}
-                )
-            reports[name] = rep
+                handle = head.register_forward_hook(stop)
+                try:
+                    model(input_ids=torch.from_numpy(windows[my_ids[k]]).unsqueeze(0),
+                          use_cache=False)  # fmt: skip
+                except _Stop:
+                    pass
+                finally:
+                    handle.remove()
 
-    # -- 3. the file ------------------------------------------------------------------------
-    emit({"kind": "stage", "stage": f"writing {output}"})
-    transposed = sorted(n for n, (_, lay) in quant_names.items() if lay.transposed)
-    skipped = []
-    rows = []
-    metadata = {
-        **encoder_metadata(config),
-        "encoder.implementation": implementation,
-        "model.config": model_config,
-        "model.architecture": type(model).__name__,
-        "model.blocks": {"prefix": prefix, "count": nblocks,
-                         "layers": [lay.name for lay in layers_per_block[0]]},  # fmt: skip
-        "model.transposed": transposed,
-        "model.tied": _tied(model),
-        "model.tokenizer_sha256": tok_sha,
-        "model.weights_sha256": weights_sha,
-        "model.lm_head_quantized": lm_head_name if lm_head_layer is not None else None,
-        "calibration.set": calibration,
-        "pipeline.settings": {
-            "version": PIPELINE_VERSION, "order": "sequential, one pass per block",
-            "hessian": "float64, H = (2/N) sum x x^T over all calibration tokens",
-            "device": implementation["device"]},
-    }  # fmt: skip
-    ckpt_files = {}
-    with api.SpqrWriter(output, metadata=metadata) as writer:
-        for name, t in state:
-            if name in quant_names:
-                owner = quant_names[name][0]
-                fname = "lm_head.spqr" if owner == "lm_head" else f"block-{owner:05d}.spqr"
-                if fname not in ckpt_files:
-                    for f in ckpt_files.values():
-                        f.close()
-                    ckpt_files = {fname: api.open_file(os.path.join(partial, fname))}
-                packed = ckpt_files[fname].read(name)
-                writer.add(name, packed)
-                enc = "channel_mixed" if isinstance(config, CmpqConfig) else "bilevel"
-                rows.append({"name": name, "encoding": enc, **reports[name]})
-                continue
-            if not t.is_floating_point() or t.dtype not in (
-                torch.float32,
-                torch.float16,
-                torch.bfloat16,
-                torch.float64,
-            ):
-                skipped.append(name)  # integer buffers (position ids...) rebuilt from config
-                continue
-            dt = orig_dtypes.get(name, t.dtype)
-            if dt == torch.float64:
-                dt = torch.float32
-            raw = raw_tensor(torch, t, dt)
-            writer.add(name, raw)
-            rows.append(dense_row(name, t.shape, raw.dtype))
-        for f in ckpt_files.values():
-            f.close()
-        if alloc is not None:
-            from spqr_format.models.tensors import allocation_metadata
+            accs = _collect_chunked(torch, group, [(name, head, lm_head_layer.in_features)],
+                                    head_window, my_ids, len(windows))  # fmt: skip
 
-            metadata.update(allocation_metadata(alloc))
-        metadata["model.skipped"] = skipped
-        metadata["encoder.report"] = rows
-        writer.set_metadata(metadata)
-    shutil.rmtree(partial, ignore_errors=True)
+            def encode_head():
+                acc = accs[name]
+                _check_seen(accs)
+                packed, rep = _encode_layer(torch, lm_head_layer, name, acc.hessian(), config,
+                                            orig_dtypes[name], dev)  # fmt: skip
+                with api.SpqrWriter(ckpt) as writer:
+                    writer.add(name, packed)
+                    writer.set_metadata(
+                        {"checkpoint.fingerprint": fingerprint, "checkpoint.reports": {name: rep}}
+                    )
+                return rep
+
+            reports[name] = group.broadcast(group.run(encode_head, on=0))
+
+    # -- 3. the file (rank 0) --------------------------------------------------------------
+    def write_output():
+        emit({"kind": "stage", "stage": f"writing {output}"})
+        transposed = sorted(n for n, (_, lay) in quant_names.items() if lay.transposed)
+        skipped = []
+        rows = []
+        metadata = {
+            **encoder_metadata(config),
+            "encoder.implementation": implementation,
+            "model.config": model_config,
+            "model.architecture": type(model).__name__,
+            "model.blocks": {"prefix": prefix, "count": nblocks,
+                             "layers": [lay.name for lay in layers_per_block[0]]},  # fmt: skip
+            "model.transposed": transposed,
+            "model.tied": _tied(model),
+            "model.tokenizer_sha256": tok_sha,
+            "model.weights_sha256": weights_sha,
+            "model.lm_head_quantized": lm_head_name if lm_head_layer is not None else None,
+            "calibration.set": calibration,
+            "pipeline.settings": {
+                "version": PIPELINE_VERSION, "order": "sequential, one pass per block",
+                "hessian": "float64, H = (2/N) sum x x^T over all calibration tokens, "
+                       "summed per chunk of 4 windows, chunks in order",
+                "device": implementation["device"]},
+        }  # fmt: skip
+        ckpt_files = {}
+        with api.SpqrWriter(output, metadata=metadata) as writer:
+            for name, t in state:
+                if name in quant_names:
+                    owner = quant_names[name][0]
+                    fname = "lm_head.spqr" if owner == "lm_head" else f"block-{owner:05d}.spqr"
+                    if fname not in ckpt_files:
+                        for f in ckpt_files.values():
+                            f.close()
+                        ckpt_files = {fname: api.open_file(os.path.join(partial, fname))}
+                    packed = ckpt_files[fname].read(name)
+                    writer.add(name, packed)
+                    enc = "channel_mixed" if isinstance(config, CmpqConfig) else "bilevel"
+                    rows.append({"name": name, "encoding": enc, **reports[name]})
+                    continue
+                if not t.is_floating_point() or t.dtype not in (
+                    torch.float32,
+                    torch.float16,
+                    torch.bfloat16,
+                    torch.float64,
+                ):
+                    skipped.append(name)  # integer buffers (position ids...) rebuilt from config
+                    continue
+                dt = orig_dtypes.get(name, t.dtype)
+                if dt == torch.float64:
+                    dt = torch.float32
+                raw = raw_tensor(torch, t, dt)
+                writer.add(name, raw)
+                rows.append(dense_row(name, t.shape, raw.dtype))
+            for f in ckpt_files.values():
+                f.close()
+            if alloc is not None:
+                from spqr_format.models.tensors import allocation_metadata
+
+                metadata.update(allocation_metadata(alloc))
+            metadata["model.skipped"] = skipped
+            metadata["encoder.report"] = rows
+            writer.set_metadata(metadata)
+        return rows, metadata
+
+    rows, metadata = group.broadcast(group.run(write_output, on=0))
+    group.run(lambda: shutil.rmtree(partial, ignore_errors=True), on=0)
     seconds = time.perf_counter() - t_start
     emit({"kind": "done", "seconds": seconds, "path": output})
     return QuantizeResult(output, rows, metadata, seconds, resumed)
@@ -639,13 +705,17 @@ def _collect_hessians(torch, block, layers, names, inputs, dev=None) -> dict:
             h.remove()
         if shared is not None:
             shared.clear()
+    _check_seen(accs)
+    return accs
+
+
+def _check_seen(accs: dict) -> None:
     for n, acc in accs.items():
         if acc.tokens == 0:
             raise BadInputError(
                 "this layer saw no input in its block's forward (the block does not use it)",
                 tensor=n,
             )
-    return accs
 
 
 def _encode_layer(torch, lay: LinearLayer, name: str, acc, config, orig_dtype, dev=None):
@@ -688,19 +758,25 @@ def _encode_layer(torch, lay: LinearLayer, name: str, acc, config, orig_dtype, d
     return packed, report
 
 
-def _apply_checkpoint(ckpt, fingerprint, prefix, i, layers, names=None) -> dict:
-    """Put a finished block's decoded weights into the model; returns its reports."""
+def _apply_checkpoint(ckpt, fingerprint, prefix, i, layers, names=None, group=None) -> dict:
+    """Put a finished block's decoded weights into the model; returns its reports. With
+    several ranks, rank 0 reads the checkpoint and sends it to the others."""
     torch = require_torch()
+    group = group or Group()
     if names is None:
         names = [f"{prefix}.{i}.{lay.name}.weight" for lay in layers]
-    with api.open_file(ckpt) as f:
-        meta = f.metadata
-        if meta.get("checkpoint.fingerprint") != fingerprint:
-            raise BadInputError("checkpoint is from another run", path=ckpt)
-        for lay, n in zip(layers, names, strict=True):
-            packed = f.read(n)
-            lay.set_weight_out_in(torch.from_numpy(decoded_f32(packed)))
-        return dict(meta["checkpoint.reports"])
+
+    def read():
+        with api.open_file(ckpt) as f:
+            meta = f.metadata
+            if meta.get("checkpoint.fingerprint") != fingerprint:
+                raise BadInputError("checkpoint is from another run", path=ckpt)
+            return [f.read(n) for n in names], dict(meta["checkpoint.reports"])
+
+    packed_list, reps = group.broadcast(group.run(read, on=0))
+    for lay, packed in zip(layers, packed_list, strict=True):
+        lay.set_weight_out_in(torch.from_numpy(decoded_f32(packed)))
+    return reps
 
 
 def _write_json_atomic(path: str, doc: dict) -> None:

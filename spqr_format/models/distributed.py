@@ -1,0 +1,242 @@
+"""Quantization over several processes through ``torch.distributed`` (issue 21).
+
+``torchrun --nproc-per-node N -m spqr_format quantize-model ...`` runs the pipeline of
+:mod:`spqr_format.models.pipeline` on N ranks (gloo between CPU processes; the NCCL/GPU path is
+not implemented yet, see below). What each rank does:
+
+- **Calibration windows** are split in fixed *chunks* of :data:`WINDOWS_PER_CHUNK`
+  consecutive windows (the partition depends only on the number of windows, never on N);
+  chunk ``c`` belongs to rank ``c % N``. A rank runs only its own windows through the
+  embeddings and the blocks, so it holds only their activations.
+- **Hessians, fixed order.** For every chunk each rank sums ``x x^T`` of the chunk's windows in
+  float64 from zero (:meth:`HessianAccumulator.add`, window order); the chunk sums are then
+  folded into the layer's total *in chunk order* ``((S_0 + S_1) + S_2) + ...`` on the rank
+  that encodes the layer (``dist.gather`` of one step's N chunk sums, added in rank order =
+  chunk order). A single process (N=1, no torchrun) runs the very same chunked code, so the
+  Hessians, and therefore the file, are bit-for-bit the same for every N.
+- **Encoding.** The block's layer ``j`` is encoded by rank ``j % N``; the packed tensors and
+  reports are exchanged (``all_gather_object``) so that every rank puts the *decoded* weights of
+  every layer into its copy of the block before it computes the next block's inputs.
+- **Output.** Rank 0 alone writes the block checkpoints (``OUT.partial/``) and the final file
+  (atomically); ``--resume`` reuses them exactly as a single process does (the checkpoints
+  are the same bytes, so a run may even be resumed with another N).
+- **Failures.** After every step where a rank computes on its own (forward passes, encoding,
+  writing) the ranks exchange a status (:meth:`Group.check`): if any rank raised, every rank
+  raises :class:`RankFailed` with that rank's error, exits non-zero, and rank 0 removes
+  ``OUT.partial/``; ``OUT`` is only ever written at the very end, atomically. A rank *killed*
+  (signal, OOM killer, lost host) cannot report: torchrun stops the others, and
+  ``OUT.partial/`` stays for ``--resume``, as after an interrupted single-process run.
+
+Not implemented (refused with a message): ``--device cuda`` under torchrun (the GPU encoder's
+Hessians are accumulated on the GPU without the chunked order; NCCL would carry the same
+collectives), and ``--target-bits`` (its allocation pass needs every window's activations).
+Several hosts need ``OUT``'s directory on rank 0 only (checkpoints are read by rank 0 and
+broadcast).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+
+import numpy as np
+
+from spqr_format.codec.hessian import HessianAccumulator
+from spqr_format.errors import SpqrError
+
+WINDOWS_PER_CHUNK = 4
+
+
+class RankFailed(SpqrError):
+    """Another rank (or this one) raised: the whole distributed run stops with its error."""
+
+
+class Group:
+    """The ranks of a run. ``Group()`` is the single process (no torch.distributed); under
+    torchrun :func:`from_env` gives a group on the initialised default process group."""
+
+    def __init__(self, dist=None) -> None:
+        self.dist = dist
+        self.rank = dist.get_rank() if dist is not None else 0
+        self.world = dist.get_world_size() if dist is not None else 1
+
+    # -- assignment ---------------------------------------------------------------------
+    def chunks(self, n_windows: int) -> int:
+        return -(-n_windows // WINDOWS_PER_CHUNK)
+
+    def window_ids(self, n_windows: int) -> list[int]:
+        """Global indices of this rank's windows (its chunks, in order)."""
+        out = []
+        for c in range(self.rank, self.chunks(n_windows), self.world):
+            out.extend(range(c * WINDOWS_PER_CHUNK, min((c + 1) * WINDOWS_PER_CHUNK, n_windows)))
+        return out
+
+    def owner(self, j: int) -> int:
+        """The rank that encodes layer ``j`` of a block (round robin)."""
+        return j % self.world
+
+    # -- collectives --------------------------------------------------------------------
+    def check(self, err: BaseException | None = None) -> None:
+        """Exchange every rank's status; raise the first failed rank's error on all ranks."""
+        if self.dist is None:
+            if err is not None:
+                raise err
+            return
+        mine = None if err is None else f"{type(err).__name__}: {err}"
+        status: list = [None] * self.world
+        self.dist.all_gather_object(status, mine)
+        failed = [(r, m) for r, m in enumerate(status) if m is not None]
+        if failed:
+            r, m = failed[0]
+            if err is not None and r == self.rank:
+                raise RankFailed(f"rank {r} of {self.world} failed: {m}") from err
+            raise RankFailed(f"rank {r} of {self.world} failed: {m}")
+
+    def run(self, fn, *, on=None):
+        """``fn()`` on rank ``on`` (every rank when None), then :meth:`check`; returns its
+        value on the ranks that ran it."""
+        err, out = None, None
+        if on is None or on == self.rank:
+            try:
+                out = fn()
+            except Exception as e:  # noqa: BLE001 - reported to every rank by check()
+                err = e
+        self.check(err)
+        return out
+
+    def broadcast(self, obj, src: int = 0):
+        if self.dist is None:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def merge(self, mine: dict) -> dict:
+        """Union of every rank's dict (each rank contributes the layers it owns)."""
+        if self.dist is None:
+            return dict(mine)
+        parts: list = [None] * self.world
+        self.dist.all_gather_object(parts, mine)
+        out: dict = {}
+        for p in parts:
+            out.update(p)
+        return out
+
+    def fold(self, torch, total: HessianAccumulator | None, chunk: HessianAccumulator,
+             n: int, owner: int) -> None:  # fmt: skip
+        """Fold this step's chunk sums of one layer (one per rank, chunk order = rank order)
+        into ``total`` on ``owner``."""
+        if self.dist is None:
+            total.merge(chunk._sum, chunk.tokens)
+            return
+        s = chunk._sum if chunk._sum is not None else np.zeros((n, n), dtype=np.float64)
+        send = torch.from_numpy(np.ascontiguousarray(s))
+        toks = torch.tensor([chunk.tokens], dtype=torch.int64)
+        if self.rank == owner:
+            bufs = [torch.empty((n, n), dtype=torch.float64) for _ in range(self.world)]
+            tbufs = [torch.empty(1, dtype=torch.int64) for _ in range(self.world)]
+        else:
+            bufs = tbufs = None
+        self.dist.gather(send, gather_list=bufs, dst=owner)
+        self.dist.gather(toks, gather_list=tbufs, dst=owner)
+        if self.rank == owner:
+            for b, t in zip(bufs, tbufs, strict=True):
+                total.merge(b.numpy(), int(t.item()))
+
+
+def collect_hessians(torch, group: Group, mods, run_window, window_ids: list[int],
+                     n_windows: int) -> dict:  # fmt: skip
+    """Hessians of ``mods`` (``[(name, module, in_features)]``) in the fixed chunk order.
+
+    ``run_window(i)`` runs this rank's ``i``-th window (``window_ids[i]``) through the code
+    whose forward hooks record the layers' inputs. Returns ``{name: HessianAccumulator}`` for
+    the layers this rank owns (``group.owner(j)``)."""
+    pos = {g: i for i, g in enumerate(window_ids)}
+    totals = {name: HessianAccumulator(n, name=name)
+              for j, (name, _, n) in enumerate(mods) if group.owner(j) == group.rank}  # fmt: skip
+    chunk: dict = {}
+    handles = []
+    for name, mod, n in mods:
+
+        def hook(module, args, out, name=name, n=n):
+            chunk[name].add(args[0].detach().reshape(-1, n).float().numpy())
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        n_chunks = group.chunks(n_windows)
+        for step in range(-(-n_chunks // group.world)):
+            chunk.clear()
+            chunk.update({name: HessianAccumulator(n, name=name) for name, _, n in mods})
+            c = step * group.world + group.rank
+
+            def run_chunk(c=c):
+                if c < n_chunks:
+                    stop = min((c + 1) * WINDOWS_PER_CHUNK, n_windows)
+                    for g in range(c * WINDOWS_PER_CHUNK, stop):
+                        run_window(pos[g])
+
+            group.run(run_chunk)
+            for j, (name, _, n) in enumerate(mods):
+                group.fold(torch, totals.get(name), chunk[name], n, group.owner(j))
+    finally:
+        for h in handles:
+            h.remove()
+        chunk.clear()
+    return totals
+
+
+# -- launching -----------------------------------------------------------------------------
+def torchrun_world() -> int:
+    """The WORLD_SIZE torchrun set (1 outside torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def from_env(device: str = "cpu") -> Group:
+    """The group of a torchrun launch (initialising the default process group: gloo on the
+    CPU, NCCL with cuda); ``Group()`` outside torchrun or with one process."""
+    if torchrun_world() <= 1:
+        return Group()
+    from spqr_format.models._deps import require_torch
+
+    require_torch()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    return Group(dist)
+
+
+def quantize_model_distributed(model_dir, output, **kw):
+    """:func:`~spqr_format.models.pipeline.quantize_model` on the torchrun group (or one
+    process). Every rank returns the result; only rank 0 reports progress. On an error any
+    rank raises, every rank raises :class:`RankFailed` and rank 0 removes ``OUT.partial/``."""
+    from spqr_format.models.pipeline import PARTIAL_SUFFIX, quantize_model
+
+    group = from_env(kw.get("device", "cpu"))
+    if group.dist is None:
+        return quantize_model(model_dir, output, **kw)
+    if group.rank != 0:
+        kw["progress"] = None
+    # torchrun stops the surviving ranks with SIGTERM when one dies: exit through Python.
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(128 + signal.SIGTERM))
+    try:
+        return quantize_model(model_dir, output, group=group, **kw)
+    except Exception:
+        if group.rank == 0 and getattr(group, "owns_partial", False):
+            shutil.rmtree(os.fspath(output) + PARTIAL_SUFFIX, ignore_errors=True)
+        raise
+    finally:
+        try:
+            group.dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - already torn down
+            pass
+
+
+__all__ = ["WINDOWS_PER_CHUNK", "Group", "RankFailed", "collect_hessians", "from_env",
+           "quantize_model_distributed"]  # fmt: skip

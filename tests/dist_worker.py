@@ -1,0 +1,48 @@
+"""Run by the distributed tests under torchrun (one process per rank).
+
+``quantize ARGS...``: ``spqr quantize-model ARGS`` as a rank; with ``SPQR_TEST_FAIL_RANK=r``
+rank r raises in the second block's encoding (the failure test).
+``tp FILE OUT.npy``: load FILE tensor-parallel, run a fixed input, rank 0 saves the logits.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    what, args = sys.argv[1], sys.argv[2:]
+    if what == "quantize":
+        fail = os.environ.get("SPQR_TEST_FAIL_RANK")
+        if fail is not None and os.environ.get("RANK") == fail:
+            from spqr_format.models import pipeline
+
+            real = pipeline._encode_layer
+
+            def failing(torch_, lay, name, *a, **k):
+                if ".1." in name:
+                    raise RuntimeError(f"injected failure on {name}")
+                return real(torch_, lay, name, *a, **k)
+
+            pipeline._encode_layer = failing
+        from spqr_format.cli import main as cli
+
+        cli(["quantize-model", *args])
+    elif what == "tp":
+        from spqr_format.models.tp import load_model_tp
+
+        model = load_model_tp(args[0])
+        ids = torch.from_numpy(np.arange(3 * 24).reshape(3, 24) % 40 + 5)
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+        if model.tp_rank == 0:
+            np.save(args[1], logits.float().numpy())
+            print("tp_read", model.tp_read)
+
+
+if __name__ == "__main__":
+    main()
