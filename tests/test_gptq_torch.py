@@ -43,13 +43,7 @@ DEVICES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small problems: torch's CPU thread pool only costs time on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def make_problem(m: int, n: int, seed: int = 0, tokens: int = 1024, hot: int = 4, dead=()):

@@ -33,13 +33,7 @@ from spqr_format.models.walker import find_blocks, find_linears  # noqa: E402
 SAMPLES, SEQ = 4, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The models are tiny: torch's thread pool only costs time (20x on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

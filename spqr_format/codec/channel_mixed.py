@@ -24,8 +24,8 @@ from spqr_format.codec.bilevel import Outliers
 from spqr_format.codec.outliers import (
     check_outliers,
     decode_outlier_stream,
+    decoder_outliers,
     encode_outlier_stream,
-    outlier_coordinates_unchecked,
 )
 from spqr_format.codec.packing import (
     check_finite_f16,
@@ -351,13 +351,7 @@ def check_data(p: PackedChannelMixed) -> Outliers | None:
 
 def checked_outliers(p: PackedChannelMixed, validate: bool) -> Outliers | None:
     """As ``validation.checked_outliers`` for bilevel: validated, or memory-safe unchecked."""
-    if validate:
-        return check_data(p)
-    check_structure(p)
-    if not p.header.has_outliers:
-        return None
-    m, n = p.shape
-    return outlier_coordinates_unchecked(p.outlier_index, p.outlier_entries, m, n)
+    return decoder_outliers(p, validate, check_data, check_structure)
 
 
 # --------------------------------------------------------------------------------------------

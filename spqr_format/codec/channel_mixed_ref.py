@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from spqr_format import spec
 from spqr_format.codec import channel_mixed as cm
-from spqr_format.codec.reference import _f32_bits_to_bf16, _f32_bits_to_f16, _inverse_perm
+from spqr_format.codec.reference import _dot8, _inverse_perm, _narrow_row
 from spqr_format.errors import BadInputError
 from spqr_format.spec import DType
 
@@ -60,15 +60,8 @@ def _decode_kernel(m, n, codes, cwidth, cword, ccount, cpos, ctab, tables, optr,
             for c in range(n):
                 out32[i, c] = buf[inv_perm[c]]
         else:
-            hbuf = np.empty(n, dtype=np.uint16)
-            ubuf = buf.view(np.uint32)
-            if mode == 1:
-                # every value is an f16 widened exactly (C-12.7): this narrowing is exact
-                for j in range(n):
-                    hbuf[j] = _f32_bits_to_f16(np.int64(ubuf[j]))
-            else:
-                for j in range(n):
-                    hbuf[j] = _f32_bits_to_bf16(np.int64(ubuf[j]))
+            # f16: every value is an f16 widened exactly (C-12.7), so this narrowing is exact
+            hbuf = _narrow_row(buf, mode)
             for c in range(n):
                 out16[i, c] = hbuf[inv_perm[c]]
 
@@ -80,17 +73,7 @@ def _matvec_kernel(m, n, codes, cwidth, cword, ccount, cpos, ctab, tables, optr,
         buf = np.empty(n, dtype=np.float32)
         _decode_row(i, n, codes, cwidth, cword, ccount, cpos, ctab, tables, optr, ocols, ovals,
                     buf)  # fmt: skip
-        acc = np.zeros(8, dtype=np.float32)
-        n8 = n - n % 8
-        for j0 in range(0, n8, 8):
-            for lane in range(8):
-                acc[lane] += buf[j0 + lane] * xp[j0 + lane]
-        for j in range(n8, n):
-            acc[j - n8] += buf[j] * xp[j]
-        for half in (4, 2, 1):
-            for lane in range(half):
-                acc[lane] += acc[lane + half]
-        y[i] = acc[0]
+        y[i] = _dot8(buf, xp, n)
 
 
 def _column_arrays(p: cm.PackedChannelMixed):

@@ -50,7 +50,7 @@ import numpy as np
 
 from spqr_format.codec.bilevel import BilevelTensor, Outliers
 from spqr_format.codec.gptq import _cap, check_options
-from spqr_format.codec.hessian import SYMMETRY_RTOL, check_hessian
+from spqr_format.codec.hessian import check_hessian, check_hessian_facts
 from spqr_format.codec.quantizer import F16_MAX, ZERO_LIMIT, check_weight
 from spqr_format.errors import BadInputError
 from spqr_format.spec import DType
@@ -187,20 +187,7 @@ def _hessian_on(torch, h, n, dev, name):
     step = max(1, (64 << 20) // (8 * n))
     for i0 in range(0, n, step):
         asym = max(asym, float((h[i0 : i0 + step] - h[:, i0 : i0 + step].T).abs().max()))
-    if asym > SYMMETRY_RTOL * scale:
-        raise BadInputError(
-            f"Hessian is not symmetric (max |H - H^T| = {asym:.3g}, max |H| = {scale:.3g})",
-            tensor=name,
-        )
-    if bool((torch.diagonal(h) < 0).any()):
-        raise BadInputError("Hessian has negative diagonal entries", tensor=name)
-    if scale == 0:
-        warnings.warn(
-            f"Hessian of {name or 'tensor'} is all zero (no input ever active); "
-            "GPTQ reduces to zeroing the weight",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    check_hessian_facts(asym, scale, bool((torch.diagonal(h) < 0).any()), name)
     return h
 
 
@@ -827,30 +814,14 @@ def encode_tensor_torch(
     """
     torch = require_torch()
     from spqr_format.codec.packing import pack
-    from spqr_format.codec.presets import EncoderConfig, make_report, rtn_fallback_warning
+    from spqr_format.codec.presets import check_encoder_config, encoder_plan, make_report
     from spqr_format.codec.reference import decode_bilevel_f32
     from spqr_format.codec.rtn import encode_rtn
 
-    if not isinstance(config, EncoderConfig):
-        raise BadInputError(
-            f"config must be an EncoderConfig, got {type(config).__name__}", tensor=name
-        )
+    check_encoder_config(config, name)
     dev = resolve_device(device, weight)
     dt = _default_dtype_t(torch, weight) if dtype is None else dtype
-    warning = None
-    method = config.method
-    if method == "gptq" and hessian is None:
-        warning = rtn_fallback_warning(config, name)
-        warnings.warn(warning, RuntimeWarning, stacklevel=2)
-        method = "rtn"
-    common = dict(
-        bits=config.bits,
-        group_size=config.group_size,
-        stats_bits=config.stats_bits,
-        stats_group_size=config.stats_group_size,
-        dtype=dt,
-        name=name,
-    )
+    method, warning, common = encoder_plan(config, hessian, name, dt)
     solver: dict = {}
     with torch.no_grad(), _ieee_float32(torch):
         w = _weight_on(torch, weight, dev, name)

@@ -135,21 +135,28 @@ def check_hessian(h: object, n: int, *, name: str | None = None) -> np.ndarray:
             raise BadInputError("Hessian has non-finite values", tensor=name)
         scale = max(scale, float(np.abs(rows).max()))
         asym = max(asym, float(np.abs(rows - h[:, i0 : i0 + step].T).max()))
+    check_hessian_facts(asym, scale, bool((np.diagonal(h) < 0).any()), name)
+    return h
+
+
+def check_hessian_facts(asym: float, scale: float, negative_diagonal: bool, name: str | None):
+    """The last checks of a Hessian (numpy or torch) from its measured facts: ``asym`` (max
+    ``|H - H^T|``) within ``SYMMETRY_RTOL`` of ``scale`` (max ``|H|``), no negative diagonal
+    entry; an all-zero Hessian warns (``RuntimeWarning`` at the checker's caller's caller)."""
     if asym > SYMMETRY_RTOL * scale:
         raise BadInputError(
             f"Hessian is not symmetric (max |H - H^T| = {asym:.3g}, max |H| = {scale:.3g})",
             tensor=name,
         )
-    if (np.diagonal(h) < 0).any():
+    if negative_diagonal:
         raise BadInputError("Hessian has negative diagonal entries", tensor=name)
     if scale == 0:
         warnings.warn(
             f"Hessian of {name or 'tensor'} is all zero (no input ever active); "
             "GPTQ reduces to zeroing the weight",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return h
 
 
 def validate_hessian(h: object, n: int, *, name: str | None = None) -> np.ndarray:

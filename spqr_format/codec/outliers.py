@@ -262,3 +262,18 @@ def outlier_coordinates_unchecked(
         cols=col[order].astype(np.uint32),
         values=value[order].view(np.float16),
     )
+
+
+def decoder_outliers(p, validate: bool, check_data, check_structure) -> Outliers | None:
+    """The outliers of the packed tensor ``p`` in coordinate form (None without outliers), for
+    a decoder: ``check_data(p)`` (every data check; returns them) when ``validate``, else
+    ``check_structure(p)`` and :func:`outlier_coordinates_unchecked`, so that a bad stream
+    gives unspecified values but every index stays in range (decoding unvalidated data must
+    stay memory-safe)."""
+    if validate:
+        return check_data(p)
+    check_structure(p)
+    if not p.header.has_outliers:
+        return None
+    m, n = p.shape
+    return outlier_coordinates_unchecked(p.outlier_index, p.outlier_entries, m, n)

@@ -277,6 +277,37 @@ def rtn_fallback_warning(config: EncoderConfig, name: str | None) -> str:
     )
 
 
+def check_encoder_config(config: object, name: str | None) -> None:
+    """BadInputError unless ``config`` is an :class:`EncoderConfig`."""
+    if not isinstance(config, EncoderConfig):
+        raise BadInputError(
+            f"config must be an EncoderConfig, got {type(config).__name__}", tensor=name
+        )
+
+
+def encoder_plan(
+    config: EncoderConfig, hessian: object, name: str | None, dtype: DType
+) -> tuple[str, str | None, dict]:
+    """What an encoder of ``config`` runs: ``(method, warning, common)``. A ``gptq``
+    configuration without a Hessian falls back to ``rtn`` with a ``RuntimeWarning`` (reported
+    at the encoder's caller); ``common`` holds the options every encoder takes."""
+    warning = None
+    method = config.method
+    if method == "gptq" and hessian is None:
+        warning = rtn_fallback_warning(config, name)
+        warnings.warn(warning, RuntimeWarning, stacklevel=3)
+        method = "rtn"
+    common = dict(
+        bits=config.bits,
+        group_size=config.group_size,
+        stats_bits=config.stats_bits,
+        stats_group_size=config.stats_group_size,
+        dtype=dtype,
+        name=name,
+    )
+    return method, warning, common
+
+
 def encode_tensor(
     weight: np.ndarray,
     config: EncoderConfig,
@@ -295,25 +326,9 @@ def encode_tensor(
     Report keys: method, preset, fallback, warning, shape, bits_per_weight, outliers,
     outlier_percent, relative_weight_error, relative_output_error (None without a Hessian).
     """
-    if not isinstance(config, EncoderConfig):
-        raise BadInputError(
-            f"config must be an EncoderConfig, got {type(config).__name__}", tensor=name
-        )
+    check_encoder_config(config, name)
     dt = _default_dtype(weight) if dtype is None else dtype
-    warning = None
-    method = config.method
-    if method == "gptq" and hessian is None:
-        warning = rtn_fallback_warning(config, name)
-        warnings.warn(warning, RuntimeWarning, stacklevel=2)
-        method = "rtn"
-    common = dict(
-        bits=config.bits,
-        group_size=config.group_size,
-        stats_bits=config.stats_bits,
-        stats_group_size=config.stats_group_size,
-        dtype=dt,
-        name=name,
-    )
+    method, warning, common = encoder_plan(config, hessian, name, dt)
     if method == "rtn":
         if hessian is not None and isinstance(weight, np.ndarray) and weight.ndim == 2:
             hessian = validate_hessian(hessian, weight.shape[1], name=name)

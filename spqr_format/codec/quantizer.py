@@ -97,19 +97,9 @@ STATS_SEARCHES = ("minmax", "mse")
 
 @numba.njit(cache=True)
 def _grid_error(w, wt, keep, r, lo, hi, fq, best):  # pragma: no cover - compiled
+    """:func:`_row_error` of row ``r`` with the min-max statistics of ``[lo, hi]`` (hi > lo)."""
     s = (hi - lo) / fq
-    inv = 1.0 / s
-    z = -lo * inv
-    err = 0.0
-    for j in range(w.shape[1]):
-        if keep[r, j]:
-            x = np.float64(w[r, j])
-            q = min(max(np.floor(x * inv + z + 0.5), 0.0), fq)
-            e = s * (q - z) - x
-            err += e * e * wt[j]
-            if err >= best:
-                return err
-    return err
+    return _row_error(w, wt, keep, r, s, -lo * (1.0 / s), fq, best)
 
 
 @numba.njit(cache=True, parallel=True)

@@ -82,6 +82,38 @@ def _f32_bits_to_bf16(u):
 
 
 @njit(cache=True)
+def _narrow_row(buf, mode):
+    """The f32 row ``buf`` rounded to f16 (``mode`` 1) or bf16 (2) bit patterns, in order."""
+    n = buf.shape[0]
+    ubuf = buf.view(np.uint32)
+    hbuf = np.empty(n, dtype=np.uint16)
+    if mode == 1:
+        for j in range(n):
+            hbuf[j] = _f32_bits_to_f16(np.int64(ubuf[j]))
+    else:
+        for j in range(n):
+            hbuf[j] = _f32_bits_to_bf16(np.int64(ubuf[j]))
+    return hbuf
+
+
+@njit(cache=True)
+def _dot8(buf, xp, n):
+    """sum_j buf[j] * xp[j] over ``j < n`` in fp32: 8 interleaved partial sums (lane
+    ``j % 8``), combined pairwise (lanes 4 apart, then 2, then 1)."""
+    acc = np.zeros(8, dtype=np.float32)
+    n8 = n - n % 8
+    for j0 in range(0, n8, 8):
+        for lane in range(8):
+            acc[lane] += buf[j0 + lane] * xp[j0 + lane]
+    for j in range(n8, n):
+        acc[j - n8] += buf[j] * xp[j]
+    for half in (4, 2, 1):
+        for lane in range(half):
+            acc[lane] += acc[lane + half]
+    return acc[0]
+
+
+@njit(cache=True)
 def _decode_row(
     i, codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, optr, ocols, ovals, buf
 ):
@@ -173,14 +205,7 @@ def _decode_kernel(
         else:
             # Round in stored order (sequential), then gather: a gather is much cheaper than
             # scattering stores, and the output row is written sequentially.
-            ubuf = buf.view(np.uint32)
-            hbuf = np.empty(n, dtype=np.uint16)
-            if mode == 1:
-                for j in range(n):
-                    hbuf[j] = _f32_bits_to_f16(np.int64(ubuf[j]))
-            else:
-                for j in range(n):
-                    hbuf[j] = _f32_bits_to_bf16(np.int64(ubuf[j]))
+            hbuf = _narrow_row(buf, mode)
             if has_perm:
                 for c in range(n):
                     out16[i, c] = hbuf[inv_perm[c]]
@@ -199,18 +224,7 @@ def _matvec_kernel(
             i, codes, bits, n, g, sb, tile_rows, stats, stats_words, stats2, optr, ocols, ovals,
             buf,
         )  # fmt: skip
-        acc = np.zeros(8, dtype=np.float32)
-        n8 = n - n % 8
-        for j0 in range(0, n8, 8):
-            for lane in range(8):
-                acc[lane] += buf[j0 + lane] * xp[j0 + lane]
-        for j in range(n8, n):
-            acc[j - n8] += buf[j] * xp[j]
-        # pairwise combination of the lanes
-        for half in (4, 2, 1):
-            for lane in range(half):
-                acc[lane] += acc[lane + half]
-        y[i] = acc[0]
+        y[i] = _dot8(buf, xp, n)
 
 
 # --------------------------------------------------------------------------------------------

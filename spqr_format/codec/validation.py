@@ -28,7 +28,7 @@ import numpy as np
 from spqr_format import spec
 from spqr_format.codec import channel_mixed as cm
 from spqr_format.codec.bilevel import BilevelHeader, Outliers, PackedBilevel, section_layout
-from spqr_format.codec.outliers import decode_outlier_stream, outlier_coordinates_unchecked
+from spqr_format.codec.outliers import decode_outlier_stream, decoder_outliers
 from spqr_format.codec.packing import check_finite_f16, check_packed_structure, check_permutation
 from spqr_format.errors import (
     BadFieldError,
@@ -129,10 +129,4 @@ def checked_outliers(p: PackedBilevel, validate: bool) -> Outliers | None:
     after :func:`check_bilevel_data` when ``validate``, else after the structural checks only
     and from the non-raising parser, so that a bad stream gives unspecified values but every
     index stays in range (decoding unvalidated data must stay memory-safe)."""
-    if validate:
-        return check_bilevel_data(p)
-    check_packed_structure(p)
-    if not p.header.has_outliers:
-        return None
-    m, n = p.shape
-    return outlier_coordinates_unchecked(p.outlier_index, p.outlier_entries, m, n)
+    return decoder_outliers(p, validate, check_bilevel_data, check_packed_structure)

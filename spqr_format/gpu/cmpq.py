@@ -18,6 +18,7 @@ from spqr_format.codec import cmpq_layout as CL
 from spqr_format.errors import BadInputError
 from spqr_format.gpu import _kernels as K
 from spqr_format.gpu.tensor import (
+    _DeviceMatrix,
     _dtype_code,
     _ptr,
     _raise_smem_limit,
@@ -47,7 +48,7 @@ class _Plan:
 
 
 @dataclass
-class GpuCmpqTensor:
+class GpuCmpqTensor(_DeviceMatrix):
     """A ``channel_mixed`` tensor on the GPU in the CMPQ chunk layout."""
 
     shape: tuple[int, int]
@@ -105,14 +106,6 @@ class GpuCmpqTensor:
 
     # --- geometry -----------------------------------------------------------------------
     @property
-    def m(self) -> int:
-        return self.shape[0]
-
-    @property
-    def n(self) -> int:
-        return self.shape[1]
-
-    @property
     def width_counts(self) -> tuple[int, ...]:
         counts = [0] * 8
         for r in self.runs_host.tolist():
@@ -158,19 +151,6 @@ class GpuCmpqTensor:
         return best
 
     # --- dequantize -----------------------------------------------------------------------
-    def dequantize(self, dtype: str | None = None, out=None):
-        """Dense ``W[m, n]`` (original column order), bit-exact with SPEC C-12.7 (bf16 as
-        uint16 bit patterns when ``out`` is not given)."""
-        dtype = dtype or self.dtype
-        oc = _dtype_code(dtype)
-        m, n = self.shape
-        if out is None:
-            out = cp.empty((m, n), dtype=np.float32 if oc == 0 else np.uint16)
-            if oc == 1:
-                out = out.view(np.float16)
-        self.dequantize_into(_ptr(out), n, oc)
-        return out
-
     def dequantize_into(self, out_ptr, ldo: int, out_code: int) -> None:
         m, n = self.shape
         oc = K.OUT_NAMES[out_code]
@@ -191,12 +171,6 @@ class GpuCmpqTensor:
             )  # fmt: skip
 
     # --- matvec / matmul --------------------------------------------------------------------
-    def matvec(self, x, out=None):
-        if x.ndim != 1:
-            raise BadInputError(f"matvec takes x of shape ({self.n},), got {x.shape}")
-        y = self.matmul(x.reshape(1, -1), out=None if out is None else out.reshape(1, -1))
-        return y.reshape(-1)
-
     def matmul(self, X, out=None, workspace=None):
         """``Y = X W^T`` for ``X`` of shape ``[batch, n]`` (f16, bf16 as uint16, or f32)."""
         if X.ndim != 2 or X.shape[1] != self.n:

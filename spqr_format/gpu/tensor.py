@@ -170,8 +170,48 @@ def build_tile_layout(p: RowLayout, codes_dev, stats_dev, stats2_dev) -> TileLay
     )
 
 
+class _DeviceMatrix:
+    """What :class:`GpuTensor` and :class:`~spqr_format.gpu.cmpq.GpuCmpqTensor` share: ``m`` and
+    ``n`` from ``shape``, :meth:`dequantize` through ``dequantize_into`` and :meth:`matvec`
+    through ``matmul``."""
+
+    @property
+    def m(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.shape[1]
+
+    def dequantize(self, dtype: str | None = None, out=None):
+        """Dense ``W[m, n]`` (original column order), bit-exact with SPEC section 7 (bilevel) or
+        C-12.7 (channel_mixed).
+
+        ``dtype``: "float16", "bfloat16" (returned as uint16 bit patterns when ``out`` is not
+        given, since CuPy has no bfloat16) or "float32". ``out``: optional device buffer
+        (CuPy array, torch tensor or pointer) of ``m * n`` elements.
+        """
+        dtype = dtype or self.dtype
+        oc = _dtype_code(dtype)
+        m, n = self.shape
+        if out is None:
+            out = cp.empty((m, n), dtype=np.float32 if oc == 0 else np.uint16)
+            if oc == 1:
+                out = out.view(np.float16)
+        self.dequantize_into(_ptr(out), n, oc)
+        return out
+
+    def matvec(self, x, out=None):
+        """``y = W x`` for ``x`` of shape ``[n]`` (a CuPy array of a dtype :meth:`matmul`
+        takes); returns ``[m]``."""
+        if x.ndim != 1:
+            raise BadInputError(f"matvec takes x of shape ({self.n},), got {x.shape}")
+        y = self.matmul(x.reshape(1, -1), out=None if out is None else out.reshape(1, -1))
+        return y.reshape(-1)
+
+
 @dataclass
-class GpuTensor:
+class GpuTensor(_DeviceMatrix):
     """A ``bilevel`` tensor whose sections live on the GPU, ready for the kernels."""
 
     shape: tuple[int, int]
@@ -277,14 +317,6 @@ class GpuTensor:
 
     # --- geometry ---------------------------------------------------------------------------
     @property
-    def m(self) -> int:
-        return self.shape[0]
-
-    @property
-    def n(self) -> int:
-        return self.shape[1]
-
-    @property
     def geometry(self) -> BilevelGeometry:
         from spqr_format.codec.bilevel import BilevelParams
 
@@ -308,23 +340,6 @@ class GpuTensor:
         return self.tc is not None or K.matvec_supported(self.bits, self.group_size)
 
     # --- dequantize -------------------------------------------------------------------------
-    def dequantize(self, dtype: str | None = None, out=None):
-        """Dense ``W[m, n]`` (original column order), bit-exact with SPEC section 7.
-
-        ``dtype``: "float16", "bfloat16" (returned as uint16 bit patterns when ``out`` is not
-        given, since CuPy has no bfloat16) or "float32". ``out``: optional device buffer
-        (CuPy array, torch tensor or pointer) of ``m * n`` elements.
-        """
-        dtype = dtype or self.dtype
-        oc = _dtype_code(dtype)
-        m, n = self.shape
-        if out is None:
-            out = cp.empty((m, n), dtype=np.float32 if oc == 0 else np.uint16)
-            if oc == 1:
-                out = out.view(np.float16)
-        self.dequantize_into(_ptr(out), n, oc)
-        return out
-
     def _layout_args(self) -> tuple:
         """The trailing kernel arguments that describe the SPEC layout (spqr_gpu.h: g, S, sb,
         G, code and statistics words per row), shared by the dequantizers and SIMT matvecs."""
@@ -497,13 +512,6 @@ class GpuTensor:
             resident = K.tc_resident_blocks(regs, smem)
             plan = self.tc.plans[key] = K.tcv_ks(self.tc.RB, self.tc.NC, _sm_count(), resident)
         return plan
-
-    def matvec(self, x, out=None):
-        """``y = W x`` for ``x`` of shape ``[n]`` (f16 or bf16 CuPy array); returns ``[m]``."""
-        if x.ndim != 1:
-            raise BadInputError(f"matvec takes x of shape ({self.n},), got {x.shape}")
-        y = self.matmul(x.reshape(1, -1), out=None if out is None else out.reshape(1, -1))
-        return y.reshape(-1)
 
     def matmul(self, X, out=None, workspace=None):
         """``Y = X W^T`` for ``X`` of shape ``[batch, n]`` (the ``nn.Linear`` convention)."""
