@@ -431,3 +431,14 @@ def test_cuda_larger_layer_within_2_percent(config, monkeypatch):  # pragma: no 
           f"{t3 - t2:.2f} s ({info['cuda_graphs']}) eager {t4 - t3:.2f} s, err {e_got:.5f}; "
           f"stages {stages}")  # fmt: skip
     assert abs(e_got / e_ref - 1) <= 0.02, (e_ref, e_got)
+
+
+def test_torch_encoder_refuses_what_it_does_not_implement():
+    """The q* presets' clipped statistics and impact outliers run on the CPU encoder only: the
+    torch encoder says so instead of silently encoding min-max statistics."""
+    from spqr_format.codec.gptq_torch import encode_tensor_torch
+    from spqr_format.codec.presets import get_preset
+
+    w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+    with pytest.raises(BadInputError, match="stats_search='mse'"):
+        encode_tensor_torch(w, get_preset("q3-g16"), np.eye(64), "t", device="cpu")

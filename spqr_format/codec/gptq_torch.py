@@ -814,11 +814,24 @@ def encode_tensor_torch(
     """
     torch = require_torch()
     from spqr_format.codec.packing import pack
-    from spqr_format.codec.presets import check_encoder_config, encoder_plan, make_report
+    from spqr_format.codec.presets import (
+        _LATE_DEFAULTS,
+        check_encoder_config,
+        encoder_plan,
+        make_report,
+    )
     from spqr_format.codec.reference import decode_bilevel_f32
     from spqr_format.codec.rtn import encode_rtn
 
     check_encoder_config(config, name)
+    unsupported = [f"{k}={getattr(config, k)!r}" for k, v in _LATE_DEFAULTS.items()
+                   if getattr(config, k, v) != v]  # fmt: skip
+    if unsupported:
+        raise BadInputError(
+            f"the torch encoder implements min-max statistics and tau/column-budget outliers; "
+            f"{', '.join(unsupported)} runs on the CPU encoder (presets.encode_tensor)",
+            tensor=name,
+        )
     dev = resolve_device(device, weight)
     dt = _default_dtype_t(torch, weight) if dtype is None else dtype
     method, warning, common = encoder_plan(config, hessian, name, dt)
