@@ -339,7 +339,8 @@ def evaluate_cmpq(layers, targets=(2.2, 2.5, 3.0, 3.5), allocators=("norm", "rd"
 
 def cmpq_table(title: str, rows) -> str:
     lines = [f"### {title}", "",
-             "| config | counted bits/weight | rel. output err (calib) | rel. output err (held-out) |",
+             "| config | counted bits/weight | rel. output err (calib) "
+             "| rel. output err (held-out) |",
              "|---|---|---|---|"]  # fmt: skip
     for label, b, ec, et, extra in rows:
         if b is None:
@@ -347,6 +348,8 @@ def cmpq_table(title: str, rows) -> str:
         else:
             lines.append(f"| {label} | {b:.4f} | {ec:.5f} | {et:.5f} |")
     return "\n".join(lines)
+
+
 def evaluate_targets(layers, targets=TARGETS):
     """``--target-bits`` rows: the allocator (:mod:`spqr_format.codec.allocate`) over the
     workload's layers with their calibration Hessians, each layer encoded with its allocated

@@ -180,7 +180,15 @@ MAX_GROUP = 1 << 24
 MAX_OUTLIER_ENTRIES = (1 << 32) - 1
 
 DTYPES = {1: ("float32", 4, "F32"), 2: ("float16", 2, "F16"), 3: ("bfloat16", 2, "BF16")}
-ROLE_DATA, ROLE_CODES, ROLE_STATS, ROLE_STATS2, ROLE_PERM, ROLE_OIDX, ROLE_OENT = 1, 2, 3, 4, 5, 6, 7
+ROLE_DATA, ROLE_CODES, ROLE_STATS, ROLE_STATS2, ROLE_PERM, ROLE_OIDX, ROLE_OENT = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+)
 ROLE_TABLES = 8  # SPEC 1.1, C-2.7
 
 _HDR = struct.Struct("<8sHHIQIIQQQII")
@@ -210,6 +218,7 @@ def _ceil(a, b):
 # ----------------------------------------------------------------------------------------
 # float conversions on bit patterns (C-7.5)
 
+
 def f16_bits_to_f32(h):
     """u16 f16 bit patterns -> float32, exact (NaN payload shifted to the top of f32's)."""
     h = np.asarray(h, dtype=np.uint16).astype(np.uint32)
@@ -221,7 +230,7 @@ def f16_bits_to_f32(h):
     sub = e == 0
     if np.any(sub):
         # mant * 2^-24, exact in float32 (normal result)
-        subv = np.multiply(mant.astype(F32), F32(2.0 ** -24)).view(np.uint32)
+        subv = np.multiply(mant.astype(F32), F32(2.0**-24)).view(np.uint32)
         out = np.where(sub, subv, out)
     return (out | sign).astype(np.uint32).view(F32)
 
@@ -290,7 +299,9 @@ def _from_f32(v, dtype_id):
 # ----------------------------------------------------------------------------------------
 # names (C-2.10)
 
-_BAD_NAME_CP = re.compile("[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_BAD_NAME_CP = re.compile(
+    "[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
 
 
 def _check_name(raw, idx):
@@ -300,11 +311,12 @@ def _check_name(raw, idx):
     try:
         s = raw.decode("utf-8", errors="strict")  # RFC 3629: no overlong, surrogate, >10FFFF
     except UnicodeDecodeError as exc:
-        raise SpecError("E_BAD_NAME", "tensor %d: name is not UTF-8 (%s)" % (idx, exc))
+        raise SpecError("E_BAD_NAME", "tensor %d: name is not UTF-8 (%s)" % (idx, exc)) from exc
     mm = _BAD_NAME_CP.search(s)
     if mm:
-        raise SpecError("E_BAD_NAME", "tensor %d: name has forbidden code point U+%04X"
-                        % (idx, ord(mm.group())))
+        raise SpecError(
+            "E_BAD_NAME", "tensor %d: name has forbidden code point U+%04X" % (idx, ord(mm.group()))
+        )
     return s
 
 
@@ -316,8 +328,10 @@ _WS = re.compile(r"[ \t\n\r]*")
 # followed at once by a low-surrogate escape). Possessive quantifiers: no backtracking stack, so a
 # 64 MiB string of escapes costs linear time and no memory.
 _H = "[0-9a-fA-F]"
-_STR = re.compile(r'"[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u(?![dD][89a-fA-F])' + _H + r'{4}'
-                  r'|u[dD][89abAB]' + _H + r'{2}\\u[dD][c-fC-F]' + _H + r'{2})[^"\\\x00-\x1f]*+)*+"')
+_STR = re.compile(
+    r'"[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u(?![dD][89a-fA-F])' + _H + r"{4}"
+    r"|u[dD][89abAB]" + _H + r"{2}\\u[dD][c-fC-F]" + _H + r'{2})[^"\\\x00-\x1f]*+)*+"'
+)
 _NUM = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _SURR = re.compile("[\ud800-\udfff]")
 _TOPKEY = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)+")
@@ -332,8 +346,10 @@ def _meta_err(msg):
 def _scan_string(text, pos, want_value):
     m = _STR.match(text, pos)
     if not m:
-        _meta_err("bad string (syntax, raw control character or lone surrogate escape) at "
-                  "character %d" % pos)
+        _meta_err(
+            "bad string (syntax, raw control character or lone surrogate escape) at "
+            "character %d" % pos
+        )
     if not want_value:
         return None, m.end()
     tok = m.group()
@@ -449,6 +465,7 @@ def check_metadata(raw):
 # ----------------------------------------------------------------------------------------
 # container (section 2, C-9.2)
 
+
 class _Tensor:
     pass
 
@@ -458,7 +475,7 @@ def _read_bytes(path):
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise SpecError("E_IO", f"{path}: {exc}")
+        raise SpecError("E_IO", f"{path}: {exc}") from exc
 
 
 def _parse_container(buf):
@@ -470,8 +487,20 @@ def _parse_container(buf):
         raise SpecError("E_BAD_MAGIC", "not a .spqr file")
     if flen < 64:
         raise SpecError("E_TRUNCATED", "file of %d bytes is shorter than the 64-byte header" % flen)
-    (_, vmaj, vmin, alignment, req_features, tcount, scount, stlen, mlen, data_offset, hcrc,
-     hres) = _HDR.unpack_from(buf, 0)
+    (
+        _,
+        vmaj,
+        vmin,
+        alignment,
+        req_features,
+        tcount,
+        scount,
+        stlen,
+        mlen,
+        data_offset,
+        hcrc,
+        hres,
+    ) = _HDR.unpack_from(buf, 0)
     # 2.
     if vmaj != 1:
         raise SpecError("E_UNSUPPORTED_VERSION", "version %d.%d" % (vmaj, vmin))
@@ -506,7 +535,9 @@ def _parse_container(buf):
     if data_offset != want:
         raise SpecError("E_BAD_LAYOUT", "data_offset %d, expected %d" % (data_offset, want))
     if flen < data_offset:
-        raise SpecError("E_TRUNCATED", "file ends at %d before data_offset %d" % (flen, data_offset))
+        raise SpecError(
+            "E_TRUNCATED", "file ends at %d before data_offset %d" % (flen, data_offset)
+        )
     if any(mv[header_length:data_offset]):
         raise SpecError("E_BAD_LAYOUT", "non-zero header padding")
     # 8.
@@ -529,8 +560,17 @@ def _parse_container(buf):
         f = _TREC.unpack_from(buf, 64 + 160 * ti)
         t = _Tensor()
         t.index = ti
-        (t.name_offset, t.name_length, t.encoding, t.encoding_version, t.dtype, t.ndim, tres,
-         t.first_section, t.section_count) = f[:9]
+        (
+            t.name_offset,
+            t.name_length,
+            t.encoding,
+            t.encoding_version,
+            t.dtype,
+            t.ndim,
+            tres,
+            t.first_section,
+            t.section_count,
+        ) = f[:9]
         dims = f[9:17]
         t.digest = f[17]
         t.params = f[18]
@@ -542,9 +582,9 @@ def _parse_container(buf):
             raise SpecError("E_BAD_FIELD", "tensor %d: encoding 0" % ti)
         if t.ndim > 8:
             raise SpecError("E_BAD_FIELD", "tensor %d: ndim %d" % (ti, t.ndim))
-        if any(dims[t.ndim:]):
+        if any(dims[t.ndim :]):
             raise SpecError("E_BAD_FIELD", "tensor %d: unused dims not zero" % ti)
-        t.dims = tuple(dims[:t.ndim])
+        t.dims = tuple(dims[: t.ndim])
         for d in t.dims:
             if d > MAX_DIM:
                 raise SpecError("E_LIMIT", "tensor %d: dimension %d > 2^40" % (ti, d))
@@ -557,60 +597,76 @@ def _parse_container(buf):
         if t.section_count > 16:
             raise SpecError("E_LIMIT", "tensor %d: %d sections" % (ti, t.section_count))
         if t.first_section != next_first:
-            raise SpecError("E_BAD_LAYOUT", "tensor %d: first_section %d, expected %d"
-                            % (ti, t.first_section, next_first))
+            raise SpecError(
+                "E_BAD_LAYOUT",
+                "tensor %d: first_section %d, expected %d" % (ti, t.first_section, next_first),
+            )
         end = t.first_section + t.section_count
         if end > scount:
-            raise SpecError("E_BAD_LAYOUT", "tensor %d: sections %d..%d past section_count %d"
-                            % (ti, t.first_section, end - 1, scount))
+            raise SpecError(
+                "E_BAD_LAYOUT",
+                "tensor %d: sections %d..%d past section_count %d"
+                % (ti, t.first_section, end - 1, scount),
+            )
         roles = [sections[s][3] for s in range(t.first_section, end)]
         for a, b in zip(roles, roles[1:], strict=False):
             if b <= a:
-                raise SpecError("E_BAD_LAYOUT", "tensor %d: roles %s not strictly increasing"
-                                % (ti, roles))
+                raise SpecError(
+                    "E_BAD_LAYOUT", "tensor %d: roles %s not strictly increasing" % (ti, roles)
+                )
         t.roles = roles
         next_first = end
         tensors.append(t)
     if next_first != scount:
-        raise SpecError("E_BAD_LAYOUT", "tensors cover %d sections, header says %d"
-                        % (next_first, scount))
+        raise SpecError(
+            "E_BAD_LAYOUT", "tensors cover %d sections, header says %d" % (next_first, scount)
+        )
     # 11. names
     stbase = sbase + 32 * scount
     names = set()
     pos = 0
     for t in tensors:
         if t.name_offset != pos or t.name_offset + t.name_length > stlen:
-            raise SpecError("E_BAD_LAYOUT", "tensor %d: name at %d+%d, string table %d, expected at %d"
-                            % (t.index, t.name_offset, t.name_length, stlen, pos))
-        raw = bytes(mv[stbase + t.name_offset: stbase + t.name_offset + t.name_length])
+            raise SpecError(
+                "E_BAD_LAYOUT",
+                "tensor %d: name at %d+%d, string table %d, expected at %d"
+                % (t.index, t.name_offset, t.name_length, stlen, pos),
+            )
+        raw = bytes(mv[stbase + t.name_offset : stbase + t.name_offset + t.name_length])
         t.name = _check_name(raw, t.index)
         if raw in names:
             raise SpecError("E_DUPLICATE_NAME", "tensor %d: duplicate name %r" % (t.index, t.name))
         names.add(raw)
         pos += t.name_length
     if pos != stlen:
-        raise SpecError("E_BAD_LAYOUT", "names take %d bytes, string_table_length %d" % (pos, stlen))
+        raise SpecError(
+            "E_BAD_LAYOUT", "names take %d bytes, string_table_length %d" % (pos, stlen)
+        )
     # 12. metadata
     if mlen > 0:
         mbase = stbase + stlen
-        check_metadata(mv[mbase:mbase + mlen])
+        check_metadata(mv[mbase : mbase + mlen])
     # 13. section offsets
     expect = data_offset
     for i, (off, length, _, _) in enumerate(sections):
         if off != expect:
             raise SpecError("E_BAD_LAYOUT", "section %d at %d, expected %d" % (i, off, expect))
         if off + length > flen:  # Python ints: also covers > 2^64
-            raise SpecError("E_TRUNCATED", "section %d ends at %d, file has %d bytes"
-                            % (i, off + length, flen))
+            raise SpecError(
+                "E_TRUNCATED", "section %d ends at %d, file has %d bytes" % (i, off + length, flen)
+            )
         expect = _align(off + length, alignment)
     file_end = sections[-1][0] + sections[-1][1] if sections else data_offset
     if flen != file_end:
-        raise SpecError("E_BAD_LAYOUT", "file has %d bytes, structure ends at %d" % (flen, file_end))
+        raise SpecError(
+            "E_BAD_LAYOUT", "file has %d bytes, structure ends at %d" % (flen, file_end)
+        )
     return tensors, sections, alignment
 
 
 # ----------------------------------------------------------------------------------------
 # tensor headers (C-9.3, first half)
+
 
 def _bilevel_lengths(t):
     p = t.bp
@@ -637,8 +693,10 @@ def _check_tensor_header(t, sections):
     if t.encoding not in (1, 2, 3):
         raise SpecError("E_UNKNOWN_ENCODING", "tensor %r: encoding %d" % (t.name, t.encoding))
     if t.encoding_version != 1:
-        raise SpecError("E_UNSUPPORTED_ENCODING_VERSION", "tensor %r: encoding %d version %d"
-                        % (t.name, t.encoding, t.encoding_version))
+        raise SpecError(
+            "E_UNSUPPORTED_ENCODING_VERSION",
+            "tensor %r: encoding %d version %d" % (t.name, t.encoding, t.encoding_version),
+        )
     secs = [sections[i] for i in range(t.first_section, t.first_section + t.section_count)]
     if t.encoding == 1:
         if any(t.params):
@@ -659,27 +717,35 @@ def _check_tensor_header(t, sections):
         if sb > 8:
             raise SpecError("E_BAD_FIELD", "tensor %r: stats_bits %d" % (t.name, sb))
         if (sb == 0 and S != 0) or (sb > 0 and not 1 <= S <= MAX_GROUP):
-            raise SpecError("E_BAD_FIELD", "tensor %r: stats_group_size %d with stats_bits %d"
-                            % (t.name, S, sb))
+            raise SpecError(
+                "E_BAD_FIELD", "tensor %r: stats_group_size %d with stats_bits %d" % (t.name, S, sb)
+            )
         has_out = bool(flags & 2)
         if has_out != (E != 0):
-            raise SpecError("E_BAD_FIELD", "tensor %r: flag outliers %d with %d entries"
-                            % (t.name, has_out, E))
+            raise SpecError(
+                "E_BAD_FIELD", "tensor %r: flag outliers %d with %d entries" % (t.name, has_out, E)
+            )
         if E > MAX_OUTLIER_ENTRIES:
             raise SpecError("E_LIMIT", "tensor %r: %d outlier entries" % (t.name, E))
         if K > E:
-            raise SpecError("E_BAD_FIELD", "tensor %r: outlier_count %d > entries %d" % (t.name, K, E))
+            raise SpecError(
+                "E_BAD_FIELD", "tensor %r: outlier_count %d > entries %d" % (t.name, K, E)
+            )
         if t.ndim != 2 or t.dims[0] < 1 or t.dims[1] < 1:
             raise SpecError("E_BAD_SHAPE", f"tensor {t.name!r}: bilevel shape {list(t.dims)}")
         t.bp = dict(bits=bits, sb=sb, g=g, S=S, K=K, E=E, perm=bool(flags & 1), outliers=has_out)
         want = _bilevel_lengths(t)
     roles = [s[3] for s in secs]
     if roles != [r for r, _ in want]:
-        raise SpecError("E_BAD_LAYOUT", f"tensor {t.name!r}: roles {roles}, expected {[r for r, _ in want]}")
+        raise SpecError(
+            "E_BAD_LAYOUT", f"tensor {t.name!r}: roles {roles}, expected {[r for r, _ in want]}"
+        )
     for s, (r, length) in zip(secs, want, strict=False):
         if s[1] != length:
-            raise SpecError("E_BAD_LAYOUT", "tensor %r: role %d section of %d bytes, expected %d"
-                            % (t.name, r, s[1], length))
+            raise SpecError(
+                "E_BAD_LAYOUT",
+                "tensor %r: role %d section of %d bytes, expected %d" % (t.name, r, s[1], length),
+            )
 
 
 def _channel_mixed_header(t):
@@ -693,13 +759,16 @@ def _channel_mixed_header(t):
         raise SpecError("E_BAD_SHAPE", f"tensor {t.name!r}: channel_mixed shape {list(t.dims)}")
     m, n = t.dims
     if sum(c) != n:
-        raise SpecError("E_BAD_FIELD", "tensor %r: width counts sum to %d, n = %d"
-                        % (t.name, sum(c), n))
+        raise SpecError(
+            "E_BAD_FIELD", "tensor %r: width counts sum to %d, n = %d" % (t.name, sum(c), n)
+        )
     T = 1 if R == 0 else _ceil(m, R)
     L = sum(c[b] << b for b in range(1, 9))
     t.cp = dict(c=c, R=R, E=E, T=T, L=L)
-    want = [(ROLE_CODES, 4 * sum(_ceil(m * c[b] * b, 32) for b in range(1, 9))),
-            (ROLE_PERM, (2 if n <= 65536 else 4) * n)]
+    want = [
+        (ROLE_CODES, 4 * sum(_ceil(m * c[b] * b, 32) for b in range(1, 9))),
+        (ROLE_PERM, (2 if n <= 65536 else 4) * n),
+    ]
     if E > 0:
         want.append((ROLE_OIDX, 4 * (_ceil(m, 16) + 1)))
         want.append((ROLE_OENT, 4 * E))
@@ -709,6 +778,7 @@ def _channel_mixed_header(t):
 
 # ----------------------------------------------------------------------------------------
 # bilevel decoding (sections 5-7)
+
 
 def unpack_stream(data, N, w):
     """Packed stream (C-5.2) of N elements of w (1..8) bits -> uint8 array of N codes."""
@@ -721,7 +791,7 @@ def unpack_stream(data, N, w):
         buf = src[:nbytes]
     else:
         buf = np.zeros(nbytes, np.uint8)
-        buf[:len(src)] = src
+        buf[: len(src)] = src
     b = buf.reshape(groups, w)
     word = b[:, 0].astype(np.uint64)
     for k in range(1, w):
@@ -749,12 +819,16 @@ def _read_perm(t, secdata, n):
     """C-5.7: perm entries, a permutation of 0..n-1 (E_BAD_PERMUTATION)."""
     perm = np.frombuffer(secdata[ROLE_PERM], dtype="<u2" if n <= 65536 else "<u4").astype(np.int64)
     if perm.size and int(perm.max()) >= n:
-        raise SpecError("E_BAD_PERMUTATION", "tensor %r: perm entry %d >= n = %d"
-                        % (t.name, int(perm.max()), n))
+        raise SpecError(
+            "E_BAD_PERMUTATION", "tensor %r: perm entry %d >= n = %d" % (t.name, int(perm.max()), n)
+        )
     seen = np.bincount(perm, minlength=n)
     if np.any(seen != 1):
-        raise SpecError("E_BAD_PERMUTATION", "tensor %r: column %d appears %d times"
-                        % (t.name, int(np.argmax(seen != 1)), int(seen[np.argmax(seen != 1)])))
+        raise SpecError(
+            "E_BAD_PERMUTATION",
+            "tensor %r: column %d appears %d times"
+            % (t.name, int(np.argmax(seen != 1)), int(seen[np.argmax(seen != 1)])),
+        )
     return perm
 
 
@@ -783,9 +857,9 @@ def _decode_channel_mixed(t, secdata):
         if c[b] == 0:
             continue
         nw = _ceil(m * c[b] * b, 32)
-        run = unpack_stream(codes[4 * word:4 * (word + nw)], m * c[b], b)
-        q[:, s:s + c[b]] = run.reshape(m, c[b])
-        offs[s:s + c[b]] = o + (np.arange(c[b], dtype=np.int64) << b)
+        run = unpack_stream(codes[4 * word : 4 * (word + nw)], m * c[b], b)
+        q[:, s : s + c[b]] = run.reshape(m, c[b])
+        offs[s : s + c[b]] = o + (np.arange(c[b], dtype=np.int64) << b)
         word += nw
         s += c[b]
         o += c[b] << b
@@ -823,8 +897,23 @@ def _decode_bilevel(t, secdata):
     out_rows = out_cols = out_vals = None
     if p["outliers"]:
         out_rows, out_cols, out_vals = _outlier_stream(t, secdata, m, n, p["E"], p["K"])
-    return _bilevel_values(t, secdata, p, m, n, b, sb, g, S, G, st if sb == 0 else st2, perm,
-                           out_rows, out_cols, out_vals)
+    return _bilevel_values(
+        t,
+        secdata,
+        p,
+        m,
+        n,
+        b,
+        sb,
+        g,
+        S,
+        G,
+        st if sb == 0 else st2,
+        perm,
+        out_rows,
+        out_cols,
+        out_vals,
+    )
 
 
 def _outlier_stream(t, secdata, m, n, E, K):
@@ -842,8 +931,9 @@ def _outlier_stream(t, secdata, m, n, E, K):
     skip = value == 0xFFFF
     if np.any(skip & (delta != 65535)):
         i = int(np.argmax(skip & (delta != 65535)))
-        raise SpecError("E_BAD_OUTLIERS", "tensor %r: entry %d: skip with delta %d"
-                        % (t.name, i, int(delta[i])))
+        raise SpecError(
+            "E_BAD_OUTLIERS", "tensor %r: entry %d: skip with delta %d" % (t.name, i, int(delta[i]))
+        )
     nonempty = X[1:] > X[:-1]
     last = X[1:][nonempty] - 1
     if last.size and np.any(skip[last]):
@@ -858,12 +948,15 @@ def _outlier_stream(t, secdata, m, n, E, K):
     bad = real & (pcell >= rows_in_block * n)
     if np.any(bad):
         i = int(np.argmax(bad))
-        raise SpecError("E_BAD_OUTLIERS", "tensor %r: entry %d: cell %d past its block"
-                        % (t.name, i, int(pcell[i])))
+        raise SpecError(
+            "E_BAD_OUTLIERS",
+            "tensor %r: entry %d: cell %d past its block" % (t.name, i, int(pcell[i])),
+        )
     nreal = int(np.count_nonzero(real))
     if nreal != K:
-        raise SpecError("E_BAD_OUTLIERS", "tensor %r: %d outliers, outlier_count %d"
-                        % (t.name, nreal, K))
+        raise SpecError(
+            "E_BAD_OUTLIERS", "tensor %r: %d outliers, outlier_count %d" % (t.name, nreal, K)
+        )
     vals = value[real]
     if np.any((vals & 0x7C00) == 0x7C00):
         raise SpecError("E_NONFINITE", f"tensor {t.name!r}: non-finite outlier value")
@@ -871,8 +964,9 @@ def _outlier_stream(t, secdata, m, n, E, K):
     return 16 * block[real] + pr // n, pr % n, f16_bits_to_f32(vals)
 
 
-def _bilevel_values(t, secdata, p, m, n, b, sb, g, S, G, st_any, perm, out_rows, out_cols,
-                    out_vals):
+def _bilevel_values(
+    t, secdata, p, m, n, b, sb, g, S, G, st_any, perm, out_rows, out_cols, out_vals
+):
     st = st2 = st_any
     # statistics (C-7.1)
     if sb == 0:
@@ -910,6 +1004,7 @@ def _bilevel_values(t, secdata, p, m, n, b, sb, g, S, G, st_any, perm, out_rows,
 # ----------------------------------------------------------------------------------------
 # whole file
 
+
 def _decode(path, check_crc=True, check_digest=True, want_f32=False):
     buf = _read_bytes(path)
     tensors, sections, alignment = _parse_container(buf)
@@ -922,11 +1017,13 @@ def _decode(path, check_crc=True, check_digest=True, want_f32=False):
         secdata = {}
         for si in range(t.first_section, t.first_section + t.section_count):
             off, length, scrc, role = sections[si]
-            data = mv[off:off + length]
+            data = mv[off : off + length]
             if check_crc and zlib.crc32(data) != scrc:
-                raise SpecError("E_SECTION_CRC", "tensor %r: section %d (role %d) crc mismatch"
-                                % (t.name, si, role))
-            if si + 1 < nsec and any(mv[off + length:sections[si + 1][0]]):
+                raise SpecError(
+                    "E_SECTION_CRC",
+                    "tensor %r: section %d (role %d) crc mismatch" % (t.name, si, role),
+                )
+            if si + 1 < nsec and any(mv[off + length : sections[si + 1][0]]):
                 raise SpecError("E_BAD_LAYOUT", "non-zero padding after section %d" % si)
             secdata[role] = data
         name, dt = t.name, t.dtype
@@ -940,8 +1037,13 @@ def _decode(path, check_crc=True, check_digest=True, want_f32=False):
         else:
             f32 = (_decode_channel_mixed if t.encoding == 3 else _decode_bilevel)(t, secdata)
             arr = _from_f32(f32, dt)
-            if check_digest and hashlib.sha256(arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-                                               .tobytes()).digest() != t.digest:
+            if (
+                check_digest
+                and hashlib.sha256(
+                    arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+                ).digest()
+                != t.digest
+            ):
                 raise SpecError("E_DIGEST_MISMATCH", f"tensor {name!r}: digest mismatch")
         try:
             arr = arr.reshape(t.dims)
@@ -992,8 +1094,11 @@ def write_safetensors(path, items):
     header = {}
     off = 0
     for name, code, shape, data in items:
-        header[name] = {"dtype": code, "shape": [int(d) for d in shape],
-                        "data_offsets": [off, off + len(data)]}
+        header[name] = {
+            "dtype": code,
+            "shape": [int(d) for d in shape],
+            "data_offsets": [off, off + len(data)],
+        }
         off += len(data)
     hj = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
     hj += b" " * ((-len(hj)) % 8)
@@ -1011,7 +1116,7 @@ def read_safetensors(path):
     (hl,) = struct.unpack_from("<Q", raw, 0)
     if 8 + hl > len(raw):
         raise ValueError("safetensors header past the end")
-    hdr = json.loads(raw[8:8 + hl].decode("utf-8"))
+    hdr = json.loads(raw[8 : 8 + hl].decode("utf-8"))
     base = 8 + hl
     out = {}
     for name, d in hdr.items():
@@ -1019,7 +1124,7 @@ def read_safetensors(path):
             continue
         npdt, size = _ST_DT[d["dtype"]]
         b, e = d["data_offsets"]
-        arr = np.frombuffer(raw[base + b: base + e], dtype=npdt)
+        arr = np.frombuffer(raw[base + b : base + e], dtype=npdt)
         out[name] = arr.reshape(d["shape"])
     return out
 

@@ -221,7 +221,9 @@ class SpqrFile:
         elif entry.encoding == Encoding.CHANNEL_MIXED and name not in self._layout_errors:
             h = cm.ChannelMixedHeader.from_bytes(entry.params)
             params = {
-                "width_counts": {str(b): c for b, c in zip(cm.WIDTHS, h.width_counts, strict=False) if c},
+                "width_counts": {
+                    str(b): c for b, c in zip(cm.WIDTHS, h.width_counts, strict=False) if c
+                },
                 "table_rows": h.table_rows,
                 "permutation": True,
                 "outlier_entries": h.outlier_entry_count,

@@ -125,7 +125,9 @@ def plot_report(rows: list[ReportRow], path: str, title: str = "") -> None:
         ) from None
     quant = [r for r in rows if r.encoding in QUANTIZED]
     if not quant:
-        raise BadInputError("the file has no quantized (bilevel or channel_mixed) tensor to plot", field="plot")
+        raise BadInputError(
+            "the file has no quantized (bilevel or channel_mixed) tensor to plot", field="plot"
+        )
     x = range(len(quant))
     err_key = (
         "relative_output_error"

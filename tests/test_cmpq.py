@@ -27,7 +27,9 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 
 def _numpy_decoder():
-    spec_ = importlib.util.spec_from_file_location("numpy_decoder", ROOT / "conformance" / "numpy_decoder.py")
+    spec_ = importlib.util.spec_from_file_location(
+        "numpy_decoder", ROOT / "conformance" / "numpy_decoder.py"
+    )
     mod = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(mod)
     return mod
@@ -87,7 +89,9 @@ def test_roundtrip_through_a_file_and_both_decoders_bit_for_bit(tmp_path):
         f.verify("w")
         ours = f.decode("w")
         theirs = nd.decode_file(str(path))["w"]
-        assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+        assert ours.dtype == np.float32 and np.array_equal(
+            ours.view(np.uint32), theirs.view(np.uint32)
+        )
         got = f.read("w")
         back = cm.unpack(got)
         assert np.array_equal(back.codes, t.codes) and np.array_equal(back.perm, t.perm)
@@ -110,11 +114,15 @@ def test_decode_is_the_table_lookup_of_the_spec(m, n, rows, seed, density):
     widths = np.sort(rng.integers(1, 9, n)).astype(np.uint8)
     perm = rng.permutation(n).astype(np.uint32)
     codes = (rng.integers(0, 256, (m, n)) % (1 << widths.astype(np.int64))).astype(np.uint8)
-    geo = cm.ChannelMixedGeometry.of((m, n), tuple(int((widths == b).sum()) for b in cm.WIDTHS), rows)
+    geo = cm.ChannelMixedGeometry.of(
+        (m, n), tuple(int((widths == b).sum()) for b in cm.WIDTHS), rows
+    )
     tables = rng.standard_normal((geo.table_blocks, geo.table_entries)).astype(np.float16)
     mask = rng.random((m, n)) < density
     r, c = np.nonzero(mask)
-    out = Outliers(r.astype(np.uint32), c.astype(np.uint32), rng.standard_normal(r.size).astype(np.float16))
+    out = Outliers(
+        r.astype(np.uint32), c.astype(np.uint32), rng.standard_normal(r.size).astype(np.float16)
+    )
     t = cm.ChannelMixedTensor((m, n), widths, perm, codes, tables, out if r.size else None,
                               sf.DType.FLOAT32, rows)  # fmt: skip
     got = ref.dequantize(t, "float32")
@@ -175,10 +183,10 @@ def _u(sec, dt, fn):
     [
         (lambda t: _u(t.section(5), "<u2", lambda a: a.__setitem__(0, a[1])), "E_BAD_PERMUTATION"),
         (lambda t: _u(t.section(8), "<u2", lambda a: a.__setitem__(3, 0x7C00)), "E_NONFINITE"),
-        (lambda t: _u(t.section(7), "<u4", lambda a: a.__setitem__(0, a[0] & 0xFFFF0000)), "E_BAD_OUTLIERS"),
-        (lambda t: setattr(t, "params", t.params[:32] + struct.pack("<I", 2**24 + 1) + t.params[36:]), "E_BAD_FIELD"),
-        (lambda t: setattr(t, "params", struct.pack("<I", struct.unpack("<I", t.params[:4])[0] + 1) + t.params[4:]), "E_BAD_FIELD"),
-        (lambda t: setattr(t, "params", t.params[:32] + struct.pack("<I", 7) + t.params[36:]), "E_BAD_LAYOUT"),
+        (lambda t: _u(t.section(7), "<u4", lambda a: a.__setitem__(0, a[0] & 0xFFFF0000)), "E_BAD_OUTLIERS"),  # noqa: E501
+        (lambda t: setattr(t, "params", t.params[:32] + struct.pack("<I", 2**24 + 1) + t.params[36:]), "E_BAD_FIELD"),  # noqa: E501
+        (lambda t: setattr(t, "params", struct.pack("<I", struct.unpack("<I", t.params[:4])[0] + 1) + t.params[4:]), "E_BAD_FIELD"),  # noqa: E501
+        (lambda t: setattr(t, "params", t.params[:32] + struct.pack("<I", 7) + t.params[36:]), "E_BAD_LAYOUT"),  # noqa: E501
         (lambda t: t.sections.pop(), "E_BAD_LAYOUT"),
         (lambda t: (setattr(t, "ndim", 1), t.dims.__setitem__(1, 0)), "E_BAD_SHAPE"),
     ],
@@ -248,8 +256,8 @@ def test_cli_encode_cmpq_then_info_verify_decode(tmp_path):
     [
         (["--target-bits", "1.5"], None, "unreachable"),
         (["--target-bits", "4"], lambda hs: hs.pop("b.weight"), "b.weight"),
-        (["--target-bits", "4"], lambda hs: hs.__setitem__("a.weight", ("float32", np.eye(5, dtype=np.float32))), "a.weight"),
-        (["--target-bits", "4"], lambda hs: hs.__setitem__("a.weight", ("float32", np.zeros((128, 128), np.float32))), "all zero"),
+        (["--target-bits", "4"], lambda hs: hs.__setitem__("a.weight", ("float32", np.eye(5, dtype=np.float32))), "a.weight"),  # noqa: E501
+        (["--target-bits", "4"], lambda hs: hs.__setitem__("a.weight", ("float32", np.zeros((128, 128), np.float32))), "all zero"),  # noqa: E501
         ([], None, "--target-bits"),
         (["--target-bits", "4", "--bits", "3"], None, "do not apply"),
     ],

@@ -66,7 +66,11 @@ def altered(tmp_path, sample, change, name="altered.spqr") -> pathlib.Path:
     [
         (sb.REC_ENCODING_VERSION, 2, "E_UNSUPPORTED_ENCODING_VERSION"),
         (sb.REC_ENCODING, 9, "E_UNKNOWN_ENCODING"),
-        (sb.REC_ENCODING, 4, "E_UNKNOWN_ENCODING"),  # no version defines id 4 (3: channel_mixed, 1.1)
+        (
+            sb.REC_ENCODING,
+            4,
+            "E_UNKNOWN_ENCODING",
+        ),  # no version defines id 4 (3: channel_mixed, 1.1)
     ],
 )
 def test_info_lists_unsupported_tensors(tmp_path, sample, field, value, code):

@@ -67,7 +67,7 @@ def _dv(id, desc, tensors_fn, clauses=(), suite="fast"):
 
 
 _dv("all-widths", "every width 1..8 in one tensor (runs not word-aligned), random perm, f32",
-    lambda: {"w": make_cm("all", 19, 61, [(b, 3 + b) for b in range(1, 9)] + [(3, 1)])})  # fmt: skip
+    lambda: {"w": make_cm("all", 19, 61, [(b, 3 + b) for b in range(1, 9)] + [(3, 1)])})  # fmt: skip  # noqa: E501
 _dv("one-width", "a single width-8 column of 1 row (a 256-entry table), identity perm, f16",
     lambda: {"w": make_cm("one", 1, 1, [(8, 1)], perm="identity", dtype=F16)})  # fmt: skip
 _dv("table-rows", "tables per block of 16 rows (T = 3, last block 5 rows), outliers, f16",
@@ -84,7 +84,7 @@ _dv("outlier-skips", "17 x 4200, widths {1, 2}, outliers 69,000 cells apart (ski
     ["C-12.6", "C-6.1", "C-6.2", "C-6.3"])  # fmt: skip
 _dv("mixed-with-bilevel", "a channel_mixed tensor next to raw and encoder-made tensors",
     lambda: {"a.raw": np.arange(12, dtype=np.float32).reshape(3, 4),
-             "b.cm": make_cm("mix", 40, 33, [(2, 20), (3, 10), (4, 3)], outliers=0.01)})  # fmt: skip
+             "b.cm": make_cm("mix", 40, 33, [(2, 20), (3, 10), (4, 3)], outliers=0.01)})  # fmt: skip  # noqa: E501
 
 
 def _encoded():
@@ -176,7 +176,7 @@ rj("E_BAD_SHAPE", "cm-raw-1d", "raw",
    ["C-12.2", "C-12.8", "C-13.3"])(lambda im: setattr(im.tensors[1], "encoding", 3))  # fmt: skip
 rj("E_BAD_FIELD", "cm-bilevel-params", "bilevel",
    "a bilevel tensor's encoding set to 3: its params read as channel_mixed have width counts "
-   "that do not sum to n", ["C-12.2", "C-12.8", "C-13.3"])(lambda im: setattr(im.tensors[0], "encoding", 3))  # fmt: skip
+   "that do not sum to n", ["C-12.2", "C-12.8", "C-13.3"])(lambda im: setattr(im.tensors[0], "encoding", 3))  # fmt: skip  # noqa: E501
 rj("E_BAD_SHAPE", "cm-ndim-1", B, "a channel_mixed tensor with ndim 1 ([24])",
    ["C-12.2", "C-12.8"])(lambda im: (setattr(im.tensors[0], "ndim", 1),
                                      im.tensors[0].dims.__setitem__(1, 0)))  # fmt: skip
@@ -199,7 +199,7 @@ rj("E_BAD_LAYOUT", "cm-no-perm", B, "the perm section is missing", ["C-12.2", "C
 )  # fmt: skip
 rj("E_BAD_LAYOUT", "cm-codes-short", B, "the codes section is 4 bytes short",
    ["C-12.3", "C-12.8"])(lambda im: setattr(im.tensors[0].section(Role.CODES), "data",
-                                           im.tensors[0].section(Role.CODES).data[:-4]))  # fmt: skip
+                                           im.tensors[0].section(Role.CODES).data[:-4]))  # fmt: skip  # noqa: E501
 rj("E_BAD_LAYOUT", "role-8-on-raw", "raw", "a raw tensor whose data section has role 8 (tables)",
    ["C-2.7", "C-4.1"])(lambda im: setattr(im.tensors[1].sections[0], "role", 8))  # fmt: skip
 # data part
