@@ -98,6 +98,31 @@ def test_a_failing_rank_stops_every_rank_and_leaves_nothing(llama):
     assert not [p for p in os.listdir(llama) if p.startswith("fail")]
 
 
+def test_gpu_code_path_two_ranks_write_the_single_process_file(llama, tmp_path, monkeypatch):
+    """The code ``--device cuda`` runs (torch encoder, float64 chunk sums on the device, folded
+    in row pieces through ``gather``), run on the CPU over gloo: 2 ranks give the bytes of one
+    process running that same code. On GPUs NCCL carries the same collectives
+    (tests/test_distributed_gpu.py)."""
+    from spqr_format.models import pipeline
+
+    monkeypatch.setattr(pipeline, "_encoder_device", lambda device: torch.device("cpu"))
+    one = tmp_path / "torch1.spqr"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        quantize_model(llama / "llama", one, calib=str(llama / "corpus.txt"), samples=SAMPLES,
+                       seq_len=SEQ)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "torch2.spqr"
+    # 4 KiB pieces: 4 rows of a 64-column Hessian per gather (several pieces per layer)
+    r = torchrun(2, *_qargs(llama, out),
+                 env={"SPQR_TEST_TORCH_ENCODER": "1", "SPQR_TEST_FOLD_BYTES": "4096"})  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert out.read_bytes() == one.read_bytes()
+    assert not os.path.exists(str(out) + ".partial")
+
+
 def test_tensor_parallel_logits(llama):
     from spqr_format.models.loader import load_model
 
