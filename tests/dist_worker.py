@@ -53,7 +53,7 @@ def main() -> None:
             logits = model(input_ids=ids.to(device if device == "cpu" else model.device),
                            use_cache=False).logits
         if model.tp_rank == 0:
-            np.save(args[1], logits.float().numpy())
+            np.save(args[1], logits.float().cpu().numpy())
             print("tp_read", model.tp_read)
 
 
