@@ -238,8 +238,13 @@ def launch(n: int, args: list[str], device: str) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gpus", type=int, nargs="+", default=None,
-                    help="rank counts (default: 1 2 4 8 up to the GPUs of this host)")
+    ap.add_argument(
+        "--gpus",
+        type=int,
+        nargs="+",
+        default=None,
+        help="rank counts (default: 1 2 4 8 up to the GPUs of this host)",
+    )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
     ap.add_argument("--quant-blocks", type=int, default=2)
@@ -316,8 +321,10 @@ def main() -> int:
     if out["quantize"]:
         print(f"\nQuantization, {a.quant_blocks} blocks of {a.shape}, {a.preset}, "
               f"{a.samples} x {a.seq_len} tokens, {dev}\n")  # fmt: skip
-        print("| ranks | s/block | block loop s | setup s | torchrun wall s | 32 blocks (est.) "
-              "| speed-up/block | same file |")
+        print(
+            "| ranks | s/block | block loop s | setup s | torchrun wall s | 32 blocks (est.) "
+            "| speed-up/block | same file |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         base = out["quantize"][a.gpus[0]]["per_block"]
         for n, r in out["quantize"].items():
@@ -326,18 +333,24 @@ def main() -> int:
                   f"{r['extrapolated_32_blocks_minutes']:.1f} min | "
                   f"{base / r['per_block']:.2f}x | {r['same_file_as_first']} |")  # fmt: skip
     if out["tp"]:
-        print(f"\nTensor-parallel greedy decode, {a.tp_layers} blocks of {a.shape} (random "
-              f"spqr-3bit-like), prompt {a.prompt}, {a.new_tokens} new tokens, eager, {dev}\n")
+        print(
+            f"\nTensor-parallel greedy decode, {a.tp_layers} blocks of {a.shape} (random "
+            f"spqr-3bit-like), prompt {a.prompt}, {a.new_tokens} new tokens, eager, {dev}\n"
+        )
         print("| ranks | batch | fp16 tok/s | spqr tok/s | spqr / fp16 |")
         print("|---|---|---|---|---|")
         for n, r in out["tp"].items():
             for b in a.batches:
                 row = r["rows"][str(b)]
-                print(f"| {n} | {b} | {row['fp16']:.1f} | {row['spqr']:.1f} | "
-                      f"{row['spqr'] / row['fp16']:.2f}x |")
+                print(
+                    f"| {n} | {b} | {row['fp16']:.1f} | {row['spqr']:.1f} | "
+                    f"{row['spqr'] / row['fp16']:.2f}x |"
+                )
         for n, r in out["tp"].items():
-            print(f"{n} ranks: load {r['load_seconds']:.1f}s, reads {r['tp_read']}, "
-                  f"peak GB {r['rows'].get('peak_gb')}")
+            print(
+                f"{n} ranks: load {r['load_seconds']:.1f}s, reads {r['tp_read']}, "
+                f"peak GB {r['rows'].get('peak_gb')}"
+            )
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=1)

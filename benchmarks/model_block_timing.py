@@ -38,8 +38,16 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_random_llama(tmp: str, *, blocks: int, hidden: int = 4096, mlp: int = 11008,
-                       heads: int = 32, samples: int = 16, seq_len: int = 512):
+def build_random_llama(
+    tmp: str,
+    *,
+    blocks: int,
+    hidden: int = 4096,
+    mlp: int = 11008,
+    heads: int = 32,
+    samples: int = 16,
+    seq_len: int = 512,
+):
     """A Llama-shaped model with random fp16 weights in ``tmp/model`` (and a word-level
     tokenizer trained on generated text) and a calibration text ``tmp/calib.txt`` long enough
     for ``samples`` x ``seq_len`` tokens; returns ``(model_dir, calib)``."""
@@ -98,9 +106,15 @@ def main(argv=None) -> int:
         torch.linalg.solve_triangular(a, a, upper=False)
         (a.float() @ a.float()).sum().item()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, calib = build_random_llama(tmp, blocks=args.blocks, hidden=args.hidden,
-                                              mlp=args.mlp, heads=args.heads,
-                                              samples=args.samples, seq_len=args.seq_len)
+        model_dir, calib = build_random_llama(
+            tmp,
+            blocks=args.blocks,
+            hidden=args.hidden,
+            mlp=args.mlp,
+            heads=args.heads,
+            samples=args.samples,
+            seq_len=args.seq_len,
+        )
         base_rss = _rss_mb()
         events = []
         t0 = time.perf_counter()

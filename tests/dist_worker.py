@@ -26,7 +26,8 @@ def main() -> None:
 
             pipeline._encoder_device = lambda device: torch.device("cpu")
             distributed.FOLD_BYTES = int(os.environ.get("SPQR_TEST_FOLD_BYTES", "0")) or (
-                distributed.FOLD_BYTES)
+                distributed.FOLD_BYTES
+            )
         fail = os.environ.get("SPQR_TEST_FAIL_RANK")
         if fail is not None and os.environ.get("RANK") == fail:
             from spqr_format.models import pipeline
@@ -50,8 +51,9 @@ def main() -> None:
         model = load_model_tp(args[0], device=device, **kw)
         ids = torch.from_numpy(np.arange(3 * 24).reshape(3, 24) % 40 + 5)
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device if device == "cpu" else model.device),
-                           use_cache=False).logits
+            logits = model(
+                input_ids=ids.to(device if device == "cpu" else model.device), use_cache=False
+            ).logits
         if model.tp_rank == 0:
             np.save(args[1], logits.float().cpu().numpy())
             print("tp_read", model.tp_read)

@@ -213,6 +213,7 @@ def collect_hessians(torch, group: Group, mods, run_window, window_ids: list[int
     pos = {g: i for i, g in enumerate(window_ids)}
     shared = None
     if dev is None:
+
         def make(name, n):
             return HessianAccumulator(n, name=name)
     else:
