@@ -1,25 +1,38 @@
 """Quantization over several processes through ``torch.distributed`` (issue 21).
 
 ``torchrun --nproc-per-node N -m spqr_format quantize-model ...`` runs the pipeline of
-:mod:`spqr_format.models.pipeline` on N ranks (gloo between CPU processes; the NCCL/GPU path is
-not implemented yet, see below). What each rank does:
+:mod:`spqr_format.models.pipeline` on N ranks: gloo between CPU processes (``--device cpu``,
+the numba encoder), NCCL between GPUs (``--device cuda``: rank ``r`` on ``cuda:LOCAL_RANK``,
+one rank per GPU, the torch encoder). What each rank does:
 
 - **Calibration windows** are split in fixed *chunks* of :data:`WINDOWS_PER_CHUNK`
   consecutive windows (the partition depends only on the number of windows, never on N);
   chunk ``c`` belongs to rank ``c % N``. A rank runs only its own windows through the
   embeddings and the blocks, so it holds only their activations.
 - **Hessians, fixed order.** For every chunk each rank sums ``x x^T`` of the chunk's windows in
-  float64 from zero (:meth:`HessianAccumulator.add`, window order); the chunk sums are then
-  folded into the layer's total *in chunk order* ``((S_0 + S_1) + S_2) + ...`` on the rank
-  that encodes the layer (``dist.gather`` of one step's N chunk sums, added in rank order =
-  chunk order). A single process (N=1, no torchrun) runs the very same chunked code, so the
-  Hessians, and therefore the file, are bit-for-bit the same for every N.
+  float64 from zero, in window order (CPU: :meth:`HessianAccumulator.add`; GPU: one float64
+  GEMM per window on the device, :class:`~spqr_format.codec.gptq_torch.HessianAccumulatorTorch`);
+  the chunk sums are then folded into the layer's total *in chunk order*
+  ``((S_0 + S_1) + S_2) + ...`` on the rank that encodes the layer (``dist.gather`` of one
+  step's N chunk sums, added in rank order = chunk order; on the GPU path in row blocks of at
+  most :data:`FOLD_BYTES`, so the owner never holds N whole n x n matrices). The sums are only
+  moved, never re-associated. A single process (N=1, no torchrun) runs the very same chunked
+  code, on the CPU and on the GPU, so the Hessians, and therefore the file, are bit-for-bit
+  the same for every N: on the CPU always; on GPUs when the ranks' GPUs are of one model
+  (the same cuBLAS kernels for the same shapes: cuBLAS is deterministic per architecture and
+  SM count). Tested: 1 process vs 2 and 3 gloo ranks on the CPU, and the GPU code run on the
+  CPU over gloo (2 ranks, small fold pieces); on a GPU, a one-rank NCCL launch vs the plain
+  single-process ``--device cuda`` run (tests/test_distributed_gpu.py, which also has the 2-
+  and 3-GPU equalities, run only where such a machine is lent).
 - **Encoding.** The block's layer ``j`` is encoded by rank ``j % N``; the packed tensors and
-  reports are exchanged (``all_gather_object``) so that every rank puts the *decoded* weights of
-  every layer into its copy of the block before it computes the next block's inputs.
+  reports are exchanged (``all_gather_object``; under NCCL it pickles through this rank's
+  GPU, which :func:`from_env` makes the current device) so that every rank puts the *decoded*
+  weights of every layer into its copy of the block before it computes the next block's
+  inputs (the GPU encoder's reconstruction equals the decoded tensor bit for bit, tested in
+  tests/test_gptq_torch.py, so owner and non-owners hold the same weights).
 - **Output.** Rank 0 alone writes the block checkpoints (``OUT.partial/``) and the final file
   (atomically); ``--resume`` reuses them exactly as a single process does (the checkpoints
-  are the same bytes, so a run may even be resumed with another N).
+  are the same bytes, so a run may even be resumed with another N, on the same device kind).
 - **Failures.** After every step where a rank computes on its own (forward passes, encoding,
   writing) the ranks exchange a status (:meth:`Group.check`): if any rank raised, every rank
   raises :class:`RankFailed` with that rank's error, exits non-zero, and rank 0 removes
@@ -27,11 +40,13 @@ not implemented yet, see below). What each rank does:
   (signal, OOM killer, lost host) cannot report: torchrun stops the others, and
   ``OUT.partial/`` stays for ``--resume``, as after an interrupted single-process run.
 
-Not implemented (refused with a message): ``--device cuda`` under torchrun (the GPU encoder's
-Hessians are accumulated on the GPU without the chunked order; NCCL would carry the same
-collectives), and ``--target-bits`` (its allocation pass needs every window's activations).
-Several hosts need ``OUT``'s directory on rank 0 only (checkpoints are read by rank 0 and
-broadcast).
+A one-rank launch with ``--device cuda`` (``--nproc-per-node 1``) gets a one-rank NCCL group
+and runs all of the above (the way the NCCL code is tested on one GPU); a one-rank CPU launch
+is a plain single process. Not implemented (refused with a message): ``--target-bits`` under
+torchrun (its allocation pass needs every window's activations). Several hosts need ``OUT``'s
+directory on rank 0 only (checkpoints are read by rank 0 and broadcast). Every rank loads the
+whole model on its CPU (as one process does); each block visits the GPUs while it is
+quantized.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ The loop (the one the CLI's ``spqr quantize-model`` and the Python API both call
    stops the forward;
 2. for each block: forward hooks on its linear layers accumulate float64 Hessians
    ``H = (2/N) sum x x^T`` (:mod:`spqr_format.codec.hessian`) over all calibration windows in
-   one pass (SpQR's default, not ``--true-sequential``); each weight is encoded with the
+   one pass (SpQR's default, not ``--true-sequential``), summed per chunk of 4 windows and
+   the chunks in order, on the CPU and on the GPU (:mod:`spqr_format.models.distributed`: the
+   same sums for any number of torchrun ranks); each weight is encoded with the
    configuration (:func:`spqr_format.codec.presets.encode_tensor`); the block's weights are
    replaced by the *decoded* quantized weights, exactly what a reader of the file gets; the
    block runs again and its outputs are the next block's inputs;
