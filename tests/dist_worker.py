@@ -5,8 +5,8 @@ rank r raises in the second block's encoding (the failure test); with
 ``SPQR_TEST_TORCH_ENCODER=1`` ``--device cpu`` runs the code of ``--device cuda`` on the CPU
 (the torch encoder, torch Hessian accumulators, chunk sums gathered in row pieces of
 ``SPQR_TEST_FOLD_BYTES``), which gloo can carry.
-``tp FILE OUT.npy [DEVICE [SHARDS]]``: load FILE tensor-parallel, run a fixed input, rank 0
-saves the logits.
+``tp FILE OUT.npy [DEVICE [SHARDS[,SHARDS]]]``: load FILE tensor-parallel, run a fixed input,
+rank 0 saves the logits (with several SHARDS kinds, to OUT-<kind>.npy each).
 """
 
 import os
@@ -47,16 +47,20 @@ def main() -> None:
         from spqr_format.models.tp import load_model_tp
 
         device = args[2] if len(args) > 2 else "cpu"
-        kw = {"shards": args[3]} if len(args) > 3 else {}
-        model = load_model_tp(args[0], device=device, **kw)
-        ids = torch.from_numpy(np.arange(3 * 24).reshape(3, 24) % 40 + 5)
-        with torch.no_grad():
-            logits = model(
-                input_ids=ids.to(device if device == "cpu" else model.device), use_cache=False
-            ).logits
-        if model.tp_rank == 0:
-            np.save(args[1], logits.float().cpu().numpy())
-            print("tp_read", model.tp_read)
+        # SHARDS: dense, packed, or several separated by commas (one launch, OUT-<shards>.npy)
+        modes = args[3].split(",") if len(args) > 3 else [None]
+        for shards in modes:
+            kw = {"shards": shards} if shards else {}
+            model = load_model_tp(args[0], device=device, **kw)
+            ids = torch.from_numpy(np.arange(3 * 24).reshape(3, 24) % 40 + 5)
+            with torch.no_grad():
+                logits = model(
+                    input_ids=ids.to(device if device == "cpu" else model.device), use_cache=False
+                ).logits
+            if model.tp_rank == 0:
+                out = args[1] if len(modes) == 1 else args[1].replace(".npy", f"-{shards}.npy")
+                np.save(out, logits.float().cpu().numpy())
+                print("tp_read", shards, model.tp_read)
 
 
 if __name__ == "__main__":

@@ -124,42 +124,27 @@ def test_gpu_code_path_two_ranks_write_the_single_process_file(llama, tmp_path, 
 
 
 def test_tensor_parallel_logits(llama):
+    """Both shard kinds in one launch. ``dense``: column-parallel layers are cheap row slices,
+    row-parallel ones decode whole rows. ``packed`` (what the GPU runs, here dequantized on the
+    CPU): row-parallel layers are blocks of stored columns fed the all-gathered input at
+    ``perm[j0:j1]``, then all-reduced."""
     from spqr_format.models.loader import load_model
 
     path = llama / "one.spqr"
-    got = llama / "tp2.npy"
-    r = torchrun(2, "tp", str(path), str(got))
+    r = torchrun(2, "tp", str(path), str(llama / "tp2.npy"), "cpu", "dense,packed")
     assert r.returncode == 0, r.stdout + r.stderr
-    # column-parallel layers are cheap row slices; row-parallel ones decode whole rows
-    assert "'cheap_rows': 10, 'full_rows': 0, 'full_columns': 4" in r.stdout
+    assert "dense {'cheap_rows': 10, 'full_rows': 0, 'full_columns': 4}" in r.stdout
+    assert ("packed {'cheap_rows': 10, 'full_rows': 0, 'full_columns': 0, "
+            "'stored_columns': 4, 'gathered_inputs': 4}") in r.stdout  # fmt: skip
     model = load_model(path)
     ids = torch.from_numpy(np.arange(3 * 24).reshape(3, 24) % 40 + 5)
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits.numpy()
-    tp = np.load(got)
-    # the same weights; only the float32 summation order of the two all_reduce per block
-    # differs (measured: 1.5e-7 on logits of magnitude 0.6)
-    assert np.abs(tp - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max()))
-
-
-def test_tensor_parallel_packed_shards_logits(llama):
-    """``shards="packed"`` (what the GPU runs, here dequantized on the CPU): column-parallel
-    layers are row slices of the compressed tensors; row-parallel layers are blocks of stored
-    columns fed the all-gathered input at ``perm[j0:j1]``, then all-reduced."""
-    from spqr_format.models.loader import load_model
-
-    path = llama / "one.spqr"
-    got = llama / "tp2p.npy"
-    r = torchrun(2, "tp", str(path), str(got), "cpu", "packed")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert ("'cheap_rows': 10, 'full_rows': 0, 'full_columns': 0, 'stored_columns': 4, "
-            "'gathered_inputs': 4") in r.stdout  # fmt: skip
-    model = load_model(path)
-    ids = torch.from_numpy(np.arange(3 * 24).reshape(3, 24) % 40 + 5)
-    with torch.no_grad():
-        ref = model(input_ids=ids, use_cache=False).logits.numpy()
-    tp = np.load(got)
-    assert np.abs(tp - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max()))
+    for shards in ("dense", "packed"):
+        tp = np.load(llama / f"tp2-{shards}.npy")
+        # the same weights; only the float32 summation order of the two all_reduce per block
+        # differs (measured: 1.5e-7 on logits of magnitude 0.6)
+        assert np.abs(tp - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max())), shards
 
 
 def test_stored_column_blocks_are_exact_sub_tensors(llama):

@@ -112,7 +112,7 @@ def test_one_rank_nccl_tensor_parallel_equals_load_model(gpu_llama):
     pytest.importorskip("cupy")
     ref = _reference_logits(gpu_llama / "cpu.spqr").cpu().numpy()
     tp, out = _tp_logits(gpu_llama, 1, "tp1.npy")
-    assert "'stored_columns': 4, 'gathered_inputs': 0" in out, out
+    assert "'stored_columns': 4, 'gathered_inputs': 0}" in out, out
     diff = float(np.abs(tp - ref).max())
     print(f"\n1 rank: max |tp - load_model| = {diff:.3g} (logits up to {np.abs(ref).max():.3g})")
     assert diff <= 1e-3 * max(1.0, float(np.abs(ref).max()))
