@@ -38,6 +38,42 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def build_random_llama(
+    tmp: str,
+    *,
+    blocks: int,
+    hidden: int = 4096,
+    mlp: int = 11008,
+    heads: int = 32,
+    samples: int = 16,
+    seq_len: int = 512,
+):
+    """A Llama-shaped model with random fp16 weights in ``tmp/model`` (and a word-level
+    tokenizer trained on generated text) and a calibration text ``tmp/calib.txt`` long enough
+    for ``samples`` x ``seq_len`` tokens; returns ``(model_dir, calib)``."""
+    import torch
+    import transformers as tf
+    from tiny_models import make_corpus, make_tokenizer
+
+    torch.manual_seed(0)
+    text = make_corpus(n_sentences=samples * seq_len // 4 + 2000, seed=1)
+    calib = os.path.join(tmp, "calib.txt")
+    with open(calib, "w") as fh:
+        fh.write(text)
+    tok = make_tokenizer(text)
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=mlp,
+        num_hidden_layers=blocks, num_attention_heads=heads,
+        num_key_value_heads=heads, max_position_embeddings=max(2048, seq_len),
+    )  # fmt: skip
+    model = tf.LlamaForCausalLM(cfg).to(torch.float16)
+    model_dir = os.path.join(tmp, "model")
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    del model
+    return model_dir, calib
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=1)
@@ -53,8 +89,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    import transformers as tf
-    from tiny_models import make_corpus, make_tokenizer
 
     import spqr_format
 
@@ -71,23 +105,16 @@ def main(argv=None) -> int:
         torch.linalg.cholesky_ex(a)
         torch.linalg.solve_triangular(a, a, upper=False)
         (a.float() @ a.float()).sum().item()
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        text = make_corpus(n_sentences=args.samples * args.seq_len // 4 + 2000, seed=1)
-        calib = os.path.join(tmp, "calib.txt")
-        with open(calib, "w") as fh:
-            fh.write(text)
-        tok = make_tokenizer(text)
-        cfg = tf.LlamaConfig(
-            vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.mlp,
-            num_hidden_layers=args.blocks, num_attention_heads=args.heads,
-            num_key_value_heads=args.heads, max_position_embeddings=max(2048, args.seq_len),
-        )  # fmt: skip
-        model = tf.LlamaForCausalLM(cfg).to(torch.float16)
-        model_dir = os.path.join(tmp, "model")
-        model.save_pretrained(model_dir, safe_serialization=True)
-        tok.save_pretrained(model_dir)
-        del model
+        model_dir, calib = build_random_llama(
+            tmp,
+            blocks=args.blocks,
+            hidden=args.hidden,
+            mlp=args.mlp,
+            heads=args.heads,
+            samples=args.samples,
+            seq_len=args.seq_len,
+        )
         base_rss = _rss_mb()
         events = []
         t0 = time.perf_counter()

@@ -98,23 +98,74 @@ def test_a_failing_rank_stops_every_rank_and_leaves_nothing(llama):
     assert not [p for p in os.listdir(llama) if p.startswith("fail")]
 
 
+def test_gpu_code_path_two_ranks_write_the_single_process_file(llama, tmp_path, monkeypatch):
+    """The code ``--device cuda`` runs (torch encoder, float64 chunk sums on the device, folded
+    in row pieces through ``gather``), run on the CPU over gloo: 2 ranks give the bytes of one
+    process running that same code. On GPUs NCCL carries the same collectives
+    (tests/test_distributed_gpu.py)."""
+    from spqr_format.models import pipeline
+
+    monkeypatch.setattr(pipeline, "_encoder_device", lambda device: torch.device("cpu"))
+    one = tmp_path / "torch1.spqr"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        quantize_model(llama / "llama", one, calib=str(llama / "corpus.txt"), samples=SAMPLES,
+                       seq_len=SEQ)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "torch2.spqr"
+    # 4 KiB pieces: 4 rows of a 64-column Hessian per gather (several pieces per layer)
+    r = torchrun(2, *_qargs(llama, out),
+                 env={"SPQR_TEST_TORCH_ENCODER": "1", "SPQR_TEST_FOLD_BYTES": "4096"})  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert out.read_bytes() == one.read_bytes()
+    assert not os.path.exists(str(out) + ".partial")
+
+
 def test_tensor_parallel_logits(llama):
+    """Both shard kinds in one launch. ``dense``: column-parallel layers are cheap row slices,
+    row-parallel ones decode whole rows. ``packed`` (what the GPU runs, here dequantized on the
+    CPU): row-parallel layers are blocks of stored columns fed the all-gathered input at
+    ``perm[j0:j1]``, then all-reduced."""
     from spqr_format.models.loader import load_model
 
     path = llama / "one.spqr"
-    got = llama / "tp2.npy"
-    r = torchrun(2, "tp", str(path), str(got))
+    r = torchrun(2, "tp", str(path), str(llama / "tp2.npy"), "cpu", "dense,packed")
     assert r.returncode == 0, r.stdout + r.stderr
-    # column-parallel layers are cheap row slices; row-parallel ones decode whole rows
-    assert "'cheap_rows': 10, 'full_rows': 0, 'full_columns': 4" in r.stdout
+    assert "dense {'cheap_rows': 10, 'full_rows': 0, 'full_columns': 4}" in r.stdout
+    assert ("packed {'cheap_rows': 10, 'full_rows': 0, 'full_columns': 0, "
+            "'stored_columns': 4, 'gathered_inputs': 4}") in r.stdout  # fmt: skip
     model = load_model(path)
     ids = torch.from_numpy(np.arange(3 * 24).reshape(3, 24) % 40 + 5)
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits.numpy()
-    tp = np.load(got)
-    # the same weights; only the float32 summation order of the two all_reduce per block
-    # differs (measured: 1.5e-7 on logits of magnitude 0.6)
-    assert np.abs(tp - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max()))
+    for shards in ("dense", "packed"):
+        tp = np.load(llama / f"tp2-{shards}.npy")
+        # the same weights; only the float32 summation order of the two all_reduce per block
+        # differs (measured: 1.5e-7 on logits of magnitude 0.6)
+        assert np.abs(tp - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max())), shards
+
+
+def test_stored_column_blocks_are_exact_sub_tensors(llama):
+    from spqr_format import api
+
+    with api.open_file(llama / "one.spqr") as f:
+        for name in f.names():
+            p = f.read(name)
+            if not isinstance(p, PackedBilevel):
+                continue
+            full = reference.decode_bilevel(p)
+            for parts in (1, 2, 4):
+                blocks = slicing.column_blocks(p, parts)
+                assert blocks[0][0] == 0 and blocks[-1][1] == p.shape[1]
+                for j0, j1 in blocks:
+                    sub = slicing.slice_stored_columns(p, j0, j1)
+                    cols = slicing.stored_columns(p, j0, j1)
+                    assert sub.perm is None
+                    assert np.array_equal(reference.decode_bilevel(sub), full[:, cols])
+            with pytest.raises(slicing.NotCheapError):
+                slicing.slice_stored_columns(p, 8, p.shape[1])  # inside a group
 
 
 def test_row_slices_decode_like_the_whole_tensor(llama):

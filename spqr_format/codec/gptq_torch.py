@@ -936,6 +936,27 @@ class HessianAccumulatorTorch:
         self._finite &= finite
         self.tokens += batch.numel() // n
 
+    def merge(self, partial_sum, tokens: int) -> None:
+        """Add another accumulator's plain sum (``sum x x^T`` over ``tokens`` rows): how the
+        chunk sums are folded in a fixed order (:mod:`spqr_format.models.distributed`), as
+        :meth:`spqr_format.codec.hessian.HessianAccumulator.merge` does on the CPU."""
+        if partial_sum is None or tokens == 0:
+            return
+        self.merge_rows(partial_sum, 0)
+        self.tokens += int(tokens)
+
+    def merge_rows(self, rows, i0: int) -> None:
+        """Add a block of rows ``[i0, i0 + len(rows))`` of another sum (tokens are counted
+        by the caller); non-finite values mark the Hessian non-finite, as :meth:`add` does."""
+        torch = self.torch
+        n = self.in_features
+        if self._sum is None:
+            self._sum = torch.zeros((n, n), dtype=torch.float64, device=self.device)
+            self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+        r = rows.to(device=self.device, dtype=torch.float64)
+        self._sum[i0 : i0 + r.shape[0]] += r
+        self._finite &= torch.isfinite(r).all()
+
     def hessian(self):
         """``(2/N) * sum x x^T`` as a float64 ``[n, n]`` tensor on the device."""
         torch = self.torch

@@ -22,9 +22,20 @@ order; the original columns ``[c0, c1)`` sit at stored columns ``inv_perm[c0:c1]
 over the whole row when the tensor has a permutation (SpQR's act-order), so a column slice
 needs every row's codes: it costs a full read and decode (:func:`decode_columns`). Without a
 permutation a column block at group boundaries would be contiguous per row, but still strided
-over all ``m`` rows. The alternative for row-parallel layers (split the *stored* columns
-contiguously and gather the permuted activations ``x[:, perm[j0:j1]]`` from every rank first)
-is not implemented.
+over all ``m`` rows.
+
+**Stored-column blocks are exact sub-tensors.** Stored columns ``[j0, j1)`` with ``j0`` (and
+``j1`` unless it is ``n``) a multiple of the group size are a ``bilevel`` tensor of their own
+(:func:`slice_stored_columns`): a weight's value depends only on its code, its row's
+statistics of its group (and the tile's ``stats2`` record of that group) and an outlier at its
+stored position, all of which the block carries; the slice has no permutation, and its column
+``k`` is the original column ``perm[j0 + k]``. Building it reads the whole tensor and repacks
+(integer work, no float decode), so it costs a full read, but the result is 1/N of the
+compressed tensor. Tensor-parallel row-parallel layers use it
+(:mod:`spqr_format.models.tp`): rank ``r`` holds stored columns ``[j0, j1)`` and multiplies them
+with ``x[..., perm[j0:j1]]``, which needs the whole input ``x`` (an ``all_gather`` of the
+column-parallel shards) unless the tensor has no permutation and the blocks coincide with the
+ranks' input shards (Megatron's row-parallel layer, no gather).
 
 CRCs and the decoded digest cover whole sections and whole tensors, so slices are read
 without checking them (``verify_crc=False``): check a file once with ``spqr verify``.
@@ -114,5 +125,53 @@ def decode_columns(p: PackedBilevel, c0: int, c1: int, dtype: DType | None = Non
     return np.ascontiguousarray(reference.decode_bilevel(p, dtype)[:, c0:c1])
 
 
-__all__ = ["NotCheapError", "decode_columns", "decode_rows", "is_cheap_row_slice",
-           "row_boundary", "slice_rows"]  # fmt: skip
+def column_blocks(p: PackedBilevel, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous blocks of stored columns at group boundaries (as equal as the
+    groups allow; a block may be empty when there are fewer groups than parts)."""
+    n, g = p.shape[1], p.params.group_size
+    groups = -(-n // g)
+    edges = [min(n, (k * groups // parts) * g) for k in range(parts)] + [n]
+    return [(edges[k], edges[k + 1]) for k in range(parts)]
+
+
+def slice_stored_columns(p: PackedBilevel, j0: int, j1: int) -> PackedBilevel:
+    """Stored columns ``[j0, j1)`` as a standalone :class:`PackedBilevel` without permutation
+    (see the module text); ``j0`` and ``j1`` (unless ``n``) multiples of the group size."""
+    from spqr_format.codec.bilevel import Outliers
+    from spqr_format.codec.packing import pack, unpack
+
+    m, n = p.shape
+    g = p.params.group_size
+    if not (0 <= j0 < j1 <= n) or j0 % g or (j1 % g and j1 != n):
+        raise NotCheapError(f"stored columns [{j0}, {j1}) of a {p.shape} tensor do not start "
+                            f"and end at groups of {g}")  # fmt: skip
+    t = unpack(p)
+    g0, g1 = j0 // g, -(-j1 // g)
+    outliers = None
+    if t.outliers is not None and len(t.outliers):
+        keep = (t.outliers.cols >= j0) & (t.outliers.cols < j1)
+        outliers = Outliers(rows=t.outliers.rows[keep].copy(),
+                            cols=(t.outliers.cols[keep] - np.uint32(j0)).astype(np.uint32),
+                            values=t.outliers.values[keep].copy())  # fmt: skip
+    sub = dataclasses.replace(
+        t,
+        shape=(m, j1 - j0),
+        codes=np.ascontiguousarray(t.codes[:, j0:j1]),
+        stats=np.ascontiguousarray(t.stats[:, g0:g1]),
+        stats2=None if t.stats2 is None else np.ascontiguousarray(t.stats2[:, g0:g1]),
+        perm=None,
+        outliers=outliers,
+    )
+    return pack(sub)
+
+
+def stored_columns(p: PackedBilevel, j0: int, j1: int) -> np.ndarray:
+    """The original column of each stored column ``j0 .. j1 - 1`` (``perm[j0:j1]``)."""
+    if p.perm is None:
+        return np.arange(j0, j1, dtype=np.int64)
+    return np.asarray(p.perm[j0:j1], dtype=np.int64)
+
+
+__all__ = ["NotCheapError", "column_blocks", "decode_columns", "decode_rows",
+           "is_cheap_row_slice", "row_boundary", "slice_rows", "slice_stored_columns",
+           "stored_columns"]  # fmt: skip

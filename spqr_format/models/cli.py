@@ -80,7 +80,8 @@ def safe_text(text: str) -> str:
     show_default=True,
     help="Where the encoder runs: cpu (the numba reference encoder) or cuda / cuda:N (the "
     "torch GPU encoder: each block, its activations and Hessians on the GPU while it is "
-    "quantized; same file semantics). --resume needs the same device as the interrupted run.",
+    "quantized; same file semantics). --resume needs the same device as the interrupted run. "
+    "Under torchrun each rank uses its own GPU, cuda:LOCAL_RANK.",
 )
 @click.option(
     "--resume",
@@ -141,6 +142,8 @@ def quantize_model_cmd(ctx, model_dir, output, preset, calib, data_dir, samples,
       spqr eval ./my-llama my-llama.spqr --ppl test.txt
       torchrun --nproc-per-node 4 -m spqr_format quantize-model ./my-llama -o my-llama.spqr \\
            --calib train.txt     # 4 CPU processes (gloo), the same file as one process
+      torchrun --nproc-per-node 8 -m spqr_format quantize-model ./my-llama -o my-llama.spqr \
+           --calib train.txt --device cuda   # 8 GPUs (NCCL), rank r on cuda:LOCAL_RANK
     """
     from spqr_format.models.pipeline import format_event, quantize_model
 
@@ -176,9 +179,15 @@ def quantize_model_cmd(ctx, model_dir, output, preset, calib, data_dir, samples,
         if line:
             click.echo(safe_text(line), err=True)
 
-    from spqr_format.models.distributed import quantize_model_distributed, torchrun_world
+    from spqr_format.models.distributed import (
+        quantize_model_distributed,
+        torchrun_world,
+        under_torchrun,
+    )
 
-    if torchrun_world() > 1:  # launched by torchrun: this process is one rank
+    # launched by torchrun: this process is one rank (with cuda even when it is the only one:
+    # a one-rank NCCL group runs the multi-GPU code)
+    if torchrun_world() > 1 or (under_torchrun() and str(device).startswith("cuda")):
         quantize_model = quantize_model_distributed  # noqa: F811
     result = quantize_model(
         model_dir, output, preset=preset, config=config, calib=calib, data_dir=data_dir,

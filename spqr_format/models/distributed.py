@@ -1,25 +1,38 @@
 """Quantization over several processes through ``torch.distributed`` (issue 21).
 
 ``torchrun --nproc-per-node N -m spqr_format quantize-model ...`` runs the pipeline of
-:mod:`spqr_format.models.pipeline` on N ranks (gloo between CPU processes; the NCCL/GPU path is
-not implemented yet, see below). What each rank does:
+:mod:`spqr_format.models.pipeline` on N ranks: gloo between CPU processes (``--device cpu``,
+the numba encoder), NCCL between GPUs (``--device cuda``: rank ``r`` on ``cuda:LOCAL_RANK``,
+one rank per GPU, the torch encoder). What each rank does:
 
 - **Calibration windows** are split in fixed *chunks* of :data:`WINDOWS_PER_CHUNK`
   consecutive windows (the partition depends only on the number of windows, never on N);
   chunk ``c`` belongs to rank ``c % N``. A rank runs only its own windows through the
   embeddings and the blocks, so it holds only their activations.
 - **Hessians, fixed order.** For every chunk each rank sums ``x x^T`` of the chunk's windows in
-  float64 from zero (:meth:`HessianAccumulator.add`, window order); the chunk sums are then
-  folded into the layer's total *in chunk order* ``((S_0 + S_1) + S_2) + ...`` on the rank
-  that encodes the layer (``dist.gather`` of one step's N chunk sums, added in rank order =
-  chunk order). A single process (N=1, no torchrun) runs the very same chunked code, so the
-  Hessians, and therefore the file, are bit-for-bit the same for every N.
+  float64 from zero, in window order (CPU: :meth:`HessianAccumulator.add`; GPU: one float64
+  GEMM per window on the device, :class:`~spqr_format.codec.gptq_torch.HessianAccumulatorTorch`);
+  the chunk sums are then folded into the layer's total *in chunk order*
+  ``((S_0 + S_1) + S_2) + ...`` on the rank that encodes the layer (``dist.gather`` of one
+  step's N chunk sums, added in rank order = chunk order; on the GPU path in row blocks of at
+  most :data:`FOLD_BYTES`, so the owner never holds N whole n x n matrices). The sums are only
+  moved, never re-associated. A single process (N=1, no torchrun) runs the very same chunked
+  code, on the CPU and on the GPU, so the Hessians, and therefore the file, are bit-for-bit
+  the same for every N: on the CPU always; on GPUs when the ranks' GPUs are of one model
+  (the same cuBLAS kernels for the same shapes: cuBLAS is deterministic per architecture and
+  SM count). Tested: 1 process vs 2 and 3 gloo ranks on the CPU, and the GPU code run on the
+  CPU over gloo (2 ranks, small fold pieces); on a GPU, a one-rank NCCL launch vs the plain
+  single-process ``--device cuda`` run (tests/test_distributed_gpu.py, which also has the 2-
+  and 3-GPU equalities, run only where such a machine is lent).
 - **Encoding.** The block's layer ``j`` is encoded by rank ``j % N``; the packed tensors and
-  reports are exchanged (``all_gather_object``) so that every rank puts the *decoded* weights of
-  every layer into its copy of the block before it computes the next block's inputs.
+  reports are exchanged (``all_gather_object``; under NCCL it pickles through this rank's
+  GPU, which :func:`from_env` makes the current device) so that every rank puts the *decoded*
+  weights of every layer into its copy of the block before it computes the next block's
+  inputs (the GPU encoder's reconstruction equals the decoded tensor bit for bit, tested in
+  tests/test_gptq_torch.py, so owner and non-owners hold the same weights).
 - **Output.** Rank 0 alone writes the block checkpoints (``OUT.partial/``) and the final file
   (atomically); ``--resume`` reuses them exactly as a single process does (the checkpoints
-  are the same bytes, so a run may even be resumed with another N).
+  are the same bytes, so a run may even be resumed with another N, on the same device kind).
 - **Failures.** After every step where a rank computes on its own (forward passes, encoding,
   writing) the ranks exchange a status (:meth:`Group.check`): if any rank raised, every rank
   raises :class:`RankFailed` with that rank's error, exits non-zero, and rank 0 removes
@@ -27,11 +40,13 @@ not implemented yet, see below). What each rank does:
   (signal, OOM killer, lost host) cannot report: torchrun stops the others, and
   ``OUT.partial/`` stays for ``--resume``, as after an interrupted single-process run.
 
-Not implemented (refused with a message): ``--device cuda`` under torchrun (the GPU encoder's
-Hessians are accumulated on the GPU without the chunked order; NCCL would carry the same
-collectives), and ``--target-bits`` (its allocation pass needs every window's activations).
-Several hosts need ``OUT``'s directory on rank 0 only (checkpoints are read by rank 0 and
-broadcast).
+A one-rank launch with ``--device cuda`` (``--nproc-per-node 1``) gets a one-rank NCCL group
+and runs all of the above (the way the NCCL code is tested on one GPU); a one-rank CPU launch
+is a plain single process. Not implemented (refused with a message): ``--target-bits`` under
+torchrun (its allocation pass needs every window's activations). Several hosts need ``OUT``'s
+directory on rank 0 only (checkpoints are read by rank 0 and broadcast). Every rank loads the
+whole model on its CPU (as one process does); each block visits the GPUs while it is
+quantized.
 """
 
 from __future__ import annotations
@@ -47,6 +62,15 @@ from spqr_format.codec.hessian import HessianAccumulator
 from spqr_format.errors import SpqrError
 
 WINDOWS_PER_CHUNK = 4
+FOLD_BYTES = 256 << 20  # the owner's receive buffers per gather of Hessian rows (device path)
+
+
+def _cpu():
+    try:
+        import torch
+    except ImportError:  # no torch: Group() is only used by the single-process pipeline
+        return None
+    return torch.device("cpu")
 
 
 class RankFailed(SpqrError):
@@ -57,10 +81,12 @@ class Group:
     """The ranks of a run. ``Group()`` is the single process (no torch.distributed); under
     torchrun :func:`from_env` gives a group on the initialised default process group."""
 
-    def __init__(self, dist=None) -> None:
+    def __init__(self, dist=None, device=None) -> None:
         self.dist = dist
         self.rank = dist.get_rank() if dist is not None else 0
         self.world = dist.get_world_size() if dist is not None else 1
+        # where the collectives' tensors live: this rank's GPU under NCCL, else the CPU
+        self.device = device if device is not None else _cpu()
 
     # -- assignment ---------------------------------------------------------------------
     def chunks(self, n_windows: int) -> int:
@@ -124,13 +150,22 @@ class Group:
             out.update(p)
         return out
 
-    def fold(self, torch, total: HessianAccumulator | None, chunk: HessianAccumulator,
-             n: int, owner: int) -> None:  # fmt: skip
+    def fold(self, torch, total, chunk, n: int, owner: int) -> None:
         """Fold this step's chunk sums of one layer (one per rank, chunk order = rank order)
-        into ``total`` on ``owner``."""
+        into ``total`` on ``owner``. ``total`` / ``chunk``: :class:`HessianAccumulator` (numpy)
+        or :class:`~spqr_format.codec.gptq_torch.HessianAccumulatorTorch` (GPU encoder); the
+        sums are only moved, never re-associated, so every element of ``total`` is
+        ``((S_0 + S_1) + S_2) + ...`` whatever N is."""
         if self.dist is None:
             total.merge(chunk._sum, chunk.tokens)
             return
+        if isinstance(chunk, HessianAccumulator) and self.device.type == "cpu":
+            self._fold_gloo(torch, total, chunk, n, owner)
+            return
+        self._fold_pieces(torch, total, chunk, n, owner)
+
+    def _fold_gloo(self, torch, total, chunk, n: int, owner: int) -> None:
+        """numpy sums over gloo: one ``gather`` of the whole n x n sums (CPU memory)."""
         s = chunk._sum if chunk._sum is not None else np.zeros((n, n), dtype=np.float64)
         send = torch.from_numpy(np.ascontiguousarray(s))
         toks = torch.tensor([chunk.tokens], dtype=torch.int64)
@@ -145,30 +180,84 @@ class Group:
             for b, t in zip(bufs, tbufs, strict=True):
                 total.merge(b.numpy(), int(t.item()))
 
+    def _fold_pieces(self, torch, total, chunk, n: int, owner: int) -> None:
+        """Sums on a torch device (or numpy sums under NCCL, moved to this rank's GPU):
+        ``gather`` in row blocks of at most :data:`FOLD_BYTES` over all ranks, so the owner
+        holds N row blocks, not N whole n x n matrices (down_proj of a 70B: 6.5 GB each)."""
+        dev = self.device
+        numpy_sums = isinstance(chunk, HessianAccumulator)
+        s = chunk._sum
+        if s is None:
+            s = torch.zeros((n, n), dtype=torch.float64, device=dev)
+        elif numpy_sums:
+            s = torch.from_numpy(np.ascontiguousarray(s)).to(dev)
+        toks = torch.tensor([chunk.tokens], dtype=torch.int64, device=dev)
+        mine = self.rank == owner
+        tbufs = [torch.empty(1, dtype=torch.int64, device=dev) for _ in range(self.world)]
+        self.dist.gather(toks, gather_list=tbufs if mine else None, dst=owner)
+        counts = [int(t.item()) for t in tbufs] if mine else []
+        rows = max(1, FOLD_BYTES // (8 * n * self.world))
+        for i0 in range(0, n, rows):
+            piece = s[i0 : i0 + rows].contiguous()
+            bufs = [torch.empty_like(piece) for _ in range(self.world)] if mine else None
+            self.dist.gather(piece, gather_list=bufs, dst=owner)
+            if not mine:
+                continue
+            for b, t in zip(bufs, counts, strict=True):
+                if t == 0:
+                    continue  # a rank past the last chunk: nothing to add (as merge skips it)
+                if numpy_sums:
+                    if total._sum is None:
+                        total._sum = np.zeros((n, n), dtype=np.float64)
+                    total._sum[i0 : i0 + rows] += b.cpu().numpy()
+                else:
+                    total.merge_rows(b, i0)
+        if mine:
+            total.tokens += sum(counts)
+
 
 def collect_hessians(torch, group: Group, mods, run_window, window_ids: list[int],
-                     n_windows: int) -> dict:  # fmt: skip
+                     n_windows: int, dev=None) -> dict:  # fmt: skip
     """Hessians of ``mods`` (``[(name, module, in_features)]``) in the fixed chunk order.
 
     ``run_window(i)`` runs this rank's ``i``-th window (``window_ids[i]``) through the code
-    whose forward hooks record the layers' inputs. Returns ``{name: HessianAccumulator}`` for
-    the layers this rank owns (``group.owner(j)``)."""
+    whose forward hooks record the layers' inputs. Returns ``{name: accumulator}`` for
+    the layers this rank owns (``group.owner(j)``). ``dev`` (a torch device: the GPU encoder)
+    accumulates on that device (:class:`~spqr_format.codec.gptq_torch.HessianAccumulatorTorch`,
+    float64, one GEMM per window; layers fed one tensor share its product); None: numpy."""
     pos = {g: i for i, g in enumerate(window_ids)}
-    totals = {name: HessianAccumulator(n, name=name)
+    shared = None
+    if dev is None:
+
+        def make(name, n):
+            return HessianAccumulator(n, name=name)
+    else:
+        from spqr_format.codec.gptq_torch import HessianAccumulatorTorch, SharedProducts
+
+        shared = SharedProducts()
+
+        def make(name, n):
+            return HessianAccumulatorTorch(n, device=dev, name=name)
+
+    totals = {name: make(name, n)
               for j, (name, _, n) in enumerate(mods) if group.owner(j) == group.rank}  # fmt: skip
     chunk: dict = {}
     handles = []
     for name, mod, n in mods:
 
         def hook(module, args, out, name=name, n=n):
-            chunk[name].add(args[0].detach().reshape(-1, n).float().numpy())
+            if dev is None:
+                chunk[name].add(args[0].detach().reshape(-1, n).float().numpy())
+            else:
+                x = args[0]
+                chunk[name].add(x if x.dtype == torch.float32 else x.float(), shared)
 
         handles.append(mod.register_forward_hook(hook))
     try:
         n_chunks = group.chunks(n_windows)
         for step in range(-(-n_chunks // group.world)):
             chunk.clear()
-            chunk.update({name: HessianAccumulator(n, name=name) for name, _, n in mods})
+            chunk.update({name: make(name, n) for name, _, n in mods})
             c = step * group.world + group.rank
 
             def run_chunk(c=c):
@@ -178,12 +267,16 @@ def collect_hessians(torch, group: Group, mods, run_window, window_ids: list[int
                         run_window(pos[g])
 
             group.run(run_chunk)
+            if shared is not None:
+                shared.clear()
             for j, (name, _, n) in enumerate(mods):
                 group.fold(torch, totals.get(name), chunk[name], n, group.owner(j))
     finally:
         for h in handles:
             h.remove()
         chunk.clear()
+        if shared is not None:
+            shared.clear()
     return totals
 
 
@@ -196,20 +289,48 @@ def torchrun_world() -> int:
         return 1
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun (or another launcher setting its variables) started this process."""
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def local_device(device):
+    """Under torchrun, ``cuda`` (or ``cuda:K``) means this rank's GPU ``cuda:LOCAL_RANK``
+    (one GPU per rank, as ``--nproc-per-node`` = GPUs per host); otherwise ``device``."""
+    if str(device).startswith("cuda") and under_torchrun():
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
 def from_env(device: str = "cpu") -> Group:
-    """The group of a torchrun launch (initialising the default process group: gloo on the
-    CPU, NCCL with cuda); ``Group()`` outside torchrun or with one process."""
-    if torchrun_world() <= 1:
+    """The group of a torchrun launch, initialising the default process group: gloo on the
+    CPU, NCCL with cuda (this rank's GPU, :func:`local_device`, made the current device
+    first, which NCCL and the object collectives need). ``Group()`` outside torchrun and
+    for a CPU launch of one process; a cuda launch of one process (``--nproc-per-node 1``)
+    gets a one-rank NCCL group, so that it runs the multi-GPU code (and tests it on one GPU)."""
+    cuda = str(device).startswith("cuda")
+    if torchrun_world() <= 1 and not (cuda and under_torchrun()):
         return Group()
     from spqr_format.models._deps import require_torch
 
-    require_torch()
+    torch = require_torch()
     import torch.distributed as dist
 
+    dev = torch.device("cpu")
+    if cuda:
+        if not torch.cuda.is_available():
+            raise SpqrError("--device cuda under torchrun: torch sees no CUDA device")
+        dev = torch.device(local_device(device))
+        if dev.index >= torch.cuda.device_count():
+            raise SpqrError(f"LOCAL_RANK {dev.index}: this host has only "
+                            f"{torch.cuda.device_count()} GPUs (one rank per GPU)")  # fmt: skip
+        torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        backend = "nccl" if str(device).startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-    return Group(dist)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    elif cuda != (dist.get_backend() == "nccl"):
+        raise SpqrError(f"the process group uses {dist.get_backend()}; device {device} needs "
+                        f"{'nccl' if cuda else 'gloo'}")  # fmt: skip
+    return Group(dist, dev)
 
 
 def quantize_model_distributed(model_dir, output, **kw):
@@ -218,7 +339,8 @@ def quantize_model_distributed(model_dir, output, **kw):
     rank raises, every rank raises :class:`RankFailed` and rank 0 removes ``OUT.partial/``."""
     from spqr_format.models.pipeline import PARTIAL_SUFFIX, quantize_model
 
-    group = from_env(kw.get("device", "cpu"))
+    kw["device"] = local_device(kw.get("device", "cpu"))
+    group = from_env(kw["device"])
     if group.dist is None:
         return quantize_model(model_dir, output, **kw)
     if group.rank != 0:
@@ -239,4 +361,4 @@ def quantize_model_distributed(model_dir, output, **kw):
 
 
 __all__ = ["WINDOWS_PER_CHUNK", "Group", "RankFailed", "collect_hessians", "from_env",
-           "quantize_model_distributed"]  # fmt: skip
+           "local_device", "quantize_model_distributed", "under_torchrun"]  # fmt: skip

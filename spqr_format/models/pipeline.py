@@ -7,7 +7,9 @@ The loop (the one the CLI's ``spqr quantize-model`` and the Python API both call
    stops the forward;
 2. for each block: forward hooks on its linear layers accumulate float64 Hessians
    ``H = (2/N) sum x x^T`` (:mod:`spqr_format.codec.hessian`) over all calibration windows in
-   one pass (SpQR's default, not ``--true-sequential``); each weight is encoded with the
+   one pass (SpQR's default, not ``--true-sequential``), summed per chunk of 4 windows and
+   the chunks in order, on the CPU and on the GPU (:mod:`spqr_format.models.distributed`: the
+   same sums for any number of torchrun ranks); each weight is encoded with the
    configuration (:func:`spqr_format.codec.presets.encode_tensor`); the block's weights are
    replaced by the *decoded* quantized weights, exactly what a reader of the file gets; the
    block runs again and its outputs are the next block's inputs;
@@ -50,7 +52,7 @@ from spqr_format.errors import BadInputError, SpqrError
 from spqr_format.models import data as calib_data
 from spqr_format.models import hf
 from spqr_format.models._deps import require_torch
-from spqr_format.models.distributed import Group
+from spqr_format.models.distributed import WINDOWS_PER_CHUNK, Group
 from spqr_format.models.distributed import collect_hessians as _collect_chunked
 from spqr_format.models.tensors import dense_row, encoder_metadata
 from spqr_format.models.walker import LinearLayer, find_blocks, find_linears
@@ -278,11 +280,11 @@ def quantize_model(
     if os.path.isdir(output):
         raise BadInputError("output is a directory", path=output)
     group = group or Group()
-    if group.world > 1 and (dev is not None or target_bits is not None):
+    if group.dist is not None and target_bits is not None:
         raise BadInputError(
-            "torchrun: several processes run the CPU encoder only, without --target-bits, "
-            "for now (see spqr_format.models.distributed)",
-            field="device" if dev is not None else "target_bits",
+            "torchrun: --target-bits is not distributed yet (its allocation pass needs every "
+            "window's activations; see spqr_format.models.distributed)",
+            field="target_bits",
         )
 
     torch = require_torch()
@@ -394,6 +396,8 @@ def quantize_model(
         "quantize_lm_head": bool(quantize_lm_head),
         "blocks": f"{prefix}[{len(blocks)}]",
     }
+    if dev is not None:  # GPU Hessians are chunk sums since issue 21 (older checkpoints: not)
+        run_info["hessian_chunks"] = WINDOWS_PER_CHUNK
     fingerprint = hashlib.sha256(
         json.dumps(run_info, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
@@ -463,14 +467,12 @@ def quantize_model(
             resumed += 1
         else:
             names = [f"{prefix}.{i}.{lay.name}.weight" for lay in layers]
-            if dev is None:  # chunked: the same sums for any number of ranks
-                mods = [(n, lay.module, lay.in_features) for lay, n in zip(layers, names, strict=1)]
-                hess = _collect_chunked(torch, group, mods,
-                                        lambda k, b=block, e=inputs: _block_call(b, e[k]),
-                                        my_ids, len(windows))  # fmt: skip
-                group.run(lambda h=hess: _check_seen(h))
-            else:
-                hess = _collect_hessians(torch, block, layers, names, inputs, dev)
+            # chunked (CPU and GPU): the same sums for any number of ranks
+            mods = [(n, lay.module, lay.in_features) for lay, n in zip(layers, names, strict=1)]
+            hess = _collect_chunked(torch, group, mods,
+                                    lambda k, b=block, e=inputs: _block_call(b, e[k]),
+                                    my_ids, len(windows), dev)  # fmt: skip
+            group.run(lambda h=hess: _check_seen(h))
             mine = {}
 
             def encode_mine(i=i, layers=layers, names=names, hess=hess, mine=mine):
