@@ -276,8 +276,11 @@ __device__ __forceinline__ void tcp_matmul(const uint4* __restrict__ codes,
 // extern "C" entry points: spqr_tcp_b{B}_s{SB}_nt{NT}, NT in 2, 4, 8, 16 (slices of up to 8 NT
 // batch columns). Arguments as spqr_tc_b*_nt* (spqr_gpu.h); grid (ceil(RB / RBB), splits), block
 // 32 * SPQR_TCP_WARPS, dynamic shared memory STAGES * STAGE_BYTES (TcpGeo; spqr_tc_plan.h).
+// Two blocks per multiprocessor (the ring is sized for that): with only the block size given,
+// ptxas (CUDA 13, sm_90) capped some specialisations at 128 registers and spilled; with the
+// minimum of 2 blocks it uses up to 255 and spills nothing (ptxas -v, every specialisation).
 #define SPQR_TCP_ENTRY(B, SB, NT)                                                                 \
-  extern "C" __global__ void __launch_bounds__(32 * SPQR_TCP_WARPS)                              \
+  extern "C" __global__ void __launch_bounds__(32 * SPQR_TCP_WARPS, 2)                           \
       spqr_tcp_b##B##_s##SB##_nt##NT(const uint4* __restrict__ codes,                             \
                                      const u32* __restrict__ stats,                               \
                                      const uint2* __restrict__ stats2,                            \
