@@ -6,10 +6,11 @@ H200, stays cold); GB/s of compressed bytes read; % of the streaming-read bandwi
 in the same run; speedup over cuBLAS fp16 (torch ``F.linear`` on fp16 weight copies, also
 rotated and graphed). Also the dequantize kernel's bandwidth. Each row names the launch plan's
 path and entry (``spqr_format/gpu/plan.py``) that ran; ``--compare-paths`` also times the fused
-kernels (``SPQR_GPU_PLAN=dense_from=0``) and dequantize + cuBLAS (``path=dense``) at every
-batch, the measurements the plan's crossovers come from. Writes JSON and, when matplotlib is
+kernels (``SPQR_GPU_PLAN=dense_from=0``), dequantize + cuBLAS (``path=dense``) and the pipelined
+tensor-core kernel (``path=tcp``, ``spqr_tcp_*``) at every batch, the measurements the plan's
+crossovers come from. Writes JSON and, when matplotlib is
 available, a plot of speedup over cuBLAS fp16 against batch per shape (solid: the plan's
-choice; dotted / dashed: fused / dense when compared).
+choice; dotted / dashed / dash-dot: fused / dense / tcp when compared).
 
     python benchmarks/gpu_matvec.py --out results.json --plot speedup.png
 
@@ -173,6 +174,7 @@ def bench_shape(
         sep = "," if base_override else ""
         variants["fused"] = base_override + sep + "dense_from=0"
         variants["dense"] = base_override + sep + "path=dense"
+        variants["tcp"] = base_override + sep + "path=tcp"  # spqr_tcp_* (pipelined, forced)
 
     def ws_bytes(batch):
         best = 0
@@ -278,7 +280,7 @@ def bench_shape(
             row["cublas_us"] = tc * 1e3
             row["cublas_gbs"] = 2 * m * n / (tc * 1e-3) / 1e9
             row["speedup"] = tc / t
-            for name in ("fused", "dense"):
+            for name in ("fused", "dense", "tcp"):
                 if f"{name}_us" in row:
                     row[f"{name}_speedup"] = tc * 1e3 / row[f"{name}_us"]
             del gr
@@ -381,7 +383,7 @@ def main(argv=None) -> int:
     hdr = f"{'enc':>6} {'shape':>12} {'b':>4} {'us':>8} {'GB/s':>7} {'%read':>6}"
     hdr += f" {'cuBLAS us':>9} {'speedup':>7}"
     hdr += f" {'L2hot us':>8} {'deq us':>7} {'deq %':>6} {'simt us':>8}"
-    print(hdr + f" {'path':>8} {'entry':>5} {'fused us':>8} {'dense us':>8}")
+    print(hdr + f" {'path':>8} {'entry':>5} {'fused us':>8} {'dense us':>8} {'tcp us':>8}")
     nan = float("nan")
     for r in rows:
         print(
@@ -392,6 +394,7 @@ def main(argv=None) -> int:
             f"{r['dequant_pct_stream_read']:6.1f} {r['simt_us'] or nan:8.1f}"
             f" {r.get('plan_path', r['path']):>8} {r.get('plan_entry', -1):>5}"
             f" {r.get('fused_us', nan):8.1f} {r.get('dense_us', nan):8.1f}"
+            f" {r.get('tcp_us', nan):8.1f}"
         )
     if args.plot:
         try:
@@ -416,7 +419,7 @@ def main(argv=None) -> int:
                         "o-",
                         label=f"{e} {m}x{n} (plan)",
                     )
-                    for name, style in (("fused", ":"), ("dense", "--")):
+                    for name, style in (("fused", ":"), ("dense", "--"), ("tcp", "-.")):
                         pts = [r for r in rs if f"{name}_speedup" in r]
                         if pts:
                             ax.plot(

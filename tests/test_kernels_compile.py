@@ -37,9 +37,20 @@ def cubins(tmp_path_factory):
         cmd += ["-Werror", "all-warnings", str(src)]
         return arch, src, path, _run(cmd)
 
+    def build_tcp(arch):
+        # spqr_tcp.cu as NVRTC gets it (tensor.tcp_module): after spqr_tc.cu's device code, every
+        # (bits, stats_bits) at once; ptxas -v for the register counts
+        src = out / f"spqr_tcp_concat_{arch}.cu"
+        src.write_text(K.TC_SOURCE.read_text() + "\n" + K.TCP_SOURCE.read_text())
+        path = out / f"spqr_tcp_{arch}.cubin"
+        cmd = [NVCC, *K.COMPILE_OPTIONS, f"-arch={arch}", "--cubin", "-o", str(path)]
+        cmd += ["-DSPQR_TC_DEVICE_ONLY", "-Xptxas", "-v", "-Werror", "all-warnings", str(src)]
+        return arch, K.TCP_SOURCE, path, _run(cmd)
+
     jobs = [(a, s) for a in ARCHS for s in SOURCES]
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        return list(pool.map(build, jobs))
+    with ThreadPoolExecutor(len(jobs) + len(ARCHS)) as pool:
+        done = list(pool.map(build, jobs))
+        return done + list(pool.map(build_tcp, ARCHS))
 
 
 SOURCES = (K.KERNEL_SOURCE, K.TC_SOURCE, K.CMPQ_SOURCE)
@@ -47,14 +58,12 @@ NAMES = {
     K.KERNEL_SOURCE: K.all_kernel_names,
     K.TC_SOURCE: K.tc_kernel_names,
     K.CMPQ_SOURCE: K.cmpq_kernel_names,
+    K.TCP_SOURCE: K.tcp_kernel_names,
 }
+BUILDS = [f"{a}-{s.stem}" for a in ARCHS for s in SOURCES] + [f"{a}-spqr_tcp" for a in ARCHS]
 
 
-@pytest.mark.parametrize(
-    "index",
-    range(len(ARCHS) * len(SOURCES)),
-    ids=[f"{a}-{s.stem}" for a in ARCHS for s in SOURCES],
-)
+@pytest.mark.parametrize("index", range(len(BUILDS)), ids=BUILDS)
 def test_kernels_build_with_every_entry_point(cubins, index):
     arch, src, path, res = cubins[index]
     assert res.returncode == 0, f"nvcc failed for {src.name} {arch}:\n{res.stderr}"
@@ -63,7 +72,36 @@ def test_kernels_build_with_every_entry_point(cubins, index):
     assert not missing, f"{src.name} {arch}: entry points missing from the cubin: {missing}"
 
 
-@pytest.mark.parametrize("src", SOURCES, ids=[s.stem for s in SOURCES])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pipelined_kernels_do_not_spill(cubins, arch):
+    """spqr_tcp_* keep their accumulators (up to 64 per lane) and stage data in registers."""
+    _, _, _, res = next(c for c in cubins if c[0] == arch and c[1] == K.TCP_SOURCE)
+    assert res.returncode == 0, res.stderr
+    ok = ", 0 bytes spill stores, 0 bytes spill loads"
+    spills = [ln for ln in res.stderr.splitlines() if "spill stores" in ln and ok not in ln]
+    assert not spills, spills[:5]
+
+
+def test_pipelined_kernel_alone_per_bits_builds(tmp_path):
+    """The one-(bits, stats_bits) module the Python layer compiles (-DSPQR_TCP_B/-DSPQR_TCP_SB)
+    holds exactly that pair's four entry points."""
+    src = tmp_path / "tcp_b3s3.cu"
+    src.write_text(K.TC_SOURCE.read_text() + "\n" + K.TCP_SOURCE.read_text())
+    path = tmp_path / "tcp_b3s3.cubin"
+    cmd = [NVCC, *K.COMPILE_OPTIONS, "-arch=sm_90", "--cubin", "-o", str(path), str(src)]
+    cmd += ["-DSPQR_TC_DEVICE_ONLY", "-DSPQR_TCP_B=3", "-DSPQR_TCP_SB=3"]
+    cmd += ["-Werror", "all-warnings"]
+    res = _run(cmd)
+    assert res.returncode == 0, res.stderr
+    blob = path.read_bytes()
+    names = K.tcp_kernel_names(3, 3)
+    assert len(names) == 4 and all(n.encode() + b"\0" in blob for n in names)
+    assert b"spqr_tcp_b2_s3_nt2\0" not in blob and b"spqr_tc_prepare_x\0" not in blob
+
+
+@pytest.mark.parametrize(
+    "src", (*SOURCES, K.TCP_SOURCE), ids=[s.stem for s in (*SOURCES, K.TCP_SOURCE)]
+)
 def test_kernel_source_needs_no_host_headers(src):
     # NVRTC (CuPy) compiles the same file: no #include at all keeps it self-contained.
     assert "#include" not in src.read_text()

@@ -18,6 +18,8 @@ KERNEL_SOURCE = KERNEL_DIR / "spqr_kernels.cu"
 HEADER = KERNEL_DIR / "spqr_gpu.h"
 HOST_SOURCE = KERNEL_DIR / "spqr_host.cu"
 TC_SOURCE = KERNEL_DIR / "spqr_tc.cu"
+# compiled after spqr_tc.cu's text (its device helpers) with -DSPQR_TC_DEVICE_ONLY
+TCP_SOURCE = KERNEL_DIR / "spqr_tcp.cu"
 
 # Options shared by nvcc (compile test, C example) and NVRTC (CuPy).  No fast math: the matvec
 # kernels rely on f32 subnormals, the dequantizer on IEEE rounding.
@@ -440,6 +442,114 @@ def tc_workspace_layout(m: int, n: int, kt: int, batch: int, splits: int) -> tup
 
 def tc_workspace_bytes(m: int, n: int, kt: int, batch: int, splits: int) -> int:
     return tc_workspace_layout(m, n, kt, batch, splits)[2]
+
+
+# --- pipelined tensor-core kernel (spqr_tcp.cu: launch plan path "tcp") --------------------
+# Slices of up to TCP_MAX_BATCH columns, NT n-tiles of 8 (at least 2). Blocks of TCP_WARPS
+# warps; a warp owns TCP_MB row blocks and NT / NS n-tiles (NS = 2 for NT = 16). The weight
+# stream goes through a ring of tcp_geometry()["STAGES"] chunks in shared memory
+# (spqr_tcp.cu TcpGeo; spqr_tc_plan.h spqr_plan_tcp_*: the three must agree, and the kernel
+# traps when launched with less shared memory than its ring).
+TCP_NT = (2, 4, 8, 16)
+TCP_MAX_BATCH = 8 * TCP_NT[-1]
+TCP_WARPS = int(_DEFS.get("SPQR_TCP_WARPS") or 4)
+TCP_MB = 2
+TCP_SMEM_TARGET = 80 * 1024  # SPQR_TCP_SMEM_TARGET
+
+
+def tcp_nt(batch: int) -> int:
+    for nt in TCP_NT:
+        if batch <= 8 * nt:
+            return nt
+    return TCP_NT[-1]
+
+
+def tcp_name(bits: int, stats_bits: int, nt: int) -> str:
+    return f"spqr_tcp_b{bits}_s{stats_bits}_nt{nt}"
+
+
+def tcp_kernel_names(bits: int | None = None, stats_bits: int | None = None) -> list[str]:
+    """The entry points of spqr_tcp.cu (all, or those of one (bits, stats_bits) module)."""
+    return sorted(
+        tcp_name(b, sb, nt)
+        for b in ((bits,) if bits else TC_BITS)
+        for sb in ((stats_bits,) if stats_bits else TC_STATS_BITS)
+        for nt in TCP_NT
+    )
+
+
+def tile_chunk_geometry(bits: int, stats_bits: int) -> tuple[int, int, int]:
+    """(SLABS, SWL, MPC) of the tile layout (tile_layout.geometry, without its import cycle)."""
+
+    def slots(b: int) -> int:
+        return 10 // b + (16 - (10 // b) * b) // b
+
+    r = 1
+    while (16 * r) % (4 * slots(bits)):
+        r += 1
+    swl = -(-(2 * r) // slots(stats_bits))
+    return 4 * r // slots(bits), (1 if swl == 1 else 2 if swl == 2 else 4), 4 * r
+
+
+def tile_chunk_bytes(bits: int, stats_bits: int) -> int:
+    """Tile-layout bytes per row block and chunk (codes, statistics words, stats2 records)."""
+    slabs, swl, mpc = tile_chunk_geometry(bits, stats_bits)
+    return slabs * 512 + swl * 128 + mpc * 8
+
+
+def tcp_geometry(bits: int, stats_bits: int, nt: int) -> dict:
+    """NS, NTW, RBB (row blocks per block), STAGE_BYTES, STAGES and SMEM (dynamic shared
+    memory) of spqr_tcp_b{bits}_s{stats_bits}_nt{nt}."""
+    ns = nt // 8 if nt > 8 else 1
+    rbb = TCP_WARPS // ns * TCP_MB
+    stage = rbb * tile_chunk_bytes(bits, stats_bits)
+    stages = max(2, min(8, TCP_SMEM_TARGET // stage))
+    return dict(NS=ns, NTW=nt // ns, RBB=rbb, STAGE_BYTES=stage, STAGES=stages, SMEM=stages * stage)
+
+
+def tcp_splits(
+    rb: int, nc: int, rbb: int, nt: int, chunk_bytes: int, slots: int
+) -> tuple[int, int]:
+    """(splits, chunks per split) of spqr_tcp_*: tc_splits's cost model with blocks of ``rbb``
+    row blocks (the chunk steps on the critical path costed as the bytes all resident blocks
+    stream, plus the partial sums' traffic), the fewest splits on a tie, each at least 4
+    chunks. Unmeasured: the model of the k-split kernel reused. Override key tc_splits."""
+    blocks = -(-rb // rbb)
+    slots = max(1, slots)
+    best, best_cost = 1, None
+    for s in range(1, 17):
+        if s > 1 and -(-nc // s) < 4:
+            break
+        per = -(-nc // s)
+        real = -(-nc // per)
+        waves = -(-(blocks * real) // slots)
+        cost = waves * per * slots * rbb * chunk_bytes * 2 + real * 80 * nt * 16 * rb
+        if best_cost is None or cost < best_cost:
+            best, best_cost = real, cost
+    override = plan.option("tc_splits", 0)
+    if override:
+        best = max(1, min(override, nc))
+    per = -(-nc // best)
+    return -(-nc // per), per
+
+
+def tcp_workspace_layout(m: int, n: int, kt: int, batch: int, splits: int) -> tuple[int, int, int]:
+    """Byte offsets (x'^T, partial sums, end) of the workspace of one spqr_tcp_* slice of
+    ``min(batch, TCP_MAX_BATCH)`` columns: x' fragments (NT * KT * 256 bytes), x'^T [n][pitch]
+    f16, f32 partial sums [splits][8 NT][M16]; every region 16-byte aligned."""
+    nb = min(batch, TCP_MAX_BATCH)
+    nt = tcp_nt(nb)
+    m16 = 16 * -(-m // 16)
+    xt = nt * kt * 32 * 8
+    part = xt + 16 * -(-(n * tc_xt_pitch(nb) * 2) // 16)
+    return xt, part, part + splits * nt * 8 * m16 * 4
+
+
+def tcp_finish_name(pitch: int) -> str:
+    """The outlier pass of a spqr_tcp_* slice: tc_finish_name, pitches above 64 (batch 65-128)
+    by spqr_tc_finish_p64 (its one-row-per-warp scheme loops over the batch in passes of 32
+    columns for any pitch that is a multiple of 8)."""
+    return tc_finish_name(min(pitch, 64))
 
 
 # --- channel_mixed (spqr_cmpq.cu, CMPQ chunk layout: codec/cmpq_layout.py) ------------------

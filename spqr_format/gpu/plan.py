@@ -21,7 +21,16 @@ Lookup: the first entry whose GPU class, layout, shape class and batch range all
 * **Path**: ``tcg`` / ``tcv`` (one tensor-core kernel, batch <= 2 / <= 8), ``tc_split`` (k-split
   tile kernel + finish kernel, slices of up to 64 columns), ``mv1`` (SIMT row sweep, batch 1),
   ``simt`` (SIMT kernel, slices of 2 or 4 columns), ``dense`` (dequantize into a workspace in
-  the input dtype, then a cuBLAS GEMM with f32 accumulation on the same stream).
+  the input dtype, then a cuBLAS GEMM with f32 accumulation on the same stream), ``tcp``
+  (``spqr_tcp_*``: the weight stream through a multi-stage cp.async ring in shared memory,
+  mma.sync consumers of 32 rows x up to 64 batch columns per warp, slices of up to 128 columns;
+  then the k-split path's finish kernel; built for batch 16-128).
+
+``tcp`` has not been measured yet: no entry of the table picks it, so the default plan runs the
+measured paths; ``SPQR_GPU_PLAN=path=tcp`` forces it and ``benchmarks/gpu_matvec.py
+--compare-paths`` times it next to the fused and dense paths at every batch. Its crossovers
+against ``tc_split`` and ``dense`` (per GPU class and shape class) are to be filled into
+:func:`_entries` from that benchmark.
 
 Where the ``dense`` entries start (H200, session 9, ``gpu-h200-2026-11-23-s9.json``, us; dense =
 dequantize + cuBLAS fp16 of the same batch, both measured in that run): 4096x4096 fused 16.7 at
@@ -48,7 +57,7 @@ from dataclasses import dataclass
 
 ENV = "SPQR_GPU_PLAN"
 
-PATHS = ("tcg", "tcv", "tc_split", "mv1", "simt", "dense")
+PATHS = ("tcg", "tcv", "tc_split", "mv1", "simt", "dense", "tcp")  # C enum order: append only
 LAYOUTS = ("tc", "simt", "none")
 SHAPE_CLASSES = ("small", "medium", "large")
 GPU_CLASSES = ("hopper", "any")
@@ -57,7 +66,7 @@ BATCH_MAX = 1 << 30
 
 # paths each layout can run (a forced path outside this set is ignored for that layout)
 LAYOUT_PATHS = {
-    "tc": ("tcg", "tcv", "tc_split", "dense"),
+    "tc": ("tcg", "tcv", "tc_split", "tcp", "dense"),
     "simt": ("mv1", "simt", "dense"),
     "none": ("dense",),
 }
@@ -88,6 +97,8 @@ def _entries(gpu: str | None, measured: str) -> list[Entry]:
         Entry(gpu, "tc", ANY, 1, 8, "tcv", f"{measured}: one kernel up to 8 columns"),
         Entry(gpu, "tc", ("small",), 9, 48, "tc_split", f"{measured}: 4096x4096 b16 16.7 us"),
         Entry(gpu, "tc", big, 9, 64, "tc_split", f"{measured}: b64 fused < dense on 5 shapes"),
+        # "tcp" (spqr_tcp_*, batch 16-128) goes here once benchmarks/gpu_matvec.py
+        # --compare-paths has measured where it beats tc_split and dense (unmeasured: not picked)
         Entry(gpu, "tc", ANY, 1, BATCH_MAX, "dense", f"{measured}: dequantize + cuBLAS"),
         Entry(gpu, "simt", ANY, 1, 1, "mv1", f"{measured}: row sweep"),
         Entry(gpu, "simt", ANY, 2, 3, "simt", f"{measured}: SIMT slices of 2/4"),
@@ -219,7 +230,7 @@ class Decision:
 
 def can_run(path: str, layout: str, batch: int) -> bool:
     """Whether ``path`` can compute a batch of ``batch`` rows for ``layout`` (slices of 64
-    columns for the tensor-core paths)."""
+    columns for the tensor-core paths, 128 for ``tcp``)."""
     if path not in LAYOUT_PATHS[layout]:
         return False
     if path == "tcg":
@@ -406,7 +417,8 @@ def c_header() -> str:
         "  if (layout == SPQR_LAYOUT_TC) {",
         "    if (path == SPQR_PATH_TCG) return batch <= 2;",
         "    if (path == SPQR_PATH_TCV) return batch <= 8;",
-        "    return path == SPQR_PATH_TC_SPLIT || path == SPQR_PATH_DENSE;",
+        "    return path == SPQR_PATH_TC_SPLIT || path == SPQR_PATH_TCP ||",
+        "           path == SPQR_PATH_DENSE;",
         "  }",
         "  if (path == SPQR_PATH_MV1) return batch == 1;",
         "  if (path == SPQR_PATH_SIMT) return batch >= 2;",

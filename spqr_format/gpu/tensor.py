@@ -61,17 +61,43 @@ def module(source=None) -> cp.RawModule:
     return mod
 
 
+def tcp_module(bits: int, stats_bits: int) -> cp.RawModule:
+    """The pipelined tensor-core kernels of one (bits, stats_bits) (``spqr_tcp_*``): spqr_tc.cu's
+    device code followed by spqr_tcp.cu, four entry points (one per NT), compiled on first use."""
+    key = (cp.cuda.Device().id, f"tcp:{bits}:{stats_bits}")
+    mod = _modules.get(key)
+    if mod is None:
+        with _lock:
+            mod = _modules.get(key)
+            if mod is None:
+                src = K.TC_SOURCE.read_text() + "\n" + K.TCP_SOURCE.read_text()
+                opts = (
+                    *K.COMPILE_OPTIONS,
+                    *K.EXTRA_DEFINES,
+                    "-DSPQR_TC_DEVICE_ONLY",
+                    f"-DSPQR_TCP_B={bits}",
+                    f"-DSPQR_TCP_SB={stats_bits}",
+                )
+                mod = cp.RawModule(code=src, options=opts)
+                _modules[key] = mod
+    return mod
+
+
 def function(name: str):
     dev = cp.cuda.Device().id
     key = (dev, name)
     fn = _functions.get(key)
     if fn is None:
-        src = (
-            K.TC_SOURCE
-            if name.startswith(("spqr_tc_", "spqr_tcv_", "spqr_tcg_"))
-            else K.KERNEL_SOURCE
-        )
-        fn = module(src).get_function(name)
+        if name.startswith("spqr_tcp_"):  # spqr_tcp_b{B}_s{SB}_nt{NT}
+            b, sb = name.split("_")[2:4]
+            fn = tcp_module(int(b[1:]), int(sb[1:])).get_function(name)
+        else:
+            src = (
+                K.TC_SOURCE
+                if name.startswith(("spqr_tc_", "spqr_tcv_", "spqr_tcg_"))
+                else K.KERNEL_SOURCE
+            )
+            fn = module(src).get_function(name)
         _functions[key] = fn
     return fn
 
@@ -484,7 +510,13 @@ class GpuTensor(_DeviceMatrix):
             return old
         nt = K.tc_nt(min(batch, K.TC_MAX_BATCH))
         splits, _ = self._tc_plan(nt)
-        return max(old, K.tc_workspace_bytes(self.m, self.n, self.tc.KT, batch, splits))
+        need = max(old, K.tc_workspace_bytes(self.m, self.n, self.tc.KT, batch, splits))
+        if self.plan_for(batch, in_code).path == "tcp":
+            # its slices, or the k-split path's for slices of up to 128 columns (fallback)
+            nb = min(batch, K.TCP_MAX_BATCH)
+            splits, _ = self._tcp_plan(K.tcp_nt(nb))
+            need = max(need, K.tcp_workspace_layout(self.m, self.n, self.tc.KT, nb, splits)[2])
+        return need
 
     def _tc_plan(self, nt: int) -> tuple[int, int]:
         """(splits, chunks per split) for ``nt`` n-tiles on this device (computed once: it
@@ -498,6 +530,27 @@ class GpuTensor(_DeviceMatrix):
             resident = K.tc_resident_blocks(regs, K.tc_smem_bytes(nt, tc.MPC))
             chunk_bytes = (tc.codes.nbytes + tc.stats.nbytes + tc.stats2.nbytes) // (tc.NC * tc.RB)
             plan = K.tc_splits(tc.RB, tc.NC, _sm_count(), resident, nt, chunk_bytes)
+            tc.plans[key] = plan
+        return plan
+
+    def _tcp_plan(self, nt: int) -> tuple[int, int]:
+        """(splits, chunks per split) of spqr_tcp_* for ``nt`` n-tiles on this device."""
+        key = (cp.cuda.Device().id, "p", nt)
+        plan = self.tc.plans.get(key)
+        if plan is None:
+            fn = function(K.tcp_name(self.bits, self.stats_bits, nt))
+            tc = self.tc
+            geo = K.tcp_geometry(self.bits, self.stats_bits, nt)
+            regs = int(getattr(fn, "num_regs", 128) or 128)
+            resident = K.tc_resident_blocks(regs, geo["SMEM"], K.TCP_WARPS)
+            plan = K.tcp_splits(
+                tc.RB,
+                tc.NC,
+                geo["RBB"],
+                nt,
+                K.tile_chunk_bytes(self.bits, self.stats_bits),
+                resident * _sm_count(),
+            )
             tc.plans[key] = plan
         return plan
 
@@ -545,6 +598,9 @@ class GpuTensor(_DeviceMatrix):
             return
         if d.path in ("tcg", "tcv", "tc_split"):
             self._tc_matmul(x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr, d)
+            return
+        if d.path == "tcp":
+            self._tcp_matmul(x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr)
             return
         ldxs, ldx16, _ = K.workspace_floats(n, batch)
         xs = int(ws_ptr)
@@ -729,43 +785,132 @@ class GpuTensor(_DeviceMatrix):
                 ),
                 shared_mem=msmem,
             )
-            xbytes = 16 * -(-(n * bp * 2) // 16)
-            smem_x = self.outlier_rows is not None and nb <= 8 and xbytes <= K.TC_FINISH_SMEM_MAX
-            # lanes per row: 32 (one row per warp) or fewer (several rows per warp)
-            ents = 0 if tc.outlier_entries is None else int(tc.outlier_entries.size)
-            lanes = K.tc_finish_lanes(bp, m, ents, _sm_count())
-            rows_grid = -(-m // (256 // lanes))
-            fin = function(K.tc_finish_name(bp))
-            smem = 0
-            grid = rows_grid
-            if smem_x:
-                smem = xbytes
-                _raise_smem_limit(fin, smem, self.name, K.tc_finish_name(bp))
-                per_sm = max(1, min(8, (227 * 1024) // (smem + 1024)))
-                grid = min(rows_grid, per_sm * _sm_count())
-            fin(
-                (grid,),
+            self._tc_finish(part, splits, 8 * nt, xt, bp, yb, ldy, out_code, nb)
+
+    def _tc_finish(self, part, splits, ncols, xt, bp, yb, ldy, out_code, nb) -> None:
+        """The k-split paths' finish kernel (spqr_tc_finish_p*) for one slice of ``nb`` columns:
+        the ``splits`` partial sums of ``ncols`` columns in order, plus the outlier corrections
+        from x'^T (pitch ``bp``), rounded to ``out_code`` into ``yb``."""
+        tc = self.tc
+        m, n = self.shape
+        m16 = 16 * tc.RB
+        xbytes = 16 * -(-(n * bp * 2) // 16)
+        smem_x = self.outlier_rows is not None and nb <= 8 and xbytes <= K.TC_FINISH_SMEM_MAX
+        # lanes per row: 32 (one row per warp) or fewer (several rows per warp)
+        ents = 0 if tc.outlier_entries is None else int(tc.outlier_entries.size)
+        lanes = K.tc_finish_lanes(bp, m, ents, _sm_count())
+        rows_grid = -(-m // (256 // lanes))
+        fname = K.tcp_finish_name(bp)  # tc_finish_name up to pitch 64
+        fin = function(fname)
+        smem = 0
+        grid = rows_grid
+        if smem_x:
+            smem = xbytes
+            _raise_smem_limit(fin, smem, self.name, fname)
+            per_sm = max(1, min(8, (227 * 1024) // (smem + 1024)))
+            grid = min(rows_grid, per_sm * _sm_count())
+        fin(
+            (grid,),
+            (256,),
+            (
+                np.uint64(part),
+                np.int32(splits),
+                np.int64(m16),
+                np.int32(ncols),
+                _ptr(self.outlier_rows),
+                _ptr(tc.outlier_entries),
+                np.uint64(xt),
+                np.int32(bp),
+                np.int32(1 if smem_x else 0),
+                np.int32(lanes),
+                np.int64(n),
+                np.uint64(yb),
+                np.int64(ldy),
+                np.int32(out_code),
+                np.int64(m),
+                np.int32(nb),
+            ),
+            shared_mem=smem,
+        )
+
+    def _tcp_matmul(self, x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr) -> None:
+        """The ``tcp`` path, per slice of up to 128 batch columns: prepare the x' fragments,
+        spqr_tcp_* (pipelined weight stream, k-split partial sums), then the finish kernel
+        (split sums, outlier corrections, rounding). A device whose shared memory cannot hold
+        the kernel's stage ring takes the k-split path instead (logged once per tensor)."""
+        tc = self.tc
+        m, n = self.shape
+        m16 = 16 * tc.RB
+        ysz = 4 if out_code == 0 else 2
+        for b0 in range(0, batch, K.TCP_MAX_BATCH):
+            nb = min(K.TCP_MAX_BATCH, batch - b0)
+            xb = int(x_ptr) + 2 * b0 * int(ldx)
+            yb = int(y_ptr) + ysz * b0 * int(ldy)
+            nt = K.tcp_nt(nb)
+            name = K.tcp_name(self.bits, self.stats_bits, nt)
+            geo = K.tcp_geometry(self.bits, self.stats_bits, nt)
+            limit = _smem_optin() + 1024
+            if geo["SMEM"] > limit:
+                why = (
+                    f"kernel {name} needs {geo['SMEM']} bytes of shared memory per block "
+                    f"({geo['STAGES']} stages), this device allows {limit}"
+                )
+                key = (self.name, self.shape, name, "tcp-fallback")
+                if key not in _noticed:
+                    _noticed.add(key)
+                    K.log.warning(
+                        "spqr_format.gpu: tensor %s: %s; using the k-split path (tc_split)",
+                        self.name or "?",
+                        why,
+                    )
+                self._tc_matmul(
+                    xb, ldx, yb, ldy, out_code, nb, ws_ptr, P.Decision("tc_split", -1, why)
+                )
+                continue
+            splits, per = self._tcp_plan(nt)
+            xt_off, part_off, _ = K.tcp_workspace_layout(m, n, tc.KT, nb, splits)
+            xfrag = int(ws_ptr)
+            xt, part = xfrag + xt_off, xfrag + part_off
+            bp = K.tc_xt_pitch(nb)
+            total = nt * tc.KT * 32
+            function("spqr_tc_prepare_x")(
+                (-(-total // 256),),
                 (256,),
                 (
-                    np.uint64(part),
-                    np.int32(splits),
-                    np.int64(m16),
-                    np.int32(8 * nt),
-                    _ptr(self.outlier_rows),
-                    _ptr(tc.outlier_entries),
+                    np.uint64(xb),
+                    np.int64(ldx),
+                    _ptr(self.perm),
+                    np.int64(n),
+                    np.int32(nb),
+                    np.int32(nt),
+                    np.int64(tc.KT),
+                    np.uint64(xfrag),
                     np.uint64(xt),
                     np.int32(bp),
-                    np.int32(1 if smem_x else 0),
-                    np.int32(lanes),
-                    np.int64(n),
-                    np.uint64(yb),
-                    np.int64(ldy),
-                    np.int32(out_code),
-                    np.int64(m),
+                    np.int32(0),
+                    np.uint64(0),
+                ),
+            )
+            fn = function(name)
+            _raise_smem_limit(fn, geo["SMEM"], self.name, name)
+            fn(
+                (-(-tc.RB // geo["RBB"]), splits),
+                (32 * K.TCP_WARPS,),
+                (
+                    tc.codes,
+                    tc.stats,
+                    tc.stats2,
+                    np.uint64(xfrag),
+                    np.uint64(part),
+                    np.int32(tc.RB),
+                    np.int32(tc.NC),
+                    np.int32(per),
+                    np.int64(m16),
                     np.int32(nb),
                 ),
-                shared_mem=smem,
+                shared_mem=geo["SMEM"],
             )
+            self._tc_finish(part, splits, 8 * nt, xt, bp, yb, ldy, out_code, nb)
 
     def _dense(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr, d) -> None:
         """The ``dense`` path: dequantize W (bit-exact, in the input dtype) into the workspace,

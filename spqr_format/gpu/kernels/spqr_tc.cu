@@ -578,6 +578,7 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
 // ---------------------------------------------------------------------------------------------
 // extern "C" entry points (arguments and launch contract: spqr_gpu.h, "tile layout").
 
+#ifndef SPQR_TC_DEVICE_ONLY  // spqr_tcp.cu is compiled after this file without these
 // One thread per (n-tile j, mma mu, lane): B fragment words of x' (f16; 0 past n / batch), and
 // the same values in x'^T [n][bp] (stored column major over batch columns, bp >= batch), which
 // the finish kernel gathers outlier columns from. mma mu = 4 * round + u: lane (g, t) holds
@@ -663,6 +664,7 @@ SPQR_TC_ALL_NT(3, 2)
 SPQR_TC_ALL_NT(3, 4)
 #endif
 SPQR_TC_ALL_NT(3, 3)
+#endif  // SPQR_TC_DEVICE_ONLY
 
 namespace spqr_tc {
 // Row `row`, batch column c of the k-split partial sums: part[s][c][row] summed over the
@@ -1351,6 +1353,7 @@ __device__ __forceinline__ void finish(
 }
 }  // namespace spqr_tc
 
+#ifndef SPQR_TC_DEVICE_ONLY  // spqr_tcp.cu is compiled after this file without these
 #define SPQR_TC_FINISH_ENTRY(BPT)                                                                \
   extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish_p##BPT(                      \
       const float* __restrict__ part, int nsplit, i64 M16, int ncols,                            \
@@ -1402,3 +1405,4 @@ SPQR_TCV_ENTRY(3, 2)
 SPQR_TCV_ENTRY(3, 4)
 #endif
 SPQR_TCV_ENTRY(3, 3)
+#endif  // SPQR_TC_DEVICE_ONLY

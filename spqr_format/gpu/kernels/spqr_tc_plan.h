@@ -112,4 +112,65 @@ static inline void spqr_plan_splits(int64_t rb, int64_t nc, int nt, int64_t chun
   *per = (int)p;
 }
 
+/* --- the pipelined kernel spqr_tcp_* (spqr_tcp.cu TcpGeo; _kernels.tcp_*) ------------------- */
+#define SPQR_PLAN_TCP_WARPS 4              /* _kernels.TCP_WARPS (SPQR_TCP_WARPS) */
+#define SPQR_PLAN_TCP_MB 2                 /* _kernels.TCP_MB */
+#define SPQR_PLAN_TCP_MAX_BATCH 128        /* _kernels.TCP_MAX_BATCH */
+#define SPQR_PLAN_TCP_SMEM_TARGET (80 * 1024) /* _kernels.TCP_SMEM_TARGET */
+
+/* _kernels.tcp_nt: n-tiles of a slice of nb <= 128 columns (at least 2) */
+static inline int spqr_plan_tcp_nt(int nb) {
+  return nb <= 16 ? 2 : nb <= 32 ? 4 : nb <= 64 ? 8 : 16;
+}
+
+/* _kernels.tcp_geometry: row blocks per block (RBB) */
+static inline int spqr_plan_tcp_rbb(int nt) {
+  return SPQR_PLAN_TCP_WARPS / (nt > 8 ? nt / 8 : 1) * SPQR_PLAN_TCP_MB;
+}
+
+/* _kernels.tcp_geometry: dynamic shared memory (STAGES x stage bytes); chunk_bytes = tile-layout
+ * bytes per row block and chunk (SLABS*512 + SWL*128 + MPC*8) */
+static inline int64_t spqr_plan_tcp_smem(int nt, int64_t chunk_bytes) {
+  const int64_t stage = spqr_plan_tcp_rbb(nt) * chunk_bytes;
+  int64_t stages = SPQR_PLAN_TCP_SMEM_TARGET / stage;
+  stages = stages < 2 ? 2 : stages > 8 ? 8 : stages;
+  return stages * stage;
+}
+
+/* _kernels.tc_resident_blocks with `warps` warps per block */
+static inline int64_t spqr_plan_resident_w(int regs, int64_t smem, int warps) {
+  const int64_t warp_regs = spqr_plan_cdiv((int64_t)(regs > 0 ? regs : 1) * 32, 256) * 256;
+  int64_t r = 65536 / (warp_regs * warps);
+  const int64_t by_smem = (227 * 1024) / (smem + 1024);
+  if (by_smem < r) r = by_smem;
+  if (64 / warps < r) r = 64 / warps;
+  if (r > 32) r = 32;
+  return r < 1 ? 1 : r;
+}
+
+/* _kernels.tcp_splits: the k-split of spqr_tcp_* (tc_splits's cost model, blocks of rbb row
+ * blocks); override (SPQR_GPU_PLAN tc_splits) > 0 forces one */
+static inline void spqr_plan_tcp_splits(int64_t rb, int64_t nc, int rbb, int nt,
+                                        int64_t chunk_bytes, int64_t slots, int override,
+                                        int* splits, int* per) {
+  const int64_t blocks = spqr_plan_cdiv(rb, rbb);
+  if (slots < 1) slots = 1;
+  int64_t best = 1, best_cost = -1;
+  for (int64_t s = 1; s <= 16; ++s) {
+    if (s > 1 && spqr_plan_cdiv(nc, s) < 4) break;
+    const int64_t p = spqr_plan_cdiv(nc, s), real = spqr_plan_cdiv(nc, p);
+    const int64_t waves = spqr_plan_cdiv(blocks * real, slots);
+    const int64_t cost = waves * p * slots * rbb * chunk_bytes * 2 + real * 80 * nt * 16 * rb;
+    if (best_cost < 0 || cost < best_cost) {
+      best = real;
+      best_cost = cost;
+    }
+  }
+  if (override > 0) best = override < nc ? override : nc;
+  if (best < 1) best = 1;
+  const int64_t p = spqr_plan_cdiv(nc, best);
+  *splits = (int)spqr_plan_cdiv(nc, p);
+  *per = (int)p;
+}
+
 #endif /* SPQR_TC_PLAN_H */
