@@ -110,12 +110,24 @@ def _static_cache(config, batch: int, length: int, dtype):
     return StaticCache(**kw)
 
 
+def _rewind(cache, position: int) -> None:
+    """Set the write position of every static cache layer to ``position``. transformers >= 5
+    keeps it in a device tensor (``cumulative_length``) that each update advances, ignoring
+    ``cache_position``; the warm-up steps before the timed loop would otherwise push it past
+    ``max_cache_len`` (an out-of-bounds ``index_copy_``). In place, so a captured graph keeps
+    reading the same tensor. Older versions write at ``cache_position`` and have no counter."""
+    for layer in getattr(cache, "layers", ()):
+        counter = getattr(layer, "cumulative_length", None)
+        if counter is not None and hasattr(counter, "fill_"):
+            counter.fill_(position)
+
+
 def decode(model, config, *, batch: int, prompt: int, new: int, graph: bool) -> float:
     """Seconds for ``new`` greedy decode steps after the prefill (CUDA events)."""
     import torch
 
     ck = _cache_kwarg(model)
-    cache = _static_cache(config, batch, prompt + new + 1, torch.float16)
+    cache = _static_cache(config, batch, prompt + new + 4, torch.float16)
     ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda")
     pos = torch.arange(prompt, device="cuda")
     with torch.no_grad():
@@ -137,6 +149,7 @@ def decode(model, config, *, batch: int, prompt: int, new: int, graph: bool) -> 
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 nxt = step()
+        _rewind(cache, prompt)  # the warm-up steps advanced the cache's own write position
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()

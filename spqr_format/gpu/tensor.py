@@ -983,6 +983,13 @@ def gemm_rowmajor(
                 f"{what} = {v} exceeds cuBLAS's limit {INT32_MAX}",
                 tensor=tensor,
             )
+    if cp.cuda.get_current_stream().is_capturing():
+        # CuPy refuses every cuBLAS call while a stream is being captured (it would set the
+        # handle's stream); torch's cuBLAS wrapper is capture-safe, so inside a CUDA graph the
+        # same product runs through torch on the capturing stream.
+        _gemm_rowmajor_captured(x_ptr, ldx, in_code, w_ptr, ldw, y_ptr, ldy, out_code,
+                                batch, m, n, tensor)  # fmt: skip
+        return
     # column-major view: Y^T (m x batch, ld ldy) = W^T' (W stored n x m, ld ldw)^T X^T
     handle = cp.cuda.device.get_cublas_handle()
     cublas.gemmEx(
@@ -1006,6 +1013,41 @@ def gemm_rowmajor(
         68,  # CUBLAS_COMPUTE_32F
         -1,  # CUBLAS_GEMM_DEFAULT
     )
+
+
+_NP_TYPES = {0: np.float32, 1: np.float16, 2: np.uint16}  # bf16 travels as its bits
+
+
+def _gemm_rowmajor_captured(x_ptr, ldx, in_code, w_ptr, ldw, y_ptr, ldy, out_code, batch, m, n,
+                            tensor) -> None:  # fmt: skip
+    """:func:`gemm_rowmajor` inside CUDA-graph capture: torch.matmul on zero-copy views of
+    the same buffers, launched on the capturing stream. Needs torch, and the output in the
+    input's dtype (torch's GEMM has no mixed-dtype output); anything else is refused with a
+    clear error instead of breaking the capture."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None or in_code != out_code:
+        raise BadInputError(
+            "dequantize + cuBLAS cannot run inside CUDA-graph capture "
+            + ("without torch" if torch is None else "with an output dtype other than the "
+               "input's")
+            + f" (batch {batch}); capture a batch the fused kernels serve, or run it eagerly",
+            tensor=tensor,
+        )  # fmt: skip
+
+    def view(ptr, rows, ld, cols):
+        dt = np.dtype(_NP_TYPES[in_code])
+        mem = cp.cuda.UnownedMemory(int(ptr), rows * ld * dt.itemsize, owner=None)
+        a = cp.ndarray((rows, ld), dtype=dt, memptr=cp.cuda.MemoryPointer(mem, 0))[:, :cols]
+        t = torch.as_tensor(a, device="cuda")
+        return t.view(torch.bfloat16) if in_code == 2 else t
+
+    stream = torch.cuda.ExternalStream(cp.cuda.get_current_stream().ptr)
+    with torch.cuda.stream(stream):
+        x, w, y = view(x_ptr, batch, ldx, n), view(w_ptr, m, ldw, n), view(y_ptr, batch, ldy, m)
+        torch.matmul(x, w.t(), out=y)
 
 
 _gpu_classes: dict[int, str] = {}
