@@ -1616,12 +1616,12 @@ extern "C" __global__ void spqr_mv1_finish(const float* __restrict__ part, int n
 #define SPQR_SIMT_ONE(M) M(SPQR_SIMT_B, h, false)
 #endif
 
-// SPQR_FAST_BUILD (experiments only): just the 3-bit kernels, for quick NVRTC builds.
 #if SPQR_SIMT_PAIR_MODULE
 #if SPQR_SIMT_B != 0  // B = 0 (the generic dequantizer) has no matvec
 SPQR_SIMT_ONE(SPQR_MATVEC_S)
 #endif
 #elif !SPQR_SIMT_SHARED_MODULE
+// whole module; SPQR_FAST_BUILD (experiments only): just the 3-bit kernels, for quick builds
 #ifndef SPQR_FAST_BUILD
 SPQR_MATVEC_ALL(2)
 SPQR_MATVEC_ALL(4)
