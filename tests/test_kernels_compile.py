@@ -47,10 +47,21 @@ def cubins(tmp_path_factory):
         cmd += ["-DSPQR_TC_DEVICE_ONLY", "-Xptxas", "-v", "-Werror", "all-warnings", str(src)]
         return arch, K.TCP_SOURCE, path, _run(cmd)
 
+    def build_split(spec):
+        # a small module as NVRTC gets it (tensor.compiled: _kernels.kernel_module), sm_90
+        src = out / f"split_{spec.key.replace(':', '_')}.cu"
+        src.write_text(spec.code())
+        path = src.with_suffix(".cubin")
+        cmd = [NVCC, *spec.options(), "-arch=sm_90", "--cubin", "-o", str(path)]
+        cmd += ["-Werror", "all-warnings", str(src)]
+        return "sm_90", spec, path, _run(cmd)
+
     jobs = [(a, s) for a in ARCHS for s in SOURCES]
-    with ThreadPoolExecutor(len(jobs) + len(ARCHS)) as pool:
+    with ThreadPoolExecutor(len(jobs) + len(ARCHS) + len(SPLIT)) as pool:
+        split = [pool.submit(build_split, spec) for spec in SPLIT]
         done = list(pool.map(build, jobs))
-        return done + list(pool.map(build_tcp, ARCHS))
+        done += list(pool.map(build_tcp, ARCHS))
+        return done + [f.result() for f in split]
 
 
 SOURCES = (K.KERNEL_SOURCE, K.TC_SOURCE, K.CMPQ_SOURCE)
@@ -61,6 +72,10 @@ NAMES = {
     K.TCP_SOURCE: K.tcp_kernel_names,
 }
 BUILDS = [f"{a}-{s.stem}" for a in ARCHS for s in SOURCES] + [f"{a}-spqr_tcp" for a in ARCHS]
+# Small modules of the Python layer (one of each kind; tests/test_kernel_modules.py checks every
+# module's entry points on the preprocessed source, and the whole builds above every kernel)
+SPLIT = (K.tcp_module(3, 3), K.tc_module(3, 3), K.TC_SHARED, K.simt_module(3, 3), K.SIMT_SHARED)
+ALL_NAMES = K.all_kernel_names() + K.tc_kernel_names() + K.tcp_kernel_names()
 
 
 @pytest.mark.parametrize("index", range(len(BUILDS)), ids=BUILDS)
@@ -82,21 +97,18 @@ def test_pipelined_kernels_do_not_spill(cubins, arch):
     assert not spills, spills[:5]
 
 
-def test_pipelined_kernel_alone_per_bits_builds(tmp_path):
-    """The one-(bits, stats_bits) module the Python layer compiles (-DSPQR_TCP_B/-DSPQR_TCP_SB)
-    holds exactly that pair's four entry points."""
-    src = tmp_path / "tcp_b3s3.cu"
-    src.write_text(K.TC_SOURCE.read_text() + "\n" + K.TCP_SOURCE.read_text())
-    path = tmp_path / "tcp_b3s3.cubin"
-    cmd = [NVCC, *K.COMPILE_OPTIONS, "-arch=sm_90", "--cubin", "-o", str(path), str(src)]
-    cmd += ["-DSPQR_TC_DEVICE_ONLY", "-DSPQR_TCP_B=3", "-DSPQR_TCP_SB=3"]
-    cmd += ["-Werror", "all-warnings"]
-    res = _run(cmd)
-    assert res.returncode == 0, res.stderr
+@pytest.mark.parametrize("spec", SPLIT, ids=[s.key for s in SPLIT])
+def test_small_module_builds_with_exactly_its_entry_points(cubins, spec):
+    """A module the Python layer compiles (-D selection, _kernels.kernel_module) builds with
+    -Werror and holds exactly its entry points (tcp:3:3: spqr_tc.cu's device code, then
+    spqr_tcp.cu's four spqr_tcp_b3_s3_nt*)."""
+    _, _, path, res = next(c for c in cubins if c[1] == spec)
+    assert res.returncode == 0, f"nvcc failed for {spec.key}:\n{res.stderr}"
     blob = path.read_bytes()
-    names = K.tcp_kernel_names(3, 3)
-    assert len(names) == 4 and all(n.encode() + b"\0" in blob for n in names)
-    assert b"spqr_tcp_b2_s3_nt2\0" not in blob and b"spqr_tc_prepare_x\0" not in blob
+    names = K.module_kernel_names(spec)
+    assert names and all(n.encode() + b"\0" in blob for n in names)
+    others = [n for n in ALL_NAMES if n not in names and n.encode() + b"\0" in blob]
+    assert not others, f"{spec.key}: unexpected entry points {others}"
 
 
 @pytest.mark.parametrize(

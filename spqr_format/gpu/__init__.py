@@ -9,6 +9,9 @@ Python dependency. This package adds:
   interface);
 * :mod:`spqr_format.gpu.nn` (torch): ``SpQRLinear`` and ``replace_linear``.
 
+The kernels are compiled by NVRTC on first use, one small module per configuration, and cached
+on disk by CuPy; :func:`precompile` warms that cache ahead of time.
+
 Importing this package needs neither CuPy nor torch; using :class:`GpuTensor` needs CuPy and a
 CUDA device, and raises ImportError with an explanation otherwise.
 """
@@ -16,6 +19,7 @@ CUDA device, and raises ImportError with an explanation otherwise.
 from __future__ import annotations
 
 from spqr_format.gpu._kernels import KERNEL_DIR, KERNEL_SOURCE, all_kernel_names, matvec_supported
+from spqr_format.gpu._precompile import precompile
 
 __all__ = [
     "GpuTensor",
@@ -24,6 +28,7 @@ __all__ = [
     "all_kernel_names",
     "available",
     "matvec_supported",
+    "precompile",
 ]
 
 

@@ -9,6 +9,8 @@ This module is the single place that knows which specialisations exist; the comp
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from spqr_format.gpu import plan
@@ -588,3 +590,155 @@ def cmpq_kernel_names() -> list[str]:
     for oc in OUT_NAMES.values():
         names += [f"spqr_cmpq_dequant_{oc}", f"spqr_cmpq_dequant_outliers_{oc}"]
     return sorted(names)
+
+
+# --- compiled modules: which NVRTC module holds an entry point -----------------------------
+# NVRTC compiles each source as small modules selected by -D options, so that a tensor's first
+# call compiles only the kernels it can launch (spqr_tc.cu as one module took ~1 min for sm_90):
+#   simt:{B}:{h|q}  spqr_kernels.cu  -DSPQR_SIMT_B=B -DSPQR_SIMT_Q=0|1  (B: dequantizer bits,
+#                   0 = generic): spqr_matvec_*, spqr_mv1*_*, spqr_dequant{,_row,_row2,_oct}_*
+#   simt:shared     spqr_kernels.cu  -DSPQR_SIMT_SHARED: spqr_prepare_x, spqr_mv1_finish,
+#                   spqr_dequant_outliers_*
+#   tc:{B}:{SB}     spqr_tc.cu  -DSPQR_TC_B=B -DSPQR_TC_SB=SB: spqr_tc_b*_s*_nt*, spqr_tcv_*,
+#                   spqr_tcg_*
+#   tc:shared       spqr_tc.cu  -DSPQR_TC_SHARED: spqr_tc_prepare_x, spqr_tc_finish_p*
+#   tcp:{B}:{SB}    spqr_tc.cu + spqr_tcp.cu  -DSPQR_TC_DEVICE_ONLY -DSPQR_TCP_B=B -DSPQR_TCP_SB=SB
+#   cmpq            spqr_cmpq.cu, whole
+# Without these options each source still defines every entry point (spqr_host.cu,
+# spqr_tc_host.cu and tests/test_kernels_compile.py build it so); the kernels' code is the same
+# either way (each entry point is its own function; the selection only leaves others out).
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One NVRTC module: the concatenated ``sources`` compiled with ``defines``."""
+
+    key: str
+    sources: tuple[Path, ...]
+    defines: tuple[str, ...] = ()
+
+    def code(self) -> str:
+        return "\n".join(s.read_text() for s in self.sources)
+
+    def options(self) -> tuple[str, ...]:
+        """NVRTC / nvcc options: COMPILE_OPTIONS, the SPQR_GPU_PLAN defines, the selection."""
+        return (*COMPILE_OPTIONS, *EXTRA_DEFINES, *self.defines)
+
+
+def simt_module(bits: int, stats_bits: int) -> ModuleSpec:
+    """The SIMT kernels (matvec, dequantizers) of a tensor of ``bits`` / ``stats_bits``."""
+    b = bits if bits in DEQUANT_BITS else 0
+    q = 1 if stats_bits else 0
+    return ModuleSpec(
+        f"simt:{b}:{stats_tag(stats_bits)}",
+        (KERNEL_SOURCE,),
+        (f"-DSPQR_SIMT_B={b}", f"-DSPQR_SIMT_Q={q}"),
+    )
+
+
+SIMT_SHARED = ModuleSpec("simt:shared", (KERNEL_SOURCE,), ("-DSPQR_SIMT_SHARED",))
+TC_SHARED = ModuleSpec("tc:shared", (TC_SOURCE,), ("-DSPQR_TC_SHARED",))
+CMPQ_MODULE = ModuleSpec("cmpq", (CMPQ_SOURCE,))
+
+
+def tc_module(bits: int, stats_bits: int) -> ModuleSpec:
+    """spqr_tc_b{bits}_s{stats_bits}_nt*, spqr_tcv_* and spqr_tcg_* of one pair."""
+    return ModuleSpec(
+        f"tc:{bits}:{stats_bits}",
+        (TC_SOURCE,),
+        (f"-DSPQR_TC_B={bits}", f"-DSPQR_TC_SB={stats_bits}"),
+    )
+
+
+def tcp_module(bits: int, stats_bits: int) -> ModuleSpec:
+    """spqr_tcp_b{bits}_s{stats_bits}_nt*: spqr_tc.cu's device code, then spqr_tcp.cu."""
+    return ModuleSpec(
+        f"tcp:{bits}:{stats_bits}",
+        (TC_SOURCE, TCP_SOURCE),
+        ("-DSPQR_TC_DEVICE_ONLY", f"-DSPQR_TCP_B={bits}", f"-DSPQR_TCP_SB={stats_bits}"),
+    )
+
+
+_TC_PAIR = re.compile(r"spqr_tc[vg]?_b(\d+)_s(\d+)(?:_nt\d+)?")
+_TCP_PAIR = re.compile(r"spqr_tcp_b(\d+)_s(\d+)_nt\d+")
+_SIMT_PAIR = re.compile(
+    r"spqr_(?:matvec|mv1|mv1r16|dequant|dequant_row|dequant_row2|dequant_oct)"
+    r"_b(\d+)_([hq])(?:_\w+)?"
+)
+
+
+def kernel_module(name: str) -> ModuleSpec:
+    """The module that defines the entry point ``name``."""
+    if m := _TCP_PAIR.fullmatch(name):
+        return tcp_module(int(m[1]), int(m[2]))
+    if m := _TC_PAIR.fullmatch(name):
+        return tc_module(int(m[1]), int(m[2]))
+    if name == "spqr_tc_prepare_x" or name.startswith("spqr_tc_finish_p"):
+        return TC_SHARED
+    if name.startswith("spqr_cmpq_"):
+        return CMPQ_MODULE
+    if m := _SIMT_PAIR.fullmatch(name):
+        b = int(m[1])
+        return simt_module(b if b else 1, 0 if m[2] == "h" else 1)
+    if name in ("spqr_prepare_x", "spqr_mv1_finish") or name.startswith("spqr_dequant_outliers_"):
+        return SIMT_SHARED
+    raise ValueError(f"unknown kernel {name!r}")
+
+
+def every_module() -> list[ModuleSpec]:
+    """Every module the Python layer can compile (each entry point of all_kernel_names,
+    tc_kernel_names, tcp_kernel_names and cmpq_kernel_names in exactly one)."""
+    names = all_kernel_names() + tc_kernel_names() + tcp_kernel_names() + cmpq_kernel_names()
+    return sorted({kernel_module(n) for n in names}, key=lambda s: s.key)
+
+
+def module_kernel_names(spec: ModuleSpec) -> list[str]:
+    """The entry points of ``spec``."""
+    names = all_kernel_names() + tc_kernel_names() + tcp_kernel_names() + cmpq_kernel_names()
+    return sorted(n for n in names if kernel_module(n) == spec)
+
+
+def tc_supported_config(bits: int, stats_bits: int) -> bool:
+    """Whether (bits, stats_bits) has tensor-core kernels (the tile layout: group size 16 too,
+    which a module list for a configuration does not know: these modules then go unused)."""
+    return bits in TC_BITS and stats_bits in TC_STATS_BITS
+
+
+def config_modules(bits: int, stats_bits: int, tensor_cores: bool = True) -> list[ModuleSpec]:
+    """The modules a ``bilevel`` tensor of (bits, stats_bits) can launch kernels from."""
+    specs = [SIMT_SHARED, simt_module(bits, stats_bits)]
+    if tensor_cores and tc_supported_config(bits, stats_bits):
+        specs += [TC_SHARED, tc_module(bits, stats_bits), tcp_module(bits, stats_bits)]
+    return specs
+
+
+def precompile_modules(
+    configs=None, tensor_cores: bool = True, cmpq: bool = False
+) -> list[ModuleSpec]:
+    """The modules :func:`spqr_format.gpu.precompile` builds for ``configs`` ((bits,
+    stats_bits) pairs; default: those of the encoder presets; ``"all"``: every module, cmpq
+    included), each once, in a fixed order (the larger per-pair modules first, so that
+    parallel workers finish together)."""
+    if configs is None:
+        configs = preset_configs()
+    seen: dict[str, ModuleSpec] = {}
+    if configs == "all":
+        configs, cmpq = (), True
+        seen = {s.key: s for s in every_module()}
+    for bits, stats_bits in configs:
+        for spec in config_modules(int(bits), int(stats_bits), tensor_cores):
+            seen.setdefault(spec.key, spec)
+    if cmpq:
+        seen.setdefault(CMPQ_MODULE.key, CMPQ_MODULE)
+    order = ("tcp", "tc", "simt", "cmpq")
+    return sorted(
+        seen.values(),
+        key=lambda s: (":shared" in s.key, order.index(s.key.split(":")[0]), s.key),
+    )
+
+
+def preset_configs() -> list[tuple[int, int]]:
+    """(bits, stats_bits) of every encoder preset (spqr_format.codec.presets), sorted."""
+    from spqr_format.codec.presets import PRESETS
+
+    return sorted({(c.bits, c.stats_bits) for c in PRESETS.values()})

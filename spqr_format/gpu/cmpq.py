@@ -24,8 +24,8 @@ from spqr_format.gpu.tensor import (
     _raise_smem_limit,
     _sm_count,
     _upload,
+    compiled,
     cp,
-    module,
 )
 
 _functions: dict[tuple[int, str], object] = {}
@@ -35,7 +35,7 @@ def function(name: str):
     key = (cp.cuda.Device().id, name)
     fn = _functions.get(key)
     if fn is None:
-        fn = _functions[key] = module(K.CMPQ_SOURCE).get_function(name)
+        fn = _functions[key] = compiled(K.CMPQ_MODULE).get_function(name)
     return fn
 
 

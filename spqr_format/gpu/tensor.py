@@ -2,8 +2,11 @@
 
 Needs CuPy and a CUDA device; imported lazily by :mod:`spqr_format.gpu`.
 
-* The module (``kernels/spqr_kernels.cu``) is compiled by NVRTC through ``cupy.RawModule`` once
-  per device and process (CuPy also caches the binary on disk).
+* The kernels are compiled by NVRTC through ``cupy.RawModule`` on first use, once per device and
+  process, as small modules (one (bits, stats_bits) configuration's kernels, or the few shared
+  ones: :func:`spqr_format.gpu._kernels.kernel_module`); CuPy also caches the binaries on disk
+  (``~/.cupy/kernel_cache``, ``CUPY_CACHE_DIR``), and :func:`spqr_format.gpu.precompile` fills
+  that cache ahead of time.
 * Launches go to CuPy's *current* stream (``with cupy.cuda.Stream(): ...``, or
   ``cupy.cuda.Stream.from_external(...)`` to run on another framework's stream). Nothing
   synchronises the device; a bad launch raises (CuPy checks ``cuLaunchKernel``'s result), and an
@@ -45,59 +48,43 @@ _functions: dict[tuple[int, str], object] = {}
 _noticed: set[tuple] = set()
 
 
-def module(source=None) -> cp.RawModule:
-    """The compiled module of ``source`` (default: the SPEC-layout kernels) for the current
-    device, compiled on first use, then cached."""
-    source = source or K.KERNEL_SOURCE
-    key = (cp.cuda.Device().id, str(source))
+def compiled(spec: K.ModuleSpec) -> cp.RawModule:
+    """The module ``spec`` (:func:`spqr_format.gpu._kernels.kernel_module`) for the current
+    device: compiled by NVRTC on first use (or loaded from CuPy's on-disk kernel cache), then
+    kept for the process."""
+    key = (cp.cuda.Device().id, spec.key)
     mod = _modules.get(key)
     if mod is None:
         with _lock:
             mod = _modules.get(key)
             if mod is None:
-                src = source.read_text()
-                mod = cp.RawModule(code=src, options=K.COMPILE_OPTIONS + K.EXTRA_DEFINES)
+                mod = cp.RawModule(code=spec.code(), options=spec.options())
                 _modules[key] = mod
     return mod
+
+
+def module(source=None) -> cp.RawModule:
+    """The whole module of ``source`` (default: the SPEC-layout kernels, every entry point) for
+    the current device. The launchers use :func:`function`, which compiles only the small
+    module (one configuration's kernels) an entry point is in."""
+    source = source or K.KERNEL_SOURCE
+    return compiled(K.ModuleSpec(f"whole:{source}", (source,)))
 
 
 def tcp_module(bits: int, stats_bits: int) -> cp.RawModule:
     """The pipelined tensor-core kernels of one (bits, stats_bits) (``spqr_tcp_*``): spqr_tc.cu's
     device code followed by spqr_tcp.cu, four entry points (one per NT), compiled on first use."""
-    key = (cp.cuda.Device().id, f"tcp:{bits}:{stats_bits}")
-    mod = _modules.get(key)
-    if mod is None:
-        with _lock:
-            mod = _modules.get(key)
-            if mod is None:
-                src = K.TC_SOURCE.read_text() + "\n" + K.TCP_SOURCE.read_text()
-                opts = (
-                    *K.COMPILE_OPTIONS,
-                    *K.EXTRA_DEFINES,
-                    "-DSPQR_TC_DEVICE_ONLY",
-                    f"-DSPQR_TCP_B={bits}",
-                    f"-DSPQR_TCP_SB={stats_bits}",
-                )
-                mod = cp.RawModule(code=src, options=opts)
-                _modules[key] = mod
-    return mod
+    return compiled(K.tcp_module(bits, stats_bits))
 
 
 def function(name: str):
+    """The entry point ``name``, from the module :func:`spqr_format.gpu._kernels.kernel_module`
+    names (compiled on first use)."""
     dev = cp.cuda.Device().id
     key = (dev, name)
     fn = _functions.get(key)
     if fn is None:
-        if name.startswith("spqr_tcp_"):  # spqr_tcp_b{B}_s{SB}_nt{NT}
-            b, sb = name.split("_")[2:4]
-            fn = tcp_module(int(b[1:]), int(sb[1:])).get_function(name)
-        else:
-            src = (
-                K.TC_SOURCE
-                if name.startswith(("spqr_tc_", "spqr_tcv_", "spqr_tcg_"))
-                else K.KERNEL_SOURCE
-            )
-            fn = module(src).get_function(name)
+        fn = compiled(K.kernel_module(name)).get_function(name)
         _functions[key] = fn
     return fn
 

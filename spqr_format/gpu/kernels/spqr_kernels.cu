@@ -1525,13 +1525,30 @@ __device__ __forceinline__ void dequant_outliers(const u32* __restrict__ orows,
 // ==========================================================================================
 // extern "C" entry points (see spqr_gpu.h for the argument meaning and launch contract).
 // ==========================================================================================
+// Which entry points (the Python layer compiles small modules: _kernels.py kernel_module):
+//   -DSPQR_SIMT_B=b -DSPQR_SIMT_Q=q  the kernels of one bit width b (0: the generic dequantizer)
+//                                    and statistics kind (q = 1: packed, "_q"; 0: f16, "_h");
+//   -DSPQR_SIMT_SHARED               spqr_prepare_x, spqr_mv1_finish, spqr_dequant_outliers_*;
+//   neither                          all of them (spqr_host.cu, tests/test_kernels_compile.py).
+#if defined(SPQR_SIMT_B) && defined(SPQR_SIMT_Q)
+#define SPQR_SIMT_PAIR_MODULE 1
+#define SPQR_SIMT_SHARED_MODULE 0
+#elif defined(SPQR_SIMT_SHARED)
+#define SPQR_SIMT_PAIR_MODULE 0
+#define SPQR_SIMT_SHARED_MODULE 1
+#else
+#define SPQR_SIMT_PAIR_MODULE 0
+#define SPQR_SIMT_SHARED_MODULE 0
+#endif
 
+#if !SPQR_SIMT_PAIR_MODULE
 extern "C" __global__ void spqr_prepare_x(const u16* __restrict__ x, i64 ldx, int in_dtype,
                                           const u32* __restrict__ perm, int bits, i64 n,
                                           float* __restrict__ xs, i64 ldxs,
                                           float* __restrict__ x16, i64 ldx16, int nbatch) {
   spqr::prepare_x(x, ldx, in_dtype, perm, bits, n, (n + 31) >> 5, xs, ldxs, x16, ldx16, nbatch);
 }
+#endif
 
 #define SPQR_MATVEC_ENTRY(B, SNAME, PACKED, R, NB, MINB)                                             \
   extern "C" __global__ void __launch_bounds__(288, MINB)                                     \
@@ -1566,10 +1583,12 @@ extern "C" __global__ void spqr_prepare_x(const u16* __restrict__ x, i64 ldx, in
   SPQR_MV1_ENTRY_RB(B, SNAME, PACKED, spqr_mv1, SPQR_MV1_RB, SPQR_MV1_RU)  \
   SPQR_MV1_ENTRY_RB(B, SNAME, PACKED, spqr_mv1r16, 16, 8)
 
+#if !SPQR_SIMT_PAIR_MODULE
 extern "C" __global__ void spqr_mv1_finish(const float* __restrict__ part, int nsplit,
                                            u16* __restrict__ y, int out_dtype, i64 m) {
   spqr::mv1_finish(part, nsplit, y, out_dtype, m);
 }
+#endif
 
 // Rows per block for each batch width: keeps accumulators + decoded codes in registers.
 // No NB = 1 entry: batch 1 always takes the row sweep spqr_mv1_* (the launch plan never
@@ -1580,19 +1599,36 @@ extern "C" __global__ void spqr_mv1_finish(const float* __restrict__ part, int n
 // NB = 8 (R = 2) measured 3x slower per column than NB = 4 on an H100 (x' traffic, 154
 // registers): batches > 4 run as several slices of 4 columns instead.
 
+#define SPQR_MATVEC_S(B, SNAME, PACKED)  \
+  SPQR_MATVEC_ALL_NB(B, SNAME, PACKED) \
+  SPQR_MV1_ENTRY(B, SNAME, PACKED)
+
 #define SPQR_MATVEC_ALL(B)         \
   SPQR_MATVEC_ALL_NB(B, h, false) \
   SPQR_MATVEC_ALL_NB(B, q, true)  \
   SPQR_MV1_ENTRY(B, h, false)     \
   SPQR_MV1_ENTRY(B, q, true)
 
-// SPQR_FAST_BUILD (experiments only): just the 3-bit kernels, for quick NVRTC builds.
+// One (bit width, statistics kind) of a SPQR_SIMT_B / SPQR_SIMT_Q module: M(b, h|q, packed).
+#if SPQR_SIMT_PAIR_MODULE && SPQR_SIMT_Q
+#define SPQR_SIMT_ONE(M) M(SPQR_SIMT_B, q, true)
+#elif SPQR_SIMT_PAIR_MODULE
+#define SPQR_SIMT_ONE(M) M(SPQR_SIMT_B, h, false)
+#endif
+
+#if SPQR_SIMT_PAIR_MODULE
+#if SPQR_SIMT_B != 0  // B = 0 (the generic dequantizer) has no matvec
+SPQR_SIMT_ONE(SPQR_MATVEC_S)
+#endif
+#elif !SPQR_SIMT_SHARED_MODULE
+// whole module; SPQR_FAST_BUILD (experiments only): just the 3-bit kernels, for quick builds
 #ifndef SPQR_FAST_BUILD
 SPQR_MATVEC_ALL(2)
 SPQR_MATVEC_ALL(4)
 SPQR_MATVEC_ALL(8)
 #endif
 SPQR_MATVEC_ALL(3)
+#endif
 
 #define SPQR_DEQUANT_ENTRY(B, SNAME, PACKED, ONAME, OUT)                                      \
   extern "C" __global__ void __launch_bounds__(256) spqr_dequant_b##B##_##SNAME##_##ONAME(   \
@@ -1638,11 +1674,13 @@ SPQR_MATVEC_ALL(3)
                                       (u32)n, g, S, sb, G, code_row_words, stats_row_words);  \
   }
 
-#define SPQR_DEQUANT_OCT_ALL(B)                           \
-  SPQR_DEQUANT_OCT_ENTRY(B, h, false, f16, SPQR_OUT_F16)  \
-  SPQR_DEQUANT_OCT_ENTRY(B, h, false, bf16, SPQR_OUT_BF16) \
-  SPQR_DEQUANT_OCT_ENTRY(B, q, true, f16, SPQR_OUT_F16)   \
-  SPQR_DEQUANT_OCT_ENTRY(B, q, true, bf16, SPQR_OUT_BF16)
+#define SPQR_DEQUANT_OCT_S(B, SNAME, PACKED)                  \
+  SPQR_DEQUANT_OCT_ENTRY(B, SNAME, PACKED, f16, SPQR_OUT_F16) \
+  SPQR_DEQUANT_OCT_ENTRY(B, SNAME, PACKED, bf16, SPQR_OUT_BF16)
+
+#define SPQR_DEQUANT_OCT_ALL(B)       \
+  SPQR_DEQUANT_OCT_S(B, h, false) \
+  SPQR_DEQUANT_OCT_S(B, q, true)
 
 #define SPQR_DEQUANT_ALL_OUT(B, SNAME, PACKED)                 \
   SPQR_DEQUANT_ENTRY(B, SNAME, PACKED, f32, SPQR_OUT_F32)     \
@@ -1657,12 +1695,21 @@ SPQR_MATVEC_ALL(3)
   SPQR_DEQUANT_ALL_OUT(B, q, true)
 
 // two-row kernels: specialised bit widths only (B = 0 has no Unit16 decoder)
-#define SPQR_DEQUANT_ROW2_ALL(B)                                \
-  SPQR_DEQUANT_ROW2_ENTRY(B, h, false, f16, SPQR_OUT_F16)      \
-  SPQR_DEQUANT_ROW2_ENTRY(B, h, false, bf16, SPQR_OUT_BF16)    \
-  SPQR_DEQUANT_ROW2_ENTRY(B, q, true, f16, SPQR_OUT_F16)       \
-  SPQR_DEQUANT_ROW2_ENTRY(B, q, true, bf16, SPQR_OUT_BF16)
+#define SPQR_DEQUANT_ROW2_S(B, SNAME, PACKED)                  \
+  SPQR_DEQUANT_ROW2_ENTRY(B, SNAME, PACKED, f16, SPQR_OUT_F16) \
+  SPQR_DEQUANT_ROW2_ENTRY(B, SNAME, PACKED, bf16, SPQR_OUT_BF16)
 
+#define SPQR_DEQUANT_ROW2_ALL(B)       \
+  SPQR_DEQUANT_ROW2_S(B, h, false) \
+  SPQR_DEQUANT_ROW2_S(B, q, true)
+
+#if SPQR_SIMT_PAIR_MODULE
+SPQR_SIMT_ONE(SPQR_DEQUANT_ALL_OUT)
+#if SPQR_SIMT_B != 0
+SPQR_SIMT_ONE(SPQR_DEQUANT_ROW2_S)
+SPQR_SIMT_ONE(SPQR_DEQUANT_OCT_S)
+#endif
+#elif !SPQR_SIMT_SHARED_MODULE
 #ifndef SPQR_FAST_BUILD
 SPQR_DEQUANT_ALL(0)
 SPQR_DEQUANT_ALL(2)
@@ -1678,6 +1725,7 @@ SPQR_DEQUANT_OCT_ALL(8)
 SPQR_DEQUANT_ALL(3)
 SPQR_DEQUANT_ROW2_ALL(3)
 SPQR_DEQUANT_OCT_ALL(3)
+#endif
 
 #define SPQR_DEQUANT_OUTLIERS_ENTRY(ONAME, OUT)                                               \
   extern "C" __global__ void spqr_dequant_outliers_##ONAME(                                   \
@@ -1686,6 +1734,8 @@ SPQR_DEQUANT_OCT_ALL(3)
     spqr::dequant_outliers<OUT>(orows, oents, perm, out, ldo, m);                             \
   }
 
+#if !SPQR_SIMT_PAIR_MODULE
 SPQR_DEQUANT_OUTLIERS_ENTRY(f32, SPQR_OUT_F32)
 SPQR_DEQUANT_OUTLIERS_ENTRY(f16, SPQR_OUT_F16)
 SPQR_DEQUANT_OUTLIERS_ENTRY(bf16, SPQR_OUT_BF16)
+#endif

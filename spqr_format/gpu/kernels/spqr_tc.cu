@@ -578,7 +578,23 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
 // ---------------------------------------------------------------------------------------------
 // extern "C" entry points (arguments and launch contract: spqr_gpu.h, "tile layout").
 
+// Which entry points (the Python layer compiles small modules: _kernels.py kernel_module):
+//   -DSPQR_TC_B=b -DSPQR_TC_SB=sb  that pair's spqr_tc_b*_nt*, spqr_tcv_* and spqr_tcg_* only;
+//   -DSPQR_TC_SHARED               spqr_tc_prepare_x and spqr_tc_finish_p* only;
+//   neither                        all of them (spqr_tc_host.cu, tests/test_kernels_compile.py).
+#if defined(SPQR_TC_B) && defined(SPQR_TC_SB)
+#define SPQR_TC_PAIR_MODULE 1
+#define SPQR_TC_SHARED_MODULE 0
+#elif defined(SPQR_TC_SHARED)
+#define SPQR_TC_PAIR_MODULE 0
+#define SPQR_TC_SHARED_MODULE 1
+#else
+#define SPQR_TC_PAIR_MODULE 0
+#define SPQR_TC_SHARED_MODULE 0
+#endif
+
 #ifndef SPQR_TC_DEVICE_ONLY  // spqr_tcp.cu is compiled after this file without these
+#if !SPQR_TC_PAIR_MODULE
 // One thread per (n-tile j, mma mu, lane): B fragment words of x' (f16; 0 past n / batch), and
 // the same values in x'^T [n][bp] (stored column major over batch columns, bp >= batch), which
 // the finish kernel gathers outlier columns from. mma mu = 4 * round + u: lane (g, t) holds
@@ -633,6 +649,7 @@ extern "C" __global__ void spqr_tc_prepare_x(const u16* __restrict__ x, i64 ldx,
   const uint2 v = {h[0] | (h[1] << 16), h[2] | (h[3] << 16)};
   xfrag[id] = v;
 }
+#endif  // !SPQR_TC_PAIR_MODULE
 
 #define SPQR_TC_ENTRY(B, SB, NT)                                                                  \
   extern "C" __global__ void __launch_bounds__(32 * SPQR_TC_WARPS, SPQR_TC_MINB)                 \
@@ -656,6 +673,10 @@ extern "C" __global__ void spqr_tc_prepare_x(const u16* __restrict__ x, i64 ldx,
   SPQR_TC_ALL_NT(B, 3)    \
   SPQR_TC_ALL_NT(B, 4)
 
+#if SPQR_TC_PAIR_MODULE
+#define SPQR_TC_ONE(B, SB) SPQR_TC_ALL_NT(B, SB)
+SPQR_TC_ONE(SPQR_TC_B, SPQR_TC_SB)
+#elif !SPQR_TC_SHARED_MODULE
 #ifndef SPQR_TC_ONLY_B3S3
 SPQR_TC_ALL_SB(2)
 SPQR_TC_ALL_SB(4)
@@ -664,6 +685,7 @@ SPQR_TC_ALL_NT(3, 2)
 SPQR_TC_ALL_NT(3, 4)
 #endif
 SPQR_TC_ALL_NT(3, 3)
+#endif
 #endif  // SPQR_TC_DEVICE_ONLY
 
 namespace spqr_tc {
@@ -1354,6 +1376,7 @@ __device__ __forceinline__ void finish(
 }  // namespace spqr_tc
 
 #ifndef SPQR_TC_DEVICE_ONLY  // spqr_tcp.cu is compiled after this file without these
+#if !SPQR_TC_PAIR_MODULE
 #define SPQR_TC_FINISH_ENTRY(BPT)                                                                \
   extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish_p##BPT(                      \
       const float* __restrict__ part, int nsplit, i64 M16, int ncols,                            \
@@ -1370,6 +1393,7 @@ SPQR_TC_FINISH_ENTRY(8)
 SPQR_TC_FINISH_ENTRY(16)
 SPQR_TC_FINISH_ENTRY(32)
 SPQR_TC_FINISH_ENTRY(64)
+#endif  // !SPQR_TC_PAIR_MODULE
 
 #define SPQR_TCV_ENTRY(B, SB)                                                                     \
   extern "C" __global__ void __launch_bounds__(32 * SPQR_TC_WARPS, SPQR_TC_MINB)                 \
@@ -1397,6 +1421,10 @@ SPQR_TC_FINISH_ENTRY(64)
   SPQR_TCV_ENTRY(B, 2)     \
   SPQR_TCV_ENTRY(B, 3)     \
   SPQR_TCV_ENTRY(B, 4)
+#if SPQR_TC_PAIR_MODULE
+#define SPQR_TCV_ONE(B, SB) SPQR_TCV_ENTRY(B, SB)
+SPQR_TCV_ONE(SPQR_TC_B, SPQR_TC_SB)
+#elif !SPQR_TC_SHARED_MODULE
 #ifndef SPQR_TC_ONLY_B3S3
 SPQR_TCV_ALL_SB(2)
 SPQR_TCV_ALL_SB(4)
@@ -1405,4 +1433,5 @@ SPQR_TCV_ENTRY(3, 2)
 SPQR_TCV_ENTRY(3, 4)
 #endif
 SPQR_TCV_ENTRY(3, 3)
+#endif
 #endif  // SPQR_TC_DEVICE_ONLY
