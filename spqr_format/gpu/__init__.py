@@ -19,7 +19,6 @@ CUDA device, and raises ImportError with an explanation otherwise.
 from __future__ import annotations
 
 from spqr_format.gpu._kernels import KERNEL_DIR, KERNEL_SOURCE, all_kernel_names, matvec_supported
-from spqr_format.gpu._precompile import precompile
 
 __all__ = [
     "GpuTensor",
@@ -48,3 +47,12 @@ def __getattr__(name: str):
 
         return GpuTensor
     raise AttributeError(f"module 'spqr_format.gpu' has no attribute {name!r}")
+
+
+def precompile(*args, **kwargs):
+    """Compile kernel modules ahead of first use; see
+    :func:`spqr_format.gpu._precompile.precompile` (imported on call, so that ``python -m
+    spqr_format.gpu._precompile`` does not import that module twice)."""
+    from spqr_format.gpu._precompile import precompile as _precompile
+
+    return _precompile(*args, **kwargs)
