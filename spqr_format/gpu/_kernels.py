@@ -365,16 +365,26 @@ def tc_splits(
     with 1) and 2 on 4096x4096 at batch 64 (41.7 us against 33.9 with 4); this one picks 1 and
     4 there and the same as before on the other benchmark cases.
     """
-    groups = -(-rb // TC_WARPS)
-    slots = max(1, resident * sm_count)
+    return _best_splits(rb, TC_WARPS, nc, nt, chunk_bytes, resident * sm_count)
+
+
+def _best_splits(
+    rb: int, width: int, nc: int, nt: int, chunk_bytes: int, slots: int
+) -> tuple[int, int]:
+    """The k-split cost model shared by tc_splits and tcp_splits: blocks of ``width`` row blocks
+    (``slots`` of them resident at once), the chunk steps on the critical path costed as the
+    bytes all resident blocks stream, plus the f32 partial sums' traffic; the fewest splits on
+    a tie, each split at least 4 chunks; override key tc_splits. (splits, chunks per split)."""
+    blocks = -(-rb // width)
+    slots = max(1, slots)
     best, best_cost = 1, None
     for s in range(1, 17):
         if s > 1 and -(-nc // s) < 4:
             break
         per = -(-nc // s)
         real = -(-nc // per)
-        waves = -(-(groups * real) // slots)
-        cost = waves * per * slots * TC_WARPS * chunk_bytes * 2 + real * 80 * nt * 16 * rb
+        waves = -(-(blocks * real) // slots)
+        cost = waves * per * slots * width * chunk_bytes * 2 + real * 80 * nt * 16 * rb
         if best_cost is None or cost < best_cost:
             best, best_cost = real, cost
     override = plan.option("tc_splits", 0)
@@ -516,23 +526,7 @@ def tcp_splits(
     row blocks (the chunk steps on the critical path costed as the bytes all resident blocks
     stream, plus the partial sums' traffic), the fewest splits on a tie, each at least 4
     chunks. Unmeasured: the model of the k-split kernel reused. Override key tc_splits."""
-    blocks = -(-rb // rbb)
-    slots = max(1, slots)
-    best, best_cost = 1, None
-    for s in range(1, 17):
-        if s > 1 and -(-nc // s) < 4:
-            break
-        per = -(-nc // s)
-        real = -(-nc // per)
-        waves = -(-(blocks * real) // slots)
-        cost = waves * per * slots * rbb * chunk_bytes * 2 + real * 80 * nt * 16 * rb
-        if best_cost is None or cost < best_cost:
-            best, best_cost = real, cost
-    override = plan.option("tc_splits", 0)
-    if override:
-        best = max(1, min(override, nc))
-    per = -(-nc // best)
-    return -(-nc // per), per
+    return _best_splits(rb, rbb, nc, nt, chunk_bytes, slots)
 
 
 def tcp_workspace_layout(m: int, n: int, kt: int, batch: int, splits: int) -> tuple[int, int, int]:
