@@ -142,7 +142,7 @@ def quantize_model_cmd(ctx, model_dir, output, preset, calib, data_dir, samples,
       spqr eval ./my-llama my-llama.spqr --ppl test.txt
       torchrun --nproc-per-node 4 -m spqr_format quantize-model ./my-llama -o my-llama.spqr \\
            --calib train.txt     # 4 CPU processes (gloo), the same file as one process
-      torchrun --nproc-per-node 8 -m spqr_format quantize-model ./my-llama -o my-llama.spqr \
+      torchrun --nproc-per-node 8 -m spqr_format quantize-model ./my-llama -o my-llama.spqr \\
            --calib train.txt --device cuda   # 8 GPUs (NCCL), rank r on cuda:LOCAL_RANK
     """
     from spqr_format.models.pipeline import format_event, quantize_model
