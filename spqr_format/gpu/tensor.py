@@ -24,6 +24,7 @@ Needs CuPy and a CUDA device; imported lazily by :mod:`spqr_format.gpu`.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -247,6 +248,9 @@ class GpuTensor(_DeviceMatrix):
     # u16 [n] (n <= 65536): the two-row dequantizer's staging position of each output column,
     # pair_slot(inv_perm[c]) (spqr_gpu.h)
     dq2_slots: cp.ndarray | None = None
+    # (device, batch, in_code, SPQR_GPU_PLAN) -> launch-plan decision: plan_for runs up to three
+    # times per call of a layer (~7 us each in Python), the same answer every decode step
+    _decisions: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -477,10 +481,16 @@ class GpuTensor(_DeviceMatrix):
     def plan_for(self, batch: int, in_code: int = 1) -> P.Decision:
         """The launch plan's path for a matmul of ``batch`` rows of dtype code ``in_code``
         (1: f16, 2: bf16) on the current device."""
-        layout = P.layout_of(
-            self.tc is not None, K.matvec_supported(self.bits, self.group_size), in_code
-        )
-        return P.decide(_gpu_class(), layout, self.m, self.n, batch)
+        key = (cp.cuda.runtime.getDevice(), batch, in_code, os.environ.get(P.ENV))
+        d = self._decisions.get(key)
+        if d is None:
+            layout = P.layout_of(
+                self.tc is not None, K.matvec_supported(self.bits, self.group_size), in_code
+            )
+            d = P.decide(_gpu_class(), layout, self.m, self.n, batch)
+            if len(self._decisions) < 1024:  # batches seen by one layer: few in practice
+                self._decisions[key] = d
+        return d
 
     def dense_workspace_bytes(self, in_code: int = 1) -> int:
         """Bytes of the dequantized weights the ``dense`` path uses (input dtype, 256-aligned)."""
