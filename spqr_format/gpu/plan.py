@@ -203,6 +203,11 @@ def override() -> dict:
     return parse_override(os.environ.get(ENV))
 
 
+def override_text() -> str | None:
+    """The raw ``SPQR_GPU_PLAN`` text (None when unset): a cache key for decisions."""
+    return os.environ.get(ENV)
+
+
 def option(key: str, default=None):
     return override().get(key, default)
 

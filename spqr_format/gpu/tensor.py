@@ -24,7 +24,6 @@ Needs CuPy and a CUDA device; imported lazily by :mod:`spqr_format.gpu`.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 
@@ -481,7 +480,7 @@ class GpuTensor(_DeviceMatrix):
     def plan_for(self, batch: int, in_code: int = 1) -> P.Decision:
         """The launch plan's path for a matmul of ``batch`` rows of dtype code ``in_code``
         (1: f16, 2: bf16) on the current device."""
-        key = (cp.cuda.runtime.getDevice(), batch, in_code, os.environ.get(P.ENV))
+        key = (cp.cuda.runtime.getDevice(), batch, in_code, P.override_text())
         d = self._decisions.get(key)
         if d is None:
             layout = P.layout_of(
