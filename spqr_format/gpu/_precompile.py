@@ -56,6 +56,13 @@ def precompile(
     kernels. ``jobs`` worker processes (default: one per module, at most the CPU count).
     Returns seconds per module key (a module already in the cache takes well under a
     second)."""
+    if configs not in (None, "all"):
+        for bits, stats_bits in configs:
+            if not (1 <= int(bits) <= 8 and 0 <= int(stats_bits) <= 8):
+                raise ValueError(
+                    f"precompile: no bilevel configuration bits={bits} stats_bits={stats_bits} "
+                    "(bits 1..8, stats_bits 0..8)"
+                )
     specs = K.precompile_modules(configs, tensor_cores=tensor_cores, cmpq=cmpq)
     work = jobs_for(specs, device)
     jobs = max(1, min(len(work), jobs or os.cpu_count() or 1))
@@ -70,21 +77,41 @@ def precompile(
 def main(argv: list[str]) -> int:
     configs, jobs, cmpq = [], None, False
     args = iter(argv)
+    usage = (
+        "usage: python -m spqr_format.gpu._precompile [all | BITS:STATS_BITS ...] [-j N] [--cmpq]"
+    )
     for a in args:
-        if a in ("-j", "--jobs"):
-            jobs = int(next(args))
-        elif a == "--cmpq":
-            cmpq = True
-        elif a == "all":
-            configs = "all"
-        elif a in ("-h", "--help"):
-            print(__doc__)
-            return 0
-        else:
-            b, _, sb = a.partition(":")
-            configs = [*(configs if isinstance(configs, list) else ()), (int(b), int(sb))]
+        try:
+            if a in ("-j", "--jobs"):
+                jobs = int(next(args))
+                if jobs < 1:
+                    raise ValueError
+            elif a == "--cmpq":
+                cmpq = True
+            elif a == "all":
+                configs = "all"
+            elif a in ("-h", "--help"):
+                print(__doc__)
+                return 0
+            else:
+                b, sep, sb = a.partition(":")
+                if not sep:
+                    raise ValueError
+                configs = [*(configs if isinstance(configs, list) else ()), (int(b), int(sb))]
+        except (ValueError, StopIteration):
+            print(f"error: bad argument {a!r}\n{usage}", file=sys.stderr)
+            return 2
+    try:
+        import cupy  # noqa: F401 - only checked here; the workers compile
+    except ImportError as exc:
+        print(f"error: precompile needs CuPy ({exc})", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    done = precompile(configs or None, jobs, cmpq=cmpq)
+    try:
+        done = precompile(configs or None, jobs, cmpq=cmpq)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for key, sec in done.items():
         print(f"{key:14s} {sec:7.1f} s")
     print(f"{len(done)} modules in {time.perf_counter() - t0:.1f} s")
