@@ -35,7 +35,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cupy as cp  # noqa: E402
+try:
+    import cupy as cp  # noqa: E402
+except ImportError as _err:  # a benchmark of the CUDA kernels: say so and stop
+    print(
+        f"error: {__file__.rsplit('/', 1)[-1]} needs CuPy and a CUDA GPU ({_err})", file=sys.stderr
+    )
+    sys.exit(2)
 
 from spqr_format.gpu import GpuTensor  # noqa: E402
 from spqr_format.gpu import plan as P  # noqa: E402
