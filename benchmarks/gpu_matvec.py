@@ -69,7 +69,11 @@ def _time_graph(record, reps: int, stream) -> list[float]:
         record()  # warm-up outside capture (compilation, handles)
         stream.synchronize()
         stream.begin_capture()
-        record()
+        try:
+            record()
+        except BaseException:
+            stream.end_capture()  # leave no capture open: later CUDA calls would all fail
+            raise
         graph = stream.end_capture()
     graph.launch(stream)
     stream.synchronize()
@@ -81,6 +85,23 @@ def _time_graph(record, reps: int, stream) -> list[float]:
         b.record(stream)
         b.synchronize()
         times.append(cp.cuda.get_elapsed_time(a, b))
+    return times
+
+
+def _time_eager(record, reps: int, stream) -> list[float]:
+    """``reps`` back-to-back ``record()`` calls on ``stream``, timed by events (ms each): for
+    what cannot be captured in a graph (launch overhead included, so an upper bound)."""
+    with stream:
+        record()
+        stream.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record(stream)
+            record()
+            b.record(stream)
+            b.synchronize()
+            times.append(cp.cuda.get_elapsed_time(a, b))
     return times
 
 
@@ -205,10 +226,17 @@ def bench_shape(
             os.environ[P.ENV] = ov
             try:
                 return statistics.median(_time_graph(lambda: rec(cs), reps, stream)) / ncopy, None
-            except Exception as exc:  # noqa: BLE001 - report and go on with the next case
-                print(f"# {m}x{n} b{batch} {ov!r}: {exc!r}", file=sys.stderr, flush=True)
+            except Exception as exc:  # noqa: BLE001 - report, then time it without a graph
+                print(f"# {m}x{n} b{batch} {ov!r}: graph: {exc!r}; timing eagerly",
+                      file=sys.stderr, flush=True)  # fmt: skip
                 cp.cuda.Device().synchronize()
-                return float("nan"), repr(exc)
+                try:
+                    t = statistics.median(_time_eager(lambda: rec(cs), reps, stream)) / ncopy
+                    return t, f"eager (graph capture failed: {exc!r})"
+                except Exception as exc2:  # noqa: BLE001 - report and go on with the next case
+                    print(f"# {m}x{n} b{batch} {ov!r}: {exc2!r}", file=sys.stderr, flush=True)
+                    cp.cuda.Device().synchronize()
+                    return float("nan"), repr(exc2)
             finally:
                 os.environ[P.ENV] = base_override
 
