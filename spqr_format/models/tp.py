@@ -274,6 +274,24 @@ def _open_checked(torch, f, path, model_dir, world):
     return meta, config, cls, names, kinds
 
 
+def _assign_state(model, state, meta, cls, path, stats, rank, world):
+    """Put ``state`` (the rank's tensors; tied duplicates filled from the file's
+    ``model.tied``) into ``model``, refuse a tensor with no place in it, tie, and record
+    what was read and the rank."""
+    for dup, first in (meta.get("model.tied") or {}).items():
+        if first in state and dup not in state:
+            state[dup] = state[first]
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise BadInputError(f"tensor {result.unexpected_keys[0]!r} has no place in "
+                            f"{cls.__name__}", path=path)  # fmt: skip
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.tp_read = stats
+    model.tp_rank, model.tp_world = rank, world
+    return model
+
+
 def _load_dense(torch, path, model_dir, group):
     dist = group.dist
     rank, world = group.rank, group.world
@@ -283,9 +301,6 @@ def _load_dense(torch, path, model_dir, group):
         meta, config, cls, names, kinds = _open_checked(torch, f, path, model_dir, world)
         state = {n: _read_shard(f, n, kinds[n] if world > 1 else None, rank, world, stats)
                  for n in names}  # fmt: skip
-    for dup, first in (meta.get("model.tied") or {}).items():
-        if first in state and dup not in state:
-            state[dup] = state[first]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = cls._from_config(config, attn_implementation="eager")
@@ -309,15 +324,7 @@ def _load_dense(torch, path, model_dir, group):
         new = lin if kind == "column" else _row_parallel_module(torch, dist, lin)
         parent, _, child = mod_name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise BadInputError(f"tensor {result.unexpected_keys[0]!r} has no place in "
-                            f"{cls.__name__}", path=path)  # fmt: skip
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    model.tp_read = stats
-    model.tp_rank, model.tp_world = rank, world
-    return model
+    return _assign_state(model, state, meta, cls, path, stats, rank, world)
 
 
 def _build(torch, cls, config, dev, dtype):
@@ -399,18 +406,7 @@ def _load_packed(torch, path, model_dir, group, dev):
                 new = _row_shard_module(torch, dist, world, inner, extra, b)
             del old
             _replace(model, n, new)
-    for dup, first in (meta.get("model.tied") or {}).items():
-        if first in state and dup not in state:
-            state[dup] = state[first]
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise BadInputError(f"tensor {result.unexpected_keys[0]!r} has no place in "
-                            f"{cls.__name__}", path=path)  # fmt: skip
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    model.tp_read = stats
-    model.tp_rank, model.tp_world = rank, world
-    return model
+    return _assign_state(model, state, meta, cls, path, stats, rank, world)
 
 
 def _linear_of(torch, model, name: str):
