@@ -147,40 +147,37 @@ def test_tensor_parallel_logits(llama):
         assert np.abs(tp - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max())), shards
 
 
-def test_stored_column_blocks_are_exact_sub_tensors(llama):
+def _bilevel_tensors(path):
+    """(packed, decoded) of every bilevel tensor of the file."""
     from spqr_format import api
 
-    with api.open_file(llama / "one.spqr") as f:
+    with api.open_file(path) as f:
         for name in f.names():
             p = f.read(name)
-            if not isinstance(p, PackedBilevel):
-                continue
-            full = reference.decode_bilevel(p)
-            for parts in (1, 2, 4):
-                blocks = slicing.column_blocks(p, parts)
-                assert blocks[0][0] == 0 and blocks[-1][1] == p.shape[1]
-                for j0, j1 in blocks:
-                    sub = slicing.slice_stored_columns(p, j0, j1)
-                    cols = slicing.stored_columns(p, j0, j1)
-                    assert sub.perm is None
-                    assert np.array_equal(reference.decode_bilevel(sub), full[:, cols])
-            with pytest.raises(slicing.NotCheapError):
-                slicing.slice_stored_columns(p, 8, p.shape[1])  # inside a group
+            if isinstance(p, PackedBilevel):
+                yield p, reference.decode_bilevel(p)
+
+
+def test_stored_column_blocks_are_exact_sub_tensors(llama):
+    for p, full in _bilevel_tensors(llama / "one.spqr"):
+        for parts in (1, 2, 4):
+            blocks = slicing.column_blocks(p, parts)
+            assert blocks[0][0] == 0 and blocks[-1][1] == p.shape[1]
+            for j0, j1 in blocks:
+                sub = slicing.slice_stored_columns(p, j0, j1)
+                cols = slicing.stored_columns(p, j0, j1)
+                assert sub.perm is None
+                assert np.array_equal(reference.decode_bilevel(sub), full[:, cols])
+        with pytest.raises(slicing.NotCheapError):
+            slicing.slice_stored_columns(p, 8, p.shape[1])  # inside a group
 
 
 def test_row_slices_decode_like_the_whole_tensor(llama):
-    from spqr_format import api
-
-    with api.open_file(llama / "one.spqr") as f:
-        for name in f.names():
-            p = f.read(name)
-            if not isinstance(p, PackedBilevel):
-                continue
-            full = reference.decode_bilevel(p)
-            m, u = p.shape[0], slicing.row_boundary(p)
-            for r0 in range(0, m, u):
-                for r1 in (r0 + u, m):
-                    assert np.array_equal(slicing.decode_rows(p, r0, r1), full[r0:r1])
-            assert not slicing.is_cheap_row_slice(p, 8, m)  # inside an outlier block
-            assert np.array_equal(slicing.decode_rows(p, 8, m), full[8:])
-            assert np.array_equal(slicing.decode_columns(p, 5, 40), full[:, 5:40])
+    for p, full in _bilevel_tensors(llama / "one.spqr"):
+        m, u = p.shape[0], slicing.row_boundary(p)
+        for r0 in range(0, m, u):
+            for r1 in (r0 + u, m):
+                assert np.array_equal(slicing.decode_rows(p, r0, r1), full[r0:r1])
+        assert not slicing.is_cheap_row_slice(p, 8, m)  # inside an outlier block
+        assert np.array_equal(slicing.decode_rows(p, 8, m), full[8:])
+        assert np.array_equal(slicing.decode_columns(p, 5, 40), full[:, 5:40])
