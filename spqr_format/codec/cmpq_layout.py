@@ -44,7 +44,13 @@ NO_COLUMN = 0xFFFFFFFF
 # 8 KiB of shared memory.
 TILE_TABLE_CHUNKS = 128
 TILE_X_CHUNKS = 64
-MATMUL_ROWS = 256  # rows per block of spqr_cmpq_mm_* (SPQR_CMPQ_ROWS)
+MATMUL_ROWS = 256  # rows per block of spqr_cmpq_mm_* and spqr_cmpq_mv1_* (SPQR_CMPQ_ROWS)
+# Column tile of the tensor-core kernels spqr_cmpq_tc_*: 32 * max(1, min(TC_TILE_TABLE_CHUNKS >>
+# b, TC_TILE_CHUNKS)) columns; f16 tables with one table of skew per 8 columns (at most ~18 KiB)
+# and x' in fragment order (16 KiB at 16 batch columns).
+TC_TILE_TABLE_CHUNKS = 256
+TC_TILE_CHUNKS = 16
+TC_ROWS = 128  # rows per block of spqr_cmpq_tc_* (SPQR_CMPQ_TC_ROWS)
 
 
 @dataclass
@@ -76,24 +82,53 @@ def tile_chunks(bits: int, nb: int) -> int:
     return max(1, min(TILE_TABLE_CHUNKS >> bits, TILE_X_CHUNKS // nb))
 
 
-def tiles(layout: CmpqLayout, nb: int, min_tiles: int = 1) -> tuple[np.ndarray, int]:
-    """Column tiles of the matmul kernel for ``nb`` batch columns: int64 ``[ntiles, 8]``
-    (bits, chunks, first code word, first table entry, first padded column, 0, 0, 0) and the
-    dynamic shared memory the kernel needs (bytes). Tiles are made smaller (down to one chunk)
-    until there are about ``min_tiles`` of them (small matrices: enough blocks for the GPU)."""
+def tc_tile_chunks(bits: int) -> int:
+    return max(1, min(TC_TILE_TABLE_CHUNKS >> bits, TC_TILE_CHUNKS))
+
+
+def tc_tile_smem(nch: int, bits: int, nt: int) -> int:
+    """Shared memory of one spqr_cmpq_tc_* tile: the skewed f16 tables (36 table slots per 32
+    columns), 16-byte aligned, then x' for ``nt`` n-tiles of 8 (512 bytes a chunk and n-tile)."""
+    return 16 * -(-(((nch * 36) << bits) * 2) // 16) + nch * nt * 512
+
+
+def tiles(
+    layout: CmpqLayout, nb: int, min_tiles: int = 1, tc: bool = False
+) -> tuple[np.ndarray, int]:
+    """Column tiles of the matmul kernels for ``nb`` batch columns: int64 ``[ntiles, 8]``
+    (bits, chunks, first code word, first table entry, first padded column, 0, 0, 0), in run
+    order, and the dynamic shared memory the kernel needs (bytes). ``tc``: the tiles of
+    spqr_cmpq_tc_* (``nb`` a multiple of 8), else of spqr_cmpq_mm_* / spqr_cmpq_mv1_*. Tiles
+    are made smaller (down to one chunk) until there are about ``min_tiles`` of them (small
+    matrices: enough blocks for the GPU)."""
     m = layout.shape[0]
     rows, smem = [], 4
     total = int(layout.runs[:, 6].sum()) if layout.runs.size else 0
     cap = max(1, total // max(1, min_tiles))
     for _start, _count, b, code_off, tab_off, pad0, chunks, _ in layout.runs.tolist():
-        step = min(tile_chunks(b, nb), cap)
+        step = min(tc_tile_chunks(b) if tc else tile_chunks(b, nb), cap)
         for k0 in range(0, chunks, step):
             nch = min(step, chunks - k0)
             rows.append([b, nch, code_off + k0 * b * m, tab_off + ((k0 * CHUNK) << b),
                          pad0 + k0 * CHUNK, 0, 0, 0])  # fmt: skip
             ncols = nch * CHUNK
-            smem = max(smem, 4 * ((ncols << b) + (ncols * nb if nb > 1 else 0)))
+            if tc:
+                smem = max(smem, tc_tile_smem(nch, b, nb // 8))
+            else:
+                smem = max(smem, 4 * ((ncols << b) + (ncols * nb if nb > 1 else 0)))
     return np.asarray(rows, dtype=np.int64).reshape(-1, 8), smem
+
+
+def width_groups(tl: np.ndarray) -> list[tuple[int, int, int]]:
+    """(bits, first tile, tiles) of each width in a tiles() array: the per-width kernels
+    (spqr_cmpq_mv1_b*, spqr_cmpq_tc_b*) take one group each."""
+    out: list[tuple[int, int, int]] = []
+    for i, b in enumerate(tl[:, 0].tolist()):
+        if out and out[-1][0] == b:
+            out[-1] = (b, out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((b, i, 1))
+    return out
 
 
 def _chunk_words(words: np.ndarray, m: int, c: int, b: int) -> np.ndarray:

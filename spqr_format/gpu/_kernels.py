@@ -552,9 +552,11 @@ def tcp_finish_name(pitch: int) -> str:
 CMPQ_SOURCE = KERNEL_DIR / "spqr_cmpq.cu"
 CMPQ_NB = (1, 2, 4, 8, 16)  # batch columns per matmul launch (larger batches: slices of 16)
 CMPQ_MAX_BATCH = CMPQ_NB[-1]
-CMPQ_ROWS = 256  # rows per block of spqr_cmpq_mm_* (SPQR_CMPQ_ROWS in the kernel)
+CMPQ_ROWS = 256  # rows per block of spqr_cmpq_mm_* / spqr_cmpq_mv1_* (SPQR_CMPQ_ROWS)
 CMPQ_BLOCKS_PER_SM = 4  # override key cmpq_blocks_per_sm
 CMPQ_DQ_ROWS = 16  # rows per block of spqr_cmpq_dequant_* (at least m / 65535)
+CMPQ_TC_ROWS = 128  # rows per block of spqr_cmpq_tc_* (SPQR_CMPQ_TC_ROWS), 128 threads
+CMPQ_BITS = range(1, 9)  # widths of the per-width kernels spqr_cmpq_mv1_b*, spqr_cmpq_tc_b*
 
 
 def cmpq_nb(batch: int) -> int:
@@ -564,12 +566,34 @@ def cmpq_nb(batch: int) -> int:
     return CMPQ_NB[-1]
 
 
-def cmpq_target_tiles(m: int, sm_count: int) -> int:
-    """Column tiles wanted so that (row blocks) x (k-splits) fills the GPU
-    (CMPQ_BLOCKS_PER_SM blocks per multiprocessor)."""
-    row_tiles = -(-m // CMPQ_ROWS)
+def cmpq_target_tiles(m: int, sm_count: int, rows: int = CMPQ_ROWS) -> int:
+    """Column tiles wanted so that (row blocks of ``rows``) x (k-splits) fills the GPU
+    (CMPQ_BLOCKS_PER_SM blocks per multiprocessor; every CMPQ kernel is sized for 4)."""
+    row_tiles = -(-m // rows)
     per_sm = plan.option("cmpq_blocks_per_sm", CMPQ_BLOCKS_PER_SM)
     return max(1, -(-(per_sm * sm_count) // row_tiles))
+
+
+def cmpq_path(batch: int, in_code: int, table_rows: int) -> str:
+    """The kernels of one slice of up to 16 rows: ``mv1`` (batch 1, spqr_cmpq_mv1_b*), ``tc``
+    (batch 2-16, f16 x, R = 0 or a multiple of 16: spqr_cmpq_tc_b*_nt*, whose 16-row m-tiles
+    must each lie in one table block) or ``mm`` (spqr_cmpq_mm_nb*: every other case; the
+    override cmpq_v2=0 forces it everywhere, for A/B timing)."""
+    if not plan.option("cmpq_v2", 1):
+        return "mm"
+    if batch == 1:
+        return "mv1"
+    if in_code == 1 and table_rows % 16 == 0:
+        return "tc"
+    return "mm"
+
+
+def cmpq_mv1_name(bits: int) -> str:
+    return f"spqr_cmpq_mv1_b{bits}"
+
+
+def cmpq_tc_name(bits: int, nt: int) -> str:
+    return f"spqr_cmpq_tc_b{bits}_nt{nt}"
 
 
 def cmpq_splits(m: int, ntiles: int, sm_count: int) -> int:
@@ -578,9 +602,11 @@ def cmpq_splits(m: int, ntiles: int, sm_count: int) -> int:
 
 
 def cmpq_kernel_names() -> list[str]:
-    names = ["spqr_cmpq_prepare_x"]
+    names = ["spqr_cmpq_prepare_x", "spqr_cmpq_prepare_xf"]
     for nb in CMPQ_NB:
         names += [f"spqr_cmpq_mm_nb{nb}", f"spqr_cmpq_finish_nb{nb}"]
+    for b in CMPQ_BITS:
+        names += [cmpq_mv1_name(b), cmpq_tc_name(b, 1), cmpq_tc_name(b, 2)]
     for oc in OUT_NAMES.values():
         names += [f"spqr_cmpq_dequant_{oc}", f"spqr_cmpq_dequant_outliers_{oc}"]
     return sorted(names)

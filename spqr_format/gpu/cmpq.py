@@ -41,10 +41,15 @@ def function(name: str):
 
 @dataclass
 class _Plan:
+    """Launches of one (path, nb): ``groups`` are (kernel, first tile, tiles, splits, first
+    split) -- one group over all tiles for ``mm``, one per width present for ``mv1`` / ``tc``
+    (per-width kernels), each launched on its own with its own range of the partial sums."""
+
     tiles: object  # cp int64 [ntiles * 8]
-    ntiles: int
+    groups: list
     smem: int
-    splits: int
+    splits: int  # total: the finish kernel's
+    rows: int  # rows per block
 
 
 @dataclass
@@ -120,34 +125,57 @@ class GpuCmpqTensor(_DeviceMatrix):
     def matvec_supported(self) -> bool:
         return True
 
-    def _plan(self, nb: int) -> _Plan:
-        key = (cp.cuda.Device().id, nb)
+    def _plan(self, path: str, nb: int) -> _Plan:
+        """Tiles and launches of ``path`` (K.cmpq_path) for ``nb`` batch columns (``tc``: the
+        padded batch, 8 or 16)."""
+        key = (cp.cuda.Device().id, path, nb)
         plan = self.plans.get(key)
         if plan is None:
             sms = _sm_count()
             info = CL.CmpqLayout.__new__(CL.CmpqLayout)
             info.shape, info.runs = self.shape, self.runs_host
-            tl, smem = CL.tiles(info, nb, K.cmpq_target_tiles(self.m, sms))
-            ntiles = int(tl.shape[0])
-            plan = _Plan(cp.asarray(tl.reshape(-1)), ntiles, smem,
-                         K.cmpq_splits(self.m, ntiles, sms))  # fmt: skip
+            rows = CL.TC_ROWS if path == "tc" else K.CMPQ_ROWS
+            target = K.cmpq_target_tiles(self.m, sms, rows)
+            tl, smem = CL.tiles(info, nb, target, tc=path == "tc")
+            if path == "mm":
+                ranges = [(f"spqr_cmpq_mm_nb{nb}", 0, int(tl.shape[0]))]
+            else:
+                name = K.cmpq_mv1_name if path == "mv1" else lambda b: K.cmpq_tc_name(b, nb // 8)
+                ranges = [(name(b), i, c) for b, i, c in CL.width_groups(tl)]
+            groups, total = [], 0
+            for fn, first, count in ranges:
+                splits = K.cmpq_splits(self.m, count, sms) if path == "mm" else max(
+                    1, min(count, target))  # fmt: skip
+                groups.append((fn, first, count, splits, total))
+                total += splits
+            plan = _Plan(cp.asarray(tl.reshape(-1)), groups, smem, total, rows)
             self.plans[key] = plan
         return plan
 
     def _ldxs(self) -> int:
         return 4 * -(-max(self.np_, 1) // 4)
 
+    def _slice(self, nbt: int, in_code: int) -> tuple[str, int, int]:
+        """(path, nb, nbp) of a slice of ``nbt`` rows: nb the kernel's batch columns, nbp
+        those of x' f32 and of the partial sums (the finish kernel's NB)."""
+        nbp = K.cmpq_nb(nbt)
+        path = K.cmpq_path(nbt, in_code, self.table_rows)
+        return path, (8 * -(-nbt // 8) if path == "tc" else nbp), nbp
+
     def workspace_bytes(self, batch: int, in_code: int = 1) -> int:
-        """Bytes of workspace :meth:`matmul_into` needs: x' (f32 [nb][ldxs]) then the partial
-        sums (f32 [splits][nb][m]), for the largest slice of ``batch``."""
+        """Bytes of workspace :meth:`matmul_into` needs for x of dtype code ``in_code``: x'
+        (f32 [nbp][ldxs]), for the tensor-core path x' as f16 in fragment order (np * nb * 2
+        bytes), then the partial sums (f32 [splits][nbp][m]), for the largest slice of
+        ``batch``."""
         best = 0
         sizes = {min(batch, K.CMPQ_MAX_BATCH)}
         if batch > K.CMPQ_MAX_BATCH and batch % K.CMPQ_MAX_BATCH:
             sizes.add(batch % K.CMPQ_MAX_BATCH)
         for s in sizes:
-            nb = K.cmpq_nb(s)
-            plan = self._plan(nb)
-            best = max(best, 4 * nb * (self._ldxs() + plan.splits * self.m))
+            path, nb, nbp = self._slice(s, in_code)
+            plan = self._plan(path, nb)
+            xf = 2 * self.np_ * nb if path == "tc" else 0
+            best = max(best, 4 * nbp * (self._ldxs() + plan.splits * self.m) + xf)
         return best
 
     # --- dequantize -----------------------------------------------------------------------
@@ -181,41 +209,63 @@ class GpuCmpqTensor(_DeviceMatrix):
         if out is None:
             out = cp.empty((batch, self.m), dtype=X.dtype)
         if workspace is None:
-            workspace = cp.empty(max(1, self.workspace_bytes(batch) // 4), dtype=np.float32)
+            ws = self.workspace_bytes(batch, code)
+            workspace = cp.empty(max(1, ws // 4), dtype=np.float32)
         self.matmul_into(_ptr(X), self.n, code, _ptr(out), self.m, code, batch, _ptr(workspace))
         return out
 
     def matmul_into(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr) -> None:
         """Raw-pointer form: ``Y[b, :] = W X[b, :]`` on CuPy's current stream, no allocation
-        (``ws_ptr``: :meth:`workspace_bytes` bytes). Per slice of up to 16 rows: prepare x',
-        the fused kernel (k-split partial sums), the finish kernel (sums, outliers, rounding)."""
+        (``ws_ptr``: :meth:`workspace_bytes` bytes for ``in_code``). Per slice of up to 16
+        rows: prepare x', the fused kernel(s) (k-split partial sums; K.cmpq_path picks them),
+        the finish kernel (sums, outliers, rounding)."""
         m, n = self.shape
         xsz = 4 if in_code == 0 else 2
         ysz = 4 if out_code == 0 else 2
         ldxs = self._ldxs()
         for b0 in range(0, batch, K.CMPQ_MAX_BATCH):
             nbt = min(K.CMPQ_MAX_BATCH, batch - b0)
-            nb = K.cmpq_nb(nbt)
-            plan = self._plan(nb)
+            path, nb, nbp = self._slice(nbt, in_code)
+            plan = self._plan(path, nb)
             xs = int(ws_ptr)
-            part = xs + 4 * nb * ldxs
-            function("spqr_cmpq_prepare_x")(
-                (-(-self.np_ // 256), nb),
-                (256,),
-                (np.uint64(int(x_ptr) + xsz * b0 * int(ldx)), np.int64(ldx), np.int32(in_code),
-                 self.pcol, np.int64(self.np_), np.uint64(xs), np.int64(ldxs), np.int32(nbt)),
-            )  # fmt: skip
-            fn = function(f"spqr_cmpq_mm_nb{nb}")
-            _raise_smem_limit(fn, plan.smem)
-            fn(
-                (-(-m // K.CMPQ_ROWS), plan.splits),
-                (K.CMPQ_ROWS,),
-                (self.codes, self.tables, plan.tiles, np.int32(plan.ntiles), np.uint64(xs),
-                 np.int64(ldxs), np.uint64(part), np.int64(m), np.int64(self.table_rows),
-                 np.int64(self.Lp)),
-                shared_mem=plan.smem,
-            )  # fmt: skip
-            function(f"spqr_cmpq_finish_nb{nb}")(
+            xf = xs + 4 * nbp * ldxs
+            part = xf + (2 * self.np_ * nb if path == "tc" else 0)
+            x0 = np.uint64(int(x_ptr) + xsz * b0 * int(ldx))
+            if path == "tc":
+                function("spqr_cmpq_prepare_xf")(
+                    (-(-self.np_ // 256), nb),
+                    (256,),
+                    (x0, np.int64(ldx), self.pcol, np.int64(self.np_), np.uint64(xs),
+                     np.int64(ldxs), np.int32(nbp), np.uint64(xf), np.int32(nb // 8),
+                     np.int32(nbt)),
+                )  # fmt: skip
+            else:
+                function("spqr_cmpq_prepare_x")(
+                    (-(-self.np_ // 256), nbp),
+                    (256,),
+                    (x0, np.int64(ldx), np.int32(in_code), self.pcol, np.int64(self.np_),
+                     np.uint64(xs), np.int64(ldxs), np.int32(nbt)),
+                )  # fmt: skip
+            for name, first, count, splits, s0 in plan.groups:
+                fn = function(name)
+                _raise_smem_limit(fn, plan.smem)
+                tiles = np.uint64(int(plan.tiles.data.ptr) + 64 * first)
+                pg = np.uint64(part + 4 * s0 * nbp * m)
+                common = (self.codes, self.tables, tiles, np.int32(count))
+                if path == "tc":
+                    args = (*common, np.uint64(xf), pg, np.int32(nbp))
+                elif path == "mv1":
+                    args = (*common, np.uint64(xs), pg)
+                else:
+                    args = (*common, np.uint64(xs), np.int64(ldxs), pg)
+                threads = 128 if path == "tc" else K.CMPQ_ROWS
+                fn(
+                    (-(-m // plan.rows), splits),
+                    (threads,),
+                    (*args, np.int64(m), np.int64(self.table_rows), np.int64(self.Lp)),
+                    shared_mem=plan.smem,
+                )  # fmt: skip
+            function(f"spqr_cmpq_finish_nb{nbp}")(
                 (-(-m // 8),),
                 (256,),
                 (np.uint64(part), np.int32(plan.splits), _ptr(self.orows), _ptr(self.ocolp),

@@ -20,6 +20,18 @@
 //     + d * x'[c], d = f32(o) - f32(T[q]) computed on the host, where the load-time repack has
 //     replaced the code at each outlier position by the code whose table value is nearest to o
 //     (so d and its rounding error stay small; the dense value there is otherwise ignored).
+//   * the tensor-core matmul (spqr_cmpq_tc_nt*, f16 x only) multiplies the f16 table entries by
+//     the f16 x' exactly (mma.m16n8k16, f32 accumulation; the order within one mma is the
+//     hardware's, fixed, and the mmas of a block follow in a fixed order), so it stays
+//     deterministic and within the same C-7.6 bound.
+//
+// Kernels (spqr_gpu.h has the contract):
+//   spqr_cmpq_mv1            batch 1: one thread per row, several chunks of codes in flight
+//                            (mv1_depth), the next chunks' loads issued before each table
+//                            rebuild so that the rebuild does not drain the memory pipe.
+//   spqr_cmpq_tc_nt{1,2}     batch 2..16 with f16 x: warps of mma.m16n8k16 on weights decoded
+//                            from f16 tables in shared memory (8 or 16 batch columns).
+//   spqr_cmpq_mm_nb*         the first design (CUDA cores): every batch and input dtype.
 
 // Rows per block of the matmul kernel (one thread per row); the launcher must use the same.
 #ifndef SPQR_CMPQ_ROWS
@@ -167,6 +179,287 @@ __device__ __forceinline__ void matmul(const u32 *__restrict__ codes, const u16 
   }
 }
 
+// ---- batch 1: spqr_cmpq_mv1 ------------------------------------------------------------------
+// Chunks of B words each thread keeps in flight: 16-64 bytes a thread, about 32 KiB an SM at
+// four blocks of 256 (Little's law on Hopper wants ~32-40 KiB in flight per SM; one chunk, as
+// tile_rows keeps, is 8-12 bytes a thread at the usual widths 2-3).
+__host__ __device__ constexpr int mv1_depth(int B) { return B <= 3 ? 4 : 2; }
+
+// One column tile of the B-bit run for row i: the first mv1_depth chunks' loads are issued
+// before the table rebuild (tables f16 -> f32 * x' into sm, between two barriers), so that the
+// rebuild's latency is hidden behind them; then the sweep keeps mv1_depth chunks in flight
+// (a ring: chunk k's words move out of slot k % D as the load of chunk k + D goes in).  The
+// sum is the same as tile_rows<B, 1>'s: same products, same order.
+template <int B>
+__device__ __forceinline__ void mv1_tile(const u32 *codes, const u16 *tab, const float *xt,
+                                         int nch, i64 m, i64 i, bool active, float *sm,
+                                         float &acc) {
+  constexpr int D = mv1_depth(B);
+  u32 ring[D][B];
+  if (active) {
+#pragma unroll
+    for (int d = 0; d < D; ++d)
+      if (d < nch) load_chunk<B>(ring[d], codes, m, i, d);
+  }
+  __syncthreads();  // the previous tile / table block is done with sm
+  const int ntab = (nch * 32) << B;
+  // four independent table loads a thread before the stores: one L2 round trip, not four
+  for (int e0 = threadIdx.x; e0 < ntab; e0 += 4 * SPQR_CMPQ_ROWS) {
+    float v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int e = e0 + u * SPQR_CMPQ_ROWS;
+      v[u] = e < ntab ? f16_to_f32(tab[e]) * xt[e >> B] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int e = e0 + u * SPQR_CMPQ_ROWS;
+      if (e < ntab) sm[e] = v[u];
+    }
+  }
+  __syncthreads();
+  if (!active) return;
+  for (int k0 = 0; k0 < nch; k0 += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const int k = k0 + d;
+      if (k < nch) {
+        u32 cur[B];
+#pragma unroll
+        for (int q = 0; q < B; ++q) cur[q] = ring[d][q];
+        if (k + D < nch) load_chunk<B>(ring[d], codes, m, i, k + D);
+        const float *tk = sm + ((k * 32) << B);
+#pragma unroll
+        for (int c = 0; c < 32; ++c) acc += tk[(c << B) + chunk_code<B>(cur, c)];
+      }
+    }
+  }
+}
+
+// One width's kernel (spqr_cmpq_mv1_b{B}): the tiles given are the B-bit run's, the launcher
+// sends each width present to its own launch and split range of part.  One kernel per width
+// rather than a switch over widths per tile (as spqr_cmpq_mm_* has): each width alone fits 64
+// registers, but with the eight inlined into one kernel ptxas spilled 200-550 bytes.
+template <int B>
+__device__ __forceinline__ void mv1(const u32 *__restrict__ codes, const u16 *__restrict__ tables,
+                                    const i64 *__restrict__ tiles, int ntiles,
+                                    const float *__restrict__ xs, float *__restrict__ part, i64 m,
+                                    i64 R, i64 Lp) {
+  extern __shared__ float sm[];
+  const i64 r0 = (i64)blockIdx.x * SPQR_CMPQ_ROWS;
+  const i64 i = r0 + threadIdx.x;
+  const i64 rlast = (r0 + SPQR_CMPQ_ROWS < m ? r0 + SPQR_CMPQ_ROWS : m) - 1;
+  const i64 t0 = R ? r0 / R : 0, t1 = R ? rlast / R : 0;
+  const i64 trow = i >= m ? -1 : R ? i / R : 0;  // the row's table block (-1: no row)
+  float acc = 0.f;
+  for (int ti = blockIdx.y; ti < ntiles; ti += gridDim.y) {
+    const i64 *td = tiles + 8 * (i64)ti;
+    for (i64 t = t0; t <= t1; ++t)
+      mv1_tile<B>(codes + td[2], tables + t * Lp + td[3], xs + td[4], (int)td[1], m, i,
+                  trow == t, sm, acc);
+  }
+  if (i < m) part[(i64)blockIdx.y * m + i] = acc;
+}
+
+// ---- batch 2..16, f16 x: spqr_cmpq_tc_nt{NT} ---------------------------------------------------
+// A block of SPQR_CMPQ_TC_WARPS warps covers SPQR_CMPQ_TC_ROWS rows; each warp owns
+// SPQR_CMPQ_TC_MT m-tiles of 16 rows and all NT n-tiles of 8 batch columns.  Per chunk of 32
+// columns and m-tile: two mma.m16n8k16 per n-tile.  The k order inside a chunk is permuted (the
+// same for A and B, so the sum is unchanged): lane quad tig takes the chunk's 8 contiguous
+// columns 8*tig .. 8*tig+7, i.e. mma step s, k index kk holds column
+// 8*tig + 4*s + (kk & 1) + 2*(kk >= 8).  So a lane's codes of one row are one contiguous field
+// of 8*B bits (1-3 of the chunk's B words, loaded directly, no unpacking of the rest), and its
+// x' operand for both steps is 8 contiguous f16, one 16-byte load.
+//   Shared memory per tile: the f16 tables of the tile's columns, column c's 2^B entries at
+//   (c + c/8) << B (one table of skew per 8 columns: the four quads then read disjoint banks
+//   for B <= 4), 16-byte aligned, then x' in fragment order (from xf, a straight copy).
+#ifndef SPQR_CMPQ_TC_WARPS
+#define SPQR_CMPQ_TC_WARPS 4
+#endif
+#define SPQR_CMPQ_TC_MT 2
+#define SPQR_CMPQ_TC_ROWS (SPQR_CMPQ_TC_WARPS * SPQR_CMPQ_TC_MT * 16)
+
+// Words of a chunk that hold one quad's field (bits 8*tig*B .. 8*tig*B + 8*B - 1), over tig.
+__host__ __device__ constexpr int tc_span(int B) {
+  int w = 1;
+  for (int t = 0; t < 4; ++t) {
+    const int s = ((8 * t * B + 8 * B - 1) >> 5) - ((8 * t * B) >> 5) + 1;
+    w = s > w ? s : w;
+  }
+  return w;
+}
+// Chunks in flight: 16 (B in 1, 2, 4) or 16-24 (other widths) words a thread.
+__host__ __device__ constexpr int tc_depth(int B) { return tc_span(B) == 1 ? 4 : 2; }
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The 8*B-bit field of one row from its W loaded words, starting at bit sh of w[0].
+template <int B, int W>
+__device__ __forceinline__ unsigned long long tc_field(const u32 (&w)[W], int sh) {
+  if (W == 1) return w[0] >> sh;
+  unsigned long long v = (((unsigned long long)w[1] << 32) | w[0]) >> sh;
+  if (W == 3 && sh) v |= (unsigned long long)w[W - 1] << (64 - sh);
+  return v;
+}
+
+// Chunk k's field words of the warp's rows (m-tiles that are on) into one ring slot.
+template <int B, int W>
+__device__ __forceinline__ void tc_load(u32 (&slot)[SPQR_CMPQ_TC_MT][2][W], const u32 *codes,
+                                        int k, i64 m, const i64 (&wo)[W],
+                                        const i64 (&row)[SPQR_CMPQ_TC_MT][2],
+                                        const bool (&on)[SPQR_CMPQ_TC_MT]) {
+  const u32 *ck = codes + (i64)k * B * m;
+#pragma unroll
+  for (int mt = 0; mt < SPQR_CMPQ_TC_MT; ++mt) {
+    if (!on[mt]) continue;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < W; ++j) slot[mt][h][j] = ldg_u32(ck + wo[j] + row[mt][h]);
+  }
+}
+
+template <int B, int NT>
+__device__ __forceinline__ void tc_tile(const u32 *codes, const u16 *tab, const uint4 *xf,
+                                        int nch, bool copy_x, i64 m, i64 rw, const bool (&on)[SPQR_CMPQ_TC_MT],
+                                        unsigned char *smem,
+                                        float (&acc)[SPQR_CMPQ_TC_MT][NT][4]) {
+  constexpr int D = tc_depth(B), W = tc_span(B), MT = SPQR_CMPQ_TC_MT;
+  const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+  const int bit0 = 8 * tig * B, sh = bit0 & 31;
+  // word offsets of the lane's field (clamped into the chunk: the clamped word is not used)
+  i64 wo[W];
+#pragma unroll
+  for (int j = 0; j < W; ++j) wo[j] = (i64)((bit0 >> 5) + j < B ? (bit0 >> 5) + j : B - 1) * m;
+  i64 row[MT][2];  // rows g and g + 8 of each m-tile, clamped to m - 1 (results not stored)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const i64 r = rw + mt * 16 + h * 8 + g;
+      row[mt][h] = r < m ? r : m - 1;
+    }
+  u32 ring[D][MT][2][W];
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+    if (d < nch) tc_load<B, W>(ring[d], codes, d, m, wo, row, on);
+  __syncthreads();  // the previous tile / table block is done with smem
+  const int ntab = (nch * 32) << B;
+  const int tab_bytes = (((nch * 36) << B) * 2 + 15) & ~15;
+  u16 *tsm = (u16 *)smem;
+  uint4 *xsm = (uint4 *)(smem + tab_bytes);
+  const u32 *tab32 = (const u32 *)tab;
+  for (int p = threadIdx.x; p < ntab / 2; p += blockDim.x) {
+    const int e = 2 * p, c = e >> B;
+    *(u32 *)(tsm + e + ((c >> 3) << B)) = tab32[p];
+  }
+  if (copy_x)
+    for (int p = threadIdx.x; p < nch * NT * 32; p += blockDim.x) xsm[p] = xf[p];
+  __syncthreads();
+  for (int k0 = 0; k0 < nch; k0 += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const int k = k0 + d;
+      if (k < nch) {
+        u32 cur[MT][2][W];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int j = 0; j < W; ++j) cur[mt][h][j] = ring[d][mt][h][j];
+        if (k + D < nch) tc_load<B, W>(ring[d], codes, k + D, m, wo, row, on);
+        uint4 xb[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) xb[nt] = xsm[(k * NT + nt) * 32 + lane];
+        const u16 *tq = tsm + ((36 * k + 9 * tig) << B);  // the quad's column 8*tig, chunk k
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          if (!on[mt]) continue;
+          u32 v[2][8];  // f16 weights of rows g, g + 8 at the quad's 8 columns
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const unsigned long long f = tc_field<B, W>(cur[mt][h], sh);
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+              v[h][e] = tq[(e << B) + (u32)((f >> (e * B)) & ((1u << B) - 1u))];
+          }
+#pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            const u32 a[4] = {v[0][4 * s] | (v[0][4 * s + 1] << 16),
+                              v[1][4 * s] | (v[1][4 * s + 1] << 16),
+                              v[0][4 * s + 2] | (v[0][4 * s + 3] << 16),
+                              v[1][4 * s + 2] | (v[1][4 * s + 3] << 16)};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+              mma_16816(acc[mt][nt], a, s ? xb[nt].z : xb[nt].x, s ? xb[nt].w : xb[nt].y);
+          }
+        }
+      }
+    }
+  }
+}
+
+// One width's kernel (spqr_cmpq_tc_b{B}_nt{NT}), split by width for the reason mv1 is.
+template <int B, int NT>
+__device__ __forceinline__ void tc_matmul(const u32 *__restrict__ codes,
+                                          const u16 *__restrict__ tables,
+                                          const i64 *__restrict__ tiles, int ntiles,
+                                          const uint4 *__restrict__ xf, float *__restrict__ part,
+                                          int nbp, i64 m, i64 R, i64 Lp) {
+  extern __shared__ uint4 tc_sm[];
+  unsigned char *smem = (unsigned char *)tc_sm;
+  const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+  const i64 r0 = (i64)blockIdx.x * SPQR_CMPQ_TC_ROWS;
+  const i64 rw = r0 + (threadIdx.x >> 5) * (SPQR_CMPQ_TC_MT * 16);  // the warp's first row
+  const i64 rlast = (r0 + SPQR_CMPQ_TC_ROWS < m ? r0 + SPQR_CMPQ_TC_ROWS : m) - 1;
+  const i64 t0 = R ? r0 / R : 0, t1 = R ? rlast / R : 0;
+  i64 tblk[SPQR_CMPQ_TC_MT];  // each m-tile's table block (-1: past the last row)
+#pragma unroll
+  for (int mt = 0; mt < SPQR_CMPQ_TC_MT; ++mt) {
+    const i64 r = rw + mt * 16;
+    tblk[mt] = r >= m ? -1 : R ? r / R : 0;
+  }
+  float acc[SPQR_CMPQ_TC_MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < SPQR_CMPQ_TC_MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
+  for (int ti = blockIdx.y; ti < ntiles; ti += gridDim.y) {
+    const i64 *td = tiles + 8 * (i64)ti;
+    const int nch = (int)td[1];
+    const u32 *cp = codes + td[2];
+    const uint4 *xt = xf + (td[4] >> 5) * NT * 32;
+    for (i64 t = t0; t <= t1; ++t) {
+      // R % 16 == 0 (launcher): an m-tile lies in one table block; warp-uniform
+      bool on[SPQR_CMPQ_TC_MT];
+#pragma unroll
+      for (int mt = 0; mt < SPQR_CMPQ_TC_MT; ++mt) on[mt] = tblk[mt] == t;
+      const u16 *tab = tables + t * Lp + td[3];
+      tc_tile<B, NT>(cp, tab, xt, nch, t == t0, m, rw, on, smem, acc);
+    }
+  }
+  // c0, c1: row g, batch columns 2*tig, 2*tig + 1 of the n-tile; c2, c3: row g + 8
+#pragma unroll
+  for (int mt = 0; mt < SPQR_CMPQ_TC_MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const i64 i = rw + mt * 16 + g + (r >> 1) * 8;
+        const int b = nt * 8 + 2 * tig + (r & 1);
+        if (i < m && b < nbp) part[((i64)blockIdx.y * nbp + b) * m + i] = acc[mt][nt][r];
+      }
+}
+
 template <int NB>
 __device__ __forceinline__ void finish(const float *__restrict__ part, int splits,
                                        const u32 *__restrict__ orows, const u32 *__restrict__ ocolp,
@@ -307,6 +600,60 @@ SPQR_CMPQ_MM(4)
 SPQR_CMPQ_MM(8)
 SPQR_CMPQ_MM(16)
 #undef SPQR_CMPQ_MM
+
+// Four blocks of 256 an SM (<= 64 registers): with mv1_depth chunks a thread, ~32 KiB in flight.
+#define SPQR_CMPQ_MV1(B)                                                                        \
+  extern "C" __global__ void __launch_bounds__(SPQR_CMPQ_ROWS, 4) spqr_cmpq_mv1_b##B(           \
+      const u32 *__restrict__ codes, const u16 *__restrict__ tables, const i64 *__restrict__ tiles, \
+      int ntiles, const float *__restrict__ xs, float *__restrict__ part, i64 m, i64 R, i64 Lp) { \
+    mv1<B>(codes, tables, tiles, ntiles, xs, part, m, R, Lp);                                   \
+  }
+SPQR_CMPQ_MV1(1)
+SPQR_CMPQ_MV1(2)
+SPQR_CMPQ_MV1(3)
+SPQR_CMPQ_MV1(4)
+SPQR_CMPQ_MV1(5)
+SPQR_CMPQ_MV1(6)
+SPQR_CMPQ_MV1(7)
+SPQR_CMPQ_MV1(8)
+#undef SPQR_CMPQ_MV1
+
+// x' for the tensor-core kernels (f16 x): xs as spqr_cmpq_prepare_x (the finish kernel's
+// outlier corrections read it) for b < nbp, and xf, the f16 bits in mma B-fragment order: chunk
+// kg = jp / 32, n-tile b / 8, lane 4*(b % 8) + (jp / 8) % 4, half jp % 8.
+extern "C" __global__ void spqr_cmpq_prepare_xf(const u16 *__restrict__ x, i64 ldx,
+                                                const u32 *__restrict__ pcol, i64 np,
+                                                float *__restrict__ xs, i64 ldxs, int nbp,
+                                                u16 *__restrict__ xf, int nt, int batch) {
+  const i64 jp = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const int b = blockIdx.y;
+  if (jp >= np) return;
+  const u32 c = pcol[jp];
+  const u16 h = b < batch && c != 0xFFFFFFFFu ? x[(i64)b * ldx + c] : (u16)0;
+  if (b < nbp) xs[(i64)b * ldxs + jp] = f16_to_f32(h);
+  const i64 lane = (b & 7) * 4 + ((jp >> 3) & 3);
+  xf[(((jp >> 5) * nt + (b >> 3)) * 32 + lane) * 8 + (jp & 7)] = h;
+}
+
+#define SPQR_CMPQ_TC(B, NT)                                                                     \
+  extern "C" __global__ void __launch_bounds__(SPQR_CMPQ_TC_WARPS * 32, 4)                      \
+      spqr_cmpq_tc_b##B##_nt##NT(const u32 *__restrict__ codes, const u16 *__restrict__ tables, \
+                                 const i64 *__restrict__ tiles, int ntiles,                     \
+                                 const uint4 *__restrict__ xf, float *__restrict__ part, int nbp, \
+                                 i64 m, i64 R, i64 Lp) {                                        \
+    tc_matmul<B, NT>(codes, tables, tiles, ntiles, xf, part, nbp, m, R, Lp);                    \
+  }
+#define SPQR_CMPQ_TC_NT(B) SPQR_CMPQ_TC(B, 1) SPQR_CMPQ_TC(B, 2)
+SPQR_CMPQ_TC_NT(1)
+SPQR_CMPQ_TC_NT(2)
+SPQR_CMPQ_TC_NT(3)
+SPQR_CMPQ_TC_NT(4)
+SPQR_CMPQ_TC_NT(5)
+SPQR_CMPQ_TC_NT(6)
+SPQR_CMPQ_TC_NT(7)
+SPQR_CMPQ_TC_NT(8)
+#undef SPQR_CMPQ_TC_NT
+#undef SPQR_CMPQ_TC
 
 #define SPQR_CMPQ_DQ(OUT, NAME)                                                                 \
   extern "C" __global__ void spqr_cmpq_dequant_##NAME(                                          \
