@@ -87,3 +87,113 @@ def test_synthetic_tensor_meets_its_target_and_has_a_valid_layout():
     L = CL.to_cmpq_layout(p)
     want = ref.decode_channel_mixed(p, "float32")
     assert np.array_equal(CL.dense_from_layout(L).view(np.uint32), want.view(np.uint32))
+
+
+def prepare_xf(L: CL.CmpqLayout, x16: np.ndarray, nb: int) -> np.ndarray:
+    """spqr_cmpq_prepare_xf's xf (f16 bits in mma B-fragment order), element by element as the
+    kernel writes it."""
+    jp = np.arange(L.np_)
+    xf = np.zeros(L.np_ * nb, np.uint16)
+    ok = L.pcol != CL.NO_COLUMN
+    for b in range(nb):
+        h = np.zeros(L.np_, np.uint16)
+        if b < x16.shape[0]:
+            h[ok] = x16.view(np.uint16)[b, L.pcol[ok]]
+        lane = (b & 7) * 4 + ((jp >> 3) & 3)
+        xf[(((jp >> 5) * (nb // 8) + (b >> 3)) * 32 + lane) * 8 + (jp & 7)] = h
+    return xf
+
+
+def emulate_tc(L: CL.CmpqLayout, x16: np.ndarray, min_tiles: int, target: int):
+    """spqr_cmpq_prepare_xf + one spqr_cmpq_tc_b*_nt* launch per width group + the finish
+    kernel, with the kernels' operand indexing: A(row, kk) of mma step s read by lane quad tig
+    is column 8*tig + 4*s + (kk & 1) + 2*(kk >= 8) of the chunk, B(kk, n) comes from xf at the
+    tile's chunk, n-tile and lane (f64 here: this checks indexing, not rounding)."""
+    m, _ = L.shape
+    batch = x16.shape[0]
+    nb = 8 * -(-batch // 8)
+    nt = nb // 8
+    tl, smem = CL.tiles(L, nb, min_tiles, tc=True)
+    assert smem <= 48 * 1024  # every width's tile fits the default limit
+    xf = prepare_xf(L, x16, nb).view(np.float16).astype(np.float64)
+    W = CL.dense_from_layout(L).astype(np.float64)  # outliers re-added below, as corrections
+    if L.has_outliers:
+        rows = np.repeat(np.arange(m), np.diff(L.orows.astype(np.int64)))
+        W[rows, L.perm[L.ocol]] -= L.ocorr.astype(np.float64)
+    Wp = np.zeros((m, L.np_))
+    ok = L.pcol != CL.NO_COLUMN
+    Wp[:, ok] = W[:, L.pcol[ok]]
+    groups = CL.width_groups(tl)
+    assert [g[0] for g in groups] == sorted({g[0] for g in groups})  # runs by width
+    assert sum(g[2] for g in groups) == tl.shape[0]
+    parts = []
+    kk = np.arange(16)
+    for b, first, count in groups:
+        assert set(tl[first : first + count, 0].tolist()) == {b}
+        splits = max(1, min(count, target))
+        part = np.zeros((splits, nb, m))
+        for s in range(splits):
+            for ti in range(first + s, first + count, splits):
+                nch, pc0 = int(tl[ti, 1]), int(tl[ti, 4])
+                for k in range(nch):
+                    kg = pc0 // 32 + k
+                    for step in range(2):
+                        for tig in range(4):
+                            sel = kk[((kk & 7) >> 1) == tig]  # the quad's k indices
+                            col = 32 * kg + 8 * tig + 4 * step + (sel & 1) + 2 * (sel >= 8)
+                            for n in range(nb):
+                                lane = (n & 7) * 4 + tig
+                                base = ((kg * nt + (n >> 3)) * 32 + lane) * 8
+                                # b0 = halves 4*step, +1; b1 = halves 4*step + 2, +3
+                                h = 4 * step + (sel & 1) + 2 * (sel >= 8)
+                                xb = xf[base + h]
+                                part[s, n] += Wp[:, col] @ xb
+        parts.append(part)
+    y = np.concatenate(parts).sum(0)
+    if L.has_outliers:
+        orow = np.repeat(np.arange(m), np.diff(L.orows.astype(np.int64)))
+        xs = np.zeros((nb, L.np_))
+        xs[:batch, ok] = x16.astype(np.float64)[:, L.pcol[ok]]
+        for bb in range(nb):
+            np.add.at(y[bb], orow, L.ocorr.astype(np.float64) * xs[bb, L.ocolp])
+    return y[:batch]
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(
+    m=st.integers(1, 200),
+    n=st.integers(1, 150),
+    rows=st.sampled_from([0, 16, 48]),
+    density=st.sampled_from([0.0, 0.05]),
+    batch=st.integers(2, 16),
+    min_tiles=st.sampled_from([1, 4, 1000]),
+    target=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_tensor_core_plan_and_fragment_order(m, n, rows, density, batch, min_tiles, target, seed):
+    t = synth.random_channel_mixed_tensor(m, n, table_rows=rows, outlier_density=density, seed=seed)
+    p = cm.pack(t)
+    want = ref.decode_channel_mixed(p, "float32").astype(np.float64)
+    L = CL.to_cmpq_layout(p)
+    x16 = np.random.default_rng(seed).standard_normal((batch, n)).astype(np.float16)
+    y = emulate_tc(L, x16, min_tiles, target)
+    x = x16.astype(np.float64)
+    exact = x @ want.T
+    bound = 2.0**-9 * (np.abs(x) @ np.abs(want).T) + 2.0**-24
+    assert np.all(np.abs(y - exact) <= bound)
+
+
+def test_tc_tiles_and_width_groups():
+    t = synth.random_channel_mixed_tensor(64, 2000, seed=5)
+    L = CL.to_cmpq_layout(cm.pack(t))
+    tl, smem = CL.tiles(L, 16, tc=True)
+    widths = L.runs[:, 2].tolist()
+    assert [g[0] for g in CL.width_groups(tl)] == widths
+    for b, nch in tl[:, :2].tolist():
+        assert nch <= CL.tc_tile_chunks(b)
+    # per width: tables (36 slots per 32 columns, f16, 16-byte aligned) + x' (512 B/chunk/n-tile)
+    assert CL.tc_tile_smem(16, 2, 2) == 16 * 36 * 4 * 2 + 16 * 2 * 512
+    assert CL.tc_tile_smem(1, 8, 1) == 36 * 256 * 2 + 512
+    assert smem == max(CL.tc_tile_smem(nch, b, 2) for b, nch in tl[:, :2].tolist())
+    assert max(CL.tc_tile_smem(CL.tc_tile_chunks(b), b, 2) for b in range(1, 9)) <= 48 * 1024
+    assert CL.width_groups(np.zeros((0, 8), np.int64)) == []

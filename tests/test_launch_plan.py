@@ -124,6 +124,23 @@ def test_override_tuning_keys(monkeypatch):
     assert K.dq_rows() == 2 and K.dq_oct() and K.dequant_oct_geometry(100) == 128
 
 
+def test_cmpq_path_per_slice(monkeypatch):
+    """channel_mixed: mv1 at batch 1 (any dtype), tensor cores at 2-16 for f16 x with whole
+    16-row m-tiles per table block, the first-design kernels otherwise or with cmpq_v2=0."""
+    monkeypatch.delenv(P.ENV, raising=False)
+    assert [K.cmpq_path(1, c, 0) for c in (0, 1, 2)] == ["mv1"] * 3
+    assert K.cmpq_path(1, 1, 7) == "mv1"
+    assert [K.cmpq_path(b, 1, r) for b in (2, 9, 16) for r in (0, 16, 64)] == ["tc"] * 9
+    assert [K.cmpq_path(5, c, 0) for c in (0, 2)] == ["mm", "mm"]  # f32 / bf16 x: no rounding
+    assert [K.cmpq_path(5, 1, r) for r in (1, 7, 300)] == ["mm"] * 3
+    assert K.cmpq_target_tiles(8192, 132, K.CMPQ_TC_ROWS) == 9
+    monkeypatch.setenv(P.ENV, "cmpq_v2=0")
+    assert K.cmpq_path(1, 1, 0) == K.cmpq_path(8, 1, 0) == "mm"
+    monkeypatch.setenv(P.ENV, "cmpq_v2=2")
+    with pytest.raises(P.PlanError):
+        K.cmpq_path(1, 1, 0)
+
+
 def test_override_defines_parse():
     assert P.parse_override("defines=-DSPQR_MV1_RB=16 -DFOO") == {
         "defines": ("-DSPQR_MV1_RB=16", "-DFOO")

@@ -283,12 +283,41 @@
  *   shared memory as f32, scaled by x' when NB = 1).  grid (ceil(m/256), splits <= ntiles),
  *   block 256, dynamic shared memory max over tiles of 4*(32*nch << b) + (NB > 1 ?
  *   4*32*nch*NB : 0) bytes (raise the limit above 48 KiB).  part f32 [splits][NB][m].
+ * spqr_cmpq_mv1_b{B}(codes, tables, tiles, ntiles, xs, part, m, R, Lp)      B in 1..8
+ *   Batch 1, second design: as spqr_cmpq_mm_nb1 (same sums, f32(T[q]) * xs[jp] rounded once,
+ *   fixed order), for tiles of width B only: tiles points at the B-bit run's tiles (tiles are
+ *   in run order), part at this launch's first split (part + split0 * m).  Launch one per
+ *   width present, each with its own splits; the finish kernel sums all.  Each thread keeps
+ *   2-4 chunks of codes in flight and issues the next tile's first loads before its table
+ *   rebuild.  grid (ceil(m/256), splits), block 256, 4 blocks/SM (<= 64 registers; ptxas
+ *   sm_90: 56-64, no spills), dynamic shared memory as spqr_cmpq_mm_nb1.
+ * spqr_cmpq_prepare_xf(x, ldx, pcol, np, xs, ldxs, nbp, xf, nt, batch)
+ *   f16 x only: xs as spqr_cmpq_prepare_x for b < nbp, and xf (u16 [np * 8*nt]) x' as f16 in
+ *   mma B-fragment order: x'[b][jp] at ((jp/32 * nt + b/8) * 32 + 4*(b%8) + (jp/8)%4) * 8 +
+ *   jp%8 (0 for padding and b >= batch).  grid (ceil(np/256), 8*nt), block 256.
+ * spqr_cmpq_tc_b{B}_nt{NT}(codes, tables, tiles, ntiles, xf, part, nbp, m, R, Lp)  NT in 1,2
+ *   Batch 2..8*NT with f16 x, tensor cores: part[y][b][i] (b < nbp) = sums over the B-bit
+ *   run's tiles (tiles / part offset per width as spqr_cmpq_mv1_b{B}; tiles of
+ *   cmpq_layout.tiles(..., tc=True): 32 * min(256 >> B, 16) columns) of mma.m16n8k16 (f16 A =
+ *   table entries, f16 B = xf, f32 accumulation).  Requires R = 0 or R % 16 == 0 (a 16-row
+ *   m-tile in one table block).  grid (ceil(m/128), splits), block 128 (4 warps x 2 m-tiles of
+ *   16 rows), 4 blocks/SM (ptxas sm_90: 93-127 registers, no spills), dynamic shared memory max
+ *   over tiles of 16*ceil(((36*nch) << B) * 2 / 16) + 512*nch*NT bytes (<= 35 KiB).
+ *   Tolerance: the products of f16 weights and f16 x are exact and summed in f32, so the
+ *   result meets C-7.6 as the CUDA-core path does.  f32 / bf16 x are not rounded to f16 (that
+ *   would add up to 2^-11 |w x| per product and overflow / underflow outside the f16 range):
+ *   they take spqr_cmpq_mm_nb*.
  * spqr_cmpq_finish_nb{NB}(part, splits, orows, ocolp, ocorr, xs, ldxs, y, ldy, out_dtype, m,
  *                         batch)
  *   y[b*ldy + i] = sum over y of part[y][b][i] + sum over row i's outliers of ocorr *
  *   xs[b][ocolp], rounded to out_dtype, for b < batch.  grid ceil(m/8), block 256 (one warp per
  *   row); orows/ocolp/ocorr NULL without outliers.  Batches above 16: slices of 16 rows.
- * Workspace (Python layer): xs [NB][ldxs] then part [splits][NB][m], f32.  Deterministic.
+ * Paths (Python layer, _kernels.cmpq_path, per slice of <= 16 rows): batch 1 -> mv1_b*; 2-16
+ * with f16 x and R % 16 == 0 -> prepare_xf, tc_b*_nt{ceil(batch/8)}; otherwise (and with the
+ * override cmpq_v2=0) prepare_x, mm_nb*.  finish_nb{NB} after each, NB = 1,2,4,8,16 >= batch.
+ * Workspace (Python layer): xs f32 [NB][ldxs], then (tc only) xf f16 [np * 8*NT], then part
+ * f32 [splits][NB][m].  Deterministic.  The C launchers (spqr_host.cu, spqr_tc_host.cu) do not
+ * launch CMPQ kernels.
  * ------------------------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------------------------
