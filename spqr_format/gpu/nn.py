@@ -124,15 +124,27 @@ class _StreamHandle:
         return (0, self.ptr)
 
 
+_STREAMS: dict[int, object] = {}
+
+
 def _cupy_stream(ptr: int):
     """CuPy's view of another framework's stream: ``Stream.from_external`` (the stream
-    protocol) where this CuPy has it, else the older ``ExternalStream``."""
-    import cupy as cp
+    protocol) where this CuPy has it, else the older ``ExternalStream``. The view owns nothing
+    (it only carries the handle), so one is kept per handle instead of being built on every
+    forward (decode calls a linear layer hundreds of times per token)."""
+    s = _STREAMS.get(ptr)
+    if s is None:
+        import cupy as cp
 
-    from_external = getattr(cp.cuda.Stream, "from_external", None)
-    if from_external is not None:
-        return from_external(_StreamHandle(ptr))
-    return cp.cuda.ExternalStream(ptr)
+        from_external = getattr(cp.cuda.Stream, "from_external", None)
+        if from_external is not None:
+            s = from_external(_StreamHandle(ptr))
+        else:
+            s = cp.cuda.ExternalStream(ptr)
+        if len(_STREAMS) > 256:  # streams come and go (one per thread or graph pool)
+            _STREAMS.clear()
+        _STREAMS[ptr] = s
+    return s
 
 
 def replace_linear(
