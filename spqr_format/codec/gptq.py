@@ -252,7 +252,8 @@ def _cap(budget: float, m: int, n: int, end: int) -> int:
     return int(math.floor(budget * m * end + 1e-9))
 
 
-def _upper_inverse_factor(build_rev, n: int, mean_diag: float, name: str | None):
+def _upper_inverse_factor(build_rev, n: int, mean_diag: float, name: str | None,
+                          stacklevel: int = 3):  # fmt: skip
     """``U`` (upper, ``U^T U = H^-1``, float64 view) and the extra damping that was needed.
 
     ``build_rev()`` returns a fresh C-order float64 ``J H J`` (``J`` the reversal) that may be
@@ -295,7 +296,7 @@ def _upper_inverse_factor(build_rev, n: int, mean_diag: float, name: str | None)
             f"Hessian of {name or 'tensor'} is not positive definite; added damping "
             f"{extra / mean_diag:.3g} x mean diagonal",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     if lapack is not None:
         rinv, info = lapack.dtrtri(r, lower=0, overwrite_c=1)
@@ -315,6 +316,40 @@ def inverse_cholesky_upper(h: np.ndarray, *, name: str | None = None) -> tuple[n
         float(np.mean(np.diagonal(h))),
         name,
     )
+
+
+def damped_inverse_factor(hs: np.ndarray, perm: np.ndarray | None, percdamp: float,
+                          name: str | None = None):  # fmt: skip
+    """GPTQ's factor of a checked Hessian ``hs``, in the solve order ``perm`` (None: identity).
+
+    ``P^T H P`` gets ``percdamp * mean(diag H)`` added to its diagonal, and every dead column
+    (``diag H == 0``) a diagonal of 1 (so it neither receives nor sends error feedback); returns
+    ``(U, dead, damp, extra)``: ``U`` upper with ``U^T U`` the inverse of that matrix (float64,
+    :func:`_upper_inverse_factor`), ``dead`` (bool, permuted order), the damping added and the
+    extra damping a non-positive-definite Hessian needed."""
+    n = hs.shape[0]
+    diag = np.diagonal(hs).astype(np.float64)
+    if perm is not None:
+        diag = diag[perm]
+    dead = diag == 0
+    damp = percdamp * float(np.mean(diag))
+    rev_dead = np.flatnonzero(dead[::-1])
+
+    def build_rev() -> np.ndarray:
+        # J P^T H P J in one gather (P the permutation, J the reversal), damped, dead -> 1.
+        if perm is None:
+            rev = np.array(hs[::-1, ::-1], dtype=np.float64, order="C")
+        else:
+            ro = perm[::-1]
+            rev = hs[np.ix_(ro, ro)]
+            if rev.dtype != np.float64:
+                rev = rev.astype(np.float64)
+        rev[np.diag_indices(n)] += damp
+        rev[rev_dead, rev_dead] = 1.0
+        return rev
+
+    u64, extra = _upper_inverse_factor(build_rev, n, float(np.mean(diag)), name, stacklevel=4)
+    return u64, dead, damp, extra
 
 
 def check_options(
@@ -417,30 +452,10 @@ def encode_gptq(
     if perm_order == "act_order":
         perm = np.argsort(-np.diagonal(hs), kind="stable")
         w = np.ascontiguousarray(w[:, perm])
-    diag = np.diagonal(hs).astype(np.float64)
-    if perm is not None:
-        diag = diag[perm]
-    dead = diag == 0
-    damp = percdamp * float(np.mean(diag))
-    w[:, dead] = 0.0
-    rev_dead = np.flatnonzero(dead[::-1])
-
-    def build_rev() -> np.ndarray:
-        # J P^T H P J in one gather (P the permutation, J the reversal), damped, dead -> 1.
-        if perm is None:
-            rev = np.array(hs[::-1, ::-1], dtype=np.float64, order="C")
-        else:
-            ro = perm[::-1]
-            rev = hs[np.ix_(ro, ro)]
-            if rev.dtype != np.float64:
-                rev = rev.astype(np.float64)
-        rev[np.diag_indices(n)] += damp
-        rev[rev_dead, rev_dead] = 1.0
-        return rev
-
     t1 = time.perf_counter()
     times["permute"] = t1 - t0
-    u64, extra = _upper_inverse_factor(build_rev, n, float(np.mean(diag)), name)
+    u64, dead, damp, extra = damped_inverse_factor(hs, perm, percdamp, name)
+    w[:, dead] = 0.0
     u = np.ascontiguousarray(u64, dtype=np.float32)
     d64 = np.diagonal(u64).copy()
     del u64
