@@ -41,6 +41,9 @@ def main() -> None:
                     help="--target-bits runs (comma-separated; empty: none)")  # fmt: skip
     ap.add_argument("--cmpq-targets", default="3.0,3.5,4.0",
                     help="--method cmpq --target-bits runs (comma-separated; empty: none)")
+    ap.add_argument("--cmpq-solvers", default="",
+                    help="CMPQ solvers of each --cmpq-targets run (comma-separated, gptq / "
+                    "kmeans; empty: the CmpqConfig default, unlabelled)")
     args = ap.parse_args()
 
     import torch
@@ -58,8 +61,10 @@ def main() -> None:
 
     runs = [(p, None, None) for p in args.presets.split(",") if p]
     runs += [(f"target-bits {t}", float(t), None) for t in args.targets.split(",") if t]
-    runs += [(f"cmpq {t}", None, CmpqConfig(target_bits=float(t)))
-             for t in args.cmpq_targets.split(",") if t]  # fmt: skip
+    solvers = [v for v in args.cmpq_solvers.split(",") if v] or [None]
+    runs += [(f"cmpq {t}" + (f" {s}" if s else ""), None,
+              CmpqConfig(target_bits=float(t), **({"solver": s} if s else {})))
+             for t in args.cmpq_targets.split(",") if t for s in solvers]  # fmt: skip
     for preset, target, config in runs:
         out = os.path.join(args.out_dir, f"{preset.replace(' ', '-')}.spqr")
         t0 = time.perf_counter()

@@ -41,13 +41,20 @@ from numba import njit, prange
 from spqr_format import spec
 from spqr_format.codec import channel_mixed as cm
 from spqr_format.codec.bilevel import Outliers
+from spqr_format.codec.gptq import damped_inverse_factor
 from spqr_format.codec.hessian import check_hessian
 from spqr_format.codec.outliers import encode_outlier_stream
+from spqr_format.codec.quantizer import f16_round_scalar
 from spqr_format.errors import BadInputError
 from spqr_format.spec import DType
 
 CONFIG_VERSION = 1
 ALLOCATORS = ("norm", "rd")
+SOLVERS = ("gptq", "kmeans")
+# Columns per block of the GPTQ solver's lazy updates (inside a segment per column, to the rest
+# of the block once per segment and to the rest of the matrix once per block, as GEMMs).
+GPTQ_BLOCK = 128
+GPTQ_SEGMENT = 32
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,9 @@ class CmpqConfig:
     fill_outliers: bool = True
     kmeans_iters: int = 50
     table_rows: int = 0
+    solver: str = "kmeans"
+    percdamp: float = 0.01
+    act_order: bool = True
     method: str = "cmpq"
     preset: str | None = None
     version: int = CONFIG_VERSION
@@ -94,6 +104,13 @@ class CmpqConfig:
         r = self.table_rows
         if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= spec.MAX_GROUP_SIZE:
             raise bad("table_rows", f"must be 0 (one table per column) or 1..2**24, got {r!r}")
+        if self.solver not in SOLVERS:
+            raise bad("solver", f"must be one of {SOLVERS}, got {self.solver!r}")
+        p = self.percdamp
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0:
+            raise bad("percdamp", f"must be a finite number >= 0, got {p!r}")
+        if not isinstance(self.act_order, bool):
+            raise bad("act_order", "must be true or false")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -207,6 +224,129 @@ def _assign_columns(wt, widths, tables, codes_t, err_t):
             codes_t[j, i] = q
             d = x - tab[q]
             err_t[j, i] = d * d
+
+
+@njit(cache=True)
+def _gptq_block(wb, xb, ewb, wid, ub, d, rb, iters, tabs, codes, eb):  # pragma: no cover
+    """The GPTQ solve of one block of columns (rows of ``wb``, in solve order), serial.
+
+    ``wb[B, m]`` the columns' current (error-updated) values, f32; each is replaced by its
+    reconstruction when quantized. Per column ``j`` and row block ``rb[t]..rb[t + 1]``: a table
+    of ``2**wid[j]`` entries by weighted k-means on the values not excluded by ``xb`` (weights
+    ``ewb``), rounded to f16 into ``tabs[j, t]``; every code the nearest entry (``codes``);
+    an excluded value (an outlier) is kept, rounded to f16. ``eb[j] = (w_j - q_j) / d[j]`` is
+    fed into the later columns of the block through ``ub`` (the block of ``U``); the caller
+    applies it to the columns after the block. Returns False if a table entry or an outlier
+    left the f16 range."""
+    nb, m = wb.shape
+    ok = True
+    for j in range(nb):
+        k = 1 << wid[j]
+        dj = d[j]
+        for t in range(rb.shape[0] - 1):
+            a = rb[t]
+            b = rb[t + 1]
+            cnt = 0
+            for i in range(a, b):
+                if not xb[j, i]:
+                    cnt += 1
+            vals = np.empty(cnt, np.float64)
+            ww = np.empty(cnt, np.float64)
+            p = 0
+            for i in range(a, b):
+                if not xb[j, i]:
+                    vals[p] = wb[j, i]
+                    ww[p] = ewb[j, i]
+                    p += 1
+            order = np.argsort(vals, kind="mergesort")
+            cw = np.zeros(cnt + 1, np.float64)
+            cwx = np.zeros(cnt + 1, np.float64)
+            xs = np.empty(cnt, np.float64)
+            for i in range(cnt):
+                x = vals[order[i]]
+                xs[i] = x
+                cw[i + 1] = cw[i] + ww[order[i]]
+                cwx[i + 1] = cwx[i] + ww[order[i]] * x
+            c = _kmeans_sorted(xs, cw, cwx, k, iters)
+            tab = np.empty(k, np.float64)
+            for e in range(k):
+                if abs(c[e]) > 65504.0:
+                    ok = False
+                tab[e] = f16_round_scalar(c[e])
+                tabs[j, t, e] = tab[e]
+            mids = np.empty(max(k - 1, 0), np.float64)
+            for e in range(k - 1):
+                mids[e] = 0.5 * (tab[e] + tab[e + 1])
+            for i in range(a, b):
+                x = np.float64(wb[j, i])
+                q = np.searchsorted(mids, x)
+                codes[j, i] = q
+                if xb[j, i]:
+                    if abs(x) > 65504.0:
+                        ok = False
+                    v = np.float64(f16_round_scalar(x))
+                else:
+                    v = tab[q]
+                wb[j, i] = v
+                eb[j, i] = (x - v) / dj
+        for kk in range(j + 1, nb):
+            u = ub[j, kk]
+            if u != 0.0:
+                for i in range(m):
+                    wb[kk, i] -= eb[j, i] * u
+    return ok
+
+
+def _solve_gptq(wt, hs, excl, ew, widths, config, name=None):
+    """CMPQ's GPTQ pass: the columns in solve order (act order: descending ``diag(H)``), each
+    column's tables fitted on its current values without the outliers ``excl``, the error fed
+    back through ``U`` (GPTQ, damped by ``config.percdamp``). ``wt`` is ``W^T`` ``[n, m]``.
+
+    Returns ``(tabs [T, n, 2**max width], codes [n, m], recon [n, m])`` in the original
+    column order; ``recon`` is the reconstruction (at outliers: the f16 value stored)."""
+    n, m = wt.shape
+    perm = np.argsort(-np.diagonal(hs), kind="stable") if config.act_order else None
+    u64, _, _, _ = damped_inverse_factor(hs, perm, config.percdamp, name)
+    u = np.ascontiguousarray(u64, dtype=np.float32)
+    d = np.diagonal(u64).copy()
+    del u64
+    idx = np.arange(n) if perm is None else perm
+    cur = np.ascontiguousarray(wt[idx], dtype=np.float32)
+    blocks = _row_blocks(m, config.table_rows)
+    rb = np.array([a for a, _ in blocks] + [m], np.int64)
+    kmax = 1 << int(widths.max())
+    tabs = np.zeros((n, len(blocks), kmax), np.float64)
+    codes = np.empty((n, m), np.uint8)
+    wid = widths.astype(np.int64)[idx]
+    for b0 in range(0, n, GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, n)
+        eb = np.empty((b1 - b0, m), np.float32)
+        # segments of GPTQ_SEGMENT columns: per-column updates inside the segment (numba), to
+        # the rest of the block as one GEMM (two-level lazy updates, as gptq.py)
+        for s0 in range(b0, b1, GPTQ_SEGMENT):
+            s1 = min(s0 + GPTQ_SEGMENT, b1)
+            cols = idx[s0:s1]
+            ok = _gptq_block(
+                cur[s0:s1], np.ascontiguousarray(excl[cols]), np.ascontiguousarray(ew[cols]),
+                wid[s0:s1], np.ascontiguousarray(u[s0:s1, s0:s1]), d[s0:s1], rb,
+                config.kmeans_iters, tabs[s0:s1], codes[s0:s1], eb[s0 - b0 : s1 - b0],
+            )  # fmt: skip
+            if not ok:
+                raise BadInputError(
+                    "a lookup table value or an outlier exceeds the float16 range", tensor=name
+                )
+            if s1 < b1:
+                cur[s1:b1] -= u[s0:s1, s1:b1].T @ eb[s0 - b0 : s1 - b0]
+        for c0 in range(b1, n, 1024):  # lazy update of the later columns, in chunks
+            c1 = min(c0 + 1024, n)
+            cur[c0:c1] -= u[b0:b1, c0:c1].T @ eb
+    out_tabs = np.zeros((len(blocks), n, kmax), np.float64)
+    out_tabs[:, idx] = tabs.transpose(1, 0, 2)
+    out_codes = np.empty_like(codes)
+    out_codes[idx] = codes
+    recon = np.empty_like(cur)
+    recon[idx] = cur
+    return out_tabs, out_codes, recon
 
 
 def _row_blocks(m: int, rows: int) -> list[tuple[int, int]]:
@@ -519,6 +659,12 @@ def encode_cmpq(
             k += step
             used = dense + stored_bits(excl)
 
+    # 7. GPTQ: the same widths and outliers, tables and codes solved with error feedback
+    recon = None
+    if config.solver == "gptq":
+        h = hessian if isinstance(hessian, np.ndarray) else np.asarray(hessian)
+        tab, codes, recon = _solve_gptq(wt, h, excl, ew, widths_orig, config, name)
+
     # assemble the logical tensor in stored order
     widths_st = widths_orig[order].astype(np.uint8)
     codes_st = np.ascontiguousarray(codes[order].T)  # [m, n]
@@ -529,7 +675,8 @@ def encode_cmpq(
     cs = inv[c]
     o = np.lexsort((cs, r))
     r, c, cs = r[o], c[o], cs[o]
-    vals = w[r, c].astype(np.float16)
+    # outliers keep the value their column had when it was quantized (GPTQ: error-updated)
+    vals = (w[r, c] if recon is None else recon[c, r]).astype(np.float16)
     outl = Outliers(r.astype(np.uint32), cs.astype(np.uint32), vals) if r.size else None
     t = cm.ChannelMixedTensor(
         shape=(m, n),
@@ -544,6 +691,7 @@ def encode_cmpq(
     report = {
         "target_bits": config.target_bits,
         "allocator": config.allocator,
+        "solver": config.solver,
         "table_rows": rows,
         "width_counts": {str(b): c_ for b, c_ in zip(cm.WIDTHS, counts, strict=False) if c_},
         "activation_outliers": int(act.size),
