@@ -287,9 +287,12 @@ def _measure(layers, encode_one):
     return bits / count, num_c / den_c, num_t / den_t
 
 
-def evaluate_cmpq(layers, targets=(2.2, 2.5, 3.0, 3.5), allocators=("norm", "rd")):
+def evaluate_cmpq(layers, targets=(2.2, 2.5, 3.0, 3.5), allocators=("norm", "rd"),
+                  solvers=(None,), bilevel_rows=True):
     """Rows (label, counted bits, rel. output error calib, held-out, seconds). CMPQ meets the
-    bilevel row's bits per weight over the whole workload (each tensor at that target)."""
+    bilevel row's bits per weight over the whole workload (each tensor at that target).
+    ``solvers``: CmpqConfig.solver of each CMPQ row (None: the default, unlabelled);
+    ``bilevel_rows=False``: only the CMPQ rows at ``targets``."""
     from spqr_format.codec import channel_mixed as cm
     from spqr_format.codec.channel_mixed_ref import decode_channel_mixed_f32
     from spqr_format.codec.cmpq import CmpqConfig, encode_cmpq
@@ -303,10 +306,12 @@ def evaluate_cmpq(layers, targets=(2.2, 2.5, 3.0, 3.5), allocators=("norm", "rd"
 
         return one
 
-    def cmpq(target, allocator):
+    def cmpq(target, allocator, solver=None):
+        cfg = CmpqConfig(target_bits=target, allocator=allocator,
+                         **({"solver": solver} if solver else {}))  # fmt: skip
+
         def one(name, w, hc):
-            t, _ = encode_cmpq(w, hc, CmpqConfig(target_bits=target, allocator=allocator),
-                               name=name)  # fmt: skip
+            t, _ = encode_cmpq(w, hc, cfg, name=name)
             p = cm.pack(t)
             return decode_channel_mixed_f32(p), sum(cm.section_bits(p).values())
 
@@ -325,15 +330,20 @@ def evaluate_cmpq(layers, targets=(2.2, 2.5, 3.0, 3.5), allocators=("norm", "rd"
         print(f"  {label}: {b:.4f} bits, {ec:.5f}", file=sys.stderr)
         return b
 
-    for label, cfg in cmpq_configs():
+    def tag(s):
+        return f" {s}" if s else ""
+
+    for label, cfg in cmpq_configs() if bilevel_rows else ():
         b = run(label, bilevel(cfg))
         if b is not None:
             for a in allocators:
-                # floor to 1e-6 bits: the same counted bits or a hair fewer
-                run(f"  cmpq {a} @ {label}", cmpq(math.floor(b * 1e6) / 1e6, a))
+                for s in solvers:
+                    # floor to 1e-6 bits: the same counted bits or a hair fewer
+                    run(f"  cmpq {a}{tag(s)} @ {label}", cmpq(math.floor(b * 1e6) / 1e6, a, s))
     for target in targets:
         for a in allocators:
-            run(f"cmpq {a} {target}", cmpq(target, a))
+            for s in solvers:
+                run(f"cmpq {a}{tag(s)} {target}", cmpq(target, a, s))
     return rows
 
 
@@ -403,6 +413,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--cmpq", action="store_true",
                     help="CMPQ vs bilevel at equal counted bits (issue 19) instead")  # fmt: skip
+    ap.add_argument("--cmpq-solvers", default="",
+                    help="--cmpq: solvers of the CMPQ rows, comma-separated (gptq, kmeans; "
+                    "default: the CmpqConfig default)")
+    ap.add_argument("--cmpq-allocators", default="norm,rd",
+                    help="--cmpq: allocators of the CMPQ rows, comma-separated")
+    ap.add_argument("--cmpq-targets-only", action="store_true",
+                    help="--cmpq: only the CMPQ rows at 2.2 / 2.5 / 3.0 / 3.5 bits, no bilevel")
     ap.add_argument(
         "--short",
         action="store_true",
@@ -421,12 +438,17 @@ def main(argv=None) -> int:
 
     out = {}
     if args.cmpq:
+        ckw = dict(
+            allocators=tuple(a for a in args.cmpq_allocators.split(",") if a),
+            solvers=tuple(s for s in args.cmpq_solvers.split(",") if s) or (None,),
+            bilevel_rows=not args.cmpq_targets_only,
+        )
         if args.workload in ("synthetic", "both"):
-            rows = evaluate_cmpq(synthetic_layers(args.size, args.tokens))
+            rows = evaluate_cmpq(synthetic_layers(args.size, args.tokens), **ckw)
             out["cmpq_synthetic"] = rows
             print(cmpq_table(f"CMPQ, synthetic {args.size}x{args.size}", rows), "\n")
         if args.workload in ("text", "both"):
-            rows = evaluate_cmpq(text_layers(TEXT_CONFIG, args.data))
+            rows = evaluate_cmpq(text_layers(TEXT_CONFIG, args.data), **ckw)
             out["cmpq_text"] = rows
             print(cmpq_table("CMPQ, WikiText-2 activations, tiny transformer", rows), "\n")
         if args.json:

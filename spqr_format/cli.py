@@ -205,6 +205,13 @@ DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
     help="cmpq: rows per lookup-table block; 0 (default) = one table per column.",
 )
 @click.option(
+    "--solver",
+    type=click.Choice(["gptq", "kmeans"]),
+    help="cmpq: gptq = each column's table fitted on its error-updated values, the error fed "
+    "back to the later columns through the Hessian (GPTQ; --percdamp, --perm-order apply); "
+    "kmeans = tables fitted on the original values, no error feedback. Default: CMPQ_SOLVER.",
+)
+@click.option(
     "--act-outliers",
     type=click.FloatRange(0.0, 0.5, max_open=True),
     callback=_finite_float,
@@ -260,13 +267,15 @@ DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
 @click.option(
     "--perm-order",
     type=click.Choice(["identity", "act_order"]),
-    help="Column order of the gptq solver; act_order stores a permutation.",
+    help="Column order of the gptq solver; act_order stores a permutation (cmpq --solver "
+    "gptq: the solve order only, default act_order).",
 )
 @click.option(
     "--percdamp",
     type=click.FloatRange(0.0),
     callback=_finite_float,
-    help="Hessian damping, relative to the mean diagonal.",
+    help="Hessian damping, relative to the mean diagonal (gptq; cmpq --solver gptq: "
+    "default 0.01).",
 )
 @click.option(
     "--keep-dense",
@@ -293,6 +302,7 @@ def encode(
     widths,
     allocator,
     table_rows,
+    solver,
     act_outliers,
     sens_outliers,
     bits,
@@ -331,13 +341,13 @@ def encode(
 
     cmpq_opts = dict(
         target_bits=target_bits, widths=widths, allocator=allocator, table_rows=table_rows,
-        act_outliers=act_outliers, sens_outliers=sens_outliers,
+        solver=solver, act_outliers=act_outliers, sens_outliers=sens_outliers,
     )  # fmt: skip
     if method == "cmpq":
         bilevel_opts = dict(
             bits=bits, group_size=group_size, stats_bits=stats_bits,
             stats_group_size=stats_group_size, outlier_fraction=outlier_fraction,
-            outlier_threshold=outlier_threshold, perm_order=perm_order, percdamp=percdamp,
+            outlier_threshold=outlier_threshold,
         )  # fmt: skip
         given = [k for k, v in bilevel_opts.items() if v is not None] + (
             ["no_outliers"] if no_outliers else []
@@ -345,7 +355,8 @@ def encode(
         if given:
             opts = ", ".join("--" + k.replace("_", "-") for k in given)
             raise BadInputError(f"{opts} do not apply to --method cmpq")
-        config = _cmpq_config(preset, hessian_path, **cmpq_opts)
+        config = _cmpq_config(preset, hessian_path, perm_order=perm_order, percdamp=percdamp,
+                              **cmpq_opts)  # fmt: skip
     elif any(v is not None for k, v in cmpq_opts.items() if k != "target_bits"):
         given = ", ".join("--" + k.replace("_", "-") for k, v in cmpq_opts.items()
                           if v is not None and k != "target_bits")  # fmt: skip
@@ -434,9 +445,10 @@ def encode(
             )
 
 
-def _cmpq_config(preset, hessian_path, **opts):
+def _cmpq_config(preset, hessian_path, perm_order=None, **opts):
     """The CMPQ encoder configuration of ``spqr encode --method cmpq``: exit-2 errors, before
-    any tensor is read, for a missing target or Hessian file, a bilevel preset, bad widths."""
+    any tensor is read, for a missing target or Hessian file, a bilevel preset, bad widths,
+    GPTQ knobs (--percdamp, --perm-order) without the gptq solver."""
     from spqr_format.codec.cmpq import CmpqConfig
 
     if preset is not None:
@@ -454,7 +466,14 @@ def _cmpq_config(preset, hessian_path, **opts):
             raise BadInputError(
                 f"--widths must be comma-separated integers 1..8, got {opts['widths']!r}"
             ) from None
-    return CmpqConfig(**{k: v for k, v in opts.items() if v is not None})
+    if perm_order is not None:
+        opts["act_order"] = perm_order == "act_order"
+    knobs = [f"--{k}" for k, v in (("percdamp", opts["percdamp"]), ("perm-order", perm_order))
+             if v is not None]  # fmt: skip
+    config = CmpqConfig(**{k: v for k, v in opts.items() if v is not None})
+    if knobs and config.solver != "gptq":
+        raise BadInputError(f"{', '.join(knobs)} only apply to --method cmpq --solver gptq")
+    return config
 
 
 def _bilevel_config(

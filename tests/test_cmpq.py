@@ -270,3 +270,182 @@ def test_cli_cmpq_bad_input_exits_2(tmp_path, args, bad, expect):
     assert r.exit_code == 2, r.output
     assert expect in r.output
     assert not out.exists()
+
+
+# ---- the GPTQ solver (error feedback) ------------------------------------------------------
+
+
+def _corr_layer(m, n, seed, tokens=1000):
+    """Heavy-tailed weights, activations with strongly correlated columns (random mixing with a
+    decaying spectrum) and three hot input channels."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(4, (m, n)) * 0.02).astype(np.float32)
+    spec_ = 1.0 / np.sqrt(1.0 + np.arange(n) / 8.0)
+    mix = rng.standard_normal((n, n)) / np.sqrt(n) * spec_[:, None] + np.eye(n) * 0.3
+    x = rng.standard_normal((tokens, n)) @ mix
+    x[:, rng.choice(n, 3, replace=False)] *= 8.0
+    return w, x.T @ x
+
+
+def _out_err(t, w, h):
+    d = (ref.dequantize(t, "float32") - w).astype(np.float64)
+    return float(np.einsum("ij,jk,ik->", d, h, d))
+
+
+def _outlier_mask(t):
+    mask = np.zeros(t.shape, bool)
+    if t.outliers is not None:
+        mask[t.outliers.rows, np.asarray(t.perm)[t.outliers.cols]] = True
+    return mask
+
+
+@pytest.mark.parametrize(
+    "target, allocator, rows", [(2.7, "norm", 0), (3.0, "rd", 0), (3.6, "norm", 48)]
+)
+def test_gptq_solver_spends_exactly_the_kmeans_bits(target, allocator, rows):
+    """Widths, permutation and outlier positions are decided before the solve: the counted
+    bits are the kmeans solver's, to the bit, and meet the target within 0.01 bits/weight."""
+    w, h = _corr_layer(192, 160, seed=7)
+    got = {}
+    for s in ("kmeans", "gptq"):
+        cfg = CmpqConfig(target_bits=target, allocator=allocator, table_rows=rows, solver=s)
+        t, rep = encode_cmpq(w, h, cfg)
+        assert _bits(t) == rep["counted_bits"] and rep["solver"] == s
+        got[s] = t
+    a, b = got["kmeans"], got["gptq"]
+    assert _bits(a) == _bits(b)
+    assert 0 <= target - _bits(b) / w.size < 0.01
+    assert np.array_equal(a.widths, b.widths) and np.array_equal(a.perm, b.perm)
+    assert np.array_equal(_outlier_mask(a), _outlier_mask(b))
+    assert not np.array_equal(a.codes, b.codes)  # the solve did change the codes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_gptq_solver_lowers_the_output_error_on_correlated_activations(seed):
+    """||(W - Q) X^T||^2 = tr(D H D^T): measured ratios gptq / kmeans 0.53-0.59 on these
+    layers (seeds 0-5); the test asks for < 0.7 on each."""
+    w, h = _corr_layer(192, 128, seed)
+    for target, rows in ((2.9, 0), (3.5, 64)):
+        e = {s: _out_err(encode_cmpq(w, h, CmpqConfig(target_bits=target, table_rows=rows,
+                                                       solver=s))[0], w, h)
+             for s in ("kmeans", "gptq")}  # fmt: skip
+        assert e["gptq"] < 0.7 * e["kmeans"], (target, rows, e)
+
+
+def test_gptq_solver_with_a_diagonal_hessian_is_the_kmeans_solver():
+    """No correlation, no feedback: U is diagonal, so every column is fitted on its original
+    values and the two solvers give the same tensor, bit for bit (without fill outliers: the
+    kmeans solver's tables are fitted before the fill, the gptq solver's without every
+    outlier)."""
+    w, _ = _layer(96, 80, seed=4)
+    h = np.diag(np.random.default_rng(4).uniform(0.5, 50.0, 80))
+    h[5, 5] = 0.0  # a dead column too
+    cfg = CmpqConfig(target_bits=3.6, fill_outliers=False)
+    a, _ = encode_cmpq(w, h, cfg.with_overrides(solver="kmeans"))
+    b, _ = encode_cmpq(w, h, cfg.with_overrides(solver="gptq"))
+    assert np.array_equal(a.codes, b.codes) and np.array_equal(a.tables, b.tables)
+    assert np.array_equal(a.outliers.values.view(np.uint16), b.outliers.values.view(np.uint16))
+
+
+@pytest.mark.parametrize("act_order, rows, target", [(True, 0, 4.2), (False, 0, 4.2), (True, 32, 6.0)])
+def test_gptq_solver_follows_the_gptq_recursion(act_order, rows, target):
+    """Replays the solve in float64 from the decoded tensor: columns in the solve order (act
+    order: descending diag H), each decoded column is the nearest table entry of the column's
+    current value, an outlier holds that current (error-updated) value in f16, not the
+    original weight, and the error (w - q) / U_jj updates the later columns through U (the
+    upper factor of the damped H^-1)."""
+    w, h = _corr_layer(64, 48, seed=11, tokens=300)
+    cfg = CmpqConfig(target_bits=target, solver="gptq", act_order=act_order, table_rows=rows,
+                     percdamp=0.05,
+                     act_outliers=0.02)  # fmt: skip
+    t, _ = encode_cmpq(w, h, cfg)
+    q = ref.dequantize(t, "float32").astype(np.float64)
+    mask = _outlier_mask(t)
+    n = w.shape[1]
+    order = np.argsort(-np.diagonal(h), kind="stable") if act_order else np.arange(n)
+    hp = h[np.ix_(order, order)] + 0.05 * np.mean(np.diagonal(h)) * np.eye(n)
+    u = np.linalg.cholesky(np.linalg.inv(hp)).T  # upper, U^T U = hp^-1
+    cur = w.astype(np.float64)[:, order]
+    qp, mp = q[:, order], mask[:, order]
+    perm = np.asarray(t.perm)
+    inv = np.empty(n, np.int64)
+    inv[perm] = np.arange(n)
+    tab = t.tables.astype(np.float64)
+    offs = cm.ChannelMixedGeometry.of(t.shape, cm_counts(t), rows).column_table_offsets()
+    blk = np.zeros(w.shape[0], np.int64) if rows == 0 else np.arange(w.shape[0]) // rows
+    moved = 0
+    for j in range(n):
+        x, v = cur[:, j], qp[:, j]
+        o = mp[:, j]
+        # outliers: the current value, rounded to f16 (within one f16 step of the replay)
+        assert np.allclose(v[o], x[o], rtol=2**-10, atol=2**-24)
+        moved += int(np.sum(np.abs(x[o] - w[o, order[j]]) > 1e-3 * np.abs(w[o, order[j]])))
+        # the rest: the nearest entry of the column's table (ties and float32 rounding aside)
+        sc = inv[order[j]]
+        k = 1 << int(t.widths[sc])
+        entries = tab[blk][:, offs[sc] : offs[sc] + k]
+        best = np.abs(entries - x[:, None]).min(axis=1)
+        assert np.all(np.abs(v - x)[~o] <= best[~o] + 1e-5)
+        e = (x - v) / u[j, j]
+        cur[:, j + 1 :] -= np.outer(e, u[j, j + 1 :])
+    # outliers hold updated values, not the original weights (all but the first columns' moved;
+    # measured 30 of 66 here with act order: the hot columns come first and get little feedback)
+    assert moved >= 0.25 * mask.sum()
+
+
+def cm_counts(t):
+    w = np.asarray(t.widths)
+    return tuple(int((w == b).sum()) for b in cm.WIDTHS)
+
+
+def test_gptq_solver_round_trip_through_a_file(tmp_path):
+    w, h = _corr_layer(100, 70, seed=2, tokens=400)
+    t, rep = encode_cmpq(w, h, CmpqConfig(target_bits=3.8, widths=(1, 3, 5), table_rows=33,
+                                          solver="gptq"), dtype=sf.DType.FLOAT32)  # fmt: skip
+    path = tmp_path / "g.spqr"
+    sf.save(path, {"w": t})
+    nd = _numpy_decoder()
+    with sf.open(path) as f:
+        f.verify("w")
+        assert f.info("w").bits_per_weight == rep["counted_bits"] / w.size
+        ours = f.decode("w")
+        theirs = nd.decode_file(str(path))["w"]
+        assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+        assert np.array_equal(ours, ref.dequantize(t, "float32"))
+
+
+def test_config_solver_fields_validated_and_old_dicts_load():
+    with pytest.raises(BadInputError, match="solver must be one of") as e:
+        CmpqConfig(solver="adam")
+    assert e.value.field == "config.solver"
+    for bad in (-0.1, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(BadInputError, match="percdamp must be a finite number >= 0"):
+            CmpqConfig(percdamp=bad)
+    with pytest.raises(BadInputError, match="act_order must be true or false"):
+        CmpqConfig(act_order=1)
+    old = CmpqConfig().to_dict()
+    for k in ("solver", "percdamp", "act_order"):
+        old.pop(k)
+    assert CmpqConfig.from_dict(old) == CmpqConfig()
+    c = CmpqConfig(solver="kmeans", percdamp=0.5, act_order=False)
+    assert CmpqConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_cli_cmpq_solver_flags_reach_the_metadata(tmp_path):
+    src, hess = _model(tmp_path)
+    out, rep = tmp_path / "m.spqr", tmp_path / "r.json"
+    base = ["encode", str(src), "-o", str(out), "--method", "cmpq", "--target-bits", "4",
+            "--hessians", str(hess)]  # fmt: skip
+    r = CliRunner().invoke(main, [*base, "--solver", "gptq", "--percdamp", "0.1",
+                                  "--perm-order", "identity", "--report", str(rep)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    s = json.loads(rep.read_text())["settings"]
+    assert (s["solver"], s["percdamp"], s["act_order"]) == ("gptq", 0.1, False)
+    with sf.open(out) as f:
+        assert f.metadata["encoder.settings"]["solver"] == "gptq"
+    out.unlink()
+    r = CliRunner().invoke(main, [*base, "--solver", "kmeans", "--percdamp", "0.1"])
+    assert r.exit_code == 2 and "only apply to --method cmpq --solver gptq" in r.output
+    r = CliRunner().invoke(main, ["encode", str(src), "-o", str(out), "--solver", "gptq"])
+    assert r.exit_code == 2 and "--solver only apply to --method cmpq" in r.output
+    assert not out.exists()

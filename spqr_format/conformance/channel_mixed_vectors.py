@@ -94,7 +94,8 @@ def _encoded():
     w = (r.standard_t(4, size=(96, 128)) * 0.02).astype(np.float32)
     x = r.standard_normal((300, 128))
     x[:, :4] *= 8
-    t, _ = encode_cmpq(w, x.T @ x, CmpqConfig(target_bits=3.5), dtype=F16)
+    # pinned to the solver the vector was made with (the bytes are committed)
+    t, _ = encode_cmpq(w, x.T @ x, CmpqConfig(target_bits=3.5, solver="kmeans"), dtype=F16)
     return {"model.layers.0.mlp.down_proj.weight": t}
 
 

@@ -111,6 +111,13 @@ def safe_text(text: str) -> str:
     "meet it.",
 )
 @click.option(
+    "--solver",
+    type=click.Choice(["gptq", "kmeans"]),
+    help="cmpq: gptq = each column's table fitted on its error-updated values, the error fed "
+    "back to the later columns through the Hessian; kmeans = no error feedback. "
+    "Default: CMPQ_SOLVER.",
+)
+@click.option(
     "--eval-ppl",
     metavar="FILE|wikitext2",
     help="Afterwards, measure the perplexity of the original and the quantized model on this "
@@ -123,7 +130,7 @@ def safe_text(text: str) -> str:
 @handle_errors
 @click.pass_context
 def quantize_model_cmd(ctx, model_dir, output, preset, calib, data_dir, samples, seq_len, seed,
-                       device, resume, quantize_lm_head, method, target_bits, eval_ppl,
+                       device, resume, quantize_lm_head, method, target_bits, solver, eval_ppl,
                        eval_seq_len, quiet):  # fmt: skip
     """Quantize a local Hugging Face model into one .spqr file, block by block.
 
@@ -171,8 +178,11 @@ def quantize_model_cmd(ctx, model_dir, output, preset, calib, data_dir, samples,
                                 field="target_bits")  # fmt: skip
         if ctx.get_parameter_source("preset") is not ParameterSource.DEFAULT:
             raise BadInputError("--preset does not apply to --method cmpq", field="preset")
-        config = CmpqConfig(target_bits=target_bits)
+        config = CmpqConfig(target_bits=target_bits, **({"solver": solver} if solver else {}))
         target_bits = None  # not the bilevel allocator's target
+
+    elif solver is not None:
+        raise BadInputError("--solver only applies to --method cmpq", field="solver")
 
     def progress(ev):
         line = None if quiet else format_event(ev)
