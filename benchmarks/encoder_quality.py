@@ -287,8 +287,13 @@ def _measure(layers, encode_one):
     return bits / count, num_c / den_c, num_t / den_t
 
 
-def evaluate_cmpq(layers, targets=(2.2, 2.5, 3.0, 3.5), allocators=("norm", "rd"),
-                  solvers=(None,), bilevel_rows=True):
+def evaluate_cmpq(
+    layers,
+    targets=(2.2, 2.5, 3.0, 3.5),
+    allocators=("norm", "rd"),
+    solvers=(None,),
+    bilevel_rows=True,
+):
     """Rows (label, counted bits, rel. output error calib, held-out, seconds). CMPQ meets the
     bilevel row's bits per weight over the whole workload (each tensor at that target).
     ``solvers``: CmpqConfig.solver of each CMPQ row (None: the default, unlabelled);
@@ -413,13 +418,22 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--cmpq", action="store_true",
                     help="CMPQ vs bilevel at equal counted bits (issue 19) instead")  # fmt: skip
-    ap.add_argument("--cmpq-solvers", default="",
-                    help="--cmpq: solvers of the CMPQ rows, comma-separated (gptq, kmeans; "
-                    "default: the CmpqConfig default)")
-    ap.add_argument("--cmpq-allocators", default="norm,rd",
-                    help="--cmpq: allocators of the CMPQ rows, comma-separated")
-    ap.add_argument("--cmpq-targets-only", action="store_true",
-                    help="--cmpq: only the CMPQ rows at 2.2 / 2.5 / 3.0 / 3.5 bits, no bilevel")
+    ap.add_argument(
+        "--cmpq-solvers",
+        default="",
+        help="--cmpq: solvers of the CMPQ rows, comma-separated (gptq, kmeans; "
+        "default: the CmpqConfig default)",
+    )
+    ap.add_argument(
+        "--cmpq-allocators",
+        default="norm,rd",
+        help="--cmpq: allocators of the CMPQ rows, comma-separated",
+    )
+    ap.add_argument(
+        "--cmpq-targets-only",
+        action="store_true",
+        help="--cmpq: only the CMPQ rows at 2.2 / 2.5 / 3.0 / 3.5 bits, no bilevel",
+    )
     ap.add_argument(
         "--short",
         action="store_true",

@@ -274,8 +274,7 @@ DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
     "--percdamp",
     type=click.FloatRange(0.0),
     callback=_finite_float,
-    help="Hessian damping, relative to the mean diagonal (gptq; cmpq --solver gptq: "
-    "default 0.01).",
+    help="Hessian damping, relative to the mean diagonal (gptq; cmpq --solver gptq: default 0.01).",
 )
 @click.option(
     "--keep-dense",

@@ -347,7 +347,9 @@ def test_gptq_solver_with_a_diagonal_hessian_is_the_kmeans_solver():
     assert np.array_equal(a.outliers.values.view(np.uint16), b.outliers.values.view(np.uint16))
 
 
-@pytest.mark.parametrize("act_order, rows, target", [(True, 0, 4.2), (False, 0, 4.2), (True, 32, 6.0)])
+@pytest.mark.parametrize(
+    "act_order, rows, target", [(True, 0, 4.2), (False, 0, 4.2), (True, 32, 6.0)]
+)
 def test_gptq_solver_follows_the_gptq_recursion(act_order, rows, target):
     """Replays the solve in float64 from the decoded tensor: columns in the solve order (act
     order: descending diag H), each decoded column is the nearest table entry of the column's
@@ -356,8 +358,7 @@ def test_gptq_solver_follows_the_gptq_recursion(act_order, rows, target):
     upper factor of the damped H^-1)."""
     w, h = _corr_layer(64, 48, seed=11, tokens=300)
     cfg = CmpqConfig(target_bits=target, solver="gptq", act_order=act_order, table_rows=rows,
-                     percdamp=0.05,
-                     act_outliers=0.02)  # fmt: skip
+                     percdamp=0.05, act_outliers=0.02)  # fmt: skip
     t, _ = encode_cmpq(w, h, cfg)
     q = ref.dequantize(t, "float32").astype(np.float64)
     mask = _outlier_mask(t)
