@@ -209,7 +209,7 @@ DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
     type=click.Choice(["gptq", "kmeans"]),
     help="cmpq: gptq = each column's table fitted on its error-updated values, the error fed "
     "back to the later columns through the Hessian (GPTQ; --percdamp, --perm-order apply); "
-    "kmeans = tables fitted on the original values, no error feedback. Default: CMPQ_SOLVER.",
+    "kmeans = tables fitted on the original values, no error feedback. Default: gptq.",
 )
 @click.option(
     "--act-outliers",

@@ -24,6 +24,17 @@ For a weight ``W[m, n]`` (rows = output features, columns = input channels) and 
    outliers (32 bits each), by the same error score, so the target is met to within 32 bits
    of the tensor (plus skip entries, counted).
 
+7. ``solver="gptq"`` (the default): with the widths and every outlier of steps 2-6 fixed (so
+   the counted bits do not change), the tables and codes are solved again with GPTQ's error
+   feedback: columns in act order (descending ``H_jj``; ``act_order=False``: input order; the
+   solve order is not stored), each column's table(s) fitted by the same k-means
+   on the column's *current* values without its outliers, codes the nearest entries, outliers
+   keeping their current (error-updated) value in f16; the error ``(w_j - q_j) / U_jj`` updates
+   the later columns by ``U[j, later]`` (``U`` the upper Cholesky factor of ``(H + percdamp *
+   mean(diag H) I)^-1``, dead columns decoupled: :func:`gptq.damped_inverse_factor`), lazily
+   per block of columns. ``solver="kmeans"`` stops after step 6 (no error feedback; the tables
+   of step 5 are fitted before the fill outliers of step 6 are known).
+
 One table per column (not per column per row block): measured in ``benchmarks/cmpq_tables.py``
 (SPEC C-12.5 states the choice).
 """
@@ -69,7 +80,7 @@ class CmpqConfig:
     fill_outliers: bool = True
     kmeans_iters: int = 50
     table_rows: int = 0
-    solver: str = "kmeans"
+    solver: str = "gptq"
     percdamp: float = 0.01
     act_order: bool = True
     method: str = "cmpq"

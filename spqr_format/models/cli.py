@@ -115,7 +115,7 @@ def safe_text(text: str) -> str:
     type=click.Choice(["gptq", "kmeans"]),
     help="cmpq: gptq = each column's table fitted on its error-updated values, the error fed "
     "back to the later columns through the Hessian; kmeans = no error feedback. "
-    "Default: CMPQ_SOLVER.",
+    "Default: gptq.",
 )
 @click.option(
     "--eval-ppl",
