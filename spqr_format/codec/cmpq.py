@@ -134,7 +134,8 @@ class CmpqConfig:
         extra = set(d) - known
         if extra:
             raise BadInputError(f"cmpq config: unknown keys {sorted(extra)}")
-        return cls(**d)
+        # a config recorded before the solver existed describes a k-means encode
+        return cls(**{"solver": "kmeans", **d})
 
     def with_overrides(self, **kw) -> CmpqConfig:
         return dataclasses.replace(self, **kw)
