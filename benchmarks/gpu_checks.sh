@@ -4,7 +4,8 @@
 #
 #     OUT=/tmp/gpu-checks bash benchmarks/gpu_checks.sh
 #
-# Writes at most 8 files to $OUT. Order: the kernel cache is warmed once (precompile, every
+# Writes at most 8 files to $OUT. gpu_matvec checks every timed configuration against a
+# reference product (exit 1 on a wrong result). Order: the kernel cache is warmed once (precompile, every
 # module, in parallel processes), then correctness (GPU conformance, the GPU test files, the
 # torch/CUDA model tests) and then timings, one at a time so they do not disturb each other.
 # Each step has its own time limit (seconds, overridable) and its exit status in its log.
@@ -59,7 +60,8 @@ el() { echo "[t=$(($(date +%s) - T0))s] $*"; }
       --reps 10 --rotate-gib 0.5 --out "$OUT/5-matvec.json" --plot "$OUT/5-matvec.png"
   echo "rc=$?"
   el matvec-cmpq
-  timeout 200 python3 benchmarks/gpu_matvec.py --encoding channel_mixed,bilevel --target-bits 2.5 \
-      --shapes 8192x28672,28672x8192 --batches 1,16 --reps 10 --out /tmp/matvec-cmpq.json
+  timeout 200 python3 benchmarks/gpu_matvec.py --encoding channel_mixed --target-bits 2.5 \
+      --compare-paths --shapes 8192x28672,28672x8192 --batches 1,4,16 --reps 10 \
+      --out "$OUT/6-matvec-cmpq.json"
   echo "rc=$?"; el done; } > "$OUT/5-matvec.txt" 2>&1
 el "all done; logs in $OUT"

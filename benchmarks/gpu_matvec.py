@@ -8,7 +8,11 @@ rotated and graphed). Also the dequantize kernel's bandwidth. Each row names the
 path and entry (``spqr_format/gpu/plan.py``) that ran; ``--compare-paths`` also times the fused
 kernels (``SPQR_GPU_PLAN=dense_from=0``), dequantize + cuBLAS (``path=dense``) and the pipelined
 tensor-core kernel (``path=tcp``, ``spqr_tcp_*``) at every batch, the measurements the plan's
-crossovers come from. Writes JSON and, when matplotlib is
+crossovers come from; for ``channel_mixed`` it times both kernel designs (``cmpq_v2=0`` / ``1``).
+Every timed configuration is also checked once, eagerly, against an f32 reference product of
+the dequantized weights: the row's ``check`` (and ``<variant>_check``) is the largest error
+over the SPEC C-7.6 bound (f16 output), so a value above 1 is a wrong result; the benchmark
+then exits with status 1 after writing its output. Writes JSON and, when matplotlib is
 available, a plot of speedup over cuBLAS fp16 against batch per shape (solid: the plan's
 choice; dotted / dashed / dash-dot: fused / dense / tcp when compared).
 
@@ -197,11 +201,19 @@ def bench_shape(
 
     base_override = os.environ.get(P.ENV, "")
     variants = {"plan": base_override}
+    sep = "," if base_override else ""
     if args.compare_paths and encoding == "bilevel":
-        sep = "," if base_override else ""
         variants["fused"] = base_override + sep + "dense_from=0"
         variants["dense"] = base_override + sep + "path=dense"
         variants["tcp"] = base_override + sep + "path=tcp"  # spqr_tcp_* (pipelined, forced)
+    if args.compare_paths and encoding == "channel_mixed":
+        variants["cmpq_v1"] = base_override + sep + "cmpq_v2=0"
+        variants["cmpq_v2"] = base_override + sep + "cmpq_v2=1"
+    # the correctness reference: the dequantized weights in f32 (dequantization is exact)
+    w32 = cp.empty((m, n), dtype=cp.float32)
+    g0.dequantize_into(w32.data.ptr, n, 0)
+    w32_abs = cp.abs(w32)
+    cp.cuda.Device().synchronize()
 
     def ws_bytes(batch):
         best = 0
@@ -240,15 +252,40 @@ def bench_shape(
             finally:
                 os.environ[P.ENV] = base_override
 
+        xf = x.astype(cp.float32)
+        ref = xf @ w32.T
+        bound = 2.0**-9 * (cp.abs(xf) @ w32_abs.T) + 2.0**-24 + 2.0**-11 * cp.abs(ref)
+
+        def check(ov, x=x, y=y, ws=ws, batch=batch, ref=ref, bound=bound):
+            """largest |y - ref| / bound of one eager call with SPQR_GPU_PLAN=ov (> 1: wrong)"""
+            os.environ[P.ENV] = ov
+            try:
+                y.fill(0)
+                g0.matmul_into(x.data.ptr, n, 1, y.data.ptr, m, 1, batch, ws.data.ptr)
+                r = cp.abs(y.astype(cp.float32) - ref) / bound
+                r = cp.where(cp.isfinite(r), r, cp.inf)
+                return float(r.max())
+            except Exception as exc:  # noqa: BLE001 - a failed launch is a failed check
+                print(f"# {m}x{n} b{batch} {ov!r}: check: {exc!r}", file=sys.stderr, flush=True)
+                cp.cuda.Device().synchronize()
+                return float("inf")
+            finally:
+                os.environ[P.ENV] = base_override
+
         t, err = timed(base_override)
         hot, _ = timed(base_override, [g0] * ncopy)
-        extra = {}
+        extra = {"check": check(base_override)}
         for name, ov in variants.items():
             if name != "plan":
                 tv, e2 = timed(ov)
                 extra[f"{name}_us"] = tv * 1e3
+                extra[f"{name}_check"] = check(ov)
                 if e2:
                     extra[f"{name}_error"] = e2
+        bad = {k: v for k, v in extra.items() if k.endswith("check") and not v <= 1.0}
+        if bad:
+            print(f"# {encoding} {m}x{n} b{batch}: WRONG RESULT (error / C-7.6 bound): {bad}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         if encoding == "bilevel":
             d = g0.plan_for(batch, 1)
             extra.update(
@@ -314,13 +351,13 @@ def bench_shape(
             row["cublas_us"] = tc * 1e3
             row["cublas_gbs"] = 2 * m * n / (tc * 1e-3) / 1e9
             row["speedup"] = tc / t
-            for name in ("fused", "dense", "tcp"):
+            for name in ("fused", "dense", "tcp", "cmpq_v1", "cmpq_v2"):
                 if f"{name}_us" in row:
                     row[f"{name}_speedup"] = tc * 1e3 / row[f"{name}_us"]
             del gr
         rows.append(row)
     copies.clear()
-    wcopies = None
+    wcopies = w32 = w32_abs = None
     cp.get_default_memory_pool().free_all_blocks()
     if torch is not None:
         torch.cuda.empty_cache()
@@ -365,7 +402,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--compare-paths",
         action="store_true",
-        help="also time the fused kernels and dequantize + cuBLAS at every batch",
+        help="also time the fused kernels, dequantize + cuBLAS and the tcp kernel at every "
+        "batch (channel_mixed: both kernel designs)",
     )
     args = ap.parse_args(argv)
     shapes = SHAPES
@@ -417,7 +455,8 @@ def main(argv=None) -> int:
     hdr = f"{'enc':>6} {'shape':>12} {'b':>4} {'us':>8} {'GB/s':>7} {'%read':>6}"
     hdr += f" {'cuBLAS us':>9} {'speedup':>7}"
     hdr += f" {'L2hot us':>8} {'deq us':>7} {'deq %':>6} {'simt us':>8}"
-    print(hdr + f" {'path':>8} {'entry':>5} {'fused us':>8} {'dense us':>8} {'tcp us':>8}")
+    hdr += f" {'path':>8} {'entry':>5} {'fused us':>8} {'dense us':>8} {'tcp us':>8}"
+    print(hdr + f" {'v1 us':>7} {'v2 us':>7} {'check':>6}")
     nan = float("nan")
     for r in rows:
         print(
@@ -428,7 +467,9 @@ def main(argv=None) -> int:
             f"{r['dequant_pct_stream_read']:6.1f} {r['simt_us'] or nan:8.1f}"
             f" {r.get('plan_path', r['path']):>8} {r.get('plan_entry', -1):>5}"
             f" {r.get('fused_us', nan):8.1f} {r.get('dense_us', nan):8.1f}"
-            f" {r.get('tcp_us', nan):8.1f}"
+            f" {r.get('tcp_us', nan):8.1f} {r.get('cmpq_v1_us', nan):7.1f}"
+            f" {r.get('cmpq_v2_us', nan):7.1f}"
+            f" {max(v for k, v in r.items() if k.endswith('check')):6.2f}"
         )
     if args.plot:
         try:
@@ -473,6 +514,15 @@ def main(argv=None) -> int:
             ax.legend(fontsize=6, ncol=2)
             fig.tight_layout()
             fig.savefig(args.plot, dpi=120)
+    wrong = [
+        (r["encoding"], r["shape"], r["batch"], k)
+        for r in rows
+        for k, v in r.items()
+        if k.endswith("check") and not v <= 1.0
+    ]
+    if wrong:
+        print(f"# {len(wrong)} configurations gave WRONG results: {wrong}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -41,6 +41,8 @@ def main() -> None:
                     help="--target-bits runs (comma-separated; empty: none)")  # fmt: skip
     ap.add_argument("--cmpq-targets", default="3.0,3.5,4.0",
                     help="--method cmpq --target-bits runs (comma-separated; empty: none)")
+    ap.add_argument("--cmpq-percdamp", type=float, default=None,
+                    help="CMPQ gptq solver: Hessian dampening (default: CmpqConfig's)")
     ap.add_argument("--cmpq-solvers", default="",
                     help="CMPQ solvers of each --cmpq-targets run (comma-separated, gptq / "
                     "kmeans; empty: the CmpqConfig default, unlabelled)")
@@ -63,7 +65,8 @@ def main() -> None:
     runs += [(f"target-bits {t}", float(t), None) for t in args.targets.split(",") if t]
     solvers = [v for v in args.cmpq_solvers.split(",") if v] or [None]
     runs += [(f"cmpq {t}" + (f" {s}" if s else ""), None,
-              CmpqConfig(target_bits=float(t), **({"solver": s} if s else {})))
+              CmpqConfig(target_bits=float(t), **({"solver": s} if s else {}),
+                         **({"percdamp": args.cmpq_percdamp} if args.cmpq_percdamp else {})))
              for t in args.cmpq_targets.split(",") if t for s in solvers]  # fmt: skip
     for preset, target, config in runs:
         out = os.path.join(args.out_dir, f"{preset.replace(' ', '-')}.spqr")
