@@ -21,6 +21,7 @@ import numpy as np
 from spqr_format import __version__, api, spec
 from spqr_format.errors import INTEGRITY_ERRORS, BadInputError, SpqrError
 from spqr_format.models import DEFAULT_KEEP_DENSE
+from spqr_format.models.cli import cmpq_solver_option
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_CLOSED_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
@@ -204,13 +205,7 @@ DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
     type=click.IntRange(0, spec.MAX_GROUP_SIZE),
     help="cmpq: rows per lookup-table block; 0 (default) = one table per column.",
 )
-@click.option(
-    "--solver",
-    type=click.Choice(["gptq", "kmeans"]),
-    help="cmpq: gptq = each column's table fitted on its error-updated values, the error fed "
-    "back to the later columns through the Hessian (GPTQ; --percdamp, --perm-order apply); "
-    "kmeans = tables fitted on the original values, no error feedback. Default: gptq.",
-)
+@cmpq_solver_option(" (GPTQ; --percdamp, --perm-order apply)")
 @click.option(
     "--act-outliers",
     type=click.FloatRange(0.0, 0.5, max_open=True),

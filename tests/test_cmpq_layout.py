@@ -16,6 +16,16 @@ from spqr_format.codec import cmpq_layout as CL
 from spqr_format.gpu import synth
 
 
+def _finish(L: CL.CmpqLayout, y: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """What spqr_cmpq_finish_nb* adds to the summed partials ``y[nb, m]``: each outlier's
+    correction times its padded column of x' (``xs[nb, np_]``)."""
+    if L.has_outliers:
+        orow = np.repeat(np.arange(L.shape[0]), np.diff(L.orows.astype(np.int64)))
+        for bb in range(y.shape[0]):
+            np.add.at(y[bb], orow, L.ocorr.astype(np.float64) * xs[bb, L.ocolp])
+    return y
+
+
 def emulate_matmul(L: CL.CmpqLayout, x: np.ndarray, nb: int, min_tiles: int, splits: int):
     """What spqr_cmpq_prepare_x, spqr_cmpq_mm_nb{nb} and spqr_cmpq_finish_nb{nb} compute,
     block by block (f64 here: this checks indexing, not rounding)."""
@@ -44,12 +54,7 @@ def emulate_matmul(L: CL.CmpqLayout, x: np.ndarray, nb: int, min_tiles: int, spl
                     tab = tabs[t, tab_off : tab_off + (ncols << b)].reshape(ncols, 1 << b)
                     v = tab[np.arange(ncols)[None, :], q.astype(np.int64)]
                     part[s][:, rows] += xs[:, pc0 : pc0 + ncols] @ v.T
-    y = part.sum(0)
-    if L.has_outliers:
-        orow = np.repeat(np.arange(m), np.diff(L.orows.astype(np.int64)))
-        for bb in range(nb):
-            np.add.at(y[bb], orow, L.ocorr.astype(np.float64) * xs[bb, L.ocolp])
-    return y[:batch]
+    return _finish(L, part.sum(0), xs)[:batch]
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
@@ -149,14 +154,9 @@ def emulate_tc(L: CL.CmpqLayout, x16: np.ndarray, min_tiles: int, target: int):
                                 xb = xf[base + h]
                                 part[s, n] += Wp[:, col] @ xb
         parts.append(part)
-    y = np.concatenate(parts).sum(0)
-    if L.has_outliers:
-        orow = np.repeat(np.arange(m), np.diff(L.orows.astype(np.int64)))
-        xs = np.zeros((nb, L.np_))
-        xs[:batch, ok] = x16.astype(np.float64)[:, L.pcol[ok]]
-        for bb in range(nb):
-            np.add.at(y[bb], orow, L.ocorr.astype(np.float64) * xs[bb, L.ocolp])
-    return y[:batch]
+    xs = np.zeros((nb, L.np_))
+    xs[:batch, ok] = x16.astype(np.float64)[:, L.pcol[ok]]
+    return _finish(L, np.concatenate(parts).sum(0), xs)[:batch]
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)

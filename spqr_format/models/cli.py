@@ -35,6 +35,17 @@ def safe_text(text: str) -> str:
     return safe(text)
 
 
+def cmpq_solver_option(note: str = ""):
+    """``--solver`` of the CMPQ encoder (``spqr encode`` and ``spqr quantize-model``)."""
+    return click.option(
+        "--solver",
+        type=click.Choice(["gptq", "kmeans"]),
+        help="cmpq: gptq = each column's table fitted on its error-updated values, the error "
+        f"fed back to the later columns through the Hessian{note}; kmeans = tables fitted on "
+        "the original values, no error feedback. Default: gptq.",
+    )
+
+
 @click.command("quantize-model")
 @click.argument("model_dir", metavar="MODEL_DIR", type=click.Path())
 @click.option(
@@ -110,13 +121,7 @@ def safe_text(text: str) -> str:
     "(replaces --preset; one extra calibration pass). cmpq: each layer's channel widths "
     "meet it.",
 )
-@click.option(
-    "--solver",
-    type=click.Choice(["gptq", "kmeans"]),
-    help="cmpq: gptq = each column's table fitted on its error-updated values, the error fed "
-    "back to the later columns through the Hessian; kmeans = no error feedback. "
-    "Default: gptq.",
-)
+@cmpq_solver_option()
 @click.option(
     "--eval-ppl",
     metavar="FILE|wikitext2",
