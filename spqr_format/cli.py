@@ -269,7 +269,7 @@ DEFAULT_CONFIG = {"preset": "rtn-3bit-g16-bilevel"}
     "--percdamp",
     type=click.FloatRange(0.0),
     callback=_finite_float,
-    help="Hessian damping, relative to the mean diagonal (gptq; cmpq --solver gptq: default 0.01).",
+    help="Hessian damping, relative to the mean diagonal (gptq; cmpq --solver gptq: default 0.1).",
 )
 @click.option(
     "--keep-dense",

@@ -438,11 +438,11 @@ def test_cli_cmpq_solver_flags_reach_the_metadata(tmp_path):
     out, rep = tmp_path / "m.spqr", tmp_path / "r.json"
     base = ["encode", str(src), "-o", str(out), "--method", "cmpq", "--target-bits", "4",
             "--hessians", str(hess)]  # fmt: skip
-    r = CliRunner().invoke(main, [*base, "--solver", "gptq", "--percdamp", "0.1",
+    r = CliRunner().invoke(main, [*base, "--solver", "gptq", "--percdamp", "0.05",
                                   "--perm-order", "identity", "--report", str(rep)])  # fmt: skip
     assert r.exit_code == 0, r.output
     s = json.loads(rep.read_text())["settings"]
-    assert (s["solver"], s["percdamp"], s["act_order"]) == ("gptq", 0.1, False)
+    assert (s["solver"], s["percdamp"], s["act_order"]) == ("gptq", 0.05, False)
     with sf.open(out) as f:
         assert f.metadata["encoder.settings"]["solver"] == "gptq"
     out.unlink()

@@ -81,7 +81,7 @@ class CmpqConfig:
     kmeans_iters: int = 50
     table_rows: int = 0
     solver: str = "gptq"
-    percdamp: float = 0.01
+    percdamp: float = 0.1
     act_order: bool = True
     method: str = "cmpq"
     preset: str | None = None
