@@ -249,7 +249,8 @@ def test_refuses_malformed_sections(lib):
     assert ent.size > 4
 
     def outl(i=idx, e=ent):
-        return _with(p, outlier_index=np.array(i, np.uint32), outlier_entries=np.array(e, np.uint32))
+        i, e = np.array(i, np.uint32), np.array(e, np.uint32)
+        return _with(p, outlier_index=i, outlier_entries=e)
 
     i2 = idx.copy()
     i2[0] = 1

@@ -199,7 +199,8 @@ int spqr_cmpq_repack(const spqr_cmpq_sections *s, const spqr_cmpq_sizes *z, int6
       uint32_t *cw = codes + rd[3] + ((jl / SPQR_CMPQ_CHUNK) * b + w) * m + i;
       const uint64_t mask = (1ull << b) - 1;
       cw[0] = (uint32_t)((cw[0] & ~(mask << sh)) | ((uint64_t)q << sh));
-      if (sh + b > 32) cw[m] = (uint32_t)((cw[m] & ~(mask >> (32 - sh))) | ((uint32_t)q >> (32 - sh)));
+      if (sh + b > 32)
+        cw[m] = (uint32_t)((cw[m] & ~(mask >> (32 - sh))) | ((uint32_t)q >> (32 - sh)));
       ocolp[e] = (uint32_t)(rd[5] + jl);
       /* f16 - f16 is exact in f64; one rounding to f32, as cmpq_layout.py */
       ocorr[e] = (float)(ov - f16_to_f64(ent[q]));

@@ -475,7 +475,7 @@ int spqr_launch_plan_path(int64_t m, int64_t n, int layout, int batch);
  * first-design launcher (spqr_cmpq_host.cu, nvcc only).  The arrays are those of section
  * "channel_mixed" above, bit for bit as spqr_format/codec/cmpq_layout.py (to_cmpq_layout;
  * spqr_cmpq_tiles: tiles(..., tc=False)).  Call spqr_cmpq_layout_sizes, allocate, call
- * spqr_cmpq_repack (host memory), upload, fill an spqr_cmpq, launch.
+ * spqr_cmpq_repack (host memory), upload, fill an spqr_cmpq_tensor, launch.
  *
  * Return codes (0 = success, as cudaError_t; NOT the 1/0 of spqr_row_repack): the checks of
  * SPEC C-12.2 / C-12.8 that are cheap on the host, which to_cmpq_layout(validate=True) also
@@ -542,7 +542,7 @@ int spqr_cmpq_repack(const spqr_cmpq_sections *s, const spqr_cmpq_sizes *z, int6
 int64_t spqr_cmpq_tiles(const int64_t *runs, int64_t nruns, int64_t m, int nb, int64_t min_tiles,
                         int64_t *tiles, int64_t *smem);
 
-typedef struct spqr_cmpq { /* the chunk layout on the device (outlier arrays NULL without)    */
+typedef struct spqr_cmpq_tensor { /* the chunk layout on the device (outliers NULL without) */
   const int64_t *runs;        /* i64 [nruns][8], device                                       */
   const int64_t *runs_host;   /* the same, host memory (read by the launchers on each call)   */
   const uint32_t *codes;
@@ -552,11 +552,11 @@ typedef struct spqr_cmpq { /* the chunk layout on the device (outlier arrays NUL
   const uint16_t *oval;
   const float *ocorr;
   int64_t m, n, table_rows, Lp, np, nruns;
-} spqr_cmpq;
+} spqr_cmpq_tensor;
 
 /* Bytes of workspace spqr_cmpq_matmul needs for `batch` input rows on the current device
  * (tiles, x' and the partial sums of the largest slice of 16 rows; 16-byte aligned pieces). */
-size_t spqr_cmpq_workspace_bytes(const spqr_cmpq *t, int batch);
+size_t spqr_cmpq_workspace_bytes(const spqr_cmpq_tensor *t, int batch);
 
 /* Y[b][:] = W X[b][:] for b < batch, the first design (the Python layer's default path): per
  * slice of up to 16 rows, on `stream` with no synchronisation, spqr_cmpq_prepare_x,
@@ -567,12 +567,14 @@ size_t spqr_cmpq_workspace_bytes(const spqr_cmpq *t, int batch);
  * GpuCmpqTensor.matmul_into on the same device without SPQR_GPU_PLAN overrides, so the same
  * bits.  Returns the launch error as an int (cudaError_t); cudaErrorInvalidValue for a bad
  * dtype. */
-int spqr_cmpq_matmul(const spqr_cmpq *t, const void *x, int64_t ldx, int in_dtype, void *y,
-                     int64_t ldy, int out_dtype, int batch, void *workspace, void *stream);
+int spqr_cmpq_matmul(const spqr_cmpq_tensor *t, const void *x, int64_t ldx, int in_dtype,
+                     void *y, int64_t ldy, int out_dtype, int batch, void *workspace,
+                     void *stream);
 
 /* W (m x n, original column order) into out (rows of ldo elements, out_dtype), bit-exact with
  * SPEC section 7: spqr_cmpq_dequant_* then, with outliers, spqr_cmpq_dequant_outliers_*. */
-int spqr_cmpq_dequantize(const spqr_cmpq *t, void *out, int64_t ldo, int out_dtype, void *stream);
+int spqr_cmpq_dequantize(const spqr_cmpq_tensor *t, void *out, int64_t ldo, int out_dtype,
+                         void *stream);
 
 #ifdef __cplusplus
 }
