@@ -1,6 +1,6 @@
 /* spqr_gpu.h -- C interface of the spqr-format GPU kernels (spqr_kernels.cu, spqr_tc.cu,
- * spqr_host.cu, spqr_tc_host.cu, spqr_row_layout.c, spqr_tile_layout.c; spqr_cmpq.cu for
- * channel_mixed, section "channel_mixed" below).
+ * spqr_host.cu, spqr_tc_host.cu, spqr_row_layout.c, spqr_tile_layout.c; spqr_cmpq.cu,
+ * spqr_cmpq_layout.c and spqr_cmpq_host.cu for channel_mixed, section "channel_mixed" below).
  *
  * Three pieces, use any:
  *
