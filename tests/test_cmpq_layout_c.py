@@ -293,3 +293,38 @@ def test_refuses_what_python_validation_refuses(lib):
     e2[1] &= 0xFFFF0000
     with pytest.raises(SpqrError):
         CL.to_cmpq_layout(_with(p, outlier_entries=e2))
+
+
+PLAN_WRAPPER = """
+#include "spqr_cmpq_plan.h"
+int w_nb(int b) { return spqr_cmpq_nb(b); }
+int64_t w_target(int64_t m, int sms) { return spqr_cmpq_target_tiles(m, sms); }
+int64_t w_splits(int64_t m, int64_t nt, int sms) { return spqr_cmpq_splits(m, nt, sms); }
+int64_t w_chunks(int b, int nb) { return spqr_cmpq_tile_chunks(b, nb); }
+"""
+
+
+def test_plan_header_matches_python(tmp_path):
+    """spqr_cmpq_plan.h (the C launcher's batch columns, target tiles, k-splits, tile widths)
+    agrees with _kernels.py / cmpq_layout.py."""
+    src = tmp_path / "plan.c"
+    src.write_text(PLAN_WRAPPER)
+    out = tmp_path / "libplan.so"
+    cmd = [CC, "-std=c99", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC"]
+    cmd += ["-I", str(K.KERNEL_DIR), "-o", str(out), str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    so = ctypes.CDLL(str(out))
+    so.w_target.restype = so.w_splits.restype = so.w_chunks.restype = ctypes.c_int64
+    so.w_target.argtypes = [ctypes.c_int64, ctypes.c_int]
+    so.w_splits.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    for b in range(1, 17):
+        assert so.w_nb(b) == K.cmpq_nb(b)
+    for bits in range(1, 9):
+        for nb in K.CMPQ_NB:
+            assert so.w_chunks(bits, nb) == CL.tile_chunks(bits, nb)
+    for m in (1, 255, 256, 257, 4096, 11008, 70000):
+        for sms in (1, 108, 132):
+            assert so.w_target(m, sms) == K.cmpq_target_tiles(m, sms)
+            for nt in (1, 7, 500):
+                assert so.w_splits(m, nt, sms) == K.cmpq_splits(m, nt, sms)

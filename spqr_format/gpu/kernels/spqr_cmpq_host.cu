@@ -38,22 +38,12 @@ struct SlicePlan {
 };
 
 // GpuCmpqTensor._plan("mm", nb): tiles with min_tiles = cmpq_target_tiles(m, sms), counted on
-// the host (the same numbers spqr_cmpq_tiles gives), splits = cmpq_splits.
+// the host (spqr_cmpq_tile_count, as spqr_cmpq_tiles), splits = cmpq_splits.
 SlicePlan plan_of(const spqr_cmpq_tensor* t, int rows, int sms) {
   SlicePlan p;
   p.nb = spqr_cmpq_nb(rows);
   p.cap = spqr_cmpq_tile_cap(t->runs_host, t->nruns, spqr_cmpq_target_tiles(t->m, sms));
-  p.ntiles = 0;
-  p.smem = 4;
-  for (int64_t r = 0; r < t->nruns; ++r) {
-    const int64_t* rd = t->runs_host + r * SPQR_CMPQ_RUN_FIELDS;
-    const int bits = (int)rd[2];
-    int64_t step = spqr_cmpq_tile_chunks(bits, p.nb);
-    if (p.cap < step) step = p.cap;
-    p.ntiles += ceil_div(rd[6], step);
-    const int64_t need = spqr_cmpq_tile_smem(rd[6] < step ? rd[6] : step, bits, p.nb);
-    if (need > p.smem) p.smem = need;
-  }
+  p.ntiles = spqr_cmpq_tile_count(t->runs_host, t->nruns, p.nb, p.cap, &p.smem);
   p.splits = spqr_cmpq_splits(t->m, p.ntiles, sms);
   return p;
 }

@@ -211,12 +211,12 @@ int spqr_cmpq_repack(const spqr_cmpq_sections *s, const spqr_cmpq_sizes *z, int6
 int64_t spqr_cmpq_tiles(const int64_t *runs, int64_t nruns, int64_t m, int nb, int64_t min_tiles,
                         int64_t *tiles, int64_t *smem) {
   const int64_t cap = spqr_cmpq_tile_cap(runs, nruns, min_tiles);
-  int64_t t = 0, sm = 4, tile[SPQR_CMPQ_RUN_FIELDS];
-  for (; spqr_cmpq_tile_at(runs, nruns, m, nb, cap, t, tile); ++t) {
-    const int64_t need = spqr_cmpq_tile_smem(tile[1], (int)tile[0], nb);
-    if (need > sm) sm = need;
-    if (tiles) memcpy(tiles + t * SPQR_CMPQ_RUN_FIELDS, tile, sizeof(tile));
-  }
+  int64_t sm = 4;
+  const int64_t count = spqr_cmpq_tile_count(runs, nruns, nb, cap, &sm);
+  if (tiles)
+    for (int64_t t = 0; t < count; ++t)
+      if (!spqr_cmpq_tile_at(runs, nruns, m, nb, cap, t, tiles + t * SPQR_CMPQ_RUN_FIELDS))
+        return -1; /* cannot happen: the count and the rows come from the same plan */
   if (smem) *smem = sm;
-  return t;
+  return count;
 }

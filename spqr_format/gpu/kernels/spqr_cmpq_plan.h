@@ -97,4 +97,22 @@ SPQR_CMPQ_HD static inline int64_t spqr_cmpq_tile_smem(int64_t nch, int bits, in
   return 4 * ((ncols << bits) + (nb > 1 ? ncols * nb : 0));
 }
 
+/* cmpq_layout.tiles: the number of tiles, and the dynamic shared memory of spqr_cmpq_mm_nb{nb}
+ * (bytes, at least 4) in *smem */
+SPQR_CMPQ_HD static inline int64_t spqr_cmpq_tile_count(const int64_t *runs, int64_t nruns, int nb,
+                                                       int64_t cap, int64_t *smem) {
+  int64_t count = 0, sm = 4;
+  for (int64_t r = 0; r < nruns; ++r) {
+    const int64_t *rd = runs + r * SPQR_CMPQ_RUN_FIELDS;
+    const int bits = (int)rd[2];
+    int64_t step = spqr_cmpq_tile_chunks(bits, nb);
+    if (cap < step) step = cap;
+    count += (rd[6] + step - 1) / step;
+    const int64_t need = spqr_cmpq_tile_smem(rd[6] < step ? rd[6] : step, bits, nb);
+    if (need > sm) sm = need;
+  }
+  *smem = sm;
+  return count;
+}
+
 #endif /* SPQR_CMPQ_PLAN_H */
