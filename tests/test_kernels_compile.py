@@ -141,3 +141,23 @@ def test_host_launcher_and_c_example_compile(tmp_path):
         results = list(pool.map(build, srcs))
     for name, res in results:
         assert res.returncode == 0, f"{name} failed to compile:\n{res.stderr}"
+
+
+def test_cmpq_host_launcher_compiles_without_warnings(tmp_path):
+    """spqr_cmpq_host.cu (with spqr_cmpq.cu, which it includes) and spqr_cmpq_layout.c build with
+    nvcc, warnings as errors (PTX only, as above), and export the C ABI of spqr_gpu.h."""
+    host = K.KERNEL_DIR / "spqr_cmpq_host.cu"
+    obj = tmp_path / "spqr_cmpq_host.o"
+    cmd = [NVCC, *K.COMPILE_OPTIONS, "-arch=compute_80", "-c", "-x", "cu", str(host)]
+    cmd += ["-o", str(obj), "-I", str(K.KERNEL_DIR), "-Werror", "all-warnings"]
+    lobj = tmp_path / "spqr_cmpq_layout.o"
+    ccmd = [NVCC, "-c", str(K.KERNEL_DIR / "spqr_cmpq_layout.c"), "-o", str(lobj)]
+    ccmd += ["-I", str(K.KERNEL_DIR), "-Werror", "all-warnings"]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(_run, [cmd, ccmd]))
+    for res in results:
+        assert res.returncode == 0, res.stderr
+    blobs = obj.read_bytes() + lobj.read_bytes()
+    for name in ("spqr_cmpq_matmul", "spqr_cmpq_dequantize", "spqr_cmpq_workspace_bytes",
+                 "spqr_cmpq_layout_sizes", "spqr_cmpq_repack", "spqr_cmpq_tiles"):  # fmt: skip
+        assert name.encode() + b"\0" in blobs, name

@@ -1,6 +1,6 @@
 /* spqr_gpu.h -- C interface of the spqr-format GPU kernels (spqr_kernels.cu, spqr_tc.cu,
- * spqr_host.cu, spqr_tc_host.cu, spqr_row_layout.c, spqr_tile_layout.c; spqr_cmpq.cu for
- * channel_mixed, section "channel_mixed" below).
+ * spqr_host.cu, spqr_tc_host.cu, spqr_row_layout.c, spqr_tile_layout.c; spqr_cmpq.cu,
+ * spqr_cmpq_layout.c and spqr_cmpq_host.cu for channel_mixed, section "channel_mixed" below).
  *
  * Three pieces, use any:
  *
@@ -244,7 +244,8 @@
  *
  * Data: one channel_mixed tensor in the CMPQ CHUNK LAYOUT, in device memory, built once at
  * load time from the file's sections by spqr_format/codec/cmpq_layout.py (its docstring is the
- * normative description; no C twin yet).  Per run r (width b, stored columns s..s+c-1),
+ * normative description; C twin: spqr_cmpq_repack, spqr_cmpq_layout.c).  Per run r (width b,
+ * stored columns s..s+c-1),
  * K = ceil(c/32) chunks of 32 columns (the last padded with zero codes and zero tables):
  *   runs   i64 [nruns][8]: start s, count c, bits b, code_off, tab_off, pad_start, K, 0
  *          (runs by increasing b, only non-empty ones);
@@ -317,8 +318,10 @@
  * design, not yet run on a GPU): batch 1 -> mv1_b*; 2-16 with f16 x and R % 16 == 0 ->
  * prepare_xf, tc_b*_nt{ceil(batch/8)}; otherwise prepare_x, mm_nb*.  finish_nb{NB} after each, NB = 1,2,4,8,16 >= batch.
  * Workspace (Python layer): xs f32 [NB][ldxs], then (tc only) xf f16 [np * 8*NT], then part
- * f32 [splits][NB][m].  Deterministic.  The C launchers (spqr_host.cu, spqr_tc_host.cu) do not
- * launch CMPQ kernels.
+ * f32 [splits][NB][m].  Deterministic.  C: spqr_cmpq_layout.c builds the layout on the host
+ * and spqr_cmpq_host.cu launches the default path (prepare_x, mm_nb*, finish_nb*) and the
+ * dequantize kernels (declarations at the end of this header); the second design (mv1, tc)
+ * has no C launcher.
  * ------------------------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------------------------
@@ -465,6 +468,113 @@ int spqr_tc_matmul(const spqr_tile *t, const void *x, int64_t ldx, void *y, int6
  * Python layer dequantizes (spqr_dequantize) into a workspace and runs one GEMM (cublasGemmEx,
  * f32 accumulation).  -1 for a malformed SPQR_GPU_PLAN or bad arguments. */
 int spqr_launch_plan_path(int64_t m, int64_t n, int layout, int batch);
+
+/* ------------------------------------------------------------------------------------------
+ * channel_mixed (CMPQ): host-side chunk-layout repack (spqr_cmpq_layout.c: C99, no CUDA, no
+ * allocation; compile it without floating-point contraction, e.g. -ffp-contract=off) and the
+ * first-design launcher (spqr_cmpq_host.cu, nvcc only).  The arrays are those of section
+ * "channel_mixed" above, bit for bit as spqr_format/codec/cmpq_layout.py (to_cmpq_layout;
+ * spqr_cmpq_tiles: tiles(..., tc=False)).  Call spqr_cmpq_layout_sizes, allocate, call
+ * spqr_cmpq_repack (host memory), upload, fill an spqr_cmpq_tensor, launch.
+ *
+ * Return codes (0 = success, as cudaError_t; NOT the 1/0 of spqr_row_repack): the checks of
+ * SPEC C-12.2 / C-12.8 that are cheap on the host, which to_cmpq_layout(validate=True) also
+ * makes:
+ *   SPQR_CMPQ_E_LIMIT            m or n < 1 or >= 2^31;
+ *   SPQR_CMPQ_E_BAD_FIELD        width counts do not sum to n; table_rows outside 0..2^24;
+ *   SPQR_CMPQ_E_BAD_OUTLIERS     the outlier stream breaks SPEC C-6.1 / C-6.2 (index[0] != 0,
+ *                                decreasing, index[B] != E, delta 0, a skip with delta !=
+ *                                65535 or ending a block, a position past its block), a
+ *                                non-skip value is not finite, or E > 0 with a NULL section;
+ *   SPQR_CMPQ_E_BAD_PERMUTATION  perm is not a permutation of 0..n-1 (spqr_cmpq_repack);
+ *   SPQR_CMPQ_E_NONFINITE        a table entry is NaN or infinite (spqr_cmpq_repack).
+ * NOT checked: the lengths of the section arrays (the caller gives codes of file_code_words
+ * u32, tables of table_blocks * file_table_entries u16, oindex of ceil(m/16) + 1 u32 and oents
+ * of E u32, as the file's section lengths must be, SPEC C-12.3).  Codes need no check (every
+ * b-bit code indexes its 2^b-entry table).
+ * ------------------------------------------------------------------------------------------ */
+#define SPQR_CMPQ_OK 0
+#define SPQR_CMPQ_E_LIMIT 1
+#define SPQR_CMPQ_E_BAD_FIELD 2
+#define SPQR_CMPQ_E_BAD_OUTLIERS 3
+#define SPQR_CMPQ_E_BAD_PERMUTATION 4
+#define SPQR_CMPQ_E_NONFINITE 5
+
+typedef struct spqr_cmpq_sections {
+  const uint32_t *codes;      /* section `codes`: the runs' packed streams                   */
+  const void *perm;           /* section `perm` (u16 when n <= 65536, else u32)               */
+  const uint32_t *oindex;     /* section `outlier_index` [ceil(m/16) + 1] or NULL             */
+  const uint32_t *oents;      /* section `outlier_entries` [E] or NULL                        */
+  const uint16_t *tables;     /* section `tables`: f16 bits [T][L]                            */
+  int64_t m, n;               /* dims[0], dims[1]                                             */
+  uint32_t width_counts[8];   /* params: c_1 .. c_8                                           */
+  int64_t table_rows;         /* params: R                                                    */
+  int64_t outlier_entries;    /* params: E (0: no outlier sections)                           */
+} spqr_cmpq_sections;
+
+typedef struct spqr_cmpq_sizes { /* elements of each array (spqr_cmpq_layout_sizes)          */
+  int64_t nruns;              /* runs: i64 [nruns][8]                                         */
+  int64_t codes_words;        /* codes: u32                                                   */
+  int64_t table_blocks, Lp;   /* T, padded entries per block                                  */
+  int64_t table_entries;      /* tables: u16 [T * Lp]                                         */
+  int64_t np;                 /* pcol: u32 [np] (padded columns); perm, inv_perm: u32 [n]     */
+  int64_t orows_words;        /* orows: u32 [m + 1], or 0 without outliers                   */
+  int64_t outliers;           /* ocol, ocolp u32, oval u16, ocorr f32: [outliers] each        */
+  int64_t file_code_words, file_table_entries; /* the file's: codes words, L (per block)     */
+} spqr_cmpq_sizes;
+
+/* Sizes of the chunk-layout arrays; walks the outlier stream once.  SPQR_CMPQ_OK or E_LIMIT,
+ * E_BAD_FIELD, E_BAD_OUTLIERS. */
+int spqr_cmpq_layout_sizes(const spqr_cmpq_sections *s, spqr_cmpq_sizes *z);
+
+/* Fills the chunk-layout arrays (sizes from spqr_cmpq_layout_sizes; the outlier arrays may be
+ * NULL when z->outliers is 0).  SPQR_CMPQ_OK, or E_BAD_PERMUTATION, E_NONFINITE,
+ * E_BAD_OUTLIERS (the arrays are then partly written: do not use them). */
+int spqr_cmpq_repack(const spqr_cmpq_sections *s, const spqr_cmpq_sizes *z, int64_t *runs,
+                     uint32_t *codes, uint16_t *tables, uint32_t *pcol, uint32_t *perm,
+                     uint32_t *inv_perm, uint32_t *orows, uint32_t *ocol, uint32_t *ocolp,
+                     uint16_t *oval, float *ocorr);
+
+/* The tile table of spqr_cmpq_mm_nb{nb} (cmpq_layout.tiles(layout, nb, min_tiles)): writes
+ * i64 [ntiles][8] to `tiles` (NULL: count only) and the dynamic shared memory in bytes to
+ * *smem (may be NULL); returns ntiles.  runs: the layout's (host memory).  spqr_cmpq_matmul
+ * builds the same table itself (spqr_cmpq_plan.h): this is for launching the kernels yourself. */
+int64_t spqr_cmpq_tiles(const int64_t *runs, int64_t nruns, int64_t m, int nb, int64_t min_tiles,
+                        int64_t *tiles, int64_t *smem);
+
+typedef struct spqr_cmpq_tensor { /* the chunk layout on the device (outliers NULL without) */
+  const int64_t *runs;        /* i64 [nruns][8], device                                       */
+  const int64_t *runs_host;   /* the same, host memory (read by the launchers on each call)   */
+  const uint32_t *codes;
+  const uint16_t *tables;
+  const uint32_t *pcol, *perm, *inv_perm;
+  const uint32_t *orows, *ocol, *ocolp;
+  const uint16_t *oval;
+  const float *ocorr;
+  int64_t m, n, table_rows, Lp, np, nruns;
+} spqr_cmpq_tensor;
+
+/* Bytes of workspace spqr_cmpq_matmul needs for `batch` input rows on the current device
+ * (tiles, x' and the partial sums of the largest slice of 16 rows; 16-byte aligned pieces). */
+size_t spqr_cmpq_workspace_bytes(const spqr_cmpq_tensor *t, int batch);
+
+/* Y[b][:] = W X[b][:] for b < batch, the first design (the Python layer's default path): per
+ * slice of up to 16 rows, on `stream` with no synchronisation, spqr_cmpq_prepare_x,
+ * spqr_cmpq_mm_nb{NB} (NB = 1,2,4,8,16 >= slice rows; tiles of spqr_cmpq_tiles with min_tiles =
+ * cmpq_target_tiles(m, multiprocessors), k-splits cmpq_splits; the tile table is built in the
+ * workspace by a small kernel), spqr_cmpq_finish_nb{NB}.  X rows of ldx elements in in_dtype,
+ * Y rows of ldy elements in out_dtype (0 f32, 1 f16, 2 bf16).  Same tiles and splits as
+ * GpuCmpqTensor.matmul_into on the same device without SPQR_GPU_PLAN overrides, so the same
+ * bits.  Returns the launch error as an int (cudaError_t); cudaErrorInvalidValue for a bad
+ * dtype. */
+int spqr_cmpq_matmul(const spqr_cmpq_tensor *t, const void *x, int64_t ldx, int in_dtype,
+                     void *y, int64_t ldy, int out_dtype, int batch, void *workspace,
+                     void *stream);
+
+/* W (m x n, original column order) into out (rows of ldo elements, out_dtype), bit-exact with
+ * SPEC section 7: spqr_cmpq_dequant_* then, with outliers, spqr_cmpq_dequant_outliers_*. */
+int spqr_cmpq_dequantize(const spqr_cmpq_tensor *t, void *out, int64_t ldo, int out_dtype,
+                         void *stream);
 
 #ifdef __cplusplus
 }
