@@ -6,11 +6,10 @@ without one)."""
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
+from c_build import CC, build_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +18,6 @@ from spqr_format.codec import cmpq_layout as CL
 from spqr_format.gpu import _kernels as K
 from spqr_format.gpu import synth
 
-CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler")
 
 OK, E_LIMIT, E_BAD_FIELD, E_BAD_OUTLIERS, E_BAD_PERMUTATION, E_NONFINITE = range(6)
@@ -53,12 +51,7 @@ class Sizes(ctypes.Structure):  # spqr_cmpq_sizes
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("cl") / "libspqr_cmpq_layout.so"
-    src = K.KERNEL_DIR / "spqr_cmpq_layout.c"
-    cmd = [CC, "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off", "-shared"]
-    cmd += ["-fPIC", "-I", str(K.KERNEL_DIR), "-o", str(out), str(src), "-lm"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    so = ctypes.CDLL(str(out))
+    so = build_shared(K.KERNEL_DIR / "spqr_cmpq_layout.c", out)
     so.spqr_cmpq_layout_sizes.restype = ctypes.c_int
     so.spqr_cmpq_repack.restype = ctypes.c_int
     so.spqr_cmpq_tiles.restype = ctypes.c_int64
@@ -309,12 +302,7 @@ def test_plan_header_matches_python(tmp_path):
     agrees with _kernels.py / cmpq_layout.py."""
     src = tmp_path / "plan.c"
     src.write_text(PLAN_WRAPPER)
-    out = tmp_path / "libplan.so"
-    cmd = [CC, "-std=c99", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC"]
-    cmd += ["-I", str(K.KERNEL_DIR), "-o", str(out), str(src)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    so = ctypes.CDLL(str(out))
+    so = build_shared(src, tmp_path / "libplan.so")
     so.w_target.restype = so.w_splits.restype = so.w_chunks.restype = ctypes.c_int64
     so.w_target.argtypes = [ctypes.c_int64, ctypes.c_int]
     so.w_splits.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]

@@ -5,11 +5,10 @@ produces it bit for bit (CPU only; the C half is skipped without a C compiler)."
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
+from c_build import CC, build_shared
 from hypothesis import given, settings
 from strategies import bilevel_tensors, make_outliers, random_bilevel
 
@@ -18,8 +17,6 @@ from spqr_format.codec.outliers import decode_outlier_stream
 from spqr_format.codec.packing import pack
 from spqr_format.codec.row_layout import pack_padded_rows, row_words, to_row_layout
 from spqr_format.gpu import _kernels as K
-
-CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
 def _check_row_layout(t, r) -> None:
@@ -107,12 +104,7 @@ def lib(tmp_path_factory):
     if CC is None:
         pytest.skip("no C compiler")
     out = tmp_path_factory.mktemp("rl") / "libspqr_row_layout.so"
-    src = K.KERNEL_DIR / "spqr_row_layout.c"
-    cmd = [CC, "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC"]
-    cmd += ["-I", str(K.KERNEL_DIR), "-o", str(out), str(src)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    so = ctypes.CDLL(str(out))
+    so = build_shared(K.KERNEL_DIR / "spqr_row_layout.c", out)
     so.spqr_row_layout_sizes.restype = ctypes.c_int
     so.spqr_row_repack.restype = ctypes.c_int
     return so

@@ -4,11 +4,10 @@ tile_layout.py does (CPU only: built with the system C compiler; skipped without
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
+from c_build import CC, build_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import random_bilevel
@@ -19,7 +18,6 @@ from spqr_format.codec.row_layout import to_row_layout
 from spqr_format.gpu import _kernels as K
 from spqr_format.gpu import tile_layout as TL
 
-CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler")
 
 
@@ -47,12 +45,7 @@ class Dims(ctypes.Structure):  # spqr_tile_dims
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("tl") / "libspqr_tile_layout.so"
-    src = K.KERNEL_DIR / "spqr_tile_layout.c"
-    cmd = [CC, "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off", "-shared"]
-    cmd += ["-fPIC", "-I", str(K.KERNEL_DIR), "-o", str(out), str(src), "-lm"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    so = ctypes.CDLL(str(out))
+    so = build_shared(K.KERNEL_DIR / "spqr_tile_layout.c", out)
     so.spqr_tile_dims_of.restype = ctypes.c_int
     so.spqr_tile_repack.restype = ctypes.c_int
     return so
