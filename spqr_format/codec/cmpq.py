@@ -187,6 +187,43 @@ def _kmeans_sorted(xs, cw, cwx, k, iters):
     return cent
 
 
+@njit(cache=True)
+def _kmeans_column(w, excl, wts, a, b, k, iters):
+    """:func:`_kmeans_sorted` of the elements ``a..b-1`` of one column ``w`` that ``excl``
+    does not exclude (outliers), weighted by ``wts``: ``k`` sorted centroids."""
+    cnt = 0
+    for i in range(a, b):
+        if not excl[i]:
+            cnt += 1
+    vals = np.empty(cnt, np.float64)
+    ww = np.empty(cnt, np.float64)
+    p = 0
+    for i in range(a, b):
+        if not excl[i]:
+            vals[p] = w[i]
+            ww[p] = wts[i]
+            p += 1
+    order = np.argsort(vals, kind="mergesort")
+    xs = vals[order]
+    ws = ww[order]
+    cw = np.zeros(cnt + 1, np.float64)
+    cwx = np.zeros(cnt + 1, np.float64)
+    for i in range(cnt):
+        cw[i + 1] = cw[i] + ws[i]
+        cwx[i + 1] = cwx[i] + ws[i] * xs[i]
+    return _kmeans_sorted(xs, cw, cwx, k, iters)
+
+
+@njit(cache=True)
+def _midpoints(tab):
+    """Decision boundaries of a sorted table: ``searchsorted(mids, x)`` is x's nearest entry."""
+    k = tab.shape[0]
+    mids = np.empty(max(k - 1, 0), np.float64)
+    for t in range(k - 1):
+        mids[t] = 0.5 * (tab[t] + tab[t + 1])
+    return mids
+
+
 @njit(cache=True, parallel=True)
 def _fit_columns(wt, excl, wts, widths, iters, out_cent):
     """k-means per column: ``wt[j]`` the column's values, ``excl[j]`` True where excluded
@@ -194,27 +231,7 @@ def _fit_columns(wt, excl, wts, widths, iters, out_cent):
     n, m = wt.shape
     for j in prange(n):
         k = 1 << widths[j]
-        cnt = 0
-        for i in range(m):
-            if not excl[j, i]:
-                cnt += 1
-        vals = np.empty(cnt, np.float64)
-        ww = np.empty(cnt, np.float64)
-        p = 0
-        for i in range(m):
-            if not excl[j, i]:
-                vals[p] = wt[j, i]
-                ww[p] = wts[j, i]
-                p += 1
-        order = np.argsort(vals, kind="mergesort")
-        xs = vals[order]
-        ws = ww[order]
-        cw = np.zeros(cnt + 1, np.float64)
-        cwx = np.zeros(cnt + 1, np.float64)
-        for i in range(cnt):
-            cw[i + 1] = cw[i] + ws[i]
-            cwx[i + 1] = cwx[i] + ws[i] * xs[i]
-        c = _kmeans_sorted(xs, cw, cwx, k, iters)
+        c = _kmeans_column(wt[j], excl[j], wts[j], 0, m, k, iters)
         for t in range(k):
             out_cent[j, t] = c[t]
 
@@ -227,9 +244,7 @@ def _assign_columns(wt, widths, tables, codes_t, err_t):
     for j in prange(n):
         k = 1 << widths[j]
         tab = tables[j, :k]
-        mids = np.empty(max(k - 1, 0), np.float64)
-        for t in range(k - 1):
-            mids[t] = 0.5 * (tab[t] + tab[t + 1])
+        mids = _midpoints(tab)
         for i in range(m):
             x = wt[j, i]
             q = np.searchsorted(mids, x)
@@ -258,37 +273,14 @@ def _gptq_block(wb, xb, ewb, wid, ub, d, rb, iters, tabs, codes, eb):  # pragma:
         for t in range(rb.shape[0] - 1):
             a = rb[t]
             b = rb[t + 1]
-            cnt = 0
-            for i in range(a, b):
-                if not xb[j, i]:
-                    cnt += 1
-            vals = np.empty(cnt, np.float64)
-            ww = np.empty(cnt, np.float64)
-            p = 0
-            for i in range(a, b):
-                if not xb[j, i]:
-                    vals[p] = wb[j, i]
-                    ww[p] = ewb[j, i]
-                    p += 1
-            order = np.argsort(vals, kind="mergesort")
-            cw = np.zeros(cnt + 1, np.float64)
-            cwx = np.zeros(cnt + 1, np.float64)
-            xs = np.empty(cnt, np.float64)
-            for i in range(cnt):
-                x = vals[order[i]]
-                xs[i] = x
-                cw[i + 1] = cw[i] + ww[order[i]]
-                cwx[i + 1] = cwx[i] + ww[order[i]] * x
-            c = _kmeans_sorted(xs, cw, cwx, k, iters)
+            c = _kmeans_column(wb[j], xb[j], ewb[j], a, b, k, iters)
             tab = np.empty(k, np.float64)
             for e in range(k):
                 if abs(c[e]) > 65504.0:
                     ok = False
                 tab[e] = f16_round_scalar(c[e])
                 tabs[j, t, e] = tab[e]
-            mids = np.empty(max(k - 1, 0), np.float64)
-            for e in range(k - 1):
-                mids[e] = 0.5 * (tab[e] + tab[e + 1])
+            mids = _midpoints(tab)
             for i in range(a, b):
                 x = np.float64(wb[j, i])
                 q = np.searchsorted(mids, x)
