@@ -12,6 +12,7 @@
 
 #include "spqr_cmpq_plan.h"
 #include "spqr_gpu.h"
+#include "spqr_outlier_walk.h"
 
 #define NO_COLUMN 0xFFFFFFFFu
 
@@ -41,48 +42,31 @@ static uint32_t perm_at(const spqr_cmpq_sections *s, int64_t j) {
                                      : ((const uint32_t *)s->perm)[j];
 }
 
-/* Walk the file's outlier stream (SPEC C-6.1, C-6.2; no outlier_count in channel_mixed params,
- * C-12.1).  Calls emit(row, stored column, f16 value) per outlier, in (row, column) order.
- * Returns the outlier count, or -1 when the stream breaks a rule or a value is not finite. */
+/* The outliers of the file's stream (no outlier_count in channel_mixed params, C-12.1) as
+ * per-row lists: orows[i] .. orows[i + 1] - 1 index ocol (stored column) and oval (f16 bits). */
 typedef struct emitter {
   uint32_t *orows, *ocol;
   uint16_t *oval;
+  int64_t row, out; /* the last row seen, the outliers emitted */
 } emitter;
 
+static void emit(void *ctx, int64_t row, int64_t col, uint32_t value) {
+  emitter *em = (emitter *)ctx;
+  for (int64_t k = em->row + 1; k <= row; ++k) em->orows[k] = (uint32_t)em->out;
+  em->ocol[em->out] = (uint32_t)col;
+  em->oval[em->out] = (uint16_t)value;
+  em->row = row;
+  ++em->out;
+}
+
+/* The outlier count (em NULL: only counted), or -1 when the stream breaks a rule. */
 static int64_t walk_outliers(const spqr_cmpq_sections *s, emitter *em) {
-  const int64_t m = s->m, n = s->n, E = s->outlier_entries;
-  const int64_t blocks = cdiv(m, SPQR_OUTLIER_BLOCK_ROWS);
-  const uint32_t *X = s->oindex, *F = s->oents;
-  if (X[0] != 0 || (int64_t)X[blocks] != E) return -1;
-  int64_t out = 0, row = -1;
   if (em) em->orows[0] = 0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (X[b + 1] < X[b] || (int64_t)X[b + 1] > E) return -1;
-    const int64_t r0 = b * SPQR_OUTLIER_BLOCK_ROWS;
-    const int64_t nrows = m - r0 < SPQR_OUTLIER_BLOCK_ROWS ? m - r0 : SPQR_OUTLIER_BLOCK_ROWS;
-    int64_t cell = -1;
-    for (uint32_t e = X[b]; e < X[b + 1]; ++e) {
-      const uint32_t d = F[e] & 0xFFFFu, v = F[e] >> 16;
-      if (d == 0) return -1;
-      cell += d;
-      if (v == 0xFFFFu) {
-        if (d != 0xFFFFu || e + 1 == X[b + 1]) return -1;
-        continue;
-      }
-      if (cell >= nrows * n || (v & 0x7C00u) == 0x7C00u) return -1;
-      const int64_t i = r0 + cell / n;
-      if (em) {
-        for (int64_t k = row + 1; k <= i; ++k) em->orows[k] = (uint32_t)out;
-        em->ocol[out] = (uint32_t)(cell % n);
-        em->oval[out] = (uint16_t)v;
-      }
-      row = i;
-      ++out;
-    }
-  }
-  if (em)
-    for (int64_t k = row + 1; k <= m; ++k) em->orows[k] = (uint32_t)out;
-  return out;
+  const int64_t k = spqr_walk_outliers(s->m, s->n, s->outlier_entries, s->oindex, s->oents,
+                                       em ? emit : NULL, em);
+  if (em && k >= 0)
+    for (int64_t r = em->row + 1; r <= s->m; ++r) em->orows[r] = (uint32_t)em->out;
+  return k;
 }
 
 int spqr_cmpq_layout_sizes(const spqr_cmpq_sections *s, spqr_cmpq_sizes *z) {
@@ -177,7 +161,7 @@ int spqr_cmpq_repack(const spqr_cmpq_sections *s, const spqr_cmpq_sizes *z, int6
   }
   if (!z->outliers) return SPQR_CMPQ_OK;
   /* outliers: per-row lists, then at each the code nearest to the value and the correction */
-  emitter em = {orows, ocol, oval};
+  emitter em = {orows, ocol, oval, -1, 0};
   if (walk_outliers(s, &em) != z->outliers) return SPQR_CMPQ_E_BAD_OUTLIERS;
   for (int64_t i = 0; i < m; ++i)
     for (uint32_t e = orows[i]; e < orows[i + 1]; ++e) {

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "spqr_gpu.h"
+#include "spqr_outlier_walk.h"
 
 static int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -45,51 +46,43 @@ static void stream_to_rows(const uint32_t *src, int64_t rows, int64_t count, int
     copy_elements(src, words, i * count, count, bits, dst + i * row_words);
 }
 
-/* Walk the file's outlier stream (SPEC C-6.1, C-6.2) and emit the per-row stream (running
- * column restarting at -1 in each row, skips for gaps > 65535).  With orows/oents NULL it only
- * counts.  Returns the per-row entry count, or -1 when the stream breaks C-6.1/C-6.2. */
+/* The per-row outlier stream being written (orows/oents NULL: only counted). */
+typedef struct row_stream {
+  uint32_t *orows, *oents;
+  int64_t out, row, prev; /* entries so far, the current row, its last column */
+} row_stream;
+
+/* One outlier into the per-row stream: a running column restarting at -1 in each row, skip
+ * entries for gaps > 65535. */
+static void emit_row_entry(void *ctx, int64_t row, int64_t col, uint32_t value) {
+  row_stream *rs = (row_stream *)ctx;
+  if (row != rs->row) { /* close rows row+1 .. i */
+    for (int64_t k = rs->row + 1; k <= row; ++k)
+      if (rs->orows) rs->orows[k] = (uint32_t)rs->out;
+    rs->row = row;
+    rs->prev = -1;
+  }
+  int64_t gap = col - rs->prev;
+  for (; gap > 0xFFFF; gap -= 0xFFFF, ++rs->out)
+    if (rs->oents) rs->oents[rs->out] = 0xFFFFFFFFu;
+  if (rs->oents) rs->oents[rs->out] = (value << 16) | (uint32_t)gap;
+  ++rs->out;
+  rs->prev = col;
+}
+
+/* The file's outlier stream (SPEC C-6.1, C-6.2, spqr_walk_outliers) as the per-row stream.
+ * Returns the per-row entry count, or -1 when the stream breaks C-6.1/C-6.2 or does not hold
+ * outlier_count outliers. */
 static int64_t outliers_to_rows(const spqr_bilevel_sections *s, uint32_t *orows,
                                 uint32_t *oents) {
-  const int64_t m = s->m, n = s->n, E = s->outlier_entries;
-  const int64_t blocks = ceil_div64(m, SPQR_OUTLIER_BLOCK_ROWS);
-  const uint32_t *X = s->oindex, *F = s->oents;
-  if (X[0] != 0 || (int64_t)X[blocks] != E) return -1;
-  int64_t out = 0, nreal = 0, row = -1, prev = -1;
+  row_stream rs = {orows, oents, 0, -1, -1};
   if (orows) orows[0] = 0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (X[b + 1] < X[b]) return -1;
-    const int64_t r0 = b * SPQR_OUTLIER_BLOCK_ROWS;
-    const int64_t nrows = m - r0 < SPQR_OUTLIER_BLOCK_ROWS ? m - r0 : SPQR_OUTLIER_BLOCK_ROWS;
-    int64_t cell = -1;
-    for (uint32_t e = X[b]; e < X[b + 1]; ++e) {
-      const uint32_t d = F[e] & 0xFFFFu, v = F[e] >> 16;
-      if (d == 0) return -1;
-      cell += d;
-      if (v == 0xFFFFu) {
-        if (d != 0xFFFFu || e + 1 == X[b + 1]) return -1;
-        continue;
-      }
-      if (cell >= nrows * n || (v & 0x7C00u) == 0x7C00u) return -1;
-      const int64_t i = r0 + cell / n, c = cell % n;
-      if (i != row) { /* close rows row+1 .. i */
-        for (int64_t k = row + 1; k <= i; ++k)
-          if (orows) orows[k] = (uint32_t)out;
-        row = i;
-        prev = -1;
-      }
-      int64_t gap = c - prev;
-      for (; gap > 0xFFFF; gap -= 0xFFFF, ++out)
-        if (oents) oents[out] = 0xFFFFFFFFu;
-      if (oents) oents[out] = (v << 16) | (uint32_t)gap;
-      ++out;
-      ++nreal;
-      prev = c;
-    }
-  }
-  if (nreal != (int64_t)s->outlier_count) return -1;
+  const int64_t nreal = spqr_walk_outliers(s->m, s->n, s->outlier_entries, s->oindex, s->oents,
+                                           emit_row_entry, &rs);
+  if (nreal < 0 || nreal != (int64_t)s->outlier_count) return -1;
   if (orows)
-    for (int64_t k = row + 1; k <= m; ++k) orows[k] = (uint32_t)out;
-  return out;
+    for (int64_t k = rs.row + 1; k <= s->m; ++k) orows[k] = (uint32_t)rs.out;
+  return rs.out;
 }
 
 int spqr_row_layout_sizes(const spqr_bilevel_sections *s, spqr_row_sizes *z) {
