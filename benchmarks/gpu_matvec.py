@@ -134,7 +134,7 @@ def _clone(g):
             return _clone(v)
         return v
 
-    return type(g)(**{f.name: copy(getattr(g, f.name)) for f in dataclasses.fields(g)})
+    return type(g)(**{f.name: copy(getattr(g, f.name)) for f in dataclasses.fields(g) if f.init})
 
 
 def _without_tc(g: GpuTensor) -> GpuTensor:

@@ -5,7 +5,9 @@
 
 Builds a random spqr-3bit-like tensor (benchmarks' defaults), uploads it, and calls
 ``GpuTensor.matmul_into`` ``--calls`` times on one stream (``--dequant``: ``dequantize_into``
-to fp16 instead; ``--no-perm``: a tensor without a permutation).
+to fp16 instead; ``--no-perm``: a tensor without a permutation; ``--encoding channel_mixed
+--target-bits 2.5``: a random CMPQ tensor instead). The kernel path follows the launch plan;
+``SPQR_GPU_PLAN`` (e.g. ``path=tcp`` or ``cmpq_v2=1``) forces another for an experiment.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ except ImportError as _err:  # a benchmark of the CUDA kernels: say so and stop
 import numpy as np  # noqa: E402
 
 from spqr_format.gpu import GpuTensor  # noqa: E402
-from spqr_format.gpu.synth import random_packed  # noqa: E402
+from spqr_format.gpu.synth import random_channel_mixed, random_packed  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,9 +40,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-tc", action="store_true", help="SIMT kernels (SPEC layout)")
     ap.add_argument("--dequant", action="store_true", help="profile dequantize to fp16")
     ap.add_argument("--no-perm", action="store_true", help="tensor without a permutation")
+    ap.add_argument("--encoding", choices=("bilevel", "channel_mixed"), default="bilevel")
+    ap.add_argument("--target-bits", type=float, default=2.5,
+                    help="channel_mixed: counted bits per weight")  # fmt: skip
     args = ap.parse_args(argv)
-    m, n = (int(v) for v in args.shape.split("x"))
-    p = random_packed(m, n, bits=args.bits, seed=m + n, perm=not args.no_perm)
+    try:
+        m, n = (int(v) for v in args.shape.split("x"))
+    except ValueError:
+        ap.error(f"--shape {args.shape!r}: expected ROWSxCOLS, e.g. 28672x8192")
+    if args.encoding == "channel_mixed":
+        p = random_channel_mixed(m, n, target_bits=args.target_bits, seed=m + n)
+    else:
+        p = random_packed(m, n, bits=args.bits, seed=m + n, perm=not args.no_perm)
     g = GpuTensor.from_packed(p, validate=False, tensor_cores=not args.no_tc)
     if args.dequant:
         w = cp.empty((m, n), dtype=cp.float16)
@@ -55,7 +66,9 @@ def main(argv=None) -> int:
     for _ in range(args.calls):
         g.matmul_into(x.data.ptr, n, 1, y.data.ptr, m, 1, args.batch, ws.data.ptr)
     cp.cuda.Device().synchronize()
-    print(f"path={'tensor-core' if g.tc is not None else 'simt'} y[0,:4]={cp.asnumpy(y[0, :4])}")
+    kind = "tensor-core" if getattr(g, "tc", None) is not None else "simt"
+    kind = args.encoding if args.encoding == "channel_mixed" else kind
+    print(f"{kind} y[0,:4]={cp.asnumpy(y[0, :4])}")
     return 0
 
 

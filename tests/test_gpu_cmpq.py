@@ -2,8 +2,9 @@
 with the numba decoder, matvec / matmul for batch 1..16 (and a 2-slice batch) within the SPEC
 C-7.6 tolerance on every path (K.cmpq_path: spqr_cmpq_mv1_b* at batch 1, spqr_cmpq_tc_b*_nt*
 at 2-16 with f16 x, spqr_cmpq_mm_* for f32 / bf16 x, R not a multiple of 16 or cmpq_v2=0),
-SpQRLinear forward, file upload. The second design (mv1, tc) is opt-in (cmpq_v2=1), which this
-module sets for every test. Skipped without CuPy and a CUDA device."""
+SpQRLinear forward, file upload. The second design (mv1, tc) is the default; this module sets
+cmpq_v2=1 for every test anyway, so that it tests that design under any SPQR_GPU_PLAN the
+caller has set. Skipped without CuPy and a CUDA device."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from spqr_format.gpu.tensor import GpuTensor  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
 def _second_design():
-    """The module tests the opt-in second design (cmpq_v2=1: mv1 / tensor-core kernels, with
+    """The module tests the second design (cmpq_v2=1: mv1 / tensor-core kernels, with
     the first design wherever that one does not apply); tests that compare designs set the
     override themselves."""
     import os

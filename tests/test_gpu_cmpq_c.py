@@ -1,5 +1,6 @@
 """The C ABI of channel_mixed tensors (spqr_cmpq_layout.c + spqr_cmpq_host.cu) gives the same
-bits as the Python layer (GpuCmpqTensor, default first-design path) for matmul and dequantize.
+bits as the Python layer (GpuCmpqTensor with the override cmpq_v2=0: the first design, the one
+the C launcher runs) for matmul and dequantize.
 
 Needs nvcc, CuPy and a CUDA device (skipped otherwise; tests/test_kernels_compile.py compiles
 the launcher and tests/test_cmpq_layout_c.py checks the C repack on CPU-only machines).
@@ -24,6 +25,7 @@ from test_cmpq_layout_c import OK, _c_repack  # noqa: E402
 
 from spqr_format.codec import channel_mixed as cm  # noqa: E402
 from spqr_format.gpu import _kernels as K  # noqa: E402
+from spqr_format.gpu import plan as P  # noqa: E402
 from spqr_format.gpu import synth  # noqa: E402
 from spqr_format.gpu.cmpq import GpuCmpqTensor  # noqa: E402
 
@@ -92,7 +94,8 @@ CODES = {0: np.float32, 1: np.float16}
 @pytest.mark.parametrize("batch", [1, 3, 16, 21, 40])
 @pytest.mark.parametrize("rows,density", [(0, 0.0), (7, 0.02), (16, 0.3)])
 @pytest.mark.parametrize("in_code,out_code", [(1, 1), (0, 0), (1, 2), (2, 1)])
-def test_c_matmul_equals_python(lib, batch, rows, density, in_code, out_code):
+def test_c_matmul_equals_python(lib, batch, rows, density, in_code, out_code, monkeypatch):
+    monkeypatch.setenv(P.ENV, "cmpq_v2=0")  # the design the C launcher runs
     m, n = 300, 1000
     t = synth.random_channel_mixed_tensor(m, n, table_rows=rows, outlier_density=density, seed=7)
     p = cm.pack(t)

@@ -125,14 +125,16 @@ def test_override_tuning_keys(monkeypatch):
 
 
 def test_cmpq_path_per_slice(monkeypatch):
-    """channel_mixed: the first-design kernels by default; with cmpq_v2=1 mv1 at batch 1 (any
-    dtype), tensor cores at 2-16 for f16 x with whole 16-row m-tiles per table block, the
-    first-design kernels otherwise."""
-    monkeypatch.delenv(P.ENV, raising=False)  # the default: the first design, every slice
-    assert [K.cmpq_path(b, c, r) for b in (1, 2, 16) for c in (0, 1, 2) for r in (0, 16)] == [
-        "mm"
-    ] * 18
-    monkeypatch.setenv(P.ENV, "cmpq_v2=1")
+    """channel_mixed: by default (or cmpq_v2=1) mv1 at batch 1 (any dtype), tensor cores at
+    2-16 for f16 x with whole 16-row m-tiles per table block, the first-design kernels
+    otherwise; cmpq_v2=0: the first design for every slice."""
+    for env in (None, "cmpq_v2=1"):
+        if env is None:
+            monkeypatch.delenv(P.ENV, raising=False)
+        else:
+            monkeypatch.setenv(P.ENV, env)
+        assert [K.cmpq_path(1, c, 0) for c in (0, 1, 2)] == ["mv1"] * 3
+        assert [K.cmpq_path(b, 1, r) for b in (2, 16) for r in (0, 16)] == ["tc"] * 4
     assert [K.cmpq_path(1, c, 0) for c in (0, 1, 2)] == ["mv1"] * 3
     assert K.cmpq_path(1, 1, 7) == "mv1"
     assert [K.cmpq_path(b, 1, r) for b in (2, 9, 16) for r in (0, 16, 64)] == ["tc"] * 9

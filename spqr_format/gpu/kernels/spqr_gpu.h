@@ -313,15 +313,15 @@
  *   y[b*ldy + i] = sum over y of part[y][b][i] + sum over row i's outliers of ocorr *
  *   xs[b][ocolp], rounded to out_dtype, for b < batch.  grid ceil(m/8), block 256 (one warp per
  *   row); orows/ocolp/ocorr NULL without outliers.  Batches above 16: slices of 16 rows.
- * Paths (Python layer, _kernels.cmpq_path, per slice of <= 16 rows): by default prepare_x,
- * mm_nb* (the first design, the one run on a GPU so far).  With the override cmpq_v2=1 (second
- * design, not yet run on a GPU): batch 1 -> mv1_b*; 2-16 with f16 x and R % 16 == 0 ->
- * prepare_xf, tc_b*_nt{ceil(batch/8)}; otherwise prepare_x, mm_nb*.  finish_nb{NB} after each, NB = 1,2,4,8,16 >= batch.
+ * Paths (Python layer, _kernels.cmpq_path, per slice of <= 16 rows): the second design by
+ * default: batch 1 -> mv1_b*; 2-16 with f16 x and R % 16 == 0 -> prepare_xf,
+ * tc_b*_nt{ceil(batch/8)}; otherwise prepare_x, mm_nb* (the first design, which the override
+ * cmpq_v2=0 takes for every slice).  finish_nb{NB} after each, NB = 1,2,4,8,16 >= batch.
  * Workspace (Python layer): xs f32 [NB][ldxs], then (tc only) xf f16 [np * 8*NT], then part
  * f32 [splits][NB][m].  Deterministic.  C: spqr_cmpq_layout.c builds the layout on the host
- * and spqr_cmpq_host.cu launches the default path (prepare_x, mm_nb*, finish_nb*) and the
+ * and spqr_cmpq_host.cu launches the first design (prepare_x, mm_nb*, finish_nb*) and the
  * dequantize kernels (declarations at the end of this header); the second design (mv1, tc)
- * has no C launcher.
+ * has no C launcher yet.
  * ------------------------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------------------------
