@@ -8,7 +8,8 @@ rotated and graphed). Also the dequantize kernel's bandwidth. Each row names the
 path and entry (``spqr_format/gpu/plan.py``) that ran; ``--compare-paths`` also times the fused
 kernels (``SPQR_GPU_PLAN=dense_from=0``), dequantize + cuBLAS (``path=dense``) and the pipelined
 tensor-core kernel (``path=tcp``, ``spqr_tcp_*``) at every batch, the measurements the plan's
-crossovers come from; for ``channel_mixed`` it times both kernel designs (``cmpq_v2=0`` / ``1``).
+crossovers come from; for ``channel_mixed`` it times both fused kernel designs (``cmpq_v2=0`` /
+``1``, with ``cmpq_dense_from=0``) and dequantize + cuBLAS (``cmpq_dense_from=1``).
 Every timed configuration is also checked once, eagerly, against an f32 reference product of
 the dequantized weights: the row's ``check`` (and ``<variant>_check``) is the largest error
 over the SPEC C-7.6 bound (f16 output), so a value above 1 is a wrong result; the benchmark
@@ -207,8 +208,9 @@ def bench_shape(
         variants["dense"] = base_override + sep + "path=dense"
         variants["tcp"] = base_override + sep + "path=tcp"  # spqr_tcp_* (pipelined, forced)
     if args.compare_paths and encoding == "channel_mixed":
-        variants["cmpq_v1"] = base_override + sep + "cmpq_v2=0"
-        variants["cmpq_v2"] = base_override + sep + "cmpq_v2=1"
+        variants["cmpq_v1"] = base_override + sep + "cmpq_v2=0,cmpq_dense_from=0"
+        variants["cmpq_v2"] = base_override + sep + "cmpq_v2=1,cmpq_dense_from=0"
+        variants["dense"] = base_override + sep + "cmpq_dense_from=1"
     # the correctness reference: the dequantized weights in f32 (dequantization is exact)
     w32 = cp.empty((m, n), dtype=cp.float32)
     g0.dequantize_into(w32.data.ptr, n, 0)

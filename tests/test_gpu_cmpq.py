@@ -176,3 +176,32 @@ def test_workspace_bytes_per_path():
         assert plan.splits == sum(grp[3] for grp in plan.groups)
         xf = 2 * g.np_ * nb if path == "tc" else 0
         assert g.workspace_bytes(batch, code) == 4 * nbp * (g._ldxs() + plan.splits * g.m) + xf
+
+
+@pytest.mark.parametrize("rows,density", [(0, 0.0), (16, 0.02), (7, 0.3)])
+@pytest.mark.parametrize("batch", [17, 40])
+def test_dense_path_from_the_threshold(monkeypatch, rows, density, batch):
+    """From cmpq_dense_from rows of f16 x on: W dequantized bit-exactly into the caller's
+    workspace, then cuBLAS; within C-7.6 for every output dtype (f16 x -> bf16 y goes through
+    an f32 product rounded once); bf16 x keeps the fused slices."""
+    monkeypatch.setenv(P.ENV, "cmpq_dense_from=17")
+    m, n = 300, 700
+    p = _tensor(m, n, rows, density, seed=batch)
+    w = ref.decode_channel_mixed(p, "float32")
+    g = GpuTensor.from_packed(p)
+    assert g.workspace_bytes(batch, 1) == g.dense_workspace_bytes(1) >= m * n * 2
+    assert g.workspace_bytes(batch, 2) < m * n * 2  # bf16 x: fused slices
+    x, xg = _x(np.random.default_rng(batch), batch, n, "float16")
+    for out_code, out_dtype in ((1, "float16"), (0, "float32"), (2, "bfloat16")):
+        y = cp.empty((batch, m), cp.float32 if out_code == 0 else cp.uint16)
+        ws = cp.full(g.workspace_bytes(batch, 1) // 2, 0x7C01, cp.uint16)  # NaN patterns
+        g.matmul_into(xg.data.ptr, n, 1, y.data.ptr, m, out_code, batch, ws.data.ptr)
+        got = cp.asnumpy(ws[: m * n]).view(np.float16).reshape(m, n)
+        assert np.array_equal(got.view(np.uint16), w.astype(np.float16).view(np.uint16))
+        yy = cp.asnumpy(y)
+        if out_code == 1:
+            yy = yy.view(np.float16)
+        yh = _y(cp.asarray(yy), out_dtype)
+        exact, tol = _bound(w, x, out_dtype)
+        assert np.all(np.abs(yh - exact) <= tol), out_dtype
+

@@ -148,6 +148,20 @@ def test_cmpq_path_per_slice(monkeypatch):
         K.cmpq_path(1, 1, 0)
 
 
+def test_cmpq_dense_from(monkeypatch):
+    """channel_mixed: dequantize + cuBLAS from K.CMPQ_DENSE_FROM rows of f16 x on (bf16 W
+    would leave C-7.6, so bf16 / f32 x stay on the fused kernels); cmpq_dense_from moves the
+    threshold, 0 turns it off."""
+    monkeypatch.delenv(P.ENV, raising=False)
+    d = K.CMPQ_DENSE_FROM
+    assert [K.cmpq_dense(b, 1) for b in (1, 16, d - 1, d, 4096)] == [False] * 3 + [True] * 2
+    assert not any(K.cmpq_dense(4096, c) for c in (0, 2))
+    monkeypatch.setenv(P.ENV, "cmpq_dense_from=17")
+    assert [K.cmpq_dense(b, 1) for b in (16, 17)] == [False, True]
+    monkeypatch.setenv(P.ENV, "cmpq_dense_from=0")
+    assert not K.cmpq_dense(1 << 20, 1)
+
+
 def test_override_defines_parse():
     assert P.parse_override("defines=-DSPQR_MV1_RB=16 -DFOO") == {
         "defines": ("-DSPQR_MV1_RB=16", "-DFOO")

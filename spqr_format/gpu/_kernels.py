@@ -598,6 +598,22 @@ def cmpq_tc_name(bits: int, nt: int) -> str:
     return f"spqr_cmpq_tc_b{bits}_nt{nt}"
 
 
+# From this batch on a channel_mixed matmul dequantizes into the workspace and calls cuBLAS
+# instead of running the fused kernels on slices of 16 rows (whose time grows with the number
+# of slices); override key cmpq_dense_from (0: never). Measured: see cmpq_dense.
+CMPQ_DENSE_FROM = 64
+
+
+def cmpq_dense(batch: int, in_code: int) -> bool:
+    """Whether a channel_mixed matmul of ``batch`` rows of x in dtype ``in_code`` takes
+    dequantize + cuBLAS. f16 x only: W in f16 is exact, while W rounded to bf16 (2^-8 per
+    product) would leave SPEC C-7.6's bound and an f32 GEMM is slower than the fused kernels.
+    H100, 2.5 bits/weight, 70B shapes: the fused kernels cost ~360 us per slice of 16 rows,
+    dequantize ~1.4 ms + cuBLAS ~0.2 ms, so dense wins from about 4-5 slices on."""
+    d = plan.option("cmpq_dense_from", CMPQ_DENSE_FROM)
+    return in_code == 1 and d > 0 and batch >= d
+
+
 def cmpq_splits(m: int, ntiles: int, sm_count: int) -> int:
     """k-splits (grid.y) of spqr_cmpq_mm_*: each split sums tiles y, y + splits, ..."""
     return max(1, min(ntiles, cmpq_target_tiles(m, sm_count)))

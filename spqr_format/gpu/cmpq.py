@@ -17,15 +17,18 @@ from spqr_format.codec import channel_mixed as cm
 from spqr_format.codec import cmpq_layout as CL
 from spqr_format.errors import BadInputError
 from spqr_format.gpu import _kernels as K
+from spqr_format.gpu.plan import option as plan_option
 from spqr_format.gpu.tensor import (
     _DeviceMatrix,
     _dtype_code,
+    _noticed,
     _ptr,
     _raise_smem_limit,
     _sm_count,
     _upload,
     compiled,
     cp,
+    gemm_rowmajor,
 )
 
 _functions: dict[tuple[int, str], object] = {}
@@ -162,11 +165,18 @@ class GpuCmpqTensor(_DeviceMatrix):
         path = K.cmpq_path(nbt, in_code, self.table_rows)
         return path, (8 * -(-nbt // 8) if path == "tc" else nbp), nbp
 
+    def dense_workspace_bytes(self, in_code: int = 1) -> int:
+        """Bytes of the dequantized weights the dense path uses (input dtype, 256-aligned)."""
+        esz = 4 if in_code == 0 else 2
+        return 256 * -(-(self.m * self.n * esz) // 256)
+
     def workspace_bytes(self, batch: int, in_code: int = 1) -> int:
-        """Bytes of workspace :meth:`matmul_into` needs for x of dtype code ``in_code``: x'
-        (f32 [nbp][ldxs]), for the tensor-core path x' as f16 in fragment order (np * nb * 2
-        bytes), then the partial sums (f32 [splits][nbp][m]), for the largest slice of
-        ``batch``."""
+        """Bytes of workspace :meth:`matmul_into` needs for x of dtype code ``in_code``: from
+        K.cmpq_dense's batch on the dequantized weights; below it x' (f32 [nbp][ldxs]), for the
+        tensor-core path x' as f16 in fragment order (np * nb * 2 bytes), then the partial sums
+        (f32 [splits][nbp][m]), for the largest slice of ``batch``."""
+        if K.cmpq_dense(batch, in_code):
+            return self.dense_workspace_bytes(in_code)
         best = 0
         sizes = {min(batch, K.CMPQ_MAX_BATCH)}
         if batch > K.CMPQ_MAX_BATCH and batch % K.CMPQ_MAX_BATCH:
@@ -216,10 +226,17 @@ class GpuCmpqTensor(_DeviceMatrix):
 
     def matmul_into(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr) -> None:
         """Raw-pointer form: ``Y[b, :] = W X[b, :]`` on CuPy's current stream, no allocation
-        (``ws_ptr``: :meth:`workspace_bytes` bytes for ``in_code``). Per slice of up to 16
+        (``ws_ptr``: :meth:`workspace_bytes` bytes for ``in_code``; 0 lets the dense path
+        allocate from CuPy's pool). Large batches of f16 x (K.cmpq_dense): dequantize W to f16
+        into the workspace (bit-exact), then one cuBLAS GEMM. Otherwise per slice of up to 16
         rows: prepare x', the fused kernel(s) (k-split partial sums; K.cmpq_path picks them),
         the finish kernel (sums, outliers, rounding)."""
         m, n = self.shape
+        if batch < 1:
+            return
+        if K.cmpq_dense(batch, in_code):
+            self._dense(x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr)
+            return
         xsz = 4 if in_code == 0 else 2
         ysz = 4 if out_code == 0 else 2
         ldxs = self._ldxs()
@@ -273,3 +290,27 @@ class GpuCmpqTensor(_DeviceMatrix):
                  np.uint64(int(y_ptr) + ysz * b0 * int(ldy)), np.int64(ldy), np.int32(out_code),
                  np.int64(m), np.int32(nbt)),
             )  # fmt: skip
+
+    def _dense(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr) -> None:
+        """Dequantize W (bit-exact, f16: x's dtype) into the workspace, then one cuBLAS GEMM with
+        f32 accumulation on the current stream (as GpuTensor's dense path)."""
+        m, n = self.shape
+        key = ("cmpq-dense", self.name, self.shape)
+        if key not in _noticed:
+            _noticed.add(key)
+            K.log.info(
+                "spqr_format.gpu: channel_mixed tensor %s (%dx%d): batch %d -> dequantize + "
+                "cuBLAS (from batch %d)",
+                self.name or "?",
+                m,
+                n,
+                batch,
+                plan_option("cmpq_dense_from", K.CMPQ_DENSE_FROM),
+            )
+        buf = None
+        if not int(ws_ptr):
+            buf = cp.empty(self.dense_workspace_bytes(in_code) // 2, dtype=np.uint16)
+            ws_ptr = buf.data.ptr
+        self.dequantize_into(int(ws_ptr), n, in_code)
+        gemm_rowmajor(int(x_ptr), int(ldx), in_code, int(ws_ptr), n, int(y_ptr), int(ldy),
+                      out_code, batch, m, n, tensor=self.name)  # fmt: skip

@@ -969,8 +969,9 @@ def gemm_rowmajor(
 ) -> None:
     """``Y[batch, m] = X[batch, n] W[m, n]^T`` (row-major, X and W in dtype ``in_code``, Y in
     ``out_code``) by cublasGemmEx with f32 accumulation (CUBLAS_COMPUTE_32F) on CuPy's current
-    stream. Raises :class:`BadInputError` naming ``tensor`` when a dimension passes cuBLAS's
-    32-bit limit."""
+    stream. cuBLAS writes f32 or the input's dtype; another output dtype (f16 <-> bf16, f32 x
+    to f16/bf16) goes through an f32 product rounded once to nearest-even. Raises
+    :class:`BadInputError` naming ``tensor`` when a dimension passes cuBLAS's 32-bit limit."""
     from cupy_backends.cuda.libs import cublas
 
     for what, v in (("rows", m), ("columns", n), ("batch", batch), ("ldx", ldx), ("ldy", ldy)):
@@ -985,6 +986,13 @@ def gemm_rowmajor(
         # same product runs through torch on the capturing stream.
         _gemm_rowmajor_captured(x_ptr, ldx, in_code, w_ptr, ldw, y_ptr, ldy, out_code,
                                 batch, m, n, tensor)  # fmt: skip
+        return
+    if out_code not in (in_code, 0):
+        y32 = cp.empty((batch, m), dtype=np.float32)
+        gemm_rowmajor(x_ptr, ldx, in_code, w_ptr, ldw, y32.data.ptr, m, 0, batch, m, n, tensor)
+        mem = cp.cuda.UnownedMemory(int(y_ptr), 2 * ((batch - 1) * ldy + m), owner=None)
+        y = cp.ndarray((batch, ldy), dtype=np.uint16, memptr=cp.cuda.MemoryPointer(mem, 0))
+        _round_f32(out_code, y32, y[:, :m])
         return
     # column-major view: Y^T (m x batch, ld ldy) = W^T' (W stored n x m, ld ldw)^T X^T
     handle = cp.cuda.device.get_cublas_handle()
@@ -1009,6 +1017,29 @@ def gemm_rowmajor(
         68,  # CUBLAS_COMPUTE_32F
         -1,  # CUBLAS_GEMM_DEFAULT
     )
+
+
+_bf16_kernel = []
+
+
+def _round_f32(out_code: int, y32, y16) -> None:
+    """``y16`` (uint16 bit patterns) = ``y32`` rounded to f16 (1) or bf16 (2), to nearest
+    even; a NaN stays a NaN."""
+    if out_code == 1:
+        y16.view(np.float16)[...] = y32
+        return
+    if not _bf16_kernel:
+        _bf16_kernel.append(
+            cp.ElementwiseKernel(
+                "float32 x",
+                "uint16 y",
+                "unsigned int u = __float_as_uint(x);"
+                " y = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u)"
+                " : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);",
+                "spqr_round_f32_bf16",
+            )
+        )
+    _bf16_kernel[0](y32, y16)
 
 
 _NP_TYPES = {0: np.float32, 1: np.float16, 2: np.uint16}  # bf16 travels as its bits
