@@ -77,6 +77,35 @@ def test_dense_workspace_holds_the_bit_exact_weights():
     assert np.all(err <= (512 + 64) * 2.0**-24 * a + 2.0**-11 * np.abs(ref) + 2.0**-24)
 
 
+@pytest.mark.parametrize("in_code,out_code", [(1, 2), (2, 1), (1, 0)])
+def test_dense_path_writes_every_output_dtype(in_code, out_code):
+    """cuBLAS writes only f32 or x's dtype; other outputs (f16 x -> bf16 y, bf16 -> f16) take
+    an f32 product rounded once: y equals the f32 result rounded to nearest even."""
+    rng = np.random.default_rng(in_code * 3 + out_code)
+    t = random_bilevel(rng, 64, 512, P3, True, 0.01)
+    g = GpuTensor.from_packed(pack(t))
+    batch = 200
+    assert g.plan_for(batch, in_code).path == "dense"
+    x16 = rng.standard_normal((batch, 512)).astype(np.float16)
+    x = x16 if in_code == 1 else (x16.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    xg = cp.asarray(x)
+    ws = cp.empty(g.workspace_bytes(batch, in_code) // 4 + 1, dtype=cp.float32)
+    y32 = cp.empty((batch, 64), dtype=cp.float32)
+    g.matmul_into(xg.data.ptr, 512, in_code, y32.data.ptr, 64, 0, batch, ws.data.ptr)
+    y = cp.empty((batch, 64), dtype=cp.float32 if out_code == 0 else cp.uint16)
+    g.matmul_into(xg.data.ptr, 512, in_code, y.data.ptr, 64, out_code, batch, ws.data.ptr)
+    f = cp.asnumpy(y32)
+    if out_code == 0:
+        want = f.view(np.uint32)
+    elif out_code == 1:
+        want = f.astype(np.float16).view(np.uint16)
+    else:
+        u = f.view(np.uint32).astype(np.uint64)
+        want = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    got = cp.asnumpy(y)
+    assert np.array_equal(got.view(want.dtype), want)
+
+
 def test_fallback_triggers_at_the_plan_threshold(caplog):
     """Below the plan's dense threshold the fused kernels run, from it on dequantize + cuBLAS,
     the reason logged once per tensor."""
