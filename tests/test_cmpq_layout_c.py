@@ -1,7 +1,8 @@
 """The C repack of channel_mixed tensors (kernels/spqr_cmpq_layout.c) produces the CMPQ chunk
-layout and the first design's tile table bit for bit as codec/cmpq_layout.py does, and refuses
-malformed sections with its error codes (CPU only: built with the system C compiler; skipped
-without one)."""
+layout and the tile table of spqr_cmpq_mm_* / spqr_cmpq_mv1_* bit for bit as codec/cmpq_layout.py
+does, and refuses malformed sections with its error codes; spqr_cmpq_plan.h (the C launcher's
+plan: paths, tiles, tensor-core tiles, groups, k-splits, geometry) equals the Python layer's
+default plan (CPU only: built with the system C compiler; skipped without one)."""
 
 from __future__ import annotations
 
@@ -292,27 +293,149 @@ PLAN_WRAPPER = """
 #include "spqr_cmpq_plan.h"
 int w_nb(int b) { return spqr_cmpq_nb(b); }
 int64_t w_target(int64_t m, int sms) { return spqr_cmpq_target_tiles(m, sms); }
+int64_t w_target_rows(int64_t m, int sms, int64_t rows) {
+  return spqr_cmpq_target_tiles_rows(m, sms, rows);
+}
 int64_t w_splits(int64_t m, int64_t nt, int sms) { return spqr_cmpq_splits(m, nt, sms); }
 int64_t w_chunks(int b, int nb) { return spqr_cmpq_tile_chunks(b, nb); }
+int64_t w_tc_chunks(int b) { return spqr_cmpq_tc_tile_chunks(b); }
+int64_t w_tc_smem(int64_t nch, int b, int nt) { return spqr_cmpq_tc_tile_smem(nch, b, nt); }
+int w_path(int batch, int in_dtype, int64_t R) { return spqr_cmpq_path(batch, in_dtype, R); }
+/* the plan of a slice as i64 [11 + 5 * 8]: path, nb, nbp, rows, threads, target, cap, ntiles,
+   smem, splits, ngroups, then per group bits, first, count, splits, split0; and, with tiles,
+   its tile table [ntiles][8] */
+int w_slice(const int64_t *runs, int64_t nruns, int64_t m, int sms, int batch, int in_dtype,
+            int64_t R, int64_t *out, int64_t *tiles) {
+  spqr_cmpq_slice_plan p;
+  if (spqr_cmpq_plan_slice(runs, nruns, m, sms, batch, in_dtype, R, &p)) return -1;
+  const int64_t head[11] = {p.path, p.nb, p.nbp, p.rows, p.threads, p.target, p.cap, p.ntiles,
+                            p.smem, p.splits, p.ngroups};
+  for (int k = 0; k < 11; ++k) out[k] = head[k];
+  for (int k = 0; k < p.ngroups; ++k) {
+    const spqr_cmpq_group *g = &p.groups[k];
+    const int64_t v[5] = {g->bits, g->first, g->count, g->splits, g->split0};
+    for (int j = 0; j < 5; ++j) out[11 + 5 * k + j] = v[j];
+  }
+  if (tiles)
+    for (int64_t t = 0; t < p.ntiles; ++t)
+      if (!spqr_cmpq_tile_at(runs, nruns, m, p.nb, p.path == SPQR_CMPQ_PATH_TC, p.cap, t,
+                             tiles + 8 * t))
+        return -2;
+  return 0;
+}
 """
 
+C_PATHS = ("mm", "mv1", "tc")  # SPQR_CMPQ_PATH_* order
 
-def test_plan_header_matches_python(tmp_path):
-    """spqr_cmpq_plan.h (the C launcher's batch columns, target tiles, k-splits, tile widths)
-    agrees with _kernels.py / cmpq_layout.py."""
-    src = tmp_path / "plan.c"
+
+@pytest.fixture(scope="module")
+def plan_lib(tmp_path_factory):
+    d = tmp_path_factory.mktemp("plan")
+    src = d / "plan.c"
     src.write_text(PLAN_WRAPPER)
-    so = build_shared(src, tmp_path / "libplan.so")
-    so.w_target.restype = so.w_splits.restype = so.w_chunks.restype = ctypes.c_int64
-    so.w_target.argtypes = [ctypes.c_int64, ctypes.c_int]
-    so.w_splits.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    so = build_shared(src, d / "libplan.so")
+    i64 = ctypes.c_int64
+    for f in ("w_target", "w_target_rows", "w_splits", "w_chunks", "w_tc_chunks", "w_tc_smem"):
+        getattr(so, f).restype = i64
+    so.w_target.argtypes = [i64, ctypes.c_int]
+    so.w_target_rows.argtypes = [i64, ctypes.c_int, i64]
+    so.w_splits.argtypes = [i64, i64, ctypes.c_int]
+    so.w_tc_smem.argtypes = [i64, ctypes.c_int, ctypes.c_int]
+    so.w_path.argtypes = [ctypes.c_int, ctypes.c_int, i64]
+    so.w_slice.argtypes = [ctypes.c_void_p, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    so.w_slice.argtypes += [i64, ctypes.c_void_p, ctypes.c_void_p]
+    return so
+
+
+def test_plan_header_matches_python(plan_lib, monkeypatch):
+    """spqr_cmpq_plan.h (the C launcher's batch columns, path, target tiles, k-splits, tile
+    widths and shared memory) agrees with _kernels.py / cmpq_layout.py (default plan)."""
+    from spqr_format.gpu import plan as P
+
+    monkeypatch.delenv(P.ENV, raising=False)
+    so = plan_lib
     for b in range(1, 17):
         assert so.w_nb(b) == K.cmpq_nb(b)
+        for code in (0, 1, 2):
+            for R in (0, 1, 7, 16, 32, 48, 100, 300):
+                assert C_PATHS[so.w_path(b, code, R)] == K.cmpq_path(b, code, R), (b, code, R)
     for bits in range(1, 9):
+        assert so.w_tc_chunks(bits) == CL.tc_tile_chunks(bits)
         for nb in K.CMPQ_NB:
             assert so.w_chunks(bits, nb) == CL.tile_chunks(bits, nb)
-    for m in (1, 255, 256, 257, 4096, 11008, 70000):
+        for nch in (1, 2, 3, 8, 15, 16):
+            for nt in (1, 2):
+                assert so.w_tc_smem(nch, bits, nt) == CL.tc_tile_smem(nch, bits, nt)
+    assert K.CMPQ_TC_ROWS == CL.TC_ROWS == 128
+    for m in (1, 127, 128, 129, 255, 256, 257, 4096, 11008, 70000):
         for sms in (1, 108, 132):
             assert so.w_target(m, sms) == K.cmpq_target_tiles(m, sms)
+            for rows in (K.CMPQ_ROWS, K.CMPQ_TC_ROWS):
+                assert so.w_target_rows(m, sms, rows) == K.cmpq_target_tiles(m, sms, rows)
             for nt in (1, 7, 500):
                 assert so.w_splits(m, nt, sms) == K.cmpq_splits(m, nt, sms)
+
+
+def _c_slice(so, runs, m, sms, batch, in_code, R):
+    runs = np.ascontiguousarray(runs, np.int64)
+    out = np.zeros(11 + 5 * 8, np.int64)
+    assert so.w_slice(_ptr(runs), runs.shape[0], m, sms, batch, in_code, R, _ptr(out), None) == 0
+    tl = np.zeros((int(out[7]), 8), np.int64)
+    assert so.w_slice(_ptr(runs), runs.shape[0], m, sms, batch, in_code, R, _ptr(out),
+                      _ptr(tl)) == 0  # fmt: skip
+    return out, tl
+
+
+def _layouts():
+    """Chunk layouts of a few width mixes: every width, one width, the 2/3-bit mix of the
+    benchmarks, long runs (many tiles per width)."""
+    out = []
+    for n, widths, seed in (
+        (100, None, 1),
+        (40, np.repeat(np.arange(1, 9, dtype=np.uint8), 5), 2),
+        (64, np.full(64, 3, np.uint8), 3),
+        (3000, np.repeat(np.array([2, 3], np.uint8), [1500, 1500]), 4),
+        (9000, np.repeat(np.arange(1, 9, dtype=np.uint8), 1125), 5),
+    ):
+        t = synth.random_channel_mixed_tensor(5, n, widths=widths, seed=seed)
+        out.append(CL.to_cmpq_layout(cm.pack(t)))
+    return out
+
+
+def test_slice_plan_matches_python(plan_lib, monkeypatch):
+    """spqr_cmpq_plan_slice (what spqr_cmpq_matmul launches per slice) equals the Python
+    layer's default plan, _kernels.cmpq_slice + cmpq_launches (GpuCmpqTensor._slice / _plan):
+    path, batch columns, rows and threads per block, tile table, shared memory, launch groups
+    (kernel width, first tile, tiles, k-splits, first split) and total splits."""
+    from spqr_format.gpu import plan as P
+
+    monkeypatch.delenv(P.ENV, raising=False)
+    seen = set()
+    for L in _layouts():
+        for m in (5, 300, 4096, 28672):  # m only scales code offsets and the row blocks
+            for sms in (1, 108, 132):
+                for batch in range(1, 17):
+                    for code in (0, 1, 2):
+                        for R in (0, 7, 16):
+                            out, tl = _c_slice(plan_lib, L.runs, m, sms, batch, code, R)
+                            path, nb, nbp = K.cmpq_slice(batch, code, R)
+                            seen.add(path)
+                            wtl, groups, smem, total, rows = K.cmpq_launches(
+                                m, L.runs, path, nb, sms
+                            )
+                            threads = 128 if path == "tc" else K.CMPQ_ROWS
+                            target = K.cmpq_target_tiles(m, sms, rows)
+                            want = [C_PATHS.index(path), nb, nbp, rows, threads, target]
+                            assert out[:6].tolist() == want
+                            assert out[7:11].tolist() == [len(wtl), smem, total, len(groups)]
+                            assert np.array_equal(tl, wtl)
+                            for k, (name, first, count, splits, s0) in enumerate(groups):
+                                bits, *rest = out[11 + 5 * k : 16 + 5 * k].tolist()
+                                kname = (
+                                    f"spqr_cmpq_mm_nb{nb}" if path == "mm"
+                                    else K.cmpq_mv1_name(bits) if path == "mv1"
+                                    else K.cmpq_tc_name(bits, nb // 8)
+                                )  # fmt: skip
+                                assert kname == name
+                                assert rest == [first, count, splits, s0]
+    assert seen == {"mm", "mv1", "tc"}

@@ -1,6 +1,8 @@
 """The C ABI of channel_mixed tensors (spqr_cmpq_layout.c + spqr_cmpq_host.cu) gives the same
-bits as the Python layer (GpuCmpqTensor with the override cmpq_v2=0: the first design, the one
-the C launcher runs) for matmul and dequantize.
+bits as the Python layer (GpuCmpqTensor with no SPQR_GPU_PLAN override: the default plan, which
+the C launcher always runs) for matmul and dequantize: per slice of <= 16 rows spqr_cmpq_mv1_b*
+at batch 1, spqr_cmpq_tc_b*_nt* for f16 x with R % 16 == 0, and the first design
+(spqr_cmpq_mm_nb*) for f32 / bf16 x and other R.
 
 Needs nvcc, CuPy and a CUDA device (skipped otherwise; tests/test_kernels_compile.py compiles
 the launcher and tests/test_cmpq_layout_c.py checks the C repack on CPU-only machines).
@@ -91,11 +93,28 @@ def _upload(lib, p):
 CODES = {0: np.float32, 1: np.float16}
 
 
-@pytest.mark.parametrize("batch", [1, 3, 16, 21, 40])
-@pytest.mark.parametrize("rows,density", [(0, 0.0), (7, 0.02), (16, 0.3)])
-@pytest.mark.parametrize("in_code,out_code", [(1, 1), (0, 0), (1, 2), (2, 1)])
+BATCHES = [1, 3, 16, 17, 21, 40]  # 17: a tc slice then an mv1 slice (two tile tables)
+ROWS = [(0, 0.0), (7, 0.02), (16, 0.3)]
+CODES_IN_OUT = [(1, 1), (0, 0), (1, 2), (2, 1)]  # f32 / bf16 x at batch > 1: the first design
+
+
+def _paths(batch, in_code, rows):
+    return [K.cmpq_path(min(K.CMPQ_MAX_BATCH, batch - b0), in_code, rows)
+            for b0 in range(0, batch, K.CMPQ_MAX_BATCH)]  # fmt: skip
+
+
+def test_cases_cover_every_path(monkeypatch):
+    monkeypatch.delenv(P.ENV, raising=False)
+    got = {p for b in BATCHES for r, _ in ROWS for c, _ in CODES_IN_OUT for p in _paths(b, c, r)}
+    assert got == {"mv1", "tc", "mm"}
+    assert _paths(17, 1, 16) == ["tc", "mv1"] and _paths(21, 0, 0) == ["mm", "mm"]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("rows,density", ROWS)
+@pytest.mark.parametrize("in_code,out_code", CODES_IN_OUT)
 def test_c_matmul_equals_python(lib, batch, rows, density, in_code, out_code, monkeypatch):
-    monkeypatch.setenv(P.ENV, "cmpq_v2=0")  # the design the C launcher runs
+    monkeypatch.delenv(P.ENV, raising=False)  # the default plan, the one the C launcher runs
     m, n = 300, 1000
     t = synth.random_channel_mixed_tensor(m, n, table_rows=rows, outlier_density=density, seed=7)
     p = cm.pack(t)

@@ -619,6 +619,44 @@ def cmpq_splits(m: int, ntiles: int, sm_count: int) -> int:
     return max(1, min(ntiles, cmpq_target_tiles(m, sm_count)))
 
 
+def cmpq_slice(batch: int, in_code: int, table_rows: int) -> tuple[str, int, int]:
+    """(path, nb, nbp) of a slice of ``batch`` <= 16 rows: the path (cmpq_path), nb the
+    kernels' batch columns (``tc``: 8 * ceil(batch / 8), 8 or 16), nbp those of x' f32, of the
+    partial sums and of the finish kernel (cmpq_nb)."""
+    nbp = cmpq_nb(batch)
+    path = cmpq_path(batch, in_code, table_rows)
+    return path, (8 * -(-batch // 8) if path == "tc" else nbp), nbp
+
+
+def cmpq_launches(m: int, runs, path: str, nb: int, sm_count: int):
+    """The host side of GpuCmpqTensor._plan (no CuPy; spqr_cmpq_plan.h mirrors it for the C
+    launcher, tests/test_cmpq_layout_c.py compares the two): (tiles int64 [ntiles, 8], groups,
+    dynamic shared memory, total splits, rows per block) of ``path`` at ``nb`` batch columns
+    for a tensor of ``m`` rows and runs ``runs`` (int64 [nruns, 8]) on ``sm_count``
+    multiprocessors. ``groups``: (kernel, first tile, tiles, splits, first split) -- one group
+    over all tiles for ``mm``, one per width present for ``mv1`` / ``tc``."""
+    import numpy as np
+
+    from spqr_format.codec import cmpq_layout as CL
+
+    info = CL.CmpqLayout.__new__(CL.CmpqLayout)
+    info.shape, info.runs = (m, 0), np.asarray(runs, np.int64).reshape(-1, 8)
+    rows = CL.TC_ROWS if path == "tc" else CMPQ_ROWS
+    target = cmpq_target_tiles(m, sm_count, rows)
+    tl, smem = CL.tiles(info, nb, target, tc=path == "tc")
+    if path == "mm":
+        ranges = [(f"spqr_cmpq_mm_nb{nb}", 0, int(tl.shape[0]))]
+    else:
+        name = cmpq_mv1_name if path == "mv1" else lambda b: cmpq_tc_name(b, nb // 8)
+        ranges = [(name(b), i, c) for b, i, c in CL.width_groups(tl)]
+    groups, total = [], 0
+    for fn, first, count in ranges:
+        splits = cmpq_splits(m, count, sm_count) if path == "mm" else max(1, min(count, target))
+        groups.append((fn, first, count, splits, total))
+        total += splits
+    return tl, groups, smem, total, rows
+
+
 def cmpq_kernel_names() -> list[str]:
     names = ["spqr_cmpq_prepare_x", "spqr_cmpq_prepare_xf"]
     for nb in CMPQ_NB:

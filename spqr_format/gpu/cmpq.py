@@ -130,27 +130,13 @@ class GpuCmpqTensor(_DeviceMatrix):
 
     def _plan(self, path: str, nb: int) -> _Plan:
         """Tiles and launches of ``path`` (K.cmpq_path) for ``nb`` batch columns (``tc``: the
-        padded batch, 8 or 16)."""
+        padded batch, 8 or 16): K.cmpq_launches, the tile table uploaded."""
         key = (cp.cuda.Device().id, path, nb)
         plan = self.plans.get(key)
         if plan is None:
-            sms = _sm_count()
-            info = CL.CmpqLayout.__new__(CL.CmpqLayout)
-            info.shape, info.runs = self.shape, self.runs_host
-            rows = CL.TC_ROWS if path == "tc" else K.CMPQ_ROWS
-            target = K.cmpq_target_tiles(self.m, sms, rows)
-            tl, smem = CL.tiles(info, nb, target, tc=path == "tc")
-            if path == "mm":
-                ranges = [(f"spqr_cmpq_mm_nb{nb}", 0, int(tl.shape[0]))]
-            else:
-                name = K.cmpq_mv1_name if path == "mv1" else lambda b: K.cmpq_tc_name(b, nb // 8)
-                ranges = [(name(b), i, c) for b, i, c in CL.width_groups(tl)]
-            groups, total = [], 0
-            for fn, first, count in ranges:
-                splits = K.cmpq_splits(self.m, count, sms) if path == "mm" else max(
-                    1, min(count, target))  # fmt: skip
-                groups.append((fn, first, count, splits, total))
-                total += splits
+            tl, groups, smem, total, rows = K.cmpq_launches(
+                self.m, self.runs_host, path, nb, _sm_count()
+            )
             plan = _Plan(cp.asarray(tl.reshape(-1)), groups, smem, total, rows)
             self.plans[key] = plan
         return plan
@@ -161,9 +147,7 @@ class GpuCmpqTensor(_DeviceMatrix):
     def _slice(self, nbt: int, in_code: int) -> tuple[str, int, int]:
         """(path, nb, nbp) of a slice of ``nbt`` rows: nb the kernel's batch columns, nbp
         those of x' f32 and of the partial sums (the finish kernel's NB)."""
-        nbp = K.cmpq_nb(nbt)
-        path = K.cmpq_path(nbt, in_code, self.table_rows)
-        return path, (8 * -(-nbt // 8) if path == "tc" else nbp), nbp
+        return K.cmpq_slice(nbt, in_code, self.table_rows)
 
     def dense_workspace_bytes(self, in_code: int = 1) -> int:
         """Bytes of the dequantized weights the dense path uses (input dtype, 256-aligned)."""

@@ -1,5 +1,5 @@
 /* spqr_cmpq_layout.c -- the CMPQ chunk layout (spqr_gpu.h, "channel_mixed") from the file's
- * sections of one channel_mixed tensor, and the tile table of the first-design matmul kernels.
+ * sections of one channel_mixed tensor, and the tile table of spqr_cmpq_mm_nb* / spqr_cmpq_mv1_b*.
  *
  * C99, no CUDA, no allocation: the twin of spqr_format/codec/cmpq_layout.py (to_cmpq_layout,
  * tiles with tc=False), bit for bit (tests/test_cmpq_layout_c.py).  Compile without
@@ -196,10 +196,10 @@ int64_t spqr_cmpq_tiles(const int64_t *runs, int64_t nruns, int64_t m, int nb, i
                         int64_t *tiles, int64_t *smem) {
   const int64_t cap = spqr_cmpq_tile_cap(runs, nruns, min_tiles);
   int64_t sm = 4;
-  const int64_t count = spqr_cmpq_tile_count(runs, nruns, nb, cap, &sm);
+  const int64_t count = spqr_cmpq_tile_count(runs, nruns, nb, 0, cap, &sm);
   if (tiles)
     for (int64_t t = 0; t < count; ++t)
-      if (!spqr_cmpq_tile_at(runs, nruns, m, nb, cap, t, tiles + t * SPQR_CMPQ_RUN_FIELDS))
+      if (!spqr_cmpq_tile_at(runs, nruns, m, nb, 0, cap, t, tiles + t * SPQR_CMPQ_RUN_FIELDS))
         return -1; /* cannot happen: the count and the rows come from the same plan */
   if (smem) *smem = sm;
   return count;

@@ -313,15 +313,19 @@
  *   y[b*ldy + i] = sum over y of part[y][b][i] + sum over row i's outliers of ocorr *
  *   xs[b][ocolp], rounded to out_dtype, for b < batch.  grid ceil(m/8), block 256 (one warp per
  *   row); orows/ocolp/ocorr NULL without outliers.  Batches above 16: slices of 16 rows.
- * Paths (Python layer, _kernels.cmpq_path, per slice of <= 16 rows): the second design by
- * default: batch 1 -> mv1_b*; 2-16 with f16 x and R % 16 == 0 -> prepare_xf,
- * tc_b*_nt{ceil(batch/8)}; otherwise prepare_x, mm_nb* (the first design, which the override
- * cmpq_v2=0 takes for every slice).  finish_nb{NB} after each, NB = 1,2,4,8,16 >= batch.
+ * Paths (_kernels.cmpq_path, per slice of <= 16 rows): the second design by default: batch 1
+ * -> prepare_x, mv1_b* (one launch per width present); 2-16 with f16 x and R % 16 == 0 (R = 0
+ * included) -> prepare_xf, tc_b*_nt{ceil(batch/8)} (one launch per width); otherwise
+ * prepare_x, mm_nb* (the first design: f32 / bf16 x at batch > 1, R not a multiple of 16; the
+ * Python override cmpq_v2=0 takes it for every slice).  finish_nb{NB} after each, NB =
+ * 1,2,4,8,16 >= batch.  Tiles: cmpq_layout.tiles(..., min_tiles = cmpq_target_tiles(m,
+ * multiprocessors, rows), tc = path is tc) with rows 128 for tc, 256 otherwise; k-splits
+ * cmpq_splits (mm) or max(1, min(tiles of the width, min_tiles)) per width (mv1, tc).
  * Workspace (Python layer): xs f32 [NB][ldxs], then (tc only) xf f16 [np * 8*NT], then part
  * f32 [splits][NB][m].  Deterministic.  C: spqr_cmpq_layout.c builds the layout on the host
- * and spqr_cmpq_host.cu launches the first design (prepare_x, mm_nb*, finish_nb*) and the
- * dequantize kernels (declarations at the end of this header); the second design (mv1, tc)
- * has no C launcher yet.
+ * and spqr_cmpq_host.cu launches the same default plan (spqr_cmpq_plan.h: every path above,
+ * same tiles, splits and geometry, so the same bits; SPQR_GPU_PLAN is not read there) and the
+ * dequantize kernels (declarations at the end of this header).
  * ------------------------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------------------------
@@ -472,10 +476,10 @@ int spqr_launch_plan_path(int64_t m, int64_t n, int layout, int batch);
 /* ------------------------------------------------------------------------------------------
  * channel_mixed (CMPQ): host-side chunk-layout repack (spqr_cmpq_layout.c: C99, no CUDA, no
  * allocation; compile it without floating-point contraction, e.g. -ffp-contract=off) and the
- * first-design launcher (spqr_cmpq_host.cu, nvcc only).  The arrays are those of section
- * "channel_mixed" above, bit for bit as spqr_format/codec/cmpq_layout.py (to_cmpq_layout;
- * spqr_cmpq_tiles: tiles(..., tc=False)).  Call spqr_cmpq_layout_sizes, allocate, call
- * spqr_cmpq_repack (host memory), upload, fill an spqr_cmpq_tensor, launch.
+ * launcher (spqr_cmpq_host.cu, nvcc only: the Python layer's default plan).  The arrays are
+ * those of section "channel_mixed" above, bit for bit as spqr_format/codec/cmpq_layout.py
+ * (to_cmpq_layout; spqr_cmpq_tiles: tiles(..., tc=False)).  Call spqr_cmpq_layout_sizes,
+ * allocate, call spqr_cmpq_repack (host memory), upload, fill an spqr_cmpq_tensor, launch.
  *
  * Return codes (0 = success, as cudaError_t; NOT the 1/0 of spqr_row_repack): the checks of
  * SPEC C-12.2 / C-12.8 that are cheap on the host, which to_cmpq_layout(validate=True) also
@@ -535,10 +539,12 @@ int spqr_cmpq_repack(const spqr_cmpq_sections *s, const spqr_cmpq_sizes *z, int6
                      uint32_t *inv_perm, uint32_t *orows, uint32_t *ocol, uint32_t *ocolp,
                      uint16_t *oval, float *ocorr);
 
-/* The tile table of spqr_cmpq_mm_nb{nb} (cmpq_layout.tiles(layout, nb, min_tiles)): writes
- * i64 [ntiles][8] to `tiles` (NULL: count only) and the dynamic shared memory in bytes to
- * *smem (may be NULL); returns ntiles.  runs: the layout's (host memory).  spqr_cmpq_matmul
- * builds the same table itself (spqr_cmpq_plan.h): this is for launching the kernels yourself. */
+/* The tile table of spqr_cmpq_mm_nb{nb} (nb = 1: also of spqr_cmpq_mv1_b*;
+ * cmpq_layout.tiles(layout, nb, min_tiles)): writes i64 [ntiles][8] to `tiles` (NULL: count
+ * only) and the dynamic shared memory in bytes to *smem (may be NULL); returns ntiles.  runs:
+ * the layout's (host memory).  spqr_cmpq_matmul builds its tables itself (spqr_cmpq_plan.h,
+ * whose spqr_cmpq_plan_slice / spqr_cmpq_tile_at also give the tensor-core tiles): this is for
+ * launching the kernels yourself. */
 int64_t spqr_cmpq_tiles(const int64_t *runs, int64_t nruns, int64_t m, int nb, int64_t min_tiles,
                         int64_t *tiles, int64_t *smem);
 
@@ -554,19 +560,25 @@ typedef struct spqr_cmpq_tensor { /* the chunk layout on the device (outliers NU
   int64_t m, n, table_rows, Lp, np, nruns;
 } spqr_cmpq_tensor;
 
-/* Bytes of workspace spqr_cmpq_matmul needs for `batch` input rows on the current device
- * (tiles, x' and the partial sums of the largest slice of 16 rows; 16-byte aligned pieces). */
+/* Bytes of workspace spqr_cmpq_matmul needs for `batch` input rows on the current device, for
+ * any in_dtype (the larger of the f16 plan and the f32 / bf16 plan): the tile table, x' (and
+ * for the tensor-core path x' as f16 in fragment order) and the partial sums of the largest
+ * slice of 16 rows; 16-byte aligned pieces (pass a 16-byte aligned workspace). */
 size_t spqr_cmpq_workspace_bytes(const spqr_cmpq_tensor *t, int batch);
 
-/* Y[b][:] = W X[b][:] for b < batch, the first design (the Python layer's default path): per
- * slice of up to 16 rows, on `stream` with no synchronisation, spqr_cmpq_prepare_x,
- * spqr_cmpq_mm_nb{NB} (NB = 1,2,4,8,16 >= slice rows; tiles of spqr_cmpq_tiles with min_tiles =
- * cmpq_target_tiles(m, multiprocessors), k-splits cmpq_splits; the tile table is built in the
- * workspace by a small kernel), spqr_cmpq_finish_nb{NB}.  X rows of ldx elements in in_dtype,
- * Y rows of ldy elements in out_dtype (0 f32, 1 f16, 2 bf16).  Same tiles and splits as
- * GpuCmpqTensor.matmul_into on the same device without SPQR_GPU_PLAN overrides, so the same
- * bits.  Returns the launch error as an int (cudaError_t); cudaErrorInvalidValue for a bad
- * dtype. */
+/* Y[b][:] = W X[b][:] for b < batch, the Python layer's default plan (GpuCmpqTensor.matmul_into
+ * with no SPQR_GPU_PLAN override; the override is not read here), per slice of up to 16 rows on
+ * `stream` with no synchronisation: batch 1 -> spqr_cmpq_prepare_x, spqr_cmpq_mv1_b{B} (one
+ * launch per width present); 2-16 with f16 x and table_rows % 16 == 0 -> spqr_cmpq_prepare_xf,
+ * spqr_cmpq_tc_b{B}_nt{ceil(rows/8)} (one launch per width); otherwise (f32 / bf16 x, other
+ * table_rows) the first design, spqr_cmpq_prepare_x, spqr_cmpq_mm_nb{NB} (NB = 1,2,4,8,16 >=
+ * slice rows); then spqr_cmpq_finish_nb{NB}.  Tiles, k-splits, shared memory and grids of
+ * spqr_cmpq_plan.h (spqr_cmpq_plan_slice, the twin of _kernels.cmpq_slice / cmpq_launches; the
+ * tile table is built in the workspace by a small kernel).  X rows of ldx elements in
+ * in_dtype, Y rows of ldy elements in out_dtype (0 f32, 1 f16, 2 bf16).  Same kernels, tiles
+ * and splits as GpuCmpqTensor.matmul_into on the same device without SPQR_GPU_PLAN overrides,
+ * so the same bits.  Returns the launch error as an int (cudaError_t); cudaErrorInvalidValue
+ * for a bad dtype or runs table. */
 int spqr_cmpq_matmul(const spqr_cmpq_tensor *t, const void *x, int64_t ldx, int in_dtype,
                      void *y, int64_t ldy, int out_dtype, int batch, void *workspace,
                      void *stream);
