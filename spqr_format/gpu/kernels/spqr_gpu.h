@@ -577,7 +577,9 @@ size_t spqr_cmpq_workspace_bytes(const spqr_cmpq_tensor *t, int batch);
  * tile table is built in the workspace by a small kernel).  X rows of ldx elements in
  * in_dtype, Y rows of ldy elements in out_dtype (0 f32, 1 f16, 2 bf16).  Same kernels, tiles
  * and splits as GpuCmpqTensor.matmul_into on the same device without SPQR_GPU_PLAN overrides,
- * so the same bits.  Returns the launch error as an int (cudaError_t); cudaErrorInvalidValue
+ * so the same bits, except from batch 64 with f16 x, where the Python layer dequantizes and
+ * calls cuBLAS (_kernels.cmpq_dense; this launcher links no cuBLAS and keeps slicing: for
+ * prefill-sized batches, spqr_cmpq_dequantize + your GEMM is faster).  Returns the launch error as an int (cudaError_t); cudaErrorInvalidValue
  * for a bad dtype or runs table. */
 int spqr_cmpq_matmul(const spqr_cmpq_tensor *t, const void *x, int64_t ldx, int in_dtype,
                      void *y, int64_t ldy, int out_dtype, int batch, void *workspace,
