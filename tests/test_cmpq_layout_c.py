@@ -301,6 +301,7 @@ int64_t w_chunks(int b, int nb) { return spqr_cmpq_tile_chunks(b, nb); }
 int64_t w_tc_chunks(int b) { return spqr_cmpq_tc_tile_chunks(b); }
 int64_t w_tc_smem(int64_t nch, int b, int nt) { return spqr_cmpq_tc_tile_smem(nch, b, nt); }
 int w_path(int batch, int in_dtype, int64_t R) { return spqr_cmpq_path(batch, in_dtype, R); }
+int64_t w_dq_rows(int64_t m) { return spqr_cmpq_dq_rows_per_block(m); }
 /* the plan of a slice as i64 [11 + 5 * 8]: path, nb, nbp, rows, threads, target, cap, ntiles,
    smem, splits, ngroups, then per group bits, first, count, splits, split0; and, with tiles,
    its tile table [ntiles][8] */
@@ -335,8 +336,10 @@ def plan_lib(tmp_path_factory):
     src.write_text(PLAN_WRAPPER)
     so = build_shared(src, d / "libplan.so")
     i64 = ctypes.c_int64
-    for f in ("w_target", "w_target_rows", "w_splits", "w_chunks", "w_tc_chunks", "w_tc_smem"):
+    for f in ("w_target", "w_target_rows", "w_splits", "w_chunks", "w_tc_chunks", "w_tc_smem",
+              "w_dq_rows"):  # fmt: skip
         getattr(so, f).restype = i64
+    so.w_dq_rows.argtypes = [i64]
     so.w_target.argtypes = [i64, ctypes.c_int]
     so.w_target_rows.argtypes = [i64, ctypes.c_int, i64]
     so.w_splits.argtypes = [i64, i64, ctypes.c_int]
@@ -367,6 +370,11 @@ def test_plan_header_matches_python(plan_lib, monkeypatch):
             for nt in (1, 2):
                 assert so.w_tc_smem(nch, bits, nt) == CL.tc_tile_smem(nch, bits, nt)
     assert K.CMPQ_TC_ROWS == CL.TC_ROWS == 128
+    for m in (1, 31, 32, 33, 65535 * 32, 65535 * 32 + 1, 65535 * 33 - 1, 3 * 10**9):
+        rpb = so.w_dq_rows(m)
+        assert rpb == K.cmpq_dq_rows_per_block(m)
+        assert rpb % K.CMPQ_DQ_ROWS == 0 and -(-m // rpb) <= 65535
+        assert rpb == K.CMPQ_DQ_ROWS or -(-m // (rpb - K.CMPQ_DQ_ROWS)) > 65535
     for m in (1, 127, 128, 129, 255, 256, 257, 4096, 11008, 70000):
         for sms in (1, 108, 132):
             assert so.w_target(m, sms) == K.cmpq_target_tiles(m, sms)

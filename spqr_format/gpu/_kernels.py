@@ -554,7 +554,14 @@ CMPQ_NB = (1, 2, 4, 8, 16)  # batch columns per matmul launch (larger batches: s
 CMPQ_MAX_BATCH = CMPQ_NB[-1]
 CMPQ_ROWS = 256  # rows per block of spqr_cmpq_mm_* / spqr_cmpq_mv1_* (SPQR_CMPQ_ROWS)
 CMPQ_BLOCKS_PER_SM = 4  # override key cmpq_blocks_per_sm
-CMPQ_DQ_ROWS = 16  # rows per block of spqr_cmpq_dequant_* (at least m / 65535)
+CMPQ_DQ_ROWS = 32  # rows per step of spqr_cmpq_dequant_* (one per lane)
+CMPQ_DQ_COLS = 256  # output columns per block of spqr_cmpq_dequant_* (SPQR_CMPQ_DQ_COLS)
+
+
+def cmpq_dq_rows_per_block(m: int) -> int:
+    """Rows per block (grid.y) of spqr_cmpq_dequant_*: a multiple of CMPQ_DQ_ROWS, with at
+    most 65535 blocks down the rows."""
+    return CMPQ_DQ_ROWS * max(1, -(-(-(-m // 65535)) // CMPQ_DQ_ROWS))
 CMPQ_TC_ROWS = 128  # rows per block of spqr_cmpq_tc_* (SPQR_CMPQ_TC_ROWS), 128 threads
 CMPQ_BITS = range(1, 9)  # widths of the per-width kernels spqr_cmpq_mv1_b*, spqr_cmpq_tc_b*
 

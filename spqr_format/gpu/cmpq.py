@@ -176,9 +176,9 @@ class GpuCmpqTensor(_DeviceMatrix):
     def dequantize_into(self, out_ptr, ldo: int, out_code: int) -> None:
         m, n = self.shape
         oc = K.OUT_NAMES[out_code]
-        rpb = max(K.CMPQ_DQ_ROWS, -(-m // 65535))
+        rpb = K.cmpq_dq_rows_per_block(m)
         function(f"spqr_cmpq_dequant_{oc}")(
-            (-(-n // 256), -(-m // rpb)),
+            (-(-n // K.CMPQ_DQ_COLS), -(-m // rpb)),
             (256,),
             (self.codes, self.tables, self.runs, np.int32(self.runs_host.shape[0]),
              self.inv_perm, np.uint64(out_ptr), np.int64(ldo), np.int64(m), np.int64(n),

@@ -513,34 +513,113 @@ __device__ __forceinline__ void store_f16_value(void *out, i64 at, u32 h) {
     ((u16 *)out)[at] = f32_to_bf16(f16_to_f32(h));
 }
 
+// Where the code of stored column j lives (all rows): word w0[i] (and w0[i + m] when the code
+// straddles two words) of row i, shifted right by sh, masked; its table starts at toff.
+struct ColCode {
+  const u32 *w0;
+  int sh, bits;
+  bool straddle;
+  i64 toff;
+};
+
+__device__ __forceinline__ ColCode col_code(const u32 *__restrict__ codes,
+                                            const i64 *__restrict__ runs, int nruns, i64 j,
+                                            i64 m) {
+  int r = 0;
+  while (r + 1 < nruns && j >= runs[8 * (r + 1)]) ++r;
+  const i64 *rd = runs + 8 * r;
+  const i64 jloc = j - rd[0];
+  ColCode cc;
+  cc.bits = (int)rd[2];
+  const int bit = (int)(jloc & 31) * cc.bits;
+  cc.w0 = codes + rd[3] + (jloc >> 5) * cc.bits * m + (i64)(bit >> 5) * m;
+  cc.sh = bit & 31;
+  cc.straddle = cc.sh + cc.bits > 32;
+  cc.toff = rd[4] + (jloc << cc.bits);
+  return cc;
+}
+
+__device__ __forceinline__ u32 col_value(const ColCode &cc, const u16 *__restrict__ tables,
+                                         i64 trow, i64 i, i64 m) {
+  u32 q = ldg_u32(cc.w0 + i) >> cc.sh;
+  if (cc.straddle) q |= ldg_u32(cc.w0 + i + m) << (32 - cc.sh);
+  q &= (1u << cc.bits) - 1u;
+  return tables[trow + cc.toff + q];
+}
+
+template <int OUT>
+__device__ __forceinline__ u32 out_bits(u32 h) {  // the f16 bits h as OUT's bits
+  if (OUT == 0) return __float_as_uint(f16_to_f32(h));
+  if (OUT == 1) return h;
+  return f32_to_bf16(f16_to_f32(h));
+}
+
+// Dense part of the decode. Each block: SPQR_CMPQ_DQ_COLS (256) output columns, rows in steps of
+// 32 (lane = row, so the 32 rows' code words of a column are one 128-byte load and its table
+// one or two lines); warp w decodes columns 32w..32w+31 of the block into a shared tile, which
+// the warps then write out row by row, 128 bytes per store.  16-bit outputs pack two columns
+// into one 32-bit tile word (row pitch 129 words: both phases conflict-free).
+#define SPQR_CMPQ_DQ_COLS 256
 template <int OUT>
 __device__ __forceinline__ void dequant(const u32 *__restrict__ codes, const u16 *__restrict__ tables,
                                         const i64 *__restrict__ runs, int nruns,
                                         const u32 *__restrict__ inv_perm, void *out, i64 ldo, i64 m,
                                         i64 n, i64 R, i64 Lp, int rows_per_block) {
-  const i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= n) return;
-  const i64 j = inv_perm[c];
-  int r = 0;
-  while (r + 1 < nruns && j >= runs[8 * (r + 1)]) ++r;
-  const i64 *rd = runs + 8 * r;
-  const i64 jloc = j - rd[0];
-  const int B = (int)rd[2];
-  const i64 base = rd[3] + (jloc >> 5) * B * m;
-  const int bit = (int)(jloc & 31) * B;
-  const u32 *w0 = codes + base + (i64)(bit >> 5) * m;
-  const int sh = bit & 31;
-  const bool straddle = sh + B > 32;
-  const u32 mask = (1u << B) - 1u;
-  const i64 toff = rd[4] + (jloc << B);
-  const i64 ia = (i64)blockIdx.y * rows_per_block;
-  const i64 ib = ia + rows_per_block < m ? ia + rows_per_block : m;
-  for (i64 i = ia; i < ib; ++i) {
-    u32 q = w0[i] >> sh;
-    if (straddle) q |= w0[i + m] << (32 - sh);
-    q &= mask;
-    const i64 t = R ? i / R : 0;
-    store_f16_value<OUT>(out, i * ldo + c, tables[t * Lp + toff + q]);
+  constexpr int WORDS = OUT == 0 ? SPQR_CMPQ_DQ_COLS : SPQR_CMPQ_DQ_COLS / 2;  // per tile row
+  __shared__ u32 tile[32][WORDS + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const i64 c0 = (i64)blockIdx.x * SPQR_CMPQ_DQ_COLS;
+  const int ncols = (int)(n - c0 < SPQR_CMPQ_DQ_COLS ? n - c0 : SPQR_CMPQ_DQ_COLS);
+  const i64 ra = (i64)blockIdx.y * rows_per_block;
+  const i64 rb = ra + rows_per_block < m ? ra + rows_per_block : m;
+  for (i64 r0 = ra; r0 < rb; r0 += 32) {
+    const i64 i = r0 + lane;
+    const bool live = i < rb;
+    const i64 trow = live && R ? (i / R) * Lp : 0;
+    if (OUT == 0) {
+#pragma unroll 4
+      for (int k = 0; k < 32; ++k) {
+        const int cc = warp * 32 + k;
+        if (cc >= ncols) break;
+        const ColCode code = col_code(codes, runs, nruns, inv_perm[c0 + cc], m);
+        tile[lane][cc] = live ? out_bits<0>(col_value(code, tables, trow, i, m)) : 0u;
+      }
+    } else {
+#pragma unroll 4
+      for (int k = 0; k < 32; k += 2) {
+        const int cc = warp * 32 + k;
+        if (cc >= ncols) break;
+        const ColCode a = col_code(codes, runs, nruns, inv_perm[c0 + cc], m);
+        u32 lo = 0, hi = 0;
+        if (cc + 1 < ncols) {
+          const ColCode b = col_code(codes, runs, nruns, inv_perm[c0 + cc + 1], m);
+          if (live) hi = out_bits<OUT>(col_value(b, tables, trow, i, m));
+        }
+        if (live) lo = out_bits<OUT>(col_value(a, tables, trow, i, m));
+        tile[lane][cc >> 1] = lo | hi << 16;
+      }
+    }
+    __syncthreads();
+    for (int rr = warp; rr < 32; rr += SPQR_CMPQ_DQ_COLS / 32) {
+      const i64 ii = r0 + rr;
+      if (ii >= rb) break;
+      if (OUT == 0) {
+        float *o = (float *)out + ii * ldo + c0;
+        for (int cc = lane; cc < ncols; cc += 32) o[cc] = __uint_as_float(tile[rr][cc]);
+      } else {
+        u16 *o = (u16 *)out + ii * ldo + c0;
+        for (int w = lane; 2 * w < ncols; w += 32) {
+          const u32 v = tile[rr][w];
+          if (2 * w + 1 < ncols && (((size_t)(o + 2 * w)) & 3) == 0) {
+            *(u32 *)(o + 2 * w) = v;
+          } else {
+            o[2 * w] = (u16)v;
+            if (2 * w + 1 < ncols) o[2 * w + 1] = (u16)(v >> 16);
+          }
+        }
+      }
+    }
+    __syncthreads();
   }
 }
 

@@ -208,8 +208,7 @@ extern "C" int spqr_cmpq_dequantize(const spqr_cmpq_tensor* t, void* out, int64_
                                          &spqr_cmpq_dequant_outliers_bf16};
   if (out_dtype < 0 || out_dtype > 2) return cudaErrorInvalidValue;
   const int64_t m = t->m, n = t->n;
-  const int64_t need = ceil_div(m, 65535);
-  const int rpb = (int)(need > SPQR_CMPQ_DQ_ROWS ? need : SPQR_CMPQ_DQ_ROWS);
+  const int rpb = (int)spqr_cmpq_dq_rows_per_block(m);
   dense[out_dtype]<<<dim3((unsigned)ceil_div(n, 256), (unsigned)ceil_div(m, rpb)), 256, 0,
                      stream>>>(t->codes, t->tables, (const i64*)t->runs, (int)t->nruns,
                                t->inv_perm, out, ldo, m, n, t->table_rows, t->Lp, rpb);

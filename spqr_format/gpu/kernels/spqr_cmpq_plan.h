@@ -29,7 +29,8 @@
                                          spqr_cmpq_mm_* and spqr_cmpq_mv1_* (SPQR_CMPQ_ROWS) */
 #define SPQR_CMPQ_BLOCKS_PER_SM 4     /* _kernels.CMPQ_BLOCKS_PER_SM (no override in C) */
 #define SPQR_CMPQ_MAX_BATCH 16        /* _kernels.CMPQ_MAX_BATCH */
-#define SPQR_CMPQ_DQ_ROWS 16          /* _kernels.CMPQ_DQ_ROWS */
+#define SPQR_CMPQ_DQ_ROWS 32          /* _kernels.CMPQ_DQ_ROWS (spqr_cmpq_dequant_*: rows per
+                                         step, one per lane) */
 #define SPQR_CMPQ_RUN_FIELDS 8        /* i64 fields of a runs / tiles row */
 #define SPQR_CMPQ_MAX_RUNS 8          /* one run per width 1..8 */
 #define SPQR_CMPQ_TC_TILE_TABLE_CHUNKS 256 /* cmpq_layout.TC_TILE_TABLE_CHUNKS */
@@ -47,6 +48,14 @@
 /* _kernels.cmpq_nb: batch columns of the kernels for a slice of `batch` <= 16 rows */
 SPQR_CMPQ_HD static inline int spqr_cmpq_nb(int batch) {
   return batch <= 1 ? 1 : batch <= 2 ? 2 : batch <= 4 ? 4 : batch <= 8 ? 8 : 16;
+}
+
+/* _kernels.cmpq_dq_rows_per_block: rows per block (grid.y) of spqr_cmpq_dequant_*, a multiple
+ * of SPQR_CMPQ_DQ_ROWS with ceil(m / rows) <= 65535 */
+SPQR_CMPQ_HD static inline int64_t spqr_cmpq_dq_rows_per_block(int64_t m) {
+  const int64_t need = (m + 65534) / 65535;
+  const int64_t steps = (need + SPQR_CMPQ_DQ_ROWS - 1) / SPQR_CMPQ_DQ_ROWS;
+  return SPQR_CMPQ_DQ_ROWS * (steps > 1 ? steps : 1);
 }
 
 /* cmpq_layout.tile_chunks: chunks of one column tile of spqr_cmpq_mm_nb{nb} for width b */

@@ -265,8 +265,10 @@
  *                                  Lp, rows_per_block)
  *   Dense part of the decode, bit-exact (SPEC C-12.7): out[i*ldo + c] = tables[t(i)*Lp + ... +
  *   q] for the stored column inv_perm[c] (f16: the bits; f32: exact widening; bf16: RNE of
- *   that).  grid (ceil(n/256), ceil(m/rows_per_block)) with ceil(m/rows_per_block) <= 65535,
- *   block 256 (one thread per output column, rows_per_block rows each).
+ *   that).  grid (ceil(n/256), ceil(m/rows_per_block)) with rows_per_block a multiple of 32
+ *   and ceil(m/rows_per_block) <= 65535 (spqr_cmpq_dq_rows_per_block), block 256: each block
+ *   256 output columns, 32 rows at a time (lane = row, warp w decodes columns 32w..32w+31
+ *   into a shared tile, then the warps store it row by row).
  * spqr_cmpq_dequant_outliers_{f32|f16|bf16}(orows, ocol, oval, perm, out, ldo, m)
  *   Outlier pass (C-7.3): out[i*ldo + perm[ocol[k]]] = oval[k].  After the dense pass on the
  *   same stream; only with outliers.  grid ceil(m/8), block 256 (one warp per row).
