@@ -581,8 +581,8 @@ size_t spqr_cmpq_workspace_bytes(const spqr_cmpq_tensor *t, int batch);
  * and splits as GpuCmpqTensor.matmul_into on the same device without SPQR_GPU_PLAN overrides,
  * so the same bits, except from batch 64 with f16 x, where the Python layer dequantizes and
  * calls cuBLAS (_kernels.cmpq_dense; this launcher links no cuBLAS and keeps slicing: for
- * prefill-sized batches, spqr_cmpq_dequantize + your GEMM is faster).  Returns the launch error as an int (cudaError_t); cudaErrorInvalidValue
- * for a bad dtype or runs table. */
+ * prefill-sized batches, spqr_cmpq_dequantize + your GEMM is faster).  Returns the launch
+ * error as an int (cudaError_t); cudaErrorInvalidValue for a bad dtype or runs table. */
 int spqr_cmpq_matmul(const spqr_cmpq_tensor *t, const void *x, int64_t ldx, int in_dtype,
                      void *y, int64_t ldy, int out_dtype, int batch, void *workspace,
                      void *stream);
