@@ -52,6 +52,11 @@ def dq_rows() -> int:
     return plan.option("dq_rows", 2)
 
 
+def dense_slice_rows() -> int:
+    """Rows per slice of the bilevel dense path (override dense_slice_rows; 0: one slice)."""
+    return int(plan.option("dense_slice_rows", 0))
+
+
 def dq_oct() -> bool:
     """The octet dequantizer (no permutation) where it applies (override dq_oct=0: off)."""
     return bool(plan.option("dq_oct", 1))
@@ -561,7 +566,10 @@ CMPQ_DQ_COLS = 256  # output columns per block of spqr_cmpq_dequant_* (SPQR_CMPQ
 def cmpq_dq_rows_per_block(m: int) -> int:
     """Rows per block (grid.y) of spqr_cmpq_dequant_*: a multiple of CMPQ_DQ_ROWS, with at
     most 65535 blocks down the rows."""
-    return CMPQ_DQ_ROWS * max(1, -(-(-(-m // 65535)) // CMPQ_DQ_ROWS))
+    need = -(-m // 65535)
+    return CMPQ_DQ_ROWS * max(1, -(-need // CMPQ_DQ_ROWS))
+
+
 CMPQ_TC_ROWS = 128  # rows per block of spqr_cmpq_tc_* (SPQR_CMPQ_TC_ROWS), 128 threads
 CMPQ_BITS = range(1, 9)  # widths of the per-width kernels spqr_cmpq_mv1_b*, spqr_cmpq_tc_b*
 

@@ -371,13 +371,38 @@ class GpuTensor(_DeviceMatrix):
 
     def dequantize_into(self, out_ptr, ldo: int, out_code: int) -> None:
         """Raw-pointer form (for other frameworks): launches on CuPy's current stream."""
-        m, n = self.shape
+        self._dequantize_rows(0, self.m, out_ptr, ldo, out_code)
+
+    def row_slice_step(self) -> int:
+        """Rows [r0, r1) can be dequantized alone (:meth:`_dequantize_rows`) when r0 is a
+        multiple of this: the statistics tile height (packed statistics), else 1."""
+        return max(self.stats_group_size, 1) if self.stats_bits else 1
+
+    def _dequantize_rows(self, r0: int, r1: int, out_ptr, ldo: int, out_code: int) -> None:
+        """Rows r0..r1-1 of W into out (row r0 at out_ptr): every dequantizer indexes rows from
+        its arguments' start, so the row range is a matter of offset pointers (the code and
+        statistics rows, the statistics tiles, the outlier row offsets, whose entry indices
+        stay absolute). r0 must be a multiple of :meth:`row_slice_step`."""
+        if r0 % self.row_slice_step():
+            raise ValueError(f"row {r0} is not a multiple of {self.row_slice_step()}")
+        m, n = r1 - r0, self.n
         esz = 4 if out_code == 0 else 2
         layout = self._layout_args()
         out = (np.uint64(out_ptr), np.int64(ldo))
-        # the sections every dequantizer reads first
-        codes = (self.codes, self.stats, _ptr(self.stats2))
-        outliers = (_ptr(self.outlier_rows), _ptr(self.outlier_entries))
+        # the sections every dequantizer reads first, from row r0 on
+        code_words = int(layout[4])
+        stats_words = int(layout[5]) if self.stats_bits else self.geometry.groups
+        s2 = 0
+        if self.stats2 is not None:
+            s2 = int(_ptr(self.stats2)) + 2 * 4 * self.geometry.groups * (r0 // int(layout[1]))
+        codes = (
+            np.uint64(int(_ptr(self.codes)) + 4 * code_words * r0),
+            np.uint64(int(_ptr(self.stats)) + 4 * stats_words * r0),
+            np.uint64(s2),
+        )
+        orows = self.outlier_rows
+        orows = np.uint64(0) if orows is None else np.uint64(int(_ptr(orows)) + 4 * r0)
+        outliers = (orows, _ptr(self.outlier_entries))
 
         def launch(name: str, blocks: int, threads: int, smem: int, *args) -> None:
             fn = function(name)
@@ -469,8 +494,7 @@ class GpuTensor(_DeviceMatrix):
                 (m + 7) // 8,
                 256,
                 0,
-                self.outlier_rows,
-                self.outlier_entries,
+                *outliers,
                 _ptr(self.perm),
                 *out,
                 np.int64(m),
@@ -491,10 +515,20 @@ class GpuTensor(_DeviceMatrix):
                 self._decisions[key] = d
         return d
 
+    def dense_slice_rows(self) -> int:
+        """Rows per slice of the ``dense`` path: the whole tensor, or with ``dense_slice_rows=R``
+        (K.dense_slice_rows) slices of R rows rounded to :meth:`row_slice_step`, each
+        dequantized and multiplied before the next overwrites the same (L2-sized) buffer."""
+        r = K.dense_slice_rows()
+        if r <= 0 or r >= self.m:
+            return self.m
+        step = self.row_slice_step()
+        return min(self.m, step * -(-r // step))
+
     def dense_workspace_bytes(self, in_code: int = 1) -> int:
         """Bytes of the dequantized weights the ``dense`` path uses (input dtype, 256-aligned)."""
         esz = 4 if in_code == 0 else 2
-        return 256 * -(-(self.m * self.n * esz) // 256)
+        return 256 * -(-(self.dense_slice_rows() * self.n * esz) // 256)
 
     def workspace_bytes(self, batch: int, in_code: int = 1) -> int:
         """Workspace of :meth:`matmul_into` for ``batch`` rows of dtype code ``in_code``: the
@@ -941,21 +975,14 @@ class GpuTensor(_DeviceMatrix):
         if not int(ws_ptr):
             buf = cp.empty(need // 2, dtype=np.uint16)
             ws_ptr = buf.data.ptr
-        self.dequantize_into(int(ws_ptr), n, in_code)
-        gemm_rowmajor(
-            int(x_ptr),
-            int(ldx),
-            in_code,
-            int(ws_ptr),
-            n,
-            int(y_ptr),
-            int(ldy),
-            out_code,
-            batch,
-            m,
-            n,
-            tensor=self.name,
-        )
+        rows = self.dense_slice_rows()
+        ysz = 4 if out_code == 0 else 2
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            self._dequantize_rows(r0, r1, int(ws_ptr), n, in_code)
+            gemm_rowmajor(int(x_ptr), int(ldx), in_code, int(ws_ptr), n,
+                          int(y_ptr) + ysz * r0, int(ldy), out_code, batch, r1 - r0, n,
+                          tensor=self.name)  # fmt: skip
 
 
 _CUDA_TYPES = {0: 0, 1: 2, 2: 14}  # dtype code -> cudaDataType (R_32F, R_16F, R_16BF)
