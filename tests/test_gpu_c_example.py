@@ -22,9 +22,14 @@ if NVCC is None:
     pytest.skip("nvcc not found", allow_module_level=True)
 
 from spqr_format.api import save  # noqa: E402
+from spqr_format.codec import channel_mixed as cm  # noqa: E402
+from spqr_format.codec.bilevel import Outliers  # noqa: E402
+from spqr_format.codec.channel_mixed_ref import decode_channel_mixed  # noqa: E402
 from spqr_format.codec.reference import decode_bilevel  # noqa: E402
 from spqr_format.gpu import GpuTensor  # noqa: E402
-from spqr_format.gpu.synth import random_packed  # noqa: E402
+from spqr_format.gpu import plan as P  # noqa: E402
+from spqr_format.gpu.cmpq import GpuCmpqTensor  # noqa: E402
+from spqr_format.gpu.synth import random_channel_mixed_tensor, random_packed  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "c"
@@ -41,6 +46,18 @@ def make_x(n: int, seed: int) -> np.ndarray:
         r = s >> 33
         out[j] = (((r >> 30) & 1) << 15) | ((13 + (r >> 10) % 3) << 10) | (r & 0x3FF)
     return out.view(np.float16)
+
+
+def make_x32(n: int, seed: int) -> np.ndarray:
+    """The example's f32 input (make_x32 in spqr_matvec.cu), as uint32 bits."""
+    out = np.empty(n, dtype=np.uint32)
+    s = seed
+    mask = (1 << 64) - 1
+    for j in range(n):
+        s = (s * 6364136223846793005 + 1442695040888963407) & mask
+        r = s >> 33
+        out[j] = (((r >> 30) & 1) << 31) | ((125 + ((r >> 23) & 0x7F) % 3) << 23) | (r & 0x7FFFFF)
+    return out
 
 
 def fnv1a(y_bits: np.ndarray) -> str:
@@ -73,8 +90,10 @@ def binary(tmp_path_factory):
     out = tmp_path_factory.mktemp("cexample") / "spqr_matvec"
     cmd = [NVCC, "-O2", "-std=c++17", f"-arch={arch}", "-Xcompiler", "-ffp-contract=off"]
     cmd += ["-I", str(KDIR), str(EXAMPLE / "spqr_matvec.cu"), str(EXAMPLE / "spqr_reader.c")]
+    cmd += [str(EXAMPLE / "spqr_cmpq_ref.c")]
     cmd += [str(KDIR / "spqr_host.cu"), str(KDIR / "spqr_tc_host.cu")]
-    cmd += [str(KDIR / "spqr_tile_layout.c"), str(KDIR / "spqr_row_layout.c"), "-o", str(out)]
+    cmd += [str(KDIR / "spqr_tile_layout.c"), str(KDIR / "spqr_row_layout.c")]
+    cmd += [str(KDIR / "spqr_cmpq_host.cu"), str(KDIR / "spqr_cmpq_layout.c"), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     return out
@@ -160,3 +179,97 @@ def test_c_example_dequantize_matches_reference(binary, tmp_path, m, n, kw):
     w = decode_bilevel(p, "float16")
     assert digest == fnv1a_fast(w.view(np.uint16).ravel())
     assert total == pytest.approx(float(w.astype(np.float64).sum()), rel=1e-9)
+
+
+# --- channel_mixed ------------------------------------------------------------------------------
+
+CODE = {"f32": 0, "f16": 1, "bf16": 2}
+LINE = re.compile(
+    r"^matmul batch=(\d+) x=(\w+) y=(\w+) max_err/tol=(\S+) checksum fnv1a=([0-9a-f]{16})", re.M
+)
+
+
+def _cmpq_x(n: int, batch: int, seed: int, code: int) -> np.ndarray:
+    """X of the example (row b from seed + b) as the bits the example uploads."""
+    if code == 1:
+        return np.stack([make_x(n, seed + b).view(np.uint16) for b in range(batch)])
+    x32 = np.stack([make_x32(n, seed + b) for b in range(batch)])
+    return x32 if code == 0 else (x32 >> 16).astype(np.uint16)
+
+
+def _skips(t, m: int, n: int):
+    """Outliers far apart in one 16-row block: the stream needs skip entries."""
+    rows, cols = np.array([0, 0, m - 1], np.uint32), np.array([1, n - 2, n - 1], np.uint32)
+    t.outliers = Outliers(rows, cols, np.array([3.5, -0.0, -2.0], np.float16))
+    return t
+
+
+@pytest.mark.parametrize(
+    "m,n,kw",
+    [
+        (300, 1000, dict(outlier_density=0.02)),  # R = 0: tensor cores at batch 4 and 17
+        (37, 4096, dict(table_rows=16)),  # R = 16 (one short block), no outliers
+        (64, 512, dict(table_rows=7, outlier_density=0.3)),  # R % 16 != 0: the first design
+        (5, 70000, dict(widths=np.sort(np.arange(70000) % 2 + 2).astype(np.uint8))),  # u32 perm
+    ],
+)
+def test_c_example_channel_mixed(binary, tmp_path, monkeypatch, m, n, kw):
+    """`spqr_matvec FILE NAME SEED` on a channel_mixed tensor: the example's own checks pass
+    (spqr_cmpq_dequantize bit-exact with its CPU decode in f16 / f32 / bf16, spqr_cmpq_matmul
+    within SPEC C-7.6 of its fp64 product: "channel_mixed OK"), its dequantized weights are the
+    Python reference decoder's and its y are GpuCmpqTensor.matmul_into's (the same default
+    plan), bit for bit."""
+    monkeypatch.delenv(P.ENV, raising=False)  # the default plan, the one the C launcher runs
+    t = random_channel_mixed_tensor(m, n, seed=m, **kw)
+    if n > 65536:
+        t = _skips(t, m, n)
+    p = cm.pack(t)
+    path = tmp_path / "w.spqr"
+    save(path, {"layer.weight": p})
+    seed = 4242
+    res = subprocess.run([str(binary), str(path), "layer.weight", str(seed)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.rstrip().endswith("channel_mixed OK"), res.stdout
+    for name, dtype in (("f16", "float16"), ("f32", "float32"), ("bf16", "bfloat16")):
+        got = re.search(rf"^dequantize {name}: bit-exact .* fnv1a=([0-9a-f]{{16}})", res.stdout,
+                        re.M)  # fmt: skip
+        assert got, res.stdout
+        w = np.ascontiguousarray(decode_channel_mixed(p, dtype)).view(np.uint16).reshape(-1)
+        assert got.group(1) == fnv1a_fast(w), name
+    g = GpuCmpqTensor.from_packed(p)
+    cases = LINE.findall(res.stdout)
+    assert [(int(b), x, y) for b, x, y, _, _ in cases] == [
+        (1, "f16", "f16"), (4, "f16", "f16"), (17, "f16", "f16"), (3, "f32", "f32"),
+        (2, "bf16", "f32")]  # fmt: skip
+    for batch, xin, yout, ratio, digest in cases:
+        batch, cin, cout = int(batch), CODE[xin], CODE[yout]
+        assert float(ratio) <= 1.0
+        X = cp.asarray(_cmpq_x(n, batch, seed, cin))
+        Y = cp.zeros((batch, m), np.float32 if cout == 0 else np.uint16)
+        ws = cp.empty(max(1, g.workspace_bytes(batch, cin) // 4), np.float32)
+        g.matmul_into(X.data.ptr, n, cin, Y.data.ptr, m, cout, batch, ws.data.ptr)
+        cp.cuda.get_current_stream().synchronize()
+        assert digest == fnv1a_fast(cp.asnumpy(Y).view(np.uint16).reshape(-1)), (batch, xin)
+
+
+def test_c_example_channel_mixed_dq_and_refusals(binary, tmp_path):
+    """`dq` dequantizes only; `tc` is for bilevel tensors; a malformed channel_mixed tensor is
+    refused with the reader's message and status 1 before any launch."""
+    p = cm.pack(random_channel_mixed_tensor(20, 100, outlier_density=0.1, seed=1))
+    path = tmp_path / "w.spqr"
+    save(path, {"layer.weight": p})
+    res = subprocess.run([str(binary), str(path), "", "1", "dq"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 0 and "matmul" not in res.stdout, res.stdout + res.stderr
+    assert res.stdout.count("bit-exact") == 3 and "channel_mixed OK" in res.stdout
+    res = subprocess.run([str(binary), str(path), "layer.weight", "1", "tc"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 1 and "bilevel" in res.stderr
+    raw = bytearray(path.read_bytes())
+    raw[64 + 120 : 64 + 124] = (p.header.width_counts[0] + 1).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    res = subprocess.run([str(binary), str(path), "layer.weight"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 1 and res.stderr.startswith("E_BAD_FIELD"), res.stderr
+    assert "width_counts" in res.stderr and not res.stdout

@@ -124,7 +124,8 @@ def test_kernel_source_needs_no_host_headers(src):
 def test_host_launcher_and_c_example_compile(tmp_path):
     srcs = [K.HOST_SOURCE, K.KERNEL_DIR / "spqr_tc_host.cu", EXAMPLE_DIR / "spqr_matvec.cu"]
     srcs += [EXAMPLE_DIR / "spqr_reader.c", K.KERNEL_DIR / "spqr_tile_layout.c"]
-    srcs += [K.KERNEL_DIR / "spqr_row_layout.c"]
+    srcs += [K.KERNEL_DIR / "spqr_row_layout.c", EXAMPLE_DIR / "spqr_cmpq_ref.c"]
+    srcs += [EXAMPLE_DIR / "spqr_cmpq_cpu.c"]
 
     def build(src):
         lang = ["-x", "cu"] if src.suffix == ".cu" else []
