@@ -559,8 +559,17 @@ CMPQ_NB = (1, 2, 4, 8, 16)  # batch columns per matmul launch (larger batches: s
 CMPQ_MAX_BATCH = CMPQ_NB[-1]
 CMPQ_ROWS = 256  # rows per block of spqr_cmpq_mm_* / spqr_cmpq_mv1_* (SPQR_CMPQ_ROWS)
 CMPQ_BLOCKS_PER_SM = 4  # override key cmpq_blocks_per_sm
-CMPQ_DQ_ROWS = 32  # rows per step of spqr_cmpq_dequant_* (one per lane)
-CMPQ_DQ_COLS = 256  # output columns per block of spqr_cmpq_dequant_* (SPQR_CMPQ_DQ_COLS)
+CMPQ_DQ_ROWS = 32  # rows per step of spqr_cmpq_dequant_tile_* (one per lane)
+CMPQ_DQ_COLS = 256  # output columns per block of spqr_cmpq_dequant_{,tile_}* (SPQR_CMPQ_DQ_COLS)
+
+
+def cmpq_dq_name(out_name: str) -> str:
+    """The channel_mixed dequantizer: spqr_cmpq_dequant_* (one thread per output column, the
+    design verified on GPUs) or, with the override cmpq_dq_tile=1, spqr_cmpq_dequant_tile_*
+    (lane = row, coalesced code words, a shared tile written out row by row; written to lift
+    the first design's 12 % of the copy bandwidth, not yet run on a GPU)."""
+    tile = plan.option("cmpq_dq_tile", 0)
+    return f"spqr_cmpq_dequant_{'tile_' if tile else ''}{out_name}"
 
 
 def cmpq_dq_rows_per_block(m: int) -> int:
@@ -615,8 +624,9 @@ def cmpq_tc_name(bits: int, nt: int) -> str:
 
 # From this batch on a channel_mixed matmul dequantizes into the workspace and calls cuBLAS
 # instead of running the fused kernels on slices of 16 rows (whose time grows with the number
-# of slices); override key cmpq_dense_from (0: never). Measured: see cmpq_dense.
-CMPQ_DENSE_FROM = 64
+# of slices); override key cmpq_dense_from (0: never). 0 (off) until the path has run on a GPU;
+# the estimate below puts the crossover near 64.
+CMPQ_DENSE_FROM = 0
 
 
 def cmpq_dense(batch: int, in_code: int) -> bool:
@@ -679,7 +689,8 @@ def cmpq_kernel_names() -> list[str]:
     for b in CMPQ_BITS:
         names += [cmpq_mv1_name(b), cmpq_tc_name(b, 1), cmpq_tc_name(b, 2)]
     for oc in OUT_NAMES.values():
-        names += [f"spqr_cmpq_dequant_{oc}", f"spqr_cmpq_dequant_outliers_{oc}"]
+        names += [f"spqr_cmpq_dequant_{oc}", f"spqr_cmpq_dequant_tile_{oc}"]
+        names += [f"spqr_cmpq_dequant_outliers_{oc}"]
     return sorted(names)
 
 

@@ -177,7 +177,7 @@ class GpuCmpqTensor(_DeviceMatrix):
         m, n = self.shape
         oc = K.OUT_NAMES[out_code]
         rpb = K.cmpq_dq_rows_per_block(m)
-        function(f"spqr_cmpq_dequant_{oc}")(
+        function(K.cmpq_dq_name(oc))(
             (-(-n // K.CMPQ_DQ_COLS), -(-m // rpb)),
             (256,),
             (self.codes, self.tables, self.runs, np.int32(self.runs_host.shape[0]),

@@ -554,17 +554,19 @@ __device__ __forceinline__ u32 out_bits(u32 h) {  // the f16 bits h as OUT's bit
   return f32_to_bf16(f16_to_f32(h));
 }
 
-// Dense part of the decode. Each block: SPQR_CMPQ_DQ_COLS (256) output columns, rows in steps of
+// Dense part of the decode, second design (spqr_cmpq_dequant_tile_*, opt-in until it has run on
+// a GPU: override cmpq_dq_tile=1). Each block: SPQR_CMPQ_DQ_COLS (256) output columns, rows in steps of
 // 32 (lane = row, so the 32 rows' code words of a column are one 128-byte load and its table
 // one or two lines); warp w decodes columns 32w..32w+31 of the block into a shared tile, which
 // the warps then write out row by row, 128 bytes per store.  16-bit outputs pack two columns
 // into one 32-bit tile word (row pitch 129 words: both phases conflict-free).
 #define SPQR_CMPQ_DQ_COLS 256
 template <int OUT>
-__device__ __forceinline__ void dequant(const u32 *__restrict__ codes, const u16 *__restrict__ tables,
-                                        const i64 *__restrict__ runs, int nruns,
-                                        const u32 *__restrict__ inv_perm, void *out, i64 ldo, i64 m,
-                                        i64 n, i64 R, i64 Lp, int rows_per_block) {
+__device__ __forceinline__ void dequant_tile(const u32 *__restrict__ codes,
+                                             const u16 *__restrict__ tables,
+                                             const i64 *__restrict__ runs, int nruns,
+                                             const u32 *__restrict__ inv_perm, void *out, i64 ldo,
+                                             i64 m, i64 n, i64 R, i64 Lp, int rows_per_block) {
   constexpr int WORDS = OUT == 0 ? SPQR_CMPQ_DQ_COLS : SPQR_CMPQ_DQ_COLS / 2;  // per tile row
   __shared__ u32 tile[32][WORDS + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -620,6 +622,38 @@ __device__ __forceinline__ void dequant(const u32 *__restrict__ codes, const u16
       }
     }
     __syncthreads();
+  }
+}
+
+// Dense part of the decode, first design: one thread per output column, rows_per_block rows.
+template <int OUT>
+__device__ __forceinline__ void dequant(const u32 *__restrict__ codes, const u16 *__restrict__ tables,
+                                        const i64 *__restrict__ runs, int nruns,
+                                        const u32 *__restrict__ inv_perm, void *out, i64 ldo, i64 m,
+                                        i64 n, i64 R, i64 Lp, int rows_per_block) {
+  const i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  const i64 j = inv_perm[c];
+  int r = 0;
+  while (r + 1 < nruns && j >= runs[8 * (r + 1)]) ++r;
+  const i64 *rd = runs + 8 * r;
+  const i64 jloc = j - rd[0];
+  const int B = (int)rd[2];
+  const i64 base = rd[3] + (jloc >> 5) * B * m;
+  const int bit = (int)(jloc & 31) * B;
+  const u32 *w0 = codes + base + (i64)(bit >> 5) * m;
+  const int sh = bit & 31;
+  const bool straddle = sh + B > 32;
+  const u32 mask = (1u << B) - 1u;
+  const i64 toff = rd[4] + (jloc << B);
+  const i64 ia = (i64)blockIdx.y * rows_per_block;
+  const i64 ib = ia + rows_per_block < m ? ia + rows_per_block : m;
+  for (i64 i = ia; i < ib; ++i) {
+    u32 q = w0[i] >> sh;
+    if (straddle) q |= w0[i + m] << (32 - sh);
+    q &= mask;
+    const i64 t = R ? i / R : 0;
+    store_f16_value<OUT>(out, i * ldo + c, tables[t * Lp + toff + q]);
   }
 }
 
@@ -740,6 +774,13 @@ SPQR_CMPQ_TC_NT(8)
       int nruns, const u32 *__restrict__ inv_perm, void *out, i64 ldo, i64 m, i64 n, i64 R,     \
       i64 Lp, int rows_per_block) {                                                             \
     dequant<OUT>(codes, tables, runs, nruns, inv_perm, out, ldo, m, n, R, Lp, rows_per_block);  \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(SPQR_CMPQ_DQ_COLS) spqr_cmpq_dequant_tile_##NAME( \
+      const u32 *__restrict__ codes, const u16 *__restrict__ tables, const i64 *__restrict__ runs, \
+      int nruns, const u32 *__restrict__ inv_perm, void *out, i64 ldo, i64 m, i64 n, i64 R,     \
+      i64 Lp, int rows_per_block) {                                                             \
+    dequant_tile<OUT>(codes, tables, runs, nruns, inv_perm, out, ldo, m, n, R, Lp,             \
+                      rows_per_block);                                                          \
   }                                                                                             \
   extern "C" __global__ void spqr_cmpq_dequant_outliers_##NAME(                                 \
       const u32 *__restrict__ orows, const u32 *__restrict__ ocol, const u16 *__restrict__ oval, \
