@@ -36,28 +36,31 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "c"
 KDIR = Path(__file__).resolve().parents[1] / "spqr_format" / "gpu" / "kernels"
 
 
+def _lcg(n: int, seed: int):
+    """The example's 64-bit LCG (spqr_matvec.cu): the top 31 bits of each of n states."""
+    s, mask = seed, (1 << 64) - 1
+    for _ in range(n):
+        s = (s * 6364136223846793005 + 1442695040888963407) & mask
+        yield s >> 33
+
+
 def make_x(n: int, seed: int) -> np.ndarray:
     """The example's LCG input (see make_x in spqr_matvec.cu), as f16."""
-    out = np.empty(n, dtype=np.uint16)
-    s = seed
-    mask = (1 << 64) - 1
-    for j in range(n):
-        s = (s * 6364136223846793005 + 1442695040888963407) & mask
-        r = s >> 33
-        out[j] = (((r >> 30) & 1) << 15) | ((13 + (r >> 10) % 3) << 10) | (r & 0x3FF)
+    out = np.array(
+        [(((r >> 30) & 1) << 15) | ((13 + (r >> 10) % 3) << 10) | (r & 0x3FF)
+         for r in _lcg(n, seed)],
+        dtype=np.uint16,
+    )  # fmt: skip
     return out.view(np.float16)
 
 
 def make_x32(n: int, seed: int) -> np.ndarray:
     """The example's f32 input (make_x32 in spqr_matvec.cu), as uint32 bits."""
-    out = np.empty(n, dtype=np.uint32)
-    s = seed
-    mask = (1 << 64) - 1
-    for j in range(n):
-        s = (s * 6364136223846793005 + 1442695040888963407) & mask
-        r = s >> 33
-        out[j] = (((r >> 30) & 1) << 31) | ((125 + ((r >> 23) & 0x7F) % 3) << 23) | (r & 0x7FFFFF)
-    return out
+    return np.array(
+        [(((r >> 30) & 1) << 31) | ((125 + ((r >> 23) & 0x7F) % 3) << 23) | (r & 0x7FFFFF)
+         for r in _lcg(n, seed)],
+        dtype=np.uint32,
+    )  # fmt: skip
 
 
 def fnv1a(y_bits: np.ndarray) -> str:
