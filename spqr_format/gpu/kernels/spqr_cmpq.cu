@@ -633,28 +633,11 @@ __device__ __forceinline__ void dequant(const u32 *__restrict__ codes, const u16
                                         i64 n, i64 R, i64 Lp, int rows_per_block) {
   const i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= n) return;
-  const i64 j = inv_perm[c];
-  int r = 0;
-  while (r + 1 < nruns && j >= runs[8 * (r + 1)]) ++r;
-  const i64 *rd = runs + 8 * r;
-  const i64 jloc = j - rd[0];
-  const int B = (int)rd[2];
-  const i64 base = rd[3] + (jloc >> 5) * B * m;
-  const int bit = (int)(jloc & 31) * B;
-  const u32 *w0 = codes + base + (i64)(bit >> 5) * m;
-  const int sh = bit & 31;
-  const bool straddle = sh + B > 32;
-  const u32 mask = (1u << B) - 1u;
-  const i64 toff = rd[4] + (jloc << B);
+  const ColCode code = col_code(codes, runs, nruns, inv_perm[c], m);
   const i64 ia = (i64)blockIdx.y * rows_per_block;
   const i64 ib = ia + rows_per_block < m ? ia + rows_per_block : m;
-  for (i64 i = ia; i < ib; ++i) {
-    u32 q = w0[i] >> sh;
-    if (straddle) q |= w0[i + m] << (32 - sh);
-    q &= mask;
-    const i64 t = R ? i / R : 0;
-    store_f16_value<OUT>(out, i * ldo + c, tables[t * Lp + toff + q]);
-  }
+  for (i64 i = ia; i < ib; ++i)
+    store_f16_value<OUT>(out, i * ldo + c, col_value(code, tables, (R ? i / R : 0) * Lp, i, m));
 }
 
 template <int OUT>
