@@ -28,7 +28,6 @@ from spqr_format.gpu.tensor import (
     _upload,
     compiled,
     cp,
-    gemm_rowmajor,
 )
 
 _functions: dict[tuple[int, str], object] = {}
@@ -148,11 +147,6 @@ class GpuCmpqTensor(_DeviceMatrix):
         """(path, nb, nbp) of a slice of ``nbt`` rows: nb the kernel's batch columns, nbp
         those of x' f32 and of the partial sums (the finish kernel's NB)."""
         return K.cmpq_slice(nbt, in_code, self.table_rows)
-
-    def dense_workspace_bytes(self, in_code: int = 1) -> int:
-        """Bytes of the dequantized weights the dense path uses (input dtype, 256-aligned)."""
-        esz = 4 if in_code == 0 else 2
-        return 256 * -(-(self.m * self.n * esz) // 256)
 
     def workspace_bytes(self, batch: int, in_code: int = 1) -> int:
         """Bytes of workspace :meth:`matmul_into` needs for x of dtype code ``in_code``: from
@@ -291,10 +285,4 @@ class GpuCmpqTensor(_DeviceMatrix):
                 batch,
                 plan_option("cmpq_dense_from", K.CMPQ_DENSE_FROM),
             )
-        buf = None
-        if not int(ws_ptr):
-            buf = cp.empty(self.dense_workspace_bytes(in_code) // 2, dtype=np.uint16)
-            ws_ptr = buf.data.ptr
-        self.dequantize_into(int(ws_ptr), n, in_code)
-        gemm_rowmajor(int(x_ptr), int(ldx), in_code, int(ws_ptr), n, int(y_ptr), int(ldy),
-                      out_code, batch, m, n, tensor=self.name)  # fmt: skip
+        self._dequantize_gemm(x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr)

@@ -24,6 +24,7 @@ Needs CuPy and a CUDA device; imported lazily by :mod:`spqr_format.gpu`.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -222,6 +223,40 @@ class _DeviceMatrix:
         y = self.matmul(x.reshape(1, -1), out=None if out is None else out.reshape(1, -1))
         return y.reshape(-1)
 
+    # --- the dense path: dequantize into a workspace, then cuBLAS ------------------------
+    def dense_slice_rows(self) -> int:
+        """Rows the dense path dequantizes and multiplies at a time (here: all of them)."""
+        return self.m
+
+    def dense_workspace_bytes(self, in_code: int = 1) -> int:
+        """Bytes of the dequantized weights the dense path uses (input dtype, 256-aligned)."""
+        esz = 4 if in_code == 0 else 2
+        return 256 * -(-(self.dense_slice_rows() * self.n * esz) // 256)
+
+    def _dequantize_rows(self, r0: int, r1: int, out_ptr, ldo: int, out_code: int) -> None:
+        """Rows r0..r1-1 of W into out; here only the whole tensor."""
+        if (r0, r1) != (0, self.m):
+            raise ValueError(f"rows {r0}..{r1}: this tensor dequantizes only rows 0..{self.m}")
+        self.dequantize_into(out_ptr, ldo, out_code)
+
+    def _dequantize_gemm(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr):
+        """Per slice of :meth:`dense_slice_rows` rows: dequantize W (bit-exact, in x's dtype)
+        into the workspace (CuPy's pool when ``ws_ptr`` is 0), then one cuBLAS GEMM with f32
+        accumulation on the current stream (:func:`gemm_rowmajor`)."""
+        m, n = self.shape
+        buf = None
+        if not int(ws_ptr):
+            buf = cp.empty(self.dense_workspace_bytes(in_code) // 2, dtype=np.uint16)
+            ws_ptr = buf.data.ptr
+        rows = self.dense_slice_rows()
+        ysz = 4 if out_code == 0 else 2
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            self._dequantize_rows(r0, r1, int(ws_ptr), n, in_code)
+            gemm_rowmajor(int(x_ptr), int(ldx), in_code, int(ws_ptr), n,
+                          int(y_ptr) + ysz * r0, int(ldy), out_code, batch, r1 - r0, n,
+                          tensor=self.name)  # fmt: skip
+
 
 @dataclass
 class GpuTensor(_DeviceMatrix):
@@ -390,11 +425,12 @@ class GpuTensor(_DeviceMatrix):
         layout = self._layout_args()
         out = (np.uint64(out_ptr), np.int64(ldo))
         # the sections every dequantizer reads first, from row r0 on
-        code_words = int(layout[4])
-        stats_words = int(layout[5]) if self.stats_bits else self.geometry.groups
+        _, tile_rows, _, groups, code_words, stats_words = (int(v) for v in layout)
+        if not self.stats_bits:
+            stats_words = groups  # fp16 statistics: one u32 (scale, zero) per group
         s2 = 0
-        if self.stats2 is not None:
-            s2 = int(_ptr(self.stats2)) + 2 * 4 * self.geometry.groups * (r0 // int(layout[1]))
+        if self.stats2 is not None:  # u16 [tiles][groups][4]
+            s2 = int(_ptr(self.stats2)) + 2 * 4 * groups * (r0 // tile_rows)
         codes = (
             np.uint64(int(_ptr(self.codes)) + 4 * code_words * r0),
             np.uint64(int(_ptr(self.stats)) + 4 * stats_words * r0),
@@ -524,11 +560,6 @@ class GpuTensor(_DeviceMatrix):
             return self.m
         step = self.row_slice_step()
         return min(self.m, step * -(-r // step))
-
-    def dense_workspace_bytes(self, in_code: int = 1) -> int:
-        """Bytes of the dequantized weights the ``dense`` path uses (input dtype, 256-aligned)."""
-        esz = 4 if in_code == 0 else 2
-        return 256 * -(-(self.dense_slice_rows() * self.n * esz) // 256)
 
     def workspace_bytes(self, batch: int, in_code: int = 1) -> int:
         """Workspace of :meth:`matmul_into` for ``batch`` rows of dtype code ``in_code``: the
@@ -943,8 +974,8 @@ class GpuTensor(_DeviceMatrix):
             self._tc_finish(part, splits, 8 * nt, xt, bp, yb, ldy, out_code, nb)
 
     def _dense(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr, d) -> None:
-        """The ``dense`` path: dequantize W (bit-exact, in the input dtype) into the workspace,
-        then one cuBLAS GEMM with f32 accumulation on the current stream."""
+        """The ``dense`` path: the reason logged once, then :meth:`_dequantize_gemm` (in slices
+        of :meth:`dense_slice_rows` rows)."""
         m, n = self.shape
         fused = K.matvec_supported(self.bits, self.group_size) or self.tc is not None
         key = (self.name, self.shape, self.bits, self.group_size, self.stats_bits, d.reason)
@@ -970,19 +1001,7 @@ class GpuTensor(_DeviceMatrix):
                     batch,
                     d.reason,
                 )
-        need = self.dense_workspace_bytes(in_code)
-        buf = None
-        if not int(ws_ptr):
-            buf = cp.empty(need // 2, dtype=np.uint16)
-            ws_ptr = buf.data.ptr
-        rows = self.dense_slice_rows()
-        ysz = 4 if out_code == 0 else 2
-        for r0 in range(0, m, rows):
-            r1 = min(m, r0 + rows)
-            self._dequantize_rows(r0, r1, int(ws_ptr), n, in_code)
-            gemm_rowmajor(int(x_ptr), int(ldx), in_code, int(ws_ptr), n,
-                          int(y_ptr) + ysz * r0, int(ldy), out_code, batch, r1 - r0, n,
-                          tensor=self.name)  # fmt: skip
+        self._dequantize_gemm(x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr)
 
 
 _CUDA_TYPES = {0: 0, 1: 2, 2: 14}  # dtype code -> cudaDataType (R_32F, R_16F, R_16BF)
@@ -1046,7 +1065,17 @@ def gemm_rowmajor(
     )
 
 
-_bf16_kernel = []
+@functools.cache
+def _bf16_rounding():
+    """Elementwise f32 -> bf16 bits, round to nearest even, a NaN kept a (quiet) NaN."""
+    return cp.ElementwiseKernel(
+        "float32 x",
+        "uint16 y",
+        "unsigned int u = __float_as_uint(x);"
+        " y = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u)"
+        " : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);",
+        "spqr_round_f32_bf16",
+    )
 
 
 def _round_f32(out_code: int, y32, y16) -> None:
@@ -1054,19 +1083,8 @@ def _round_f32(out_code: int, y32, y16) -> None:
     even; a NaN stays a NaN."""
     if out_code == 1:
         y16.view(np.float16)[...] = y32
-        return
-    if not _bf16_kernel:
-        _bf16_kernel.append(
-            cp.ElementwiseKernel(
-                "float32 x",
-                "uint16 y",
-                "unsigned int u = __float_as_uint(x);"
-                " y = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u)"
-                " : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);",
-                "spqr_round_f32_bf16",
-            )
-        )
-    _bf16_kernel[0](y32, y16)
+    else:
+        _bf16_rounding()(y32, y16)
 
 
 _NP_TYPES = {0: np.float32, 1: np.float16, 2: np.uint16}  # bf16 travels as its bits
