@@ -203,7 +203,8 @@ def bench_shape(
             t2 = statistics.median(_time_graph(rec_deq, reps, stream)) / ncopy
             g0.dequantize_into(wout.data.ptr, n, 1)
             exact = bool(cp.array_equal(wout, ref_w))  # check 0: same bits, inf: wrong
-            deq_extra = dict(dequant_tile_us=t2 * 1e3, dequant_tile_check=0.0 if exact else math.inf)
+            deq_extra = dict(dequant_tile_us=t2 * 1e3,
+                             dequant_tile_check=0.0 if exact else math.inf)
         finally:
             os.environ[P.ENV] = base
 
