@@ -178,3 +178,12 @@ def bilevel_tensors(
         outlier_layout=layout,
         dtype=dtype,
     )
+
+
+def far_apart_outliers(m: int, n: int, last: float) -> Outliers:
+    """Three outliers far apart, two in row 0 and one in the last row, so that on wide rows
+    the outlier stream needs skip entries: (0, 1) = 3.5, (0, n - 2) = -0.0, (m - 1, n - 1) =
+    ``last``."""
+    rows = np.array([0, 0, m - 1], np.uint32)
+    cols = np.array([1, n - 2, n - 1], np.uint32)
+    return Outliers(rows, cols, np.array([3.5, -0.0, last], np.float16))

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from c_build import CC
+from strategies import far_apart_outliers
 
 from spqr_format.api import save
 from spqr_format.codec import channel_mixed as cm
-from spqr_format.codec.bilevel import Outliers
 from spqr_format.codec.channel_mixed_ref import decode_channel_mixed
 from spqr_format.gpu import _kernels as K
 from spqr_format.gpu.synth import random_channel_mixed_tensor, random_packed
@@ -67,13 +67,6 @@ def run(tool, path, *args, timeout=120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)  # fmt: skip
 
 
-def _skip_outliers(m: int, n: int) -> Outliers:
-    """Outliers far apart in one 16-row block, so that the stream needs skip entries."""
-    rows = np.array([0, 0, m - 1], np.uint32)
-    cols = np.array([1, n - 2, n - 1], np.uint32)
-    return Outliers(rows, cols, np.array([3.5, -0.0, 65504.0], np.float16))
-
-
 def _tensor(case: str):
     if case == "outliers":
         return random_channel_mixed_tensor(70, 333, outlier_density=0.05, seed=3)
@@ -84,7 +77,7 @@ def _tensor(case: str):
     if case == "u32_perm":  # n > 65536: u32 perm; outliers far apart: skip entries
         t = random_channel_mixed_tensor(5, 70000, widths=np.sort(np.arange(70000) % 2 + 2)
                                         .astype(np.uint8), seed=6)  # fmt: skip
-        t.outliers = _skip_outliers(5, 70000)
+        t.outliers = far_apart_outliers(5, 70000, last=65504.0)
         return t
     if case == "one_bit":
         return random_channel_mixed_tensor(1, 64, widths=np.ones(64, np.uint8), seed=7)

@@ -15,6 +15,7 @@ import numba
 import numpy as np
 import pytest
 from gpu_env import cupy_or_skip
+from strategies import far_apart_outliers
 
 cp = cupy_or_skip()
 NVCC = shutil.which("nvcc")
@@ -23,7 +24,6 @@ if NVCC is None:
 
 from spqr_format.api import save  # noqa: E402
 from spqr_format.codec import channel_mixed as cm  # noqa: E402
-from spqr_format.codec.bilevel import Outliers  # noqa: E402
 from spqr_format.codec.channel_mixed_ref import decode_channel_mixed  # noqa: E402
 from spqr_format.codec.reference import decode_bilevel  # noqa: E402
 from spqr_format.gpu import GpuTensor  # noqa: E402
@@ -200,13 +200,6 @@ def _cmpq_x(n: int, batch: int, seed: int, code: int) -> np.ndarray:
     return x32 if code == 0 else (x32 >> 16).astype(np.uint16)
 
 
-def _skips(t, m: int, n: int):
-    """Outliers far apart in one 16-row block: the stream needs skip entries."""
-    rows, cols = np.array([0, 0, m - 1], np.uint32), np.array([1, n - 2, n - 1], np.uint32)
-    t.outliers = Outliers(rows, cols, np.array([3.5, -0.0, -2.0], np.float16))
-    return t
-
-
 @pytest.mark.parametrize(
     "m,n,kw",
     [
@@ -225,7 +218,7 @@ def test_c_example_channel_mixed(binary, tmp_path, monkeypatch, m, n, kw):
     monkeypatch.delenv(P.ENV, raising=False)  # the default plan, the one the C launcher runs
     t = random_channel_mixed_tensor(m, n, seed=m, **kw)
     if n > 65536:
-        t = _skips(t, m, n)
+        t.outliers = far_apart_outliers(m, n, last=-2.0)
     p = cm.pack(t)
     path = tmp_path / "w.spqr"
     save(path, {"layer.weight": p})
