@@ -26,11 +26,10 @@ Lookup: the first entry whose GPU class, layout, shape class and batch range all
   mma.sync consumers of 32 rows x up to 64 batch columns per warp, slices of up to 128 columns;
   then the k-split path's finish kernel; built for batch 16-128).
 
-``tcp`` has not been measured yet: no entry of the table picks it, so the default plan runs the
-measured paths; ``SPQR_GPU_PLAN=path=tcp`` forces it and ``benchmarks/gpu_matvec.py
---compare-paths`` times it next to the fused and dense paths at every batch. Its crossovers
-against ``tc_split`` and ``dense`` (per GPU class and shape class) are to be filled into
-:func:`_entries` from that benchmark.
+``tcp`` is measured (H100, ``benchmarks/results/gpu-h100-2026-12-07-paths.json``) and loses:
+correct, but slower than ``tc_split`` at batch 16-64 (8192x28672: 106 against 86 us at 16,
+204 against 198 at 64), level with it at 128 and 5x cuBLAS at 512, so no entry picks it;
+``SPQR_GPU_PLAN=path=tcp`` forces it and ``benchmarks/gpu_matvec.py --compare-paths`` times it.
 
 Where the ``dense`` entries start (H200, session 9, ``gpu-h200-2026-11-23-s9.json``, us; dense =
 dequantize + cuBLAS fp16 of the same batch, both measured in that run): 4096x4096 fused 16.7 at
@@ -97,8 +96,7 @@ def _entries(gpu: str | None, measured: str) -> list[Entry]:
         Entry(gpu, "tc", ANY, 1, 8, "tcv", f"{measured}: one kernel up to 8 columns"),
         Entry(gpu, "tc", ("small",), 9, 48, "tc_split", f"{measured}: 4096x4096 b16 16.7 us"),
         Entry(gpu, "tc", big, 9, 64, "tc_split", f"{measured}: b64 fused < dense on 5 shapes"),
-        # "tcp" (spqr_tcp_*, batch 16-128) goes here once benchmarks/gpu_matvec.py
-        # --compare-paths has measured where it beats tc_split and dense (unmeasured: not picked)
+        # "tcp" (spqr_tcp_*) is not picked: slower than tc_split at batch 16-64 on an H100
         Entry(gpu, "tc", ANY, 1, BATCH_MAX, "dense", f"{measured}: dequantize + cuBLAS"),
         Entry(gpu, "simt", ANY, 1, 1, "mv1", f"{measured}: row sweep"),
         Entry(gpu, "simt", ANY, 2, 3, "simt", f"{measured}: SIMT slices of 2/4"),
