@@ -291,6 +291,14 @@ def quantize_model(
     implementation = _implementation(torch, dev)
     weight_files = hf.check_model_dir(model_dir)
     hf_config = hf.load_config(model_dir)
+    if getattr(hf_config, "is_encoder_decoder", False):
+        arch = ", ".join(getattr(hf_config, "architectures", None) or []) or hf_config.model_type
+        raise BadInputError(
+            f"{arch} is an encoder-decoder model: quantize-model walks one stack of repeated "
+            "blocks fed by the input tokens (decoder-only or encoder-only models), so it "
+            "does not support encoder-decoder models",
+            path=model_dir,
+        )
     max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(
         hf_config, "n_positions", None
     )
