@@ -54,11 +54,16 @@ def is_conv1d(module) -> bool:
 
 def find_blocks(model) -> tuple[str, list]:
     """``(prefix, blocks)``: the longest ``nn.ModuleList`` of modules of one class (ties go to
-    the first in module order). Raises ``BadInputError`` when the model has none."""
+    the first in module order) that is not inside another ``nn.ModuleList`` (the experts of a
+    block, 64 of them in 16 blocks in OLMoE, are not the blocks). Raises ``BadInputError`` when
+    the model has none."""
     torch = require_torch()
     best_name, best = None, None
+    lists = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0:
+            continue
+        if any(name.startswith(f"{outer}.") for outer in lists if outer):
             continue
         kinds = {type(m) for m in mod}
         if len(kinds) != 1:
