@@ -150,10 +150,13 @@ def test_cmpq_path_per_slice(monkeypatch):
 
 def test_cmpq_dense_from(monkeypatch):
     """channel_mixed: dequantize + cuBLAS from cmpq_dense_from rows of f16 x on (bf16 W
-    would leave C-7.6, so bf16 / f32 x stay on the fused kernels); off by default
-    (K.CMPQ_DENSE_FROM = 0) until it has run on a GPU."""
+    would leave C-7.6, so bf16 / f32 x stay on the fused kernels); by default from the
+    measured crossover K.CMPQ_DENSE_FROM."""
     monkeypatch.delenv(P.ENV, raising=False)
-    assert K.CMPQ_DENSE_FROM == 0 and not any(K.cmpq_dense(b, 1) for b in (1, 64, 1 << 20))
+    d = K.CMPQ_DENSE_FROM
+    assert 16 < d <= 128  # never for the batch 1-16 fused kernels' own range
+    assert [K.cmpq_dense(b, 1) for b in (1, 16, d - 1, d, 1 << 20)] == [0, 0, 0, 1, 1]
+    assert not any(K.cmpq_dense(1 << 20, c) for c in (0, 2))
     monkeypatch.setenv(P.ENV, "cmpq_dense_from=17")
     assert [K.cmpq_dense(b, 1) for b in (1, 16, 17, 4096)] == [False, False, True, True]
     assert not any(K.cmpq_dense(4096, c) for c in (0, 2))
@@ -163,9 +166,9 @@ def test_cmpq_dense_from(monkeypatch):
 
 def test_cmpq_dequantizer_choice(monkeypatch):
     monkeypatch.delenv(P.ENV, raising=False)
-    assert K.cmpq_dq_name("f16") == "spqr_cmpq_dequant_f16"
-    monkeypatch.setenv(P.ENV, "cmpq_dq_tile=1")
     assert K.cmpq_dq_name("bf16") == "spqr_cmpq_dequant_tile_bf16"
+    monkeypatch.setenv(P.ENV, "cmpq_dq_tile=0")
+    assert K.cmpq_dq_name("f16") == "spqr_cmpq_dequant_f16"
     assert set(K.cmpq_kernel_names()) >= {"spqr_cmpq_dequant_tile_f32", "spqr_cmpq_dequant_f32"}
 
 

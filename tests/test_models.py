@@ -73,7 +73,14 @@ def test_cli_preset_names_match_the_presets():
     assert tuple(PRESETS) == PRESET_NAMES
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "bert"])
+FAMILIES = ["llama", "qwen2", "gpt2", "opt", "bert", "llama-tied", "phi3", "gemma2", "gpt_neox",
+            "falcon", "bloom", "gptj", "mixtral", "qwen2_moe", "gpt_oss"]  # fmt: skip
+# what stays raw inside the blocks besides 1-D tensors: mixture-of-experts routing (routers,
+# Qwen2-MoE's shared_expert_gate) and GPT-OSS's expert biases [E, out]
+ROUTING = ("gate", "router", "shared_expert_gate")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_quantize_load_exact(family, model_dir, corpus, tmp_path):
     mdir = model_dir(family)
     out = tmp_path / "m.spqr"
@@ -82,17 +89,22 @@ def test_quantize_load_exact(family, model_dir, corpus, tmp_path):
 
     ref = hf.load_hf_model(str(mdir))
     prefix, blocks = find_blocks(ref)
-    expected_q = {
-        f"{prefix}.{i}.{lay.name}.weight": lay.transposed
-        for i, b in enumerate(blocks)
-        for lay in find_linears(b)
-    }
+    layers = {f"{prefix}.{i}.{lay.key}": (i, lay) for i, b in enumerate(blocks)
+              for lay in find_linears(b)}  # fmt: skip
+    expected_q = {name: lay.transposed for name, (_, lay) in layers.items()}
     assert len(expected_q) == len(blocks) * len(find_linears(blocks[0])) >= 8
+    sd = ref.state_dict()
+    stacked = {f"{prefix}.{i}.{lay.state_key}": sd[f"{prefix}.{i}.{lay.state_key}"].shape[0]
+               for name, (i, lay) in layers.items() if lay.expert is not None}  # fmt: skip
+    assert bool(stacked) == (family in ("mixtral", "qwen2_moe", "gpt_oss"))
     with spqr_format.open(out) as f:
         infos = {i.name: i for i in f.infos()}
         for name, info in infos.items():
             assert info.encoding == ("bilevel" if name in expected_q else "raw"), name
+            if name.startswith(f"{prefix}.") and name not in expected_q and len(info.shape) > 1:
+                assert name.split(".")[-2] in ROUTING or name.endswith("_bias"), name
         assert set(expected_q) <= set(infos)
+        assert f.metadata.get("model.stacked", {}) == stacked
         meta = f.metadata
         assert meta["model.architecture"] == tm.ARCH[family]
         assert meta["model.config"]["model_type"] == ref.config.model_type
@@ -105,9 +117,10 @@ def test_quantize_load_exact(family, model_dir, corpus, tmp_path):
         assert sorted(meta["model.transposed"]) == sorted(n for n, t in expected_q.items() if t)
         # The reference: the original model with the dequantized weights put in.
         sd = ref.state_dict()
-        for name, transposed in expected_q.items():
+        for name, (i, lay) in layers.items():
             w = torch.from_numpy(f.decode(name, "float32"))
-            sd[name].copy_(w.t() if transposed else w)
+            dst = sd[f"{prefix}.{i}.{lay.state_key}"]
+            (dst if lay.expert is None else dst[lay.expert]).copy_(w.t() if lay.transposed else w)
     assert [r["encoding"] for r in res.reports].count("bilevel") == len(expected_q)
 
     loaded = load_model(out, mdir)
@@ -120,6 +133,8 @@ def test_quantize_load_exact(family, model_dir, corpus, tmp_path):
         a = ref(input_ids=x).logits
         b = loaded(input_ids=x).logits
     assert torch.equal(a, b)
+    if ref.config.tie_word_embeddings:  # still one tensor
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
 
 
 def test_fp16_model_keeps_its_dtype(model_dir, corpus, tmp_path):
@@ -132,15 +147,22 @@ def test_fp16_model_keeps_its_dtype(model_dir, corpus, tmp_path):
     assert {p.dtype for p in m.parameters()} == {torch.float16}
 
 
-def test_quantize_lm_head(model_dir, corpus, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "llama-tied"])
+def test_quantize_lm_head(family, model_dir, corpus, tmp_path):
     out = tmp_path / "head.spqr"
-    _quantize(model_dir("llama"), out, corpus, preset="rtn-4bit-g128", quantize_lm_head=True)
+    mdir = model_dir(family)
+    _quantize(mdir, out, corpus, preset="rtn-4bit-g128", quantize_lm_head=True)
     with spqr_format.open(out) as f:
         assert f.info("lm_head.weight").encoding == "bilevel"
         assert f.info("model.embed_tokens.weight").encoding == "raw"
         w = f.decode("lm_head.weight", "float32")
+        assert f.metadata["model.tied"] == {}
     m = load_model(out)
     assert np.array_equal(m.lm_head.weight.detach().numpy(), w)
+    # a tied lm_head is untied: the embeddings keep their original values
+    emb = hf.load_hf_model(str(mdir)).model.embed_tokens.weight
+    assert torch.equal(m.model.embed_tokens.weight, emb)
+    assert not m.config.tie_word_embeddings
 
 
 def test_resume_is_byte_identical(model_dir, corpus, tmp_path):
@@ -311,10 +333,156 @@ def test_bad_inputs(model_dir, corpus, tmp_path):
                     "--stride")  # fmt: skip
     _one_line_error(run(main, ["eval", str(model_dir("bert")), "--ppl", str(corpus)]),
                     "causal language model")  # fmt: skip
+    # encoder-decoder: refused before any work (not half of the model quantized)
+    _one_line_error(q(str(model_dir("t5")), *base), "encoder-decoder", "T5ForConditionalGeneration")
     out3 = str(tmp_path / "y.spqr")
     _one_line_error(q(mdir, "-o", out3, "--calib", str(corpus), "--eval-ppl",
                       str(tmp_path / "none.txt")), "none.txt")  # fmt: skip
     assert not os.path.exists(out3)
+
+
+@pytest.fixture(scope="module")
+def starved_mixtral(tmp_path_factory, corpus):
+    """A tiny Mixtral (6 experts, top 2) whose routers never choose experts 4 and 5: rows
+    0-3 come in opposite pairs (w, -w), so the two best logits are |x.w0| and |x.w2| >= 0,
+    and rows 4 and 5 are zero (logit 0, never strictly above them)."""
+    d = tmp_path_factory.mktemp("starved-mixtral")
+    text = corpus.read_text(encoding="utf-8")
+    tok = tm.make_tokenizer(text)
+    config = tm.make_config("mixtral", len(tok))
+    config.num_local_experts = 6
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            w[1], w[3] = -w[0], -w[2]
+            w[4:] = 0
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+STARVED = {f"model.layers.{i}.mlp.experts.{p}[{e}]" for i in (0, 1) for e in (4, 5)
+           for p in ("gate_up_proj", "down_proj")}  # fmt: skip
+
+
+def _check_starved(rows, enc="bilevel"):
+    """Experts 4 and 5 saw no token: encoded anyway with an identity Hessian, reported."""
+    experts = {r["name"]: r for r in rows if "experts" in r["name"]}
+    assert len(experts) == 2 * 2 * 6 and {r["encoding"] for r in experts.values()} == {enc}
+    assert {n for n, r in experts.items() if r["calibration_tokens"] == 0} == STARVED
+    for n, r in experts.items():
+        if n in STARVED:
+            assert r["fallback"] and "identity Hessian" in r["warning"], r
+            assert r["relative_output_error"] is None
+            assert 0 < r["relative_weight_error"] < 0.5  # quantized, not zeroed
+        else:
+            assert r["calibration_tokens"] > 0 and r["relative_output_error"] is not None
+
+
+def test_moe_experts_without_calibration_tokens(starved_mixtral, corpus, tmp_path):
+    """The user's commands on a mixture of experts whose router sends no calibration token to
+    some experts: quantize-model encodes them with an identity Hessian (no error), says so,
+    and the file evaluates and loads back exactly."""
+    mdir, out = str(starved_mixtral), str(tmp_path / "moe.spqr")
+    r = CliRunner().invoke(main, ["quantize-model", mdir, "-o", out, "--calib", str(corpus),
+                                  "--samples", str(SAMPLES), "--seq-len", str(SEQ)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert r.output.count("no calibration tokens: identity Hessian") == len(STARVED)
+    assert "32 quantized layers" in r.output  # 2 x (4 attention + 2 x 6 experts)
+    with spqr_format.open(out) as f:
+        meta = f.metadata
+        _check_starved(meta["encoder.report"])
+        assert f.info("model.layers.0.mlp.gate.weight").encoding == "raw"  # the router
+        decoded = torch.from_numpy(np.stack([f.decode(f"model.layers.1.mlp.experts.down_proj[{e}]",
+                                                      "float32") for e in range(6)]))  # fmt: skip
+    assert meta["model.stacked"]["model.layers.1.mlp.experts.down_proj"] == 6
+    loaded = load_model(out, mdir)
+    assert torch.equal(loaded.model.layers[1].mlp.experts.down_proj, decoded)
+    r = CliRunner().invoke(main, ["eval", mdir, out, "--ppl", str(corpus), "--seq-len", "64",
+                                  "--max-tokens", "600", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    fp, q = (d["perplexity"] for d in json.loads(r.stdout))
+    assert math.isfinite(q) and abs(q / fp - 1) < 0.05, (fp, q)
+
+
+def test_moe_experts_without_tokens_cmpq_and_torch_encoder(starved_mixtral, corpus, tmp_path,
+                                                           monkeypatch):  # fmt: skip
+    """CMPQ (which needs activation statistics) and the torch encoder of --device cuda (run on
+    torch's CPU) take the same identity Hessian for the starved experts."""
+    from spqr_format.codec.cmpq import CmpqConfig
+    from spqr_format.models import pipeline
+
+    res = _quantize(starved_mixtral, tmp_path / "c.spqr", corpus,
+                    config=CmpqConfig(target_bits=5.0))  # fmt: skip
+    _check_starved(res.reports, "channel_mixed")
+    monkeypatch.setattr(pipeline, "_encoder_device", lambda d: None if d == "cpu" else
+                        torch.device("cpu"))  # fmt: skip
+    res = _quantize(starved_mixtral, tmp_path / "t.spqr", corpus, device="torch-cpu")
+    _check_starved(res.reports)
+
+
+def test_moe_list_of_experts_without_tokens(model_dir, corpus, tmp_path, monkeypatch):
+    """transformers 4's layout: experts as an nn.ModuleList of MLPs of nn.Linear, the router
+    an nn.Linear beside them. The router stays raw; experts it never chooses are encoded with
+    an identity Hessian, as stacked ones are."""
+    nn = torch.nn
+
+    class Expert(nn.Module):
+        def __init__(self, gate_up, down):
+            super().__init__()
+            inter = down.shape[1]
+            self.w1, self.w3 = nn.Linear(gate_up.shape[1], inter, bias=False), nn.Linear(
+                gate_up.shape[1], inter, bias=False)  # fmt: skip
+            self.w2 = nn.Linear(inter, down.shape[0], bias=False)
+            self.w1.weight.data, self.w3.weight.data = gate_up[:inter], gate_up[inter:]
+            self.w2.weight.data = down
+
+        def forward(self, x):
+            return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+    class ListMoe(nn.Module):
+        def __init__(self, moe):
+            super().__init__()
+            n = moe.experts.num_experts
+            self.gate = nn.Linear(moe.gate.weight.shape[1], n, bias=False)
+            self.gate.weight.data = moe.gate.weight.data.clone()
+            w = self.gate.weight.data
+            w[1], w[2:] = -w[0], 0  # top 1 of (a, -a, 0, 0): experts 2 and 3 never chosen
+            self.experts = nn.ModuleList(
+                Expert(moe.experts.gate_up_proj.data[e].clone(),
+                       moe.experts.down_proj.data[e].clone()) for e in range(n))  # fmt: skip
+
+        def forward(self, h):
+            x = h.reshape(-1, h.shape[-1])
+            w, idx = torch.topk(torch.softmax(self.gate(x), -1), 1, dim=-1)
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                rows, slot = torch.where(idx == e)
+                if len(rows):  # as transformers 4 does: an expert without tokens is not run
+                    out.index_add_(0, rows, w[rows, slot, None] * expert(x[rows]))
+            return out.reshape(h.shape)
+
+    real = hf.load_hf_model
+
+    def load_as_list(path, **kw):
+        m = real(path, **kw)
+        for layer in m.model.layers:
+            layer.mlp = ListMoe(layer.mlp)
+        return m
+
+    from spqr_format.models import pipeline
+
+    monkeypatch.setattr(pipeline.hf, "load_hf_model", load_as_list)
+    res = _quantize(model_dir("mixtral"), tmp_path / "l.spqr", corpus)
+    rows = {r["name"]: r for r in res.reports}
+    assert rows["model.layers.0.mlp.gate.weight"]["encoding"] == "raw"
+    experts = {n: r for n, r in rows.items() if ".experts." in n}
+    assert len(experts) == 2 * 4 * 3 and {r["encoding"] for r in experts.values()} == {"bilevel"}
+    starved = {n for n, r in experts.items() if r["calibration_tokens"] == 0}
+    assert starved and starved == {n for n in experts if n.split(".")[5] in ("2", "3")}, starved
+    assert all(experts[n]["fallback"] for n in starved)
 
 
 def test_walker_refuses_a_model_without_blocks():

@@ -65,11 +65,45 @@ def make_config(family: str, vocab_size: int):
     if family == "bert":
         return tf.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, max_position_embeddings=256, **common)
+    # Llama-like families: the same sizes, grouped-query attention
+    like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, **common)
+    if family == "llama-tied":
+        return tf.LlamaConfig(tie_word_embeddings=True, **like)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(pad_token_id=1, **like)
+    if family == "gemma2":  # soft-capping, sliding windows, tied embeddings
+        return tf.Gemma2Config(head_dim=16, **like)
+    if family == "mixtral":  # stacked experts [E, out, in], router a parameter
+        return tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **like)
+    if family == "qwen2_moe":  # stacked experts, a shared expert and its gate (nn.Linear)
+        return tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=64, **like)
+    if family == "gpt_oss":  # stacked experts stored [E, in, out], with biases
+        return tf.GptOssConfig(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                               pad_token_id=1, **like)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(**{k: v for k, v in like.items() if k != "num_key_value_heads"})
+    if family == "falcon":
+        return tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               **common)
+    if family == "bloom":
+        return tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **common)
+    if family == "gptj":
+        return tf.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256,
+                             **common)
+    if family == "t5":  # encoder-decoder: refused by quantize-model
+        return tf.T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, **common)
     raise ValueError(family)
 
 
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel",
-        "opt": "OPTForCausalLM", "bert": "BertForMaskedLM"}
+        "opt": "OPTForCausalLM", "bert": "BertForMaskedLM", "llama-tied": "LlamaForCausalLM",
+        "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+        "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+        "gpt_oss": "GptOssForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
+        "falcon": "FalconForCausalLM", "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM",
+        "t5": "T5ForConditionalGeneration"}  # fmt: skip
 
 
 def build_model(family: str, out_dir, text: str, *, seed: int = 0, train_steps: int = 0,

@@ -564,11 +564,12 @@ CMPQ_DQ_COLS = 256  # output columns per block of spqr_cmpq_dequant_{,tile_}* (S
 
 
 def cmpq_dq_name(out_name: str) -> str:
-    """The channel_mixed dequantizer: spqr_cmpq_dequant_* (one thread per output column, the
-    design verified on GPUs) or, with the override cmpq_dq_tile=1, spqr_cmpq_dequant_tile_*
-    (lane = row, coalesced code words, a shared tile written out row by row; written to lift
-    the first design's 12 % of the copy bandwidth, not yet run on a GPU)."""
-    tile = plan.option("cmpq_dq_tile", 0)
+    """The channel_mixed dequantizer: spqr_cmpq_dequant_tile_* (lane = row, coalesced code
+    words, a shared tile written out row by row), the default since its H100 run (bit-exact
+    with the first design; 960 / 948 us against 2758 / 1469 us on 8192x28672 / 28672x8192 at
+    2.5 bits/weight, benchmarks/results/gpu-h100-2026-12-07.md), or with the override
+    cmpq_dq_tile=0 spqr_cmpq_dequant_* (the first design: one thread per output column)."""
+    tile = plan.option("cmpq_dq_tile", 1)
     return f"spqr_cmpq_dequant_{'tile_' if tile else ''}{out_name}"
 
 
@@ -624,17 +625,17 @@ def cmpq_tc_name(bits: int, nt: int) -> str:
 
 # From this batch on a channel_mixed matmul dequantizes into the workspace and calls cuBLAS
 # instead of running the fused kernels on slices of 16 rows (whose time grows with the number
-# of slices); override key cmpq_dense_from (0: never). 0 (off) until the path has run on a GPU;
-# the estimate below puts the crossover near 64.
-CMPQ_DENSE_FROM = 0
+# of slices); override key cmpq_dense_from (0: never). H100, 2.5 bits/weight, 70B shapes
+# (gpu-h100-2026-12-07.md, same run): fused 359 / 329 us at batch 16 and 1414 / 1310 at 64
+# (~21 us per row more), tiled dequantize 960 / 948 + cuBLAS 165: equal near batch 52.
+CMPQ_DENSE_FROM = 52
 
 
 def cmpq_dense(batch: int, in_code: int) -> bool:
     """Whether a channel_mixed matmul of ``batch`` rows of x in dtype ``in_code`` takes
     dequantize + cuBLAS. f16 x only: W in f16 is exact, while W rounded to bf16 (2^-8 per
     product) would leave SPEC C-7.6's bound and an f32 GEMM is slower than the fused kernels.
-    H100, 2.5 bits/weight, 70B shapes: the fused kernels cost ~360 us per slice of 16 rows,
-    dequantize ~1.4 ms + cuBLAS ~0.2 ms, so dense wins from about 4-5 slices on."""
+    (CMPQ_DENSE_FROM: where the measured times cross.)"""
     d = plan.option("cmpq_dense_from", CMPQ_DENSE_FROM)
     return in_code == 1 and d > 0 and batch >= d
 

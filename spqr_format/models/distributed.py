@@ -218,13 +218,17 @@ class Group:
 
 def collect_hessians(torch, group: Group, mods, run_window, window_ids: list[int],
                      n_windows: int, dev=None) -> dict:  # fmt: skip
-    """Hessians of ``mods`` (``[(name, module, in_features)]``) in the fixed chunk order.
+    """Hessians of ``mods`` (``[(name, layer)]``, each layer a
+    :class:`~spqr_format.models.walker.LinearLayer`) in the fixed chunk order.
 
     ``run_window(i)`` runs this rank's ``i``-th window (``window_ids[i]``) through the code
     whose forward hooks record the layers' inputs. Returns ``{name: accumulator}`` for
     the layers this rank owns (``group.owner(j)``). ``dev`` (a torch device: the GPU encoder)
     accumulates on that device (:class:`~spqr_format.codec.gptq_torch.HessianAccumulatorTorch`,
-    float64, one GEMM per window; layers fed one tensor share its product); None: numpy."""
+    float64, one GEMM per window; layers fed one tensor share its product); None: numpy.
+    A layer that saw no token (an expert the router never chose) ends with ``tokens == 0``."""
+    from spqr_format.models.walker import record_inputs
+
     pos = {g: i for i, g in enumerate(window_ids)}
     shared = None
     if dev is None:
@@ -239,25 +243,23 @@ def collect_hessians(torch, group: Group, mods, run_window, window_ids: list[int
         def make(name, n):
             return HessianAccumulatorTorch(n, device=dev, name=name)
 
-    totals = {name: make(name, n)
-              for j, (name, _, n) in enumerate(mods) if group.owner(j) == group.rank}  # fmt: skip
+    sizes = {name: lay.in_features for name, lay in mods}
+    totals = {name: make(name, sizes[name])
+              for j, (name, _) in enumerate(mods) if group.owner(j) == group.rank}  # fmt: skip
     chunk: dict = {}
-    handles = []
-    for name, mod, n in mods:
 
-        def hook(module, args, out, name=name, n=n):
-            if dev is None:
-                chunk[name].add(args[0].detach().reshape(-1, n).float().numpy())
-            else:
-                x = args[0]
-                chunk[name].add(x if x.dtype == torch.float32 else x.float(), shared)
+    def record(name, x):
+        if dev is None:
+            chunk[name].add(x.detach().reshape(-1, sizes[name]).float().numpy())
+        else:
+            chunk[name].add(x if x.dtype == torch.float32 else x.float(), shared)
 
-        handles.append(mod.register_forward_hook(hook))
+    handles = record_inputs([lay for _, lay in mods], [name for name, _ in mods], record)
     try:
         n_chunks = group.chunks(n_windows)
         for step in range(-(-n_chunks // group.world)):
             chunk.clear()
-            chunk.update({name: make(name, n) for name, _, n in mods})
+            chunk.update({name: make(name, sizes[name]) for name, _ in mods})
             c = step * group.world + group.rank
 
             def run_chunk(c=c):
@@ -269,8 +271,8 @@ def collect_hessians(torch, group: Group, mods, run_window, window_ids: list[int
             group.run(run_chunk)
             if shared is not None:
                 shared.clear()
-            for j, (name, _, n) in enumerate(mods):
-                group.fold(torch, totals.get(name), chunk[name], n, group.owner(j))
+            for j, (name, _) in enumerate(mods):
+                group.fold(torch, totals.get(name), chunk[name], sizes[name], group.owner(j))
     finally:
         for h in handles:
             h.remove()

@@ -89,6 +89,7 @@ def load_model(
                                         "quantized 2-D weight", path=path, tensor=name)  # fmt: skip
                 t = t.t().contiguous()
             state[name] = t
+    _stack_experts(torch, state, meta.get("model.stacked") or {}, path)
     for dup, first in (meta.get("model.tied") or {}).items():
         if first in state and dup not in state:
             state[dup] = state[first]  # tied weights share one tensor again
@@ -116,6 +117,18 @@ def load_model(
     if str(device).startswith("cuda"):
         model = _to_gpu(torch, model, path, device, transposed)
     return model
+
+
+def _stack_experts(torch, state: dict, stacked: dict, path: str) -> None:
+    """Stacked experts (``model.stacked``: ``{parameter: E}``) are stored as one 2-D tensor
+    per expert, ``<parameter>[e]``: put them back into the ``[E, ...]`` parameter."""
+    for name, count in stacked.items():
+        parts = [f"{name}[{e}]" for e in range(count)] if isinstance(count, int) else []
+        missing = [p for p in parts if p not in state]
+        if not parts or missing or name in state:
+            raise BadInputError(f"model.stacked: {name!r} does not name {count!r} expert "
+                                "tensors of the file", path=path)  # fmt: skip
+        state[name] = torch.stack([state.pop(p) for p in parts])
 
 
 def _check_tokenizer(meta: dict, model_dir: str) -> None:

@@ -55,7 +55,7 @@ from spqr_format.models._deps import require_torch
 from spqr_format.models.distributed import WINDOWS_PER_CHUNK, Group
 from spqr_format.models.distributed import collect_hessians as _collect_chunked
 from spqr_format.models.tensors import dense_row, encoder_metadata
-from spqr_format.models.walker import LinearLayer, find_blocks, find_linears
+from spqr_format.models.walker import LinearLayer, find_blocks, find_linears, record_inputs
 from spqr_format.spec import DType
 
 PARTIAL_SUFFIX = ".partial"
@@ -349,18 +349,28 @@ def quantize_model(
         lm_head_layer = LinearLayer(lm_head_name, out_emb, transposed=False)
 
     quant_names: dict[str, tuple[int | str, LinearLayer]] = {}
+    state_of: dict[str, str] = {}  # tensor name -> the state_dict entry holding it
+    stacked: dict[str, list[str]] = {}  # 3-D expert parameter -> its slices' tensor names
     for i, layers in enumerate(layers_per_block):
-        for lay in layers:
-            quant_names[f"{prefix}.{i}.{lay.name}.weight"] = (i, lay)
+        for lay, name in zip(layers, _tensor_names(prefix, i, layers), strict=True):
+            quant_names[name] = (i, lay)
+            state_of[name] = f"{prefix}.{i}.{lay.state_key}"
+            if lay.expert is not None:
+                stacked.setdefault(state_of[name], []).append(name)
     if lm_head_layer is not None:
         quant_names[f"{lm_head_name}.weight"] = ("lm_head", lm_head_layer)
+        state_of[f"{lm_head_name}.weight"] = f"{lm_head_name}.weight"
     state_names = {n for n, _ in state}
     for n in quant_names:
-        if n not in state_names:  # a tied or non-parameter weight: cannot store it once
-            raise BadInputError(f"layer weight {n!r} is not in the model's state dict")
+        if state_of[n] not in state_names:  # a tied or non-parameter weight: cannot store it
+            raise BadInputError(f"layer weight {state_of[n]!r} is not in the model's state dict")
+    state_shapes = {n: t.shape for n, t in state}
+    for n, names in stacked.items():
+        if len(names) != state_shapes[n][0]:
+            raise BadInputError(f"experts of {n!r} are not all walked")  # pragma: no cover
     if isinstance(config, CmpqConfig):  # an unreachable target fails before any work
         for n, (_, lay) in quant_names.items():
-            m_out, n_in = lay.weight_out_in().shape
+            m_out, n_in = lay.shape_out_in
             lo, hi = reachable_bits(m_out, n_in, config)
             if not lo - 1e-9 <= config.target_bits <= hi + 1e-9:
                 raise BadInputError(
@@ -374,10 +384,7 @@ def quantize_model(
         if quantize_lm_head:
             raise BadInputError("--target-bits does not cover --quantize-lm-head yet",
                                 field="target_bits")  # fmt: skip
-        shapes = {
-            n: tuple(lay.module.weight.shape[:: -1 if lay.transposed else 1])
-            for n, (_, lay) in quant_names.items()
-        }
+        shapes = {n: lay.shape_out_in for n, (_, lay) in quant_names.items()}
         target_bits = allocate.check_target(target_bits, shapes)
     model_config = hf.config_json(hf_config)
     tok_sha = hf.tokenizer_hashes(model_dir)
@@ -474,13 +481,14 @@ def quantize_model(
             reports.update(_apply_checkpoint(ckpt, fingerprint, prefix, i, layers, group=group))
             resumed += 1
         else:
-            names = [f"{prefix}.{i}.{lay.name}.weight" for lay in layers]
+            names = _tensor_names(prefix, i, layers)
             # chunked (CPU and GPU): the same sums for any number of ranks
-            mods = [(n, lay.module, lay.in_features) for lay, n in zip(layers, names, strict=1)]
+            mods = list(zip(names, layers, strict=True))
             hess = _collect_chunked(torch, group, mods,
                                     lambda k, b=block, e=inputs: _block_call(b, e[k]),
                                     my_ids, len(windows), dev)  # fmt: skip
-            group.run(lambda h=hess: _check_seen(h))
+            by_name = dict(zip(names, layers, strict=True))
+            group.run(lambda h=hess, by_name=by_name: _check_seen(h, by_name))
             mine = {}
 
             def encode_mine(i=i, layers=layers, names=names, hess=hess, mine=mine):
@@ -490,7 +498,7 @@ def quantize_model(
                     t_layer = time.perf_counter()
                     packed, rep = _encode_layer(torch, lay, name, hess.pop(name),
                                                 configs.get(name, config),
-                                                orig_dtypes[name], dev)  # fmt: skip
+                                                orig_dtypes[state_of[name]], dev)  # fmt: skip
                     if name in configs:
                         rep["config"] = allocate.config_label(configs[name])
                     mine[name] = (packed, rep)
@@ -556,13 +564,13 @@ def quantize_model(
                 finally:
                     handle.remove()
 
-            accs = _collect_chunked(torch, group, [(name, head, lm_head_layer.in_features)],
+            accs = _collect_chunked(torch, group, [(name, lm_head_layer)],
                                     head_window, my_ids, len(windows))  # fmt: skip
 
             def encode_head():
                 acc = accs[name]
                 _check_seen(accs)
-                packed, rep = _encode_layer(torch, lm_head_layer, name, acc.hessian(), config,
+                packed, rep = _encode_layer(torch, lm_head_layer, name, acc, config,
                                             orig_dtypes[name], dev)  # fmt: skip
                 with api.SpqrWriter(ckpt) as writer:
                     writer.add(name, packed)
@@ -598,20 +606,24 @@ def quantize_model(
                        "summed per chunk of 4 windows, chunks in order",
                 "device": implementation["device"]},
         }  # fmt: skip
+        if stacked:  # 3-D expert parameters, stored one 2-D tensor per expert
+            metadata["model.stacked"] = {n: len(names) for n, names in stacked.items()}
         ckpt_files = {}
         with api.SpqrWriter(output, metadata=metadata) as writer:
             for name, t in state:
-                if name in quant_names:
-                    owner = quant_names[name][0]
-                    fname = "lm_head.spqr" if owner == "lm_head" else f"block-{owner:05d}.spqr"
-                    if fname not in ckpt_files:
-                        for f in ckpt_files.values():
-                            f.close()
-                        ckpt_files = {fname: api.open_file(os.path.join(partial, fname))}
-                    packed = ckpt_files[fname].read(name)
-                    writer.add(name, packed)
-                    enc = "channel_mixed" if isinstance(config, CmpqConfig) else "bilevel"
-                    rows.append({"name": name, "encoding": enc, **reports[name]})
+                if name in quant_names or name in stacked:
+                    for qname in stacked.get(name, [name]):
+                        owner = quant_names[qname][0]
+                        fname = ("lm_head.spqr" if owner == "lm_head"
+                                 else f"block-{owner:05d}.spqr")  # fmt: skip
+                        if fname not in ckpt_files:
+                            for f in ckpt_files.values():
+                                f.close()
+                            ckpt_files = {fname: api.open_file(os.path.join(partial, fname))}
+                        packed = ckpt_files[fname].read(qname)
+                        writer.add(qname, packed)
+                        enc = "channel_mixed" if isinstance(config, CmpqConfig) else "bilevel"
+                        rows.append({"name": qname, "encoding": enc, **reports[qname]})
                     continue
                 if not t.is_floating_point() or t.dtype not in (
                     torch.float32,
@@ -654,10 +666,10 @@ def _allocation_pass(torch, blocks, layers_per_block, prefix, inputs, target_bit
     ws: dict[str, LinearLayer] = {}
     for i, block in enumerate(blocks):
         emit({"kind": "stage", "stage": f"measuring candidates, block {i + 1}/{len(blocks)}"})
-        names = [f"{prefix}.{i}.{lay.name}.weight" for lay in layers_per_block[i]]
+        names = _tensor_names(prefix, i, layers_per_block[i])
         accs = _collect_hessians(torch, block, layers_per_block[i], names, inputs)
         for lay, n in zip(layers_per_block[i], names, strict=True):
-            hs[n] = accs.pop(n).hessian().astype(np.float32)
+            hs[n] = _hessian(torch, accs.pop(n)).astype(np.float32)
             ws[n] = lay
         if i + 1 < len(blocks):
             with torch.no_grad():
@@ -684,48 +696,62 @@ def _check_run(partial: str, fingerprint: str) -> None:
         )
 
 
-def _collect_hessians(torch, block, layers, names, inputs, dev=None) -> dict:
+def _tensor_names(prefix: str, i: int, layers: list[LinearLayer]) -> list[str]:
+    """The file's names of block ``i``'s layers (``model.layers.3.self_attn.q_proj.weight``,
+    ``model.layers.3.mlp.experts.down_proj[7]``)."""
+    return [f"{prefix}.{i}.{lay.key}" for lay in layers]
+
+
+def _collect_hessians(torch, block, layers, names, inputs) -> dict:
     """One pass of all calibration inputs through ``block`` (original weights), recording the
-    input of every linear layer into its Hessian (on ``dev`` when given)."""
-    pairs = list(zip(layers, names, strict=True))
-    shared = None
-    if dev is None:
-        accs = {n: HessianAccumulator(lay.in_features, name=n) for lay, n in pairs}
-    else:
-        from spqr_format.codec.gptq_torch import HessianAccumulatorTorch, SharedProducts
+    input of every linear layer into its Hessian."""
+    accs = {n: HessianAccumulator(lay.in_features, name=n)
+            for lay, n in zip(layers, names, strict=True)}  # fmt: skip
 
-        accs = {n: HessianAccumulatorTorch(lay.in_features, device=dev, name=n) for lay, n in pairs}
-        shared = SharedProducts()  # q/k/v (gate/up) see one tensor: one x^T x for them
-    handles = []
-    for lay, n in zip(layers, names, strict=True):
-        acc = accs[n]
+    def record(name, x):
+        accs[name].add(x.detach().reshape(-1, accs[name].in_features).float().numpy())
 
-        def hook(module, args, out, acc=acc):
-            if dev is None:
-                acc.add(args[0].detach().reshape(-1, acc.in_features).float().numpy())
-            else:
-                acc.add(args[0] if args[0].dtype == torch.float32 else args[0].float(), shared)
-
-        handles.append(lay.module.register_forward_hook(hook))
+    handles = record_inputs(layers, names, record)
     try:
         for e in inputs:
             _block_call(block, e)
     finally:
         for h in handles:
             h.remove()
-        if shared is not None:
-            shared.clear()
-    _check_seen(accs)
+    _check_seen(accs, dict(zip(names, layers, strict=True)))
     return accs
 
 
-def _check_seen(accs: dict) -> None:
+def _check_seen(accs: dict, layers: dict | None = None) -> None:
+    """A layer that saw no input is an error, unless it is an expert of a mixture of experts
+    (``layers[name].routed``): the router may choose some experts for no calibration token;
+    those are encoded with an identity Hessian (:func:`_hessian`)."""
     for n, acc in accs.items():
-        if acc.tokens == 0:
+        if acc.tokens == 0 and not (layers and layers[n].routed):
             raise BadInputError(
                 "this layer saw no input in its block's forward (the block does not use it)",
                 tensor=n,
             )
+
+
+NO_TOKENS_WARNING = (
+    "no calibration token was routed to this expert: encoded with an identity Hessian "
+    "(every input direction weighted equally, i.e. the weight error is minimised; GPTQ then "
+    "reduces to round-to-nearest plus the configured outliers)"
+)
+
+
+def _hessian(torch, acc, dev=None):
+    """The Hessian of accumulator ``acc``; the identity (float64, ``n x n``, on ``dev`` when
+    given) when it saw no token: an expert the router never chose for the calibration text
+    has no activation statistics, and the identity makes every encoder minimise the plain
+    weight error instead (an all-zero Hessian would make GPTQ zero the weight, and CMPQ
+    cannot rank columns without statistics)."""
+    if acc.tokens:
+        return acc.hessian()
+    if dev is None:
+        return np.eye(acc.in_features, dtype=np.float64)
+    return torch.eye(acc.in_features, dtype=torch.float64, device=dev)
 
 
 def _encode_layer(torch, lay: LinearLayer, name: str, acc, config, orig_dtype, dev=None):
@@ -733,8 +759,24 @@ def _encode_layer(torch, lay: LinearLayer, name: str, acc, config, orig_dtype, d
 
     With ``dev`` the torch encoder runs there; the weights put back are its reconstruction
     (equal to the decoded tensor) rounded to the tensor's own dtype, exactly what
-    :func:`decoded_f32` gives a reader of the file (and a resumed run)."""
-    h = acc.hessian() if hasattr(acc, "hessian") else acc
+    :func:`decoded_f32` gives a reader of the file (and a resumed run).
+
+    ``acc``: the layer's Hessian accumulator; its token count goes into the report
+    (``calibration_tokens``). One that saw no token (an expert no calibration token was routed
+    to) is encoded with an identity Hessian, reported as a fallback with a warning and no
+    output error (there is no activation statistic to measure it with)."""
+    tokens = int(acc.tokens)
+    packed, report = _encode_with(torch, lay, name, _hessian(torch, acc, dev), config,
+                                  orig_dtype, dev)  # fmt: skip
+    report["calibration_tokens"] = tokens
+    if tokens == 0:
+        report.update(fallback=True, warning=f"tensor {name}: {NO_TOKENS_WARNING}",
+                      relative_output_error=None)  # fmt: skip
+    return packed, report
+
+
+def _encode_with(torch, lay: LinearLayer, name: str, h, config, orig_dtype, dev=None):
+    """:func:`_encode_layer` with the Hessian ``h`` given."""
     dtype = _torch_dtype_to_spqr(torch, orig_dtype)
     if dev is not None:
         from spqr_format.codec.gptq_torch import encode_tensor_torch
@@ -774,7 +816,7 @@ def _apply_checkpoint(ckpt, fingerprint, prefix, i, layers, names=None, group=No
     torch = require_torch()
     group = group or Group()
     if names is None:
-        names = [f"{prefix}.{i}.{lay.name}.weight" for lay in layers]
+        names = _tensor_names(prefix, i, layers)
 
     def read():
         with api.open_file(ckpt) as f:
@@ -809,7 +851,9 @@ def format_event(ev: dict) -> str | None:
             f"{r['outlier_percent']:.2f}% outliers, rel. out err "
             f"{r['relative_output_error'] if r['relative_output_error'] is None else format(r['relative_output_error'], '.4g')}"  # noqa: E501
             f" ({ev['seconds']:.1f}s)"
-        )
+            + (", no calibration tokens: identity Hessian" if r.get("calibration_tokens") == 0
+               else "")
+        )  # fmt: skip
     if k == "block_done":
         return (
             f"block {ev['block'] + 1}/{ev['blocks']} done in {ev['seconds']:.1f}s; "

@@ -261,6 +261,10 @@ def _open_checked(torch, f, path, model_dir, world):
     if meta.get("model.transposed"):
         raise BadInputError("tensor-parallel loading covers Llama-shaped models only "
                             "(this one has Conv1D layers)", path=path)  # fmt: skip
+    if meta.get("model.stacked"):
+        raise BadInputError("tensor-parallel loading covers Llama-shaped models only "
+                            "(this one has stacked mixture-of-experts weights)",
+                            path=path)  # fmt: skip
     for what in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         v = getattr(config, what, None)
         if not isinstance(v, int) or v % world:

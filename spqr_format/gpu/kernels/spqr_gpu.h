@@ -269,8 +269,8 @@
  *   (the launchers: spqr_cmpq_dq_rows_per_block), block 256: one thread per output column,
  *   rows_per_block rows each.
  * spqr_cmpq_dequant_tile_{f32|f16|bf16}(same arguments and grid)
- *   The same result by a second design, not yet run on a GPU (the Python layer takes it with
- *   the override cmpq_dq_tile=1; the C launcher does not): each block 256 output columns, 32
+ *   The same result by a second design, the one both launchers use (H100: 1.5-2.9x faster;
+ *   the Python layer's override cmpq_dq_tile=0 selects the first): each block 256 output columns, 32
  *   rows at a time (lane = row, so a column's code words for the 32 rows are one coalesced
  *   load; warp w decodes columns 32w..32w+31 into a shared tile, then the warps store it row
  *   by row).  rows_per_block should be a multiple of 32.
@@ -584,8 +584,9 @@ size_t spqr_cmpq_workspace_bytes(const spqr_cmpq_tensor *t, int batch);
  * tile table is built in the workspace by a small kernel).  X rows of ldx elements in
  * in_dtype, Y rows of ldy elements in out_dtype (0 f32, 1 f16, 2 bf16).  Same kernels, tiles
  * and splits as GpuCmpqTensor.matmul_into on the same device without SPQR_GPU_PLAN overrides,
- * so the same bits, except from batch 64 with f16 x, where the Python layer dequantizes and
- * calls cuBLAS (_kernels.cmpq_dense; this launcher links no cuBLAS and keeps slicing: for
+ * so the same bits, except from batch 52 (_kernels.CMPQ_DENSE_FROM) with f16 x, where the
+ * Python layer dequantizes and calls cuBLAS (_kernels.cmpq_dense; this launcher links no
+ * cuBLAS and keeps slicing: for
  * prefill-sized batches, spqr_cmpq_dequantize + your GEMM is faster).  Returns the launch
  * error as an int (cudaError_t); cudaErrorInvalidValue for a bad dtype or runs table.
  * Status: the kernels ran on an H100 through the Python layer; this launcher's mv1 / tc
