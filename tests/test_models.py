@@ -485,6 +485,19 @@ def test_moe_list_of_experts_without_tokens(model_dir, corpus, tmp_path, monkeyp
     assert all(experts[n]["fallback"] for n in starved)
 
 
+def test_unknown_expert_layout_is_reported(model_dir, corpus, tmp_path):
+    """JetMoE keeps its experts in 3-D parameters of its own layout: they stay raw, and
+    quantize-model says so instead of leaving them silently."""
+    events = []
+    res = _quantize(model_dir("jetmoe"), tmp_path / "j.spqr", corpus, progress=events.append)
+    notes = [e["stage"] for e in events if e["kind"] == "stage" and "note:" in e["stage"]]
+    assert len(notes) == 1 and "note: 8 weights" in notes[0], notes
+    assert "model.layers.0.mlp.input_linear.weight" in notes[0]
+    rows = {r["name"]: r for r in res.reports}
+    assert rows["model.layers.0.mlp.input_linear.weight"]["encoding"] == "raw"
+    assert rows["model.layers.0.self_attention.kv_proj.weight"]["encoding"] == "bilevel"
+
+
 def test_walker_refuses_a_model_without_blocks():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
     with pytest.raises(BadInputError, match="no list of repeated blocks"):

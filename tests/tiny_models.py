@@ -82,6 +82,10 @@ def make_config(family: str, vocab_size: int):
     if family == "gpt_oss":  # stacked experts stored [E, in, out], with biases
         return tf.GptOssConfig(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                pad_token_id=1, **like)
+    if family == "jetmoe":  # experts in its own 3-D layout, which the walker does not know
+        return tf.JetMoeConfig(hidden_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                               kv_channels=16, intermediate_size=128, num_local_experts=4,
+                               num_experts_per_tok=2, max_position_embeddings=256, **common)
     if family == "gpt_neox":
         return tf.GPTNeoXConfig(**{k: v for k, v in like.items() if k != "num_key_value_heads"})
     if family == "falcon":
@@ -101,8 +105,9 @@ ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2L
         "opt": "OPTForCausalLM", "bert": "BertForMaskedLM", "llama-tied": "LlamaForCausalLM",
         "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
         "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-        "gpt_oss": "GptOssForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
-        "falcon": "FalconForCausalLM", "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM",
+        "gpt_oss": "GptOssForCausalLM", "jetmoe": "JetMoeForCausalLM",
+        "gpt_neox": "GPTNeoXForCausalLM", "falcon": "FalconForCausalLM",
+        "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM",
         "t5": "T5ForConditionalGeneration"}  # fmt: skip
 
 

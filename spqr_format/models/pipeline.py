@@ -328,6 +328,11 @@ def quantize_model(
     model.float()
 
     layers_per_block = [find_linears(b) for b in blocks]
+    unknown = _unknown_stacked(prefix, blocks, layers_per_block)
+    if unknown:  # not silent: the user sees which weights of the blocks stay raw
+        emit({"kind": "stage", "stage": f"note: {len(unknown)} weights of 3 or more dimensions "
+              "in the blocks, in an expert layout the walker does not know, stay raw: "
+              + ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")})  # fmt: skip
     lm_head_name = None
     lm_head_layer = None
     if quantize_lm_head:
@@ -694,6 +699,18 @@ def _check_run(partial: str, fingerprint: str) -> None:
             "(remove the directory or run without --resume)",
             path=partial,
         )
+
+
+def _unknown_stacked(prefix: str, blocks, layers_per_block) -> list[str]:
+    """Parameters of the blocks with 3 or more dimensions that no walked layer covers: expert
+    weights in a layout :mod:`spqr_format.models.walker` does not recognise (JetMoE's, Llama
+    4's), which stay raw."""
+    out = []
+    for i, (block, layers) in enumerate(zip(blocks, layers_per_block, strict=True)):
+        walked = {lay.state_key for lay in layers}
+        out += [f"{prefix}.{i}.{n}" for n, p in block.named_parameters()
+                if p.ndim >= 3 and n not in walked]  # fmt: skip
+    return out
 
 
 def _tensor_names(prefix: str, i: int, layers: list[LinearLayer]) -> list[str]:
