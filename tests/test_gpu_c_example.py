@@ -6,6 +6,7 @@ the example on CPU-only machines).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -88,6 +89,11 @@ def fnv1a_fast(bits: np.ndarray) -> str:
 
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory):
+    # SPQR_TEST_C_EXAMPLE=PATH: a binary already built by the command below from this tree
+    # (the build takes minutes; with pytest-xdist every worker would build its own copy)
+    prebuilt = os.environ.get("SPQR_TEST_C_EXAMPLE")
+    if prebuilt:
+        return Path(prebuilt)
     major, minor = cp.cuda.Device().compute_capability[:-1], cp.cuda.Device().compute_capability[-1]
     arch = f"sm_{major}{minor}"
     out = tmp_path_factory.mktemp("cexample") / "spqr_matvec"

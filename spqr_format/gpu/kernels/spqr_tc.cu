@@ -192,17 +192,6 @@ __host__ __device__ constexpr int tc_acc_sets() {
   return NT <= SPQR_TC_ACC2_NT ? 2 : 1;
 }
 
-// L2 prefetch distance of the weight stream (experiment; 0 = off, the measured default): with
-// D > 0 each ChunkStream::load also asks L2 for the warp's chunk D steps past the one it loads
-// into registers (prefetch.global.L2: no registers, no wait), so the register load of that chunk
-// later hits L2 instead of waiting for DRAM. Set through SPQR_GPU_PLAN=defines=-DSPQR_TC_L2_PF=D.
-#ifndef SPQR_TC_L2_PF
-#define SPQR_TC_L2_PF 0
-#endif
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 // Per-chunk stream data of one warp, loaded one chunk ahead of its use.
 template <int SLABS, int SWL>
 struct Stage {
@@ -254,24 +243,13 @@ struct ChunkStream {
   const u32* sptr;
   const uint2* s2ptr;
   i64 step;
-  int cn, cstep, cend;  // chunk the next load() reads, chunk step, end (exclusive): the prefetch
   __device__ __forceinline__ ChunkStream(const uint4* codes, const u32* stats, const uint2* stats2,
-                                         int rb, int RB, int c0, int step_, int c_end, int lane)
+                                         int rb, int RB, int c0, int step_, int lane)
       : cptr(codes + ((i64)c0 * RB + rb) * G::SLABS * 32 + lane),
         sptr(stats + (((i64)c0 * RB + rb) * 32 + lane) * G::SWL),
         s2ptr(stats2 + ((i64)c0 * RB + rb) * G::MPC + (lane < G::MPC ? lane : 0)),
-        step((i64)step_ * RB),
-        cn(c0),
-        cstep(step_),
-        cend(c_end) {}
+        step((i64)step_ * RB) {}
   __device__ __forceinline__ void load(Stage<G::SLABS, G::SWL>& st) {
-    if (SPQR_TC_L2_PF > 0 && cn + SPQR_TC_L2_PF * cstep < cend) {
-      const i64 ahead = (i64)SPQR_TC_L2_PF * step;
-#pragma unroll
-      for (int k = 0; k < G::SLABS; ++k) prefetch_l2(cptr + ahead * G::SLABS * 32 + k * 32);
-      prefetch_l2(sptr + ahead * 32 * G::SWL);
-    }
-    cn += cstep;
 #pragma unroll
     for (int k = 0; k < G::SLABS; ++k) st.cw[k] = ld_stream(cptr + k * 32);
     cptr += step * G::SLABS * 32;
@@ -538,7 +516,7 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
   for (int j = 0; j < NA * NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   const u32 magic = magic_reg();
 
-  ChunkStream<B, SB> stream(codes, stats, stats2, rbc, RB, c0, 1, c1, lane);
+  ChunkStream<B, SB> stream(codes, stats, stats2, rbc, RB, c0, 1, lane);
   auto copy_x = [&](int buf, int c) {  // chunk c's B fragments into xs[buf]
     constexpr int UNITS = NT * MPC * 16;  // 16-byte units: NT segments of MPC * 256 bytes
     for (int u = threadIdx.x; u < UNITS; u += 32 * SPQR_TC_WARPS) {
@@ -970,7 +948,7 @@ __device__ __forceinline__ void tc_vec(const uint4* __restrict__ codes,
   for (int j = 0; j < NA; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   const u32 magic = magic_reg();
 
-  ChunkStream<B, SB> stream(codes, stats, stats2, rbc, RB, kq, KS, NC, lane);
+  ChunkStream<B, SB> stream(codes, stats, stats2, rbc, RB, kq, KS, lane);
   const uint2* xg = xfrag + (i64)kq * MPC * 32;  // the x' fragments of the chunk computed next
   const float2* xsg = xsum + (i64)kq * MPC;        // GS: its groups' x' sums
   float yg[4] = {0.f, 0.f, 0.f, 0.f};              // GS: rows g, g + 8 x batch columns 0, 1
