@@ -6,16 +6,16 @@ H200, stays cold); GB/s of compressed bytes read; % of the streaming-read bandwi
 in the same run; speedup over cuBLAS fp16 (torch ``F.linear`` on fp16 weight copies, also
 rotated and graphed). Also the dequantize kernel's bandwidth. Each row names the launch plan's
 path and entry (``spqr_format/gpu/plan.py``) that ran; ``--compare-paths`` also times the fused
-kernels (``SPQR_GPU_PLAN=dense_from=0``), dequantize + cuBLAS (``path=dense``) and the pipelined
-tensor-core kernel (``path=tcp``, ``spqr_tcp_*``) at every batch, the measurements the plan's
-crossovers come from; for ``channel_mixed`` it times both fused kernel designs (``cmpq_v2=0`` /
-``1``, with ``cmpq_dense_from=0``) and dequantize + cuBLAS (``cmpq_dense_from=1``).
+kernels (``SPQR_GPU_PLAN=dense_from=0``) and dequantize + cuBLAS (``path=dense``) at every
+batch, the measurements the plan's crossovers come from; for ``channel_mixed`` it times both
+fused kernel designs (``cmpq_v2=0`` / ``1``, with ``cmpq_dense_from=0``) and dequantize +
+cuBLAS (``cmpq_dense_from=1``).
 Every timed configuration is also checked once, eagerly, against an f32 reference product of
 the dequantized weights: the row's ``check`` (and ``<variant>_check``) is the largest error
 over the SPEC C-7.6 bound (f16 output), so a value above 1 is a wrong result; the benchmark
 then exits with status 1 after writing its output. Writes JSON and, when matplotlib is
 available, a plot of speedup over cuBLAS fp16 against batch per shape (solid: the plan's
-choice; dotted / dashed / dash-dot: fused / dense / tcp when compared).
+choice; dotted / dashed: fused / dense when compared).
 
     python benchmarks/gpu_matvec.py --out results.json --plot speedup.png
 
@@ -220,7 +220,6 @@ def bench_shape(
     if args.compare_paths and encoding == "bilevel":
         variants["fused"] = base_override + sep + "dense_from=0"
         variants["dense"] = base_override + sep + "path=dense"
-        variants["tcp"] = base_override + sep + "path=tcp"  # spqr_tcp_* (pipelined, forced)
     if encoding == "bilevel":
         for r in args.dense_slice_rows:
             variants[f"dense_s{r}"] = base_override + sep + f"path=dense,dense_slice_rows={r}"
@@ -371,7 +370,7 @@ def bench_shape(
             row["cublas_us"] = tc * 1e3
             row["cublas_gbs"] = 2 * m * n / (tc * 1e-3) / 1e9
             row["speedup"] = tc / t
-            for name in ("fused", "dense", "tcp", "cmpq_v1", "cmpq_v2"):
+            for name in ("fused", "dense", "cmpq_v1", "cmpq_v2"):
                 if f"{name}_us" in row:
                     row[f"{name}_speedup"] = tc * 1e3 / row[f"{name}_us"]
             del gr
@@ -422,8 +421,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--compare-paths",
         action="store_true",
-        help="also time the fused kernels, dequantize + cuBLAS and the tcp kernel at every "
-        "batch (channel_mixed: both kernel designs)",
+        help="also time the fused kernels and dequantize + cuBLAS at every batch "
+        "(channel_mixed: both kernel designs)",
     )
     ap.add_argument(
         "--dense-slice-rows",
@@ -485,7 +484,7 @@ def main(argv=None) -> int:
     hdr = f"{'enc':>6} {'shape':>12} {'b':>4} {'us':>8} {'GB/s':>7} {'%read':>6}"
     hdr += f" {'cuBLAS us':>9} {'speedup':>7}"
     hdr += f" {'L2hot us':>8} {'deq us':>7} {'deq %':>6} {'simt us':>8}"
-    hdr += f" {'path':>8} {'entry':>5} {'fused us':>8} {'dense us':>8} {'tcp us':>8}"
+    hdr += f" {'path':>8} {'entry':>5} {'fused us':>8} {'dense us':>8}"
     print(hdr + f" {'v1 us':>7} {'v2 us':>7} {'check':>6}")
     nan = float("nan")
     for r in rows:
@@ -497,7 +496,7 @@ def main(argv=None) -> int:
             f"{r['dequant_pct_stream_read']:6.1f} {r['simt_us'] or nan:8.1f}"
             f" {r.get('plan_path', r['path']):>8} {r.get('plan_entry', -1):>5}"
             f" {r.get('fused_us', nan):8.1f} {r.get('dense_us', nan):8.1f}"
-            f" {r.get('tcp_us', nan):8.1f} {r.get('cmpq_v1_us', nan):7.1f}"
+            f" {r.get('cmpq_v1_us', nan):7.1f}"
             f" {r.get('cmpq_v2_us', nan):7.1f}"
             f" {max(v for k, v in r.items() if k.endswith('check')):6.2f}"
             + "".join(
@@ -528,7 +527,7 @@ def main(argv=None) -> int:
                         "o-",
                         label=f"{e} {m}x{n} (plan)",
                     )
-                    for name, style in (("fused", ":"), ("dense", "--"), ("tcp", "-.")):
+                    for name, style in (("fused", ":"), ("dense", "--")):
                         pts = [r for r in rs if f"{name}_speedup" in r]
                         if pts:
                             ax.plot(

@@ -7,7 +7,7 @@ Builds a random spqr-3bit-like tensor (benchmarks' defaults), uploads it, and ca
 ``GpuTensor.matmul_into`` ``--calls`` times on one stream (``--dequant``: ``dequantize_into``
 to fp16 instead; ``--no-perm``: a tensor without a permutation; ``--encoding channel_mixed
 --target-bits 2.5``: a random CMPQ tensor instead). The kernel path follows the launch plan;
-``SPQR_GPU_PLAN`` (e.g. ``path=tcp`` or ``cmpq_v2=1``) forces another for an experiment.
+``SPQR_GPU_PLAN`` (e.g. ``path=tc_split`` or ``cmpq_v2=0``) forces another for an experiment.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Static instruction budget of the tensor-core kernels' hot loops, from their SASS (no GPU).
 
-    python benchmarks/kernel_sass.py spqr_tc_b3_s3_nt2 spqr_tcp_b3_s3_nt2 spqr_cmpq_tc_b3_nt2
+    python benchmarks/kernel_sass.py spqr_tc_b3_s3_nt2 spqr_tc_b3_s3_nt8 spqr_cmpq_tc_b3_nt2
     python benchmarks/kernel_sass.py --measured benchmarks/results/gpu-h100-2026-12-07-paths.json \
         spqr_tc_b3_s3_nt2@8192x28672x16 spqr_tc_b3_s3_nt8@8192x28672x64
 
@@ -47,13 +47,10 @@ _PRED = re.compile(r"^@!?U?P[T\d]+\s+")
 def tiles_per_hmma(name: str) -> float:
     """Weight tiles (16x16) decoded per HMMA of the kernel ``name``: each decoded A fragment
     feeds one HMMA per n-tile of 8 batch columns the warp owns."""
-    if m := re.fullmatch(r"spqr_tcp_b\d+_s\d+_nt(\d+)", name):
-        nt = int(m[1])
-        return 1.0 / (nt // (2 if nt == 16 else 1))  # NTW n-tiles per warp (K.tcp_geometry)
     if m := re.fullmatch(r"spqr_(?:tc_b\d+_s\d+|cmpq_tc_b\d+)_nt(\d+)", name):
         return 1.0 / int(m[1])
     raise SystemExit(f"error: {name}: not a tensor-core kernel this tool knows (spqr_tc_*_nt*, "
-                     "spqr_tcp_*, spqr_cmpq_tc_*)")  # fmt: skip
+                     "spqr_cmpq_tc_*)")  # fmt: skip
 
 
 def cuobjdump() -> str:
@@ -116,10 +113,9 @@ def hot_loop(sass: str) -> tuple[int, collections.Counter]:
 
 
 def measured_us(path: Path, name: str, m: int, n: int, batch: int) -> float:
-    """The time gpu_matvec.py measured for the path of kernel ``name`` (tcp: ``tcp_us``;
-    cmpq: ``cmpq_v2_us``; others: ``fused_us``, else the plan's ``us``)."""
-    keys = ("tcp_us",) if "_tcp_" in name else ("cmpq_v2_us", "us") if "cmpq" in name else (
-        "fused_us", "us")  # fmt: skip
+    """The time gpu_matvec.py measured for the path of kernel ``name`` (cmpq: ``cmpq_v2_us``;
+    others: ``fused_us``; else the plan's ``us``)."""
+    keys = ("cmpq_v2_us", "us") if "cmpq" in name else ("fused_us", "us")
     data = json.loads(path.read_text())
     for r in data["results"]:
         if list(r["shape"]) == [m, n] and r["batch"] == batch:

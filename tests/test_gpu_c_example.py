@@ -144,7 +144,7 @@ def test_c_example_matches_python(binary, tmp_path, m, n, kw):
     assert total == pytest.approx(float(y.astype(np.float64).sum()), rel=1e-9)
 
 
-@pytest.mark.parametrize("path", ["", "tc_split", "tcg", "tcp"])
+@pytest.mark.parametrize("path", ["", "tc_split", "tcg"])
 @pytest.mark.parametrize(
     "m,n,kw,splits",
     [
@@ -158,8 +158,7 @@ def test_c_example_tensor_cores_match_python(binary, tmp_path, monkeypatch, m, n
     the Python tensor-core path's y bit for bit on each batch-1 path: the one-kernel path
     (the plan's choice), the k-split path and its outlier pass (SPQR_GPU_PLAN path=tc_split,
     with the same forced k-split; 20,000 rows take the four-rows-per-warp pass) and the
-    group-separated kernel (path=tcg), the pipelined kernel (path=tcp: spqr_tcp_* + the outlier
-    pass, same forced k-split). Both layers read SPQR_GPU_PLAN on every call."""
+    group-separated kernel (path=tcg). Both layers read SPQR_GPU_PLAN on every call."""
     p = random_packed(m, n, seed=m, **kw)
     seed = 777
     monkeypatch.setenv("SPQR_GPU_PLAN", f"tc_splits={splits}" + (f",path={path}" if path else ""))

@@ -100,15 +100,6 @@ int main(void) {
       printf("%d %d\n", j, k);
     } else if (!strcmp(op, "resident") && scanf("%d %lld", &i, &x) == 2)
       printf("%lld\n", (long long)spqr_plan_resident(i, x));
-    else if (!strcmp(op, "tcp") && scanf("%d %lld", &i, &x) == 2)
-      printf("%d %d %lld\n", spqr_plan_tcp_nt(i), spqr_plan_tcp_rbb(spqr_plan_tcp_nt(i)),
-             (long long)spqr_plan_tcp_smem(spqr_plan_tcp_nt(i), x));
-    else if (!strcmp(op, "tcpsplits") &&
-             scanf("%lld %lld %d %d %lld %lld %d", &x, &y, &i, &j, &n, &z, &k) == 7) {
-      spqr_plan_tcp_splits(x, y, i, j, n, z, k, &j, &k);
-      printf("%d %d\n", j, k);
-    } else if (!strcmp(op, "residentw") && scanf("%d %lld %d", &i, &x, &j) == 3)
-      printf("%lld\n", (long long)spqr_plan_resident_w(i, x, j));
     else if (!strcmp(op, "pitch") && scanf("%d", &i) == 1)
       printf("%d %d\n", spqr_plan_xt_pitch(i), spqr_plan_nt(i));
     else
@@ -144,8 +135,6 @@ def c_plan(tmp_path_factory):
 
 OVERRIDES = (
     "",
-    "path=tcp",
-    "path=tcp,dense_from=9",
     "path=tcv",
     "path=tcg",
     "path=tc_split",
@@ -227,39 +216,5 @@ def test_c_plan_picks_the_same_kernels_as_python(monkeypatch, c_plan):
         want.append(f"{K.tc_xt_pitch(nb)} {K.tc_nt(nb)}")
     got = c_plan(cases)
     assert len(got) == len(cases)
-    bad = [(c, w, g) for c, w, g in zip(cases, want, got, strict=True) if w != g]
-    assert not bad, bad[:10]
-
-
-def test_c_plan_of_the_pipelined_kernel_matches_python(monkeypatch, c_plan):
-    """spqr_tc_plan.h's spqr_plan_tcp_* (n-tiles, row blocks per block, shared memory of the
-    stage ring, k-split) and spqr_plan_resident_w agree with _kernels.tcp_* for every
-    configuration of the tile layout, so the C launcher gives spqr_tcp_* the ring it expects."""
-    cases, want = [], []
-    for bits in K.TC_BITS:
-        for sb in K.TC_STATS_BITS:
-            cb = K.tile_chunk_bytes(bits, sb)
-            for nb in range(1, K.TCP_MAX_BATCH + 1):
-                nt = K.tcp_nt(nb)
-                geo = K.tcp_geometry(bits, sb, nt)
-                assert 2 <= geo["STAGES"] <= 8 and geo["SMEM"] <= 160 * 1024
-                cases.append(f"tcp {nb} {cb}")
-                want.append(f"{nt} {geo['RBB']} {geo['SMEM']}")
-    for rb in (1, 5, 64, 256, 512, 1792, 3584):
-        for nc in (1, 2, 5, 13, 26, 90, 400):
-            for slots in (1, 264, 1000):
-                for ov in (0, 1, 3, 20):
-                    _set_plan(monkeypatch, f"tc_splits={ov}" if ov else "")
-                    for rbb, nt in ((8, 2), (8, 8), (4, 16)):
-                        cases.append(f"tcpsplits {rb} {nc} {rbb} {nt} 2464 {slots} {ov}")
-                        s, p = K.tcp_splits(rb, nc, rbb, nt, 2464, slots)
-                        want.append(f"{s} {p}")
-                        assert s * p >= nc and (s - 1) * p < nc
-    for regs in (64, 128, 202, 255):
-        for smem in (0, 45056, 78848, 120000):
-            for warps in (4, 8):
-                cases.append(f"residentw {regs} {smem} {warps}")
-                want.append(str(K.tc_resident_blocks(regs, smem, warps)))
-    got = c_plan(cases)
     bad = [(c, w, g) for c, w, g in zip(cases, want, got, strict=True) if w != g]
     assert not bad, bad[:10]

@@ -13,7 +13,7 @@ import pytest
 from spqr_format.gpu import _kernels as K
 from spqr_format.gpu import _precompile
 
-ALL = K.all_kernel_names() + K.tc_kernel_names() + K.tcp_kernel_names() + K.cmpq_kernel_names()
+ALL = K.all_kernel_names() + K.tc_kernel_names() + K.cmpq_kernel_names()
 CPP = shutil.which("g++") or shutil.which("clang++") or shutil.which("cpp")
 ENTRY = re.compile(
     r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\('
@@ -38,8 +38,8 @@ def test_every_entry_point_in_exactly_one_module():
             assert name not in owners, (name, owners.get(name), spec.key)
             owners[name] = spec.key
     assert sorted(owners) == sorted(ALL)
-    # 12 tensor-core pairs (tc and tcp), 10 SIMT (bits 0/2/3/4/8, h/q), 2 shared, cmpq
-    assert len(specs) == 12 + 12 + 10 + 2 + 1
+    # 12 tensor-core pairs, 10 SIMT (bits 0/2/3/4/8, h/q), 2 shared, cmpq
+    assert len(specs) == 12 + 10 + 2 + 1
     assert len(K.module_kernel_names(K.tc_module(3, 3))) == 6
     assert K.module_kernel_names(K.simt_module(5, 0)) == sorted(
         f"spqr_dequant{k}_b0_h_{o}" for k in ("", "_row") for o in ("f32", "f16", "bf16")
@@ -54,7 +54,6 @@ def test_every_entry_point_in_exactly_one_module():
         ("spqr_tcg_b4_s4", "tc:4:4"),
         ("spqr_tc_prepare_x", "tc:shared"),
         ("spqr_tc_finish_p16", "tc:shared"),
-        ("spqr_tcp_b3_s2_nt16", "tcp:3:2"),
         ("spqr_matvec_b3_q_nb4", "simt:3:q"),
         ("spqr_mv1r16_b8_h", "simt:8:h"),
         ("spqr_dequant_b0_q_f32", "simt:0:q"),
@@ -87,7 +86,7 @@ def test_launcher_names_map_to_their_configuration_module():
                 names += [K.matvec_name(bits, sb, 4), K.mv1_name(bits, sb, True)]
             if bits in K.TC_BITS and sb:
                 names += [K.tc_name(bits, sb, 8), K.tcv_name(bits, sb), K.tcg_name(bits, sb)]
-                names += [K.tcp_name(bits, sb, 16), "spqr_tc_prepare_x", K.tc_finish_name(9)]
+                names += ["spqr_tc_prepare_x", K.tc_finish_name(9)]
             for n in names:
                 assert K.kernel_module(n).key in mods, (bits, sb, n)
 
@@ -113,19 +112,13 @@ def test_precompile_modules_for_the_presets():
     assert K.preset_configs() == [(2, 3), (3, 0), (3, 3), (4, 0), (4, 3)]
     specs = K.precompile_modules()
     assert [s.key for s in specs] == [
-        "tcp:2:3", "tcp:3:3", "tcp:4:3", "tc:2:3", "tc:3:3", "tc:4:3",
+        "tc:2:3", "tc:3:3", "tc:4:3",
         "simt:2:q", "simt:3:h", "simt:3:q", "simt:4:h", "simt:4:q",
         "tc:shared", "simt:shared",
     ]  # fmt: skip
     by_key = {s.key: s for s in specs}
     assert by_key["tc:3:3"].defines == ("-DSPQR_TC_B=3", "-DSPQR_TC_SB=3")
     assert by_key["tc:3:3"].sources == (K.TC_SOURCE,)
-    assert by_key["tcp:2:3"].sources == (K.TC_SOURCE, K.TCP_SOURCE)
-    assert by_key["tcp:2:3"].defines == (
-        "-DSPQR_TC_DEVICE_ONLY",
-        "-DSPQR_TCP_B=2",
-        "-DSPQR_TCP_SB=3",
-    )
     assert by_key["simt:3:h"].defines == ("-DSPQR_SIMT_B=3", "-DSPQR_SIMT_Q=0")
     assert by_key["simt:shared"].defines == ("-DSPQR_SIMT_SHARED",)
     assert by_key["tc:shared"].defines == ("-DSPQR_TC_SHARED",)
@@ -136,12 +129,12 @@ def test_precompile_modules_for_the_presets():
 
 def test_precompile_modules_for_given_configs():
     keys = [s.key for s in K.precompile_modules([(5, 0), (3, 3), (3, 3)], cmpq=True)]
-    assert keys == ["tcp:3:3", "tc:3:3", "simt:0:h", "simt:3:q", "cmpq", "tc:shared", "simt:shared"]
+    assert keys == ["tc:3:3", "simt:0:h", "simt:3:q", "cmpq", "tc:shared", "simt:shared"]
     keys = [s.key for s in K.precompile_modules([(3, 3)], tensor_cores=False)]
     assert keys == ["simt:3:q", "simt:shared"]
     every = K.precompile_modules("all")
     assert sorted(s.key for s in every) == sorted(s.key for s in K.every_module())
-    assert [s.key for s in every][:2] == ["tcp:2:1", "tcp:2:2"]
+    assert [s.key for s in every][:2] == ["tc:2:1", "tc:2:2"]
     assert [s.key for s in every][-2:] == ["tc:shared", "simt:shared"]
 
 
@@ -153,8 +146,8 @@ def test_precompile_worker_jobs():
     for (_key, code, options, entry, device), spec in zip(jobs, specs, strict=True):
         assert code == spec.code() and options == spec.options() and device == 1
         assert entry in K.module_kernel_names(spec)
-    tcp = jobs[0]
-    assert tcp[1] == K.TC_SOURCE.read_text() + "\n" + K.TCP_SOURCE.read_text()
+    tc = jobs[0]
+    assert tc[1] == K.TC_SOURCE.read_text()
 
 
 def test_precompile_compiles_each_module_once(monkeypatch):

@@ -37,16 +37,6 @@ def cubins(tmp_path_factory):
         cmd += ["-Werror", "all-warnings", str(src)]
         return arch, src, path, _run(cmd)
 
-    def build_tcp(arch):
-        # spqr_tcp.cu as NVRTC gets it (tensor.tcp_module): after spqr_tc.cu's device code, every
-        # (bits, stats_bits) at once; ptxas -v for the register counts
-        src = out / f"spqr_tcp_concat_{arch}.cu"
-        src.write_text(K.TC_SOURCE.read_text() + "\n" + K.TCP_SOURCE.read_text())
-        path = out / f"spqr_tcp_{arch}.cubin"
-        cmd = [NVCC, *K.COMPILE_OPTIONS, f"-arch={arch}", "--cubin", "-o", str(path)]
-        cmd += ["-DSPQR_TC_DEVICE_ONLY", "-Xptxas", "-v", "-Werror", "all-warnings", str(src)]
-        return arch, K.TCP_SOURCE, path, _run(cmd)
-
     def build_split(spec):
         # a small module as NVRTC gets it (tensor.compiled: _kernels.kernel_module), sm_90
         src = out / f"split_{spec.key.replace(':', '_')}.cu"
@@ -57,10 +47,9 @@ def cubins(tmp_path_factory):
         return "sm_90", spec, path, _run(cmd)
 
     jobs = [(a, s) for a in ARCHS for s in SOURCES]
-    with ThreadPoolExecutor(len(jobs) + len(ARCHS) + len(SPLIT)) as pool:
+    with ThreadPoolExecutor(len(jobs) + len(SPLIT)) as pool:
         split = [pool.submit(build_split, spec) for spec in SPLIT]
         done = list(pool.map(build, jobs))
-        done += list(pool.map(build_tcp, ARCHS))
         return done + [f.result() for f in split]
 
 
@@ -69,13 +58,12 @@ NAMES = {
     K.KERNEL_SOURCE: K.all_kernel_names,
     K.TC_SOURCE: K.tc_kernel_names,
     K.CMPQ_SOURCE: K.cmpq_kernel_names,
-    K.TCP_SOURCE: K.tcp_kernel_names,
 }
-BUILDS = [f"{a}-{s.stem}" for a in ARCHS for s in SOURCES] + [f"{a}-spqr_tcp" for a in ARCHS]
+BUILDS = [f"{a}-{s.stem}" for a in ARCHS for s in SOURCES]
 # Small modules of the Python layer (one of each kind; tests/test_kernel_modules.py checks every
 # module's entry points on the preprocessed source, and the whole builds above every kernel)
-SPLIT = (K.tcp_module(3, 3), K.tc_module(3, 3), K.TC_SHARED, K.simt_module(3, 3), K.SIMT_SHARED)
-ALL_NAMES = K.all_kernel_names() + K.tc_kernel_names() + K.tcp_kernel_names()
+SPLIT = (K.tc_module(3, 3), K.TC_SHARED, K.simt_module(3, 3), K.SIMT_SHARED)
+ALL_NAMES = K.all_kernel_names() + K.tc_kernel_names()
 
 
 @pytest.mark.parametrize("index", range(len(BUILDS)), ids=BUILDS)
@@ -87,21 +75,10 @@ def test_kernels_build_with_every_entry_point(cubins, index):
     assert not missing, f"{src.name} {arch}: entry points missing from the cubin: {missing}"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_pipelined_kernels_do_not_spill(cubins, arch):
-    """spqr_tcp_* keep their accumulators (up to 64 per lane) and stage data in registers."""
-    _, _, _, res = next(c for c in cubins if c[0] == arch and c[1] == K.TCP_SOURCE)
-    assert res.returncode == 0, res.stderr
-    ok = ", 0 bytes spill stores, 0 bytes spill loads"
-    spills = [ln for ln in res.stderr.splitlines() if "spill stores" in ln and ok not in ln]
-    assert not spills, spills[:5]
-
-
 @pytest.mark.parametrize("spec", SPLIT, ids=[s.key for s in SPLIT])
 def test_small_module_builds_with_exactly_its_entry_points(cubins, spec):
     """A module the Python layer compiles (-D selection, _kernels.kernel_module) builds with
-    -Werror and holds exactly its entry points (tcp:3:3: spqr_tc.cu's device code, then
-    spqr_tcp.cu's four spqr_tcp_b3_s3_nt*)."""
+    -Werror and holds exactly its entry points."""
     _, _, path, res = next(c for c in cubins if c[1] == spec)
     assert res.returncode == 0, f"nvcc failed for {spec.key}:\n{res.stderr}"
     blob = path.read_bytes()
@@ -111,9 +88,7 @@ def test_small_module_builds_with_exactly_its_entry_points(cubins, spec):
     assert not others, f"{spec.key}: unexpected entry points {others}"
 
 
-@pytest.mark.parametrize(
-    "src", (*SOURCES, K.TCP_SOURCE), ids=[s.stem for s in (*SOURCES, K.TCP_SOURCE)]
-)
+@pytest.mark.parametrize("src", SOURCES, ids=[s.stem for s in SOURCES])
 def test_kernel_source_needs_no_host_headers(src):
     # NVRTC (CuPy) compiles the same file: no #include at all keeps it self-contained.
     assert "#include" not in src.read_text()

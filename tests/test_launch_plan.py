@@ -219,30 +219,10 @@ def test_describe_lists_every_entry():
     assert len(P.describe().splitlines()) == len(P.PLAN)
 
 
-def test_pipelined_path_is_forced_only(monkeypatch):
-    """``tcp`` runs where forced (tile layout, any batch: slices of 128) and nowhere else; the
-    default plan keeps the measured paths until the benchmark fills its crossovers."""
-    assert all(e.path != "tcp" for e in P.PLAN)
-    for m, n in BENCH:
-        for b in (1, 9, 16, 64, 128, 129, 2048):
-            assert P.decide("hopper", "tc", m, n, b).path != "tcp"
+def test_deleted_path_is_refused(monkeypatch):
+    """``tcp`` (the pipelined kernel, measured slower than tc_split everywhere) is gone: the
+    override names it as an unknown path instead of running something else silently."""
+    assert "tcp" not in P.PATHS and all(e.path in P.PATHS for e in P.PLAN)
     monkeypatch.setenv(P.ENV, "path=tcp")
-    for b in (1, 9, 16, 64, 128, 129, 2048):
-        d = P.decide("hopper", "tc", 8192, 8192, b)
-        assert (d.path, d.entry) == ("tcp", -1)
-        assert P.decide("hopper", "simt", 8192, 8192, b).path != "tcp"
-        assert P.decide("any", "none", 8192, 8192, b).path == "dense"
-
-
-@pytest.mark.parametrize("bits", K.TC_BITS)
-@pytest.mark.parametrize("sb", K.TC_STATS_BITS)
-def test_tile_chunk_geometry_is_the_tile_layouts(bits, sb):
-    from spqr_format.gpu import tile_layout as TL
-
-    geo = TL.geometry(100, 1000, bits, sb)
-    assert K.tile_chunk_geometry(bits, sb) == (geo["SLABS"], geo["SWL"], geo["MPC"])
-    for nt in K.TCP_NT:
-        g = K.tcp_geometry(bits, sb, nt)
-        assert g["NS"] * g["NTW"] == nt and g["NTW"] <= 8
-        assert g["SMEM"] == g["STAGES"] * g["RBB"] * K.tile_chunk_bytes(bits, sb)
-        assert K.tcp_name(bits, sb, nt) in K.tcp_kernel_names()
+    with pytest.raises(P.PlanError, match="tcp"):
+        P.decide("hopper", "tc", 8192, 8192, 16)

@@ -20,8 +20,6 @@ KERNEL_SOURCE = KERNEL_DIR / "spqr_kernels.cu"
 HEADER = KERNEL_DIR / "spqr_gpu.h"
 HOST_SOURCE = KERNEL_DIR / "spqr_host.cu"
 TC_SOURCE = KERNEL_DIR / "spqr_tc.cu"
-# compiled after spqr_tc.cu's text (its device helpers) with -DSPQR_TC_DEVICE_ONLY
-TCP_SOURCE = KERNEL_DIR / "spqr_tcp.cu"
 
 # Options shared by nvcc (compile test, C example) and NVRTC (CuPy).  No fast math: the matvec
 # kernels rely on f32 subnormals, the dequantizer on IEEE rounding.
@@ -339,14 +337,14 @@ def tc_smem_bytes(nt: int, mpc: int) -> int:
     return 2 * nt * mpc * 32 * 8
 
 
-def tc_resident_blocks(regs: int, smem: int, warps: int = TC_WARPS) -> int:
+def tc_resident_blocks(regs: int, smem: int) -> int:
     """Blocks of the tensor-core kernel one multiprocessor holds (sm_80/sm_90 limits: 64K
     registers allocated per warp in 256-register units, 64 warps, 32 blocks, 227 KiB of
     shared memory with 1 KiB reserved per block)."""
     warp_regs = -(-max(regs, 1) * 32 // 256) * 256
-    by_regs = 65536 // (warp_regs * warps)
+    by_regs = 65536 // (warp_regs * TC_WARPS)
     by_smem = (227 * 1024) // (smem + 1024)
-    return max(1, min(by_regs, by_smem, 64 // warps, 32))
+    return max(1, min(by_regs, by_smem, 64 // TC_WARPS, 32))
 
 
 def tc_splits(
@@ -376,7 +374,7 @@ def tc_splits(
 def _best_splits(
     rb: int, width: int, nc: int, nt: int, chunk_bytes: int, slots: int
 ) -> tuple[int, int]:
-    """The k-split cost model shared by tc_splits and tcp_splits: blocks of ``width`` row blocks
+    """The k-split cost model of tc_splits: blocks of ``width`` row blocks
     (``slots`` of them resident at once), the chunk steps on the critical path costed as the
     bytes all resident blocks stream, plus the f32 partial sums' traffic; the fewest splits on
     a tie, each split at least 4 chunks; override key tc_splits. (splits, chunks per split)."""
@@ -459,98 +457,6 @@ def tc_workspace_layout(m: int, n: int, kt: int, batch: int, splits: int) -> tup
 
 def tc_workspace_bytes(m: int, n: int, kt: int, batch: int, splits: int) -> int:
     return tc_workspace_layout(m, n, kt, batch, splits)[2]
-
-
-# --- pipelined tensor-core kernel (spqr_tcp.cu: launch plan path "tcp") --------------------
-# Slices of up to TCP_MAX_BATCH columns, NT n-tiles of 8 (at least 2). Blocks of TCP_WARPS
-# warps; a warp owns TCP_MB row blocks and NT / NS n-tiles (NS = 2 for NT = 16). The weight
-# stream goes through a ring of tcp_geometry()["STAGES"] chunks in shared memory
-# (spqr_tcp.cu TcpGeo; spqr_tc_plan.h spqr_plan_tcp_*: the three must agree, and the kernel
-# traps when launched with less shared memory than its ring).
-TCP_NT = (2, 4, 8, 16)
-TCP_MAX_BATCH = 8 * TCP_NT[-1]
-TCP_WARPS = int(_DEFS.get("SPQR_TCP_WARPS") or 4)
-TCP_MB = 2
-TCP_SMEM_TARGET = 80 * 1024  # SPQR_TCP_SMEM_TARGET
-
-
-def tcp_nt(batch: int) -> int:
-    for nt in TCP_NT:
-        if batch <= 8 * nt:
-            return nt
-    return TCP_NT[-1]
-
-
-def tcp_name(bits: int, stats_bits: int, nt: int) -> str:
-    return f"spqr_tcp_b{bits}_s{stats_bits}_nt{nt}"
-
-
-def tcp_kernel_names(bits: int | None = None, stats_bits: int | None = None) -> list[str]:
-    """The entry points of spqr_tcp.cu (all, or those of one (bits, stats_bits) module)."""
-    return sorted(
-        tcp_name(b, sb, nt)
-        for b in ((bits,) if bits else TC_BITS)
-        for sb in ((stats_bits,) if stats_bits else TC_STATS_BITS)
-        for nt in TCP_NT
-    )
-
-
-def tile_chunk_geometry(bits: int, stats_bits: int) -> tuple[int, int, int]:
-    """(SLABS, SWL, MPC) of the tile layout (tile_layout.geometry, without its import cycle)."""
-
-    def slots(b: int) -> int:
-        return 10 // b + (16 - (10 // b) * b) // b
-
-    r = 1
-    while (16 * r) % (4 * slots(bits)):
-        r += 1
-    swl = -(-(2 * r) // slots(stats_bits))
-    return 4 * r // slots(bits), (1 if swl == 1 else 2 if swl == 2 else 4), 4 * r
-
-
-def tile_chunk_bytes(bits: int, stats_bits: int) -> int:
-    """Tile-layout bytes per row block and chunk (codes, statistics words, stats2 records)."""
-    slabs, swl, mpc = tile_chunk_geometry(bits, stats_bits)
-    return slabs * 512 + swl * 128 + mpc * 8
-
-
-def tcp_geometry(bits: int, stats_bits: int, nt: int) -> dict:
-    """NS, NTW, RBB (row blocks per block), STAGE_BYTES, STAGES and SMEM (dynamic shared
-    memory) of spqr_tcp_b{bits}_s{stats_bits}_nt{nt}."""
-    ns = nt // 8 if nt > 8 else 1
-    rbb = TCP_WARPS // ns * TCP_MB
-    stage = rbb * tile_chunk_bytes(bits, stats_bits)
-    stages = max(2, min(8, TCP_SMEM_TARGET // stage))
-    return dict(NS=ns, NTW=nt // ns, RBB=rbb, STAGE_BYTES=stage, STAGES=stages, SMEM=stages * stage)
-
-
-def tcp_splits(
-    rb: int, nc: int, rbb: int, nt: int, chunk_bytes: int, slots: int
-) -> tuple[int, int]:
-    """(splits, chunks per split) of spqr_tcp_*: tc_splits's cost model with blocks of ``rbb``
-    row blocks (the chunk steps on the critical path costed as the bytes all resident blocks
-    stream, plus the partial sums' traffic), the fewest splits on a tie, each at least 4
-    chunks. Unmeasured: the model of the k-split kernel reused. Override key tc_splits."""
-    return _best_splits(rb, rbb, nc, nt, chunk_bytes, slots)
-
-
-def tcp_workspace_layout(m: int, n: int, kt: int, batch: int, splits: int) -> tuple[int, int, int]:
-    """Byte offsets (x'^T, partial sums, end) of the workspace of one spqr_tcp_* slice of
-    ``min(batch, TCP_MAX_BATCH)`` columns: x' fragments (NT * KT * 256 bytes), x'^T [n][pitch]
-    f16, f32 partial sums [splits][8 NT][M16]; every region 16-byte aligned."""
-    nb = min(batch, TCP_MAX_BATCH)
-    nt = tcp_nt(nb)
-    m16 = 16 * -(-m // 16)
-    xt = nt * kt * 32 * 8
-    part = xt + 16 * -(-(n * tc_xt_pitch(nb) * 2) // 16)
-    return xt, part, part + splits * nt * 8 * m16 * 4
-
-
-def tcp_finish_name(pitch: int) -> str:
-    """The outlier pass of a spqr_tcp_* slice: tc_finish_name, pitches above 64 (batch 65-128)
-    by spqr_tc_finish_p64 (its one-row-per-warp scheme loops over the batch in passes of 32
-    columns for any pitch that is a multiple of 8)."""
-    return tc_finish_name(min(pitch, 64))
 
 
 # --- channel_mixed (spqr_cmpq.cu, CMPQ chunk layout: codec/cmpq_layout.py) ------------------
@@ -705,7 +611,6 @@ def cmpq_kernel_names() -> list[str]:
 #   tc:{B}:{SB}     spqr_tc.cu  -DSPQR_TC_B=B -DSPQR_TC_SB=SB: spqr_tc_b*_s*_nt*, spqr_tcv_*,
 #                   spqr_tcg_*
 #   tc:shared       spqr_tc.cu  -DSPQR_TC_SHARED: spqr_tc_prepare_x, spqr_tc_finish_p*
-#   tcp:{B}:{SB}    spqr_tc.cu + spqr_tcp.cu  -DSPQR_TC_DEVICE_ONLY -DSPQR_TCP_B=B -DSPQR_TCP_SB=SB
 #   cmpq            spqr_cmpq.cu, whole
 # Without these options each source still defines every entry point (spqr_host.cu,
 # spqr_tc_host.cu and tests/test_kernels_compile.py build it so); the kernels' code is the same
@@ -753,17 +658,7 @@ def tc_module(bits: int, stats_bits: int) -> ModuleSpec:
     )
 
 
-def tcp_module(bits: int, stats_bits: int) -> ModuleSpec:
-    """spqr_tcp_b{bits}_s{stats_bits}_nt*: spqr_tc.cu's device code, then spqr_tcp.cu."""
-    return ModuleSpec(
-        f"tcp:{bits}:{stats_bits}",
-        (TC_SOURCE, TCP_SOURCE),
-        ("-DSPQR_TC_DEVICE_ONLY", f"-DSPQR_TCP_B={bits}", f"-DSPQR_TCP_SB={stats_bits}"),
-    )
-
-
 _TC_PAIR = re.compile(r"spqr_tc[vg]?_b(\d+)_s(\d+)(?:_nt\d+)?")
-_TCP_PAIR = re.compile(r"spqr_tcp_b(\d+)_s(\d+)_nt\d+")
 _SIMT_PAIR = re.compile(
     r"spqr_(?:matvec|mv1|mv1r16|dequant|dequant_row|dequant_row2|dequant_oct)"
     r"_b(\d+)_([hq])(?:_\w+)?"
@@ -772,8 +667,6 @@ _SIMT_PAIR = re.compile(
 
 def kernel_module(name: str) -> ModuleSpec:
     """The module that defines the entry point ``name``."""
-    if m := _TCP_PAIR.fullmatch(name):
-        return tcp_module(int(m[1]), int(m[2]))
     if m := _TC_PAIR.fullmatch(name):
         return tc_module(int(m[1]), int(m[2]))
     if name == "spqr_tc_prepare_x" or name.startswith("spqr_tc_finish_p"):
@@ -790,14 +683,14 @@ def kernel_module(name: str) -> ModuleSpec:
 
 def every_module() -> list[ModuleSpec]:
     """Every module the Python layer can compile (each entry point of all_kernel_names,
-    tc_kernel_names, tcp_kernel_names and cmpq_kernel_names in exactly one)."""
-    names = all_kernel_names() + tc_kernel_names() + tcp_kernel_names() + cmpq_kernel_names()
+    tc_kernel_names and cmpq_kernel_names in exactly one)."""
+    names = all_kernel_names() + tc_kernel_names() + cmpq_kernel_names()
     return sorted({kernel_module(n) for n in names}, key=lambda s: s.key)
 
 
 def module_kernel_names(spec: ModuleSpec) -> list[str]:
     """The entry points of ``spec``."""
-    names = all_kernel_names() + tc_kernel_names() + tcp_kernel_names() + cmpq_kernel_names()
+    names = all_kernel_names() + tc_kernel_names() + cmpq_kernel_names()
     return sorted(n for n in names if kernel_module(n) == spec)
 
 
@@ -811,7 +704,7 @@ def config_modules(bits: int, stats_bits: int, tensor_cores: bool = True) -> lis
     """The modules a ``bilevel`` tensor of (bits, stats_bits) can launch kernels from."""
     specs = [SIMT_SHARED, simt_module(bits, stats_bits)]
     if tensor_cores and tc_supported_config(bits, stats_bits):
-        specs += [TC_SHARED, tc_module(bits, stats_bits), tcp_module(bits, stats_bits)]
+        specs += [TC_SHARED, tc_module(bits, stats_bits)]
     return specs
 
 
@@ -833,7 +726,7 @@ def precompile_modules(
             seen.setdefault(spec.key, spec)
     if cmpq:
         seen.setdefault(CMPQ_MODULE.key, CMPQ_MODULE)
-    order = ("tcp", "tc", "simt", "cmpq")
+    order = ("tc", "simt", "cmpq")
     return sorted(
         seen.values(),
         key=lambda s: (":shared" in s.key, order.index(s.key.split(":")[0]), s.key),

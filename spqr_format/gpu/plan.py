@@ -21,15 +21,13 @@ Lookup: the first entry whose GPU class, layout, shape class and batch range all
 * **Path**: ``tcg`` / ``tcv`` (one tensor-core kernel, batch <= 2 / <= 8), ``tc_split`` (k-split
   tile kernel + finish kernel, slices of up to 64 columns), ``mv1`` (SIMT row sweep, batch 1),
   ``simt`` (SIMT kernel, slices of 2 or 4 columns), ``dense`` (dequantize into a workspace in
-  the input dtype, then a cuBLAS GEMM with f32 accumulation on the same stream), ``tcp``
-  (``spqr_tcp_*``: the weight stream through a multi-stage cp.async ring in shared memory,
-  mma.sync consumers of 32 rows x up to 64 batch columns per warp, slices of up to 128 columns;
-  then the k-split path's finish kernel; built for batch 16-128).
+  the input dtype, then a cuBLAS GEMM with f32 accumulation on the same stream).
 
-``tcp`` is measured (H100, ``benchmarks/results/gpu-h100-2026-12-07-paths.json``) and loses:
-correct, but slower than ``tc_split`` at batch 16-64 (8192x28672: 106 against 86 us at 16,
-204 against 198 at 64), level with it at 128 and 5x cuBLAS at 512, so no entry picks it;
-``SPQR_GPU_PLAN=path=tcp`` forces it and ``benchmarks/gpu_matvec.py --compare-paths`` times it.
+Deleted paths: ``tcp`` (``spqr_tcp_*``, a multi-stage cp.async pipeline into ``mma.sync``
+consumers of 32 rows per warp, sessions 14-15) was correct but slower than ``tc_split`` at
+every batch it was built for (H100, ``benchmarks/results/gpu-h100-2026-12-07-paths.json``:
+8192x28672 106 against 86 us at batch 16, 204 against 198 at 64, level at 128), so no entry
+picked it; it was removed rather than kept as an override.
 
 Where the ``dense`` entries start (H200, session 9, ``gpu-h200-2026-11-23-s9.json``, us; dense =
 dequantize + cuBLAS fp16 of the same batch, both measured in that run): 4096x4096 fused 16.7 at
@@ -56,7 +54,7 @@ from dataclasses import dataclass
 
 ENV = "SPQR_GPU_PLAN"
 
-PATHS = ("tcg", "tcv", "tc_split", "mv1", "simt", "dense", "tcp")  # C enum order: append only
+PATHS = ("tcg", "tcv", "tc_split", "mv1", "simt", "dense")  # C enum order: append only
 LAYOUTS = ("tc", "simt", "none")
 SHAPE_CLASSES = ("small", "medium", "large")
 GPU_CLASSES = ("hopper", "any")
@@ -65,7 +63,7 @@ BATCH_MAX = 1 << 30
 
 # paths each layout can run (a forced path outside this set is ignored for that layout)
 LAYOUT_PATHS = {
-    "tc": ("tcg", "tcv", "tc_split", "tcp", "dense"),
+    "tc": ("tcg", "tcv", "tc_split", "dense"),
     "simt": ("mv1", "simt", "dense"),
     "none": ("dense",),
 }
@@ -96,7 +94,6 @@ def _entries(gpu: str | None, measured: str) -> list[Entry]:
         Entry(gpu, "tc", ANY, 1, 8, "tcv", f"{measured}: one kernel up to 8 columns"),
         Entry(gpu, "tc", ("small",), 9, 48, "tc_split", f"{measured}: 4096x4096 b16 16.7 us"),
         Entry(gpu, "tc", big, 9, 64, "tc_split", f"{measured}: b64 fused < dense on 5 shapes"),
-        # "tcp" (spqr_tcp_*) is not picked: slower than tc_split at batch 16-64 on an H100
         Entry(gpu, "tc", ANY, 1, BATCH_MAX, "dense", f"{measured}: dequantize + cuBLAS"),
         Entry(gpu, "simt", ANY, 1, 1, "mv1", f"{measured}: row sweep"),
         Entry(gpu, "simt", ANY, 2, 3, "simt", f"{measured}: SIMT slices of 2/4"),
@@ -237,7 +234,7 @@ class Decision:
 
 def can_run(path: str, layout: str, batch: int) -> bool:
     """Whether ``path`` can compute a batch of ``batch`` rows for ``layout`` (slices of 64
-    columns for the tensor-core paths, 128 for ``tcp``)."""
+    columns for the tensor-core paths)."""
     if path not in LAYOUT_PATHS[layout]:
         return False
     if path == "tcg":
@@ -424,8 +421,7 @@ def c_header() -> str:
         "  if (layout == SPQR_LAYOUT_TC) {",
         "    if (path == SPQR_PATH_TCG) return batch <= 2;",
         "    if (path == SPQR_PATH_TCV) return batch <= 8;",
-        "    return path == SPQR_PATH_TC_SPLIT || path == SPQR_PATH_TCP ||",
-        "           path == SPQR_PATH_DENSE;",
+        "    return path == SPQR_PATH_TC_SPLIT || path == SPQR_PATH_DENSE;",
         "  }",
         "  if (path == SPQR_PATH_MV1) return batch == 1;",
         "  if (path == SPQR_PATH_SIMT) return batch >= 2;",

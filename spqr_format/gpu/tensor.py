@@ -72,12 +72,6 @@ def module(source=None) -> cp.RawModule:
     return compiled(K.ModuleSpec(f"whole:{source}", (source,)))
 
 
-def tcp_module(bits: int, stats_bits: int) -> cp.RawModule:
-    """The pipelined tensor-core kernels of one (bits, stats_bits) (``spqr_tcp_*``): spqr_tc.cu's
-    device code followed by spqr_tcp.cu, four entry points (one per NT), compiled on first use."""
-    return compiled(K.tcp_module(bits, stats_bits))
-
-
 def function(name: str):
     """The entry point ``name``, from the module :func:`spqr_format.gpu._kernels.kernel_module`
     names (compiled on first use)."""
@@ -572,11 +566,6 @@ class GpuTensor(_DeviceMatrix):
         nt = K.tc_nt(min(batch, K.TC_MAX_BATCH))
         splits, _ = self._tc_plan(nt)
         need = max(old, K.tc_workspace_bytes(self.m, self.n, self.tc.KT, batch, splits))
-        if self.plan_for(batch, in_code).path == "tcp":
-            # its slices, or the k-split path's for slices of up to 128 columns (fallback)
-            nb = min(batch, K.TCP_MAX_BATCH)
-            splits, _ = self._tcp_plan(K.tcp_nt(nb))
-            need = max(need, K.tcp_workspace_layout(self.m, self.n, self.tc.KT, nb, splits)[2])
         return need
 
     def _tc_plan(self, nt: int) -> tuple[int, int]:
@@ -591,27 +580,6 @@ class GpuTensor(_DeviceMatrix):
             resident = K.tc_resident_blocks(regs, K.tc_smem_bytes(nt, tc.MPC))
             chunk_bytes = (tc.codes.nbytes + tc.stats.nbytes + tc.stats2.nbytes) // (tc.NC * tc.RB)
             plan = K.tc_splits(tc.RB, tc.NC, _sm_count(), resident, nt, chunk_bytes)
-            tc.plans[key] = plan
-        return plan
-
-    def _tcp_plan(self, nt: int) -> tuple[int, int]:
-        """(splits, chunks per split) of spqr_tcp_* for ``nt`` n-tiles on this device."""
-        key = (cp.cuda.Device().id, "p", nt)
-        plan = self.tc.plans.get(key)
-        if plan is None:
-            fn = function(K.tcp_name(self.bits, self.stats_bits, nt))
-            tc = self.tc
-            geo = K.tcp_geometry(self.bits, self.stats_bits, nt)
-            regs = int(getattr(fn, "num_regs", 128) or 128)
-            resident = K.tc_resident_blocks(regs, geo["SMEM"], K.TCP_WARPS)
-            plan = K.tcp_splits(
-                tc.RB,
-                tc.NC,
-                geo["RBB"],
-                nt,
-                K.tile_chunk_bytes(self.bits, self.stats_bits),
-                resident * _sm_count(),
-            )
             tc.plans[key] = plan
         return plan
 
@@ -659,9 +627,6 @@ class GpuTensor(_DeviceMatrix):
             return
         if d.path in ("tcg", "tcv", "tc_split"):
             self._tc_matmul(x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr, d)
-            return
-        if d.path == "tcp":
-            self._tcp_matmul(x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr)
             return
         ldxs, ldx16, _ = K.workspace_floats(n, batch)
         xs = int(ws_ptr)
@@ -861,7 +826,7 @@ class GpuTensor(_DeviceMatrix):
         ents = 0 if tc.outlier_entries is None else int(tc.outlier_entries.size)
         lanes = K.tc_finish_lanes(bp, m, ents, _sm_count())
         rows_grid = -(-m // (256 // lanes))
-        fname = K.tcp_finish_name(bp)  # tc_finish_name up to pitch 64
+        fname = K.tc_finish_name(bp)
         fin = function(fname)
         smem = 0
         grid = rows_grid
@@ -893,85 +858,6 @@ class GpuTensor(_DeviceMatrix):
             ),
             shared_mem=smem,
         )
-
-    def _tcp_matmul(self, x_ptr, ldx, y_ptr, ldy, out_code, batch, ws_ptr) -> None:
-        """The ``tcp`` path, per slice of up to 128 batch columns: prepare the x' fragments,
-        spqr_tcp_* (pipelined weight stream, k-split partial sums), then the finish kernel
-        (split sums, outlier corrections, rounding). A device whose shared memory cannot hold
-        the kernel's stage ring takes the k-split path instead (logged once per tensor)."""
-        tc = self.tc
-        m, n = self.shape
-        m16 = 16 * tc.RB
-        ysz = 4 if out_code == 0 else 2
-        for b0 in range(0, batch, K.TCP_MAX_BATCH):
-            nb = min(K.TCP_MAX_BATCH, batch - b0)
-            xb = int(x_ptr) + 2 * b0 * int(ldx)
-            yb = int(y_ptr) + ysz * b0 * int(ldy)
-            nt = K.tcp_nt(nb)
-            name = K.tcp_name(self.bits, self.stats_bits, nt)
-            geo = K.tcp_geometry(self.bits, self.stats_bits, nt)
-            limit = _smem_optin() + 1024
-            if geo["SMEM"] > limit:
-                why = (
-                    f"kernel {name} needs {geo['SMEM']} bytes of shared memory per block "
-                    f"({geo['STAGES']} stages), this device allows {limit}"
-                )
-                key = (self.name, self.shape, name, "tcp-fallback")
-                if key not in _noticed:
-                    _noticed.add(key)
-                    K.log.warning(
-                        "spqr_format.gpu: tensor %s: %s; using the k-split path (tc_split)",
-                        self.name or "?",
-                        why,
-                    )
-                self._tc_matmul(
-                    xb, ldx, yb, ldy, out_code, nb, ws_ptr, P.Decision("tc_split", -1, why)
-                )
-                continue
-            splits, per = self._tcp_plan(nt)
-            xt_off, part_off, _ = K.tcp_workspace_layout(m, n, tc.KT, nb, splits)
-            xfrag = int(ws_ptr)
-            xt, part = xfrag + xt_off, xfrag + part_off
-            bp = K.tc_xt_pitch(nb)
-            total = nt * tc.KT * 32
-            function("spqr_tc_prepare_x")(
-                (-(-total // 256),),
-                (256,),
-                (
-                    np.uint64(xb),
-                    np.int64(ldx),
-                    _ptr(self.perm),
-                    np.int64(n),
-                    np.int32(nb),
-                    np.int32(nt),
-                    np.int64(tc.KT),
-                    np.uint64(xfrag),
-                    np.uint64(xt),
-                    np.int32(bp),
-                    np.int32(0),
-                    np.uint64(0),
-                ),
-            )
-            fn = function(name)
-            _raise_smem_limit(fn, geo["SMEM"], self.name, name)
-            fn(
-                (-(-tc.RB // geo["RBB"]), splits),
-                (32 * K.TCP_WARPS,),
-                (
-                    tc.codes,
-                    tc.stats,
-                    tc.stats2,
-                    np.uint64(xfrag),
-                    np.uint64(part),
-                    np.int32(tc.RB),
-                    np.int32(tc.NC),
-                    np.int32(per),
-                    np.int64(m16),
-                    np.int32(nb),
-                ),
-                shared_mem=geo["SMEM"],
-            )
-            self._tc_finish(part, splits, 8 * nt, xt, bp, yb, ldy, out_code, nb)
 
     def _dense(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr, d) -> None:
         """The ``dense`` path: the reason logged once, then :meth:`_dequantize_gemm` (in slices

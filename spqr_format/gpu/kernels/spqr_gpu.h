@@ -9,8 +9,7 @@
  *     headers.  Bit-exact dequantize; SIMT matvec / matmul (any batch, f16 or bf16).
  *  2. Host launchers (spqr_host.cu, nvcc only): `spqr_matvec`, `spqr_dequantize`, ... that pick
  *     the specialisation and launch geometry of (1) for you on a given stream.
- *  3. The tensor-core kernels (spqr_tc.cu; spqr_tcp.cu, the pipelined batch 16-128 kernel,
- *     compiled after spqr_tc.cu's text): f16 matvec / matmul on mma.sync, reading the "tile
+ *  3. The tensor-core kernels (spqr_tc.cu): f16 matvec / matmul on mma.sync, reading the "tile
  *     layout", a lossless load-time repack of the sections (section "Tile layout" at the end
  *     of this comment block).  The repack is implemented in Python
  *     (spqr_format/gpu/tile_layout.py, run on the GPU through CuPy; the same repack in C99 on
@@ -209,15 +208,6 @@
  *   row block blockIdx.x*8 + w; grid (ceil(RB/8), splits); dynamic shared memory
  *   2*NT*MPC*256 bytes (raise the limit above 48 KiB).  Weights enter the tensor cores as f16
  *   (see spqr_tc.cu for the error bound); accumulation is f32.
- *
- * spqr_tcp_b{B}_s{SB}_nt{NT}(tl_codes, tl_stats, tl_stats2, xfrag, part, RB, NC, chunks, M16, nb)
- *   (spqr_tcp.cu; NT in 2, 4, 8, 16: slices of nb <= 8*NT <= 128 columns, xfrag from
- *   spqr_tc_prepare_x with that NT)  The same partial sums as spqr_tc_b*_nt*, pipelined: block
- *   = 4 warps (SPQR_TCP_WARPS), RBB = 8 row blocks (NT <= 8) or 4 (NT = 16) per block, grid
- *   (ceil(RB/RBB), splits); dynamic shared memory STAGES*RBB*(SLABS*512 + SWL*128 + MPC*8)
- *   bytes with STAGES = clamp(81920 / (RBB*(...)), 2, 8) (spqr_plan_tcp_smem; the kernel traps
- *   if launched with less).  Same weights into the tensor cores as spqr_tc_b*_nt* (same error
- *   bound); then spqr_tc_finish_p* as for it (pitch > 64: spqr_tc_finish_p64).
  *
  * spqr_tc_finish_p{1,2,4,8,16,32,64}(part, splits, M16, 8*NT, orows, tl_oents, xt, bp, smem_x,
  *                                    lanes, n, y, ldy, out_dtype, m, nb)
@@ -458,11 +448,7 @@ size_t spqr_tc_workspace_bytes(const spqr_tile *t, int batch);
 /* Y[b][:] = W X[b][:] for b < batch on tensor cores: X f16 rows of ldx elements, Y rows of ldy
  * elements in out_dtype (f32/f16/bf16).  Per 64 batch rows, on `stream` with no
  * synchronisation: prepare + spqr_tcg_* (<= 2 rows on large matrices) or spqr_tcv_* (<= 8
- * rows), else prepare, tile kernel, finish; where the plan says "tcp" (only when forced by
- * SPQR_GPU_PLAN=path=tcp until it is measured), per 128 rows prepare + spqr_tcp_* (spqr_tcp.cu:
- * the weight stream through a cp.async stage ring; STAGES x stage bytes of dynamic shared
- * memory, spqr_tc_plan.h spqr_plan_tcp_smem) + finish, or the k-split path when the device's
- * opt-in shared memory cannot hold the ring.  Same arithmetic and tolerance as the Python layer's
+ * rows), else prepare, tile kernel, finish.  Same arithmetic and tolerance as the Python layer's
  * tensor-core path, and bit-identical to it for the same k-split (which is
  * chosen from the device's multiprocessor count and the kernel's registers; the override
  * SPQR_GPU_PLAN=tc_splits=N forces it in both).  Which kernel takes a slice is the launch plan
@@ -474,7 +460,7 @@ int spqr_tc_matmul(const spqr_tile *t, const void *x, int64_t ldx, void *y, int6
                    int out_dtype, int batch, void *workspace, void *stream);
 
 /* The launch plan's path (SPQR_PATH_* of spqr_launch_plan.h: 0 tcg, 1 tcv, 2 tc_split, 3 mv1,
- * 4 simt, 5 dense, 6 tcp) for a matmul of `batch` rows of an m x n tensor on the current device;
+ * 4 simt, 5 dense) for a matmul of `batch` rows of an m x n tensor on the current device;
  * layout 0: tile layout with f16 input, 1: fused SIMT kernels, 2: none.  With path 5 the
  * Python layer dequantizes (spqr_dequantize) into a workspace and runs one GEMM (cublasGemmEx,
  * f32 accumulation).  -1 for a malformed SPQR_GPU_PLAN or bad arguments. */

@@ -15,7 +15,6 @@
 #define SPQR_PATH_MV1 3
 #define SPQR_PATH_SIMT 4
 #define SPQR_PATH_DENSE 5
-#define SPQR_PATH_TCP 6
 #define SPQR_LAYOUT_TC 0
 #define SPQR_LAYOUT_SIMT 1
 #define SPQR_LAYOUT_NONE 2
@@ -80,7 +79,7 @@ typedef struct {
 } spqr_plan_override;
 
 static inline int spqr_plan_parse(const char* text, spqr_plan_override* o) {
-  static const char* const paths[] = {"tcg", "tcv", "tc_split", "mv1", "simt", "dense", "tcp"};
+  static const char* const paths[] = {"tcg", "tcv", "tc_split", "mv1", "simt", "dense"};
   static const char* const other[] = {"tc", "dq_threads", "dq_rows", "dq_oct", "dqo_threads", "dq2_smem_max", "dq2_wide_smem_max", "cmpq_blocks_per_sm", "dense_slice_rows", "cmpq_dq_tile", "cmpq_dense_from", "cmpq_v2", "defines"};
   o->path = o->dense_from = o->tcv_ks = o->tc_splits = o->finish_lanes = -1;
   if (text == NULL) return 0;
@@ -139,8 +138,7 @@ static inline int spqr_plan_can_run(int path, int layout, int batch) {
   if (layout == SPQR_LAYOUT_TC) {
     if (path == SPQR_PATH_TCG) return batch <= 2;
     if (path == SPQR_PATH_TCV) return batch <= 8;
-    return path == SPQR_PATH_TC_SPLIT || path == SPQR_PATH_TCP ||
-           path == SPQR_PATH_DENSE;
+    return path == SPQR_PATH_TC_SPLIT || path == SPQR_PATH_DENSE;
   }
   if (path == SPQR_PATH_MV1) return batch == 1;
   if (path == SPQR_PATH_SIMT) return batch >= 2;

@@ -593,7 +593,6 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
 #define SPQR_TC_SHARED_MODULE 0
 #endif
 
-#ifndef SPQR_TC_DEVICE_ONLY  // spqr_tcp.cu is compiled after this file without these
 #if !SPQR_TC_PAIR_MODULE
 // One thread per (n-tile j, mma mu, lane): B fragment words of x' (f16; 0 past n / batch), and
 // the same values in x'^T [n][bp] (stored column major over batch columns, bp >= batch), which
@@ -686,7 +685,6 @@ SPQR_TC_ALL_NT(3, 4)
 #endif
 SPQR_TC_ALL_NT(3, 3)
 #endif
-#endif  // SPQR_TC_DEVICE_ONLY
 
 namespace spqr_tc {
 // Row `row`, batch column c of the k-split partial sums: part[s][c][row] summed over the
@@ -1375,7 +1373,6 @@ __device__ __forceinline__ void finish(
 }
 }  // namespace spqr_tc
 
-#ifndef SPQR_TC_DEVICE_ONLY  // spqr_tcp.cu is compiled after this file without these
 #if !SPQR_TC_PAIR_MODULE
 #define SPQR_TC_FINISH_ENTRY(BPT)                                                                \
   extern "C" __global__ void __launch_bounds__(256) spqr_tc_finish_p##BPT(                      \
@@ -1434,4 +1431,3 @@ SPQR_TCV_ENTRY(3, 4)
 #endif
 SPQR_TCV_ENTRY(3, 3)
 #endif
-#endif  // SPQR_TC_DEVICE_ONLY

@@ -1,4 +1,4 @@
-// spqr_tc_host.cu -- host launcher of the tensor-core kernels (spqr_tc.cu, spqr_tcp.cu) for C
+// spqr_tc_host.cu -- host launcher of the tensor-core kernels (spqr_tc.cu) for C
 // programs.  nvcc only (not NVRTC).  Includes the kernels, so one `nvcc -c spqr_tc_host.cu`
 // gives an object with the tensor-core kernels and spqr_tc_matmul / spqr_tc_workspace_bytes.  The tile
 // arrays come from spqr_tile_repack (spqr_tile_layout.c) and are uploaded by the caller.
@@ -17,7 +17,6 @@
 
 #include "spqr_gpu.h"
 #include "spqr_tc.cu"
-#include "spqr_tcp.cu"
 #include "spqr_tc_plan.h"
 #include "spqr_launch_plan.h"
 
@@ -83,19 +82,6 @@ tcv_fn pick_tcv(int bits, int sb) {
   return k[bits - 2][sb - 1];
 }
 
-#define SPQR_TCPK(B, SB, NT) &spqr_tcp_b##B##_s##SB##_nt##NT
-#define SPQR_TCPK_NT(B, SB) \
-  {SPQR_TCPK(B, SB, 2), SPQR_TCPK(B, SB, 4), SPQR_TCPK(B, SB, 8), SPQR_TCPK(B, SB, 16)}
-#define SPQR_TCPK_SB(B) {SPQR_TCPK_NT(B, 1), SPQR_TCPK_NT(B, 2), SPQR_TCPK_NT(B, 3), SPQR_TCPK_NT(B, 4)}
-
-// spqr_tcp_* (same arguments as spqr_tc_b*_nt*), NT in 2, 4, 8, 16
-tc_fn pick_tcp(int bits, int sb, int nt) {
-  static const tc_fn k[3][4][4] = {SPQR_TCPK_SB(2), SPQR_TCPK_SB(3), SPQR_TCPK_SB(4)};
-  if (bits < 2 || bits > 4 || sb < 1 || sb > 4) return NULL;
-  const int ni = nt <= 2 ? 0 : nt == 4 ? 1 : nt == 8 ? 2 : 3;
-  return k[bits - 2][sb - 1][ni];
-}
-
 // _kernels.tc_resident_blocks for a kernel (its register count from the runtime).
 int64_t resident_blocks(const void* fn, int64_t smem) {
   cudaFuncAttributes attr;
@@ -136,33 +122,6 @@ void tc_plan(const spqr_tile* t, int nt, tc_fn fn, const spqr_plan_override* o, 
                    per);
 }
 
-int64_t chunk_bytes_of(const spqr_tile* t) {
-  return t->d.SLABS * 512 + t->d.SWL * 128 + t->d.MPC * 8;
-}
-
-// _kernels.tcp_splits for spqr_tcp_* with nt n-tiles (resident blocks from its registers).
-void tcp_plan(const spqr_tile* t, int nt, tc_fn fn, const spqr_plan_override* o, int sms,
-              int* splits, int* per) {
-  cudaFuncAttributes attr;
-  int regs = 128;
-  if (cudaFuncGetAttributes(&attr, (const void*)fn) == cudaSuccess && attr.numRegs > 0)
-    regs = attr.numRegs;
-  const int64_t cb = chunk_bytes_of(t);
-  const int64_t resident =
-      spqr_plan_resident_w(regs, spqr_plan_tcp_smem(nt, cb), SPQR_PLAN_TCP_WARPS);
-  spqr_plan_tcp_splits(t->d.RB, t->d.NC, spqr_plan_tcp_rbb(nt), nt, cb, resident * sms,
-                       pos(o->tc_splits), splits, per);
-}
-
-// _kernels.tcp_workspace_layout: byte offsets of x'^T and the partial sums, and the size.
-void tcp_layout(const spqr_tile* t, int nb, int splits, int64_t* xt, int64_t* part,
-                int64_t* end) {
-  const int nt = spqr_plan_tcp_nt(nb);
-  *xt = (int64_t)nt * t->d.KT * 32 * 8;
-  *part = *xt + 16 * cdiv(t->n * xt_pitch(nb) * 2, 16);
-  *end = *part + (int64_t)splits * nt * 8 * t->d.M16 * 4;
-}
-
 // Byte offsets of x'^T and the partial sums in the workspace, and its size.
 void tc_layout(const spqr_tile* t, int nb, int splits, int64_t* xt, int64_t* part,
                int64_t* end) {
@@ -186,17 +145,7 @@ extern "C" size_t spqr_tc_workspace_bytes(const spqr_tile* t, int batch) {
   tc_plan(t, nt, fn, &o, &splits, &per);
   int64_t xt, part, end;
   tc_layout(t, nb, splits, &xt, &part, &end);
-  // the pipelined path's slices (up to 128 columns), whichever path the plan takes
-  const int nbp = batch < SPQR_PLAN_TCP_MAX_BATCH ? (batch < 1 ? 1 : batch)
-                                                  : SPQR_PLAN_TCP_MAX_BATCH;
-  tc_fn fp = pick_tcp(t->bits, t->stats_bits, spqr_plan_tcp_nt(nbp));
-  int dev = 0, sms = 1;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  tcp_plan(t, spqr_plan_tcp_nt(nbp), fp, &o, sms, &splits, &per);
-  int64_t end2;
-  tcp_layout(t, nbp, splits, &xt, &part, &end2);
-  return (size_t)(end2 > end ? end2 : end);
+  return (size_t)end;
 }
 
 namespace {
@@ -229,54 +178,6 @@ int tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, void* y, int64_t l
               int out_dtype, int batch, void* workspace, cudaStream_t stream,
               const spqr_plan_override& o, int sms);
 
-// The "tcp" path (GpuTensor._tcp_matmul): per slice of up to 128 columns, prepare, spqr_tcp_*,
-// finish; a device without the shared memory for the stage ring runs the slice on the k-split
-// path instead.
-int tcp_matmul(const spqr_tile* t, const void* x, int64_t ldx, void* y, int64_t ldy,
-               int out_dtype, int batch, void* workspace, cudaStream_t stream,
-               const spqr_plan_override& o, int sms) {
-  const int ysz = out_dtype == SPQR_DTYPE_F32 ? 4 : 2;
-  int dev = 0, optin = 48 * 1024;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  for (int b0 = 0; b0 < batch; b0 += SPQR_PLAN_TCP_MAX_BATCH) {
-    const int nb = batch - b0 < SPQR_PLAN_TCP_MAX_BATCH ? batch - b0 : SPQR_PLAN_TCP_MAX_BATCH;
-    const u16* xb = (const u16*)x + (int64_t)b0 * ldx;
-    char* yb = (char*)y + (int64_t)ysz * b0 * ldy;
-    const int nt = spqr_plan_tcp_nt(nb);
-    tc_fn fn = pick_tcp(t->bits, t->stats_bits, nt);
-    if (!fn) return cudaErrorNotSupported;
-    const int64_t smem = spqr_plan_tcp_smem(nt, chunk_bytes_of(t));
-    if (smem > optin) {  // the k-split path for this slice
-      spqr_plan_override o2 = o;
-      o2.path = SPQR_PATH_TC_SPLIT;
-      const int rc = tc_matmul(t, xb, ldx, yb, ldy, out_dtype, nb, workspace, stream, o2, sms);
-      if (rc != 0) return rc;
-      continue;
-    }
-    int splits, per;
-    tcp_plan(t, nt, fn, &o, sms, &splits, &per);
-    int64_t xt_off, part_off, end;
-    tcp_layout(t, nb, splits, &xt_off, &part_off, &end);
-    char* ws = (char*)workspace;
-    uint2* xfrag = (uint2*)ws;
-    u16* xt = (u16*)(ws + xt_off);
-    float* part = (float*)(ws + part_off);
-    const int bp = xt_pitch(nb);
-    const int64_t total = (int64_t)nt * t->d.KT * 32;
-    spqr_tc_prepare_x<<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(
-        xb, ldx, t->perm, t->n, nb, nt, t->d.KT, xfrag, xt, bp, 0, NULL);
-    if (smem > 48 * 1024)
-      cudaFuncSetAttribute((const void*)fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           (int)smem);
-    const int rbb = spqr_plan_tcp_rbb(nt);
-    fn<<<dim3((unsigned)cdiv(t->d.RB, rbb), (unsigned)splits), 32 * SPQR_PLAN_TCP_WARPS,
-         (size_t)smem, stream>>>((const uint4*)t->codes, t->stats, (const uint2*)t->stats2,
-                                 xfrag, part, (int)t->d.RB, (int)t->d.NC, per, t->d.M16, nb);
-    run_finish(t, part, splits, 8 * nt, xt, bp, nb, yb, ldy, out_dtype, sms, &o, stream);
-  }
-  return (int)cudaGetLastError();
-}
 }  // namespace
 
 extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, void* y,
@@ -289,10 +190,6 @@ extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, vo
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   spqr_plan_override o;
   if (plan_override(&o) != 0) return cudaErrorInvalidValue;  // malformed SPQR_GPU_PLAN
-  const int whole = spqr_plan_decide(gpu_class_of_current_device(), SPQR_LAYOUT_TC, t->m, t->n,
-                                     batch, &o);
-  if (whole == SPQR_PATH_TCP)
-    return tcp_matmul(t, x, ldx, y, ldy, out_dtype, batch, workspace, stream, o, sms);
   return tc_matmul(t, x, ldx, y, ldy, out_dtype, batch, workspace, stream, o, sms);
 }
 

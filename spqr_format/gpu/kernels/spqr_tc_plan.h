@@ -118,48 +118,4 @@ static inline void spqr_plan_splits(int64_t rb, int64_t nc, int nt, int64_t chun
   spqr_plan_best_splits(rb, SPQR_PLAN_WARPS, nc, nt, chunk_bytes, slots, override, splits, per);
 }
 
-/* --- the pipelined kernel spqr_tcp_* (spqr_tcp.cu TcpGeo; _kernels.tcp_*) ------------------- */
-#define SPQR_PLAN_TCP_WARPS 4              /* _kernels.TCP_WARPS (SPQR_TCP_WARPS) */
-#define SPQR_PLAN_TCP_MB 2                 /* _kernels.TCP_MB */
-#define SPQR_PLAN_TCP_MAX_BATCH 128        /* _kernels.TCP_MAX_BATCH */
-#define SPQR_PLAN_TCP_SMEM_TARGET (80 * 1024) /* _kernels.TCP_SMEM_TARGET */
-
-/* _kernels.tcp_nt: n-tiles of a slice of nb <= 128 columns (at least 2) */
-static inline int spqr_plan_tcp_nt(int nb) {
-  return nb <= 16 ? 2 : nb <= 32 ? 4 : nb <= 64 ? 8 : 16;
-}
-
-/* _kernels.tcp_geometry: row blocks per block (RBB) */
-static inline int spqr_plan_tcp_rbb(int nt) {
-  return SPQR_PLAN_TCP_WARPS / (nt > 8 ? nt / 8 : 1) * SPQR_PLAN_TCP_MB;
-}
-
-/* _kernels.tcp_geometry: dynamic shared memory (STAGES x stage bytes); chunk_bytes = tile-layout
- * bytes per row block and chunk (SLABS*512 + SWL*128 + MPC*8) */
-static inline int64_t spqr_plan_tcp_smem(int nt, int64_t chunk_bytes) {
-  const int64_t stage = spqr_plan_tcp_rbb(nt) * chunk_bytes;
-  int64_t stages = SPQR_PLAN_TCP_SMEM_TARGET / stage;
-  stages = stages < 2 ? 2 : stages > 8 ? 8 : stages;
-  return stages * stage;
-}
-
-/* _kernels.tc_resident_blocks with `warps` warps per block */
-static inline int64_t spqr_plan_resident_w(int regs, int64_t smem, int warps) {
-  const int64_t warp_regs = spqr_plan_cdiv((int64_t)(regs > 0 ? regs : 1) * 32, 256) * 256;
-  int64_t r = 65536 / (warp_regs * warps);
-  const int64_t by_smem = (227 * 1024) / (smem + 1024);
-  if (by_smem < r) r = by_smem;
-  if (64 / warps < r) r = 64 / warps;
-  if (r > 32) r = 32;
-  return r < 1 ? 1 : r;
-}
-
-/* _kernels.tcp_splits: the k-split of spqr_tcp_* (the same cost model, blocks of rbb row
- * blocks) */
-static inline void spqr_plan_tcp_splits(int64_t rb, int64_t nc, int rbb, int nt,
-                                        int64_t chunk_bytes, int64_t slots, int override,
-                                        int* splits, int* per) {
-  spqr_plan_best_splits(rb, rbb, nc, nt, chunk_bytes, slots, override, splits, per);
-}
-
 #endif /* SPQR_TC_PLAN_H */
