@@ -220,9 +220,6 @@ def bench_shape(
     if args.compare_paths and encoding == "bilevel":
         variants["fused"] = base_override + sep + "dense_from=0"
         variants["dense"] = base_override + sep + "path=dense"
-    if encoding == "bilevel":
-        for r in args.dense_slice_rows:
-            variants[f"dense_s{r}"] = base_override + sep + f"path=dense,dense_slice_rows={r}"
     if args.compare_paths and encoding == "channel_mixed":
         variants["cmpq_v1"] = base_override + sep + "cmpq_v2=0,cmpq_dense_from=0"
         variants["cmpq_v2"] = base_override + sep + "cmpq_v2=1,cmpq_dense_from=0"
@@ -424,17 +421,7 @@ def main(argv=None) -> int:
         help="also time the fused kernels and dequantize + cuBLAS at every batch "
         "(channel_mixed: both kernel designs)",
     )
-    ap.add_argument(
-        "--dense-slice-rows",
-        default="",
-        help="bilevel: also time dequantize + cuBLAS in slices of each of these row counts "
-        "(comma list; SPQR_GPU_PLAN=path=dense,dense_slice_rows=R), e.g. 1024,2048",
-    )
     args = ap.parse_args(argv)
-    try:
-        args.dense_slice_rows = [int(v) for v in args.dense_slice_rows.split(",") if v.strip()]
-    except ValueError:
-        ap.error(f"--dense-slice-rows {args.dense_slice_rows!r}: expected a comma list of ints")
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -499,10 +486,6 @@ def main(argv=None) -> int:
             f" {r.get('cmpq_v1_us', nan):7.1f}"
             f" {r.get('cmpq_v2_us', nan):7.1f}"
             f" {max(v for k, v in r.items() if k.endswith('check')):6.2f}"
-            + "".join(
-                f" {k[:-3]}={v:.1f}" for k, v in r.items() if k.startswith("dense_s") and
-                k.endswith("_us")
-            )
         )
     if args.plot:
         try:

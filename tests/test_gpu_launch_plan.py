@@ -132,21 +132,6 @@ def test_row_range_dequantize_is_bit_exact(params, perm):
             g._dequantize_rows(1, 150, out.data.ptr, 300, 1)
 
 
-@pytest.mark.parametrize("rows", [16, 48, 100, 1000])
-def test_dense_path_in_row_slices(monkeypatch, rows):
-    """dense_slice_rows=R: W dequantized and multiplied R rows at a time (rounded to the
-    statistics tile), within the dense path's bound, with the workspace of one slice."""
-    rng = np.random.default_rng(rows)
-    t = random_bilevel(rng, 200, 512, P3, True, 0.02)
-    monkeypatch.setenv(P.ENV, f"path=dense,dense_slice_rows={rows}")
-    g = GpuTensor.from_packed(pack(t))
-    r = g.dense_slice_rows()
-    assert r == 200 if rows >= 200 else (r % 16 == 0 and rows <= r < rows + 16)
-    assert g.workspace_bytes(70) == g.dense_workspace_bytes(1) >= r * 512 * 2
-    for dtype in ("float16", "bfloat16"):
-        _check_matmul(t, 70, dtype, rng)
-
-
 def test_fallback_triggers_at_the_plan_threshold(caplog):
     """Below the plan's dense threshold the fused kernels run, from it on dequantize + cuBLAS,
     the reason logged once per tensor."""

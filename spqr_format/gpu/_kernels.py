@@ -50,11 +50,6 @@ def dq_rows() -> int:
     return plan.option("dq_rows", 2)
 
 
-def dense_slice_rows() -> int:
-    """Rows per slice of the bilevel dense path (override dense_slice_rows; 0: one slice)."""
-    return int(plan.option("dense_slice_rows", 0))
-
-
 def dq_oct() -> bool:
     """The octet dequantizer (no permutation) where it applies (override dq_oct=0: off)."""
     return bool(plan.option("dq_oct", 1))

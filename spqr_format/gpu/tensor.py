@@ -218,38 +218,25 @@ class _DeviceMatrix:
         return y.reshape(-1)
 
     # --- the dense path: dequantize into a workspace, then cuBLAS ------------------------
-    def dense_slice_rows(self) -> int:
-        """Rows the dense path dequantizes and multiplies at a time (here: all of them)."""
-        return self.m
-
     def dense_workspace_bytes(self, in_code: int = 1) -> int:
         """Bytes of the dequantized weights the dense path uses (input dtype, 256-aligned)."""
         esz = 4 if in_code == 0 else 2
-        return 256 * -(-(self.dense_slice_rows() * self.n * esz) // 256)
-
-    def _dequantize_rows(self, r0: int, r1: int, out_ptr, ldo: int, out_code: int) -> None:
-        """Rows r0..r1-1 of W into out; here only the whole tensor."""
-        if (r0, r1) != (0, self.m):
-            raise ValueError(f"rows {r0}..{r1}: this tensor dequantizes only rows 0..{self.m}")
-        self.dequantize_into(out_ptr, ldo, out_code)
+        return 256 * -(-(self.m * self.n * esz) // 256)
 
     def _dequantize_gemm(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr):
-        """Per slice of :meth:`dense_slice_rows` rows: dequantize W (bit-exact, in x's dtype)
-        into the workspace (CuPy's pool when ``ws_ptr`` is 0), then one cuBLAS GEMM with f32
-        accumulation on the current stream (:func:`gemm_rowmajor`)."""
+        """Dequantize W (bit-exact, in x's dtype) into the workspace (CuPy's pool when
+        ``ws_ptr`` is 0), then one cuBLAS GEMM with f32 accumulation on the current stream
+        (:func:`gemm_rowmajor`). (Dequantizing and multiplying a few thousand rows at a time,
+        so that each slice's GEMM reads its weights from L2, was never faster on an H100 at
+        batch 512-2048: a slice's GEMM cannot fill the GPU; gpu-h100-2026-12-07.md.)"""
         m, n = self.shape
         buf = None
         if not int(ws_ptr):
             buf = cp.empty(self.dense_workspace_bytes(in_code) // 2, dtype=np.uint16)
             ws_ptr = buf.data.ptr
-        rows = self.dense_slice_rows()
-        ysz = 4 if out_code == 0 else 2
-        for r0 in range(0, m, rows):
-            r1 = min(m, r0 + rows)
-            self._dequantize_rows(r0, r1, int(ws_ptr), n, in_code)
-            gemm_rowmajor(int(x_ptr), int(ldx), in_code, int(ws_ptr), n,
-                          int(y_ptr) + ysz * r0, int(ldy), out_code, batch, r1 - r0, n,
-                          tensor=self.name)  # fmt: skip
+        self.dequantize_into(int(ws_ptr), n, in_code)
+        gemm_rowmajor(int(x_ptr), int(ldx), in_code, int(ws_ptr), n, int(y_ptr), int(ldy),
+                      out_code, batch, m, n, tensor=self.name)  # fmt: skip
 
 
 @dataclass
@@ -544,16 +531,6 @@ class GpuTensor(_DeviceMatrix):
             if len(self._decisions) < 1024:  # batches seen by one layer: few in practice
                 self._decisions[key] = d
         return d
-
-    def dense_slice_rows(self) -> int:
-        """Rows per slice of the ``dense`` path: the whole tensor, or with ``dense_slice_rows=R``
-        (K.dense_slice_rows) slices of R rows rounded to :meth:`row_slice_step`, each
-        dequantized and multiplied before the next overwrites the same (L2-sized) buffer."""
-        r = K.dense_slice_rows()
-        if r <= 0 or r >= self.m:
-            return self.m
-        step = self.row_slice_step()
-        return min(self.m, step * -(-r // step))
 
     def workspace_bytes(self, batch: int, in_code: int = 1) -> int:
         """Workspace of :meth:`matmul_into` for ``batch`` rows of dtype code ``in_code``: the
@@ -860,8 +837,7 @@ class GpuTensor(_DeviceMatrix):
         )
 
     def _dense(self, x_ptr, ldx, in_code, y_ptr, ldy, out_code, batch, ws_ptr, d) -> None:
-        """The ``dense`` path: the reason logged once, then :meth:`_dequantize_gemm` (in slices
-        of :meth:`dense_slice_rows` rows)."""
+        """The ``dense`` path: the reason logged once, then :meth:`_dequantize_gemm`."""
         m, n = self.shape
         fused = K.matvec_supported(self.bits, self.group_size) or self.tc is not None
         key = (self.name, self.shape, self.bits, self.group_size, self.stats_bits, d.reason)
