@@ -193,20 +193,6 @@ def bench_shape(
 
     td = statistics.median(_time_graph(rec_deq, reps, stream)) / ncopy
     deq_gbs = (comp_bytes + 2 * m * n) / (td * 1e-3) / 1e9
-    deq_extra = {}
-    if args.compare_paths and encoding == "channel_mixed":
-        # the second dequantizer (cmpq_dq_tile=1): time, and bits against the first's
-        base = os.environ.get(P.ENV, "")
-        os.environ[P.ENV] = base + ("," if base else "") + "cmpq_dq_tile=1"
-        try:
-            ref_w = wout.copy()
-            t2 = statistics.median(_time_graph(rec_deq, reps, stream)) / ncopy
-            g0.dequantize_into(wout.data.ptr, n, 1)
-            exact = bool(cp.array_equal(wout, ref_w))  # check 0: same bits, inf: wrong
-            deq_extra = dict(dequant_tile_us=t2 * 1e3,
-                             dequant_tile_check=0.0 if exact else math.inf)
-        finally:
-            os.environ[P.ENV] = base
 
     wcopies = None
     if torch is not None:
@@ -340,7 +326,6 @@ def bench_shape(
             copies=ncopy,
             dequant_us=td * 1e3,
             dequant_gbs=deq_gbs,
-            **deq_extra,
             **extra,
         )
         if wcopies is not None:

@@ -69,28 +69,17 @@ def _bound(w32: np.ndarray, x: np.ndarray, out_dtype: str) -> tuple[np.ndarray, 
     seed=st.integers(0, 2**16),
 )
 def test_dequantize_is_bit_exact_with_numba(m, n, rows, density, dtype, seed):
-    """Both dequantizers (spqr_cmpq_dequant_*, and spqr_cmpq_dequant_tile_* by cmpq_dq_tile=1)."""
-    import os
-
     p = _tensor(m, n, rows, density, seed)
     want = ref.decode_channel_mixed(p, dtype)
     g = GpuTensor.from_packed(p)
     assert isinstance(g, GpuCmpqTensor)
-    old = os.environ.get(P.ENV, "")
-    try:
-        for tile in (0, 1):
-            os.environ[P.ENV] = f"cmpq_dq_tile={tile}"
-            got = cp.asnumpy(g.dequantize(dtype))
-            assert got.shape == want.shape
-            assert np.array_equal(got.view(np.uint8), np.ascontiguousarray(want).view(np.uint8))
-    finally:
-        os.environ[P.ENV] = old
+    got = cp.asnumpy(g.dequantize(dtype))
+    assert got.shape == want.shape
+    assert np.array_equal(got.view(np.uint8), np.ascontiguousarray(want).view(np.uint8))
 
 
-@pytest.mark.parametrize("tile", [0, 1])
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_dequantize_every_single_width(monkeypatch, bits, tile):
-    monkeypatch.setenv(P.ENV, f"cmpq_dq_tile={tile}")
+def test_dequantize_every_single_width(bits):
     p = _tensor(37, 301, 0, 0.05, bits, widths=np.full(301, bits, np.uint8))
     want = ref.decode_channel_mixed(p, "float32")
     got = cp.asnumpy(GpuTensor.from_packed(p).dequantize("float32"))

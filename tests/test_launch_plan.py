@@ -164,12 +164,10 @@ def test_cmpq_dense_from(monkeypatch):
     assert not K.cmpq_dense(1 << 20, 1)
 
 
-def test_cmpq_dequantizer_choice(monkeypatch):
-    monkeypatch.delenv(P.ENV, raising=False)
-    assert K.cmpq_dq_name("bf16") == "spqr_cmpq_dequant_tile_bf16"
-    monkeypatch.setenv(P.ENV, "cmpq_dq_tile=0")
-    assert K.cmpq_dq_name("f16") == "spqr_cmpq_dequant_f16"
-    assert set(K.cmpq_kernel_names()) >= {"spqr_cmpq_dequant_tile_f32", "spqr_cmpq_dequant_f32"}
+def test_cmpq_dequantizer_names():
+    assert K.cmpq_dq_name("bf16") == "spqr_cmpq_dequant_bf16"
+    assert set(K.cmpq_kernel_names()) >= {f"spqr_cmpq_dequant_{o}" for o in K.OUT_NAMES.values()}
+    assert not [k for k in K.cmpq_kernel_names() if "dequant_tile" in k]  # one design left
 
 
 def test_override_defines_parse():

@@ -460,18 +460,14 @@ CMPQ_NB = (1, 2, 4, 8, 16)  # batch columns per matmul launch (larger batches: s
 CMPQ_MAX_BATCH = CMPQ_NB[-1]
 CMPQ_ROWS = 256  # rows per block of spqr_cmpq_mm_* / spqr_cmpq_mv1_* (SPQR_CMPQ_ROWS)
 CMPQ_BLOCKS_PER_SM = 4  # override key cmpq_blocks_per_sm
-CMPQ_DQ_ROWS = 32  # rows per step of spqr_cmpq_dequant_tile_* (one per lane)
-CMPQ_DQ_COLS = 256  # output columns per block of spqr_cmpq_dequant_{,tile_}* (SPQR_CMPQ_DQ_COLS)
+CMPQ_DQ_ROWS = 32  # rows per step of spqr_cmpq_dequant_* (one per lane)
+CMPQ_DQ_COLS = 256  # output columns per block of spqr_cmpq_dequant_* (SPQR_CMPQ_DQ_COLS)
 
 
 def cmpq_dq_name(out_name: str) -> str:
-    """The channel_mixed dequantizer: spqr_cmpq_dequant_tile_* (lane = row, coalesced code
-    words, a shared tile written out row by row), the default since its H100 run (bit-exact
-    with the first design; 960 / 948 us against 2758 / 1469 us on 8192x28672 / 28672x8192 at
-    2.5 bits/weight, benchmarks/results/gpu-h100-2026-12-07.md), or with the override
-    cmpq_dq_tile=0 spqr_cmpq_dequant_* (the first design: one thread per output column)."""
-    tile = plan.option("cmpq_dq_tile", 1)
-    return f"spqr_cmpq_dequant_{'tile_' if tile else ''}{out_name}"
+    """The channel_mixed dequantizer of one output dtype (spqr_cmpq_dequant_*: lane = row,
+    coalesced code words, a shared tile written out row by row)."""
+    return f"spqr_cmpq_dequant_{out_name}"
 
 
 def cmpq_dq_rows_per_block(m: int) -> int:
@@ -591,7 +587,7 @@ def cmpq_kernel_names() -> list[str]:
     for b in CMPQ_BITS:
         names += [cmpq_mv1_name(b), cmpq_tc_name(b, 1), cmpq_tc_name(b, 2)]
     for oc in OUT_NAMES.values():
-        names += [f"spqr_cmpq_dequant_{oc}", f"spqr_cmpq_dequant_tile_{oc}"]
+        names += [f"spqr_cmpq_dequant_{oc}"]
         names += [f"spqr_cmpq_dequant_outliers_{oc}"]
     return sorted(names)
 

@@ -146,7 +146,6 @@ OVERRIDE_KEYS: dict[str, tuple] = {
     "dq2_smem_max": ((0, 1 << 20), "bytes of staged rows up to which 2-row blocks use <= 256 thr"),
     "dq2_wide_smem_max": ((0, 1 << 20), "bytes of staged rows the two-row dequantizer takes"),
     "cmpq_blocks_per_sm": ((1, 64), "channel_mixed matmul blocks per multiprocessor"),
-    "cmpq_dq_tile": ((0, 1), "channel_mixed dequantizer: 1 tiled (default), 0 the first design"),
     "cmpq_dense_from": ((0, BATCH_MAX), "channel_mixed: dequantize + cuBLAS from this batch"),
     "cmpq_v2": ((0, 1), "channel_mixed: 1 mv1 / tensor cores (default), 0 the first design (mm)"),
     "defines": (None, "extra -D options for the kernel build, space-separated"),

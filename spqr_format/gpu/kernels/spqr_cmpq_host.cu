@@ -201,8 +201,8 @@ extern "C" int spqr_cmpq_matmul(const spqr_cmpq_tensor* t, const void* x, int64_
 extern "C" int spqr_cmpq_dequantize(const spqr_cmpq_tensor* t, void* out, int64_t ldo,
                                     int out_dtype, void* stream_) {
   cudaStream_t stream = (cudaStream_t)stream_;
-  static const dequant_fn dense[3] = {&spqr_cmpq_dequant_tile_f32, &spqr_cmpq_dequant_tile_f16,
-                                      &spqr_cmpq_dequant_tile_bf16};
+  static const dequant_fn dense[3] = {&spqr_cmpq_dequant_f32, &spqr_cmpq_dequant_f16,
+                                      &spqr_cmpq_dequant_bf16};
   static const dequant_out_fn outl[3] = {&spqr_cmpq_dequant_outliers_f32,
                                          &spqr_cmpq_dequant_outliers_f16,
                                          &spqr_cmpq_dequant_outliers_bf16};

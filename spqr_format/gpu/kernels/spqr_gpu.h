@@ -256,14 +256,10 @@
  *   Dense part of the decode, bit-exact (SPEC C-12.7): out[i*ldo + c] = tables[t(i)*Lp + ... +
  *   q] for the stored column inv_perm[c] (f16: the bits; f32: exact widening; bf16: RNE of
  *   that).  grid (ceil(n/256), ceil(m/rows_per_block)) with ceil(m/rows_per_block) <= 65535
- *   (the launchers: spqr_cmpq_dq_rows_per_block), block 256: one thread per output column,
- *   rows_per_block rows each.
- * spqr_cmpq_dequant_tile_{f32|f16|bf16}(same arguments and grid)
- *   The same result by a second design, the one both launchers use (H100: 1.5-2.9x faster;
- *   the Python layer's override cmpq_dq_tile=0 selects the first): each block 256 output columns, 32
- *   rows at a time (lane = row, so a column's code words for the 32 rows are one coalesced
- *   load; warp w decodes columns 32w..32w+31 into a shared tile, then the warps store it row
- *   by row).  rows_per_block should be a multiple of 32.
+ *   and rows_per_block a multiple of 32 (the launchers: spqr_cmpq_dq_rows_per_block), block
+ *   256: each block 256 output columns, 32 rows at a time (lane = row, so a column's code
+ *   words for the 32 rows are one coalesced load; warp w decodes columns 32w..32w+31 into a
+ *   shared tile, then the warps store it row by row).
  * spqr_cmpq_dequant_outliers_{f32|f16|bf16}(orows, ocol, oval, perm, out, ldo, m)
  *   Outlier pass (C-7.3): out[i*ldo + perm[ocol[k]]] = oval[k].  After the dense pass on the
  *   same stream; only with outliers.  grid ceil(m/8), block 256 (one warp per row).
