@@ -106,32 +106,6 @@ def test_dense_path_writes_every_output_dtype(in_code, out_code):
     assert np.array_equal(got.view(want.dtype), want)
 
 
-ROW_PARAMS = [P3, BilevelParams(3, 16, 3, 48), BilevelParams(4, 32, 0, 0)]
-ROW_PARAMS += [BilevelParams(5, 24, 3, 1)]
-
-
-@pytest.mark.parametrize("params", ROW_PARAMS)
-@pytest.mark.parametrize("perm", [True, False])
-def test_row_range_dequantize_is_bit_exact(params, perm):
-    """Every row range starting on a statistics tile decodes to the same bits as the whole
-    tensor (every dequantizer: with / without permutation, packed / fp16 statistics)."""
-    rng = np.random.default_rng(params.stats_group_size + perm)
-    t = random_bilevel(rng, 150, 300, params, perm, 0.03)
-    p = pack(t)
-    g = GpuTensor.from_packed(p)
-    want = decode_bilevel(p, "float16").view(np.uint16)
-    step = g.row_slice_step()
-    for r0, r1 in ((0, 150), (step, 150), (2 * step, 2 * step + 1), (0, step), (3 * step, 149)):
-        if r1 <= r0:
-            continue
-        out = cp.full((r1 - r0, 300), 0x7C01, dtype=cp.uint16)
-        g._dequantize_rows(r0, r1, out.data.ptr, 300, 1)
-        assert np.array_equal(cp.asnumpy(out), want[r0:r1]), (r0, r1)
-    if step > 1:
-        with pytest.raises(ValueError):
-            g._dequantize_rows(1, 150, out.data.ptr, 300, 1)
-
-
 def test_fallback_triggers_at_the_plan_threshold(caplog):
     """Below the plan's dense threshold the fused kernels run, from it on dequantize + cuBLAS,
     the reason logged once per tensor."""

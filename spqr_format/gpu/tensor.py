@@ -387,39 +387,13 @@ class GpuTensor(_DeviceMatrix):
 
     def dequantize_into(self, out_ptr, ldo: int, out_code: int) -> None:
         """Raw-pointer form (for other frameworks): launches on CuPy's current stream."""
-        self._dequantize_rows(0, self.m, out_ptr, ldo, out_code)
-
-    def row_slice_step(self) -> int:
-        """Rows [r0, r1) can be dequantized alone (:meth:`_dequantize_rows`) when r0 is a
-        multiple of this: the statistics tile height (packed statistics), else 1."""
-        return max(self.stats_group_size, 1) if self.stats_bits else 1
-
-    def _dequantize_rows(self, r0: int, r1: int, out_ptr, ldo: int, out_code: int) -> None:
-        """Rows r0..r1-1 of W into out (row r0 at out_ptr): every dequantizer indexes rows from
-        its arguments' start, so the row range is a matter of offset pointers (the code and
-        statistics rows, the statistics tiles, the outlier row offsets, whose entry indices
-        stay absolute). r0 must be a multiple of :meth:`row_slice_step`."""
-        if r0 % self.row_slice_step():
-            raise ValueError(f"row {r0} is not a multiple of {self.row_slice_step()}")
-        m, n = r1 - r0, self.n
+        m, n = self.shape
         esz = 4 if out_code == 0 else 2
         layout = self._layout_args()
         out = (np.uint64(out_ptr), np.int64(ldo))
-        # the sections every dequantizer reads first, from row r0 on
-        _, tile_rows, _, groups, code_words, stats_words = (int(v) for v in layout)
-        if not self.stats_bits:
-            stats_words = groups  # fp16 statistics: one u32 (scale, zero) per group
-        s2 = 0
-        if self.stats2 is not None:  # u16 [tiles][groups][4]
-            s2 = int(_ptr(self.stats2)) + 2 * 4 * groups * (r0 // tile_rows)
-        codes = (
-            np.uint64(int(_ptr(self.codes)) + 4 * code_words * r0),
-            np.uint64(int(_ptr(self.stats)) + 4 * stats_words * r0),
-            np.uint64(s2),
-        )
-        orows = self.outlier_rows
-        orows = np.uint64(0) if orows is None else np.uint64(int(_ptr(orows)) + 4 * r0)
-        outliers = (orows, _ptr(self.outlier_entries))
+        # the sections every dequantizer reads first
+        codes = (self.codes, self.stats, _ptr(self.stats2))
+        outliers = (_ptr(self.outlier_rows), _ptr(self.outlier_entries))
 
         def launch(name: str, blocks: int, threads: int, smem: int, *args) -> None:
             fn = function(name)
