@@ -361,20 +361,10 @@ def tc_splits(
     bandwidth). H200, session 9 (.device/6): the previous rule (best slot utilisation, at
     most n / (256 nt) splits) took 7 splits on 28672x8192 at batch 32 (145.7 us against 128.4
     with 1) and 2 on 4096x4096 at batch 64 (41.7 us against 33.9 with 4); this one picks 1 and
-    4 there and the same as before on the other benchmark cases.
+    4 there and the same as before on the other benchmark cases. Override key tc_splits.
     """
-    return _best_splits(rb, TC_WARPS, nc, nt, chunk_bytes, resident * sm_count)
-
-
-def _best_splits(
-    rb: int, width: int, nc: int, nt: int, chunk_bytes: int, slots: int
-) -> tuple[int, int]:
-    """The k-split cost model of tc_splits: blocks of ``width`` row blocks
-    (``slots`` of them resident at once), the chunk steps on the critical path costed as the
-    bytes all resident blocks stream, plus the f32 partial sums' traffic; the fewest splits on
-    a tie, each split at least 4 chunks; override key tc_splits. (splits, chunks per split)."""
-    blocks = -(-rb // width)
-    slots = max(1, slots)
+    blocks = -(-rb // TC_WARPS)
+    slots = max(1, resident * sm_count)
     best, best_cost = 1, None
     for s in range(1, 17):
         if s > 1 and -(-nc // s) < 4:
@@ -382,7 +372,7 @@ def _best_splits(
         per = -(-nc // s)
         real = -(-nc // per)
         waves = -(-(blocks * real) // slots)
-        cost = waves * per * slots * width * chunk_bytes * 2 + real * 80 * nt * 16 * rb
+        cost = waves * per * slots * TC_WARPS * chunk_bytes * 2 + real * 80 * nt * 16 * rb
         if best_cost is None or cost < best_cost:
             best, best_cost = real, cost
     override = plan.option("tc_splits", 0)

@@ -85,20 +85,21 @@ static inline int spqr_plan_finish_lanes(int bp, int64_t m, int64_t entries, int
   return 16;
 }
 
-/* _kernels._best_splits: the k-split of least estimated cost for blocks of `width` row blocks
- * (chunk steps on the critical path costed as the bytes all resident blocks stream, plus the
- * partial sums' traffic); override (SPQR_GPU_PLAN tc_splits) > 0 forces one */
-static inline void spqr_plan_best_splits(int64_t rb, int64_t width, int64_t nc, int nt,
-                                         int64_t chunk_bytes, int64_t slots, int override,
-                                         int* splits, int* per) {
-  const int64_t blocks = spqr_plan_cdiv(rb, width);
+/* _kernels.tc_splits: the k-split of least estimated cost for blocks of SPQR_PLAN_WARPS row
+ * blocks (chunk steps on the critical path costed as the bytes all resident blocks stream, plus
+ * the partial sums' traffic); chunk_bytes: tile-layout bytes per warp and chunk (SLABS*512 +
+ * SWL*128 + MPC*8); override (SPQR_GPU_PLAN tc_splits) > 0 forces one */
+static inline void spqr_plan_splits(int64_t rb, int64_t nc, int nt, int64_t chunk_bytes,
+                                    int64_t slots, int override, int* splits, int* per) {
+  const int64_t blocks = spqr_plan_cdiv(rb, SPQR_PLAN_WARPS);
   if (slots < 1) slots = 1;
   int64_t best = 1, best_cost = -1;
   for (int64_t s = 1; s <= 16; ++s) {
     if (s > 1 && spqr_plan_cdiv(nc, s) < 4) break;
     const int64_t p = spqr_plan_cdiv(nc, s), real = spqr_plan_cdiv(nc, p);
     const int64_t waves = spqr_plan_cdiv(blocks * real, slots);
-    const int64_t cost = waves * p * slots * width * chunk_bytes * 2 + real * 80 * nt * 16 * rb;
+    const int64_t cost =
+        waves * p * slots * SPQR_PLAN_WARPS * chunk_bytes * 2 + real * 80 * nt * 16 * rb;
     if (best_cost < 0 || cost < best_cost) {
       best = real;
       best_cost = cost;
@@ -109,13 +110,6 @@ static inline void spqr_plan_best_splits(int64_t rb, int64_t width, int64_t nc, 
   const int64_t p = spqr_plan_cdiv(nc, best);
   *splits = (int)spqr_plan_cdiv(nc, p);
   *per = (int)p;
-}
-
-/* _kernels.tc_splits: blocks of SPQR_PLAN_WARPS row blocks; chunk_bytes: tile-layout bytes per
- * warp and chunk (SLABS*512 + SWL*128 + MPC*8) */
-static inline void spqr_plan_splits(int64_t rb, int64_t nc, int nt, int64_t chunk_bytes,
-                                    int64_t slots, int override, int* splits, int* per) {
-  spqr_plan_best_splits(rb, SPQR_PLAN_WARPS, nc, nt, chunk_bytes, slots, override, splits, per);
 }
 
 #endif /* SPQR_TC_PLAN_H */
