@@ -555,12 +555,13 @@ __device__ __forceinline__ u32 out_bits(u32 h) {  // the f16 bits h as OUT's bit
 }
 
 // Dense part of the decode (spqr_cmpq_dequant_*). Each block: SPQR_CMPQ_DQ_COLS (256) output
-// columns, rows in steps of 32 (lane = row, so the 32 rows' code words of a column are one 128-byte load and its table
-// one or two lines); warp w decodes columns 32w..32w+31 of the block into a shared tile, which
-// the warps then write out row by row, 128 bytes per store.  16-bit outputs pack two columns
-// into one 32-bit tile word (row pitch 129 words: both phases conflict-free).  H100, 2.5
-// bits/weight on the 70B shapes: 960 / 948 us, 1.5-2.9x faster than the design it replaced
-// (one thread per output column, every lane's code word a separate sector).
+// columns, rows in steps of 32 (lane = row, so the 32 rows' code words of a column are one
+// 128-byte load and its table one or two lines); warp w decodes columns 32w..32w+31 of the
+// block into a shared tile, which the warps then write out row by row, 128 bytes per store.
+// 16-bit outputs pack two columns into one 32-bit tile word (row pitch 129 words: both phases
+// conflict-free).  H100, 2.5 bits/weight on the 70B shapes: 960 / 948 us, 1.5-2.9x faster
+// than the design it replaced (one thread per output column, every lane's code word a
+// separate sector).
 #define SPQR_CMPQ_DQ_COLS 256
 template <int OUT>
 __device__ __forceinline__ void dequant_tile(const u32 *__restrict__ codes,
