@@ -396,27 +396,22 @@ def test_tensor_core_small_batch_every_k_slicing(monkeypatch, ks, batch):
             _check_matmul(t, batch, "float16", rng)
 
 
-@pytest.mark.parametrize("where", ["kernel", "finish"])
-@pytest.mark.parametrize("batch", [3, 5, 8, 9, 16, 20, 33, 64])
-def test_tensor_core_split_path_outliers_every_batch_width(monkeypatch, where, batch):
-    """The k-split kernel's outlier corrections at every batch width, applied by the kernel
-    itself (block outliers, the default where the x'^T pitch is a multiple of 8) or by the
-    finish kernel (spqr_tc_finish_p*, tc_outliers=0, with each of its lanes-per-row schemes):
+@pytest.mark.parametrize("batch", [5, 8, 9, 16, 33, 64])
+def test_tensor_core_split_path_outlier_pass_every_batch_width(monkeypatch, batch):
+    """The k-split kernel and its outlier pass (spqr_tc_finish_p*) at every batch width:
     rows full of outliers next to rows with none (in one warp's rows: the long ones go to the
-    finish kernel's one-row-per-warp fallback), every row full, skip entries (70,000
-    columns), a row count that is not a multiple of 8."""
+    one-row-per-warp fallback), every row full (long rows on the lanes-per-row path), skip
+    entries (70,000 columns), a row count that is not a multiple of 8."""
     rng = np.random.default_rng(1000 + batch)
     p3 = BilevelParams(3, 16, 3, 16)
     cases = ((37, 700, 0.3, "full_rows"), (203, 512, 0.05, "uniform"), (19, 300, 1.0, "uniform"))
-    base = "path=tc_split" + (",tc_outliers=0" if where == "finish" else "")
     # pitch 8 and 16: every lanes-per-row scheme (small matrices would get one row per warp)
-    finish_lanes = where == "finish" and 4 < K.tc_xt_pitch(batch) <= 16
-    for lanes in (4, 8, 16, 32) if finish_lanes else (0,):
-        monkeypatch.setenv(P.ENV, base + (f",finish_lanes={lanes}" if lanes else ""))
+    for lanes in (4, 8, 16, 32) if 4 < K.tc_xt_pitch(batch) <= 16 else (0,):
+        monkeypatch.setenv(P.ENV, "path=tc_split" + (f",finish_lanes={lanes}" if lanes else ""))
         for m, n, frac, layout in cases:
             t = random_bilevel(rng, m, n, p3, True, frac, outlier_layout=layout)
             _check_matmul(t, batch, "float16", rng)
-    monkeypatch.setenv(P.ENV, base)
+    monkeypatch.setenv(P.ENV, "path=tc_split")
     # rows whose outliers are all past column 65,535 (skip entries first), some rows empty
     t = random_bilevel(rng, 21, 70000, p3, True, 0.0)
     rows = np.repeat(np.arange(0, 21, 2), 40)
@@ -426,31 +421,6 @@ def test_tensor_core_split_path_outliers_every_batch_width(monkeypatch, where, b
     vals = (rng.standard_normal(rows.size) * 0.1).astype(np.float16)
     t.outliers = make_outliers(rows, cols, vals)
     _check_matmul(t, batch, "float16", rng)
-
-
-@pytest.mark.parametrize("batch", [8, 16, 40])
-def test_tensor_core_block_outliers_agree_with_the_finish_pass(monkeypatch, batch):
-    """Both places for the outlier corrections give nearly the same result (the same f16
-    corrections, summed in another order), deterministically, and the kernel's does not touch
-    the batch columns past the batch (a y wider than the batch keeps its sentinel)."""
-    rng = np.random.default_rng(batch)
-    t = random_bilevel(rng, 77, 1500, BilevelParams(3, 16, 3, 16), True, 0.05)
-    g = GpuTensor.from_packed(pack(t))
-    assert g.tc is not None and g.tc.ostart is not None
-    x = cp.asarray(rng.standard_normal((batch, 1500)).astype(np.float16))
-    ys = {}
-    for where in ("1", "0"):
-        monkeypatch.setenv(P.ENV, f"path=tc_split,tc_outliers={where}")
-        ws = cp.empty(g.workspace_bytes(batch, 1) // 4 + 1, dtype=cp.float32)
-        y = cp.full((batch + 3, 77), 7.0, dtype=cp.float32)
-        y2 = cp.full((batch, 77), 7.0, dtype=cp.float32)
-        for out in (y, y2):  # f32 output (out_code 0), rows of 77
-            g.matmul_into(x.data.ptr, 1500, 1, out.data.ptr, 77, 0, batch, ws.data.ptr)
-        assert cp.all(y[batch:] == 7.0)
-        assert cp.array_equal(y[:batch], y2)
-        ys[where] = cp.asnumpy(y2).astype(np.float64)
-    scale = np.max(np.abs(ys["0"]))
-    assert np.max(np.abs(ys["1"] - ys["0"])) <= 1e-5 * scale
 
 
 def test_tensor_core_and_simt_paths_agree_closely():

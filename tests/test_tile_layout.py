@@ -114,51 +114,6 @@ def test_outlier_corrections_restore_the_outlier_values():
     assert dmax == pytest.approx(np.max(np.abs(vals - w)), rel=1e-6)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
-@given(
-    m=st.sampled_from([1, 15, 16, 33, 70]),
-    n=st.sampled_from([1, 17, 320, 700, 70000]),
-    bits=st.sampled_from([2, 3, 4]),
-    frac=st.sampled_from([0.0, 0.002, 0.05, 0.5]),
-    seed=st.integers(0, 999),
-)
-def test_block_outliers_hold_every_correction_once_where_the_kernel_looks(m, n, bits, frac, seed):
-    # the k-split kernel's walk (spqr_tc.cu chunk_outliers) over (chunk, block, row) rebuilds
-    # the correction matrix of the row stream, entry for entry
-    if m * n > 400_000:
-        m = 3
-    rng = np.random.default_rng(seed)
-    t = random_bilevel(rng, m, n, BilevelParams(bits, 16, 3, 16), True, frac)
-    p = to_row_layout(pack(t))
-    ent, _ = TL.outlier_corrections(p)
-    if ent is None:
-        return
-    rows_off = np.asarray(p.outlier_rows, dtype=np.int64)
-    ostart, oblk = TL.block_outliers(ent, rows_off, m, n, bits)
-    geo = TL.geometry(m, n, bits, 3)
-    RB, NC, cols = geo["RB"], geo["NC"], 16 * geo["MPC"]
-    assert ostart.dtype == np.uint32 and ostart.shape == (NC * RB * 16 + 1,)
-    assert ostart[0] == 0 and np.all(np.diff(ostart.astype(np.int64)) >= 0)
-    row, col, real = TL.entry_positions(ent, rows_off, m)
-    assert ostart[-1] == oblk.size == int(real.sum())
-    trip = zip(row[real], col[real], ent[real] >> 16, strict=True)
-    want = {(int(r), int(c)): int(v) for r, c, v in trip}
-    got = {}
-    for c in range(NC):
-        for rb in range(RB):
-            for r in range(16):
-                k = (c * RB + rb) * 16 + r
-                prev = -1
-                for e in range(int(ostart[k]), int(ostart[k + 1])):
-                    kc = int(oblk[e] & 0xFFFF)
-                    assert prev < kc < cols  # in column order, inside the chunk
-                    prev = kc
-                    key = (rb * 16 + r, c * cols + kc)
-                    assert key not in got
-                    got[key] = int(oblk[e] >> 16)
-    assert got == want
-
-
 @pytest.mark.parametrize(
     "bits,g,sb,S,m,why",
     [

@@ -327,18 +327,9 @@ def tc_kernel_names() -> list[str]:
     return sorted(names)
 
 
-def tc_smem_bytes(nt: int, mpc: int, outliers: bool = False) -> int:
-    """Dynamic shared memory of the tensor-core kernel: two buffers of a chunk's B fragments,
-    and with block outliers each warp's correction tile (16 rows of 8 nt + 4 f32)."""
-    tile = TC_WARPS * 16 * (8 * nt + 4) * 4 if outliers else 0
-    return 2 * nt * mpc * 32 * 8 + tile
-
-
-def tc_block_outliers(pitch: int) -> bool:
-    """Whether the k-split kernel applies the outlier corrections itself (block outliers)
-    rather than the finish kernel: for x'^T pitches that are a multiple of 8 (it reads 8
-    columns at a time), unless the override says ``tc_outliers=0``."""
-    return pitch % 8 == 0 and plan.option("tc_outliers", 1) == 1
+def tc_smem_bytes(nt: int, mpc: int) -> int:
+    """Dynamic shared memory of the tensor-core kernel: two buffers of a chunk's B fragments."""
+    return 2 * nt * mpc * 32 * 8
 
 
 def tc_resident_blocks(regs: int, smem: int) -> int:

@@ -139,7 +139,6 @@ OVERRIDE_KEYS: dict[str, tuple] = {
     "tcv_ks": ((1, 8), "k-slices per row block of spqr_tcv_* / spqr_tcg_*"),
     "tc_splits": ((1, 1 << 20), "k-split of the tile kernel"),
     "finish_lanes": ((4, 32), "lanes per row of the outlier pass (4, 8, 16, 32; pitch 8-16)"),
-    "tc_outliers": ((0, 1), "k-split kernel applies the outliers itself (1, default) or finish"),
     "dq_threads": ((32, 256), "threads per block of the one-row dequantizer"),
     "dq_rows": ((1, 2), "rows per block of the dequantizer with a permutation"),
     "dq_oct": ((0, 1), "the no-permutation octet dequantizer (default 1)"),

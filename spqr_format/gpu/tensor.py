@@ -124,8 +124,6 @@ class TileLayout:
     stats: cp.ndarray  # u32 [NC, RB, 32, SWL]
     stats2: cp.ndarray  # u32 [NC, RB, MPC, 2]
     outlier_entries: cp.ndarray | None  # u32 [E], values f16(o - w)
-    ostart: cp.ndarray | None  # u32 [NC * RB * 16 + 1]: block outliers (tile_layout)
-    oblk: cp.ndarray | None  # u32 [E']
     RB: int
     NC: int
     KT: int
@@ -134,7 +132,7 @@ class TileLayout:
 
     @property
     def nbytes(self) -> int:
-        arrs = (self.codes, self.stats, self.stats2, self.outlier_entries, self.ostart, self.oblk)
+        arrs = (self.codes, self.stats, self.stats2, self.outlier_entries)
         return sum(a.nbytes for a in arrs if a is not None)
 
 
@@ -168,16 +166,11 @@ def build_tile_layout(p: RowLayout, codes_dev, stats_dev, stats2_dev) -> TileLay
         prm.stats_bits,
         prm.stats_group_size,
     )
-    ostart = oblk = None
-    if oent is not None:
-        ostart, oblk = TL.block_outliers(oent, p.outlier_rows, m, n, prm.bits)
     return TileLayout(
         codes=cp.ascontiguousarray(codes).reshape(-1),
         stats=cp.ascontiguousarray(stats).reshape(-1),
         stats2=cp.ascontiguousarray(stats2).reshape(-1),
         outlier_entries=None if oent is None else cp.asarray(oent),
-        ostart=None if ostart is None else cp.asarray(ostart),
-        oblk=None if oblk is None else cp.asarray(oblk),
         RB=geo["RB"],
         NC=geo["NC"],
         KT=geo["KT"],
@@ -522,21 +515,20 @@ class GpuTensor(_DeviceMatrix):
         if self.tc is None:
             return old
         nt = K.tc_nt(min(batch, K.TC_MAX_BATCH))
-        splits = max(self._tc_plan(nt, False)[0], self._tc_plan(nt, True)[0])
+        splits, _ = self._tc_plan(nt)
         need = max(old, K.tc_workspace_bytes(self.m, self.n, self.tc.KT, batch, splits))
         return need
 
-    def _tc_plan(self, nt: int, outliers: bool = False) -> tuple[int, int]:
-        """(splits, chunks per split) for ``nt`` n-tiles on this device, with or without block
-        outliers (computed once: it queries the kernel's register count, which is not free on
-        every call)."""
-        key = (cp.cuda.Device().id, nt, outliers)
+    def _tc_plan(self, nt: int) -> tuple[int, int]:
+        """(splits, chunks per split) for ``nt`` n-tiles on this device (computed once: it
+        queries the kernel's register count, which is not free on every call)."""
+        key = (cp.cuda.Device().id, nt)
         plan = self.tc.plans.get(key)
         if plan is None:
             fn = function(K.tc_name(self.bits, self.stats_bits, nt))
             tc = self.tc
             regs = int(getattr(fn, "num_regs", 64) or 64)
-            resident = K.tc_resident_blocks(regs, K.tc_smem_bytes(nt, tc.MPC, outliers))
+            resident = K.tc_resident_blocks(regs, K.tc_smem_bytes(nt, tc.MPC))
             chunk_bytes = (tc.codes.nbytes + tc.stats.nbytes + tc.stats2.nbytes) // (tc.NC * tc.RB)
             plan = K.tc_splits(tc.RB, tc.NC, _sm_count(), resident, nt, chunk_bytes)
             tc.plans[key] = plan
@@ -686,12 +678,11 @@ class GpuTensor(_DeviceMatrix):
         for b0 in range(0, batch, K.TC_MAX_BATCH):
             nb = min(K.TC_MAX_BATCH, batch - b0)
             nt = K.tc_nt(nb)
-            bp = K.tc_xt_pitch(nb)
-            blk = tc.ostart is not None and K.tc_block_outliers(bp)
-            splits, per = self._tc_plan(nt, blk)
+            splits, per = self._tc_plan(nt)
             xfrag = int(ws_ptr)
             xt_off, part_off, _ = K.tc_workspace_layout(m, n, tc.KT, nb, splits)
             xt, part = xfrag + xt_off, xfrag + part_off
+            bp = K.tc_xt_pitch(nb)
             xb = int(x_ptr) + 2 * b0 * int(ldx)
             yb = int(y_ptr) + ysz * b0 * int(ldy)
             total = nt * tc.KT * 32
@@ -752,7 +743,7 @@ class GpuTensor(_DeviceMatrix):
                 )
                 continue
             fmain = function(K.tc_name(self.bits, self.stats_bits, nt))
-            msmem = K.tc_smem_bytes(nt, tc.MPC, blk)
+            msmem = K.tc_smem_bytes(nt, tc.MPC)
             _raise_smem_limit(fmain, msmem, self.name, K.tc_name(self.bits, self.stats_bits, nt))
             fmain(
                 (-(-tc.RB // K.TC_WARPS), splits),
@@ -768,28 +759,22 @@ class GpuTensor(_DeviceMatrix):
                     np.int32(per),
                     np.int64(m16),
                     np.int32(nb),
-                    _ptr(tc.ostart if blk else None),
-                    _ptr(tc.oblk if blk else None),
-                    np.uint64(xt),
-                    np.int32(bp),
                 ),
                 shared_mem=msmem,
             )
-            self._tc_finish(part, splits, 8 * nt, xt, bp, yb, ldy, out_code, nb, not blk)
+            self._tc_finish(part, splits, 8 * nt, xt, bp, yb, ldy, out_code, nb)
 
-    def _tc_finish(self, part, splits, ncols, xt, bp, yb, ldy, out_code, nb, outliers) -> None:
+    def _tc_finish(self, part, splits, ncols, xt, bp, yb, ldy, out_code, nb) -> None:
         """The k-split paths' finish kernel (spqr_tc_finish_p*) for one slice of ``nb`` columns:
-        the ``splits`` partial sums of ``ncols`` columns in order, plus (``outliers``, when the
-        tensor has any) the outlier corrections from x'^T (pitch ``bp``), rounded to
-        ``out_code`` into ``yb``."""
+        the ``splits`` partial sums of ``ncols`` columns in order, plus the outlier corrections
+        from x'^T (pitch ``bp``), rounded to ``out_code`` into ``yb``."""
         tc = self.tc
         m, n = self.shape
         m16 = 16 * tc.RB
-        orows = self.outlier_rows if outliers else None
         xbytes = 16 * -(-(n * bp * 2) // 16)
-        smem_x = orows is not None and nb <= 8 and xbytes <= K.TC_FINISH_SMEM_MAX
+        smem_x = self.outlier_rows is not None and nb <= 8 and xbytes <= K.TC_FINISH_SMEM_MAX
         # lanes per row: 32 (one row per warp) or fewer (several rows per warp)
-        ents = 0 if orows is None or tc.outlier_entries is None else int(tc.outlier_entries.size)
+        ents = 0 if tc.outlier_entries is None else int(tc.outlier_entries.size)
         lanes = K.tc_finish_lanes(bp, m, ents, _sm_count())
         rows_grid = -(-m // (256 // lanes))
         fname = K.tc_finish_name(bp)
@@ -809,8 +794,8 @@ class GpuTensor(_DeviceMatrix):
                 np.int32(splits),
                 np.int64(m16),
                 np.int32(ncols),
-                _ptr(orows),
-                _ptr(tc.outlier_entries if orows is not None else None),
+                _ptr(self.outlier_rows),
+                _ptr(tc.outlier_entries),
                 np.uint64(xt),
                 np.int32(bp),
                 np.int32(1 if smem_x else 0),

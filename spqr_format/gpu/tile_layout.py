@@ -49,9 +49,6 @@ Definitions (``B`` code bits, ``SB`` statistics bits, fast path only for ``group
   ``f16(o - w)``, ``w`` the exact dense value at that position (SPEC C-7.2): the kernels add
   ``(o - w) * x`` to the dense product instead of replacing weights inside a fragment.
   ``outlier_rows`` is the row layout's.
-* ``ostart`` / ``oblk`` (*block outliers*, :func:`block_outliers`): the same corrections
-  grouped by (chunk, block, row) for the k-split kernel, which applies each chunk's right
-  after multiplying it, from the x'^T rows of that chunk.
 """
 
 from __future__ import annotations
@@ -243,26 +240,23 @@ def dense_at(p: RowLayout, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return (s * (q - z)).astype(np.float32)
 
 
-def entry_positions(ent: np.ndarray, rows_off: np.ndarray, m: int):
-    """(row, column, real) of each entry of a row layout's outlier stream (``ent`` u32 [E],
-    ``rows_off`` [m + 1]): the column is the running sum of the deltas within the row, starting
-    at -1; ``real`` is False for skip entries."""
-    counts = np.diff(rows_off)
-    row_of = np.repeat(np.arange(m, dtype=np.int64), counts)
-    csum = np.cumsum((ent & 0xFFFF).astype(np.int64))
-    first = rows_off[:-1]
-    prior = np.where(first > 0, np.concatenate([[0], csum])[first], 0)
-    col = csum - np.repeat(prior, counts) - 1
-    return row_of, col, (ent >> 16) != 0xFFFF
-
-
 def outlier_corrections(p: RowLayout) -> tuple[np.ndarray | None, float]:
     """The tile layout's outlier entries (values ``f16(o - w)``) and ``max |o - w|`` (f32)."""
     if not p.header.has_outliers or p.outlier_entries is None:
         return None, 0.0
     ent = np.asarray(p.outlier_entries, dtype=np.uint32).reshape(-1)
     rows_off = np.asarray(p.outlier_rows, dtype=np.int64).reshape(-1)
-    row_of, col, real = entry_positions(ent, rows_off, p.shape[0])
+    m = p.shape[0]
+    counts = np.diff(rows_off)
+    row_of = np.repeat(np.arange(m, dtype=np.int64), counts)
+    delta = (ent & 0xFFFF).astype(np.int64)
+    # running column per row: cumulative delta within the row, starting at -1
+    csum = np.cumsum(delta)
+    first = rows_off[:-1]
+    prior = np.where(first > 0, np.concatenate([[0], csum])[first], 0)
+    start = np.repeat(prior, counts)
+    col = csum - start - 1
+    real = (ent >> 16) != 0xFFFF
     o = (ent[real] >> 16).astype(np.uint16).view(np.float16).astype(np.float32)
     w = dense_at(p, row_of[real], col[real])
     d32 = (o - w).astype(np.float32)
@@ -270,34 +264,6 @@ def outlier_corrections(p: RowLayout) -> tuple[np.ndarray | None, float]:
     out = ent.copy()
     out[real] = (ent[real] & 0xFFFF) | (d16.view(np.uint16).astype(np.uint32) << 16)
     return out, float(np.max(np.abs(d32))) if d32.size else 0.0
-
-
-def block_outliers(
-    entries: np.ndarray, rows_off: np.ndarray, m: int, n: int, bits: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The k-split kernel's *block outliers*: the real entries of ``entries`` (the row-layout
-    stream with values ``f16(o - w)``, :func:`outlier_corrections`; ``rows_off`` [m + 1])
-    regrouped by (chunk, block, row), so that the warp which owns block ``rb`` finds the
-    corrections of the chunk it has just multiplied next to each other.
-
-    Returns ``(ostart, oblk)``: ``oblk`` u32 [E'] (E' = real entries, skips dropped), each
-    ``kc | f16(o - w) << 16`` with ``kc`` the stored column minus the chunk's first column
-    ``16 * MPC * c``, ordered by chunk, then row (``rb * 16 + r``), then column; ``ostart`` u32
-    [NC * RB * 16 + 1] with the entries of chunk ``c``, row ``row`` at
-    ``[ostart[c * RB * 16 + row], ostart[c * RB * 16 + row + 1])`` (rows past ``m`` empty)."""
-    geo = geometry(m, n, bits, 1)
-    rb_total, nc, cols = geo["RB"], geo["NC"], TILE * geo["MPC"]
-    ent = np.asarray(entries, dtype=np.uint32).reshape(-1)
-    row, col, real = entry_positions(ent, np.asarray(rows_off, dtype=np.int64).reshape(-1), m)
-    row, col, val = row[real], col[real], ent[real] >> 16
-    chunk = col // cols
-    key = chunk * (rb_total * TILE) + row
-    order = np.argsort(key, kind="stable")  # within a row the stream is in column order
-    counts = np.bincount(key, minlength=nc * rb_total * TILE)
-    ostart = np.zeros(nc * rb_total * TILE + 1, dtype=np.uint32)
-    np.cumsum(counts, out=ostart[1:])
-    oblk = ((col - chunk * cols).astype(np.uint32) | (val.astype(np.uint32) << 16))[order]
-    return ostart, np.ascontiguousarray(oblk, dtype=np.uint32)
 
 
 def stats_range_ok(p: RowLayout) -> bool:

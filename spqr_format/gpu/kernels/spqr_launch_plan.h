@@ -80,7 +80,7 @@ typedef struct {
 
 static inline int spqr_plan_parse(const char* text, spqr_plan_override* o) {
   static const char* const paths[] = {"tcg", "tcv", "tc_split", "mv1", "simt", "dense"};
-  static const char* const other[] = {"tc", "tc_outliers", "dq_threads", "dq_rows", "dq_oct", "dqo_threads", "dq2_smem_max", "dq2_wide_smem_max", "cmpq_blocks_per_sm", "cmpq_dense_from", "cmpq_v2", "defines"};
+  static const char* const other[] = {"tc", "dq_threads", "dq_rows", "dq_oct", "dqo_threads", "dq2_smem_max", "dq2_wide_smem_max", "cmpq_blocks_per_sm", "cmpq_dense_from", "cmpq_v2", "defines"};
   o->path = o->dense_from = o->tcv_ks = o->tc_splits = o->finish_lanes = -1;
   if (text == NULL) return 0;
   const char* p = text;

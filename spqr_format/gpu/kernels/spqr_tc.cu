@@ -198,8 +198,6 @@ struct Stage {
   uint4 cw[SLABS];  // this lane's code words (4 per slab)
   u32 sw[SWL];      // this lane's statistics words
   uint2 st2;        // lane j < MPC: (step, base) record of the chunk's group j
-  uint2 ob;         // k-split kernel with block outliers: [start, end) of row lane % 16's
-                    // entries in this chunk (ostart), else unused
 };
 
 template <int SWL>
@@ -259,23 +257,6 @@ struct ChunkStream {
     sptr += step * 32 * G::SWL;
     st.st2 = ld_nc2(s2ptr);
     s2ptr += step * G::MPC;
-  }
-};
-
-// The block-outlier index of the k-split kernel: lane l reads the [start, end) entry range of
-// row l % 16 of its block in each chunk it visits (ostart [NC][RB][16] + 1, chunk-major).
-struct OutlierStream {
-  const u32* optr;
-  i64 step;
-  __device__ __forceinline__ OutlierStream(const u32* ostart, int rb, int RB, int c0, int lane)
-      : optr(ostart == nullptr ? nullptr : ostart + ((i64)c0 * RB + rb) * 16 + (lane & 15)),
-        step((i64)RB * 16) {}
-  template <class S>
-  __device__ __forceinline__ void load(S& st) {
-    if (optr == nullptr) return;
-    st.ob.x = ld_nc1(optr);
-    st.ob.y = ld_nc1(optr + 1);
-    optr += step;
   }
 };
 
@@ -502,72 +483,13 @@ struct GRounds<B, SB, R, R, SLABS, SWL> {
                                              const uint2*, const float2*, int, u32) {}
 };
 
-__device__ __forceinline__ uint4 ld_nc4(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-// s[k] += d * (the 8 f16 of v)[k]
-__device__ __forceinline__ void axpy8(float (&s)[8], float d, uint4 v) {
-  const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int k = 0; k < 8; ++k) s[k] = fmaf(d, f16_to_f32((k & 1) ? (w[k >> 1] >> 16) : w[k >> 1]), s[k]);
-}
-
-// The outlier corrections of one chunk in the k-split kernel (block outliers, tile_layout.py
-// block_outliers): lane (r = lane % 16, h = lane / 16) takes the entries [ob.x, ob.y) of oblk
-// (row r of the warp's block in this chunk: column kc in the chunk, f16 (o - w)) and adds
-// (o - w) * x'^T[kc][col] (xc: x'^T at the chunk's first column, pitch bp, a multiple of 8)
-// to its row `trow` of the warp's correction tile, for the batch columns of the 8-column
-// blocks h, h + 2, ... below bp / 8. Two entries in flight per step, each a 16-byte load of
-// x'^T (L1-cached: a block's warps read the same chunk of it). Per column, the row's entries
-// are summed in order, then added to the tile cell, which belongs to this lane alone: the
-// result does not depend on timing.
-__device__ __forceinline__ void chunk_outliers(uint2 ob, const u32* __restrict__ oblk,
-                                               const u16* xc, int bp, float* trow, int h) {
-  if (ob.x >= ob.y) return;
-  for (int jb = h; jb < (bp >> 3); jb += 2) {
-    float s[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) s[k] = 0.f;
-    for (u32 e = ob.x; e < ob.y; e += 2) {
-      const bool two = e + 1 < ob.y;
-      const u32 a = ld_nc1(oblk + e);
-      const u32 b = two ? ld_nc1(oblk + e + 1) : 0u;
-      const uint4 xa = ld_nc4(reinterpret_cast<const uint4*>(xc + (i64)(a & 0xFFFFu) * bp) + jb);
-      const uint4 xb = two ? ld_nc4(reinterpret_cast<const uint4*>(xc + (i64)(b & 0xFFFFu) * bp) + jb)
-                           : make_uint4(0u, 0u, 0u, 0u);
-      axpy8(s, f16_to_f32(a >> 16), xa);
-      axpy8(s, f16_to_f32(b >> 16), xb);
-    }
-    float4* tp = reinterpret_cast<float4*>(trow + 8 * jb);
-    float4 v0 = tp[0], v1 = tp[1];
-    v0.x += s[0];
-    v0.y += s[1];
-    v0.z += s[2];
-    v0.w += s[3];
-    v1.x += s[4];
-    v1.y += s[5];
-    v1.z += s[6];
-    v1.w += s[7];
-    tp[0] = v0;
-    tp[1] = v1;
-  }
-}
-
 template <int B, int SB, int NT>
 __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
                                           const u32* __restrict__ stats,
                                           const uint2* __restrict__ stats2,
                                           const uint2* __restrict__ xfrag,
                                           float* __restrict__ part, int RB, int NC,
-                                          int chunks_per_split, i64 M16, int batch,
-                                          const u32* __restrict__ ostart,
-                                          const u32* __restrict__ oblk,
-                                          const u16* __restrict__ xt, int bp) {
+                                          int chunks_per_split, i64 M16, int batch) {
   using G = TileGeo<B, SB>;
   constexpr int R = G::R, MPC = G::MPC, SLABS = G::SLABS, SWL = G::SWL;
   // The block's warps share each chunk's x fragments through shared memory (double-buffered
@@ -595,19 +517,6 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
   const u32 magic = magic_reg();
 
   ChunkStream<B, SB> stream(codes, stats, stats2, rbc, RB, c0, 1, lane);
-  // Block outliers (ostart != NULL): each warp's correction tile [16][TS] f32 follows the two
-  // x' buffers; lane (orow, oh) owns columns 8 jb .. 8 jb + 7 (jb = oh, oh + 2, ...) of row
-  // orow, and adds the tile to the partial sums at the end.
-  constexpr int TS = 8 * NT + 4;  // +4: rows of the tile start in different banks
-  const bool outl = ostart != nullptr;
-  const int orow = lane & 15, oh = lane >> 4;
-  float* const trow = reinterpret_cast<float*>(xs1 + NT * MPC * 32) + (warp * 16 + orow) * TS;
-  OutlierStream ostream(ostart, rbc, RB, c0, lane);
-  if (outl)
-    for (int k = oh * 8; k < 8 * NT; k += 16)
-      *reinterpret_cast<float4*>(trow + k) = *reinterpret_cast<float4*>(trow + k + 4) =
-          make_float4(0.f, 0.f, 0.f, 0.f);
-  const i64 chunk_cols = 16 * MPC;
   auto copy_x = [&](int buf, int c) {  // chunk c's B fragments into xs[buf]
     constexpr int UNITS = NT * MPC * 16;  // 16-byte units: NT segments of MPC * 256 bytes
     for (int u = threadIdx.x; u < UNITS; u += 32 * SPQR_TC_WARPS) {
@@ -621,7 +530,6 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
   Stage<SLABS, SWL> sa, sb;
   if (c0 < c1) {
     stream.load(sa);
-    ostream.load(sa);
     copy_x(0, c0);
   }
   for (int c = c0; c < c1; c += 2) {
@@ -630,24 +538,16 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
     if (c + 1 < c1) {
       copy_x(1, c + 1);
       stream.load(sb);
-      ostream.load(sb);
     }
-    if (active) {
-      Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sa, acc, xs0, lane, true, magic);
-      if (outl) chunk_outliers(sa.ob, oblk, xt + c * chunk_cols * bp, bp, trow, oh);
-    }
+    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sa, acc, xs0, lane, true, magic);
     if (c + 1 >= c1) break;
     cp_async_wait_all();
     __syncthreads();
     if (c + 2 < c1) {
       copy_x(0, c + 2);
       stream.load(sa);
-      ostream.load(sa);
     }
-    if (active) {
-      Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sb, acc, xs1, lane, true, magic);
-      if (outl) chunk_outliers(sb.ob, oblk, xt + (c + 1) * chunk_cols * bp, bp, trow, oh);
-    }
+    if (active) Rounds<B, SB, NT, false, 0, R, SLABS, SWL>::run(sb, acc, xs1, lane, true, magic);
   }
   if (!active) return;
   if (NA == 2) {  // the odd k-steps' sums onto the even ones' (fixed order: deterministic)
@@ -670,16 +570,6 @@ __device__ __forceinline__ void tc_matmul(const uint4* __restrict__ codes,
       p[(i64)(col + 1) * M16 + r0] = acc[j][1];
       p[(i64)(col + 1) * M16 + r0 + 8] = acc[j][3];
     }
-  }
-  if (outl) {  // the correction tile onto the partial sums just stored (by this warp's lanes)
-    __syncwarp();
-    const i64 row = (i64)rb * 16 + orow;
-    for (int jb = oh; jb < (bp >> 3); jb += 2)
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const int col = 8 * jb + k;
-        if (col < batch) p[(i64)col * M16 + row] += trow[col];
-      }
   }
 }
 
@@ -754,10 +644,6 @@ extern "C" __global__ void spqr_tc_prepare_x(const u16* __restrict__ x, i64 ldx,
         xt[k * bp + c] = (u16)h[q];
       }
     }
-  } else if (!diag && c < bp) {  // x'^T's padding columns are 0 (the k-split kernel reads them)
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-      if (k0 + q < n) xt[(k0 + q) * bp + c] = 0;
   }
   const uint2 v = {h[0] | (h[1] << 16), h[2] | (h[3] << 16)};
   xfrag[id] = v;
@@ -769,11 +655,9 @@ extern "C" __global__ void spqr_tc_prepare_x(const u16* __restrict__ x, i64 ldx,
       spqr_tc_b##B##_s##SB##_nt##NT(const uint4* __restrict__ codes, const u32* __restrict__ stats, \
                                     const uint2* __restrict__ stats2,                             \
                                     const uint2* __restrict__ xfrag, float* __restrict__ part,    \
-                                    int RB, int NC, int chunks_per_split, i64 M16, int batch,     \
-                                    const u32* __restrict__ ostart, const u32* __restrict__ oblk, \
-                                    const u16* __restrict__ xt, int bp) {                         \
+                                    int RB, int NC, int chunks_per_split, i64 M16, int batch) {   \
     spqr_tc::tc_matmul<B, SB, NT>(codes, stats, stats2, xfrag, part, RB, NC, chunks_per_split,   \
-                                  M16, batch, ostart, oblk, xt, bp);                              \
+                                  M16, batch);                                                    \
   }
 
 #define SPQR_TC_ALL_NT(B, SB) \

@@ -44,7 +44,7 @@ int gpu_class_of_current_device() {
 }
 
 typedef void (*tc_fn)(const uint4*, const u32*, const uint2*, const uint2*, float*, int, int, int,
-                      i64, int, const u32*, const u32*, const u16*, int);
+                      i64, int);
 
 #define SPQR_TCK(B, SB, NT) &spqr_tc_b##B##_s##SB##_nt##NT
 #define SPQR_TCK_NT(B, SB) {SPQR_TCK(B, SB, 1), SPQR_TCK(B, SB, 2), SPQR_TCK(B, SB, 4), SPQR_TCK(B, SB, 8)}
@@ -256,7 +256,7 @@ int tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, void* y, int64_t l
       cudaFuncSetAttribute((const void*)fmain, cudaFuncAttributeMaxDynamicSharedMemorySize, msmem);
     fmain<<<dim3((unsigned)cdiv(t->d.RB, TC_WARPS), (unsigned)splits), 32 * TC_WARPS, msmem,
             stream>>>((const uint4*)t->codes, t->stats, (const uint2*)t->stats2, xfrag, part,
-                      (int)t->d.RB, (int)t->d.NC, per, t->d.M16, nb, NULL, NULL, xt, bp);
+                      (int)t->d.RB, (int)t->d.NC, per, t->d.M16, nb);
     run_finish(t, part, splits, 8 * nt, xt, bp, nb, yb, ldy, out_dtype, sms, &o, stream);
   }
   return (int)cudaGetLastError();
