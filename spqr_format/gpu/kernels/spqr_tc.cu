@@ -635,26 +635,15 @@ extern "C" __global__ void spqr_tc_prepare_x(const u16* __restrict__ x, i64 ldx,
   const i64 k0 = ((mu >> 2) * 4 + (lane & 3)) * 16 + 4 * (mu & 3);
   u32 h[4] = {0, 0, 0, 0};
   if (c >= 0 && c < batch) {
-    // the 4 source columns first (one 16-byte load of perm where it is aligned: k0 is a
-    // multiple of 4), then the 4 gathers of x, all in flight at once: one chain of two
-    // dependent loads per thread
-    u32 src[4];
-    if (perm != nullptr && k0 + 3 < n && ((unsigned long long)perm & 15u) == 0) {
-      const uint4 p4 = *reinterpret_cast<const uint4*>(perm + k0);
-      src[0] = p4.x;
-      src[1] = p4.y;
-      src[2] = p4.z;
-      src[3] = p4.w;
-    } else {
 #pragma unroll
-      for (int q = 0; q < 4; ++q)
-        src[q] = k0 + q >= n ? 0xFFFFFFFFu : perm ? perm[k0 + q] : (u32)(k0 + q);
+    for (int q = 0; q < 4; ++q) {
+      const i64 k = k0 + q;
+      if (k < n) {
+        const i64 src = perm ? (i64)perm[k] : k;
+        h[q] = x[(i64)c * ldx + src];
+        xt[k * bp + c] = (u16)h[q];
+      }
     }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) h[q] = k0 + q < n ? x[(i64)c * ldx + src[q]] : 0u;
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-      if (k0 + q < n) xt[(k0 + q) * bp + c] = (u16)h[q];
   }
   const uint2 v = {h[0] | (h[1] << 16), h[2] | (h[3] << 16)};
   xfrag[id] = v;
