@@ -176,26 +176,6 @@ void run_finish(const spqr_tile* t, const float* part, int splits, int ncols, co
 
 int tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, void* y, int64_t ldy,
               int out_dtype, int batch, void* workspace, cudaStream_t stream,
-              const spqr_plan_override& o, int sms);
-
-}  // namespace
-
-extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, void* y,
-                              int64_t ldy, int out_dtype, int batch, void* workspace,
-                              void* stream_) {
-  cudaStream_t stream = (cudaStream_t)stream_;
-  if (out_dtype < 0 || out_dtype > 2 || batch < 1) return cudaErrorInvalidValue;
-  int dev = 0, sms = 1;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  spqr_plan_override o;
-  if (plan_override(&o) != 0) return cudaErrorInvalidValue;  // malformed SPQR_GPU_PLAN
-  return tc_matmul(t, x, ldx, y, ldy, out_dtype, batch, workspace, stream, o, sms);
-}
-
-namespace {
-int tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, void* y, int64_t ldy,
-              int out_dtype, int batch, void* workspace, cudaStream_t stream,
               const spqr_plan_override& o, int sms) {
   const int ysz = out_dtype == SPQR_DTYPE_F32 ? 4 : 2;
   const int gpu = gpu_class_of_current_device();
@@ -262,6 +242,19 @@ int tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, void* y, int64_t l
   return (int)cudaGetLastError();
 }
 }  // namespace
+
+extern "C" int spqr_tc_matmul(const spqr_tile* t, const void* x, int64_t ldx, void* y,
+                              int64_t ldy, int out_dtype, int batch, void* workspace,
+                              void* stream_) {
+  cudaStream_t stream = (cudaStream_t)stream_;
+  if (out_dtype < 0 || out_dtype > 2 || batch < 1) return cudaErrorInvalidValue;
+  int dev = 0, sms = 1;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  spqr_plan_override o;
+  if (plan_override(&o) != 0) return cudaErrorInvalidValue;  // malformed SPQR_GPU_PLAN
+  return tc_matmul(t, x, ldx, y, ldy, out_dtype, batch, workspace, stream, o, sms);
+}
 
 extern "C" int spqr_launch_plan_path(int64_t m, int64_t n, int layout, int batch) {
   spqr_plan_override o;
