@@ -577,8 +577,7 @@ def cmpq_kernel_names() -> list[str]:
     for b in CMPQ_BITS:
         names += [cmpq_mv1_name(b), cmpq_tc_name(b, 1), cmpq_tc_name(b, 2)]
     for oc in OUT_NAMES.values():
-        names += [f"spqr_cmpq_dequant_{oc}"]
-        names += [f"spqr_cmpq_dequant_outliers_{oc}"]
+        names += [cmpq_dq_name(oc), f"spqr_cmpq_dequant_outliers_{oc}"]
     return sorted(names)
 
 
