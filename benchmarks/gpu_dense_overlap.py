@@ -23,6 +23,7 @@ except ImportError as _err:  # a GPU benchmark: say so and stop
     print(f"error: gpu_dense_overlap.py needs CuPy and a CUDA GPU ({_err})", file=sys.stderr)
     sys.exit(2)
 import numpy as np  # noqa: E402
+from gpu_matvec import _time_eager  # noqa: E402  (this script's directory is on sys.path)
 
 from spqr_format.gpu import GpuTensor  # noqa: E402
 from spqr_format.gpu.synth import random_packed  # noqa: E402
@@ -57,18 +58,9 @@ def gemm(handle, stream, x_ptr, ldx, w_ptr, ldw, y_ptr, ldy, ytype, batch, m, k,
     )
 
 
-def timeit(fn, reps=7):
-    fn()
-    cp.cuda.Device().synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record(cp.cuda.Stream.null)
-        fn()
-        b.record(cp.cuda.Stream.null)
-        b.synchronize()
-        ts.append(cp.cuda.get_elapsed_time(a, b) * 1e3)
-    return statistics.median(ts)
+def timeit(fn, reps=7) -> float:
+    """Median us of ``reps`` back-to-back eager calls on the null stream (gpu_matvec's timer)."""
+    return statistics.median(_time_eager(fn, reps, cp.cuda.Stream.null)) * 1e3
 
 
 def measure(handle, s_dq, full, parts, wd, wbuf, bufs, m, n, batch) -> str:
